@@ -1,0 +1,1 @@
+"""Per-group kernel benchmarks; each module exposes run(device) -> list[Row]."""

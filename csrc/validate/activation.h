@@ -1,0 +1,35 @@
+// Argument checks for the gated activations, shared by the CPU and CUDA
+// adapters.
+#pragma once
+#include <string>
+
+#include "../checks.h"
+#include "../kernels/activation.h"
+
+namespace pyvlm {
+
+inline Activation parse_gelu_approximate(c10::string_view approximate) {
+  if (approximate == "none") return Activation::kGelu;
+  if (approximate == "tanh") return Activation::kGeluTanh;
+  TORCH_CHECK_VALUE(false, "gelu_and_mul: approximate must be 'none' or 'tanh', got '",
+                    std::string(approximate), "'");
+}
+
+// Returns the number of tokens (rows of 2 * d inputs).
+inline int64_t check_act_and_mul(const at::Tensor& out, const at::Tensor& input) {
+  check_float_dtype(input, "input");
+  check_dtype(out, input.scalar_type(), "out");
+  check_device(out, input, "out");
+  check_contiguous(input, "input");
+  check_contiguous(out, "out");
+  TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) % 2 == 0,
+                    "input's last dimension must be even, got shape ", input.sizes());
+  auto expected = input.sizes().vec();
+  expected.back() /= 2;
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(expected), "out must have shape ",
+                    at::IntArrayRef(expected), ", got ", out.sizes());
+  const int64_t d = out.size(-1);
+  return d == 0 ? 0 : out.numel() / d;
+}
+
+}  // namespace pyvlm

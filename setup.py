@@ -1,0 +1,56 @@
+"""Builds pyvlm's C++/CUDA extension (`pyvlm._C`, ops under torch.ops.pyvlm).
+
+CUDA kernels are built when torch has CUDA and nvcc is found; PYVLM_CUDA=0/1
+forces the choice. Sources are globbed, so a new kernel file needs no edit here.
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def want_cuda() -> bool:
+    forced = os.environ.get("PYVLM_CUDA")
+    if forced is not None:
+        return forced == "1"
+    import torch
+
+    has_nvcc = cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None
+    return torch.version.cuda is not None and has_nvcc
+
+
+def sources(pattern: str) -> list:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def extension():
+    cpp = sources("csrc/registration.cpp") + sources("csrc/kernels/*.cpp") + sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    if not want_cuda():
+        return cpp_extension.CppExtension("pyvlm._C", cpp, extra_compile_args={"cxx": cxx_flags})
+    nvcc_flags = [
+        "-O3",
+        "-std=c++20",
+        "--use_fast_math",
+        "-lineinfo",
+        "--expt-relaxed-constexpr",
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
+    return cpp_extension.CUDAExtension(
+        "pyvlm._C",
+        cpp + sources("csrc/cuda/*.cu"),
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    packages=find_packages(include=["pyvlm", "pyvlm.*"]),
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,40 @@
+"""Shared helpers for the op tests: devices, tolerances, poisoning."""
+
+import pytest
+import torch
+
+import pyvlm.ops  # noqa: F401  (registers the ops and their fakes)
+
+# ||out - ref|| / ||ref|| limits against a float64 reference.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative L2 error; NaN anywhere in out (an unwritten element) gives inf."""
+    out = out.detach().to("cpu", torch.float64)
+    ref = ref.detach().to("cpu", torch.float64)
+    if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+        return float("inf")
+    denom = ref.norm().item()
+    num = (out - ref).norm().item()
+    return num / denom if denom > 0 else num
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype):
+    err = rel_err(out, ref)
+    assert err < TOLERANCE[dtype], f"relative error {err:.3g} >= {TOLERANCE[dtype]:g}"
+
+
+def poisoned(*shape, dtype, device) -> torch.Tensor:
+    """An output buffer full of NaN (float) or -7 (int) so unwritten elements fail."""
+    if dtype.is_floating_point:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.full(shape, -7, dtype=dtype, device=device)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param

@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+from pyvlm import ops
+from pyvlm.ops import reference
+
+from .conftest import assert_close, poisoned
+
+SHAPES = [(0, 64), (1, 2), (7, 128), (33, 11008 // 8), (3, 5, 96)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["silu", "gelu", "gelu_tanh"])
+def test_gated_activation_matches_reference(device, shape, dtype, name):
+    x = torch.randn(*shape[:-1], 2 * shape[-1], device=device).to(dtype) * 3
+    out = poisoned(*shape, dtype=dtype, device=device)
+    if name == "silu":
+        ops.silu_and_mul(x, out=out)
+        ref = reference.silu_and_mul(x.double())
+    else:
+        approximate = "tanh" if name == "gelu_tanh" else "none"
+        ops.gelu_and_mul(x, approximate, out=out)
+        ref = reference.gelu_and_mul(x.double(), approximate)
+    assert_close(out, ref, dtype)
+
+
+def test_opcheck(device):
+    x = torch.randn(5, 64, device=device)
+    out = torch.empty(5, 32, device=device)
+    torch.library.opcheck(torch.ops.pyvlm.silu_and_mul.default, (out, x))
+    torch.library.opcheck(torch.ops.pyvlm.gelu_and_mul.default, (out, x, "tanh"))
+
+
+def test_bad_inputs_raise_naming_argument():
+    x = torch.randn(4, 7)
+    with pytest.raises(ValueError, match="input's last dimension must be even"):
+        ops.silu_and_mul(x, out=torch.empty(4, 3))
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.silu_and_mul(x, out=torch.empty(4, 5))
+    with pytest.raises(ValueError, match="out must have dtype"):
+        ops.silu_and_mul(x, out=torch.empty(4, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="input must be float32"):
+        ops.silu_and_mul(torch.ones(4, 8, dtype=torch.int32), out=torch.empty(4, 4))
+    with pytest.raises(ValueError, match="approximate must be"):
+        ops.gelu_and_mul(x, "sigmoid")
+    with pytest.raises(ValueError, match="input must be contiguous"):
+        ops.silu_and_mul(torch.randn(8, 4).t(), out=torch.empty(4, 4))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    x = torch.randn(17, 2 * 1000, dtype=torch.bfloat16)
+    cpu = ops.silu_and_mul(x)
+    gpu = ops.silu_and_mul(x.cuda())
+    assert_close(gpu, cpu.double(), torch.bfloat16)
