@@ -1,7 +1,7 @@
 """Builds pyvlm's C++/CUDA extension (`pyvlm._C`, ops under torch.ops.pyvlm).
 
 CUDA kernels are built when torch has CUDA and nvcc is found; PYVLM_CUDA=0/1
-forces the choice. Sources are globbed, so a new kernel file needs no edit here.
+forces the choice and PYVLM_CUDA_ARCHS (default "80;90a") picks the targets. Sources are globbed, so a new kernel file needs no edit here.
 """
 
 import glob
@@ -24,6 +24,11 @@ def want_cuda() -> bool:
     return torch.version.cuda is not None and has_nvcc
 
 
+def cuda_archs() -> list:
+    """PYVLM_CUDA_ARCHS, e.g. "80;90a" (the default: Ampere and Hopper)."""
+    return [a for a in os.environ.get("PYVLM_CUDA_ARCHS", "80;90a").split(";") if a]
+
+
 def sources(pattern: str) -> list:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -39,9 +44,7 @@ def extension():
         "--use_fast_math",
         "-lineinfo",
         "--expt-relaxed-constexpr",
-        "-gencode=arch=compute_80,code=sm_80",
-        "-gencode=arch=compute_90a,code=sm_90a",
-    ]
+    ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs()]
     return cpp_extension.CUDAExtension(
         "pyvlm._C",
         cpp + sources("csrc/cuda/*.cu"),
