@@ -22,9 +22,13 @@ RowStats row_stats(const float* l, int64_t vocab, const RowFilter& f) {
   for (int64_t i = 0; i < vocab; ++i)
     if (l[i] > s.max) s.max = l[i], s.argmax = i;
   if (s.max == -INFINITY) return s;
-  for (int64_t i = 0; i < vocab; ++i) s.sum1 += std::exp(l[i] - s.max);
+  // double accumulators: a float running sum over 150k terms loses ~1e-4.
+  double sum1 = 0, sumT = 0;
+  for (int64_t i = 0; i < vocab; ++i) sum1 += std::exp(l[i] - s.max);
   if (!f.greedy)
-    for (int64_t i = 0; i < vocab; ++i) s.sumT += std::exp((l[i] - s.max) * f.inv_temp);
+    for (int64_t i = 0; i < vocab; ++i) sumT += std::exp((l[i] - s.max) * f.inv_temp);
+  s.sum1 = float(sum1);
+  s.sumT = float(sumT);
   return s;
 }
 
@@ -34,17 +38,19 @@ RadixState radix_select(const uint32_t* keys, const float* mass, int64_t vocab,
                         int32_t max_count, float max_mass) {
   RadixState s{0u, 0, 0.f, 0};
   int32_t count[kRadixBins];
+  double mass_sum[kRadixBins];  // see row_stats
   float bin_mass[kRadixBins];
   for (int shift = 24; shift >= 0; shift -= 8) {
     std::fill(count, count + kRadixBins, 0);
-    std::fill(bin_mass, bin_mass + kRadixBins, 0.f);
+    std::fill(mass_sum, mass_sum + kRadixBins, 0.0);
     const uint32_t mask = radix_mask(shift);
     for (int64_t i = 0; i < vocab; ++i) {
       if ((keys[i] & mask) != s.prefix) continue;
       const uint32_t d = (keys[i] >> shift) & 0xFFu;
       ++count[d];
-      if (mass != nullptr) bin_mass[d] += mass[i];
+      if (mass != nullptr) mass_sum[d] += mass[i];
     }
+    for (int b = 0; b < kRadixBins; ++b) bin_mass[b] = float(mass_sum[b]);
     radix_step(s, count, mass != nullptr ? bin_mass : nullptr, shift, max_count, max_mass);
   }
   return s;
