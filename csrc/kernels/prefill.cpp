@@ -71,16 +71,23 @@ void load_kv_tile(Scratch& sc, const KvRow& kv_row, int64_t j0, int64_t n) {
   }
 }
 
+// S = Q K^T for the tile, rows in groups of kRowGroup so every K^T load
+// feeds several rows (fewer loads per multiply-add).
+constexpr int64_t kRowGroup = 4;
+
 void tile_scores(Scratch& sc, int64_t rows) {
-  for (int64_t r = 0; r < rows; ++r) {
-    float* s = sc.s.data() + r * kKeysPerTile;
-    const float* q = sc.q.data() + r * sc.d;
-    for (int64_t j = 0; j < kKeysPerTile; ++j) s[j] = 0.f;
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
+    const int64_t nr = std::min(kRowGroup, rows - r0);
+    float acc[kRowGroup][kKeysPerTile] = {};
     for (int64_t i = 0; i < sc.d; ++i) {
-      const float qi = q[i];
       const float* k = sc.kt.data() + i * kKeysPerTile;
-      for (int64_t j = 0; j < kKeysPerTile; ++j) s[j] += qi * k[j];
+      float qi[kRowGroup];
+      for (int64_t r = 0; r < kRowGroup; ++r) qi[r] = r < nr ? sc.q[(r0 + r) * sc.d + i] : 0.f;
+      for (int64_t r = 0; r < kRowGroup; ++r)
+        for (int64_t j = 0; j < kKeysPerTile; ++j) acc[r][j] += qi[r] * k[j];
     }
+    for (int64_t r = 0; r < nr; ++r)
+      std::copy(acc[r], acc[r] + kKeysPerTile, sc.s.data() + (r0 + r) * kKeysPerTile);
   }
 }
 
