@@ -1,0 +1,109 @@
+"""paged_attention_prefill and varlen_attention against torch SDPA.
+
+Prefill baseline: gather each sequence's pages, then SDPA with a causal mask
+(is_causal when there is no prefix, else a bottom-right aligned attn_mask) and
+enable_gqa. Varlen baselines: SDPA per image in a loop, and one SDPA call over
+all images with a block-diagonal mask.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from pyvlm import ops
+
+from .harness import Row, time_us
+
+
+def _paged_inputs(num_seqs, prefix, new, heads, kv_heads, head_dim, page_size, dtype, device):
+    pages_per_seq = math.ceil((prefix + new) / page_size)
+    num_pages = num_seqs * pages_per_seq
+    shape = (num_pages, page_size, kv_heads, head_dim)
+    return dict(
+        query=torch.randn(num_seqs * new, heads, head_dim, device=device, dtype=dtype),
+        key_cache=torch.randn(shape, device=device, dtype=dtype),
+        value_cache=torch.randn(shape, device=device, dtype=dtype),
+        block_tables=torch.randperm(num_pages, device=device).int().view(num_seqs, -1),
+        cu_seqlens_q=torch.arange(num_seqs + 1, device=device, dtype=torch.int32) * new,
+        prefix_lens=torch.full((num_seqs,), prefix, device=device, dtype=torch.int32),
+        max_seqlen_q=new,
+        scale=head_dim ** -0.5,
+    )
+
+
+def _sdpa_prefill(c, prefix, new):
+    """What a user would write: gather pages per sequence, then causal SDPA."""
+    outs = []
+    mask = None
+    if prefix:
+        mask = torch.ones(new, prefix + new, dtype=torch.bool, device=c["query"].device)
+        mask = mask.tril(diagonal=prefix)
+    for s in range(c["block_tables"].shape[0]):
+        pages = c["block_tables"][s].long()
+        k = c["key_cache"][pages].flatten(0, 1)[: prefix + new].transpose(0, 1)
+        v = c["value_cache"][pages].flatten(0, 1)[: prefix + new].transpose(0, 1)
+        q = c["query"][s * new:(s + 1) * new].transpose(0, 1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           scale=c["scale"], enable_gqa=True)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def _prefill_rows(device, dtype):
+    cuda = device.startswith("cuda")
+    num_seqs, new, heads, kv_heads, head_dim = (4, 2048, 28, 4, 128) if cuda else (2, 256, 8, 2, 64)
+    rows = []
+    for prefix in (0, new // 2):
+        c = _paged_inputs(num_seqs, prefix, new, heads, kv_heads, head_dim, 16, dtype, device)
+        out = torch.empty_like(c["query"])
+        ours = time_us(lambda: ops.paged_attention_prefill(**c, out=out), device)
+        base = time_us(lambda: _sdpa_prefill(c, prefix, new), device)
+        elem = c["query"].element_size()
+        nbytes = elem * (2 * c["query"].numel() + 2 * num_seqs * (prefix + new) * kv_heads * head_dim)
+        case = f"b={num_seqs} new={new} prefix={prefix} h={heads}/{kv_heads} d={head_dim} {str(dtype)[6:]}"
+        rows.append(Row("paged_attention_prefill", case, device, ours,
+                        "gather + SDPA causal (enable_gqa)", base, nbytes))
+    return rows
+
+
+def _varlen_rows(device, dtype):
+    cuda = device.startswith("cuda")
+    images, tokens, heads, head_dim = (8, 1024, 16, 80) if cuda else (4, 256, 8, 80)
+    total = images * tokens
+    qkv = torch.randn(total, 3, heads, head_dim, device=device, dtype=dtype)
+    q, k, v = qkv.unbind(1)
+    cu = torch.arange(images + 1, device=device, dtype=torch.int32) * tokens
+    out = torch.empty_like(q)
+    scale = head_dim ** -0.5
+    ours = time_us(lambda: ops.varlen_attention(q, k, v, cu, cu, tokens, tokens, scale, out=out),
+                   device)
+
+    def per_image():
+        return torch.cat([
+            F.scaled_dot_product_attention(
+                q[i * tokens:(i + 1) * tokens].transpose(0, 1),
+                k[i * tokens:(i + 1) * tokens].transpose(0, 1),
+                v[i * tokens:(i + 1) * tokens].transpose(0, 1), scale=scale).transpose(0, 1)
+            for i in range(images)])
+
+    seg = torch.arange(total, device=device) // tokens
+    mask = seg[:, None] == seg[None, :]
+
+    def block_diagonal():
+        return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
+                                              v.transpose(0, 1), attn_mask=mask, scale=scale)
+
+    case = f"{images} imgs x {tokens} h={heads} d={head_dim} {str(dtype)[6:]}"
+    nbytes = 4 * q.numel() * q.element_size()
+    return [
+        Row("varlen_attention", case, device, ours, "SDPA per image (loop)",
+            time_us(per_image, device), nbytes),
+        Row("varlen_attention", case, device, ours, "SDPA block-diagonal mask",
+            time_us(block_diagonal, device), nbytes),
+    ]
+
+
+def run(device: str):
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return _prefill_rows(device, dtype) + _varlen_rows(device, dtype)
