@@ -6,3 +6,4 @@ preallocated outputs first (see csrc/registration.cpp for the schemas).
 
 from ._library import has_cuda_kernels, ops  # noqa: F401
 from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
+from .preprocess import preprocess_images, preprocess_images_patchify  # noqa: F401
