@@ -6,3 +6,4 @@ output tensor. They define what the kernels must compute.
 """
 
 from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
+from .preprocess import preprocess_images, preprocess_images_patchify  # noqa: F401
