@@ -372,24 +372,28 @@ void preprocess_patch_entries(const PreprocessPlan& plan, const uint8_t* scratch
   const int64_t row_len = 3 * tp * p * p;
   std::vector<int32_t> acc;
   std::vector<uint8_t> rgb;
+  std::vector<T> values(3 * p);
   for (int64_t ei = begin; ei < end; ++ei) {
     const EntryPlan& e = plan.entries[ei];
     const GroupPlan& g = plan.groups[e.group];
-    const int64_t blocks_w = e.width / p / m;
+    const int64_t grid_w = e.width / p, blocks_w = grid_w / m;
     acc.resize(int64_t(e.width) * 3);
     rgb.resize(int64_t(e.width) * 3);
     for (int32_t y = 0; y < e.height; ++y) {
       second_pass_row(g, plan.table.data(), scratch + g.tmp_offset, y, 0, e.width, acc.data(),
                       rgb.data());
       const int64_t gy = y / p, py = y % p;
-      for (int64_t x = 0; x < e.width; ++x) {
-        const int64_t gx = x / p;
+      // Each patch column takes p consecutive pixels of this row: normalise
+      // them per channel, then copy the run into every frame.
+      for (int64_t gx = 0; gx < grid_w; ++gx) {
         const int64_t patch = ((gy / m * blocks_w + gx / m) * m + gy % m) * m + gx % m;
-        T* dst = out + e.out_offset + patch * row_len + py * p + x % p;
-        for (int c = 0; c < 3; ++c) {
-          const T v = from_float<T>(lut[c * 256 + rgb[x * 3 + c]]);
-          for (int64_t t = 0; t < tp; ++t) dst[(c * tp + t) * p * p] = v;
-        }
+        const uint8_t* px = rgb.data() + gx * p * 3;
+        for (int c = 0; c < 3; ++c)
+          for (int64_t i = 0; i < p; ++i) values[c * p + i] = from_float<T>(lut[c * 256 + px[i * 3 + c]]);
+        T* dst = out + e.out_offset + patch * row_len + py * p;
+        for (int64_t c = 0; c < 3; ++c)
+          for (int64_t t = 0; t < tp; ++t)
+            std::copy(values.begin() + c * p, values.begin() + (c + 1) * p, dst + (c * tp + t) * p * p);
       }
     }
   }

@@ -239,7 +239,7 @@ def test_bad_inputs_raise_naming_argument():
     with pytest.raises(ValueError, match="out must be contiguous"):
         call_raw(out=torch.empty(1, 3, 8, 4)[:, :, ::2])
     with pytest.raises(ValueError, match="source_index must hold"):
-        call_raw(source=(0, 0))
+        call_raw(out=torch.empty(1, 3, 4, 4), source=(0, 0))
 
 
 def test_patchify_bad_inputs_raise_naming_argument():
