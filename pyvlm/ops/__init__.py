@@ -8,3 +8,4 @@ from ._library import has_cuda_kernels, ops  # noqa: F401
 from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
 from .sampling import apply_penalties, sample  # noqa: F401
 from .prefill import paged_attention_prefill, varlen_attention  # noqa: F401
+from .preprocess import preprocess_images, preprocess_images_patchify  # noqa: F401

@@ -1,0 +1,1 @@
+"""Multimodal inputs without torch: image size rules, fetching, hashing, token counting."""
