@@ -6,3 +6,11 @@ preallocated outputs first (see csrc/registration.cpp for the schemas).
 
 from ._library import has_cuda_kernels, ops  # noqa: F401
 from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
+from .layers import (  # noqa: F401
+    fused_add_rms_norm,
+    merge_multimodal_embeddings,
+    mrope,
+    rms_norm,
+    rotary_cos_sin_cache,
+    rotary_embedding,
+)

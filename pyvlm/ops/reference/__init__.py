@@ -6,3 +6,10 @@ output tensor. They define what the kernels must compute.
 """
 
 from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
+from .layers import (  # noqa: F401
+    fused_add_rms_norm,
+    merge_multimodal_embeddings,
+    mrope,
+    rms_norm,
+    rotary_embedding,
+)
