@@ -1,3 +1,10 @@
+// As in activation.cpp: without this GCC keeps the bf16/fp16 rounding
+// branches (NaN checks) as control flow and the row loops stay scalar.
+// Nothing here relies on floating-point traps; results are unchanged.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
 #include "layers.h"
 
 #include <cmath>
@@ -33,25 +40,12 @@ float sum_squares(const T* x, int64_t n) {
   return sum_lanes(acc) + tail;
 }
 
-// residual = round(x + residual), returning the sum of squares of the
-// rounded values (what the norm that follows sees).
+// residual = round(x + residual). Kept apart from the sum of squares (which
+// re-reads the row from L1) because GCC does not vectorise the fused loop.
 template <typename T>
-float add_residual(const T* x, T* residual, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const T z = from_float<T>(to_float(x[i + l]) + to_float(residual[i + l]));
-      residual[i + l] = z;
-      acc[l] += to_float(z) * to_float(z);
-    }
-  float tail = 0.f;
-  for (; i < n; ++i) {
-    const T z = from_float<T>(to_float(x[i]) + to_float(residual[i]));
-    residual[i] = z;
-    tail += to_float(z) * to_float(z);
-  }
-  return sum_lanes(acc) + tail;
+void add_residual(const T* x, T* residual, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    residual[i] = from_float<T>(to_float(x[i]) + to_float(residual[i]));
 }
 
 // Torch's CPU mean divides the sum by n; rsqrt is 1 / sqrt, both correctly
@@ -120,8 +114,16 @@ bool valid_position(int64_t pos, int64_t max_position) {
 
 }  // namespace
 
+// AVX2/AVX-512 clones picked at load time (the default x86-64 target has
+// only SSE2), as in activation.cpp.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define PYVLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define PYVLM_VECTOR_CLONES
+#endif
+
 template <typename T>
-void rms_norm(T* out, const T* in, const T* weight, int64_t hidden, float eps,
+PYVLM_VECTOR_CLONES void rms_norm(T* out, const T* in, const T* weight, int64_t hidden, float eps,
               int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     const T* x = in + r * hidden;
@@ -131,18 +133,19 @@ void rms_norm(T* out, const T* in, const T* weight, int64_t hidden, float eps,
 }
 
 template <typename T>
-void fused_add_rms_norm(T* input, T* residual, const T* weight, int64_t hidden,
+PYVLM_VECTOR_CLONES void fused_add_rms_norm(T* input, T* residual, const T* weight, int64_t hidden,
                         float eps, int64_t row_begin, int64_t row_end) {
   for (int64_t r = row_begin; r < row_end; ++r) {
     T* x = input + r * hidden;
     T* res = residual + r * hidden;
-    const float inv = inverse_rms(add_residual(x, res, hidden), hidden, eps);
+    add_residual(x, res, hidden);
+    const float inv = inverse_rms(sum_squares(res, hidden), hidden, eps);
     scale_row(x, res, weight, hidden, inv);
   }
 }
 
 template <typename T, typename C>
-void rotary_embedding(const int64_t* positions, T* query, T* key,
+PYVLM_VECTOR_CLONES void rotary_embedding(const int64_t* positions, T* query, T* key,
                       const C* cos_sin_cache, const RotaryLayout& layout,
                       int64_t token_begin, int64_t token_end) {
   const int64_t half = layout.rotary_dim / 2;
@@ -158,7 +161,7 @@ void rotary_embedding(const int64_t* positions, T* query, T* key,
 }
 
 template <typename T, typename C>
-void mrope(const int64_t* positions, T* query, T* key, const C* cos_sin_cache,
+PYVLM_VECTOR_CLONES void mrope(const int64_t* positions, T* query, T* key, const C* cos_sin_cache,
            const RotaryLayout& layout, const MropeSections& sections,
            int64_t token_begin, int64_t token_end) {
   const int64_t half = layout.rotary_dim / 2;
