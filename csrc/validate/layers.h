@@ -121,6 +121,9 @@ inline RotaryLayout check_rotary_operands(const at::Tensor& query, const at::Ten
   // The CUDA kernel stages one token's cos/sin in shared memory.
   TORCH_CHECK_VALUE(rotary_dim <= 8192, "cos_sin_cache.size(1) (rotary_dim) must be <= 8192, got ",
                     rotary_dim);
+  // The CUDA kernel indexes a token's (head, pair) items with int.
+  TORCH_CHECK_VALUE((q.num_heads + k.num_heads) * (rotary_dim / 2) < (int64_t{1} << 31),
+                    "query and key have too many heads: ", q.num_heads, " + ", k.num_heads);
   return RotaryLayout{q.num_heads, q.token_stride, q.head_stride,
                       k.num_heads, k.token_stride, k.head_stride,
                       rotary_dim,  cos_sin_cache.size(0), is_neox};

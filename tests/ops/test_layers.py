@@ -408,10 +408,13 @@ def test_cuda_rotary_and_mrope_match_cpu(is_neox, dtype):
 
 
 @pytest.mark.cuda
-def test_cuda_kernels_skip_invalid_indices_without_checks(monkeypatch):
+def test_cuda_kernels_skip_invalid_indices_without_checks():
     """With PYVLM_CHECK_INDICES=0 (read once per process, so run in a child)."""
+    import os
     import subprocess
     import sys
+
+    import pyvlm
 
     code = (
         "import torch, pyvlm.ops as ops\n"
@@ -423,7 +426,9 @@ def test_cuda_kernels_skip_invalid_indices_without_checks(monkeypatch):
         "ops.merge_multimodal_embeddings(x, torch.ones(2, 8, device='cuda'), torch.tensor([1, 9], device='cuda'))\n"
         "torch.cuda.synchronize(); assert x.sum().item() == 8\n"
     )
-    env = {**__import__("os").environ, "PYVLM_CHECK_INDICES": "0"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pyvlm.__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYVLM_CHECK_INDICES": "0", "PYTHONPATH": path}
     subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 

@@ -53,10 +53,13 @@ __device__ __forceinline__ float pack_sum_squares(const Pack<T, N>& x) {
 }
 
 // N elements per 16-byte pack (1 when rows are not 16-byte aligned). `out`
-// may alias `in`: each thread reads its packs before writing them.
+// may alias `in`: each thread reads its packs before writing them. The mean
+// is sum * (1 / hidden) and rsqrtf the reciprocal root, as torch's CUDA
+// mean and rsqrt, so that HF's module on the GPU rounds the same way.
 template <typename T, int N>
 __global__ void rms_norm_kernel(T* out, const T* in, const T* __restrict__ weight,
-                                int64_t num_rows, int64_t hidden, float eps) {
+                                int64_t num_rows, int64_t hidden, float inv_hidden,
+                                float eps) {
   __shared__ float scratch[32];
   using P = Pack<T, N>;
   const int64_t num_packs = hidden / N;
@@ -65,7 +68,7 @@ __global__ void rms_norm_kernel(T* out, const T* in, const T* __restrict__ weigh
     const P* x = reinterpret_cast<const P*>(in + row * hidden);
     float ss = 0.f;
     for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) ss += pack_sum_squares(x[i]);
-    const float inv = rsqrtf(block_sum(ss, scratch) / float(hidden) + eps);
+    const float inv = rsqrtf(block_sum(ss, scratch) * inv_hidden + eps);
     P* y = reinterpret_cast<P*>(out + row * hidden);
     for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) y[i] = scale_pack(x[i], w[i], inv);
   }
@@ -76,7 +79,7 @@ __global__ void rms_norm_kernel(T* out, const T* in, const T* __restrict__ weigh
 template <typename T, int N>
 __global__ void fused_add_rms_norm_kernel(T* __restrict__ input, T* __restrict__ residual,
                                           const T* __restrict__ weight, int64_t num_rows,
-                                          int64_t hidden, float eps) {
+                                          int64_t hidden, float inv_hidden, float eps) {
   __shared__ float scratch[32];
   using P = Pack<T, N>;
   const int64_t num_packs = hidden / N;
@@ -93,7 +96,7 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ input, T* __restrict__
       res[i] = z;
       ss += pack_sum_squares(z);
     }
-    const float inv = rsqrtf(block_sum(ss, scratch) / float(hidden) + eps);
+    const float inv = rsqrtf(block_sum(ss, scratch) * inv_hidden + eps);
     for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) x[i] = scale_pack(res[i], w[i], inv);
   }
 }
@@ -112,12 +115,13 @@ void launch_rms_norm(T* out, const T* in, const T* weight, int64_t num_rows, int
                      float eps, cudaStream_t stream) {
   if (num_rows == 0 || hidden == 0) return;
   constexpr int kWide = 16 / sizeof(T);
+  const float inv_hidden = 1.f / static_cast<float>(hidden);
   if (pack_width<T>(hidden, out, in, weight) == kWide) {
     rms_norm_kernel<T, kWide><<<blocks_for(num_rows), threads_for(hidden / kWide, 1024), 0,
-                                stream>>>(out, in, weight, num_rows, hidden, eps);
+                                stream>>>(out, in, weight, num_rows, hidden, inv_hidden, eps);
   } else {
     rms_norm_kernel<T, 1><<<blocks_for(num_rows), threads_for(hidden, 1024), 0, stream>>>(
-        out, in, weight, num_rows, hidden, eps);
+        out, in, weight, num_rows, hidden, inv_hidden, eps);
   }
 }
 
@@ -126,13 +130,15 @@ void launch_fused_add_rms_norm(T* input, T* residual, const T* weight, int64_t n
                                int64_t hidden, float eps, cudaStream_t stream) {
   if (num_rows == 0 || hidden == 0) return;
   constexpr int kWide = 16 / sizeof(T);
+  const float inv_hidden = 1.f / static_cast<float>(hidden);
   if (pack_width<T>(hidden, input, residual, weight) == kWide) {
     fused_add_rms_norm_kernel<T, kWide><<<blocks_for(num_rows), threads_for(hidden / kWide, 1024),
                                           0, stream>>>(input, residual, weight, num_rows, hidden,
-                                                       eps);
+                                                       inv_hidden, eps);
   } else {
     fused_add_rms_norm_kernel<T, 1><<<blocks_for(num_rows), threads_for(hidden, 1024), 0,
-                                      stream>>>(input, residual, weight, num_rows, hidden, eps);
+                                      stream>>>(input, residual, weight, num_rows, hidden,
+                                                inv_hidden, eps);
   }
 }
 
