@@ -14,28 +14,32 @@
 namespace pyvlm {
 namespace cuda {
 
-// Enough blocks to fill any GPU; kernels stride over the rest.
-constexpr int64_t kMaxBlocks = 65535LL * 32;
+// Helper names carry a layer_/norm_/rotary_ prefix: the .cu adapters may be
+// compiled as one unity translation unit with other groups' kernels.
 
-inline unsigned blocks_for(int64_t items) {
-  return static_cast<unsigned>(std::min(items, kMaxBlocks));
+// Enough blocks to fill any GPU; kernels stride over the rest.
+constexpr int64_t kLayerMaxBlocks = 65535LL * 32;
+
+inline unsigned layer_blocks(int64_t items) {
+  return static_cast<unsigned>(std::min(items, kLayerMaxBlocks));
 }
 
-inline unsigned threads_for(int64_t work, int64_t max_threads) {
+inline unsigned layer_threads(int64_t work, int64_t max_threads) {
   const int64_t warps = (std::min(work, max_threads) + 31) / 32;
   return static_cast<unsigned>(std::max<int64_t>(1, warps) * 32);
 }
 
 template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
+struct alignas(sizeof(T) * N) LayerPack {
   T v[N];
 };
 
 // y = round(x * inv), out = round(w * y): HF rounds before the weight.
 template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> scale_pack(const Pack<T, N>& x, const Pack<T, N>& w,
+__device__ __forceinline__ LayerPack<T, N> norm_scale_pack(const LayerPack<T, N>& x,
+                                                           const LayerPack<T, N>& w,
                                                  float inv) {
-  Pack<T, N> o;
+  LayerPack<T, N> o;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
     const T y = from_float<T>(to_float(x.v[k]) * inv);
@@ -45,7 +49,7 @@ __device__ __forceinline__ Pack<T, N> scale_pack(const Pack<T, N>& x, const Pack
 }
 
 template <typename T, int N>
-__device__ __forceinline__ float pack_sum_squares(const Pack<T, N>& x) {
+__device__ __forceinline__ float norm_sum_squares(const LayerPack<T, N>& x) {
   float s = 0.f;
 #pragma unroll
   for (int k = 0; k < N; ++k) s += to_float(x.v[k]) * to_float(x.v[k]);
@@ -61,16 +65,17 @@ __global__ void rms_norm_kernel(T* out, const T* in, const T* __restrict__ weigh
                                 int64_t num_rows, int64_t hidden, float inv_hidden,
                                 float eps) {
   __shared__ float scratch[32];
-  using P = Pack<T, N>;
+  using P = LayerPack<T, N>;
   const int64_t num_packs = hidden / N;
   const P* w = reinterpret_cast<const P*>(weight);
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
     const P* x = reinterpret_cast<const P*>(in + row * hidden);
     float ss = 0.f;
-    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) ss += pack_sum_squares(x[i]);
+    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) ss += norm_sum_squares(x[i]);
     const float inv = rsqrtf(block_sum(ss, scratch) * inv_hidden + eps);
     P* y = reinterpret_cast<P*>(out + row * hidden);
-    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) y[i] = scale_pack(x[i], w[i], inv);
+    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x)
+      y[i] = norm_scale_pack(x[i], w[i], inv);
   }
 }
 
@@ -81,7 +86,7 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ input, T* __restrict__
                                           const T* __restrict__ weight, int64_t num_rows,
                                           int64_t hidden, float inv_hidden, float eps) {
   __shared__ float scratch[32];
-  using P = Pack<T, N>;
+  using P = LayerPack<T, N>;
   const int64_t num_packs = hidden / N;
   const P* w = reinterpret_cast<const P*>(weight);
   for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
@@ -94,20 +99,22 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ input, T* __restrict__
 #pragma unroll
       for (int k = 0; k < N; ++k) z.v[k] = from_float<T>(to_float(a.v[k]) + to_float(z.v[k]));
       res[i] = z;
-      ss += pack_sum_squares(z);
+      ss += norm_sum_squares(z);
     }
     const float inv = rsqrtf(block_sum(ss, scratch) * inv_hidden + eps);
-    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) x[i] = scale_pack(res[i], w[i], inv);
+    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x)
+      x[i] = norm_scale_pack(res[i], w[i], inv);
   }
 }
 
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+inline bool layer_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// Pack width for rows of `hidden` elements starting at the given pointers.
+// LayerPack width for rows of `hidden` elements starting at the given pointers.
 template <typename T>
-int pack_width(int64_t hidden, const void* a, const void* b, const void* c) {
+int layer_pack_width(int64_t hidden, const void* a, const void* b, const void* c) {
   constexpr int kWide = 16 / sizeof(T);
-  return hidden % kWide == 0 && aligned16(a) && aligned16(b) && aligned16(c) ? kWide : 1;
+  const bool aligned = layer_aligned16(a) && layer_aligned16(b) && layer_aligned16(c);
+  return hidden % kWide == 0 && aligned ? kWide : 1;
 }
 
 template <typename T>
@@ -116,11 +123,11 @@ void launch_rms_norm(T* out, const T* in, const T* weight, int64_t num_rows, int
   if (num_rows == 0 || hidden == 0) return;
   constexpr int kWide = 16 / sizeof(T);
   const float inv_hidden = 1.f / static_cast<float>(hidden);
-  if (pack_width<T>(hidden, out, in, weight) == kWide) {
-    rms_norm_kernel<T, kWide><<<blocks_for(num_rows), threads_for(hidden / kWide, 1024), 0,
+  if (layer_pack_width<T>(hidden, out, in, weight) == kWide) {
+    rms_norm_kernel<T, kWide><<<layer_blocks(num_rows), layer_threads(hidden / kWide, 1024), 0,
                                 stream>>>(out, in, weight, num_rows, hidden, inv_hidden, eps);
   } else {
-    rms_norm_kernel<T, 1><<<blocks_for(num_rows), threads_for(hidden, 1024), 0, stream>>>(
+    rms_norm_kernel<T, 1><<<layer_blocks(num_rows), layer_threads(hidden, 1024), 0, stream>>>(
         out, in, weight, num_rows, hidden, inv_hidden, eps);
   }
 }
@@ -131,12 +138,12 @@ void launch_fused_add_rms_norm(T* input, T* residual, const T* weight, int64_t n
   if (num_rows == 0 || hidden == 0) return;
   constexpr int kWide = 16 / sizeof(T);
   const float inv_hidden = 1.f / static_cast<float>(hidden);
-  if (pack_width<T>(hidden, input, residual, weight) == kWide) {
-    fused_add_rms_norm_kernel<T, kWide><<<blocks_for(num_rows), threads_for(hidden / kWide, 1024),
-                                          0, stream>>>(input, residual, weight, num_rows, hidden,
-                                                       inv_hidden, eps);
+  if (layer_pack_width<T>(hidden, input, residual, weight) == kWide) {
+    fused_add_rms_norm_kernel<T, kWide>
+        <<<layer_blocks(num_rows), layer_threads(hidden / kWide, 1024), 0, stream>>>(
+            input, residual, weight, num_rows, hidden, inv_hidden, eps);
   } else {
-    fused_add_rms_norm_kernel<T, 1><<<blocks_for(num_rows), threads_for(hidden, 1024), 0,
+    fused_add_rms_norm_kernel<T, 1><<<layer_blocks(num_rows), layer_threads(hidden, 1024), 0,
                                       stream>>>(input, residual, weight, num_rows, hidden,
                                                 inv_hidden, eps);
   }
@@ -144,13 +151,14 @@ void launch_fused_add_rms_norm(T* input, T* residual, const T* weight, int64_t n
 
 // ---- rotary ------------------------------------------------------------------
 
-__device__ __forceinline__ bool valid_position(int64_t pos, int64_t max_position) {
+__device__ __forceinline__ bool rotary_position_valid(int64_t pos, int64_t max_position) {
   return pos >= 0 && pos < max_position;
 }
 
 // Token t's position for frequency j (mrope: the row of j's section).
 template <bool kMrope>
-__device__ __forceinline__ int64_t position_of(const int64_t* positions, int64_t t, int64_t j,
+__device__ __forceinline__ int64_t rotary_position_of(const int64_t* positions, int64_t t,
+                                                      int64_t j,
                                                const MropeSections& s) {
   if constexpr (kMrope) {
     // Ends are cumulative, so j's section is the count of earlier ends <= j;
@@ -166,20 +174,20 @@ __device__ __forceinline__ int64_t position_of(const int64_t* positions, int64_t
 }
 
 template <bool kMrope>
-__device__ __forceinline__ bool token_valid(const int64_t* positions, int64_t t,
+__device__ __forceinline__ bool rotary_token_valid(const int64_t* positions, int64_t t,
                                             const MropeSections& s, int64_t max_position) {
   if constexpr (kMrope) {
     bool ok = true;
     for (int row = 0; row < 3; ++row)
-      ok = ok && valid_position(positions[row * s.positions_row_stride + t], max_position);
+      ok = ok && rotary_position_valid(positions[row * s.positions_row_stride + t], max_position);
     return ok;
   } else {
-    return valid_position(positions[t], max_position);
+    return rotary_position_valid(positions[t], max_position);
   }
 }
 
 template <typename T>
-__device__ __forceinline__ void rotate_pair(T* x, int64_t j, int64_t half, bool is_neox,
+__device__ __forceinline__ void rotary_pair(T* x, int64_t j, int64_t half, bool is_neox,
                                             float c, float s) {
   const int64_t i1 = is_neox ? j : 2 * j;
   const int64_t i2 = is_neox ? j + half : 2 * j + 1;
@@ -202,10 +210,10 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restri
   const int half_i = static_cast<int>(half);
   const int num_pairs = static_cast<int>((l.num_q_heads + l.num_k_heads) * half);
   for (int64_t t = blockIdx.x; t < num_tokens; t += gridDim.x) {
-    if (!token_valid<kMrope>(positions, t, sections, l.max_position)) continue;
+    if (!rotary_token_valid<kMrope>(positions, t, sections, l.max_position)) continue;
     __syncthreads();  // the previous token's readers are done with `angles`
     for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
-      const C* row = cache + position_of<kMrope>(positions, t, j, sections) * l.rotary_dim;
+      const C* row = cache + rotary_position_of<kMrope>(positions, t, j, sections) * l.rotary_dim;
       cos[j] = to_float(row[j]);
       sin[j] = to_float(row[half + j]);
     }
@@ -215,7 +223,7 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restri
       T* x = head < l.num_q_heads
                  ? query + t * l.q_token_stride + head * l.q_head_stride
                  : key + t * l.k_token_stride + (head - l.num_q_heads) * l.k_head_stride;
-      rotate_pair(x, j, half, l.is_neox, cos[j], sin[j]);
+      rotary_pair(x, j, half, l.is_neox, cos[j], sin[j]);
     }
   }
 }
@@ -227,7 +235,7 @@ void launch_rotary_impl(const int64_t* positions, T* query, T* key, const C* cac
   const int64_t num_pairs = (layout.num_q_heads + layout.num_k_heads) * (layout.rotary_dim / 2);
   if (num_tokens == 0 || num_pairs == 0) return;
   const size_t shared = static_cast<size_t>(layout.rotary_dim) * sizeof(float);
-  rotary_kernel<T, C, kMrope><<<blocks_for(num_tokens), threads_for(num_pairs, 512), shared,
+  rotary_kernel<T, C, kMrope><<<layer_blocks(num_tokens), layer_threads(num_pairs, 512), shared,
                                 stream>>>(positions, query, key, cache, layout, sections,
                                           num_tokens);
 }
@@ -271,7 +279,7 @@ template <typename W>
 void launch_merge_words(char* dst, int64_t dst_row_stride, int64_t num_dst_rows, const char* src,
                         int64_t src_row_stride, int64_t row_bytes, const int64_t* positions,
                         int64_t num_rows, cudaStream_t stream) {
-  merge_rows_kernel<W><<<blocks_for(num_rows), threads_for(row_bytes / sizeof(W), 512), 0,
+  merge_rows_kernel<W><<<layer_blocks(num_rows), layer_threads(row_bytes / sizeof(W), 512), 0,
                          stream>>>(dst, dst_row_stride, num_dst_rows, src, src_row_stride,
                                    row_bytes, positions, num_rows);
 }
