@@ -155,9 +155,37 @@ def test_rotary_leaves_value_of_fused_qkv_untouched():
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size)
     before = qkv.clone()
     q, k, v = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
-    ops.rotary_embedding(torch.arange(tokens), q, k, head_size, make_cache(16, head_size, torch.float32, "cpu"))
+    cache = make_cache(16, head_size, torch.float32, "cpu")
+    ops.rotary_embedding(torch.arange(tokens), q, k, head_size, cache)
     assert torch.equal(v, before[:, (heads + kv_heads) * head_size :])
     assert not torch.equal(q[1:], before[1:, : heads * head_size])  # position 0 is the identity
+
+
+def test_rotary_on_padded_heads(device):
+    """3D views whose heads are further apart than head_size (a slice of wider rows)."""
+    wide_q = torch.randn(6, 4, 96, device=device)
+    wide_k = torch.randn(6, 2, 96, device=device)
+    q, k = wide_q[..., :64], wide_k[..., :64]
+    padding = wide_q[..., 64:].clone()
+    cache = make_cache(64, 64, torch.float32, device)
+    pos = torch.randint(0, 64, (6,), device=device)
+    ref_q, ref_k = reference.rotary_embedding(pos, q.double(), k.double(), 64, cache.double(), False)
+    ops.rotary_embedding(pos, q, k, 64, cache, is_neox=False)
+    assert_close(q, ref_q, torch.float32)
+    assert_close(k, ref_k, torch.float32)
+    assert torch.equal(wide_q[..., 64:], padding)
+
+
+def test_rotary_cos_sin_cache_is_transformers_table():
+    from transformers.models.llama.configuration_llama import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=512,
+                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    x = torch.zeros(1, 512, 128)
+    cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(512)[None])
+    cache = ops.rotary_cos_sin_cache(128, 512, base=500000.0)
+    assert torch.equal(cache[:, :64], cos[0, :, :64]) and torch.equal(cache[:, 64:], sin[0, :, :64])
 
 
 MROPE_CASES = [  # (num_tokens, heads, kv_heads, head_size, mrope_section)
@@ -181,10 +209,23 @@ def test_mrope_matches_reference(device, case, dtype, is_neox):
     cache = make_cache(2048, head_size, torch.float32, device)
     positions = mrope_positions(tokens, device)
     q, k = make_qk((tokens, heads, kv_heads, head_size, head_size), dtype, device, "qkv_view")
-    ref_q, ref_k = reference.mrope(positions, q.double(), k.double(), head_size, cache.double(), section, is_neox)
+    ref_q, ref_k = reference.mrope(
+        positions, q.double(), k.double(), head_size, cache.double(), section, is_neox
+    )
     ops.mrope(positions, q, k, head_size, cache, section, is_neox)
     assert_close(q, ref_q, dtype)
     assert_close(k, ref_k, dtype)
+
+
+def test_mrope_positions_may_be_a_slice_of_a_wider_buffer(device):
+    buffer = torch.randint(0, 256, (3, 40), device=device)
+    positions = buffer[:, :9]  # row stride 40, as an engine's persistent buffer
+    q, k = make_qk((9, 4, 2, 64, 64), torch.float32, device, "2d")
+    cache = make_cache(256, 64, torch.float32, device)
+    ref_q, ref_k = reference.mrope(positions, q.double(), k.double(), 64, cache.double(), [8, 12, 12])
+    ops.mrope(positions, q, k, 64, cache, [8, 12, 12])
+    assert_close(q, ref_q, torch.float32)
+    assert_close(k, ref_k, torch.float32)
 
 
 def test_mrope_with_equal_rows_is_rotary_embedding(device):
@@ -423,7 +464,8 @@ def test_cuda_kernels_skip_invalid_indices_without_checks():
         "ops.rotary_embedding(torch.tensor([1, 99], device='cuda'), q, k, 64, cache)\n"
         "assert torch.equal(q[1], q0[1]) and not torch.equal(q[0], q0[0])\n"
         "x = torch.zeros(4, 8, device='cuda')\n"
-        "ops.merge_multimodal_embeddings(x, torch.ones(2, 8, device='cuda'), torch.tensor([1, 9], device='cuda'))\n"
+        "ones, pos = torch.ones(2, 8, device='cuda'), torch.tensor([1, 9], device='cuda')\n"
+        "ops.merge_multimodal_embeddings(x, ones, pos)\n"
         "torch.cuda.synchronize(); assert x.sum().item() == 8\n"
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(pyvlm.__file__)))
