@@ -9,3 +9,11 @@ from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
 from .sampling import apply_penalties, sample  # noqa: F401
 from .prefill import paged_attention_prefill, varlen_attention  # noqa: F401
 from .preprocess import preprocess_images, preprocess_images_patchify  # noqa: F401
+from .layers import (  # noqa: F401
+    fused_add_rms_norm,
+    merge_multimodal_embeddings,
+    mrope,
+    rms_norm,
+    rotary_cos_sin_cache,
+    rotary_embedding,
+)

@@ -1,0 +1,88 @@
+"""RMS norms and rotary embeddings against the eager torch code a user would
+write (Hugging Face's module formulas)."""
+
+import torch
+
+from pyvlm import ops
+from pyvlm.ops.reference.layers import mrope_cos_sin
+
+from .harness import Row, time_us
+
+
+def hf_rms_norm(x, weight, eps):
+    """LlamaRMSNorm.forward."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def eager_rotary(q, k, cos, sin, head_size):
+    """HF's apply_rotary_pos_emb on [T, H * D] views; cos/sin [T, D / 2]."""
+    cos = torch.cat((cos, cos), dim=-1)[:, None, :].to(q.dtype)
+    sin = torch.cat((sin, sin), dim=-1)[:, None, :].to(q.dtype)
+    q = q.view(q.shape[0], -1, head_size)
+    k = k.view(k.shape[0], -1, head_size)
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def norm_rows(device, tokens, hidden, dtype):
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    residual = torch.randn_like(x)
+    w = torch.randn(hidden, device=device, dtype=dtype)
+    out = torch.empty_like(x)
+    case = f"t={tokens} h={hidden} {str(dtype)[6:]}"
+    nbytes = x.numel() * x.element_size()
+    ours = time_us(lambda: ops.rms_norm(x, w, 1e-6, out=out), device)
+    base = time_us(lambda: hf_rms_norm(x, w, 1e-6), device)
+    rows = [Row("rms_norm", case, device, ours, "HF LlamaRMSNorm formula", base, 2 * nbytes)]
+
+    def eager_fused():
+        r = x + residual
+        return hf_rms_norm(r, w, 1e-6), r
+
+    ours = time_us(lambda: ops.fused_add_rms_norm(x, residual, w, 1e-6), device)
+    base = time_us(eager_fused, device)
+    rows.append(Row("fused_add_rms_norm", case, device, ours, "x + r, HF RMSNorm", base, 4 * nbytes))
+    return rows
+
+
+def rotary_rows(device, tokens, dtype, heads=28, kv_heads=4, head_size=128):
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, device=device, dtype=dtype)
+    q, k, _ = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
+    cache = ops.rotary_cos_sin_cache(head_size, 32768, base=1e6, device=device)
+    pos = torch.randint(0, 32768, (tokens,), device=device)
+    mpos = torch.randint(0, 32768, (3, tokens), device=device)
+    half = head_size // 2
+    case = f"t={tokens} h={heads}/{kv_heads} d={head_size} {str(dtype)[6:]}"
+    qk_bytes = 2 * tokens * (heads + kv_heads) * head_size * qkv.element_size()
+    ours = time_us(lambda: ops.rotary_embedding(pos, q, k, head_size, cache), device)
+    base = time_us(lambda: eager_rotary(q, k, cache[pos, :half], cache[pos, half:], head_size), device)
+    rows = [Row("rotary_embedding", case, device, ours, "HF rotate_half on gathered cos/sin", base,
+                qk_bytes + tokens * (8 + head_size * 4))]
+
+    def eager_mrope():
+        cos, sin = mrope_cos_sin(mpos, cache, [16, 24, 24])
+        return eager_rotary(q, k, cos, sin, head_size)
+
+    ours = time_us(lambda: ops.mrope(mpos, q, k, head_size, cache, [16, 24, 24]), device)
+    base = time_us(eager_mrope, device)
+    rows.append(Row("mrope", case, device, ours, "HF mrope recompose + rotate_half", base,
+                    qk_bytes + tokens * 3 * (8 + head_size * 4)))
+    return rows
+
+
+def run(device: str):
+    if device.startswith("cuda"):
+        rows = []
+        for tokens, hidden in [(4096, 3584), (8192, 4096)]:
+            rows += norm_rows(device, tokens, hidden, torch.bfloat16)
+        for tokens in [4096, 8192]:
+            rows += rotary_rows(device, tokens, torch.bfloat16)
+        return rows
+    return (norm_rows(device, 256, 3584, torch.float32) + norm_rows(device, 256, 3584, torch.bfloat16)
+            + rotary_rows(device, 256, torch.float32) + rotary_rows(device, 256, torch.bfloat16))

@@ -1,0 +1,308 @@
+// CUDA layer kernels: RMS norms (one block per row, 16-byte vectors, HF
+// rounding order), rotary embeddings (one block per token, plain and
+// Qwen2-VL mrope) and the multimodal embedding merge (one block per row).
+// Framework-free: plain pointers, sizes and a stream.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../layers.h"
+#include "common.cuh"
+
+namespace pyvlm {
+namespace cuda {
+
+// Helper names carry a layer_/norm_/rotary_ prefix: the .cu adapters may be
+// compiled as one unity translation unit with other groups' kernels.
+
+// Enough blocks to fill any GPU; kernels stride over the rest.
+constexpr int64_t kLayerMaxBlocks = 65535LL * 32;
+
+inline unsigned layer_blocks(int64_t items) {
+  return static_cast<unsigned>(std::min(items, kLayerMaxBlocks));
+}
+
+inline unsigned layer_threads(int64_t work, int64_t max_threads) {
+  const int64_t warps = (std::min(work, max_threads) + 31) / 32;
+  return static_cast<unsigned>(std::max<int64_t>(1, warps) * 32);
+}
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) LayerPack {
+  T v[N];
+};
+
+// y = round(x * inv), out = round(w * y): HF rounds before the weight.
+template <typename T, int N>
+__device__ __forceinline__ LayerPack<T, N> norm_scale_pack(const LayerPack<T, N>& x,
+                                                           const LayerPack<T, N>& w,
+                                                 float inv) {
+  LayerPack<T, N> o;
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const T y = from_float<T>(to_float(x.v[k]) * inv);
+    o.v[k] = from_float<T>(to_float(w.v[k]) * to_float(y));
+  }
+  return o;
+}
+
+template <typename T, int N>
+__device__ __forceinline__ float norm_sum_squares(const LayerPack<T, N>& x) {
+  float s = 0.f;
+#pragma unroll
+  for (int k = 0; k < N; ++k) s += to_float(x.v[k]) * to_float(x.v[k]);
+  return s;
+}
+
+// N elements per 16-byte pack (1 when rows are not 16-byte aligned). `out`
+// may alias `in`: each thread reads its packs before writing them. The mean
+// is sum * (1 / hidden) and rsqrtf the reciprocal root, as torch's CUDA
+// mean and rsqrt, so that HF's module on the GPU rounds the same way.
+template <typename T, int N>
+__global__ void rms_norm_kernel(T* out, const T* in, const T* __restrict__ weight,
+                                int64_t num_rows, int64_t hidden, float inv_hidden,
+                                float eps) {
+  __shared__ float scratch[32];
+  using P = LayerPack<T, N>;
+  const int64_t num_packs = hidden / N;
+  const P* w = reinterpret_cast<const P*>(weight);
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    const P* x = reinterpret_cast<const P*>(in + row * hidden);
+    float ss = 0.f;
+    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) ss += norm_sum_squares(x[i]);
+    const float inv = rsqrtf(block_sum(ss, scratch) * inv_hidden + eps);
+    P* y = reinterpret_cast<P*>(out + row * hidden);
+    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x)
+      y[i] = norm_scale_pack(x[i], w[i], inv);
+  }
+}
+
+// residual = round(input + residual); input = rms_norm(residual). The second
+// pass reads back the packs this same thread wrote in the first.
+template <typename T, int N>
+__global__ void fused_add_rms_norm_kernel(T* __restrict__ input, T* __restrict__ residual,
+                                          const T* __restrict__ weight, int64_t num_rows,
+                                          int64_t hidden, float inv_hidden, float eps) {
+  __shared__ float scratch[32];
+  using P = LayerPack<T, N>;
+  const int64_t num_packs = hidden / N;
+  const P* w = reinterpret_cast<const P*>(weight);
+  for (int64_t row = blockIdx.x; row < num_rows; row += gridDim.x) {
+    P* x = reinterpret_cast<P*>(input + row * hidden);
+    P* res = reinterpret_cast<P*>(residual + row * hidden);
+    float ss = 0.f;
+    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) {
+      const P a = x[i];
+      P z = res[i];
+#pragma unroll
+      for (int k = 0; k < N; ++k) z.v[k] = from_float<T>(to_float(a.v[k]) + to_float(z.v[k]));
+      res[i] = z;
+      ss += norm_sum_squares(z);
+    }
+    const float inv = rsqrtf(block_sum(ss, scratch) * inv_hidden + eps);
+    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x)
+      x[i] = norm_scale_pack(res[i], w[i], inv);
+  }
+}
+
+inline bool layer_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// LayerPack width for rows of `hidden` elements starting at the given pointers.
+template <typename T>
+int layer_pack_width(int64_t hidden, const void* a, const void* b, const void* c) {
+  constexpr int kWide = 16 / sizeof(T);
+  const bool aligned = layer_aligned16(a) && layer_aligned16(b) && layer_aligned16(c);
+  return hidden % kWide == 0 && aligned ? kWide : 1;
+}
+
+template <typename T>
+void launch_rms_norm(T* out, const T* in, const T* weight, int64_t num_rows, int64_t hidden,
+                     float eps, cudaStream_t stream) {
+  if (num_rows == 0 || hidden == 0) return;
+  constexpr int kWide = 16 / sizeof(T);
+  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  if (layer_pack_width<T>(hidden, out, in, weight) == kWide) {
+    rms_norm_kernel<T, kWide><<<layer_blocks(num_rows), layer_threads(hidden / kWide, 1024), 0,
+                                stream>>>(out, in, weight, num_rows, hidden, inv_hidden, eps);
+  } else {
+    rms_norm_kernel<T, 1><<<layer_blocks(num_rows), layer_threads(hidden, 1024), 0, stream>>>(
+        out, in, weight, num_rows, hidden, inv_hidden, eps);
+  }
+}
+
+template <typename T>
+void launch_fused_add_rms_norm(T* input, T* residual, const T* weight, int64_t num_rows,
+                               int64_t hidden, float eps, cudaStream_t stream) {
+  if (num_rows == 0 || hidden == 0) return;
+  constexpr int kWide = 16 / sizeof(T);
+  const float inv_hidden = 1.f / static_cast<float>(hidden);
+  if (layer_pack_width<T>(hidden, input, residual, weight) == kWide) {
+    fused_add_rms_norm_kernel<T, kWide>
+        <<<layer_blocks(num_rows), layer_threads(hidden / kWide, 1024), 0, stream>>>(
+            input, residual, weight, num_rows, hidden, inv_hidden, eps);
+  } else {
+    fused_add_rms_norm_kernel<T, 1><<<layer_blocks(num_rows), layer_threads(hidden, 1024), 0,
+                                      stream>>>(input, residual, weight, num_rows, hidden,
+                                                inv_hidden, eps);
+  }
+}
+
+// ---- rotary ------------------------------------------------------------------
+
+__device__ __forceinline__ bool rotary_position_valid(int64_t pos, int64_t max_position) {
+  return pos >= 0 && pos < max_position;
+}
+
+// Token t's position for frequency j (mrope: the row of j's section).
+template <bool kMrope>
+__device__ __forceinline__ int64_t rotary_position_of(const int64_t* positions, int64_t t,
+                                                      int64_t j,
+                                               const MropeSections& s) {
+  if constexpr (kMrope) {
+    // Ends are cumulative, so j's section is the count of earlier ends <= j;
+    // constant indices keep `s` in the parameter space (no local copy).
+    int sec = 0;
+#pragma unroll
+    for (int k = 0; k + 1 < kMaxMropeSections; ++k)
+      sec += (k + 1 < s.num_sections && j >= s.end[k]) ? 1 : 0;
+    return positions[(sec % 3) * s.positions_row_stride + t];
+  } else {
+    return positions[t];
+  }
+}
+
+template <bool kMrope>
+__device__ __forceinline__ bool rotary_token_valid(const int64_t* positions, int64_t t,
+                                            const MropeSections& s, int64_t max_position) {
+  if constexpr (kMrope) {
+    bool ok = true;
+    for (int row = 0; row < 3; ++row)
+      ok = ok && rotary_position_valid(positions[row * s.positions_row_stride + t], max_position);
+    return ok;
+  } else {
+    return rotary_position_valid(positions[t], max_position);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void rotary_pair(T* x, int64_t j, int64_t half, bool is_neox,
+                                            float c, float s) {
+  const int64_t i1 = is_neox ? j : 2 * j;
+  const int64_t i2 = is_neox ? j + half : 2 * j + 1;
+  const float a = to_float(x[i1]), b = to_float(x[i2]);
+  x[i1] = from_float<T>(a * c - b * s);
+  x[i2] = from_float<T>(b * c + a * s);
+}
+
+// One block per token (striding over tokens): stage the token's cos/sin in
+// shared memory as float, then rotate every (head, pair) of query and key.
+// Tokens with an invalid position are skipped (uniformly for the block).
+template <typename T, typename C, bool kMrope>
+__global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restrict__ query,
+                              T* __restrict__ key, const C* __restrict__ cache,
+                              RotaryLayout l, MropeSections sections, int64_t num_tokens) {
+  extern __shared__ float angles[];
+  const int64_t half = l.rotary_dim / 2;
+  float* cos = angles;
+  float* sin = angles + half;
+  const int half_i = static_cast<int>(half);
+  const int num_pairs = static_cast<int>((l.num_q_heads + l.num_k_heads) * half);
+  for (int64_t t = blockIdx.x; t < num_tokens; t += gridDim.x) {
+    if (!rotary_token_valid<kMrope>(positions, t, sections, l.max_position)) continue;
+    __syncthreads();  // the previous token's readers are done with `angles`
+    for (int64_t j = threadIdx.x; j < half; j += blockDim.x) {
+      const C* row = cache + rotary_position_of<kMrope>(positions, t, j, sections) * l.rotary_dim;
+      cos[j] = to_float(row[j]);
+      sin[j] = to_float(row[half + j]);
+    }
+    __syncthreads();
+    for (int p = threadIdx.x; p < num_pairs; p += blockDim.x) {
+      const int head = p / half_i, j = p % half_i;
+      T* x = head < l.num_q_heads
+                 ? query + t * l.q_token_stride + head * l.q_head_stride
+                 : key + t * l.k_token_stride + (head - l.num_q_heads) * l.k_head_stride;
+      rotary_pair(x, j, half, l.is_neox, cos[j], sin[j]);
+    }
+  }
+}
+
+template <typename T, typename C, bool kMrope>
+void launch_rotary_impl(const int64_t* positions, T* query, T* key, const C* cache,
+                        const RotaryLayout& layout, const MropeSections& sections,
+                        int64_t num_tokens, cudaStream_t stream) {
+  const int64_t num_pairs = (layout.num_q_heads + layout.num_k_heads) * (layout.rotary_dim / 2);
+  if (num_tokens == 0 || num_pairs == 0) return;
+  const size_t shared = static_cast<size_t>(layout.rotary_dim) * sizeof(float);
+  rotary_kernel<T, C, kMrope><<<layer_blocks(num_tokens), layer_threads(num_pairs, 512), shared,
+                                stream>>>(positions, query, key, cache, layout, sections,
+                                          num_tokens);
+}
+
+template <typename T, typename C>
+void launch_rotary_embedding(const int64_t* positions, T* query, T* key, const C* cache,
+                             const RotaryLayout& layout, int64_t num_tokens,
+                             cudaStream_t stream) {
+  launch_rotary_impl<T, C, false>(positions, query, key, cache, layout, MropeSections{},
+                                  num_tokens, stream);
+}
+
+template <typename T, typename C>
+void launch_mrope(const int64_t* positions, T* query, T* key, const C* cache,
+                  const RotaryLayout& layout, const MropeSections& sections, int64_t num_tokens,
+                  cudaStream_t stream) {
+  launch_rotary_impl<T, C, true>(positions, query, key, cache, layout, sections, num_tokens,
+                                 stream);
+}
+
+// ---- merge -------------------------------------------------------------------
+
+// Copies mm row i to row positions[i] in words of type W; invalid positions
+// are skipped.
+template <typename W>
+__global__ void merge_rows_kernel(char* __restrict__ dst, int64_t dst_row_stride,
+                                  int64_t num_dst_rows, const char* __restrict__ src,
+                                  int64_t src_row_stride, int64_t row_bytes,
+                                  const int64_t* __restrict__ positions, int64_t num_rows) {
+  const int64_t num_words = row_bytes / static_cast<int64_t>(sizeof(W));
+  for (int64_t i = blockIdx.x; i < num_rows; i += gridDim.x) {
+    const int64_t p = positions[i];
+    if (p < 0 || p >= num_dst_rows) continue;
+    W* d = reinterpret_cast<W*>(dst + p * dst_row_stride);
+    const W* s = reinterpret_cast<const W*>(src + i * src_row_stride);
+    for (int64_t k = threadIdx.x; k < num_words; k += blockDim.x) d[k] = s[k];
+  }
+}
+
+template <typename W>
+void launch_merge_words(char* dst, int64_t dst_row_stride, int64_t num_dst_rows, const char* src,
+                        int64_t src_row_stride, int64_t row_bytes, const int64_t* positions,
+                        int64_t num_rows, cudaStream_t stream) {
+  merge_rows_kernel<W><<<layer_blocks(num_rows), layer_threads(row_bytes / sizeof(W), 512), 0,
+                         stream>>>(dst, dst_row_stride, num_dst_rows, src, src_row_stride,
+                                   row_bytes, positions, num_rows);
+}
+
+// Row strides and the row length are in bytes; copies in the widest words
+// (16, 8, 4, 2 or 1 bytes) that every address and length is a multiple of.
+inline void launch_merge_rows(char* dst, int64_t dst_row_stride, int64_t num_dst_rows,
+                              const char* src, int64_t src_row_stride, int64_t row_bytes,
+                              const int64_t* positions, int64_t num_rows, cudaStream_t stream) {
+  if (num_rows == 0 || row_bytes == 0) return;
+  const uint64_t bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
+                        static_cast<uint64_t>(dst_row_stride) |
+                        static_cast<uint64_t>(src_row_stride) | static_cast<uint64_t>(row_bytes);
+  const auto go = [&](auto word) {
+    launch_merge_words<decltype(word)>(dst, dst_row_stride, num_dst_rows, src, src_row_stride,
+                                       row_bytes, positions, num_rows, stream);
+  };
+  if (bits % 16 == 0) return go(uint4{});
+  if (bits % 8 == 0) return go(uint2{});
+  if (bits % 4 == 0) return go(uint32_t{});
+  if (bits % 2 == 0) return go(uint16_t{});
+  go(uint8_t{});
+}
+
+}  // namespace cuda
+}  // namespace pyvlm
