@@ -35,9 +35,14 @@ def sources(pattern: str) -> list:
 
 def extension():
     cpp = sources("csrc/registration.cpp") + sources("csrc/kernels/*.cpp") + sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+    # at::parallel_for is OpenMP in torch's headers: without -fopenmp every CPU op
+    # silently runs on one thread.
+    cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]
+    link_flags = ["-fopenmp"]
     if not want_cuda():
-        return cpp_extension.CppExtension("pyvlm._C", cpp, extra_compile_args={"cxx": cxx_flags})
+        return cpp_extension.CppExtension(
+            "pyvlm._C", cpp, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     nvcc_flags = [
         "-O3",
         "-std=c++20",
@@ -49,6 +54,7 @@ def extension():
         "pyvlm._C",
         cpp + sources("csrc/cuda/*.cu"),
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 
