@@ -6,3 +6,4 @@ output tensor. They define what the kernels must compute.
 """
 
 from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
+from .attention import paged_attention_decode, reshape_and_cache  # noqa: F401
