@@ -42,7 +42,7 @@ struct PagedDecodeArgs {
   const int32_t* seq_lens;      // [num_seqs]
   int64_t query_stride_seq, query_stride_head;
   int64_t block_table_stride;
-  int64_t num_heads, num_kv_heads, head_dim;
+  int64_t num_seqs, num_heads, num_kv_heads, head_dim;
   int64_t num_pages, page_size, max_pages_per_seq;
   float scale;
 };
