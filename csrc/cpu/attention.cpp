@@ -60,6 +60,8 @@ void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query,
                                 const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                 double scale) {
   check_paged_attention_decode(out, query, key_cache, value_cache, block_tables, seq_lens);
+  check_decode_index_stats(decode_index_stats_cpu(block_tables, seq_lens, key_cache.size(1)),
+                           block_tables.size(1), key_cache.size(1), key_cache.size(0));
   const int64_t num_items = query.size(0) * key_cache.size(2);
   PYVLM_CPU_DISPATCH_FLOAT(query.scalar_type(), "paged_attention_decode", [&] {
     const auto args = decode_args<scalar_t>(out, query, key_cache, value_cache, block_tables,

@@ -42,6 +42,22 @@ void check_decode_cuda_layout(const at::Tensor& out, const at::Tensor& key_cache
   attention_check_aligned16(value_cache, "value_cache");
 }
 
+// One stats kernel and one device-to-host copy (the sync that
+// PYVLM_CHECK_INDICES=0 removes).
+void check_decode_indices_cuda(const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                               const at::Tensor& key_cache, cudaStream_t stream) {
+  const auto stats = at::empty({4}, seq_lens.options().dtype(at::kLong));
+  cuda::launch_decode_index_stats(seq_lens.data_ptr<int32_t>(), block_tables.data_ptr<int32_t>(),
+                                  block_tables.stride(0), seq_lens.size(0), block_tables.size(1),
+                                  key_cache.size(1),
+                                  reinterpret_cast<long long*>(stats.data_ptr<int64_t>()), stream);
+  PYVLM_CHECK_LAUNCH("paged_attention_decode index check");
+  const auto host = stats.cpu();
+  const int64_t* v = host.data_ptr<int64_t>();
+  check_decode_index_stats({v[0], v[1], v[2], v[3]}, block_tables.size(1), key_cache.size(1),
+                           key_cache.size(0));
+}
+
 // Multiprocessor count, which sizes the split-K decision (cheap to query).
 int attention_sm_count(int device) {
   int num_sms = 0;
@@ -83,6 +99,7 @@ void paged_attention_decode_cuda(at::Tensor& out, const at::Tensor& query,
   check_decode_cuda_layout(out, key_cache, value_cache);
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (index_checks_enabled()) check_decode_indices_cuda(block_tables, seq_lens, key_cache, stream);
   const int num_sms = attention_sm_count(query.get_device());
   PYVLM_CUDA_DISPATCH_FLOAT(query.scalar_type(), "paged_attention_decode", [&] {
     const auto args = paged_decode_args_cuda<scalar_t>(out, query, key_cache, value_cache,

@@ -1,6 +1,7 @@
 // Argument checks for reshape_and_cache and paged_attention_decode, shared
 // by the CPU and CUDA adapters.
 #pragma once
+#include <algorithm>
 #include <limits>
 
 #include "../checks.h"
@@ -66,33 +67,48 @@ inline void check_reshape_and_cache(const at::Tensor& key, const at::Tensor& val
   check_slots(slot_mapping, key_cache.size(0) * key_cache.size(1));
 }
 
-// seq_lens must lie in [0, max_pages_per_seq * page_size] and every block
-// table entry a sequence uses (its first ceil(seq_len / page_size)) in
-// [0, num_pages). One device-to-host copy covers both checks.
-inline void check_decode_indices(const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                                 int64_t num_pages, int64_t page_size) {
-  if (seq_lens.numel() == 0) return;
-  if (!seq_lens.is_cpu() && !index_checks_enabled()) return;
-  const int64_t max_pages = block_tables.size(1);
-  const auto lens = seq_lens.to(at::kLong);
-  const auto pages_used = (lens.clamp_min(0) + page_size - 1).div(page_size, "floor");
-  const auto used = at::arange(max_pages, lens.options()).unsqueeze(0) < pages_used.unsqueeze(1);
-  const auto table = block_tables.to(at::kLong);
-  const int64_t big = std::numeric_limits<int64_t>::max();
-  const auto stats = at::stack({lens.min(), lens.max(),
-                                at::where(used, table, big).min(),
-                                at::where(used, table, -big).max()})
-                         .cpu();
-  const int64_t* s = stats.data_ptr<int64_t>();
-  const int64_t max_len = max_pages * page_size;
-  TORCH_CHECK_INDEX(s[0] >= 0 && s[1] <= max_len, "seq_lens values must be in [0, ", max_len,
-                    "] (max_pages_per_seq * page_size), got min ", s[0], " and max ", s[1]);
-  if (s[2] > s[3]) return;  // no sequence uses a page
-  TORCH_CHECK_INDEX(s[2] >= 0 && s[3] < num_pages,
-                    "block_tables entries used by seq_lens must be in [0, ", num_pages,
-                    "), got min ", s[2], " and max ", s[3]);
+// Ranges of the decode indices: seq_lens, and the block-table entries the
+// sequences use (their first ceil(seq_len / page_size)); min_page > max_page
+// when no sequence uses a page.
+struct DecodeIndexStats {
+  int64_t min_len, max_len, min_page, max_page;
+};
+
+inline DecodeIndexStats decode_index_stats_cpu(const at::Tensor& block_tables,
+                                               const at::Tensor& seq_lens, int64_t page_size) {
+  DecodeIndexStats st{std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min(),
+                      std::numeric_limits<int64_t>::max(), std::numeric_limits<int64_t>::min()};
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* table = block_tables.data_ptr<int32_t>();
+  const int64_t max_pages = block_tables.size(1), stride = block_tables.stride(0);
+  for (int64_t s = 0; s < seq_lens.size(0); ++s) {
+    st.min_len = std::min<int64_t>(st.min_len, lens[s]);
+    st.max_len = std::max<int64_t>(st.max_len, lens[s]);
+    const int64_t used = std::min(max_pages, (std::max<int64_t>(lens[s], 0) + page_size - 1) / page_size);
+    for (int64_t i = 0; i < used; ++i) {
+      st.min_page = std::min<int64_t>(st.min_page, table[s * stride + i]);
+      st.max_page = std::max<int64_t>(st.max_page, table[s * stride + i]);
+    }
+  }
+  return st;
 }
 
+// seq_lens must lie in [0, max_pages_per_seq * page_size] and every block
+// table entry a sequence uses in [0, num_pages).
+inline void check_decode_index_stats(const DecodeIndexStats& st, int64_t max_pages_per_seq,
+                                     int64_t page_size, int64_t num_pages) {
+  const int64_t max_len = max_pages_per_seq * page_size;
+  TORCH_CHECK_INDEX(st.min_len >= 0 && st.max_len <= max_len, "seq_lens values must be in [0, ",
+                    max_len, "] (max_pages_per_seq * page_size), got min ", st.min_len,
+                    " and max ", st.max_len);
+  if (st.min_page > st.max_page) return;  // no sequence uses a page
+  TORCH_CHECK_INDEX(st.min_page >= 0 && st.max_page < num_pages,
+                    "block_tables entries used by seq_lens must be in [0, ", num_pages,
+                    "), got min ", st.min_page, " and max ", st.max_page);
+}
+
+// Shapes, dtypes and devices; the index ranges are checked by the adapters
+// (check_decode_index_stats), which compute their stats where the data is.
 inline void check_paged_attention_decode(const at::Tensor& out, const at::Tensor& query,
                                          const at::Tensor& key_cache,
                                          const at::Tensor& value_cache,
@@ -123,7 +139,6 @@ inline void check_paged_attention_decode(const at::Tensor& out, const at::Tensor
   check_dim(seq_lens, 1, "seq_lens");
   check_contiguous(seq_lens, "seq_lens");
   check_size(seq_lens, 0, query.size(0), "seq_lens");
-  check_decode_indices(block_tables, seq_lens, key_cache.size(0), key_cache.size(1));
 }
 
 }  // namespace pyvlm

@@ -388,3 +388,49 @@ def test_cuda_decode_rejects_head_dim_not_multiple_of_8():
     with pytest.raises(ValueError, match="head_dim must be a multiple of 8"):
         ops.paged_attention_decode(torch.randn(1, 2, 36, device="cuda"), key_cache, value_cache,
                                    table, lens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case, match", [
+    ("seq_len_too_long", "seq_lens values must be in"),
+    ("page_out_of_range", "block_tables entries used"),
+])
+def test_cuda_decode_index_checks(case, match):
+    query, key_cache, value_cache, table, lens = decode_inputs()
+    if case == "seq_len_too_long":
+        lens[0] = 13
+    else:
+        table[1, 1] = 6
+    args = [t.cuda() for t in (query, key_cache, value_cache, table, lens)]
+    with pytest.raises(IndexError, match=match):
+        ops.paged_attention_decode(*args)
+
+
+UNCHECKED_SCRIPT = """
+import torch
+from pyvlm import ops
+cache = torch.randn(4, 4, 2, 16, device="cuda")
+before = cache.clone()
+key = torch.randn(3, 2, 16, device="cuda")
+ops.reshape_and_cache(key, key, cache, cache.clone(), torch.tensor([99, -5, 2**40], device="cuda"))
+torch.cuda.synchronize()
+assert torch.equal(cache, before), "out-of-range slots must be skipped"
+table = torch.tensor([[0, 7, -3], [2**30, 1, 2]], dtype=torch.int32, device="cuda")
+lens = torch.tensor([2**30, -4], dtype=torch.int32, device="cuda")
+out = ops.paged_attention_decode(torch.randn(2, 4, 16, device="cuda"), cache, cache, table, lens)
+torch.cuda.synchronize()
+print("ok")
+"""
+
+
+@pytest.mark.cuda
+def test_cuda_unchecked_indices_never_fault():
+    """With PYVLM_CHECK_INDICES=0 the kernels skip bad indices instead of faulting."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYVLM_CHECK_INDICES="0")
+    result = subprocess.run([sys.executable, "-c", UNCHECKED_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
