@@ -1,6 +1,10 @@
 """paged_attention_decode and reshape_and_cache against what a user would
 write in torch: SDPA on contiguous KV (the speed of light for unpaged
-attention), SDPA after gathering the pages, and index_copy_ into the cache."""
+attention), SDPA after gathering the pages, and index_copy_ into the cache.
+
+pyvlm's times include the adapters' index-range checks (on CUDA one small
+kernel and a device-to-host sync per call); run with PYVLM_CHECK_INDICES=0,
+as engines do on the hot path, to time the kernels alone."""
 
 import math
 
