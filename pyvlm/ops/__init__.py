@@ -17,3 +17,4 @@ from .layers import (  # noqa: F401
     rotary_cos_sin_cache,
     rotary_embedding,
 )
+from .attention import paged_attention_decode, reshape_and_cache  # noqa: F401

@@ -16,3 +16,4 @@ from .layers import (  # noqa: F401
     rms_norm,
     rotary_embedding,
 )
+from .attention import paged_attention_decode, reshape_and_cache  # noqa: F401
