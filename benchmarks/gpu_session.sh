@@ -8,6 +8,11 @@ OUT=${OUT:-/tmp/pyvlm_gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD PYVLM_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 export PYVLM_CUDA_ARCHS=${PYVLM_CUDA_ARCHS:-90a}
+# The image's default g++ wrapper links a libstdc++ that crashes when our error
+# messages format integers; the system compiler links the one torch uses.
+if [ -x /usr/bin/g++ ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 start=$(date +%s)
