@@ -31,30 +31,6 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value,
   });
 }
 
-template <typename T>
-PagedDecodeArgs<T> decode_args(at::Tensor& out, const at::Tensor& query,
-                               const at::Tensor& key_cache, const at::Tensor& value_cache,
-                               const at::Tensor& block_tables, const at::Tensor& seq_lens,
-                               double scale) {
-  return {data_as<T>(out),
-          data_as<T>(query),
-          data_as<T>(key_cache),
-          data_as<T>(value_cache),
-          block_tables.data_ptr<int32_t>(),
-          seq_lens.data_ptr<int32_t>(),
-          query.stride(0),
-          query.stride(1),
-          block_tables.stride(0),
-          query.size(0),
-          query.size(1),
-          key_cache.size(2),
-          query.size(2),
-          key_cache.size(0),
-          key_cache.size(1),
-          block_tables.size(1),
-          static_cast<float>(scale)};
-}
-
 void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query,
                                 const at::Tensor& key_cache, const at::Tensor& value_cache,
                                 const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -64,7 +40,7 @@ void paged_attention_decode_cpu(at::Tensor& out, const at::Tensor& query,
                            block_tables.size(1), key_cache.size(1), key_cache.size(0));
   const int64_t num_items = query.size(0) * key_cache.size(2);
   PYVLM_CPU_DISPATCH_FLOAT(query.scalar_type(), "paged_attention_decode", [&] {
-    const auto args = decode_args<scalar_t>(out, query, key_cache, value_cache, block_tables,
+    const auto args = make_paged_decode_args<scalar_t>(out, query, key_cache, value_cache, block_tables,
                                             seq_lens, scale);
     // One item is a whole (sequence, KV head) context: worth a thread each.
     at::parallel_for(0, num_items, 1, [&](int64_t begin, int64_t end) {

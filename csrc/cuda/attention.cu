@@ -66,30 +66,6 @@ int attention_sm_count(int device) {
   return num_sms;
 }
 
-template <typename T>
-PagedDecodeArgs<T> paged_decode_args_cuda(at::Tensor& out, const at::Tensor& query,
-                                    const at::Tensor& key_cache, const at::Tensor& value_cache,
-                                    const at::Tensor& block_tables,
-                                    const at::Tensor& seq_lens, double scale) {
-  return {cuda_data_as<T>(out),
-          cuda_data_as<T>(query),
-          cuda_data_as<T>(key_cache),
-          cuda_data_as<T>(value_cache),
-          block_tables.data_ptr<int32_t>(),
-          seq_lens.data_ptr<int32_t>(),
-          query.stride(0),
-          query.stride(1),
-          block_tables.stride(0),
-          query.size(0),
-          query.size(1),
-          key_cache.size(2),
-          query.size(2),
-          key_cache.size(0),
-          key_cache.size(1),
-          block_tables.size(1),
-          static_cast<float>(scale)};
-}
-
 void paged_attention_decode_cuda(at::Tensor& out, const at::Tensor& query,
                                  const at::Tensor& key_cache, const at::Tensor& value_cache,
                                  const at::Tensor& block_tables, const at::Tensor& seq_lens,
@@ -102,7 +78,7 @@ void paged_attention_decode_cuda(at::Tensor& out, const at::Tensor& query,
   if (index_checks_enabled()) check_decode_indices_cuda(block_tables, seq_lens, key_cache, stream);
   const int num_sms = attention_sm_count(query.get_device());
   PYVLM_CUDA_DISPATCH_FLOAT(query.scalar_type(), "paged_attention_decode", [&] {
-    const auto args = paged_decode_args_cuda<scalar_t>(out, query, key_cache, value_cache,
+    const auto args = make_paged_decode_args<scalar_t>(out, query, key_cache, value_cache,
                                                  block_tables, seq_lens, scale);
     const cuda::DecodePlan plan = cuda::plan_paged_decode(args, num_sms);
     // Split-K partials live in the caching allocator: no sync, no cudaMalloc.

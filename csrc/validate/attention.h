@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "../checks.h"
+#include "../kernels/attention.h"
 
 namespace pyvlm {
 
@@ -139,6 +140,32 @@ inline void check_paged_attention_decode(const at::Tensor& out, const at::Tensor
   check_dim(seq_lens, 1, "seq_lens");
   check_contiguous(seq_lens, "seq_lens");
   check_size(seq_lens, 0, query.size(0), "seq_lens");
+}
+
+// Packs the checked tensors into the kernels' plain argument struct; T is
+// the device storage type (float, half_t/bf16_t or __half/__nv_bfloat16).
+template <typename T>
+inline PagedDecodeArgs<T> make_paged_decode_args(at::Tensor& out, const at::Tensor& query,
+                               const at::Tensor& key_cache, const at::Tensor& value_cache,
+                               const at::Tensor& block_tables, const at::Tensor& seq_lens,
+                               double scale) {
+  return {reinterpret_cast<T*>(out.data_ptr()),
+          reinterpret_cast<const T*>(query.data_ptr()),
+          reinterpret_cast<const T*>(key_cache.data_ptr()),
+          reinterpret_cast<const T*>(value_cache.data_ptr()),
+          block_tables.data_ptr<int32_t>(),
+          seq_lens.data_ptr<int32_t>(),
+          query.stride(0),
+          query.stride(1),
+          block_tables.stride(0),
+          query.size(0),
+          query.size(1),
+          key_cache.size(2),
+          query.size(2),
+          key_cache.size(0),
+          key_cache.size(1),
+          block_tables.size(1),
+          static_cast<float>(scale)};
 }
 
 }  // namespace pyvlm
