@@ -1,0 +1,52 @@
+"""Configuration as plain frozen data (building one touches no disk or network).
+
+ServerArgs-style flags map onto these groups; `EngineConfig` composes them.
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint and how to load it."""
+
+    model: Optional[str] = None  # local directory or hub id; None = the demo model
+    tokenizer_path: Optional[str] = None
+    dtype: str = "auto"  # auto|float32|float16|bfloat16
+    device: str = "auto"  # auto|cpu|cuda
+    context_length: Optional[int] = None  # None: from the checkpoint's config
+    chat_template: Optional[str] = None
+    served_model_name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV pool and the prefix/encoder caches."""
+
+    page_size: int = 16
+    mem_fraction_static: float = 0.85  # GPU: fraction of free memory for weights + KV
+    max_total_tokens: Optional[int] = None  # CPU: KV pool size; None = from available RAM
+    disable_radix_cache: bool = False
+    encoder_cache_size: int = 64  # images whose vision-tower output is kept (LRU)
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Continuous batching limits and policies (SGLang's flag names)."""
+
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: Optional[int] = 8192  # None or <= 0: no chunking
+    schedule_policy: str = "fcfs"  # fcfs|lpm
+    stream_interval: int = 1
+    decode_log_interval: int = 40
+    random_seed: int = 0
+    enable_cache_report: bool = False
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,143 @@
+"""The contract between the scheduling core and a model runner (no torch).
+
+The scheduler decides, each step, which requests run and which of their
+tokens; it hands the runner a `ForwardBatch` of plain Python data and gets
+back one `SampleResult` per chunk that asked for a sample. The runner owns
+tensors, the KV pool's memory and the vision tower; the scheduler owns the
+bookkeeping (which pages belong to whom, what is cached).
+
+Token slot arithmetic is shared by both sides: token i of a sequence lives
+in slot page_table[i // page_size] * page_size + i % page_size.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples and when it stops (OpenAI/SGLang semantics).
+
+    temperature 0 means greedy. top_k -1 (or 0) means no top-k limit. seed
+    None lets the engine pick one; the token drawn at output step n depends
+    only on (seed, n) and the logits, so a preempted and recomputed request
+    produces the same tokens.
+    """
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: Optional[int] = None
+    stop: Tuple[str, ...] = ()
+    stop_token_ids: Tuple[int, ...] = ()
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+    skip_special_tokens: bool = True
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class MultimodalItem:
+    """One image of a prompt, already expanded into placeholder tokens.
+
+    hash: 64-bit content hash of the decoded pixels plus size and mode; it
+    keys the radix cache (placeholder positions) and the encoder cache.
+    offset/length: the span of its placeholder tokens in the prompt ids.
+    data: the runner's payload (e.g. the decoded RGB image and its
+    preprocessing plan); opaque to the scheduler.
+    """
+
+    hash: int
+    offset: int
+    length: int
+    data: Any = None
+
+
+@dataclass
+class SequenceChunk:
+    """The tokens one request runs in one step.
+
+    token_ids are the new tokens, placed at positions start_pos ..
+    start_pos + len(token_ids) - 1; the KV of positions < start_pos is
+    already in the cache (prefix cache hit, earlier chunk, or earlier decode
+    steps). page_table covers every position up to the last new token.
+    mm_items are the request's images whose span overlaps the new tokens (an
+    image span may be split across chunks: the runner embeds the whole image
+    and uses the overlapping rows). sample is True when the last new token's
+    logits are sampled (last prompt chunk, or decode).
+    """
+
+    rid: str
+    token_ids: List[int]
+    start_pos: int
+    page_table: List[int]
+    mm_items: List[MultimodalItem]
+    sample: bool
+    sampling: SamplingParams
+    seed: int
+    step: int  # number of tokens this request has generated before this step
+    prompt_ids: Sequence[int] = ()  # for repetition penalty (HF applies it to prompt + output)
+    output_ids: Sequence[int] = ()  # tokens generated so far (penalties)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class ForwardBatch:
+    """One model step: prefill chunks (is_decode False) or one token each."""
+
+    is_decode: bool
+    chunks: List[SequenceChunk] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    """The sampled token of one chunk with its logprob and the top-N."""
+
+    token_id: int
+    logprob: float = 0.0
+    top_logprobs: Tuple[Tuple[int, float], ...] = ()
+
+
+class ModelRunner(Protocol):
+    """What the scheduler needs from a runner (the real one and test fakes)."""
+
+    page_size: int
+    num_pages: int
+
+    def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
+        """Runs the batch; returns, per chunk in order, its SampleResult
+        (None for chunks with sample False)."""
+        ...
+
+    def free_encoder_cache(self) -> None:
+        """Drops cached vision-tower outputs (flush_cache)."""
+        ...
+
+
+class Tokenizer(Protocol):
+    """The tokenizer surface the engine's detokenizer uses (HF compatible)."""
+
+    eos_token_id: Optional[int]
+    all_special_ids: List[int]
+
+    def convert_ids_to_tokens(self, ids: List[int]) -> List[str]: ...
+
+    def convert_tokens_to_string(self, tokens: List[str]) -> str: ...
+
+    def decode(self, ids: List[int], skip_special_tokens: bool = True) -> str: ...
+
+
+SchedulerStats = Dict[str, float]
