@@ -50,3 +50,27 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+_GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_ALIASES = {"model_path": "model"}
+
+
+def engine_config(**kwargs) -> EngineConfig:
+    """An EngineConfig from flat server-argument names (SGLang's spelling,
+    e.g. page_size=16, chunked_prefill_size=512, model_path=...).
+
+    Unknown names raise TypeError naming them, so a typo never passes silently.
+    """
+    grouped = {name: {} for name in _GROUPS}
+    unknown = []
+    for key, value in kwargs.items():
+        key = _ALIASES.get(key, key)
+        group = next((g for g, cls in _GROUPS.items() if key in cls.__dataclass_fields__), None)
+        if group is None:
+            unknown.append(key)
+        else:
+            grouped[group][key] = value
+    if unknown:
+        raise TypeError(f"unknown engine argument(s): {', '.join(sorted(unknown))}")
+    return EngineConfig(**{g: _GROUPS[g](**v) for g, v in grouped.items()})

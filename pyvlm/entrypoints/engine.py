@@ -1,0 +1,146 @@
+"""pyvlm.Engine: offline generation without HTTP (the server drives the same
+engine). The model runs on its own thread; generate() blocks the caller,
+async_generate() yields deltas without blocking the event loop."""
+
+import asyncio
+import logging
+import queue
+from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Union
+
+from pyvlm.config import EngineConfig, engine_config
+from pyvlm.engine.request import Request, RequestOutput
+from pyvlm.entrypoints.outputs import OutputAccumulator
+from pyvlm.entrypoints.sampling import sampling_params_from
+
+logger = logging.getLogger("pyvlm.engine")
+
+Prompt = Union[str, List[int]]
+
+
+class Engine:
+    """Loads a model and serves generate calls (SGLang's Engine API).
+
+    Engine(model="dir or hub id", page_size=16, chunked_prefill_size=512, ...)
+    takes the server's argument names; model None loads the demo model.
+    """
+
+    def __init__(self, model: Optional[str] = None, **server_args):
+        from pyvlm.entrypoints.startup import start_engine
+
+        self.config: EngineConfig = engine_config(model=model, **server_args)
+        self.state = start_engine(self.config)
+        self.builder, self.loop = self.state.builder, self.state.loop
+
+    # -- sync API --------------------------------------------------------
+    def generate(self, prompt: Union[Prompt, Sequence[Prompt], None] = None,
+                 sampling_params: Union[Mapping, Sequence[Mapping], None] = None,
+                 image_data: Any = None, messages: Any = None) -> Union[dict, List[dict]]:
+        """Generates for one prompt (or chat) or a batch; returns SGLang-style
+        dicts {"text", "output_ids", "meta_info"} (a list for a batch)."""
+        requests, single = self._build_batch(prompt, sampling_params, image_data, messages)
+        sinks = [self._submit_sync(r) for r in requests]
+        results = [self._collect_sync(r, q) for r, q in zip(requests, sinks)]
+        return results[0] if single else results
+
+    # -- async API -------------------------------------------------------
+    async def async_generate(self, prompt: Optional[Prompt] = None,
+                             sampling_params: Optional[Mapping] = None, image_data: Any = None,
+                             messages: Any = None) -> AsyncIterator[dict]:
+        """Async iterator of deltas {"text", "token_ids", "finished",
+        "meta_info"} for one request; leaving the loop early aborts it."""
+        loop = asyncio.get_running_loop()
+        request = await loop.run_in_executor(
+            None, self._build_one, prompt, sampling_params, image_data, messages)
+        deltas: asyncio.Queue = asyncio.Queue()
+
+        def sink(out, err):
+            loop.call_soon_threadsafe(deltas.put_nowait, (out, err))
+
+        self.loop.submit(request, sink)
+        accumulator = OutputAccumulator(request)
+        finished = False
+        try:
+            while not finished:
+                out, err = await deltas.get()
+                if err is not None:
+                    raise _user_error(err)
+                finished = out.finished
+                yield accumulator.delta(out)
+        finally:
+            if not finished:
+                self.loop.abort(request.rid)
+
+    def abort(self, rid: str) -> None:
+        self.loop.abort(rid)
+
+    def flush_cache(self) -> bool:
+        """Empties the prefix and encoder caches when no request is running."""
+        return bool(self.loop.call(self.state.flush_cache))
+
+    def get_stats(self) -> Dict[str, float]:
+        return dict(self.loop.call(self.state.scheduler.stats))
+
+    def shutdown(self) -> None:
+        self.loop.stop()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # -- helpers ---------------------------------------------------------
+    def _build_one(self, prompt, sampling_params, image_data, messages) -> Request:
+        sampling = sampling_params_from(sampling_params)
+        if messages is not None:
+            return self.builder.from_messages(messages, sampling)
+        if prompt is None:
+            raise ValueError("give a prompt or messages")
+        images = [] if image_data is None else (
+            list(image_data) if isinstance(image_data, (list, tuple)) else [image_data])
+        return self.builder.from_prompt(prompt, images, sampling)
+
+    def _build_batch(self, prompt, sampling_params, image_data, messages):
+        batch_input = messages if messages is not None else prompt
+        single = not _is_batch(batch_input, is_messages=messages is not None)
+        items = [batch_input] if single else list(batch_input)
+        params = _per_item(sampling_params, len(items), Mapping)
+        images = [image_data] if single else _per_item(image_data, len(items), None)
+        if messages is not None:
+            return [self._build_one(None, p, None, m) for m, p in zip(items, params)], single
+        return [self._build_one(x, p, im, None) for x, p, im in zip(items, params, images)], single
+
+    def _submit_sync(self, request: Request) -> "queue.Queue":
+        outputs: "queue.Queue" = queue.Queue()
+        self.loop.submit(request, lambda out, err: outputs.put((out, err)))
+        return outputs
+
+    def _collect_sync(self, request: Request, outputs: "queue.Queue") -> dict:
+        accumulator = OutputAccumulator(request)
+        while True:
+            out, err = outputs.get()
+            if err is not None:
+                raise _user_error(err)
+            accumulator.delta(out)
+            if out.finished:
+                return accumulator.result()
+
+
+def _is_batch(value, is_messages: bool) -> bool:
+    if is_messages:  # a batch of chats is a list of lists of messages
+        return bool(value) and isinstance(value[0], (list, tuple))
+    return isinstance(value, (list, tuple)) and bool(value) and not isinstance(value[0], int)
+
+
+def _per_item(value, n: int, single_type) -> list:
+    if value is None:
+        return [None] * n
+    if single_type is not None and isinstance(value, single_type):
+        return [value] * n
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise ValueError(f"expected {n} per-prompt values, got {value!r:.80}")
+    return list(value)
+
+
+def _user_error(err: BaseException) -> BaseException:
+    return err if isinstance(err, ValueError) else RuntimeError(f"generation failed: {err}")

@@ -1,0 +1,40 @@
+"""Accumulates a request's RequestOutput deltas into SGLang-style results."""
+
+from typing import List
+
+from pyvlm.engine.request import Request, RequestOutput
+
+
+class OutputAccumulator:
+    """Turns deltas into {"text", "output_ids", "meta_info"} dicts."""
+
+    def __init__(self, request: Request):
+        self.rid = request.rid
+        self.text_parts: List[str] = []
+        self.output_ids: List[int] = []
+        self.logprobs: list = []
+        self.last: RequestOutput = None
+
+    def delta(self, out: RequestOutput) -> dict:
+        self.text_parts.append(out.new_text)
+        self.output_ids.extend(out.new_token_ids)
+        self.logprobs.extend(out.new_logprobs)
+        self.last = out
+        return {"text": out.new_text, "token_ids": list(out.new_token_ids),
+                "finished": out.finished, "meta_info": self._meta(out)}
+
+    def result(self) -> dict:
+        return {"text": "".join(self.text_parts), "output_ids": list(self.output_ids),
+                "meta_info": self._meta(self.last)}
+
+    def _meta(self, out: RequestOutput) -> dict:
+        finish = None
+        if out.finished:
+            finish = {"type": out.finish_reason, "matched": out.matched_stop}
+        meta = {"id": self.rid, "prompt_tokens": out.prompt_tokens,
+                "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
+                "finish_reason": finish}
+        if self.logprobs:
+            meta["output_token_logprobs"] = [(lp, tid) for tid, lp, _ in self.logprobs]
+            meta["output_top_logprobs"] = [list(top) for _, _, top in self.logprobs]
+        return meta

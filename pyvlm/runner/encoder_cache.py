@@ -1,0 +1,75 @@
+"""Vision-tower batching with an LRU cache of encoder outputs keyed by the
+image's content hash: the images of one step that miss the cache go through
+the tower in one batched call; a hit skips the tower."""
+
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from pyvlm.engine.types import MultimodalItem
+
+# (items missing from the cache) -> their packed embeddings, in order
+EncodeFn = Callable[[Sequence[MultimodalItem]], List[torch.Tensor]]
+
+
+class EncoderCache:
+    """LRU map image hash -> packed embeddings [num_tokens, hidden]."""
+
+    def __init__(self, max_items: int):
+        self.max_items = max(0, max_items)
+        self._entries: "OrderedDict[int, torch.Tensor]" = OrderedDict()
+        self.num_hits = 0
+        self.num_misses = 0
+
+    def get(self, key: int) -> Optional[torch.Tensor]:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: int, value: torch.Tensor) -> None:
+        if self.max_items == 0:
+            return
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_items:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class VisionBatcher:
+    """Embeds the images of a step: cache hits are reused, misses are encoded
+    together by encode_fn (one preprocessing call, one tower call)."""
+
+    def __init__(self, encode_fn: EncodeFn, cache: EncoderCache):
+        self.encode_fn, self.cache = encode_fn, cache
+
+    def embed(self, items: Sequence[MultimodalItem]) -> Dict[int, torch.Tensor]:
+        found: Dict[int, torch.Tensor] = {}
+        missing: Dict[int, MultimodalItem] = {}
+        for item in items:
+            cached = self.cache.get(item.hash)
+            if cached is not None:
+                found[item.hash] = cached
+            else:
+                missing.setdefault(item.hash, item)
+        self.cache.num_hits += len(found)
+        self.cache.num_misses += len(missing)
+        if missing:
+            found.update(self._encode(list(missing.values())))
+        return found
+
+    def _encode(self, items: List[MultimodalItem]) -> Dict[int, torch.Tensor]:
+        embeddings = self.encode_fn(items)
+        for item, emb in zip(items, embeddings):
+            if emb.shape[0] != item.length:
+                raise RuntimeError(f"image encoder gave {emb.shape[0]} rows for a span of "
+                                   f"{item.length} placeholder tokens")
+            self.cache.put(item.hash, emb)
+        return {item.hash: emb for item, emb in zip(items, embeddings)}

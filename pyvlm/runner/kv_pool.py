@@ -1,0 +1,90 @@
+"""The paged KV pool: per layer a key and a value cache of shape
+[num_pages, page_size, num_kv_heads, head_dim], sized from a token budget
+(CPU: --max-total-tokens, default from available RAM) or from a fraction of
+the GPU memory (--mem-fraction-static)."""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+logger = logging.getLogger("pyvlm.runner")
+
+# CPU default: a quarter of the available RAM, at most this many tokens.
+MAX_DEFAULT_CPU_TOKENS = 1 << 17
+
+
+@dataclass(frozen=True)
+class KVShape:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_token(self) -> int:
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+
+
+def available_ram_bytes() -> int:
+    """MemAvailable from /proc/meminfo, else total physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def cpu_token_budget(shape: KVShape, max_total_tokens: Optional[int]) -> int:
+    if max_total_tokens:
+        return max_total_tokens
+    by_ram = available_ram_bytes() // 4 // shape.bytes_per_token
+    return int(min(by_ram, MAX_DEFAULT_CPU_TOKENS))
+
+
+def gpu_token_budget(shape: KVShape, mem_fraction_static: float, device: torch.device) -> int:
+    """Tokens that fit in mem_fraction_static of the card, minus what is
+    already used (the weights, loaded before the pool)."""
+    free, total = torch.cuda.mem_get_info(device)
+    used = total - free
+    budget = int(total * mem_fraction_static) - used
+    if budget <= 0:
+        raise RuntimeError(
+            f"--mem-fraction-static {mem_fraction_static} leaves no room for the KV cache: "
+            f"{used / 2**30:.1f} GiB of {total / 2**30:.1f} GiB is already in use")
+    return budget // shape.bytes_per_token
+
+
+class KVPool:
+    """Allocates the caches once; pages are handed out by the scheduler."""
+
+    def __init__(self, shape: KVShape, num_pages: int, page_size: int, device: torch.device):
+        if num_pages < 1:
+            raise ValueError("the KV pool needs at least one page")
+        self.shape, self.num_pages, self.page_size = shape, num_pages, page_size
+        dims = (num_pages, page_size, shape.num_kv_heads, shape.head_dim)
+        self.caches: List[Tuple[torch.Tensor, torch.Tensor]] = [
+            (torch.zeros(dims, dtype=shape.dtype, device=device),
+             torch.zeros(dims, dtype=shape.dtype, device=device))
+            for _ in range(shape.num_layers)]
+        logger.info("KV cache: %d pages x %d tokens, %.2f GiB", num_pages, page_size,
+                    num_pages * page_size * shape.bytes_per_token / 2**30)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_pages * self.page_size
+
+
+def pool_num_pages(shape: KVShape, page_size: int, device: torch.device,
+                   max_total_tokens: Optional[int], mem_fraction_static: float) -> int:
+    if device.type == "cuda" and not max_total_tokens:
+        tokens = gpu_token_budget(shape, mem_fraction_static, device)
+    else:
+        tokens = cpu_token_budget(shape, max_total_tokens)
+    return max(1, tokens // page_size)

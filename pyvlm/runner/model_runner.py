@@ -1,0 +1,102 @@
+"""The model runner: turns the scheduler's ForwardBatch (plain lists) into
+tensors, runs the model over the paged KV pool, and samples.
+
+Implements pyvlm.engine.types.ModelRunner.
+"""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from pyvlm import ops
+from pyvlm.engine.types import ForwardBatch, SampleResult, SequenceChunk
+from pyvlm.layers.attention import AttentionMetadata
+from pyvlm.runner import sampler
+from pyvlm.runner.encoder_cache import VisionBatcher
+from pyvlm.runner.kv_pool import KVPool
+
+
+class ModelRunner:
+    """Runs one step of a model over the KV pool (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
+                 vision: Optional[VisionBatcher] = None):
+        self.model, self.pool, self.device, self.vision = model, pool, device, vision
+        self.page_size, self.num_pages = pool.page_size, pool.num_pages
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
+        chunks = batch.chunks
+        if not chunks:
+            return []
+        input_ids, positions = self._token_tensors(chunks)
+        attn = AttentionMetadata.build(
+            [(c.start_pos, c.num_new_tokens, c.page_table) for c in chunks],
+            self.page_size, batch.is_decode, self.device)
+        embeds = self._input_embeddings(input_ids, chunks)
+        hidden = self.model.forward(input_ids, positions, attn, self.pool.caches, embeds)
+        return self._sample(hidden, chunks)
+
+    def free_encoder_cache(self) -> None:
+        if self.vision is not None:
+            self.vision.cache.clear()
+
+    def _token_tensors(self, chunks: Sequence[SequenceChunk]) -> Tuple[torch.Tensor, torch.Tensor]:
+        ids: List[int] = []
+        positions: List[int] = []
+        for c in chunks:
+            ids.extend(c.token_ids)
+            positions.extend(range(c.start_pos, c.start_pos + c.num_new_tokens))
+        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=self.device)  # noqa: E731
+        return as_tensor(ids), as_tensor(positions)
+
+    def _input_embeddings(self, input_ids: torch.Tensor,
+                          chunks: Sequence[SequenceChunk]) -> Optional[torch.Tensor]:
+        """Token embeddings with image rows merged in, or None (text only)."""
+        items = [item for c in chunks for item in c.mm_items]
+        if not items:
+            return None
+        if self.vision is None:
+            raise ValueError("this model takes no images")
+        by_hash = self.vision.embed(items)
+        rows, targets = _image_rows(chunks, by_hash)
+        embeds = self.model.embed_tokens(input_ids)
+        if rows:
+            ops.merge_multimodal_embeddings(
+                embeds, torch.cat(rows).to(embeds.dtype),
+                torch.tensor(targets, dtype=torch.int64, device=self.device))
+        return embeds
+
+    def _sample(self, hidden: torch.Tensor, chunks: Sequence[SequenceChunk]):
+        last_rows, sampled = [], []
+        end = 0
+        for i, c in enumerate(chunks):
+            end += c.num_new_tokens
+            if c.sample:
+                last_rows.append(end - 1)
+                sampled.append(i)
+        results: List[Optional[SampleResult]] = [None] * len(chunks)
+        if not sampled:
+            return results
+        rows = torch.tensor(last_rows, dtype=torch.int64, device=hidden.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
+        drawn = sampler.sample(logits, [chunks[i] for i in sampled])
+        for i, result in zip(sampled, drawn):
+            results[i] = result
+        return results
+
+
+def _image_rows(chunks: Sequence[SequenceChunk], by_hash):
+    """The embedding rows of each image span that overlaps a chunk's new
+    tokens (a span may be split across chunks) and their flat positions."""
+    rows, targets = [], []
+    base = 0
+    for c in chunks:
+        start, end = c.start_pos, c.start_pos + c.num_new_tokens
+        for item in c.mm_items:
+            lo, hi = max(start, item.offset), min(end, item.offset + item.length)
+            if lo < hi:
+                rows.append(by_hash[item.hash][lo - item.offset:hi - item.offset])
+                targets.extend(range(base + lo - start, base + hi - start))
+        base += c.num_new_tokens
+    return rows, targets

@@ -1,0 +1,93 @@
+"""Turns a batch's last-token logits into SampleResults with the extension's
+penalty and sampling kernels (seeded per request: the token drawn at output
+step n depends only on the seed, n and the logits)."""
+
+from collections import Counter
+from typing import List, Sequence
+
+import torch
+
+from pyvlm import ops
+from pyvlm.engine.types import SampleResult, SequenceChunk
+
+
+def _needs_penalties(chunk: SequenceChunk) -> bool:
+    s = chunk.sampling
+    return (s.presence_penalty != 0.0 or s.frequency_penalty != 0.0
+            or s.repetition_penalty != 1.0 or bool(s.logit_bias))
+
+
+def _penalty_rows(chunks: Sequence[SequenceChunk]):
+    """CSR rows of (distinct token ids, output counts) per chunk."""
+    ids, counts, offsets = [], [], [0]
+    for chunk in chunks:
+        out_counts = Counter(chunk.output_ids)
+        row = dict.fromkeys(list(chunk.prompt_ids) + list(chunk.output_ids))
+        ids.extend(row)
+        counts.extend(out_counts.get(t, 0) for t in row)
+        offsets.append(len(ids))
+    return ids, counts, offsets
+
+
+def _bias_rows(chunks: Sequence[SequenceChunk]):
+    ids, values, offsets = [], [], [0]
+    for chunk in chunks:
+        bias = dict(chunk.sampling.logit_bias)
+        ids.extend(bias)
+        values.extend(bias.values())
+        offsets.append(len(ids))
+    return ids, values, offsets
+
+
+def apply_penalties(logits: torch.Tensor, chunks: Sequence[SequenceChunk]) -> None:
+    """Repetition/presence/frequency penalties and logit bias, in place."""
+    if not any(_needs_penalties(c) for c in chunks):
+        return
+    dev = logits.device
+    ids, counts, offsets = _penalty_rows(chunks)
+    bias_ids, bias_values, bias_offsets = _bias_rows(chunks)
+
+    def f32(values):
+        return torch.tensor(values, dtype=torch.float32, device=dev)
+
+    ops.apply_penalties(
+        logits,
+        torch.tensor(ids, dtype=torch.int64, device=dev),
+        torch.tensor(counts, dtype=torch.int32, device=dev),
+        torch.tensor(offsets, dtype=torch.int32, device=dev),
+        f32([c.sampling.presence_penalty for c in chunks]),
+        f32([c.sampling.frequency_penalty for c in chunks]),
+        f32([c.sampling.repetition_penalty for c in chunks]),
+        torch.tensor(bias_ids, dtype=torch.int64, device=dev),
+        f32(bias_values),
+        torch.tensor(bias_offsets, dtype=torch.int32, device=dev),
+    )
+
+
+def sample(logits: torch.Tensor, chunks: Sequence[SequenceChunk]) -> List[SampleResult]:
+    """One SampleResult per row of logits [len(chunks), vocab] (float32)."""
+    apply_penalties(logits, chunks)
+    dev = logits.device
+    num_top = max((c.sampling.top_logprobs for c in chunks), default=0)
+    temperatures = [0.0 if c.sampling.is_greedy else c.sampling.temperature for c in chunks]
+    tokens, logprobs, top_ids, top_lps = ops.sample(
+        logits,
+        torch.tensor(temperatures, dtype=torch.float32, device=dev),
+        torch.tensor([max(c.sampling.top_k, 0) for c in chunks], dtype=torch.int32, device=dev),
+        torch.tensor([c.sampling.top_p for c in chunks], dtype=torch.float32, device=dev),
+        torch.tensor([c.sampling.min_p for c in chunks], dtype=torch.float32, device=dev),
+        torch.tensor([c.seed for c in chunks], dtype=torch.int64, device=dev),
+        torch.tensor([c.step for c in chunks], dtype=torch.int64, device=dev),
+        num_top=num_top,
+    )
+    return _to_results(chunks, tokens.tolist(), logprobs.tolist(), top_ids.tolist(),
+                       top_lps.tolist())
+
+
+def _to_results(chunks, tokens, logprobs, top_ids, top_lps) -> List[SampleResult]:
+    results = []
+    for i, chunk in enumerate(chunks):
+        n = chunk.sampling.top_logprobs
+        top = tuple(zip(top_ids[i][:n], top_lps[i][:n]))
+        results.append(SampleResult(tokens[i], logprobs[i], top))
+    return results
