@@ -1,0 +1,52 @@
+"""Encoder cache (LRU by image hash) and step-wise vision batching."""
+
+import pytest
+import torch
+
+from pyvlm.engine.types import MultimodalItem
+from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
+
+
+def _item(h: int, length: int = 3) -> MultimodalItem:
+    return MultimodalItem(hash=h, offset=0, length=length)
+
+
+class RecordingEncoder:
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, items):
+        self.calls.append([it.hash for it in items])
+        return [torch.full((it.length, 4), float(it.hash)) for it in items]
+
+
+def test_misses_of_one_step_are_encoded_in_one_call_and_hits_skip_the_tower():
+    encoder = RecordingEncoder()
+    batcher = VisionBatcher(encoder, EncoderCache(8))
+    first = batcher.embed([_item(1), _item(2), _item(1)])
+    assert encoder.calls == [[1, 2]]  # the repeated image is encoded once
+    assert torch.equal(first[2], torch.full((3, 4), 2.0))
+    batcher.embed([_item(2), _item(3)])
+    assert encoder.calls == [[1, 2], [3]]
+    assert batcher.cache.num_hits == 1
+
+
+def test_lru_eviction_keeps_the_recently_used():
+    cache = EncoderCache(2)
+    cache.put(1, torch.zeros(1))
+    cache.put(2, torch.zeros(1))
+    assert cache.get(1) is not None  # 1 becomes most recent
+    cache.put(3, torch.zeros(1))
+    assert cache.get(2) is None and cache.get(1) is not None and cache.get(3) is not None
+
+
+def test_zero_size_cache_stores_nothing():
+    cache = EncoderCache(0)
+    cache.put(1, torch.zeros(1))
+    assert len(cache) == 0
+
+
+def test_row_count_mismatch_is_an_error():
+    batcher = VisionBatcher(lambda items: [torch.zeros(2, 4) for _ in items], EncoderCache(4))
+    with pytest.raises(RuntimeError, match="2 rows for a span of 3"):
+        batcher.embed([_item(1, 3)])
