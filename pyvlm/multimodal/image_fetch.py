@@ -124,6 +124,9 @@ def fetch_url(url: str, limits: ImageLimits) -> bytes:
             _check_content_length(response.headers.get("Content-Length"), limits.max_bytes)
             return _read_body(response, limits.max_bytes, deadline)
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:  # urllib's refusal: too many hops, a loop, or a bad scheme
+            raise ImageError(f"image URL redirect refused (at most {limits.max_redirects} "
+                             f"http(s) redirects): {exc.reason}") from None
         raise ImageError(f"fetching image URL failed: HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
@@ -136,13 +139,14 @@ def _check_content_length(value, max_bytes: int) -> None:
 
 
 def _read_body(response, max_bytes: int, deadline: float) -> bytes:
-    """Reads in chunks; each read is bounded by the socket timeout and the
-    whole body by the deadline, so a slow drip cannot hold the request."""
+    """Reads what has arrived (read1, never waiting for a full chunk); each
+    read is bounded by the socket timeout and the body by the deadline, so a
+    slow drip cannot hold the request past deadline + one socket timeout."""
     chunks, num_bytes = [], 0
     while True:
         if time.monotonic() > deadline:
             raise ImageError("fetching image URL timed out")
-        chunk = response.read(_CHUNK_BYTES)
+        chunk = response.read1(_CHUNK_BYTES)
         if not chunk:
             return b"".join(chunks)
         num_bytes += len(chunk)
