@@ -1,0 +1,72 @@
+"""Pixel tiles of LLaVA-OneVision images, built on the device with one
+preprocess_images call per normalisation (normally one for a whole batch).
+
+The plans (pyvlm.multimodal.llava_onevision) say which resized window each
+tile is; preprocess_images resizes each (image, size) pair once, so the
+anyres tiles of an image share one resize.
+"""
+
+from typing import List, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pyvlm.multimodal.llava_onevision import ImagePlan, SquareCanvas
+from pyvlm.ops.preprocess import preprocess_images
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """uint8 [h, w, 3] view of an RGB PIL image's pixels."""
+    if image.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {image.mode}")
+    return torch.from_numpy(np.asarray(image).copy())
+
+
+def paste_on_canvas(pixels: torch.Tensor, canvas: SquareCanvas) -> torch.Tensor:
+    """transformers' pad_to_square: the image centered on a fill-colored square."""
+    out = torch.empty(canvas.side, canvas.side, 3, dtype=torch.uint8, device=pixels.device)
+    out[:] = torch.tensor(canvas.fill, dtype=torch.uint8, device=pixels.device)
+    height, width = pixels.shape[:2]
+    out[canvas.top:canvas.top + height, canvas.left:canvas.left + width] = pixels
+    return out
+
+
+def _source_pixels(image: Image.Image, plan: ImagePlan) -> torch.Tensor:
+    if (image.height, image.width) != tuple(plan.image_size):
+        raise ValueError(f"image is {image.height}x{image.width} but its plan is for "
+                         f"{plan.image_size}")
+    pixels = image_to_tensor(image)
+    return pixels if plan.canvas is None else paste_on_canvas(pixels, plan.canvas)
+
+
+def llava_onevision_pixel_values(images: Sequence[Image.Image], plans: Sequence[ImagePlan],
+                                 device, dtype: torch.dtype = torch.float32
+                                 ) -> List[torch.Tensor]:
+    """Per image, its [num_tiles, 3, S, S] tiles (base tile first), equal to
+    LlavaOnevisionImageProcessorPil's pixel_values without batch padding."""
+    if len(images) != len(plans):
+        raise ValueError(f"{len(images)} images but {len(plans)} plans")
+    sources = [_source_pixels(image, plan) for image, plan in zip(images, plans)]
+    outputs: List[torch.Tensor] = [None] * len(plans)
+    for norm in dict.fromkeys(plan.normalization for plan in plans):
+        indices = [i for i, plan in enumerate(plans) if plan.normalization == norm]
+        tiles = _preprocess_group([sources[i] for i in indices], [plans[i] for i in indices],
+                                  device, dtype)
+        for i, tile_group in zip(indices, tiles):
+            outputs[i] = tile_group
+    return outputs
+
+
+def _preprocess_group(sources, plans, device, dtype) -> List[torch.Tensor]:
+    """One op call for images sharing a normalisation; split per image."""
+    source_index = [i for i, plan in enumerate(plans) for _ in plan.tiles]
+    tiles = [tile for plan in plans for tile in plan.tiles]
+    norm, side = plans[0].normalization, plans[0].tile_size
+    if any(plan.tile_size != side for plan in plans):
+        raise ValueError("plans of one batch must share the tile size")
+    out = preprocess_images(sources, [t.resize_hw for t in tiles], [t.crop_tl for t in tiles],
+                            (side, side), source_index=source_index, resample=norm.resample,
+                            rescale_factor=norm.rescale_factor, mean=norm.mean, std=norm.std,
+                            fill=(0, 0, 0), dtype=dtype, device=device)
+    return list(out.split([plan.num_tiles for plan in plans]))
