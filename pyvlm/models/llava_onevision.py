@@ -119,9 +119,17 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         num_tiles = [self.num_tiles_used(tuple(size), num == 1)
                      for size, num in zip(image_sizes, batch_num_images)]
         tiles = torch.cat([self._tiles(pix, n) for pix, n in zip(pixel_values, num_tiles)])
-        features = self.multi_modal_projector(self.vision_tower(tiles))
+        features = self.multi_modal_projector(self.selected_features(tiles))
         return [self.pack_image_features(per_image, tuple(size))
                 for per_image, size in zip(features.split(num_tiles), image_sizes)]
+
+    def selected_features(self, tiles: torch.Tensor) -> torch.Tensor:
+        """Tower features per tile; the "default" strategy drops the first
+        (CLS position) token, as transformers does even for SigLIP."""
+        features = self.vision_tower(tiles)
+        if self.config.vision_feature_select_strategy == "default":
+            return features[:, 1:]
+        return features
 
     def num_tiles_used(self, image_size: Tuple[int, int], is_single_image: bool) -> int:
         """Tiles the model reads: anyres grid + base, or the base tile alone."""
@@ -153,6 +161,8 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         """The grid tiles' features as one unpadded, downsampled [hidden, h, w] map."""
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
+        if grid_features.shape[1] != side * side:
+            raise ValueError("The number of patches is not consistent with the image size.")
         rows, cols = anyres_grid_shape(image_size, self.config.image_grid_pinpoints,
                                        vision.image_size)
         fmap = grid_features.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
