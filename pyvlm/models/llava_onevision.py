@@ -116,6 +116,8 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         if not len(pixel_values) == len(image_sizes) == len(batch_num_images):
             raise ValueError("pixel_values, image_sizes and batch_num_images need one entry "
                              "per image")
+        if not pixel_values:
+            return []
         num_tiles = [self.num_tiles_used(tuple(size), num == 1)
                      for size, num in zip(image_sizes, batch_num_images)]
         tiles = torch.cat([self._tiles(pix, n) for pix, n in zip(pixel_values, num_tiles)])

@@ -135,6 +135,7 @@ def test_embed_images_rejects_mismatched_lists(models):
         model.embed_images([torch.zeros(2, 3, 32, 32)], [(20, 30)], [1, 1])
     with pytest.raises(ValueError, match="tiles"):
         model.embed_images([torch.zeros(1, 3, 32, 32)], [(150, 90)], [1])
+    assert model.embed_images([], [], []) == []
 
 
 def test_contract_attributes(models):
