@@ -1,0 +1,111 @@
+"""Attention over the paged KV cache, and the per-step metadata it needs.
+
+The model runner builds one `AttentionMetadata` per forward from plain
+lists; every layer's `PagedAttention` writes the new tokens' K/V into its
+cache pages and attends over the cached context (prefill/extend/chunked
+prefill, or one decode token per sequence).
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from pyvlm import ops
+
+# (start_pos, num_new_tokens, page_table) of one sequence in the step.
+ChunkSpan = Tuple[int, int, Sequence[int]]
+
+
+def slots_of(start_pos: int, num_new_tokens: int, page_table: Sequence[int],
+             page_size: int) -> List[int]:
+    """KV cache slots of positions start_pos .. start_pos + num_new_tokens - 1."""
+    positions = range(start_pos, start_pos + num_new_tokens)
+    return [page_table[pos // page_size] * page_size + pos % page_size for pos in positions]
+
+
+def padded_block_tables(page_tables: List[Sequence[int]]) -> List[List[int]]:
+    """Page tables padded with page 0 to a rectangle (padding is never read)."""
+    max_pages = max([len(table) for table in page_tables] + [1])
+    return [list(table) + [0] * (max_pages - len(table)) for table in page_tables]
+
+
+def cumulative(lengths: Sequence[int]) -> List[int]:
+    """[0, l0, l0 + l1, ...]: the packed start offset of each sequence."""
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    return offsets
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the step's tokens go in the cache and what each one attends to.
+
+    slot_mapping: int64 [num_tokens]; block_tables: int32 [num_seqs,
+    max_pages]. Decode: seq_lens int32 [num_seqs], each context length
+    including the new token. Prefill: cu_seqlens_q int32 [num_seqs + 1],
+    prefix_lens int32 [num_seqs] (tokens already cached), max_seqlen_q.
+    """
+
+    is_decode: bool
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: Optional[torch.Tensor] = None
+    cu_seqlens_q: Optional[torch.Tensor] = None
+    prefix_lens: Optional[torch.Tensor] = None
+    max_seqlen_q: int = 0
+
+    @classmethod
+    def build(cls, chunks: List[ChunkSpan], page_size: int, is_decode: bool,
+              device=None) -> "AttentionMetadata":
+        """Builds the tensors of a step from each sequence's (start_pos,
+        num_new_tokens, page_table); decode steps take one token each."""
+        if is_decode and any(num_new != 1 for _, num_new, _ in chunks):
+            raise ValueError("a decode step runs exactly one new token per sequence")
+        slots = [slot for start, num_new, table in chunks
+                 for slot in slots_of(start, num_new, table, page_size)]
+
+        def as_tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        common = dict(is_decode=is_decode, slot_mapping=as_tensor(slots, torch.int64),
+                      block_tables=as_tensor(padded_block_tables([c[2] for c in chunks]),
+                                             torch.int32))
+        if is_decode:
+            return cls(**common, seq_lens=as_tensor([start + 1 for start, _, _ in chunks],
+                                                    torch.int32))
+        num_new_tokens = [num_new for _, num_new, _ in chunks]
+        return cls(**common, cu_seqlens_q=as_tensor(cumulative(num_new_tokens), torch.int32),
+                   prefix_lens=as_tensor([start for start, _, _ in chunks], torch.int32),
+                   max_seqlen_q=max(num_new_tokens + [0]))
+
+
+class PagedAttention(nn.Module):
+    """Causal attention of the step's tokens over one layer's paged KV cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim, self.scale = head_dim, scale
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: Tuple[torch.Tensor, torch.Tensor],
+                attn: AttentionMetadata) -> torch.Tensor:
+        """query [T, num_heads * head_dim], key/value [T, num_kv_heads * head_dim]
+        (views of a fused projection are fine); returns [T, num_heads * head_dim]."""
+        num_tokens = query.shape[0]
+        query = query.reshape(num_tokens, self.num_heads, self.head_dim).contiguous()
+        key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
+        value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        ops.reshape_and_cache(key, value, key_cache, value_cache, attn.slot_mapping)
+        if attn.is_decode:
+            out = ops.paged_attention_decode(query, key_cache, value_cache, attn.block_tables,
+                                             attn.seq_lens, self.scale)
+        else:
+            out = ops.paged_attention_prefill(query, key_cache, value_cache, attn.block_tables,
+                                              attn.cu_seqlens_q, attn.prefix_lens,
+                                              attn.max_seqlen_q, self.scale)
+        return out.view(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,87 @@
+"""Rotary position embeddings of Llama/Qwen2, with HF's rope_parameters.
+
+Supported rope types: default, linear and llama3 (the ones whose cos/sin do
+not depend on the sequence length); others raise with the type's name.
+"""
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from pyvlm import ops
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters_of(config) -> Dict[str, Any]:
+    """The text config's rope parameters as one dict (transformers 5's
+    rope_parameters, or the older rope_theta + rope_scaling fields)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if "rope_theta" not in params:
+        params["rope_theta"] = getattr(config, "rope_theta", 10000.0)
+    scaling = getattr(config, "rope_scaling", None) or {}
+    params.update({k: v for k, v in scaling.items() if k not in params})
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+    """1 / base^(2i / dim) in float32, computed as transformers does."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float) / rotary_dim
+    return 1.0 / (base ** exponents)
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, params: Dict[str, Any]) -> torch.Tensor:
+    """Llama 3.1 frequency scaling (transformers' _compute_llama3_parameters)."""
+    factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+    old_context_len = params["original_max_position_embeddings"]
+    low_freq_wavelen, high_freq_wavelen = old_context_len / low, old_context_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def inv_freq_for(rotary_dim: int, params: Dict[str, Any]) -> torch.Tensor:
+    """The inverse frequencies of a rope parameter dict."""
+    rope_type = params["rope_type"]
+    inv_freq = default_inv_freq(rotary_dim, params["rope_theta"])
+    if rope_type == "default":
+        return inv_freq
+    if rope_type == "linear":
+        return inv_freq / params["factor"]
+    if rope_type == "llama3":
+        return llama3_inv_freq(inv_freq, params)
+    raise NotImplementedError(f"rope type {rope_type!r} is not supported "
+                              f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+
+
+def cos_sin_cache(inv_freq: torch.Tensor, max_position: int) -> torch.Tensor:
+    """[max_position, rotary_dim] table: cos in the first half, sin in the second."""
+    freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates query and key in place by their positions (neox layout, as
+    HF's rotate_half). The cos/sin table is a non-persistent float32 buffer."""
+
+    def __init__(self, head_dim: int, max_position: int, params: Dict[str, Any],
+                 rotary_dim: Optional[int] = None):
+        super().__init__()
+        self.head_dim = head_dim
+        inv_freq = inv_freq_for(rotary_dim or head_dim, params)
+        self.register_buffer("cos_sin_cache", cos_sin_cache(inv_freq, max_position),
+                             persistent=False)
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+        """positions int64 [T]; query/key [T, heads * head_dim] (strided views ok)."""
+        if self.cos_sin_cache.dtype != query.dtype:
+            # The kernels take the table in the activations' dtype; transformers
+            # also rounds cos/sin to the model dtype before rotating.
+            self.cos_sin_cache = self.cos_sin_cache.to(query.dtype)
+        return ops.rotary_embedding(positions, query, key, self.head_dim, self.cos_sin_cache)

@@ -1,0 +1,120 @@
+"""The Llama decoder on the paged KV cache (also Qwen2: see qwen2.py).
+
+Module names mirror transformers' LlamaModel (embed_tokens, layers.N.
+self_attn / mlp / input_layernorm / post_attention_layernorm, norm) so that
+checkpoint names map one to one; q/k/v and gate/up are fused.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from pyvlm.layers.attention import AttentionMetadata, PagedAttention
+from pyvlm.layers.linear import qkv_linear
+from pyvlm.layers.mlp import GatedMLP
+from pyvlm.layers.norm import RMSNorm
+from pyvlm.layers.rotary import RotaryEmbedding, rope_parameters_of
+
+KVCache = Tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    """The sizes and biases of a Llama-family decoder, read from its HF config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position: int
+    qkv_bias: bool
+    o_bias: bool
+    mlp_bias: bool
+
+    @classmethod
+    def from_config(cls, config, qkv_bias: Optional[bool] = None) -> "DecoderShape":
+        """qkv_bias overrides the config (Qwen2 always has q/k/v biases)."""
+        attention_bias = bool(getattr(config, "attention_bias", False))
+        num_heads = config.num_attention_heads
+        return cls(
+            vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+            intermediate_size=config.intermediate_size, num_layers=config.num_hidden_layers,
+            num_heads=num_heads, num_kv_heads=getattr(config, "num_key_value_heads", None) or num_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // num_heads,
+            rms_norm_eps=config.rms_norm_eps, max_position=config.max_position_embeddings,
+            qkv_bias=attention_bias if qkv_bias is None else qkv_bias, o_bias=attention_bias,
+            mlp_bias=bool(getattr(config, "mlp_bias", False)))
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, shape: DecoderShape, rotary: RotaryEmbedding):
+        super().__init__()
+        self.q_size = shape.num_heads * shape.head_dim
+        self.kv_size = shape.num_kv_heads * shape.head_dim
+        self.qkv_proj = qkv_linear(shape.hidden_size, shape.num_heads, shape.num_kv_heads,
+                                   shape.head_dim, shape.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, shape.hidden_size, bias=shape.o_bias)
+        self.rotary = [rotary]  # shared by all layers; a list keeps it out of the module tree
+        self.attn = PagedAttention(shape.num_heads, shape.num_kv_heads, shape.head_dim,
+                                   scale=shape.head_dim ** -0.5)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
+                attn: AttentionMetadata) -> torch.Tensor:
+        query, key, value = self.qkv_proj(hidden).split(
+            [self.q_size, self.kv_size, self.kv_size], dim=-1)
+        self.rotary[0](positions, query, key)
+        return self.o_proj(self.attn(query, key, value, kv_cache, attn))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, shape: DecoderShape, rotary: RotaryEmbedding):
+        super().__init__()
+        self.input_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.self_attn = LlamaAttention(shape, rotary)
+        self.post_attention_layernorm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+        self.mlp = GatedMLP(shape.hidden_size, shape.intermediate_size, shape.mlp_bias)
+
+    def forward(self, positions, hidden, residual, kv_cache, attn):
+        """Returns (this layer's MLP output, the residual stream before it)."""
+        if residual is None:
+            # clone: the fused norms update the residual in place, and the
+            # first residual is the caller's embeddings.
+            residual = hidden.clone()
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    """Token embeddings, decoder layers and the final norm (no lm_head)."""
+
+    def __init__(self, config, qkv_bias: Optional[bool] = None):
+        super().__init__()
+        shape = DecoderShape.from_config(config, qkv_bias)
+        self.shape = shape
+        self.rotary_emb = RotaryEmbedding(shape.head_dim, shape.max_position,
+                                          rope_parameters_of(config))
+        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(shape, self.rotary_emb)
+                                    for _ in range(shape.num_layers))
+        self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn: AttentionMetadata, kv_caches: List[KVCache],
+                inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Final-norm hidden states [T, hidden] of the step's packed tokens."""
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden

@@ -1,0 +1,74 @@
+"""AttentionMetadata.build and PagedAttention against a plain causal
+attention over the whole sequences (float64 torch reference)."""
+
+import random
+
+import pytest
+import torch
+
+from pyvlm.layers.attention import AttentionMetadata, PagedAttention
+
+
+def test_build_prefill_metadata():
+    chunks = [(0, 3, [5, 2]), (4, 2, [1, 7, 3])]
+    attn = AttentionMetadata.build(chunks, page_size=2, is_decode=False)
+    # token i lives in page_table[i // 2] * 2 + i % 2
+    assert attn.slot_mapping.tolist() == [10, 11, 4, 6, 7]
+    assert attn.slot_mapping.dtype == torch.int64
+    assert attn.block_tables.tolist() == [[5, 2, 0], [1, 7, 3]]
+    assert attn.block_tables.dtype == torch.int32
+    assert attn.cu_seqlens_q.tolist() == [0, 3, 5] and attn.prefix_lens.tolist() == [0, 4]
+    assert attn.max_seqlen_q == 3 and attn.seq_lens is None and not attn.is_decode
+
+
+def test_build_decode_metadata():
+    attn = AttentionMetadata.build([(4, 1, [3, 9, 8]), (0, 1, [6])], page_size=4,
+                                   is_decode=True)
+    assert attn.slot_mapping.tolist() == [36, 24]
+    assert attn.seq_lens.tolist() == [5, 1] and attn.seq_lens.dtype == torch.int32
+    assert attn.is_decode and attn.cu_seqlens_q is None
+
+
+def test_decode_rejects_more_than_one_token():
+    with pytest.raises(ValueError, match="one new token"):
+        AttentionMetadata.build([(3, 2, [0])], page_size=4, is_decode=True)
+
+
+def reference_attention(q, k, v, num_kv_heads):
+    """Causal softmax attention of one whole sequence in float64 (GQA)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    group = q.shape[1] // num_kv_heads
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) / q.shape[-1] ** 0.5
+    mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril()
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).float()
+
+
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_chunks_then_decode_match_whole_sequence_attention(page_size):
+    num_heads, num_kv_heads, head_dim = 4, 2, 8
+    layer = PagedAttention(num_heads, num_kv_heads, head_dim, scale=head_dim ** -0.5)
+    lengths, num_pages = [11, 6], 64
+    q, k, v = ([torch.randn(n, h, head_dim) for n in lengths]
+               for h in (num_heads, num_kv_heads, num_kv_heads))
+    shape = (num_pages, page_size, num_kv_heads, head_dim)
+    cache = (torch.full(shape, float("nan")), torch.full(shape, float("nan")))
+    free = random.sample(range(num_pages), num_pages)
+    tables = [[free.pop() for _ in range(-(-n // page_size))] for n in lengths]
+    # step 1: seq 0 tokens [0, 4), seq 1 tokens [0, 5); step 2: seq 0 [4, 10);
+    # then one decode step for both.
+    steps = [([(0, 0, 4), (1, 0, 5)], False), ([(0, 4, 6)], False),
+             ([(0, 10, 1), (1, 5, 1)], True)]
+    outs = [[None] * n for n in lengths]
+    for spans, is_decode in steps:
+        attn = AttentionMetadata.build([(start, n, tables[s]) for s, start, n in spans],
+                                       page_size, is_decode)
+        cat = [torch.cat([t[s][start:start + n] for s, start, n in spans]) for t in (q, k, v)]
+        flat = [t.reshape(t.shape[0], -1) for t in cat]
+        out = layer(*flat, cache, attn).view(-1, num_heads, head_dim)
+        for (s, start, n), rows in zip(spans, out.split([n for _, _, n in spans])):
+            outs[s][start:start + n] = list(rows)
+    for s in range(len(lengths)):
+        ref = reference_attention(q[s], k[s], v[s], num_kv_heads)
+        torch.testing.assert_close(torch.stack(outs[s]), ref, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,29 @@
+import pytest
+
+from pyvlm.models.llava_onevision import LlavaOnevisionForConditionalGeneration
+from pyvlm.models.registry import model_class_for, supported_architectures
+
+
+def test_known_architecture_resolves_to_its_class():
+    assert model_class_for(["LlavaOnevisionForConditionalGeneration"]) is \
+        LlavaOnevisionForConditionalGeneration
+    assert model_class_for(["SomethingElse", "LlavaOnevisionForConditionalGeneration"]) is \
+        LlavaOnevisionForConditionalGeneration
+
+
+@pytest.mark.parametrize("architectures", [["BertModel"], [], None])
+def test_unknown_architecture_lists_the_supported_ones(architectures):
+    with pytest.raises(ValueError) as error:
+        model_class_for(architectures)
+    assert "LlavaOnevisionForConditionalGeneration" in str(error.value)
+    assert supported_architectures() == ["LlavaOnevisionForConditionalGeneration"]
+
+
+def test_registry_imports_models_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, pyvlm.models.registry; "
+            "assert 'pyvlm.models.llava_onevision' not in sys.modules")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
