@@ -154,3 +154,14 @@ def test_stats(rng):
     assert not scheduler.flush_cache()  # busy
     run_until_idle(scheduler, runner)
     assert scheduler.stats()["cache_hit_rate"] == pytest.approx(8 / 24)  # b reused two of its three pages
+
+
+def test_request_outgrowing_the_pool_finishes_with_length(rng):
+    scheduler, runner = make_scheduler(page_size=4, num_pages=5)  # 20 tokens of KV
+    prompt = random_prompt(rng, 10)
+    request = add(scheduler, runner, "big", prompt, max_new_tokens=30)
+    outputs = run_until_idle(scheduler, runner)["big"]
+    assert outputs[-1].finish_reason == "length"
+    assert request.output_ids == reference_generate(prompt, [], 0, 30)[:len(request.output_ids)]
+    assert len(prompt) + len(request.output_ids) == 21  # the 21st token's KV would need a sixth page
+    assert scheduler.kv.cache.num_protected_pages == 0
