@@ -1,0 +1,112 @@
+"""Incremental detokenization with stop strings.
+
+Text is decoded over a sliding window of ids (the surrounding/read offsets of
+vLLM and SGLang): the new text of a token is decode(window + token) minus
+decode(window). Text is held back while it ends in U+FFFD (a UTF-8 character
+split across tokens), and while its tail could still grow into a stop
+string, so nothing a stop string would remove ever reaches the client. The
+concatenation of all emitted text equals tokenizer.decode(ids), truncated
+at the first stop string.
+"""
+
+from typing import Callable, List, Optional, Sequence
+
+from pyvlm.engine.types import Tokenizer
+
+REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns one request's generated ids into text deltas."""
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
+                 stop: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.stop = tuple(s for s in stop if s)
+        self.ids: List[int] = []
+        self.text = ""  # stable decoded text (cut at a matched stop string)
+        self.matched_stop: Optional[str] = None
+        self._surr_offset = 0
+        self._read_offset = 0
+        self._num_emitted_chars = 0
+
+    def add_token(self, token_id: int) -> Optional[str]:
+        """Decodes one more token; returns the stop string it completed, if any."""
+        if self.matched_stop is not None:
+            return self.matched_stop
+        self.ids.append(token_id)
+        new_text = self._window_delta()
+        if new_text.endswith(REPLACEMENT_CHAR):
+            # Not stable yet, but a stop string may already be complete before the split character.
+            self._cut_at_stop(self.text + new_text.rstrip(REPLACEMENT_CHAR), len(self.text))
+        elif new_text:
+            self._surr_offset, self._read_offset = self._read_offset, len(self.ids)
+            old_len, self.text = len(self.text), self.text + new_text
+            self._cut_at_stop(self.text, old_len)
+        return self.matched_stop
+
+    def take_text(self, finished: bool = False) -> str:
+        """The text not emitted yet that no stop string can still remove; at
+        finish (flush) everything up to the stop string."""
+        if finished and self.matched_stop is None and self._read_offset < len(self.ids):
+            self.text += self._window_delta()
+            self._surr_offset = self._read_offset = len(self.ids)
+        end = len(self.text) if finished else len(self.text) - self._num_held_chars()
+        end = max(end, self._num_emitted_chars)
+        piece = self.text[self._num_emitted_chars:end]
+        self._num_emitted_chars = end
+        return piece
+
+    def _decode(self, ids: List[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _window_delta(self) -> str:
+        prefix = self._decode(self.ids[self._surr_offset:self._read_offset])
+        full = self._decode(self.ids[self._surr_offset:])
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+    def _cut_at_stop(self, text: str, num_checked_chars: int) -> None:
+        """Ends the text at the earliest stop string occurring in it (only
+        occurrences reaching past num_checked_chars are new)."""
+        found = [(position, stop) for stop in self.stop
+                 for position in [text.find(stop, max(0, num_checked_chars - len(stop) + 1))]
+                 if position >= 0]
+        if found:
+            position, self.matched_stop = min(found)
+            self.text = text[:position]
+
+    def _num_held_chars(self) -> int:
+        """Length of the longest tail of text that begins some stop string."""
+        if self.matched_stop is not None:
+            return 0
+        return max((_longest_suffix_prefix(self.text, stop) for stop in self.stop), default=0)
+
+
+def _longest_suffix_prefix(text: str, stop: str) -> int:
+    for length in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:length]):
+            return length
+    return 0
+
+
+class NullDetokenizer:
+    """For engines without a tokenizer: ids only, no text, no stop strings."""
+
+    matched_stop: Optional[str] = None
+
+    def add_token(self, token_id: int) -> Optional[str]:
+        return None
+
+    def take_text(self, finished: bool = False) -> str:
+        return ""
+
+
+def detokenizer_factory(tokenizer: Optional[Tokenizer]) -> Callable[[object], object]:
+    """The Scheduler's detokenizer_factory: request -> its detokenizer."""
+    def make(request) -> object:
+        if tokenizer is None:
+            return NullDetokenizer()
+        sampling = request.sampling
+        return IncrementalDetokenizer(tokenizer, sampling.skip_special_tokens, sampling.stop)
+    return make

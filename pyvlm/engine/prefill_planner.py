@@ -1,0 +1,52 @@
+"""Which waiting requests join a prefill batch, and how many tokens each.
+
+SGLang's PrefillAdder in small pieces: a token budget per batch
+(max_prefill_tokens) and per chunk (chunked_prefill_size), the schedule
+policy's order, and at most one request left mid-chunk.
+"""
+
+from typing import Callable, List, Optional, Sequence
+
+from pyvlm.engine.request import Request
+
+
+class PrefillBudget:
+    """Tokens one prefill batch may still take."""
+
+    def __init__(self, max_prefill_tokens: int, chunked_prefill_size: Optional[int]):
+        self.num_tokens_left = max_prefill_tokens
+        is_chunked = chunked_prefill_size is not None and chunked_prefill_size > 0
+        self.num_chunk_tokens_left = chunked_prefill_size if is_chunked else None
+
+    @property
+    def can_chunk(self) -> bool:
+        return self.num_chunk_tokens_left is not None
+
+    def take(self, num_wanted: int, is_first: bool) -> int:
+        """How many of num_wanted tokens run now: all if they fit; else, with
+        chunking, what is left of the budget; without chunking, all of them
+        only for the batch's first request (a prompt must run somehow)."""
+        num_tokens = self._num_granted(num_wanted, is_first)
+        self.num_tokens_left -= num_tokens
+        if self.can_chunk:
+            self.num_chunk_tokens_left -= num_tokens
+        return num_tokens
+
+    def _num_granted(self, num_wanted: int, is_first: bool) -> int:
+        limit = self.num_tokens_left
+        if self.can_chunk:
+            return max(0, min(num_wanted, limit, self.num_chunk_tokens_left))
+        if num_wanted <= limit or is_first:
+            return num_wanted
+        return 0
+
+
+def order_waiting(waiting: Sequence[Request], policy: str,
+                  num_cached_tokens: Callable[[Request], int]) -> List[Request]:
+    """fcfs keeps the queue order (preempted requests sit at its front);
+    lpm puts the longest cached prefix first, ties in queue order."""
+    if policy == "fcfs":
+        return list(waiting)
+    if policy == "lpm":
+        return sorted(waiting, key=lambda request: -num_cached_tokens(request))
+    raise ValueError(f"unknown schedule_policy {policy!r} (expected 'fcfs' or 'lpm')")

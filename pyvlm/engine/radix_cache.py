@@ -1,0 +1,167 @@
+"""Prefix cache: a radix tree over position keys at page granularity.
+
+Each node below the root holds one full page: its page_size position keys
+and the page id with their KV. Only whole pages are cached, so a page in the
+tree is never written again; a request's partial last page stays its own.
+Nodes on a path locked by a live request (reference counts) are never
+evicted; unlocked leaves are evicted least recently used first.
+"""
+
+import heapq
+import itertools
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+from pyvlm.engine.page_allocator import PageAllocator
+from pyvlm.engine.request import PositionKey
+
+PageKey = Tuple[PositionKey, ...]
+
+
+class RadixNode:
+    __slots__ = ("parent", "key", "page", "children", "lock_ref", "last_access")
+
+    def __init__(self, parent: Optional["RadixNode"], key: PageKey, page: int, now: int):
+        self.parent = parent
+        self.key = key
+        self.page = page
+        self.children: Dict[PageKey, "RadixNode"] = {}
+        self.lock_ref = 0
+        self.last_access = now
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
+
+
+class PrefixMatch(NamedTuple):
+    """The cached pages of a key prefix and the deepest node reached
+    (the root when nothing matched); lock `node` to keep the pages."""
+
+    pages: List[int]
+    num_tokens: int
+    node: RadixNode
+
+
+class RadixCache:
+    """match_prefix / insert / lock / unlock / evict over one page pool.
+
+    enabled False (--disable-radix-cache): nothing matches and nothing is
+    inserted, so every page stays owned by its request.
+    """
+
+    def __init__(self, page_size: int, allocator: PageAllocator, enabled: bool = True):
+        self.page_size = page_size
+        self.allocator = allocator
+        self.enabled = enabled
+        self._clock = itertools.count(1)
+        self.root = RadixNode(None, (), -1, 0)
+        self.num_pages = 0
+        self.num_protected_pages = 0
+
+    @property
+    def num_evictable_pages(self) -> int:
+        return self.num_pages - self.num_protected_pages
+
+    def match_prefix(self, keys: Sequence[PositionKey]) -> PrefixMatch:
+        """The longest cached prefix of keys, in whole pages."""
+        node, pages, now = self.root, [], next(self._clock)
+        if not self.enabled:
+            return PrefixMatch(pages, 0, node)
+        for page_key in self._page_keys(keys):
+            child = node.children.get(page_key)
+            if child is None:
+                break
+            node = child
+            node.last_access = now
+            pages.append(node.page)
+        return PrefixMatch(pages, len(pages) * self.page_size, node)
+
+    def insert(self, keys: Sequence[PositionKey], pages: Sequence[int]) -> PrefixMatch:
+        """Caches the full pages of keys (pages[i] holds page i's KV).
+
+        Pages already cached under the same keys win: the returned match
+        lists the tree's page for every page of the path, and the caller
+        frees each of its own pages that differs (a duplicate).
+        """
+        if not self.enabled:
+            return PrefixMatch([], 0, self.root)
+        node, tree_pages, now = self.root, [], next(self._clock)
+        for page_key, page in zip(self._page_keys(keys), pages):
+            node = node.children.get(page_key) or self._add_child(node, page_key, page)
+            node.last_access = now
+            tree_pages.append(node.page)
+        return PrefixMatch(tree_pages, len(tree_pages) * self.page_size, node)
+
+    def lock(self, node: RadixNode) -> None:
+        """Protects node and its ancestors from eviction."""
+        for path_node in self._path_to_root(node):
+            if path_node.lock_ref == 0:
+                self.num_protected_pages += 1
+            path_node.lock_ref += 1
+
+    def unlock(self, node: RadixNode) -> None:
+        for path_node in self._path_to_root(node):
+            if path_node.lock_ref <= 0:
+                raise RuntimeError("radix cache: unlock of an unlocked node")
+            path_node.lock_ref -= 1
+            if path_node.lock_ref == 0:
+                self.num_protected_pages -= 1
+
+    def evict(self, num_pages: int) -> int:
+        """Frees up to num_pages unlocked pages, least recently used leaves
+        first; returns how many were freed."""
+        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._evictable_leaves()]
+        heapq.heapify(heap)
+        num_freed = 0
+        while heap and num_freed < num_pages:
+            _, _, leaf = heapq.heappop(heap)
+            parent = self._remove_leaf(leaf)
+            num_freed += 1
+            if self._is_evictable_leaf(parent):
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return num_freed
+
+    def reset(self) -> None:
+        """Drops every cached page (flush_cache); only valid with no locks."""
+        if self.num_protected_pages:
+            raise RuntimeError("radix cache: reset while pages are in use")
+        self.allocator.free(node.page for node in self.nodes())
+        self.root = RadixNode(None, (), -1, 0)
+        self.num_pages = 0
+
+    def nodes(self) -> Iterator[RadixNode]:
+        """Every node holding a page (depth first)."""
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            yield node
+
+    def _page_keys(self, keys: Sequence[PositionKey]) -> Iterator[PageKey]:
+        size = self.page_size
+        for start in range(0, len(keys) - size + 1, size):
+            yield tuple(keys[start:start + size])
+
+    def _add_child(self, parent: RadixNode, page_key: PageKey, page: int) -> RadixNode:
+        child = RadixNode(parent, page_key, page, 0)
+        parent.children[page_key] = child
+        self.num_pages += 1
+        return child
+
+    def _remove_leaf(self, leaf: RadixNode) -> RadixNode:
+        parent = leaf.parent
+        del parent.children[leaf.key]
+        self.allocator.free([leaf.page])
+        self.num_pages -= 1
+        return parent
+
+    def _path_to_root(self, node: RadixNode) -> Iterator[RadixNode]:
+        while not node.is_root:
+            yield node
+            node = node.parent
+
+    def _is_evictable_leaf(self, node: RadixNode) -> bool:
+        return not node.is_root and not node.children and node.lock_ref == 0
+
+    def _evictable_leaves(self) -> List[RadixNode]:
+        return [node for node in self.nodes() if self._is_evictable_leaf(node)]

@@ -1,0 +1,119 @@
+"""A generation request as the scheduler tracks it, and what it streams back.
+
+A request's KV lives in the pages of `page_table` (token i in page
+page_table[i // page_size]). The leading `num_shared_pages` of them belong
+to the radix cache (matched at admission or handed over after prefill) and
+are protected by the lock on `cache_node`; the rest are owned by the
+request alone and are freed when it finishes.
+"""
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, FrozenSet, List, Optional, Tuple, Union
+
+from pyvlm.engine.types import MultimodalItem, SamplingParams
+
+ImageKey = Tuple[str, int, int]
+PositionKey = Union[int, ImageKey]
+"""A radix-cache key: the token id, or ("img", content hash, index in span)."""
+
+Logprob = Tuple[int, float, Tuple[Tuple[int, float], ...]]
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request: its prompt, progress, pages and outcome.
+
+    eos_token_ids: the tokenizer's EOS plus the chat template's stop ids;
+    they end generation unless sampling.ignore_eos. num_computed_tokens
+    counts the tokens whose KV is in the cache; num_cached_tokens is the
+    prefix-cache hit of the first admission (reported as usage).
+    """
+
+    rid: str
+    prompt_ids: List[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    mm_items: List[MultimodalItem] = field(default_factory=list)
+    seed: int = 0
+    eos_token_ids: FrozenSet[int] = frozenset()
+    arrival: int = -1
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: List[int] = field(default_factory=list)
+    page_table: List[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    finish_reason: Optional[str] = None
+    matched_stop: Union[int, str, None] = None
+    max_new_tokens: int = 0  # sampling.max_new_tokens clipped to the context (set by the scheduler)
+    # Bookkeeping owned by the scheduler.
+    num_shared_pages: int = 0
+    cache_node: Any = None
+    detokenizer: Any = None
+    num_streamed_tokens: int = 0
+    pending_logprobs: List[Logprob] = field(default_factory=list)
+    num_preemptions: int = 0
+
+    @property
+    def all_ids(self) -> List[int]:
+        """Prompt followed by the generated tokens."""
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens still to run through the model before the next sample."""
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def stop_token_ids(self) -> FrozenSet[int]:
+        """Token ids that end generation with finish_reason "stop"."""
+        extra = frozenset(self.sampling.stop_token_ids)
+        return extra if self.sampling.ignore_eos else extra | self.eos_token_ids
+
+    def position_keys(self, start: int = 0, end: Optional[int] = None) -> List[PositionKey]:
+        """The radix-cache key of each position in [start, end) of all_ids.
+
+        Inside an image span the key names the image's content, so the same
+        image shares cached KV and a different image of the same size (same
+        placeholder ids) does not.
+        """
+        end = self.num_tokens if end is None else end
+        keys: List[PositionKey] = list(self.all_ids[start:end])
+        for item in self.mm_items:
+            for pos in range(max(start, item.offset), min(end, item.offset + item.length)):
+                keys[pos - start] = ("img", item.hash, pos - item.offset)
+        return keys
+
+    def mm_items_overlapping(self, start: int, end: int) -> List[MultimodalItem]:
+        """The images whose placeholder span overlaps positions [start, end)."""
+        return [item for item in self.mm_items
+                if item.offset < end and start < item.offset + item.length]
+
+
+@dataclass
+class RequestOutput:
+    """What one request streams back after a step (a delta, not a total)."""
+
+    rid: str
+    new_token_ids: List[int]
+    new_text: str
+    finished: bool
+    finish_reason: Optional[str]
+    matched_stop: Union[int, str, None]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    new_logprobs: List[Logprob] = field(default_factory=list)

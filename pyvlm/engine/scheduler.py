@@ -1,0 +1,295 @@
+"""The continuous-batching scheduler (SGLang style), free of torch.
+
+Each step is a prefill batch when waiting requests (or the one request
+mid-chunk) fit, otherwise a decode batch of every running request. Prefixes
+are shared through the radix cache; when decode runs out of pages the most
+recently arrived request is preempted and later recomputed (its cached full
+pages make that cheap), so clients never see an error.
+"""
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional, Tuple
+
+from pyvlm.config import CacheConfig, SchedulerConfig
+from pyvlm.engine.detokenizer import detokenizer_factory as default_detokenizer_factory
+from pyvlm.engine.kv_manager import KVManager
+from pyvlm.engine.output_processor import record_sample, take_output
+from pyvlm.engine.prefill_planner import PrefillBudget, order_waiting
+from pyvlm.engine.request import Request, RequestOutput, RequestStatus
+from pyvlm.engine.scheduler_metrics import SchedulerMetrics
+from pyvlm.engine.types import ForwardBatch, ModelRunner, SchedulerStats, SequenceChunk
+
+Planned = Tuple[Request, int]  # a request and how many of its tokens run this step
+
+
+@dataclass
+class PrefillPlan:
+    items: List[Planned] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prefix-cache hits of the newly admitted requests
+    num_new_seqs: int = 0
+
+    @property
+    def has_partial(self) -> bool:
+        """Whether the last request stops mid-prompt (then nothing may follow)."""
+        return bool(self.items) and self.items[-1][1] < self.items[-1][0].num_uncomputed_tokens
+
+
+class Scheduler:
+    """Owns the request queues and page bookkeeping; `step` runs one batch.
+
+    detokenizer_factory(request) makes each request's detokenizer (see
+    pyvlm.engine.detokenizer.detokenizer_factory); None streams ids only.
+    """
+
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int,
+                 context_length: int, detokenizer_factory: Optional[Callable] = None):
+        self.config = sched
+        self.page_size = cache.page_size
+        self.context_length = context_length
+        self.kv = KVManager(num_pages, cache.page_size, not cache.disable_radix_cache)
+        self.make_detokenizer = detokenizer_factory or default_detokenizer_factory(None)
+        self.waiting: Deque[Request] = deque()
+        self.running: List[Request] = []
+        self.chunked: Optional[Request] = None  # the request mid-way through a chunked prefill
+        self.requests: Dict[str, Request] = {}
+        self.metrics = SchedulerMetrics(sched.decode_log_interval)
+        self._arrivals = itertools.count()
+        self._pending_outputs: List[RequestOutput] = []
+
+    # ---- public API -------------------------------------------------------
+
+    def validate(self, request: Request) -> None:
+        """Refuses prompts the context or the KV pool cannot hold and clips
+        max_new_tokens to the context (sets request.max_new_tokens)."""
+        num_prompt_tokens = len(request.prompt_ids)
+        if num_prompt_tokens == 0:
+            raise ValueError("The prompt is empty")
+        if num_prompt_tokens + 1 > self.context_length:
+            raise ValueError(
+                f"The prompt has {num_prompt_tokens} tokens (after image expansion), which "
+                f"exceeds the context length of {self.context_length} tokens")
+        capacity = self.kv.num_total_pages * self.page_size
+        if num_prompt_tokens + 1 > capacity:
+            raise ValueError(
+                f"The prompt has {num_prompt_tokens} tokens (after image expansion), which "
+                f"exceeds the KV cache capacity of {capacity} tokens")
+        request.max_new_tokens = min(request.sampling.max_new_tokens,
+                                     self.context_length - num_prompt_tokens)
+
+    def add_request(self, request: Request) -> None:
+        """Validates and queues a request (ValueError if it cannot run)."""
+        if request.rid in self.requests:
+            raise ValueError(f"request id {request.rid!r} is already in use")
+        self.validate(request)
+        request.arrival = next(self._arrivals)
+        request.status = RequestStatus.WAITING
+        request.detokenizer = self.make_detokenizer(request)
+        self.requests[request.rid] = request
+        self.waiting.append(request)
+
+    def abort(self, rid: str) -> Optional[RequestOutput]:
+        """Ends a request at any stage, freeing all its pages; returns its
+        final output (finish_reason "abort"), or None for an unknown rid."""
+        request = self.requests.get(rid)
+        if request is None:
+            return None
+        self._detach(request)
+        self.kv.release(request)
+        request.finish_reason, request.matched_stop = "abort", None
+        return self._retire(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running or self.chunked or self._pending_outputs)
+
+    def step(self, runner: ModelRunner) -> List[RequestOutput]:
+        """Schedules one batch, runs it and returns the outputs due."""
+        plan = self._schedule_prefill()
+        is_decode = not plan.items
+        items = self._schedule_decode() if is_decode else plan.items
+        outputs, self._pending_outputs = self._pending_outputs, []
+        if not items:
+            return outputs
+        batch = ForwardBatch(is_decode, [self._chunk(request, n) for request, n in items])
+        results = runner.forward(batch)
+        outputs.extend(self._process(items, results, is_decode))
+        self._after_step(plan, is_decode)
+        return outputs
+
+    def flush_cache(self) -> bool:
+        """Empties the prefix cache; only when idle (returns False otherwise).
+        The caller also drops the runner's encoder cache."""
+        if self.has_work():
+            return False
+        self.kv.cache.reset()
+        return True
+
+    def stats(self) -> SchedulerStats:
+        return {
+            "num_running_reqs": len(self.running) + (self.chunked is not None),
+            "num_queued_reqs": len(self.waiting),
+            "token_usage": self._token_usage(),
+            "cache_hit_rate": self.metrics.cache_hit_rate,
+            "num_used_pages": self.kv.num_used_pages,
+            "num_cached_pages": self.kv.cache.num_pages,
+            "num_preemptions": self.metrics.num_preemptions,
+        }
+
+    # ---- prefill ----------------------------------------------------------
+
+    def _schedule_prefill(self) -> PrefillPlan:
+        plan = PrefillPlan()
+        budget = PrefillBudget(self.config.max_prefill_tokens, self.config.chunked_prefill_size)
+        if self.chunked is not None and not self._continue_chunk(self.chunked, budget, plan):
+            return plan
+        for request in order_waiting(self.waiting, self.config.schedule_policy, self._num_matched):
+            if plan.has_partial or not self._has_running_slot(plan) or not self._admit(request, budget, plan):
+                break
+        return plan
+
+    def _continue_chunk(self, request: Request, budget: PrefillBudget, plan: PrefillPlan) -> bool:
+        num_tokens = budget.take(request.num_uncomputed_tokens, is_first=True)
+        if num_tokens == 0 or not self.kv.reserve(request, request.num_computed_tokens + num_tokens):
+            return False
+        plan.items.append((request, num_tokens))
+        return True
+
+    def _admit(self, request: Request, budget: PrefillBudget, plan: PrefillPlan) -> bool:
+        """Matches the prefix cache, takes budget and pages; False to stop."""
+        match = self.kv.match(request)
+        num_tokens = budget.take(request.num_tokens - match.num_tokens, is_first=not plan.items)
+        if num_tokens == 0 or not self.kv.admit(request, match, num_tokens):
+            return False
+        self.waiting.remove(request)
+        request.status = RequestStatus.RUNNING
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = match.num_tokens
+            self.metrics.on_first_admission(len(request.prompt_ids), match.num_tokens)
+        plan.items.append((request, num_tokens))
+        plan.num_cached_tokens += match.num_tokens
+        plan.num_new_seqs += 1
+        if num_tokens < request.num_uncomputed_tokens:
+            self.chunked = request
+        return True
+
+    def _has_running_slot(self, plan: PrefillPlan) -> bool:
+        # A continuing chunked request is already among plan.items.
+        return len(self.running) + len(plan.items) < self.config.max_running_requests
+
+    def _num_matched(self, request: Request) -> int:
+        return self.kv.match(request).num_tokens
+
+    # ---- decode and preemption --------------------------------------------
+
+    def _schedule_decode(self) -> List[Planned]:
+        """Every running request feeds its last token; pages for the new slots
+        come from the free list, then the cache, then preemption."""
+        while self.running:
+            needy = [r for r in self.running if self._needs_page(r)]
+            if self.kv.make_free(len(needy)):
+                for request in needy:
+                    self.kv.reserve(request, request.num_computed_tokens + 1)
+                return [(request, 1) for request in self.running]
+            self._preempt_latest()
+        return []
+
+    def _needs_page(self, request: Request) -> bool:
+        return self.kv.num_pages_for(request.num_computed_tokens + 1) > len(request.page_table)
+
+    def _preempt_latest(self) -> None:
+        candidates = self.running + ([self.chunked] if self.chunked is not None else [])
+        victim = max(candidates, key=lambda request: request.arrival)
+        if len(candidates) > 1 and self.kv.num_pages_for(victim.num_tokens) <= self.kv.num_total_pages:
+            self._preempt(victim)
+            return
+        # Alone and still short, or too long to ever resume: the pool cannot hold it.
+        self._detach(victim)
+        self.kv.cache_computed(victim)
+        self.kv.release(victim)
+        victim.finish_reason = "length"
+        self._pending_outputs.append(self._retire(victim))
+
+    def _preempt(self, request: Request) -> None:
+        """Releases the request's pages (its computed full pages stay cached)
+        and queues it first; it will prefill prompt + output again."""
+        self._detach(request)
+        self.kv.cache_computed(request)
+        self.kv.release(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.metrics.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    # ---- running a batch and its results ----------------------------------
+
+    def _chunk(self, request: Request, num_tokens: int) -> SequenceChunk:
+        start, end = request.num_computed_tokens, request.num_computed_tokens + num_tokens
+        return SequenceChunk(
+            rid=request.rid,
+            token_ids=request.all_ids[start:end],
+            start_pos=start,
+            page_table=list(request.page_table),
+            mm_items=request.mm_items_overlapping(start, end),
+            sample=end == request.num_tokens,
+            sampling=request.sampling,
+            seed=request.seed,
+            step=len(request.output_ids),
+            prompt_ids=request.prompt_ids,
+            output_ids=list(request.output_ids),
+        )
+
+    def _process(self, items: List[Planned], results, is_decode: bool) -> List[RequestOutput]:
+        outputs = []
+        for (request, num_tokens), result in zip(items, results):
+            request.num_computed_tokens += num_tokens
+            if request.num_uncomputed_tokens > 0:
+                continue  # mid-chunk: nothing sampled
+            if not is_decode:
+                self._on_prefill_done(request)
+            output = self._on_sample(request, result)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def _on_prefill_done(self, request: Request) -> None:
+        if self.chunked is request:
+            self.chunked = None
+        self.kv.cache_computed(request)
+        self.running.append(request)
+
+    def _on_sample(self, request: Request, result) -> Optional[RequestOutput]:
+        record_sample(request, result, self.context_length)
+        if request.finish_reason is None:
+            return take_output(request, self.config.stream_interval)
+        self._detach(request)
+        self.kv.cache_computed(request)
+        self.kv.release(request)
+        return self._retire(request)
+
+    def _retire(self, request: Request) -> RequestOutput:
+        request.status = RequestStatus.FINISHED
+        del self.requests[request.rid]
+        return take_output(request, self.config.stream_interval)
+
+    def _detach(self, request: Request) -> None:
+        """Takes the request out of whichever queue holds it."""
+        if self.chunked is request:
+            self.chunked = None
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    def _after_step(self, plan: PrefillPlan, is_decode: bool) -> None:
+        if is_decode:
+            self.metrics.on_decode_step(len(self.running), self.kv.num_used_pages * self.page_size,
+                                        self._token_usage(), len(self.waiting))
+            return
+        num_new_tokens = sum(n for _, n in plan.items)
+        self.metrics.log_prefill(plan.num_new_seqs, num_new_tokens, plan.num_cached_tokens,
+                                 self._token_usage(), len(self.running), len(self.waiting))
+
+    def _token_usage(self) -> float:
+        return self.kv.num_used_pages / max(self.kv.num_total_pages, 1)
