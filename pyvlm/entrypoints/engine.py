@@ -24,11 +24,11 @@ class Engine:
     takes the server's argument names; model None loads the demo model.
     """
 
-    def __init__(self, model: Optional[str] = None, **server_args):
+    def __init__(self, model: Optional[str] = None, loaded_model=None, **server_args):
         from pyvlm.entrypoints.startup import start_engine
 
         self.config: EngineConfig = engine_config(model=model, **server_args)
-        self.state = start_engine(self.config)
+        self.state = start_engine(self.config, loaded_model)
         self.builder, self.loop = self.state.builder, self.state.loop
 
     # -- sync API --------------------------------------------------------

@@ -82,10 +82,11 @@ def image_token_of(model, tokenizer):
     return tokenizer.convert_ids_to_tokens(token_id), token_id
 
 
-def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype):
-    from pyvlm.models.loader import load_model
+def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, model=None):
+    if model is None:
+        from pyvlm.models.loader import load_model
 
-    model = load_model(files, dtype, device)
+        model = load_model(files, dtype, device)
     shape = KVShape(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
     num_pages = pool_num_pages(shape, config.cache.page_size, device,
                                config.cache.max_total_tokens, config.cache.mem_fraction_static)
@@ -97,12 +98,17 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype):
     return model, ModelRunner(model, pool, device, vision)
 
 
-def start_engine(config: EngineConfig) -> EngineState:
+def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
+    """loaded_model: a pyvlm model already on the device (benchmarks build
+    random-weight models in memory); the checkpoint folder still supplies the
+    config, tokenizer and processor settings."""
     files = checkpoint_for(config)
     device = torch.device(resolve_device(config.model.device))
     dtype = resolve_dtype(config.model.dtype, files.config, device.type)
+    if loaded_model is not None:
+        dtype = next(loaded_model.parameters()).dtype
     tokenizer = load_tokenizer(files)
-    model, runner = build_runner(config, files, device, dtype)
+    model, runner = build_runner(config, files, device, dtype, loaded_model)
     context_length = context_length_of(config, files)
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,
                           detokenizer_factory(tokenizer))

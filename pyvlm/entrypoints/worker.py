@@ -72,7 +72,8 @@ class EngineLoop:
         if kind == "add":
             self._add(arg, extra)
         elif kind == "abort":
-            self._deliver(self.scheduler.abort(arg) or [])
+            final = self.scheduler.abort(arg)
+            self._deliver([final] if final is not None else [])
         elif kind == "call":
             self._call(arg, extra)
         elif kind == "stop":

@@ -1,0 +1,129 @@
+"""pyvlm.Engine against transformers on the same tiny checkpoints: greedy
+tokens of 8 concurrent requests (text only, one image, two images) are the
+same as transformers' generate, with and without chunked prefill, when half
+of them hit the prefix cache, and when a tiny KV pool forces preemption."""
+
+import pytest
+import torch
+from PIL import Image
+
+from pyvlm.engine.types import SamplingParams
+from tests.hf_reference import greedy_tokens, image_processor_for
+
+NUM_NEW_TOKENS = 32
+GREEDY = {"max_new_tokens": NUM_NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+WORDS = "the cat sat on a mat while seven quick zebras jumped over lazy dogs near blue hills".split()
+
+
+def random_image(height: int, width: int, gen: torch.Generator) -> Image.Image:
+    pixels = torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+def make_prompts(seed: int):
+    """8 prompts of different lengths: 3 text only, 3 with one image, 2 with two."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def words(n):
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=gen))
+
+    sizes = [(40, 60), (130, 35), (200, 190), (33, 33), (70, 90), (64, 20), (90, 150)]
+    images = [random_image(h, w, gen) for h, w in sizes]
+    return [
+        (words(5), []), (words(23), []), (words(41), []),
+        (f"<image>\n{words(7)}", [images[0]]),
+        (f"{words(3)} <image> {words(12)}", [images[1]]),
+        (f"<image>\n{words(30)}", [images[2]]),
+        (f"{words(4)} <image> and <image> {words(9)}", [images[3], images[4]]),
+        (f"<image><image>{words(17)}", [images[5], images[6]]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_checkpoint_qwen2):
+    return tiny_checkpoint_qwen2
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def engine_for(checkpoint, **server_args):
+    import pyvlm
+
+    args = dict(device="cpu", dtype="float32", page_size=4, max_total_tokens=16384)
+    return pyvlm.Engine(model=str(checkpoint), **{**args, **server_args})
+
+
+class Reference:
+    """transformers' greedy tokens per prompt, computed once."""
+
+    def __init__(self, hf_model, engine):
+        self.hf_model, self.builder = hf_model, engine.builder
+        self.image_processor = image_processor_for(engine.state.files.processor_config)
+        self.cache = {}
+
+    def tokens(self, prompt: str, images) -> list:
+        key = (prompt, tuple(id(im) for im in images))
+        if key not in self.cache:
+            ids = self.builder.from_prompt(prompt, images, SamplingParams()).prompt_ids
+            self.cache[key] = greedy_tokens(self.hf_model, self.image_processor, ids, images,
+                                            NUM_NEW_TOKENS)
+        return self.cache[key]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return make_prompts(seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(hf_model, checkpoint):
+    with engine_for(checkpoint) as engine:
+        return Reference(hf_model, engine)
+
+
+def generate_all(engine, prompts):
+    return engine.generate([p for p, _ in prompts], GREEDY, image_data=[ims for _, ims in prompts])
+
+
+def assert_same_tokens(results, prompts, reference):
+    for (prompt, images), result in zip(prompts, results):
+        assert result["output_ids"] == reference.tokens(prompt, images), prompt
+        assert result["meta_info"]["finish_reason"]["type"] == "length"
+
+
+def test_eight_concurrent_requests_match_transformers(checkpoint, prompts, reference):
+    with engine_for(checkpoint) as engine:
+        assert_same_tokens(generate_all(engine, prompts), prompts, reference)
+
+
+def test_chunked_prefill_gives_the_same_tokens(checkpoint, prompts, reference):
+    with engine_for(checkpoint, chunked_prefill_size=16) as engine:
+        assert_same_tokens(generate_all(engine, prompts), prompts, reference)
+
+
+def test_prefix_cache_hits_give_the_same_tokens(checkpoint, prompts, reference):
+    fresh = make_prompts(seed=2)
+    with engine_for(checkpoint) as engine:
+        generate_all(engine, prompts[::2])  # warm the cache with half the prompts
+        mixed = prompts[::2] + fresh[1::2]
+        results = generate_all(engine, mixed)
+    assert_same_tokens(results, mixed, reference)
+    cached = [r["meta_info"]["cached_tokens"] for r in results]
+    assert all(c > 0 for c in cached[:4]), cached
+    assert all(c == 0 for c in cached[4:]), cached
+
+
+def test_preemption_on_a_tiny_pool_gives_the_same_tokens(checkpoint, prompts, reference):
+    longest = max(len(reference.builder.from_prompt(p, ims, SamplingParams()).prompt_ids)
+                  for p, ims in prompts)
+    pool_tokens = (longest + NUM_NEW_TOKENS) * 3 // 2  # one request fits, not all
+    with engine_for(checkpoint, max_total_tokens=pool_tokens, disable_radix_cache=True) as engine:
+        results = generate_all(engine, prompts)
+        preemptions = engine.get_stats().get("num_preemptions", 0)
+    assert_same_tokens(results, prompts, reference)
+    assert preemptions > 0

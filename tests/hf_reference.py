@@ -1,0 +1,53 @@
+"""transformers as the reference: greedy generation and prefill logits of a
+LLaVA-OneVision checkpoint for prompt ids that already hold the expanded
+image placeholders (pyvlm's request builder makes them; the image-token
+counts themselves are checked against transformers' processor in
+tests/multimodal). Shared by the parity tests and benchmarks/bench_offline.py."""
+
+from typing import List, Optional, Sequence
+
+import torch
+
+
+def image_processor_for(processor_config: dict):
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    kwargs = {k: v for k, v in processor_config.items()
+              if k not in ("image_processor_type", "processor_class")}
+    return LlavaOnevisionImageProcessorPil(**kwargs)
+
+
+def vision_inputs(image_processor, images: Sequence, device, dtype) -> dict:
+    """pixel_values, image_sizes and batch_num_images of ONE prompt's images."""
+    if not images:
+        return {}
+    features = image_processor([list(images)], return_tensors="pt")
+    return {"pixel_values": features["pixel_values"].to(device, dtype),
+            "image_sizes": features["image_sizes"].to(device),
+            "batch_num_images": features["batch_num_images"]}
+
+
+@torch.inference_mode()
+def greedy_tokens(model, image_processor, prompt_ids: List[int], images: Sequence,
+                  max_new_tokens: int, eos_token_id: Optional[int] = None) -> List[int]:
+    """transformers generate (greedy); eos None generates exactly max_new_tokens."""
+    from transformers import GenerationConfig
+
+    device, dtype = model.device, model.dtype
+    ids = torch.tensor([prompt_ids], device=device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
+                              eos_token_id=eos_token_id, pad_token_id=0)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         generation_config=config,
+                         **vision_inputs(image_processor, images, device, dtype))
+    return out[0, len(prompt_ids):].tolist()
+
+
+@torch.inference_mode()
+def prefill_logits(model, image_processor, prompt_ids: List[int], images: Sequence) -> torch.Tensor:
+    """Float32 logits of every prompt position, [len(prompt_ids), vocab]."""
+    device, dtype = model.device, model.dtype
+    ids = torch.tensor([prompt_ids], device=device)
+    out = model(input_ids=ids, **vision_inputs(image_processor, images, device, dtype))
+    return out.logits[0].float()
