@@ -10,3 +10,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# Tiny checkpoints on disk (tests/tiny_checkpoints.py), written once per
+# session. Tests must not modify them: copy the folder first.
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_qwen2(tmp_path_factory):
+    from tests.tiny_checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_qwen2"), "qwen2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_llama(tmp_path_factory):
+    from tests.tiny_checkpoints import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_hub_style(tmp_path_factory):
+    from tests.tiny_checkpoints import write_hub_style_checkpoint
+
+    return write_hub_style_checkpoint(tmp_path_factory.mktemp("tiny_hub_style"))

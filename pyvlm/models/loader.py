@@ -1,0 +1,111 @@
+"""Building a model from a checkpoint and streaming its weights in.
+
+The model is constructed directly on the target device in the target dtype,
+then safetensors are read one tensor at a time (memory-mapped, shard by
+shard) into `model.load_weights(...)`, so peak memory is about one copy of the
+weights plus the tensor in flight. Each model class maps checkpoint names
+(transformers-5 and old hub layouts) onto its own parameters.
+"""
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Tuple, Type, Union
+
+import torch
+from safetensors import safe_open
+
+from pyvlm.runner.checkpoint import CheckpointError, CheckpointFiles
+
+logger = logging.getLogger("pyvlm.loader")
+
+
+def build_hf_config(config: dict):
+    """The transformers config object of a config.json dict (no disk access).
+
+    `from_dict` applies transformers' upgrades of legacy keys (torch_dtype,
+    flat rope_theta), as from_pretrained does.
+    """
+    from transformers import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"config.json has model_type {model_type!r}, "
+                              "which this transformers version does not know")
+    return CONFIG_MAPPING[model_type].from_dict(dict(config))
+
+
+def set_config_dtype(hf_config, dtype: torch.dtype) -> None:
+    """Records the run dtype on the config and its sub-configs, as from_pretrained
+    does: transformers-built sub-modules create their weights in config.dtype."""
+    hf_config.dtype = dtype
+    for name in getattr(hf_config, "sub_configs", {}):
+        sub_config = getattr(hf_config, name, None)
+        if sub_config is not None:
+            sub_config.dtype = dtype
+
+
+def iter_safetensors(weight_files: Sequence[Path], device: str = "cpu") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) for every tensor of every shard, read lazily one at a time."""
+    num_shards = len(weight_files)
+    for shard_index, path in enumerate(weight_files, start=1):
+        logger.info("Loading safetensors shard %d/%d (%s)", shard_index, num_shards, Path(path).name)
+        with safe_open(str(path), framework="pt", device=_safetensors_device(device)) as shard:
+            for name in shard.keys():
+                yield name, shard.get_tensor(name)
+
+
+def _safetensors_device(device: str) -> str:
+    # safetensors wants an indexed CUDA device; reading straight onto the GPU
+    # skips a host copy of each tensor.
+    if device == "cuda":
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _model_class_for(architectures: Sequence[str]) -> Type[torch.nn.Module]:
+    from pyvlm.models.registry import model_class_for
+
+    return model_class_for(architectures)
+
+
+def construct_model(model_class: Type[torch.nn.Module], hf_config, dtype: torch.dtype,
+                    device: Union[str, torch.device]) -> torch.nn.Module:
+    """model_class(hf_config) with its parameters created on `device` in `dtype`."""
+    with _default_dtype(dtype), torch.device(device):
+        return model_class(hf_config)
+
+
+def load_model(files: CheckpointFiles, dtype: torch.dtype, device: Union[str, torch.device],
+               model_class: Optional[Type[torch.nn.Module]] = None) -> torch.nn.Module:
+    """The checkpoint's model in eval mode, weights loaded, on `device` in `dtype`.
+
+    model_class: defaults to the registry's class for config.json's architectures.
+    If `load_weights` returns the set of parameter names it filled, parameters
+    missing from it are an error (a silently random weight is worse).
+    """
+    hf_config = build_hf_config(files.config)
+    set_config_dtype(hf_config, dtype)
+    model_class = model_class or _model_class_for(files.architectures)
+    model = construct_model(model_class, hf_config, dtype, device)
+    loaded = model.load_weights(iter_safetensors(files.weight_files, str(torch.device(device))))
+    _check_all_loaded(model, loaded)
+    return model.eval().requires_grad_(False)
+
+
+def _check_all_loaded(model: torch.nn.Module, loaded) -> None:
+    if not isinstance(loaded, (set, frozenset)):
+        return
+    missing = sorted(set(dict(model.named_parameters())) - set(loaded))
+    if missing:
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")

