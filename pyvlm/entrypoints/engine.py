@@ -54,6 +54,8 @@ class Engine:
         deltas: asyncio.Queue = asyncio.Queue()
 
         def sink(out, err):
+            if loop.is_closed():
+                raise RuntimeError("the caller's event loop is closed")
             loop.call_soon_threadsafe(deltas.put_nowait, (out, err))
 
         self.loop.submit(request, sink)
@@ -118,7 +120,7 @@ class Engine:
     def _collect_sync(self, request: Request, outputs: "queue.Queue") -> dict:
         accumulator = OutputAccumulator(request)
         while True:
-            out, err = outputs.get()
+            out, err = self.loop.wait(outputs)
             if err is not None:
                 raise _user_error(err)
             accumulator.delta(out)

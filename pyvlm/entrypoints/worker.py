@@ -36,10 +36,22 @@ class EngineLoop:
         """Runs fn on the engine thread (between steps) and returns its result."""
         done: "queue.Queue" = queue.Queue(maxsize=1)
         self._commands.put(("call", fn, done))
-        ok, value = done.get()
+        ok, value = self.wait(done)
         if not ok:
             raise value
         return value
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wait(self, results: "queue.Queue"):
+        """results.get(), but raises if the engine thread is gone (never hangs)."""
+        while True:
+            try:
+                return results.get(timeout=0.5)
+            except queue.Empty:
+                if not self.is_alive():
+                    raise RuntimeError("the engine is not running (shut down or crashed)")
 
     def stop(self, timeout: float = 30.0) -> None:
         self._commands.put(("stop", None, None))
@@ -63,7 +75,10 @@ class EngineLoop:
         try:
             command = self._commands.get(block=block)
             while True:
-                self._execute(*command)
+                try:
+                    self._execute(*command)
+                except Exception:  # a bug in one command must not stop the engine
+                    logger.exception("engine command %r failed", command[0])
                 command = self._commands.get_nowait()
         except queue.Empty:
             pass
@@ -83,7 +98,7 @@ class EngineLoop:
         try:
             self.scheduler.add_request(request)
         except ValueError as exc:  # refused (e.g. longer than the context)
-            sink(None, exc)
+            _send(sink, None, exc)
             return
         self._sinks[request.rid] = sink
 
@@ -100,7 +115,10 @@ class EngineLoop:
                 continue
             if out.finished:
                 del self._sinks[out.rid]
-            sink(out, None)
+            if not _send(sink, out, None) and not out.finished:
+                # The receiver is gone (e.g. its event loop closed): stop the work.
+                del self._sinks[out.rid]
+                self.scheduler.abort(out.rid)
 
     def _fail_all(self, exc: BaseException) -> None:
         sinks, self._sinks = self._sinks, {}
@@ -109,4 +127,14 @@ class EngineLoop:
                 self.scheduler.abort(rid)
             except Exception:  # the scheduler may be what failed
                 logger.exception("abort after a failed step")
-            sink(None, exc)
+            _send(sink, None, exc)
+
+
+def _send(sink: Sink, out: Optional[RequestOutput], err: Optional[BaseException]) -> bool:
+    """Calls a sink; a failing receiver must never take the engine thread down."""
+    try:
+        sink(out, err)
+        return True
+    except Exception:
+        logger.warning("dropping the output of a request whose receiver failed", exc_info=True)
+        return False

@@ -39,9 +39,10 @@ def make_prompts(seed: int):
     ]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tiny_checkpoint_qwen2):
-    return tiny_checkpoint_qwen2
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def checkpoint(request):
+    """Qwen2 (QKV bias) and Llama (tied embeddings, like the demo model) backbones."""
+    return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
 
 
 @pytest.fixture(scope="module")
