@@ -84,7 +84,7 @@ def test_image_prompt_runs_through_the_vision_tower(demo_dir, hf_model, tokenize
         vision_feature_layer=-1, vision_feature_select_strategy="full").pooler_output
     num_features = sum(f.shape[0] for f in features)
     assert features[0].shape[-1] == hf_model.config.text_config.hidden_size
-    assert num_features >= 196 * 2  # base tile + at least one anyres tile
+    assert num_features > 196  # the base tile, then the (unpadded) anyres grid
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe."}]}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert prompt.count("<image>") == 1
