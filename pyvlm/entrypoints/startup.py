@@ -21,6 +21,9 @@ from pyvlm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("pyvlm.engine")
 
+DEMO_BANNER = ("Serving the demo model: SmolLM2-135M-Instruct with a random-weight SigLIP "
+               "vision tower. It answers text questions; what it says about images is meaningless.")
+
 
 @dataclass
 class EngineState:
@@ -122,6 +125,8 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     logger.info("Engine ready: %s on %s (%s), context length %d, KV pool %d tokens",
                 files.root.name, device, str(dtype).replace("torch.", ""), context_length,
                 runner.num_pages * runner.page_size)
+    if config.model.model is None:
+        logger.info(DEMO_BANNER)
     return EngineState(files, tokenizer, model, runner, scheduler, builder,
                        EngineLoop(scheduler, runner), context_length,
                        is_demo=config.model.model is None)

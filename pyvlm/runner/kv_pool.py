@@ -62,7 +62,11 @@ def gpu_token_budget(shape: KVShape, mem_fraction_static: float, device: torch.d
 
 
 class KVPool:
-    """Allocates the caches once; pages are handed out by the scheduler."""
+    """Allocates the caches once; pages are handed out by the scheduler.
+
+    The memory is left uninitialised (on CPU the OS then commits it as pages
+    are used): attention reads only the slots a sequence has written.
+    """
 
     def __init__(self, shape: KVShape, num_pages: int, page_size: int, device: torch.device):
         if num_pages < 1:
@@ -70,8 +74,8 @@ class KVPool:
         self.shape, self.num_pages, self.page_size = shape, num_pages, page_size
         dims = (num_pages, page_size, shape.num_kv_heads, shape.head_dim)
         self.caches: List[Tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.zeros(dims, dtype=shape.dtype, device=device),
-             torch.zeros(dims, dtype=shape.dtype, device=device))
+            (torch.empty(dims, dtype=shape.dtype, device=device),
+             torch.empty(dims, dtype=shape.dtype, device=device))
             for _ in range(shape.num_layers)]
         logger.info("KV cache: %d pages x %d tokens, %.2f GiB", num_pages, page_size,
                     num_pages * page_size * shape.bytes_per_token / 2**30)
