@@ -10,12 +10,17 @@ import torch
 
 
 def image_processor_for(processor_config: dict):
-    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-        LlavaOnevisionImageProcessorPil)
+    """transformers' PIL LLaVA-OneVision image processor (the slow class on
+    transformers versions before the PIL backends)."""
+    try:
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil as processor_class)
+    except ImportError:
+        from transformers import LlavaOnevisionImageProcessor as processor_class
 
     kwargs = {k: v for k, v in processor_config.items()
               if k not in ("image_processor_type", "processor_class")}
-    return LlavaOnevisionImageProcessorPil(**kwargs)
+    return processor_class(**kwargs)
 
 
 def vision_inputs(image_processor, images: Sequence, device, dtype) -> dict:
