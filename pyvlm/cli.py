@@ -70,6 +70,21 @@ def generate(args: argparse.Namespace) -> str:
     return result["text"]
 
 
+def _report_errors(command, args) -> int:
+    """Runs a command; a user error (missing model, bad image, bad value) is
+    one line on stderr and exit status 2, never a traceback."""
+    import sys
+
+    from pyvlm.runner.checkpoint import CheckpointError
+
+    try:
+        print(command(args))
+        return 0
+    except (CheckpointError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
@@ -77,7 +92,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("\n".join(list_ops()))
         return 0
     if args.command == "generate":
-        print(generate(args))
-        return 0
+        return _report_errors(generate, args)
     build_parser().print_help()
     return 0

@@ -19,3 +19,22 @@ def test_ops_lists_every_registered_op_with_its_devices():
     assert names == registered and "silu_and_mul" in names
     for line in lines:
         assert "CPU" in line, f"op without a CPU kernel: {line}"
+
+
+def test_generate_answers_with_the_engine(tiny_checkpoint_qwen2):
+    result = subprocess.run(
+        [sys.executable, "-m", "pyvlm", "generate", "--model", str(tiny_checkpoint_qwen2),
+         "--prompt", "the cat sat", "--max-new-tokens", "4", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Engine ready" in result.stderr and "Prefill batch. #new-seq: 1" in result.stderr
+    assert result.stdout.strip() != ""
+
+
+def test_generate_with_a_missing_model_is_one_clear_line(tmp_path):
+    missing = tmp_path / "no-such-model"
+    result = subprocess.run([sys.executable, "-m", "pyvlm", "generate", "--model", str(missing)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert str(missing) in result.stderr.strip().splitlines()[-1]
