@@ -141,4 +141,21 @@ def test_host_header_keeps_the_name_while_connecting_to_the_checked_ip(server, m
 
     monkeypatch.setattr(address_policy, "getaddrinfo", resolver)
     load([f"http://images.test:{server.port}/images/cat.jpeg?host"])
-    assert (f"/images/cat.jpeg?host", f"images.test:{server.port}") in server.seen
+    assert ("/images/cat.jpeg?host", f"images.test:{server.port}") in server.seen
+
+
+def test_cancelling_load_images_cancels_its_fetches(server):
+    """A client that disconnects cancels the handler: no fetch may outlive it."""
+    async def cancel_midway():
+        ref = refs(f"http://127.0.0.1:{server.port}/stall?cancel")
+        loading = asyncio.ensure_future(load_images(ref, LOOPBACK))
+        await asyncio.sleep(0.2)
+        loading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        await asyncio.sleep(0)
+        return [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+    started = time.monotonic()
+    assert asyncio.run(cancel_midway()) == []
+    assert time.monotonic() - started < 1
