@@ -90,7 +90,8 @@ def _from_option(name_or_path: str, image_token: str,
         return named_template(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_file():
-        return JinjaTemplate(read_template_file(path), str(path), image_token, template_vars)
+        # Named by its file name only: error messages reach clients.
+        return JinjaTemplate(read_template_file(path), path.name, image_token, template_vars)
     raise ChatTemplateError(
         f"--chat-template {name_or_path!r} is neither a named template "
         f"({', '.join(sorted(FORMATS))}) nor a file")

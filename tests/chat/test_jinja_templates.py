@@ -172,6 +172,7 @@ def test_chat_template_option_names_a_template_or_a_file(tmp_path, checkpoint_so
     jinja_path.write_text(TEXT_ONLY_TEMPLATE)
     from_jinja = resolve_template(str(jinja_path), checkpoint_source, [])
     assert isinstance(from_jinja, JinjaTemplate) and from_jinja.source == TEXT_ONLY_TEMPLATE
+    assert from_jinja.name == "t.jinja"  # no server paths in client-facing errors
     json_path = tmp_path / "chat_template.json"
     json_path.write_text(json.dumps({"chat_template": checkpoint_source}))
     assert resolve_template(str(json_path), None, []).source == checkpoint_source
