@@ -45,7 +45,8 @@ async def generate(app, body: Mapping):
                       top if fields.get_bool(body, "return_logprob", False) else None, None)
     run = Run([EngineInput(prompt, images, False)], sampling, spec, "gen")
     if spec.stream:
-        return event_stream(_cumulative(await open_stream(app.runner.stream(run))))
+        deltas = await open_stream(app.runner.stream(run))
+        return event_stream(_cumulative(deltas), deltas)
     result = (await app.runner.collect(run))[0]
     return json_response({"text": result.text, "output_ids": result.token_ids,
                           "meta_info": result.meta})

@@ -39,7 +39,7 @@ async def chat_completions(app, body: Mapping) -> Answer:
     ids = responses.ResponseIds("chatcmpl", app.args.model_name)
     if spec.stream:
         deltas = await open_stream(app.runner.stream(run))
-        return event_stream(chat_events(app, run, ids, deltas))
+        return event_stream(chat_events(app, run, ids, deltas), deltas)
     results = await app.runner.collect(run)
     usage = responses.usage_of([(run.prompt_index(r.index), r.meta) for r in results],
                                app.args.enable_cache_report)
@@ -93,7 +93,7 @@ async def completions(app, body: Mapping) -> Answer:
     ids = responses.ResponseIds("cmpl", app.args.model_name)
     if spec.stream:
         deltas = await open_stream(app.runner.stream(run))
-        return event_stream(completion_events(app, run, ids, deltas))
+        return event_stream(completion_events(app, run, ids, deltas), deltas)
     results = await app.runner.collect(run)
     usage = responses.usage_of([(run.prompt_index(r.index), r.meta) for r in results],
                                app.args.enable_cache_report)
@@ -156,7 +156,7 @@ async def _completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]
 
 # ---- streaming plumbing ---------------------------------------------------
 
-async def open_stream(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+async def open_stream(deltas: AsyncIterator[ChoiceDelta]) -> "PrimedDeltas":
     """Waits for the first delta, so refusals (queue full, prompt too long)
     still get a status code; returns an iterator that replays it."""
     try:
@@ -166,20 +166,50 @@ async def open_stream(deltas: AsyncIterator[ChoiceDelta]) -> AsyncIterator[Choic
     except BaseException:
         await deltas.aclose()
         raise
-    return _replay(first, deltas)
+    return PrimedDeltas(first, deltas)
 
 
-async def _replay(first: ChoiceDelta, rest: AsyncIterator[ChoiceDelta]):
-    try:
-        yield first
-        async for delta in rest:
-            yield delta
-    finally:
-        await rest.aclose()
+class PrimedDeltas:
+    """The first delta, then the rest; aclose() always closes the source
+    (an async generator never started would skip its finally blocks)."""
+
+    def __init__(self, first: ChoiceDelta, source):
+        self._first, self._source = first, source
+
+    def __aiter__(self) -> "PrimedDeltas":
+        return self
+
+    async def __anext__(self) -> ChoiceDelta:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._source.__anext__()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._source.aclose()
 
 
-def event_stream(events: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(200, _terminated(events),
+class EventStream:
+    """A StreamingResponse body: the events, then `data: [DONE]`; closing
+    it (client gone) aborts the engine requests even before the first read."""
+
+    def __init__(self, events: AsyncIterator[bytes], deltas: PrimedDeltas):
+        self._events, self._deltas = _terminated(events), deltas
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        await self._deltas.aclose()
+
+
+def event_stream(events: AsyncIterator[bytes], deltas: PrimedDeltas) -> StreamingResponse:
+    return StreamingResponse(200, EventStream(events, deltas),
                              headers=[("cache-control", "no-cache"), ("x-accel-buffering", "no")])
 
 

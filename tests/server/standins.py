@@ -35,9 +35,10 @@ class ChatTemplate:
         refs, converted = [], []
         for i, message in enumerate(messages):
             content = message.get("content") or ""
-            if isinstance(content, list):
-                content = [self._part(p, f"messages[{i}].content[{j}]", refs)
-                           for j, p in enumerate(content)]
+            if isinstance(content, str):  # HF multimodal templates iterate parts
+                content = [{"type": "text", "text": content}]
+            content = [self._part(p, f"messages[{i}].content[{j}]", refs)
+                       for j, p in enumerate(content)]
             converted.append({"role": message["role"], "content": content})
         return RenderedChat(self.engine.builder.render(converted), refs)
 
