@@ -1,9 +1,9 @@
 """Command line of pyvlm.
 
-`python -m pyvlm generate` runs the offline Engine on one prompt (with
-images), on the demo model when no --model is given; `python -m pyvlm ops`
-lists the extension's ops. The OpenAI-compatible server lands with the
-serving work.
+`python -m pyvlm [--model ...]` starts the OpenAI-compatible server (SGLang's
+flag names; the demo model when no --model is given); `python -m pyvlm
+generate` runs the offline Engine on one prompt (with images); `python -m
+pyvlm ops` lists the extension's ops.
 """
 
 import argparse
@@ -12,15 +12,28 @@ from typing import List, Optional
 
 DESCRIPTION = (
     "pyvlm: a serving engine for vision-language models. "
-    "The compiled extension provides torch.ops.pyvlm.* (paged attention, vision-tower "
-    "batching, sampling) on CPU and CUDA; `generate` runs the offline engine "
-    "(the OpenAI-compatible server is not built yet)."
+    "`python -m pyvlm [flags]` starts the OpenAI-compatible server (/v1/chat/completions "
+    "with images, /v1/completions, /generate, /health, /metrics ...); "
+    "`python -m pyvlm generate` runs the offline engine on one prompt; "
+    "`python -m pyvlm ops` lists the compiled ops."
 )
+SUBCOMMANDS = ("ops", "generate")
 
 DEMO_NOTICE = (
     "No --model given: using the demo model (SmolLM2-135M-Instruct with a random-weight "
     "SigLIP vision tower). It answers text questions; what it says about images is meaningless."
 )
+
+
+def build_server_parser() -> argparse.ArgumentParser:
+    """`python -m pyvlm [flags]`: every server flag (see pyvlm/server/args.py)."""
+    from pyvlm.server.args import add_server_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pyvlm", description=DESCRIPTION,
+        epilog="subcommands: `python -m pyvlm generate --help`, `python -m pyvlm ops`")
+    add_server_arguments(parser)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +98,31 @@ def _report_errors(command, args) -> int:
         return 2
 
 
+def serve(argv: List[str]) -> int:
+    """Parses the server flags and serves until SIGTERM/Ctrl-C."""
+    import sys
+
+    from pyvlm.server.args import server_args_from
+    from pyvlm.server.launch import run_server
+
+    parser = build_server_parser()
+    namespace = parser.parse_args(argv)
+    try:
+        args = server_args_from(namespace)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    if args.model is None:
+        print(DEMO_NOTICE, file=sys.stderr, flush=True)
+    return run_server(args)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in SUBCOMMANDS:
+        return serve(argv)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s")
     if args.command == "ops":
@@ -93,5 +130,4 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "generate":
         return _report_errors(generate, args)
-    build_parser().print_help()
     return 0

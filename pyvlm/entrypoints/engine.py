@@ -45,12 +45,19 @@ class Engine:
     # -- async API -------------------------------------------------------
     async def async_generate(self, prompt: Optional[Prompt] = None,
                              sampling_params: Optional[Mapping] = None, image_data: Any = None,
-                             messages: Any = None) -> AsyncIterator[dict]:
+                             messages: Any = None, rid: Optional[str] = None,
+                             add_special_tokens: bool = False) -> AsyncIterator[dict]:
         """Async iterator of deltas {"text", "token_ids", "finished",
-        "meta_info"} for one request; leaving the loop early aborts it."""
+        "meta_info"} for one request; leaving the loop early aborts it.
+
+        rid names the request (abort(rid)); add_special_tokens applies the
+        tokenizer's post-processing (e.g. a Llama BOS) to a text prompt, as
+        the OpenAI server does, without ever doubling a BOS the text holds.
+        """
         loop = asyncio.get_running_loop()
         request = await loop.run_in_executor(
-            None, self._build_one, prompt, sampling_params, image_data, messages)
+            None, self._build_one, prompt, sampling_params, image_data, messages, rid,
+            add_special_tokens)
         deltas: asyncio.Queue = asyncio.Queue()
 
         def sink(out, err):
@@ -75,6 +82,26 @@ class Engine:
     def abort(self, rid: str) -> None:
         self.loop.abort(rid)
 
+    def token_texts(self, token_ids: Sequence[int]) -> List[str]:
+        """Each token's own decoded text (logprob entries show these)."""
+        tokenizer = self.state.tokenizer
+        return [tokenizer.decode([int(t)], skip_special_tokens=False) for t in token_ids]
+
+    def model_info(self) -> Dict[str, Any]:
+        """What the server reports and needs: paths, architectures, the
+        checkpoint's chat template, context length, image token."""
+        files, builder = self.state.files, self.builder
+        return {"model_path": self.config.model.model or str(files.root),
+                "tokenizer_path": str(files.tokenizer_dir),
+                "architectures": list(files.config.get("architectures") or []),
+                "chat_template": files.chat_template or getattr(
+                    self.state.tokenizer, "chat_template", None),
+                "context_length": self.state.context_length,
+                "image_token": builder.image_token, "is_demo": self.state.is_demo,
+                "page_size": self.config.cache.page_size,
+                "vocab_size": (files.config.get("text_config") or files.config).get(
+                    "vocab_size") or len(self.state.tokenizer)}
+
     def flush_cache(self) -> bool:
         """Empties the prefix and encoder caches when no request is running."""
         return bool(self.loop.call(self.state.flush_cache))
@@ -92,15 +119,17 @@ class Engine:
         self.shutdown()
 
     # -- helpers ---------------------------------------------------------
-    def _build_one(self, prompt, sampling_params, image_data, messages) -> Request:
+    def _build_one(self, prompt, sampling_params, image_data, messages, rid=None,
+                   add_special_tokens=False) -> Request:
         sampling = sampling_params_from(sampling_params)
         if messages is not None:
-            return self.builder.from_messages(messages, sampling)
+            return self.builder.from_messages(messages, sampling, rid)
         if prompt is None:
             raise ValueError("give a prompt or messages")
         images = [] if image_data is None else (
             list(image_data) if isinstance(image_data, (list, tuple)) else [image_data])
-        return self.builder.from_prompt(prompt, images, sampling)
+        return self.builder.from_prompt(prompt, images, sampling, rid,
+                                        add_special_tokens=add_special_tokens)
 
     def _build_batch(self, prompt, sampling_params, image_data, messages):
         batch_input = messages if messages is not None else prompt

@@ -43,12 +43,16 @@ class RequestBuilder:
             add_generation_prompt=True)
 
     def from_prompt(self, prompt: Union[str, List[int]], images: Sequence[Any],
-                    sampling: SamplingParams, rid: Optional[str] = None) -> Request:
+                    sampling: SamplingParams, rid: Optional[str] = None,
+                    add_special_tokens: bool = False) -> Request:
         """A prompt (text or token ids) with one image placeholder per image;
-        text without any placeholder gets them prepended, one line each."""
+        text without any placeholder gets them prepended, one line each.
+        add_special_tokens: apply the tokenizer's post-processing (BOS)."""
         images = list(images or [])
         if isinstance(prompt, str):
-            prompt_ids = self._tokenize(self._with_placeholders(prompt, len(images)))
+            text = self._with_placeholders(prompt, len(images))
+            prompt_ids = (self._tokenize_with_specials(text) if add_special_tokens
+                          else self._tokenize(text))
         else:
             prompt_ids = [int(t) for t in prompt]
         prompt_ids, items = self._expand_images(prompt_ids, images)
@@ -65,6 +69,15 @@ class RequestBuilder:
     def _tokenize(self, text: str) -> List[int]:
         # Templates already hold BOS where the model wants one.
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _tokenize_with_specials(self, text: str) -> List[int]:
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
+        bos, bos_token = (getattr(self.tokenizer, "bos_token_id", None),
+                          getattr(self.tokenizer, "bos_token", None))
+        # A template that already starts with BOS must not get a second one.
+        if bos is not None and ids[:2] == [bos, bos] and bos_token and text.startswith(bos_token):
+            return ids[1:]
+        return ids
 
     def _expand_images(self, prompt_ids: List[int], sources: List[Any]):
         if not sources:

@@ -1,0 +1,155 @@
+"""The server's command line (SGLang's flag names) as plain frozen data.
+
+`add_server_arguments` declares every flag with its help; `server_args_from`
+turns parsed flags into a `ServerArgs`; `ServerArgs.engine_kwargs()` gives
+the pyvlm.Engine arguments. Building any of these touches no disk or network.
+"""
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, Optional
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """Everything `python -m pyvlm` is told (see --help for each field)."""
+
+    model: Optional[str] = None  # None: the demo model
+    tokenizer_path: Optional[str] = None
+    chat_template: Optional[str] = None
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: Optional[str] = None
+    served_model_name: Optional[str] = None
+    dtype: str = "auto"
+    device: str = "auto"
+    context_length: Optional[int] = None
+    mem_fraction_static: float = 0.85
+    max_running_requests: int = 256
+    max_total_tokens: Optional[int] = None
+    chunked_prefill_size: Optional[int] = 8192
+    max_prefill_tokens: int = 16384
+    schedule_policy: str = "fcfs"
+    page_size: int = 16
+    stream_interval: int = 1
+    random_seed: int = 0
+    enable_cache_report: bool = False
+    disable_radix_cache: bool = False
+    log_requests: bool = False
+    log_level: str = "info"
+    decode_log_interval: int = 40
+    enable_metrics: bool = False
+    watchdog_timeout: float = 300.0
+    limit_mm_per_prompt: int = 16
+    allowed_local_media_path: Optional[str] = None
+    allow_private_media_urls: bool = False
+    max_request_bytes: int = 64 * MIB
+    max_queued_requests: Optional[int] = None  # None: unbounded
+    shutdown_grace_s: float = 10.0
+
+    @property
+    def model_name(self) -> str:
+        """The name clients send as `model` (besides "default")."""
+        if self.served_model_name:
+            return self.served_model_name
+        return self.model or "pyvlm-demo"
+
+    def engine_kwargs(self) -> Dict[str, Any]:
+        """Arguments of pyvlm.Engine (pyvlm.config.engine_config names)."""
+        names = ("model", "tokenizer_path", "dtype", "device", "context_length",
+                 "mem_fraction_static", "max_running_requests", "max_total_tokens",
+                 "chunked_prefill_size", "max_prefill_tokens", "schedule_policy", "page_size",
+                 "stream_interval", "random_seed", "enable_cache_report", "disable_radix_cache",
+                 "decode_log_interval", "chat_template", "served_model_name")
+        return {name: getattr(self, name) for name in names}
+
+    def public_dict(self) -> Dict[str, Any]:
+        """The arguments without secrets (for /get_server_info)."""
+        values = asdict(self)
+        values["api_key"] = None if self.api_key is None else "<set>"
+        return values
+
+
+_FLAGS = [
+    # (flags, type or action, help)
+    (("--model", "--model-path"), str,
+     "checkpoint folder or Hugging Face hub id; omitted: the bundled demo model"),
+    (("--tokenizer-path",), str, "tokenizer folder or hub id (default: the model's)"),
+    (("--chat-template",), str,
+     "a named template (chatml-llava, qwen2-vl, vicuna_v1.1, llama_3_vision, llava_llama_3) "
+     "or a path to a Jinja file (default: the checkpoint's own template)"),
+    (("--host",), str, "address to listen on (default 127.0.0.1)"),
+    (("--port",), int, "port to listen on (default 30000)"),
+    (("--api-key",), str, "require 'Authorization: Bearer KEY' on every endpoint but /health"),
+    (("--served-model-name",), str, "the model name clients send (default: the --model value)"),
+    (("--dtype",), str, "auto|float32|float16|bfloat16 (default auto)"),
+    (("--device",), str, "auto|cpu|cuda (default auto)"),
+    (("--context-length",), int, "context length in tokens (default: the checkpoint's)"),
+    (("--mem-fraction-static",), float,
+     "GPU: fraction of free memory for weights and KV cache (default 0.85)"),
+    (("--max-running-requests",), int, "most requests decoding at once (default 256)"),
+    (("--max-total-tokens",), int, "KV pool size in tokens (default: from free memory)"),
+    (("--chunked-prefill-size",), int,
+     "longest prefill chunk in tokens; <= 0 disables chunking (default 8192)"),
+    (("--max-prefill-tokens",), int, "most prompt tokens in one prefill batch (default 16384)"),
+    (("--schedule-policy",), str, "fcfs|lpm: waiting-queue order (default fcfs)"),
+    (("--page-size",), int, "tokens per KV cache page (default 16)"),
+    (("--stream-interval",), int, "tokens between streamed deltas (default 1)"),
+    (("--random-seed",), int, "seed for requests that give none (default 0)"),
+    (("--enable-cache-report",), "store_true",
+     "report usage.prompt_tokens_details.cached_tokens in every response"),
+    (("--disable-radix-cache",), "store_true", "turn the prefix cache off"),
+    (("--log-requests",), "store_true", "log every request (method, path, status, time)"),
+    (("--log-level",), str, "debug|info|warning|error (default info)"),
+    (("--decode-log-interval",), int, "decode steps between batch log lines (default 40)"),
+    (("--enable-metrics",), "store_true", "serve Prometheus metrics at GET /metrics"),
+    (("--watchdog-timeout",), float,
+     "seconds an engine step may take before the server is declared hung and exits (default 300)"),
+    (("--limit-mm-per-prompt",), int, "most images in one request, over all messages (default 16)"),
+    (("--allowed-local-media-path",), str,
+     "directory whose files (paths and file:// URLs) requests may use as images (default: none)"),
+    (("--allow-private-media-urls",), "store_true",
+     "allow image URLs on loopback/private/link-local addresses (off: refused, against SSRF)"),
+    (("--max-request-bytes",), int, "largest request body in bytes (default 64 MiB); more gets 413"),
+    (("--max-queued-requests",), int,
+     "most requests waiting beyond --max-running-requests; more get 429 (default: unbounded)"),
+]
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    """Declares every server flag on parser (defaults: ServerArgs')."""
+    defaults = ServerArgs()
+    for flags, kind, help_text in _FLAGS:
+        dest = flags[0][2:].replace("-", "_")
+        if kind == "store_true":
+            parser.add_argument(*flags, dest=dest, action="store_true", help=help_text)
+        else:
+            parser.add_argument(*flags, dest=dest, type=kind, default=getattr(defaults, dest),
+                                help=help_text)
+
+
+def server_args_from(namespace: argparse.Namespace) -> ServerArgs:
+    """A ServerArgs from parsed flags; raises ValueError on impossible values."""
+    names = {f.name for f in fields(ServerArgs)}
+    args = ServerArgs(**{k: v for k, v in vars(namespace).items() if k in names})
+    _check(args)
+    return args
+
+
+def _check(args: ServerArgs) -> None:
+    checks = [
+        (0 < args.port < 65536, "--port must be in 1..65535"),
+        (args.limit_mm_per_prompt >= 0, "--limit-mm-per-prompt must be >= 0"),
+        (args.max_request_bytes > 0, "--max-request-bytes must be > 0"),
+        (args.max_queued_requests is None or args.max_queued_requests >= 0,
+         "--max-queued-requests must be >= 0"),
+        (args.max_running_requests > 0, "--max-running-requests must be > 0"),
+        (args.watchdog_timeout > 0, "--watchdog-timeout must be > 0"),
+        (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),
+         "--log-level must be debug, info, warning, error or critical"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

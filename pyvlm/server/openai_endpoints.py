@@ -1,0 +1,229 @@
+"""POST /v1/chat/completions and POST /v1/completions."""
+
+import logging
+from typing import AsyncIterator, Dict, List, Mapping, Union
+
+import orjson
+
+from pyvlm.http.types import Response, StreamingResponse
+from pyvlm.server import chat_request, fields, responses
+from pyvlm.server.errors import ApiError, internal_error, invalid, unsupported_field
+from pyvlm.server.generation import ChoiceDelta, EngineInput
+from pyvlm.server.params import (MAX_TOP_LOGPROBS, SAMPLING_FIELDS, answer_spec, check_model,
+                                 sampling_params)
+from pyvlm.server.runs import Run
+from pyvlm.server.sse import DONE, sse_data, sse_error
+
+logger = logging.getLogger("pyvlm.server")
+
+Answer = Union[Response, StreamingResponse]
+COMPLETION_FIELDS = SAMPLING_FIELDS + ("prompt", "logprobs", "echo", "suffix", "best_of")
+
+
+def json_response(obj, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(obj))
+
+
+# ---- chat -----------------------------------------------------------------
+
+async def chat_completions(app, body: Mapping) -> Answer:
+    chat_request.refuse_unimplemented(body)
+    check_model(body, app.args.model_name)
+    messages = chat_request.check_messages(body, app.args.limit_mm_per_prompt)
+    spec = answer_spec(body, chat_request.num_top_logprobs(body))
+    rendered = app.render_chat(messages)
+    sampling = sampling_params(body, chat_request.max_tokens(body), app.context_length,
+                               app.vocab_size, tuple(rendered.stop))
+    images = await app.fetch_images(rendered.image_refs)
+    run = Run([EngineInput(rendered.text, images, True)], sampling, spec, "chatcmpl")
+    ids = responses.ResponseIds("chatcmpl", app.args.model_name)
+    if spec.stream:
+        deltas = await open_stream(app.runner.stream(run))
+        return event_stream(chat_events(app, run, ids, deltas), deltas)
+    results = await app.runner.collect(run)
+    usage = responses.usage_of([(run.prompt_index(r.index), r.meta) for r in results],
+                               app.args.enable_cache_report)
+    return json_response(responses.chat_completion(
+        ids, results, usage, app.token_texts, spec.num_top_logprobs is not None))
+
+
+async def chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
+    """chat.completion.chunk events: role first, content, one finish per choice."""
+    try:
+        async for event in _chat_events(app, run, ids, deltas):
+            yield event
+    finally:  # closing the events aborts the engine requests at once
+        await deltas.aclose()
+
+
+async def _chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
+    started, metas = set(), []
+    with_usage = run.spec.include_usage
+    async for delta in deltas:
+        if delta.index not in started:
+            started.add(delta.index)
+            yield sse_data(responses.chat_chunk(ids, delta.index, {"role": "assistant",
+                                                                   "content": ""},
+                                                include_usage=with_usage))
+        if delta.text or delta.logprobs:
+            logprobs = (responses.chat_logprobs(delta.logprobs, app.token_texts)
+                        if run.spec.num_top_logprobs is not None else None)
+            yield sse_data(responses.chat_chunk(ids, delta.index, {"content": delta.text},
+                                                logprobs=logprobs, include_usage=with_usage))
+        if delta.finish_reason is not None:
+            metas.append((run.prompt_index(delta.index), delta.meta))
+            yield sse_data(responses.chat_chunk(ids, delta.index, {}, delta.finish_reason,
+                                                include_usage=with_usage))
+    if with_usage:
+        usage = responses.usage_of(metas, app.args.enable_cache_report)
+        yield sse_data(responses.usage_chunk(ids, "chat.completion.chunk", usage))
+
+
+# ---- completions ----------------------------------------------------------
+
+async def completions(app, body: Mapping) -> Answer:
+    fields.check_known(body, COMPLETION_FIELDS)
+    _refuse_completion_extras(body)
+    check_model(body, app.args.model_name)
+    prompts = completion_prompts(body.get("prompt"), app.vocab_size)
+    spec = answer_spec(body, fields.get_int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS))
+    sampling = sampling_params(body, fields.get_int(body, "max_tokens", None, 1),
+                               app.context_length, app.vocab_size)
+    run = Run([EngineInput(p, (), True) for p in prompts], sampling, spec, "cmpl")
+    ids = responses.ResponseIds("cmpl", app.args.model_name)
+    if spec.stream:
+        deltas = await open_stream(app.runner.stream(run))
+        return event_stream(completion_events(app, run, ids, deltas), deltas)
+    results = await app.runner.collect(run)
+    usage = responses.usage_of([(run.prompt_index(r.index), r.meta) for r in results],
+                               app.args.enable_cache_report)
+    return json_response(responses.completion(
+        ids, results, usage, app.token_texts, spec.num_top_logprobs is not None))
+
+
+def _refuse_completion_extras(body: Mapping) -> None:
+    if body.get("echo"):
+        raise unsupported_field("echo")
+    if body.get("suffix") is not None:
+        raise unsupported_field("suffix")
+    if body.get("best_of") not in (None, 1, body.get("n", 1)):
+        raise unsupported_field("best_of")
+
+
+def completion_prompts(prompt, vocab_size: int) -> List[Union[str, List[int]]]:
+    """A string, a list of strings, token ids, or a list of token-id lists."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif fields.is_token_ids(prompt):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(
+            isinstance(p, str) or fields.is_token_ids(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise invalid("'prompt' must be a string, a list of strings, a list of token ids or "
+                      "a list of such lists (not empty)", "prompt")
+    if any(isinstance(p, list) and max(p) >= vocab_size for p in prompts):
+        raise invalid(f"'prompt' has a token id outside the vocabulary (size {vocab_size})",
+                      "prompt")
+    return prompts
+
+
+async def completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
+    """text_completion chunks, the finish_reason on each choice's last one."""
+    try:
+        async for event in _completion_events(app, run, ids, deltas):
+            yield event
+    finally:
+        await deltas.aclose()
+
+
+async def _completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
+    metas, offsets = [], {}
+    with_usage = run.spec.include_usage
+    async for delta in deltas:
+        logprobs = None
+        if run.spec.num_top_logprobs is not None:
+            logprobs = responses.completion_logprobs(delta.logprobs, app.token_texts,
+                                                     offsets.get(delta.index, 0))
+        offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
+        if delta.finish_reason is not None:
+            metas.append((run.prompt_index(delta.index), delta.meta))
+        yield sse_data(responses.completion_chunk(ids, delta, logprobs, with_usage))
+    if with_usage:
+        usage = responses.usage_of(metas, app.args.enable_cache_report)
+        yield sse_data(responses.usage_chunk(ids, "text_completion", usage))
+
+
+# ---- streaming plumbing ---------------------------------------------------
+
+async def open_stream(deltas: AsyncIterator[ChoiceDelta]) -> "PrimedDeltas":
+    """Waits for the first delta, so refusals (queue full, prompt too long)
+    still get a status code; returns an iterator that replays it."""
+    try:
+        first = await deltas.__anext__()
+    except StopAsyncIteration:
+        raise internal_error() from None
+    except BaseException:
+        await deltas.aclose()
+        raise
+    return PrimedDeltas(first, deltas)
+
+
+class PrimedDeltas:
+    """The first delta, then the rest; aclose() always closes the source
+    (an async generator never started would skip its finally blocks)."""
+
+    def __init__(self, first: ChoiceDelta, source):
+        self._first, self._source = first, source
+
+    def __aiter__(self) -> "PrimedDeltas":
+        return self
+
+    async def __anext__(self) -> ChoiceDelta:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._source.__anext__()
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._source.aclose()
+
+
+class EventStream:
+    """A StreamingResponse body: the events, then `data: [DONE]`; closing
+    it (client gone) aborts the engine requests even before the first read."""
+
+    def __init__(self, events: AsyncIterator[bytes], deltas: PrimedDeltas):
+        self._events, self._deltas = _terminated(events), deltas
+
+    def __aiter__(self) -> "EventStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._events.__anext__()
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        await self._deltas.aclose()
+
+
+def event_stream(events: AsyncIterator[bytes], deltas: PrimedDeltas) -> StreamingResponse:
+    return StreamingResponse(200, EventStream(events, deltas),
+                             headers=[("cache-control", "no-cache"), ("x-accel-buffering", "no")])
+
+
+async def _terminated(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The events, then `data: [DONE]`; a failure mid-stream becomes an
+    `error` event and the stream ends there."""
+    try:
+        async for event in events:
+            yield event
+        yield DONE
+    except ApiError as exc:
+        yield sse_error(exc)
+    except Exception:
+        logger.exception("stream failed")
+        yield sse_error(internal_error())
+    finally:
+        await events.aclose()
