@@ -1,9 +1,7 @@
 """A real pyvlm.Engine on the tiny Qwen2 checkpoint behind App, driven with
-Request objects (no sockets). Where pyvlm.chat / pyvlm.multimodal.media are
-not there yet, small stand-ins follow their contracts (see standins.py)."""
+Request objects (no sockets), with the real chat templates and media loader."""
 
 import asyncio
-import importlib.util
 from dataclasses import replace
 
 import orjson
@@ -13,10 +11,6 @@ import pyvlm
 from pyvlm.http.types import Request
 from pyvlm.server.app import App
 from pyvlm.server.args import ServerArgs
-from tests.server import standins
-
-HAS_CHAT = importlib.util.find_spec("pyvlm.chat") is not None
-HAS_MEDIA = importlib.util.find_spec("pyvlm.multimodal.media") is not None
 ENGINE_ARGS = dict(device="cpu", page_size=4, max_total_tokens=4096, context_length=512,
                    chunked_prefill_size=64, max_running_requests=8)
 
@@ -34,9 +28,7 @@ def base_args(tiny_checkpoint_qwen2):
 
 
 def make_app(engine, args) -> App:
-    template = None if HAS_CHAT else standins.ChatTemplate(engine)
-    loader = None if HAS_MEDIA else standins.load_images
-    return App(engine, args, template=template, load_images=loader)
+    return App(engine, args)
 
 
 @pytest.fixture
