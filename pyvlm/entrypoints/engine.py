@@ -99,6 +99,8 @@ class Engine:
                 "context_length": self.state.context_length,
                 "image_token": builder.image_token, "is_demo": self.state.is_demo,
                 "page_size": self.config.cache.page_size,
+                "special_tokens": _string_values(self.state.tokenizer.special_tokens_map),
+                "text_config": files.config.get("text_config"),
                 "vocab_size": (files.config.get("text_config") or files.config).get(
                     "vocab_size") or len(self.state.tokenizer)}
 
@@ -155,6 +157,11 @@ class Engine:
             accumulator.delta(out)
             if out.finished:
                 return accumulator.result()
+
+
+def _string_values(mapping) -> Dict[str, str]:
+    """bos_token, eos_token, ... as strings (what chat templates read)."""
+    return {k: str(v) for k, v in mapping.items() if isinstance(v, str)}
 
 
 def _is_batch(value, is_messages: bool) -> bool:

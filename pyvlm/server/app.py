@@ -154,7 +154,10 @@ def parse_json(body: bytes) -> Mapping:
 def default_template(args: ServerArgs, info: Mapping):
     from pyvlm.chat import resolve_template
 
-    return resolve_template(args.chat_template, info["chat_template"], info["architectures"])
+    return resolve_template(args.chat_template, info["chat_template"], info["architectures"],
+                            image_token=info.get("image_token") or "<image>",
+                            template_vars=info.get("special_tokens") or {},
+                            text_config=info.get("text_config"))
 
 
 def default_loader(args: ServerArgs):
