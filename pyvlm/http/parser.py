@@ -47,7 +47,7 @@ class RequestParser:
         """Feed bytes from the peer; b"" means end of stream."""
         if not data:
             self._is_eof = True
-        elif self._state != _DONE:
+        elif self._state != _DONE and not self._is_eof:
             self._buffer.append(data)
 
     @property

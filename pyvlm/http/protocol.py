@@ -215,32 +215,37 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- writing -----------------------------------------------------------
     async def _write_response(self, response, request: Optional[Request], keep_alive: bool) -> bool:
-        if isinstance(response, StreamingResponse):
-            return await self._write_stream(response, request, keep_alive)
-        if not isinstance(response, Response):
+        if not isinstance(response, (Response, StreamingResponse)):
             logger.error("handler returned %r, not a Response", type(response).__name__)
             response = error_response(500, "internal server error")
-        head = self._encode_head(response, len(response.body), keep_alive, request)
+        try:
+            head = self._encode_head(response, keep_alive, request)
+        except ValueError:
+            logger.exception("invalid response headers")
+            await _close_iterator(getattr(response, "body", None))
+            response, keep_alive = error_response(500, "internal server error"), False
+            head = self._encode_head(response, keep_alive, request)
+        if isinstance(response, StreamingResponse):
+            return await self._write_stream(head, response, request, keep_alive)
         is_head_request = request is not None and request.method == "HEAD"
         self.transport.write(head if is_head_request else head + response.body)
         return keep_alive
 
-    def _encode_head(self, response, content_length, keep_alive, request) -> bytes:
+    def _encode_head(self, response, keep_alive: bool, request: Optional[Request]) -> bytes:
         version = request.http_version if request is not None else "1.1"
-        try:
-            return encode_head(
-                response.status, response.headers, response.content_type,
-                content_length=content_length, keep_alive=keep_alive, http_version=version,
-            )  # fmt: skip
-        except ValueError:
-            logger.exception("invalid response headers")
-            fallback = error_response(500, "internal server error")
-            return encode_head(500, [], fallback.content_type, content_length=len(fallback.body), keep_alive=False)
+        if isinstance(response, StreamingResponse):
+            content_length, keep_alive = None, keep_alive and version == "1.1"
+        else:
+            content_length = len(response.body)
+        return encode_head(
+            response.status, response.headers, response.content_type,
+            content_length=content_length, keep_alive=keep_alive, http_version=version,
+        )  # fmt: skip
 
-    async def _write_stream(self, response: StreamingResponse, request: Request, keep_alive: bool) -> bool:
+    async def _write_stream(self, head: bytes, response: StreamingResponse, request: Request, keep_alive: bool) -> bool:
         is_chunked = request.http_version == "1.1"  # HTTP/1.0: the body ends when the connection closes
         keep_alive = keep_alive and is_chunked
-        self.transport.write(self._encode_head(response, None, keep_alive, request))
+        self.transport.write(head)
         if request.method == "HEAD":
             await _close_iterator(response.body)
             return keep_alive
