@@ -2,7 +2,7 @@
 fields, and the framing they imply (RFC 9112 sections 3, 5 and 6)."""
 
 import re
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from pyvlm.http.errors import ProtocolError
 from pyvlm.http.events import ParserLimits, RequestHead
@@ -59,19 +59,28 @@ def _parse_header_line(line: bytes):
     return name.decode("ascii").lower(), value.decode("latin-1")
 
 
-def _values(headers: Headers, name: str) -> List[str]:
-    return [value for key, value in headers if key == name]
+_FRAMING_NAMES = frozenset(["host", "transfer-encoding", "content-length", "expect", "connection"])
 
 
-def _tokens(headers: Headers, name: str) -> List[str]:
-    return [token.strip().lower() for value in _values(headers, name) for token in value.split(",")]
+def _framing_values(headers: Headers) -> Dict[str, List[str]]:
+    """The values of the headers that decide framing, in one pass."""
+    found: Dict[str, List[str]] = {}
+    for name, value in headers:
+        if name in _FRAMING_NAMES:
+            found.setdefault(name, []).append(value)
+    return found
+
+
+def _tokens(values: Sequence[str]) -> List[str]:
+    return [token.strip().lower() for value in values for token in value.split(",")]
 
 
 def _with_framing(method: str, target: str, version: str, headers: Headers, limits) -> RequestHead:
-    if version == "1.1" and len(_values(headers, "host")) != 1:
+    framing = _framing_values(headers)
+    if version == "1.1" and len(framing.get("host", ())) != 1:
         raise ProtocolError(400, "an HTTP/1.1 request needs exactly one Host header")
-    is_chunked = _is_chunked(headers, version)
-    content_length = None if is_chunked else _content_length(headers, limits)
+    is_chunked = _is_chunked(framing, version)
+    content_length = None if is_chunked else _content_length(framing, limits)
     return RequestHead(
         method=method,
         target=target,
@@ -79,19 +88,19 @@ def _with_framing(method: str, target: str, version: str, headers: Headers, limi
         headers=headers,
         content_length=content_length,
         is_chunked=is_chunked,
-        expects_continue=_expects_continue(headers, version),
-        keep_alive=_keeps_alive(headers, version),
+        expects_continue=_expects_continue(framing, version),
+        keep_alive=_keeps_alive(framing, version),
     )
 
 
-def _is_chunked(headers: Headers, version: str) -> bool:
+def _is_chunked(framing: Dict[str, List[str]], version: str) -> bool:
     """Only `chunked` alone is accepted. Content-Length together with
     Transfer-Encoding is refused: proxies that disagree on which one frames
     the body are how requests get smuggled (RFC 9112 6.1, 11.2)."""
-    codings = _tokens(headers, "transfer-encoding")
+    codings = _tokens(framing.get("transfer-encoding", ()))
     if not codings:
         return False
-    if _values(headers, "content-length"):
+    if "content-length" in framing:
         raise ProtocolError(400, "a request cannot have both Content-Length and Transfer-Encoding")
     if version == "1.0":
         raise ProtocolError(400, "Transfer-Encoding is not allowed in an HTTP/1.0 request")
@@ -104,8 +113,8 @@ def _is_chunked(headers: Headers, version: str) -> bool:
     return True
 
 
-def _content_length(headers: Headers, limits: ParserLimits) -> Optional[int]:
-    values = _tokens(headers, "content-length")
+def _content_length(framing: Dict[str, List[str]], limits: ParserLimits) -> Optional[int]:
+    values = _tokens(framing.get("content-length", ()))
     if not values:
         return None
     if any(_CONTENT_LENGTH.fullmatch(value) is None for value in values) or len(set(values)) > 1:
@@ -116,8 +125,8 @@ def _content_length(headers: Headers, limits: ParserLimits) -> Optional[int]:
     return length
 
 
-def _expects_continue(headers: Headers, version: str) -> bool:
-    expectations = _tokens(headers, "expect")
+def _expects_continue(framing: Dict[str, List[str]], version: str) -> bool:
+    expectations = _tokens(framing.get("expect", ()))
     if version == "1.0" or not expectations:
         return False  # RFC 9110 10.1.1: ignore 100-continue from HTTP/1.0
     if expectations != ["100-continue"]:
@@ -125,8 +134,8 @@ def _expects_continue(headers: Headers, version: str) -> bool:
     return True
 
 
-def _keeps_alive(headers: Headers, version: str) -> bool:
-    options = _tokens(headers, "connection")
+def _keeps_alive(framing: Dict[str, List[str]], version: str) -> bool:
+    options = _tokens(framing.get("connection", ()))
     if version == "1.0":
         return "keep-alive" in options
     return "close" not in options

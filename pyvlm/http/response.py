@@ -13,11 +13,11 @@ _LINE_BREAK = re.compile(r"[\r\n\x00]")
 _FRAMING_HEADERS = {"content-length", "transfer-encoding", "connection", "content-type"}
 
 
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
 def reason_phrase(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
+    return _REASONS.get(status, "Unknown")
 
 
 def encode_head(

@@ -336,3 +336,19 @@ async def test_shutdown_lets_the_running_request_finish_with_connection_close():
     idle_protocol, idle_transport = connect(echo)
     idle_protocol.begin_shutdown()
     assert idle_transport.has_sent_eof
+
+
+@run_async
+async def test_a_stream_that_fails_midway_is_truncated_and_the_connection_closed():
+    async def stream(request):
+        async def body():
+            yield b"data: 1\n\n"
+            raise RuntimeError("engine exploded")
+
+        return StreamingResponse(200, body())
+
+    protocol, transport = connect(stream)
+    protocol.data_received(get("/s") + get("/never"))
+    await settle()
+    assert transport.written.endswith(b"9\r\ndata: 1\n\n\r\n")  # no terminating 0-chunk
+    assert transport.has_sent_eof and b"engine exploded" not in transport.written
