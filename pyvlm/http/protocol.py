@@ -46,7 +46,7 @@ class HttpProtocol(asyncio.Protocol):
         self.flow = WriteFlow()
         self.transport: Optional[asyncio.Transport] = None
         self.client = None
-        self._loop = asyncio.get_event_loop()
+        self._loop = asyncio.get_running_loop()
         self._pending: Deque[_Pending] = deque()
         self._cycle: Optional[asyncio.Task] = None
         self._head: Optional[RequestHead] = None
