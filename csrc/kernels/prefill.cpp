@@ -27,14 +27,26 @@ namespace {
 // a block (one AVX-512 register, two AVX2 ones), so the softmax state and
 // the score/output accumulators vectorise over (query, head) rows and K/V
 // elements are broadcast straight from the cache rows (no K transpose).
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+template <int N>
+struct VecWidth;
+#define PYVLM_VEC_WIDTH(N)                                         \
+  template <>                                                      \
+  struct VecWidth<N> {                                             \
+    typedef float F __attribute__((vector_size(4 * N)));           \
+    typedef int32_t I __attribute__((vector_size(4 * N)));         \
+  };
+PYVLM_VEC_WIDTH(4)   // SSE2
+PYVLM_VEC_WIDTH(8)   // AVX2
+PYVLM_VEC_WIDTH(16)  // AVX-512
+#undef PYVLM_VEC_WIDTH
+// Rows per chunk (the tile loop's unit); a kernel of narrower vectors walks
+// a chunk in 16 / N slices, each with its own 8-register blocking.
 constexpr int64_t kLanes = 16;
 
 // Keys per tile (the K/V rows every row of a block reuses from L1).
 constexpr int64_t kKeysPerTile = 64;
 // (query, head) rows per block, before rounding up to whole vectors.
-constexpr int64_t kRowsPerBlock = 48;
+constexpr int64_t kRowsPerBlock = 96;
 // Keys (score kernel) and head-dim elements (PV kernel) per register block.
 constexpr int64_t kRegBlock = 8;
 constexpr float kLog2e = 1.4426950408889634f;
@@ -42,21 +54,32 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLowest = -std::numeric_limits<float>::max();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-PYVLM_ALWAYS_INLINE vf splat(float x) { return vf{} + x; }
-PYVLM_ALWAYS_INLINE vf load(const float* p) {
-  vf v;
+template <typename V>
+PYVLM_ALWAYS_INLINE V splat(float x) {
+  return V{} + x;
+}
+template <typename V>
+PYVLM_ALWAYS_INLINE V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-PYVLM_ALWAYS_INLINE void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-PYVLM_ALWAYS_INLINE vf vmax(vf a, vf b) { return a > b ? a : b; }
+template <typename V>
+PYVLM_ALWAYS_INLINE void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <typename V>
+PYVLM_ALWAYS_INLINE V vmax(V a, V b) {
+  return a > b ? a : b;
+}
 
 // 2^x for x <= 0 (Cephes exp2f on [-0.5, 0.5], relative error ~2e-7); x is
 // clamped to -127, where the exponent field is 0 and the result exactly 0,
 // so masked (-inf) scores give 0 without a branch.
+template <typename vf, typename vi>
 PYVLM_ALWAYS_INLINE vf exp2_nonpositive(vf x) {
-  x = x < splat(-127.f) ? splat(-127.f) : x;
-  const vf shifter = splat(12582912.f);  // 1.5 * 2^23: round to nearest
+  x = x < splat<vf>(-127.f) ? splat<vf>(-127.f) : x;
+  const vf shifter = splat<vf>(12582912.f);  // 1.5 * 2^23: round to nearest
   const vf t = x + shifter;
   const vf f = x - (t - shifter);
   vi bits;
@@ -64,7 +87,7 @@ PYVLM_ALWAYS_INLINE vf exp2_nonpositive(vf x) {
   const vi exponent = (bits - 0x4B400000 + 127) << 23;
   vf scale;
   std::memcpy(&scale, &exponent, sizeof scale);
-  vf p = splat(1.535336188319500e-4f);
+  vf p = splat<vf>(1.535336188319500e-4f);
   p = p * f + 1.339887440266574e-3f;
   p = p * f + 9.618437357674640e-3f;
   p = p * f + 5.550332471162809e-2f;
@@ -88,62 +111,65 @@ struct TileChunk {
 };
 
 // st[j] = sum_i krow[j][i] * qt[i] for j < n, kRegBlock keys at a time.
+template <typename vf, typename vi = void>
 PYVLM_ALWAYS_INLINE void chunk_scores(const TileChunk& c) {
   int64_t j0 = 0;
   for (; j0 + kRegBlock <= c.n; j0 += kRegBlock) {
     vf acc[kRegBlock] = {};
     for (int64_t i = 0; i < c.d; ++i) {
-      const vf q = load(c.qt + i * c.ld);
+      const vf q = load<vf>(c.qt + i * c.ld);
       for (int64_t jj = 0; jj < kRegBlock; ++jj) acc[jj] += c.krow[j0 + jj][i] * q;
     }
     for (int64_t jj = 0; jj < kRegBlock; ++jj) store(c.st + (j0 + jj) * c.ld, acc[jj]);
   }
   for (; j0 < c.n; ++j0) {
     vf acc = {};
-    for (int64_t i = 0; i < c.d; ++i) acc += c.krow[j0][i] * load(c.qt + i * c.ld);
+    for (int64_t i = 0; i < c.d; ++i) acc += c.krow[j0][i] * load<vf>(c.qt + i * c.ld);
     store(c.st + j0 * c.ld, acc);
   }
 }
 
 // Masks keys at or past each row's limit, updates the running max and sum,
 // turns st into probabilities; returns the factor rescaling the old output.
+template <typename vf, typename vi>
 PYVLM_ALWAYS_INLINE vf chunk_softmax(const TileChunk& c) {
-  const vf limit = load(c.limit);
+  const vf limit = load<vf>(c.limit);
   if (c.needs_mask)
     for (int64_t j = 0; j < c.n; ++j) {
-      const vf s = load(c.st + j * c.ld);
-      store(c.st + j * c.ld, splat(float(c.first_key + j)) < limit ? s : splat(kNegInf));
+      const vf s = load<vf>(c.st + j * c.ld);
+      store(c.st + j * c.ld, splat<vf>(float(c.first_key + j)) < limit ? s : splat<vf>(kNegInf));
     }
-  const vf m_old = load(c.m);
+  const vf m_old = load<vf>(c.m);
   vf m_new = m_old;
-  for (int64_t j = 0; j < c.n; ++j) m_new = vmax(m_new, load(c.st + j * c.ld));
+  for (int64_t j = 0; j < c.n; ++j) m_new = vmax<vf>(m_new, load<vf>(c.st + j * c.ld));
   vf sum = {};
   for (int64_t j = 0; j < c.n; ++j) {
-    const vf p = exp2_nonpositive(load(c.st + j * c.ld) - m_new);
+    const vf p = exp2_nonpositive<vf, vi>(load<vf>(c.st + j * c.ld) - m_new);
     store(c.st + j * c.ld, p);
     sum += p;
   }
-  const vf alpha = exp2_nonpositive(m_old - m_new);
+  const vf alpha = exp2_nonpositive<vf, vi>(m_old - m_new);
   store(c.m, m_new);
-  store(c.l, load(c.l) * alpha + sum);
+  store(c.l, load<vf>(c.l) * alpha + sum);
   return alpha;
 }
 
 // ot[i] = alpha * ot[i] + sum_j vrow[j][i] * st[j], kRegBlock elements at a time.
+template <typename vf, typename vi = void>
 PYVLM_ALWAYS_INLINE void chunk_values(const TileChunk& c, vf alpha) {
   for (int64_t i0 = 0; i0 < c.d; i0 += kRegBlock) {
     const int64_t ni = std::min(kRegBlock, c.d - i0);
     vf acc[kRegBlock];
-    for (int64_t ii = 0; ii < ni; ++ii) acc[ii] = load(c.ot + (i0 + ii) * c.ld) * alpha;
+    for (int64_t ii = 0; ii < ni; ++ii) acc[ii] = load<vf>(c.ot + (i0 + ii) * c.ld) * alpha;
     if (ni == kRegBlock) {
       for (int64_t j = 0; j < c.n; ++j) {
-        const vf p = load(c.st + j * c.ld);
+        const vf p = load<vf>(c.st + j * c.ld);
         const float* v = c.vrow[j] + i0;
         for (int64_t ii = 0; ii < kRegBlock; ++ii) acc[ii] += v[ii] * p;
       }
     } else {
       for (int64_t j = 0; j < c.n; ++j) {
-        const vf p = load(c.st + j * c.ld);
+        const vf p = load<vf>(c.st + j * c.ld);
         for (int64_t ii = 0; ii < ni; ++ii) acc[ii] += c.vrow[j][i0 + ii] * p;
       }
     }
@@ -152,17 +178,57 @@ PYVLM_ALWAYS_INLINE void chunk_values(const TileChunk& c, vf alpha) {
 }
 
 // The portable build is SSE2 only (4 lanes, no FMA), where these loops run
-// several times slower; GCC clones the function per target and picks the
-// best the CPU has at load time (ifunc), as activation.cpp does.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PYVLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+// several times slower, so the kernel is also compiled for AVX2 + FMA and
+// AVX-512 and picked by what the CPU has. (Not target_clones: GCC splits
+// its "avx2,fma" into two clones, and the AVX2 one then has no FMA.)
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PYVLM_X86_DISPATCH 1
 #else
-#define PYVLM_VECTOR_CLONES
+#define PYVLM_X86_DISPATCH 0
 #endif
 
-PYVLM_VECTOR_CLONES void attend_tile_chunk(const TileChunk& c) {
-  chunk_scores(c);
-  chunk_values(c, chunk_softmax(c));
+// The chunk's 16 rows in slices of N-lane vectors.
+template <int N>
+PYVLM_ALWAYS_INLINE void attend_chunk(const TileChunk& c) {
+  using vf = typename VecWidth<N>::F;
+  using vi = typename VecWidth<N>::I;
+  for (int64_t o = 0; o < kLanes; o += N) {
+    TileChunk s = c;
+    s.qt += o, s.st += o, s.ot += o, s.m += o, s.l += o, s.limit += o;
+    chunk_scores<vf>(s);
+    chunk_values<vf>(s, chunk_softmax<vf, vi>(s));
+  }
+}
+
+void attend_tile_chunk_portable(const TileChunk& c) { attend_chunk<4>(c); }
+
+#if PYVLM_X86_DISPATCH
+__attribute__((target("avx2,fma"))) void attend_tile_chunk_avx2(const TileChunk& c) {
+  attend_chunk<8>(c);
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void attend_tile_chunk_avx512(const TileChunk& c) {
+  attend_chunk<16>(c);
+}
+
+using ChunkKernel = void (*)(const TileChunk&);
+
+ChunkKernel best_chunk_kernel() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return attend_tile_chunk_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return attend_tile_chunk_avx2;
+  return attend_tile_chunk_portable;
+}
+#endif
+
+void attend_tile_chunk(const TileChunk& c) {
+#if PYVLM_X86_DISPATCH
+  static const ChunkKernel kernel = best_chunk_kernel();
+  kernel(c);
+#else
+  attend_tile_chunk_portable(c);
+#endif
 }
 
 // One query block: rows r = qi * group + g are query token first_token + qi
