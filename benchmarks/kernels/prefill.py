@@ -104,6 +104,31 @@ def _varlen_rows(device, dtype):
     ]
 
 
+def _demo_prefill_rows(device, dtype):
+    """The CPU demo model's shapes (SmolLM2-135M: 9/3 heads, d 64), one-shot
+    causal prefill of 1,090 tokens, against SDPA is_causal on contiguous
+    [batch, heads, tokens, d] tensors (no gather: the best case for SDPA)."""
+    new, heads, kv_heads, head_dim = 1090, 9, 3, 64
+    rows = []
+    for num_seqs in (1, 8):
+        c = _paged_inputs(num_seqs, 0, new, heads, kv_heads, head_dim, 16, dtype, device)
+        out = torch.empty_like(c["query"])
+        ours = time_us(lambda: ops.paged_attention_prefill(**c, out=out), device)
+        q = torch.randn(num_seqs, heads, new, head_dim, device=device, dtype=dtype)
+        k = torch.randn(num_seqs, kv_heads, new, head_dim, device=device, dtype=dtype)
+        v = torch.randn_like(k)
+        base = time_us(lambda: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=c["scale"], enable_gqa=True), device)
+        nbytes = q.element_size() * (2 * q.numel() + 2 * k.numel())
+        case = f"b={num_seqs} new={new} prefix=0 h={heads}/{kv_heads} d={head_dim} {str(dtype)[6:]}"
+        rows.append(Row("paged_attention_prefill", case, device, ours,
+                        "SDPA is_causal, contiguous (enable_gqa)", base, nbytes))
+    return rows
+
+
 def run(device: str):
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return _prefill_rows(device, dtype) + _varlen_rows(device, dtype)
+    rows = _prefill_rows(device, dtype) + _varlen_rows(device, dtype)
+    if not device.startswith("cuda"):
+        rows += _demo_prefill_rows(device, dtype)
+    return rows

@@ -1,8 +1,21 @@
 #include "prefill.h"
 
+// The vf helpers take and return 64-byte vectors; they are always inlined,
+// so the ABI note GCC gives for non-AVX-512 clones does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+#if defined(__GNUC__)
+#define PYVLM_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define PYVLM_ALWAYS_INLINE inline
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "dtypes.h"
@@ -10,11 +23,213 @@
 namespace pyvlm {
 namespace {
 
-// Keys per tile; a compile-time width lets the score loop vectorize.
+// The float hot loops use GCC/Clang vector extensions: one `vf` is 16 rows of
+// a block (one AVX-512 register, two AVX2 ones), so the softmax state and
+// the score/output accumulators vectorise over (query, head) rows and K/V
+// elements are broadcast straight from the cache rows (no K transpose).
+template <int N>
+struct VecWidth;
+#define PYVLM_VEC_WIDTH(N)                                         \
+  template <>                                                      \
+  struct VecWidth<N> {                                             \
+    typedef float F __attribute__((vector_size(4 * N)));           \
+    typedef int32_t I __attribute__((vector_size(4 * N)));         \
+  };
+PYVLM_VEC_WIDTH(4)   // SSE2
+PYVLM_VEC_WIDTH(8)   // AVX2
+PYVLM_VEC_WIDTH(16)  // AVX-512
+#undef PYVLM_VEC_WIDTH
+// Rows per chunk (the tile loop's unit); a kernel of narrower vectors walks
+// a chunk in 16 / N slices, each with its own 8-register blocking.
+constexpr int64_t kLanes = 16;
+
+// Keys per tile (the K/V rows every row of a block reuses from L1).
 constexpr int64_t kKeysPerTile = 64;
-// (query, head) rows that share one K/V tile.
-constexpr int64_t kRowsPerBlock = 32;
+// (query, head) rows per block, before rounding up to whole vectors.
+constexpr int64_t kRowsPerBlock = 96;
+// Keys (score kernel) and head-dim elements (PV kernel) per register block.
+constexpr int64_t kRegBlock = 8;
+constexpr float kLog2e = 1.4426950408889634f;
+// Running max before any key: finite, so exp2(m_old - m_new) is 0 or 1, never NaN.
+constexpr float kLowest = -std::numeric_limits<float>::max();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <typename V>
+PYVLM_ALWAYS_INLINE V splat(float x) {
+  return V{} + x;
+}
+template <typename V>
+PYVLM_ALWAYS_INLINE V load(const float* p) {
+  V v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V>
+PYVLM_ALWAYS_INLINE void store(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+template <typename V>
+PYVLM_ALWAYS_INLINE V vmax(V a, V b) {
+  return a > b ? a : b;
+}
+
+// 2^x for x <= 0 (Cephes exp2f on [-0.5, 0.5], relative error ~2e-7); x is
+// clamped to -127, where the exponent field is 0 and the result exactly 0,
+// so masked (-inf) scores give 0 without a branch.
+template <typename vf, typename vi>
+PYVLM_ALWAYS_INLINE vf exp2_nonpositive(vf x) {
+  x = x < splat<vf>(-127.f) ? splat<vf>(-127.f) : x;
+  const vf shifter = splat<vf>(12582912.f);  // 1.5 * 2^23: round to nearest
+  const vf t = x + shifter;
+  const vf f = x - (t - shifter);
+  vi bits;
+  std::memcpy(&bits, &t, sizeof bits);
+  const vi exponent = (bits - 0x4B400000 + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &exponent, sizeof scale);
+  vf p = splat<vf>(1.535336188319500e-4f);
+  p = p * f + 1.339887440266574e-3f;
+  p = p * f + 9.618437357674640e-3f;
+  p = p * f + 5.550332471162809e-2f;
+  p = p * f + 2.402264791363012e-1f;
+  p = p * f + 6.931472028550421e-1f;
+  return (p * f + 1.f) * scale;
+}
+
+// One tile of keys against one vector of rows. Layouts (row index fastest,
+// ld = rows of the block): qt[d][ld] (queries * scale * log2 e), st[keys][ld]
+// scratch, ot[d][ld] unnormalised output; m, l, limit: this vector's 16
+// entries of the running max (log2 domain), running sum and key limit.
+struct TileChunk {
+  const float* const* krow;  // n key rows (head_dim contiguous floats)
+  const float* const* vrow;  // n value rows
+  int64_t n, first_key, d, ld;
+  bool needs_mask;
+  const float* qt;
+  float *st, *ot, *m, *l;
+  const float* limit;
+};
+
+// st[j] = sum_i krow[j][i] * qt[i] for j < n, kRegBlock keys at a time.
+template <typename vf, typename vi = void>
+PYVLM_ALWAYS_INLINE void chunk_scores(const TileChunk& c) {
+  int64_t j0 = 0;
+  for (; j0 + kRegBlock <= c.n; j0 += kRegBlock) {
+    vf acc[kRegBlock] = {};
+    for (int64_t i = 0; i < c.d; ++i) {
+      const vf q = load<vf>(c.qt + i * c.ld);
+      for (int64_t jj = 0; jj < kRegBlock; ++jj) acc[jj] += c.krow[j0 + jj][i] * q;
+    }
+    for (int64_t jj = 0; jj < kRegBlock; ++jj) store(c.st + (j0 + jj) * c.ld, acc[jj]);
+  }
+  for (; j0 < c.n; ++j0) {
+    vf acc = {};
+    for (int64_t i = 0; i < c.d; ++i) acc += c.krow[j0][i] * load<vf>(c.qt + i * c.ld);
+    store(c.st + j0 * c.ld, acc);
+  }
+}
+
+// Masks keys at or past each row's limit, updates the running max and sum,
+// turns st into probabilities; returns the factor rescaling the old output.
+template <typename vf, typename vi>
+PYVLM_ALWAYS_INLINE vf chunk_softmax(const TileChunk& c) {
+  const vf limit = load<vf>(c.limit);
+  if (c.needs_mask)
+    for (int64_t j = 0; j < c.n; ++j) {
+      const vf s = load<vf>(c.st + j * c.ld);
+      store(c.st + j * c.ld, splat<vf>(float(c.first_key + j)) < limit ? s : splat<vf>(kNegInf));
+    }
+  const vf m_old = load<vf>(c.m);
+  vf m_new = m_old;
+  for (int64_t j = 0; j < c.n; ++j) m_new = vmax<vf>(m_new, load<vf>(c.st + j * c.ld));
+  vf sum = {};
+  for (int64_t j = 0; j < c.n; ++j) {
+    const vf p = exp2_nonpositive<vf, vi>(load<vf>(c.st + j * c.ld) - m_new);
+    store(c.st + j * c.ld, p);
+    sum += p;
+  }
+  const vf alpha = exp2_nonpositive<vf, vi>(m_old - m_new);
+  store(c.m, m_new);
+  store(c.l, load<vf>(c.l) * alpha + sum);
+  return alpha;
+}
+
+// ot[i] = alpha * ot[i] + sum_j vrow[j][i] * st[j], kRegBlock elements at a time.
+template <typename vf, typename vi = void>
+PYVLM_ALWAYS_INLINE void chunk_values(const TileChunk& c, vf alpha) {
+  for (int64_t i0 = 0; i0 < c.d; i0 += kRegBlock) {
+    const int64_t ni = std::min(kRegBlock, c.d - i0);
+    vf acc[kRegBlock];
+    for (int64_t ii = 0; ii < ni; ++ii) acc[ii] = load<vf>(c.ot + (i0 + ii) * c.ld) * alpha;
+    if (ni == kRegBlock) {
+      for (int64_t j = 0; j < c.n; ++j) {
+        const vf p = load<vf>(c.st + j * c.ld);
+        const float* v = c.vrow[j] + i0;
+        for (int64_t ii = 0; ii < kRegBlock; ++ii) acc[ii] += v[ii] * p;
+      }
+    } else {
+      for (int64_t j = 0; j < c.n; ++j) {
+        const vf p = load<vf>(c.st + j * c.ld);
+        for (int64_t ii = 0; ii < ni; ++ii) acc[ii] += c.vrow[j][i0 + ii] * p;
+      }
+    }
+    for (int64_t ii = 0; ii < ni; ++ii) store(c.ot + (i0 + ii) * c.ld, acc[ii]);
+  }
+}
+
+// The portable build is SSE2 only (4 lanes, no FMA), where these loops run
+// several times slower, so the kernel is also compiled for AVX2 + FMA and
+// AVX-512 and picked by what the CPU has. (Not target_clones: GCC splits
+// its "avx2,fma" into two clones, and the AVX2 one then has no FMA.)
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PYVLM_X86_DISPATCH 1
+#else
+#define PYVLM_X86_DISPATCH 0
+#endif
+
+// The chunk's 16 rows in slices of N-lane vectors.
+template <int N>
+PYVLM_ALWAYS_INLINE void attend_chunk(const TileChunk& c) {
+  using vf = typename VecWidth<N>::F;
+  using vi = typename VecWidth<N>::I;
+  for (int64_t o = 0; o < kLanes; o += N) {
+    TileChunk s = c;
+    s.qt += o, s.st += o, s.ot += o, s.m += o, s.l += o, s.limit += o;
+    chunk_scores<vf>(s);
+    chunk_values<vf>(s, chunk_softmax<vf, vi>(s));
+  }
+}
+
+void attend_tile_chunk_portable(const TileChunk& c) { attend_chunk<4>(c); }
+
+#if PYVLM_X86_DISPATCH
+__attribute__((target("avx2,fma"))) void attend_tile_chunk_avx2(const TileChunk& c) {
+  attend_chunk<8>(c);
+}
+
+__attribute__((target("avx512f,avx2,fma"))) void attend_tile_chunk_avx512(const TileChunk& c) {
+  attend_chunk<16>(c);
+}
+
+using ChunkKernel = void (*)(const TileChunk&);
+
+ChunkKernel best_chunk_kernel() {
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return attend_tile_chunk_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return attend_tile_chunk_avx2;
+  return attend_tile_chunk_portable;
+}
+#endif
+
+void attend_tile_chunk(const TileChunk& c) {
+#if PYVLM_X86_DISPATCH
+  static const ChunkKernel kernel = best_chunk_kernel();
+  kernel(c);
+#else
+  attend_tile_chunk_portable(c);
+#endif
+}
 
 // One query block: rows r = qi * group + g are query token first_token + qi
 // of head kv_head * group + g. Row qi sees keys [0, row_limit(qi)).
@@ -29,87 +244,65 @@ struct Block {
   int64_t keys_needed() const { return row_limit(num_queries - 1); }
 };
 
-// Per-thread float buffers, allocated once per chunk of work items.
+// Per-thread buffers, allocated once per chunk of work items; ld is the
+// block's rows rounded up to whole vectors.
 struct Scratch {
-  int64_t d;
-  std::vector<float> q, kt, v, s, o, m, l;
-  explicit Scratch(int64_t head_dim, int64_t rows)
+  int64_t d, ld;
+  std::vector<float> qt, st, ot, m, l, limit, k, v;
+  std::vector<const float*> krow, vrow;
+  Scratch(int64_t head_dim, int64_t rows)
       : d(head_dim),
-        q(rows * head_dim),
-        kt(head_dim * kKeysPerTile),
+        ld((rows + kLanes - 1) / kLanes * kLanes),
+        qt(head_dim * ld),
+        st(kKeysPerTile * ld),
+        ot(head_dim * ld),
+        m(ld),
+        l(ld),
+        limit(ld),
+        k(kKeysPerTile * head_dim),
         v(kKeysPerTile * head_dim),
-        s(rows * kKeysPerTile),
-        o(rows * head_dim),
-        m(rows),
-        l(rows) {}
+        krow(kKeysPerTile),
+        vrow(kKeysPerTile) {}
 };
 
+// Queries transposed and pre-scaled into the log2 domain; padding rows get
+// zero queries and the last real row's limit (computed, never stored).
 template <typename T>
 void load_queries(Scratch& sc, const Block& b, const T* query, int64_t qs_token,
                   int64_t qs_head, float scale) {
+  const float qscale = scale * kLog2e;
+  std::fill(sc.qt.begin(), sc.qt.end(), 0.f);
   for (int64_t r = 0; r < b.rows(); ++r) {
     const int64_t head = b.kv_head * b.group + r % b.group;
     const T* src = query + (b.first_token + r / b.group) * qs_token + head * qs_head;
-    float* dst = sc.q.data() + r * sc.d;
-    for (int64_t i = 0; i < sc.d; ++i) dst[i] = to_float(src[i]) * scale;
+    for (int64_t i = 0; i < sc.d; ++i) sc.qt[i * sc.ld + r] = to_float(src[i]) * qscale;
   }
-  std::fill(sc.o.begin(), sc.o.begin() + b.rows() * sc.d, 0.f);
-  std::fill(sc.m.begin(), sc.m.begin() + b.rows(), kNegInf);
-  std::fill(sc.l.begin(), sc.l.begin() + b.rows(), 0.f);
+  for (int64_t r = 0; r < sc.ld; ++r)
+    sc.limit[r] = float(b.row_limit(std::min(r, b.rows() - 1) / b.group));
+  std::fill(sc.ot.begin(), sc.ot.end(), 0.f);
+  std::fill(sc.m.begin(), sc.m.end(), kLowest);
+  std::fill(sc.l.begin(), sc.l.end(), 0.f);
 }
 
-// Keys [j0, j0 + n): K transposed (kt[i][j]) so scores vectorize over keys.
+// Row pointers of keys [j0, j0 + n): float caches are read in place, 16-bit
+// ones converted into the scratch tile first.
 template <typename T, typename KvRow>
 void load_kv_tile(Scratch& sc, const KvRow& kv_row, int64_t j0, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    const auto [k, v] = kv_row(j0 + j);
-    float* vd = sc.v.data() + j * sc.d;
-    for (int64_t i = 0; i < sc.d; ++i) {
-      sc.kt[i * kKeysPerTile + j] = to_float(k[i]);
-      vd[i] = to_float(v[i]);
+    const auto kv = kv_row(j0 + j);
+    if constexpr (std::is_same<T, float>::value) {
+      sc.krow[j] = kv.first;
+      sc.vrow[j] = kv.second;
+    } else {
+      float* kd = sc.k.data() + j * sc.d;
+      float* vd = sc.v.data() + j * sc.d;
+      for (int64_t i = 0; i < sc.d; ++i) {
+        kd[i] = to_float(kv.first[i]);
+        vd[i] = to_float(kv.second[i]);
+      }
+      sc.krow[j] = kd;
+      sc.vrow[j] = vd;
     }
-  }
-}
-
-// S = Q K^T for the tile, rows in groups of kRowGroup so every K^T load
-// feeds several rows (fewer loads per multiply-add).
-constexpr int64_t kRowGroup = 4;
-
-void tile_scores(Scratch& sc, int64_t rows) {
-  for (int64_t r0 = 0; r0 < rows; r0 += kRowGroup) {
-    const int64_t nr = std::min(kRowGroup, rows - r0);
-    float acc[kRowGroup][kKeysPerTile] = {};
-    for (int64_t i = 0; i < sc.d; ++i) {
-      const float* k = sc.kt.data() + i * kKeysPerTile;
-      float qi[kRowGroup];
-      for (int64_t r = 0; r < kRowGroup; ++r) qi[r] = r < nr ? sc.q[(r0 + r) * sc.d + i] : 0.f;
-      for (int64_t r = 0; r < kRowGroup; ++r)
-        for (int64_t j = 0; j < kKeysPerTile; ++j) acc[r][j] += qi[r] * k[j];
-    }
-    for (int64_t r = 0; r < nr; ++r)
-      std::copy(acc[r], acc[r] + kKeysPerTile, sc.s.data() + (r0 + r) * kKeysPerTile);
-  }
-}
-
-// Online softmax update of row r with its first `valid` scores of the tile.
-void update_row(Scratch& sc, int64_t r, int64_t valid) {
-  float* s = sc.s.data() + r * kKeysPerTile;
-  float mx = sc.m[r];
-  for (int64_t j = 0; j < valid; ++j) mx = std::max(mx, s[j]);
-  const float alpha = sc.m[r] == kNegInf ? 0.f : std::exp(sc.m[r] - mx);
-  float sum = 0.f;
-  for (int64_t j = 0; j < valid; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    sum += s[j];
-  }
-  sc.m[r] = mx;
-  sc.l[r] = sc.l[r] * alpha + sum;
-  float* o = sc.o.data() + r * sc.d;
-  for (int64_t i = 0; i < sc.d; ++i) o[i] *= alpha;
-  for (int64_t j = 0; j < valid; ++j) {
-    const float p = s[j];
-    const float* v = sc.v.data() + j * sc.d;
-    for (int64_t i = 0; i < sc.d; ++i) o[i] += p * v[i];
   }
 }
 
@@ -119,9 +312,22 @@ void store_rows(const Scratch& sc, const Block& b, T* out, int64_t num_heads) {
     const int64_t head = b.kv_head * b.group + r % b.group;
     T* dst = out + ((b.first_token + r / b.group) * num_heads + head) * sc.d;
     const float inv = sc.l[r] > 0.f ? 1.f / sc.l[r] : 0.f;
-    const float* o = sc.o.data() + r * sc.d;
-    for (int64_t i = 0; i < sc.d; ++i) dst[i] = from_float<T>(o[i] * inv);
+    for (int64_t i = 0; i < sc.d; ++i) dst[i] = from_float<T>(sc.ot[i * sc.ld + r] * inv);
   }
+}
+
+// The chunk of one vector of rows for the tile [j0, j0 + n); its n is cut
+// to the keys some row of the vector sees (0: skip), and masking is only
+// needed where some row sees fewer.
+TileChunk make_chunk(Scratch& sc, int64_t c0, int64_t j0, int64_t n) {
+  const float* lim = sc.limit.data() + c0;
+  const int64_t max_limit = int64_t(*std::max_element(lim, lim + kLanes));
+  const int64_t min_limit = int64_t(*std::min_element(lim, lim + kLanes));
+  const int64_t keys = std::max<int64_t>(0, std::min(n, max_limit - j0));
+  return {sc.krow.data(), sc.vrow.data(), keys,  j0,
+          sc.d,           sc.ld,          j0 + keys > min_limit,
+          sc.qt.data() + c0, sc.st.data() + c0, sc.ot.data() + c0,
+          sc.m.data() + c0,  sc.l.data() + c0,  lim};
 }
 
 // The shared tiled core: kv_row(j) gives (key row, value row) pointers of key
@@ -132,10 +338,9 @@ void attend_block(Scratch& sc, const Block& b, const KvRow& kv_row) {
   for (int64_t j0 = 0; j0 < keys; j0 += kKeysPerTile) {
     const int64_t n = std::min(kKeysPerTile, keys - j0);
     load_kv_tile<T>(sc, kv_row, j0, n);
-    tile_scores(sc, b.rows());
-    for (int64_t r = 0; r < b.rows(); ++r) {
-      const int64_t valid = std::min(n, b.row_limit(r / b.group) - j0);
-      if (valid > 0) update_row(sc, r, valid);
+    for (int64_t c0 = 0; c0 < b.rows(); c0 += kLanes) {
+      const TileChunk c = make_chunk(sc, c0, j0, n);
+      if (c.n > 0) attend_tile_chunk(c);
     }
   }
 }
