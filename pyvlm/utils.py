@@ -85,8 +85,14 @@ def wait_for_server(base_url: str, timeout: Optional[float] = None,
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Signals the process group the process leads (execute_shell_command
+    makes one); a process that leads no group is signalled alone, so the
+    caller's own group is never hit."""
     try:
-        os.killpg(process.pid, signum)  # the group execute_shell_command created
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signum)
+        elif process.poll() is None:
+            process.send_signal(signum)
     except (ProcessLookupError, PermissionError):
         pass  # already gone (or reaped and the id reused by another user)
 

@@ -103,3 +103,14 @@ def test_execute_shell_command_refuses_an_empty_command():
 def test_print_highlight_prints_bold_blue(capsys):
     print_highlight("hello <world>")
     assert capsys.readouterr().out == "\033[1;34mhello <world>\033[0m\n"
+
+
+def test_terminate_process_stops_a_process_that_leads_no_group():
+    import subprocess
+    import sys
+
+    from pyvlm.utils import terminate_process
+
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    terminate_process(process, grace_s=5)
+    assert process.returncode is not None  # stopped, and the test process (same group) survived

@@ -76,7 +76,7 @@ inline float gelu_tanh(float x) {
 // loops run ~5x slower than with AVX2 + FMA; GCC clones the function per
 // target and picks the best the CPU has at load time (ifunc).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PYVLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define PYVLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #else
 #define PYVLM_VECTOR_CLONES
 #endif

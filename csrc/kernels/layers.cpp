@@ -117,7 +117,7 @@ bool valid_position(int64_t pos, int64_t max_position) {
 // AVX2/AVX-512 clones picked at load time (the default x86-64 target has
 // only SSE2), as in activation.cpp.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define PYVLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#define PYVLM_VECTOR_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "default")))
 #else
 #define PYVLM_VECTOR_CLONES
 #endif
