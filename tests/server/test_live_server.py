@@ -180,6 +180,9 @@ def test_64_streaming_clients_with_a_quarter_disconnecting(server):
             break
         time.sleep(0.1)
     assert running and float(running[0].split()[-1]) == 0, running
+    # No pages held beyond the prefix cache (token usage counts cached pages as free).
+    usage = [l for l in metrics.splitlines() if l.startswith("pyvlm:token_usage")]
+    assert usage and float(usage[0].split()[-1]) == 0, usage
 
 
 def test_sigterm_shuts_down_cleanly(tiny_checkpoint_qwen2):
