@@ -45,6 +45,7 @@ async def one_request(client, model: str, uri: str, max_tokens: int, index: int)
         stream = await client.chat.completions.create(
             model=model, max_tokens=max_tokens, temperature=0, stream=True,
             stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},  # fixed output length (SGLang and vLLM accept it)
             messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": uri}},
                 {"type": "text", "text": f"Describe picture {index} in detail."}]}])
@@ -83,6 +84,7 @@ def percentiles(values: List[float]) -> str:
 
 def report(timings: List[RequestTiming], wall_s: float, args) -> None:
     ok = [t for t in timings if not t.error and t.chunk_times]
+    empty = sum(1 for t in timings if not t.error and not t.chunk_times)
     ttft = [t.chunk_times[0] - t.start for t in ok]
     tpot = [(t.chunk_times[-1] - t.chunk_times[0]) / max(1, t.num_output_tokens - 1) for t in ok]
     itl = [b - a for t in ok for a, b in zip(t.chunk_times, t.chunk_times[1:])]
@@ -93,6 +95,8 @@ def report(timings: List[RequestTiming], wall_s: float, args) -> None:
     print(f"| {args.base_url} | {len(timings)} ({len(ok)}) | {args.concurrency} "
           f"| {percentiles(ttft)} | {percentiles(tpot)} | {percentiles(itl)} "
           f"| {len(ok) / wall_s:.2f} | {tokens / wall_s:.1f} |")
+    if empty:
+        print(f"{empty} request(s) streamed no text")
     for t in timings:
         if t.error:
             print(f"error: {t.error}")
