@@ -37,14 +37,19 @@ async def chat_completions(app, body: Mapping) -> Answer:
     images = await app.fetch_images(rendered.image_refs)
     run = Run([EngineInput(rendered.text, images, True)], sampling, spec, "chatcmpl")
     ids = responses.ResponseIds("chatcmpl", app.args.model_name)
+    return await respond(app, run, spec, ids, chat_events, responses.chat_completion)
+
+
+async def respond(app, run: Run, spec, ids, make_events, make_body):
+    """The stream (SSE events from make_events) or the whole JSON body (make_body)."""
     if spec.stream:
         deltas = await open_stream(app.runner.stream(run))
-        return event_stream(chat_events(app, run, ids, deltas), deltas)
+        return event_stream(make_events(app, run, ids, deltas), deltas)
     results = await app.runner.collect(run)
     usage = responses.usage_of([(run.prompt_index(r.index), r.meta) for r in results],
                                app.args.enable_cache_report)
-    return json_response(responses.chat_completion(
-        ids, results, usage, app.token_texts, spec.num_top_logprobs is not None))
+    return json_response(make_body(ids, results, usage, app.token_texts,
+                                   spec.num_top_logprobs is not None))
 
 
 async def chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
@@ -91,14 +96,7 @@ async def completions(app, body: Mapping) -> Answer:
                                app.context_length, app.vocab_size)
     run = Run([EngineInput(p, (), True) for p in prompts], sampling, spec, "cmpl")
     ids = responses.ResponseIds("cmpl", app.args.model_name)
-    if spec.stream:
-        deltas = await open_stream(app.runner.stream(run))
-        return event_stream(completion_events(app, run, ids, deltas), deltas)
-    results = await app.runner.collect(run)
-    usage = responses.usage_of([(run.prompt_index(r.index), r.meta) for r in results],
-                               app.args.enable_cache_report)
-    return json_response(responses.completion(
-        ids, results, usage, app.token_texts, spec.num_top_logprobs is not None))
+    return await respond(app, run, spec, ids, completion_events, responses.completion)
 
 
 def _refuse_completion_extras(body: Mapping) -> None:
