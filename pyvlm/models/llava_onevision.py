@@ -13,8 +13,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .anyres import (anyres_grid_shape, downsampled_size, max_tiles_of, num_anyres_tiles,
-                     unpadded_size)
+from pyvlm.multimodal.llava_onevision import (anyres_grid_shape, downsampled_feature_grid,
+                                              max_num_patches_of, num_anyres_tiles,
+                                              unpadding_crop)
 from .decoders import decoder_for
 from .llama import KVCache
 from .siglip import SiglipVisionTower
@@ -169,10 +170,10 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
                                        vision.image_size)
         fmap = grid_features.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
         fmap = fmap.reshape(fmap.shape[0], rows * side, cols * side)
-        top, bottom, left, right = unpadded_size(image_size, tuple(fmap.shape[1:]))
+        top, bottom, left, right = unpadding_crop(image_size, tuple(fmap.shape[1:]))
         fmap = fmap[:, top:bottom, left:right]
-        new_size = downsampled_size(fmap.shape[1], fmap.shape[2], side,
-                                    max_tiles_of(self.config.vision_aspect_ratio))
+        new_size = downsampled_feature_grid(fmap.shape[1], fmap.shape[2], side,
+                                            max_num_patches_of(self.config.vision_aspect_ratio))
         if new_size != tuple(fmap.shape[1:]):
             fmap = F.interpolate(fmap[None], list(new_size), mode="bilinear")[0]
         return fmap

@@ -108,22 +108,45 @@ def patch_output_size(image_size: Size, target: Size) -> Size:
     return target_height, min(math.ceil(width * scale_h), target_width)
 
 
-def _parse_max_num_patches(vision_aspect_ratio: str) -> int:
+def max_num_patches_of(vision_aspect_ratio: str) -> int:
+    """9 for "anyres_max_9": the feature area, in tiles, kept before downsampling."""
     match = re.fullmatch(r"anyres_max_(\d+)", vision_aspect_ratio)
     if match is None:
         raise ValueError(f"vision_aspect_ratio {vision_aspect_ratio!r} is not anyres_max_<N>")
     return int(match.group(1))
 
 
-def unpadded_feature_grid(image_size: Size, grid_rows: int, grid_cols: int) -> Size:
-    """(rows, cols) of the feature grid once the padding rows or columns
-    that anyres added around the image are removed (the model's unpad_image)."""
+def unpadding_crop(image_size: Size, current_size: Size) -> Tuple[int, int, int, int]:
+    """The crop (top, bottom, left, right) of a [current_size] feature map
+    that removes the letterbox padding anyres added around an image of
+    image_size (the model's unpad_image)."""
     height, width = image_size
-    if width / height > grid_cols / grid_rows:
-        new_height = int(round(height * (grid_cols / width), 7))
-        return grid_rows - (grid_rows - new_height) // 2 * 2, grid_cols
-    new_width = int(round(width * (grid_rows / height), 7))
-    return grid_rows, grid_cols - (grid_cols - new_width) // 2 * 2
+    rows, cols = current_size
+    if width / height > cols / rows:
+        new_height = int(round(height * (cols / width), 7))
+        padding = (rows - new_height) // 2
+        return padding, rows - padding, 0, cols
+    new_width = int(round(width * (rows / height), 7))
+    padding = (cols - new_width) // 2
+    return 0, rows, padding, cols - padding
+
+
+def unpadded_feature_grid(image_size: Size, grid_rows: int, grid_cols: int) -> Size:
+    """(rows, cols) of the feature grid once the padding is removed."""
+    top, bottom, left, right = unpadding_crop(image_size, (grid_rows, grid_cols))
+    return bottom - top, right - left
+
+
+def anyres_grid_shape(image_size: Size, pinpoints: Sequence[Size], tile_size: int) -> Size:
+    """(rows, columns) of tiles of the best resolution."""
+    height, width = select_best_resolution(image_size, pinpoints)
+    return height // tile_size, width // tile_size
+
+
+def num_anyres_tiles(image_size: Size, pinpoints: Sequence[Size], tile_size: int) -> int:
+    """Grid tiles plus the base (whole image) tile."""
+    height, width = select_best_resolution(image_size, pinpoints)
+    return math.ceil(height / tile_size) * math.ceil(width / tile_size) + 1
 
 
 def downsampled_feature_grid(rows: int, cols: int, features_per_side: int,
@@ -154,7 +177,7 @@ class LlavaOnevisionImageConfig:
     vision_feature_select_strategy: str = "full"
 
     def __post_init__(self):
-        _parse_max_num_patches(self.vision_aspect_ratio)
+        max_num_patches_of(self.vision_aspect_ratio)
         if self.normalization.resample not in SUPPORTED_RESAMPLE:
             raise ValueError(f"resample {self.normalization.resample} is not supported "
                              f"(only {sorted(SUPPORTED_RESAMPLE)})")
@@ -173,7 +196,7 @@ class LlavaOnevisionImageConfig:
 
     @property
     def max_num_patches(self) -> int:
-        return _parse_max_num_patches(self.vision_aspect_ratio)
+        return max_num_patches_of(self.vision_aspect_ratio)
 
     def num_image_tokens(self, image_size: Size, num_images_in_prompt: int) -> int:
         """Placeholder tokens transformers' processor inserts for this image."""

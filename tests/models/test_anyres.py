@@ -5,8 +5,9 @@ import random
 
 import torch
 
-from pyvlm.models.anyres import (anyres_grid_shape, num_anyres_tiles, select_best_resolution,
-                                 unpadded_size)
+from pyvlm.multimodal.llava_onevision import (anyres_grid_shape, num_anyres_tiles,
+                                              select_best_resolution)
+from pyvlm.multimodal.llava_onevision import unpadding_crop as unpadded_size
 from tests.tiny_models import GRID_PINPOINTS, VISION_IMAGE_SIZE
 
 ONEVISION_PINPOINTS = [[384 * i, 384 * j] for i in range(1, 7) for j in range(1, 7)]
