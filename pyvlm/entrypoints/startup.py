@@ -2,6 +2,7 @@
 scheduler -> engine thread, and the request builder that feeds it."""
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,6 +108,12 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     config, tokenizer and processor settings."""
     files = checkpoint_for(config)
     device = torch.device(resolve_device(config.model.device))
+    if device.type == "cuda":
+        # The scheduler builds every slot and page index itself, so the ops'
+        # CUDA range checks (one device-to-host sync per index tensor, per
+        # layer, per step) only slow the decode loop; the kernels still skip
+        # invalid indices. A user's explicit setting wins.
+        os.environ.setdefault("PYVLM_CHECK_INDICES", "0")
     dtype = resolve_dtype(config.model.dtype, files.config, device.type)
     if loaded_model is not None:
         dtype = next(loaded_model.parameters()).dtype
