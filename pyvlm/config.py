@@ -4,7 +4,7 @@ ServerArgs-style flags map onto these groups; `EngineConfig` composes them.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Dict, Optional
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,10 @@ class ModelConfig:
     tokenizer_path: Optional[str] = None
     dtype: str = "auto"  # auto|float32|float16|bfloat16
     device: str = "auto"  # auto|cpu|cuda
-    context_length: Optional[int] = None  # None: from the checkpoint's config
+    context_length: Optional[int] = None  # None: from the checkpoint's config (also the cap)
+    # Replaces the text model's rope scaling (e.g. {"rope_type": "linear", "factor": 4.0});
+    # max_position_embeddings grows by the factor, and so may --context-length.
+    rope_scaling: Optional[Dict[str, Any]] = None
     chat_template: Optional[str] = None
     served_model_name: Optional[str] = None
 
@@ -28,7 +31,7 @@ class CacheConfig:
     mem_fraction_static: float = 0.85  # GPU: fraction of free memory for weights + KV
     max_total_tokens: Optional[int] = None  # CPU: KV pool size; None = from available RAM
     disable_radix_cache: bool = False
-    encoder_cache_size: int = 64  # images whose vision-tower output is kept (LRU)
+    encoder_cache_bytes: int = 1 << 30  # vision-tower outputs kept (LRU), in bytes
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,21 @@ class SchedulerConfig:
     schedule_policy: str = "fcfs"  # fcfs|lpm
     stream_interval: int = 1
     decode_log_interval: int = 40
-    random_seed: int = 0
+    random_seed: Optional[int] = None  # first seed of unseeded requests; None: random per process
     enable_cache_report: bool = False
+    # Scales the decode room admission reserves for running requests (SGLang's
+    # --schedule-conservativeness): 0 reserves none (more preemption), >1 more.
+    schedule_conservativeness: float = 1.0
+
+
+@dataclass(frozen=True)
+class MediaConfig:
+    """What request images may reach and cost, for the server and the
+    offline Engine alike (pyvlm.multimodal.media.MediaPolicy's fields)."""
+
+    allowed_local_media_path: Optional[str] = None  # the only folder local paths may read
+    allow_private_media_urls: bool = False  # fetch URLs on loopback/private addresses too
+    max_image_pixels: int = 64_000_000  # any image buffer: decoded, padded canvas, resized
 
 
 @dataclass(frozen=True)
@@ -50,9 +66,11 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
 
 
-_GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}
+_GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
+           "media": MediaConfig}
 _ALIASES = {"model_path": "model"}
 
 

@@ -54,4 +54,5 @@ def _build_output(request: Request, finished: bool) -> RequestOutput:
         completion_tokens=len(request.output_ids),
         cached_tokens=request.num_cached_tokens,
         new_logprobs=logprobs,
+        error=request.error,
     )

@@ -99,6 +99,10 @@ class RadixCache:
                 self.num_protected_pages += 1
             path_node.lock_ref += 1
 
+    def num_unprotected_on_path(self, node: RadixNode) -> int:
+        """Pages that locking node would newly protect (now evictable)."""
+        return sum(path_node.lock_ref == 0 for path_node in self._path_to_root(node))
+
     def unlock(self, node: RadixNode) -> None:
         for path_node in self._path_to_root(node):
             if path_node.lock_ref <= 0:

@@ -58,6 +58,7 @@ class Request:
     num_streamed_tokens: int = 0
     pending_logprobs: List[Logprob] = field(default_factory=list)
     num_preemptions: int = 0
+    error: Optional[str] = None  # why the engine failed it (finish_reason "error")
 
     @property
     def all_ids(self) -> List[int]:
@@ -117,3 +118,4 @@ class RequestOutput:
     completion_tokens: int
     cached_tokens: int
     new_logprobs: List[Logprob] = field(default_factory=list)
+    error: Optional[str] = None  # set when the engine failed this request (finish "error")

@@ -13,10 +13,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from pyvlm.config import CacheConfig, SchedulerConfig
+from pyvlm.engine.decode_reserve import DecodeReserve
 from pyvlm.engine.detokenizer import detokenizer_factory as default_detokenizer_factory
+from pyvlm.engine.isolation import ChunkFailure, forward_isolated
 from pyvlm.engine.kv_manager import KVManager
 from pyvlm.engine.output_processor import record_sample, take_output
 from pyvlm.engine.prefill_planner import PrefillBudget, order_waiting
+from pyvlm.engine.radix_cache import PrefixMatch
 from pyvlm.engine.request import Request, RequestOutput, RequestStatus
 from pyvlm.engine.scheduler_metrics import SchedulerMetrics
 from pyvlm.engine.types import ForwardBatch, ModelRunner, SchedulerStats, SequenceChunk
@@ -55,6 +58,7 @@ class Scheduler:
         self.chunked: Optional[Request] = None  # the request mid-way through a chunked prefill
         self.requests: Dict[str, Request] = {}
         self.metrics = SchedulerMetrics(sched.decode_log_interval)
+        self.reserve = DecodeReserve(sched.schedule_conservativeness)
         self._arrivals = itertools.count()
         self._pending_outputs: List[RequestOutput] = []
 
@@ -112,7 +116,7 @@ class Scheduler:
         if not items:
             return outputs
         batch = ForwardBatch(is_decode, [self._chunk(request, n) for request, n in items])
-        results = runner.forward(batch)
+        results = forward_isolated(runner, batch)
         outputs.extend(self._process(items, results, is_decode))
         self._after_step(plan, is_decode)
         return outputs
@@ -134,6 +138,7 @@ class Scheduler:
             "num_used_pages": self.kv.num_used_pages,
             "num_cached_pages": self.kv.cache.num_pages,
             "num_preemptions": self.metrics.num_preemptions,
+            "num_failed_requests": self.metrics.num_failed_requests,
         }
 
     # ---- prefill ----------------------------------------------------------
@@ -158,6 +163,8 @@ class Scheduler:
     def _admit(self, request: Request, budget: PrefillBudget, plan: PrefillPlan) -> bool:
         """Matches the prefix cache, takes budget and pages; False to stop."""
         match = self.kv.match(request)
+        if not self._has_room(request, match, plan):
+            return False
         num_tokens = budget.take(request.num_tokens - match.num_tokens, is_first=not plan.items)
         if num_tokens == 0 or not self.kv.admit(request, match, num_tokens):
             return False
@@ -172,6 +179,32 @@ class Scheduler:
         if num_tokens < request.num_uncomputed_tokens:
             self.chunked = request
         return True
+
+    def _has_room(self, request: Request, match: PrefixMatch, plan: PrefillPlan) -> bool:
+        """Whether the pool, after this request's whole prompt and its decode
+        reserve, still holds the reserve of every request already running,
+        mid-chunk or admitted this step. A request with nothing else in
+        flight is always admitted (it fits: validate checked its prompt)."""
+        others = self._in_flight(plan)
+        if self.reserve.is_off or not others:
+            return True
+        needed = sum(self._reserved_pages(other) for other in others)
+        needed += self._reserved_pages(request) - len(match.pages)
+        available = (self.kv.allocator.num_free + self.kv.cache.num_evictable_pages
+                     - self.kv.cache.num_unprotected_on_path(match.node))
+        return needed <= available
+
+    def _in_flight(self, plan: PrefillPlan) -> List[Request]:
+        admitted = [request for request, _ in plan.items]
+        chunked = [self.chunked] if self.chunked is not None and self.chunked not in admitted else []
+        return self.running + admitted + chunked
+
+    def _reserved_pages(self, request: Request) -> int:
+        """Pages request still needs for its prompt and its decode reserve,
+        beyond those it holds (capped at the pool: it must fit alone)."""
+        num_tokens = request.num_tokens + self.reserve.num_tokens_for(request)
+        num_pages = min(self.kv.num_pages_for(num_tokens), self.kv.num_total_pages)
+        return max(num_pages - len(request.page_table), 0)
 
     def _has_running_slot(self, plan: PrefillPlan) -> bool:
         # A continuing chunked request is already among plan.items.
@@ -220,6 +253,7 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1
         self.metrics.num_preemptions += 1
+        self.reserve.on_preemption()
         self.waiting.appendleft(request)
 
     # ---- running a batch and its results ----------------------------------
@@ -243,6 +277,9 @@ class Scheduler:
     def _process(self, items: List[Planned], results, is_decode: bool) -> List[RequestOutput]:
         outputs = []
         for (request, num_tokens), result in zip(items, results):
+            if isinstance(result, ChunkFailure):
+                outputs.append(self._fail(request, result.message))
+                continue
             request.num_computed_tokens += num_tokens
             if request.num_uncomputed_tokens > 0:
                 continue  # mid-chunk: nothing sampled
@@ -268,6 +305,15 @@ class Scheduler:
         self.kv.release(request)
         return self._retire(request)
 
+    def _fail(self, request: Request, message: str) -> RequestOutput:
+        """Ends a request the model failed on; its pages are freed, none of
+        them cached (its KV may be garbage), and every other request goes on."""
+        self._detach(request)
+        self.kv.release(request)
+        request.finish_reason, request.matched_stop, request.error = "error", None, message
+        self.metrics.num_failed_requests += 1
+        return self._retire(request)
+
     def _retire(self, request: Request) -> RequestOutput:
         request.status = RequestStatus.FINISHED
         del self.requests[request.rid]
@@ -284,6 +330,7 @@ class Scheduler:
 
     def _after_step(self, plan: PrefillPlan, is_decode: bool) -> None:
         if is_decode:
+            self.reserve.on_decode_step()
             self.metrics.on_decode_step(len(self.running), self.kv.num_used_pages * self.page_size,
                                         self._token_usage(), len(self.waiting))
             return

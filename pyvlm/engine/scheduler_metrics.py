@@ -14,6 +14,7 @@ class SchedulerMetrics:
         self.num_prompt_tokens = 0  # prompt tokens at first admission
         self.num_cached_prompt_tokens = 0  # of which served by the prefix cache
         self.num_preemptions = 0
+        self.num_failed_requests = 0  # ended by a model error (fault isolation)
         self.num_decode_steps = 0
         self.last_gen_throughput = 0.0
         self._num_generated_since_log = 0

@@ -3,11 +3,13 @@ engine). The model runs on its own thread; generate() blocks the caller,
 async_generate() yields deltas without blocking the event loop."""
 
 import asyncio
+import functools
 import logging
 import queue
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Union
 
 from pyvlm.config import EngineConfig, engine_config
+from pyvlm.engine.errors import EngineDeadError, RequestFailedError
 from pyvlm.engine.request import Request, RequestOutput
 from pyvlm.entrypoints.outputs import OutputAccumulator
 from pyvlm.entrypoints.sampling import sampling_params_from
@@ -37,9 +39,17 @@ class Engine:
                  image_data: Any = None, messages: Any = None) -> Union[dict, List[dict]]:
         """Generates for one prompt (or chat) or a batch; returns SGLang-style
         dicts {"text", "output_ids", "meta_info"} (a list for a batch)."""
-        requests, single = self._build_batch(prompt, sampling_params, image_data, messages)
-        sinks = [self._submit_sync(r) for r in requests]
-        results = [self._collect_sync(r, q) for r, q in zip(requests, sinks)]
+        builds, single = self._batch_builds(prompt, sampling_params, image_data, messages)
+        submitted = []
+        try:
+            for build in builds:  # each request runs while the next one is built
+                request = build()
+                submitted.append((request, self._submit_sync(request)))
+            results = [self._collect_sync(r, q) for r, q in submitted]
+        except BaseException:
+            for request, _ in submitted:
+                self.loop.abort(request.rid)
+            raise
         return results[0] if single else results
 
     # -- async API -------------------------------------------------------
@@ -82,6 +92,18 @@ class Engine:
     def abort(self, rid: str) -> None:
         self.loop.abort(rid)
 
+    def health(self) -> Optional[str]:
+        """None while the engine serves; else why it stopped (shut down, or
+        a fatal device error: the process should then be restarted)."""
+        if self.loop.is_alive():
+            return None
+        return self.loop.failure or "the engine is not running"
+
+    def step_running_for(self) -> Optional[float]:
+        """Seconds the engine's current step has run (None between steps);
+        read without waiting for the engine thread, so a hung step shows."""
+        return self.loop.step_running_for()
+
     def token_texts(self, token_ids: Sequence[int]) -> List[str]:
         """Each token's own decoded text (logprob entries show these)."""
         tokenizer = self.state.tokenizer
@@ -123,7 +145,7 @@ class Engine:
     # -- helpers ---------------------------------------------------------
     def _build_one(self, prompt, sampling_params, image_data, messages, rid=None,
                    add_special_tokens=False) -> Request:
-        sampling = sampling_params_from(sampling_params)
+        sampling = sampling_params_from(sampling_params, self.state.sampling_defaults)
         if messages is not None:
             return self.builder.from_messages(messages, sampling, rid)
         if prompt is None:
@@ -133,15 +155,18 @@ class Engine:
         return self.builder.from_prompt(prompt, images, sampling, rid,
                                         add_special_tokens=add_special_tokens)
 
-    def _build_batch(self, prompt, sampling_params, image_data, messages):
+    def _batch_builds(self, prompt, sampling_params, image_data, messages):
+        """(one request-building callable per prompt, whether the input was one prompt)."""
         batch_input = messages if messages is not None else prompt
         single = not _is_batch(batch_input, is_messages=messages is not None)
         items = [batch_input] if single else list(batch_input)
         params = _per_item(sampling_params, len(items), Mapping)
         images = [image_data] if single else _per_item(image_data, len(items), None)
         if messages is not None:
-            return [self._build_one(None, p, None, m) for m, p in zip(items, params)], single
-        return [self._build_one(x, p, im, None) for x, p, im in zip(items, params, images)], single
+            return [functools.partial(self._build_one, None, p, None, m)
+                    for m, p in zip(items, params)], single
+        return [functools.partial(self._build_one, x, p, im, None)
+                for x, p, im in zip(items, params, images)], single
 
     def _submit_sync(self, request: Request) -> "queue.Queue":
         outputs: "queue.Queue" = queue.Queue()
@@ -181,4 +206,6 @@ def _per_item(value, n: int, single_type) -> list:
 
 
 def _user_error(err: BaseException) -> BaseException:
-    return err if isinstance(err, ValueError) else RuntimeError(f"generation failed: {err}")
+    if isinstance(err, (ValueError, RequestFailedError, EngineDeadError)):
+        return err
+    return RuntimeError(f"generation failed: {err}")

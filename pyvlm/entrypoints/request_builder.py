@@ -1,33 +1,67 @@
 """Prompt text or chat messages plus images -> a scheduler Request: chat
-template, tokenization, image decoding, content hashing, planning and the
-expansion of each image placeholder into its tokens. Runs in the caller's
-thread (or an executor), never on the engine thread."""
+template, tokenization, image loading (under the media policy), content
+hashing, planning against the buffer cap, the expansion of each image
+placeholder into its tokens, and the images' preprocessing into tower
+inputs. Runs in the caller's thread (or the server's executor), never on
+the engine thread, so no request's images stall the engine step."""
 
 import itertools
-from typing import Any, List, Optional, Sequence, Union
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional, Sequence, Union
 
 from pyvlm.engine.request import Request
 from pyvlm.engine.types import MultimodalItem, SamplingParams
 from pyvlm.entrypoints.messages import convert_messages
+from pyvlm.multimodal.blocking_media import load_images_blocking
 from pyvlm.multimodal.hashing import combine_hash, image_content_hash
-from pyvlm.multimodal.image_io import load_image
 from pyvlm.multimodal.llava_onevision import expand_image_tokens
+from pyvlm.multimodal.media import MediaPolicy
+
+
+@dataclass(frozen=True)
+class ImageInputs:
+    """How a model's images become request items.
+
+    planner.plan_prompt(sizes, max_buffer_pixels) -> plans (num_tokens,
+    variant) is the family's torch-free processor; prepare(images, plans)
+    -> one tower-input payload per image is the family's preprocessing
+    (runner side, CPU); it becomes MultimodalItem.data.
+    """
+
+    image_token: str
+    image_token_id: int
+    planner: Any
+    prepare: Callable[[Sequence[Any], Sequence[Any]], List[Any]]
 
 
 class RequestBuilder:
     """Builds Requests for one model (see the module docstring).
 
-    image_config: the model's image planner (plan_prompt(sizes) -> plans
-    with num_tokens and variant), None for a text-only model.
+    images: None for a text-only model. media: what image sources may reach
+    and cost (the server's policy; its max_pixels also caps every buffer of
+    the preprocessing). random_seed: the first seed of unseeded requests;
+    None draws a fresh base per process, so restarts do not repeat samples.
     """
 
-    def __init__(self, tokenizer, chat_template: Optional[str], image_token: Optional[str],
-                 image_token_id: Optional[int], image_config, eos_token_ids, random_seed: int = 0):
+    def __init__(self, tokenizer, chat_template: Optional[str], eos_token_ids,
+                 images: Optional[ImageInputs], media: MediaPolicy, context_length: int,
+                 random_seed: Optional[int] = None):
         self.tokenizer, self.chat_template = tokenizer, chat_template
-        self.image_token, self.image_token_id = image_token, image_token_id
-        self.image_config, self.eos_token_ids = image_config, frozenset(eos_token_ids)
-        self._seeds = itertools.count(random_seed)
+        self.images, self.media = images, media
+        self.context_length = context_length
+        self.eos_token_ids = frozenset(eos_token_ids)
+        base = secrets.randbits(62) if random_seed is None else random_seed
+        self._seeds = itertools.count(base)
         self._rids = itertools.count()
+
+    @property
+    def image_token(self) -> Optional[str]:
+        return self.images.image_token if self.images else None
+
+    @property
+    def image_token_id(self) -> Optional[int]:
+        return self.images.image_token_id if self.images else None
 
     def from_messages(self, messages: Sequence[dict], sampling: SamplingParams,
                       rid: Optional[str] = None) -> Request:
@@ -84,13 +118,25 @@ class RequestBuilder:
             if self.image_token_id is not None and self.image_token_id in prompt_ids:
                 raise ValueError("the prompt has image placeholders but no images were given")
             return prompt_ids, []
-        if self.image_config is None:
+        if self.images is None:
             raise ValueError("this model does not take images")
-        images = [load_image(source) for source in sources]
-        plans = self.image_config.plan_prompt([(im.height, im.width) for im in images])
+        images = load_images_blocking(sources, self.media)
+        plans = self.images.planner.plan_prompt([(im.height, im.width) for im in images],
+                                                self.media.max_pixels)
         ids, spans = expand_image_tokens(prompt_ids, self.image_token_id, images,
                                          [p.num_tokens for p in plans])
-        items = [MultimodalItem(combine_hash(image_content_hash(im), plan.variant), off, n,
-                                (im, plan, len(images)))
-                 for im, plan, (off, n) in zip(images, plans, spans)]
-        return ids, items
+        self._check_context(len(ids), plans)
+        hashes = [combine_hash(image_content_hash(im), plan.variant)
+                  for im, plan in zip(images, plans)]
+        payloads = self.images.prepare(images, plans)
+        return ids, [MultimodalItem(h, off, n, payload)
+                     for h, (off, n), payload in zip(hashes, spans, payloads)]
+
+    def _check_context(self, num_prompt_tokens: int, plans) -> None:
+        """Refuses, before any preprocessing, a prompt its images make too long."""
+        if num_prompt_tokens < self.context_length:
+            return
+        counts = ", ".join(f"image {i}: {p.num_tokens}" for i, p in enumerate(plans, start=1))
+        raise ValueError(
+            f"The prompt has {num_prompt_tokens} tokens after image expansion ({counts}), "
+            f"which exceeds the context length of {self.context_length} tokens")

@@ -1,11 +1,20 @@
-"""SGLang-style sampling_params dicts -> validated SamplingParams."""
+"""SGLang-style sampling_params dicts -> validated SamplingParams, with the
+checkpoint's generation_config.json supplying the defaults a request leaves
+unset (vLLM's behaviour)."""
 
-from typing import Any, Mapping, Optional
+import logging
+from typing import Any, Dict, Mapping, Optional
 
+from pyvlm.engine.sampling_ranges import BOUNDS, SamplingFieldError, check_field
 from pyvlm.engine.types import SamplingParams
+
+logger = logging.getLogger("pyvlm.engine")
 
 _FIELDS = set(SamplingParams.__dataclass_fields__)
 _ALIASES = {"max_tokens": "max_new_tokens", "sampling_seed": "seed"}
+# What generation_config.json may set for requests (vLLM's list).
+GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                            "max_new_tokens")
 
 
 def _as_tuple(value) -> tuple:
@@ -14,40 +23,48 @@ def _as_tuple(value) -> tuple:
     return (value,) if isinstance(value, (str, int)) else tuple(value)
 
 
-def _check_ranges(p: SamplingParams) -> None:
-    checks = [
-        (p.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
-        (p.temperature >= 0.0, "temperature must be >= 0"),
-        (0.0 < p.top_p <= 1.0, "top_p must be in (0, 1]"),
-        (p.top_k == -1 or p.top_k >= 0, "top_k must be -1 (off) or >= 0"),
-        (0.0 <= p.min_p <= 1.0, "min_p must be in [0, 1]"),
-        (-2.0 <= p.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-        (-2.0 <= p.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-        (0.0 < p.repetition_penalty <= 2.0, "repetition_penalty must be in (0, 2]"),
-        (0 <= p.top_logprobs <= 20, "top_logprobs must be in [0, 20]"),
-        (all(s for s in p.stop), "stop strings must not be empty"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ValueError(message)
+def _check_ranges(values: Mapping[str, Any]) -> None:
+    for name, value in values.items():
+        if name in BOUNDS:
+            check_field(name, value)
+    if not all(s for s in values.get("stop", ())):
+        raise SamplingFieldError("stop strings must not be empty", "stop")
 
 
-def sampling_params_from(params: Optional[Mapping[str, Any]]) -> SamplingParams:
+def sampling_params_from(params: Optional[Mapping[str, Any]],
+                         defaults: Optional[Mapping[str, Any]] = None) -> SamplingParams:
     """Builds SamplingParams from a dict with SGLang/OpenAI names; raises
-    ValueError naming an unknown field or an out-of-range value."""
-    values = {}
+    ValueError (SamplingFieldError) naming an unknown field or an
+    out-of-range value. defaults (see generation_defaults) fill the fields
+    params leaves unset, before SamplingParams' own defaults."""
+    values = dict(defaults or {})
     for key, value in (params or {}).items():
         key = _ALIASES.get(key, key)
         if key not in _FIELDS:
-            raise ValueError(f"unknown sampling parameter {key!r}")
+            raise SamplingFieldError(f"unknown sampling parameter {key!r}", key)
         if value is not None:
             values[key] = value
     values["stop"] = _as_tuple(values.get("stop"))
     values["stop_token_ids"] = tuple(int(t) for t in _as_tuple(values.get("stop_token_ids")))
     bias = values.get("logit_bias") or {}
     values["logit_bias"] = tuple((int(k), float(v)) for k, v in dict(bias).items())
+    _check_ranges(values)
     if values.get("top_k") == 0:
         values["top_k"] = -1
-    params = SamplingParams(**values)
-    _check_ranges(params)
-    return params
+    return SamplingParams(**values)
+
+
+def generation_defaults(generation_config: Mapping[str, Any]) -> Dict[str, Any]:
+    """The request defaults a checkpoint's generation_config.json sets
+    (GENERATION_CONFIG_FIELDS); values pyvlm would refuse are dropped with
+    a warning rather than failing every request."""
+    defaults = {}
+    for name in GENERATION_CONFIG_FIELDS:
+        value = generation_config.get(name)
+        if value is None:
+            continue
+        try:
+            defaults[name] = check_field(name, value)
+        except SamplingFieldError as exc:
+            logger.warning("ignoring generation_config.json %s: %s", name, exc)
+    return defaults

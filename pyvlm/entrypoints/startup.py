@@ -2,22 +2,24 @@
 scheduler -> engine thread, and the request builder that feeds it."""
 
 import logging
-import os
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Optional
 
 import torch
 
 from pyvlm.config import EngineConfig
 from pyvlm.engine.detokenizer import detokenizer_factory
 from pyvlm.engine.scheduler import Scheduler
-from pyvlm.entrypoints.request_builder import RequestBuilder
+from pyvlm.entrypoints.request_builder import ImageInputs, RequestBuilder
+from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.worker import EngineLoop
 from pyvlm.multimodal.llava_onevision import LlavaOnevisionImageConfig
+from pyvlm.multimodal.media import MediaPolicy
 from pyvlm.runner.checkpoint import CheckpointFiles, load_checkpoint_files, resolve_device, resolve_dtype
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
-from pyvlm.runner.llava_onevision_encoder import make_llava_onevision_encoder
+from pyvlm.runner.llava_onevision_encoder import (make_llava_onevision_encoder,
+                                                  make_llava_onevision_prepare)
 from pyvlm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("pyvlm.engine")
@@ -39,6 +41,7 @@ class EngineState:
     loop: EngineLoop
     context_length: int
     is_demo: bool
+    sampling_defaults: Dict[str, Any]  # from generation_config.json, for unset request fields
 
     def flush_cache(self) -> bool:
         if not self.scheduler.flush_cache():
@@ -48,20 +51,57 @@ class EngineState:
 
 
 def checkpoint_for(config: EngineConfig) -> CheckpointFiles:
+    """The checkpoint's files, with --rope-scaling applied to its config."""
     if config.model.model is None:
         from pyvlm.models.demo import demo_checkpoint_dir
 
-        return load_checkpoint_files(str(demo_checkpoint_dir()))
-    return load_checkpoint_files(config.model.model, tokenizer_path=config.model.tokenizer_path)
+        files = load_checkpoint_files(str(demo_checkpoint_dir()))
+    else:
+        files = load_checkpoint_files(config.model.model,
+                                      tokenizer_path=config.model.tokenizer_path)
+    if config.model.rope_scaling is None:
+        return files
+    return replace(files, config=with_rope_scaling(files.config, config.model.rope_scaling))
 
 
 def _text_config(hf_config: dict) -> dict:
     return hf_config.get("text_config") or hf_config
 
 
+def with_rope_scaling(hf_config: dict, rope_scaling: Dict[str, Any]) -> dict:
+    """config.json contents whose text model uses rope_scaling (merged over
+    its rope parameters, rope_theta kept) and whose max_position_embeddings
+    grows by rope_scaling["factor"] (the original is kept as
+    original_max_position_embeddings, as rope scaling configs name it)."""
+    text = dict(_text_config(hf_config))
+    params = dict(text.get("rope_parameters") or {})
+    params.setdefault("rope_theta", text.get("rope_theta", 10000.0))
+    params.update({k: v for k, v in (text.pop("rope_scaling", None) or {}).items()
+                   if k not in params})
+    params.update(rope_scaling)
+    original = int(text.get("max_position_embeddings", 4096))
+    params.setdefault("original_max_position_embeddings", original)
+    text["rope_parameters"] = params
+    text["max_position_embeddings"] = int(original * float(rope_scaling.get("factor", 1.0)))
+    if "text_config" in hf_config:
+        return dict(hf_config, text_config=text)
+    return text
+
+
 def context_length_of(config: EngineConfig, files: CheckpointFiles) -> int:
-    limit = _text_config(files.config).get("max_position_embeddings", 4096)
-    return config.model.context_length or limit
+    """--context-length, clamped to the positions the model supports (its
+    rotary table ends there: beyond it outputs would be silently wrong);
+    --rope-scaling extends what the model supports."""
+    limit = int(_text_config(files.config).get("max_position_embeddings", 4096))
+    asked = config.model.context_length
+    if asked is None:
+        return limit
+    if asked > limit:
+        logger.warning("--context-length %d is more than the %d positions the model supports; "
+                       "using %d (pass --rope-scaling to extend the model's positions)",
+                       asked, limit, limit)
+        return limit
+    return asked
 
 
 def eos_token_ids(tokenizer, files: CheckpointFiles) -> set:
@@ -79,11 +119,22 @@ def load_tokenizer(files: CheckpointFiles):
     return AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
 
 
-def image_token_of(model, tokenizer):
+def image_inputs_for(model, tokenizer, files: CheckpointFiles, device,
+                     dtype) -> Optional[ImageInputs]:
+    """The model's image token, planner and preprocessing (None: text only)."""
     token_id = getattr(model, "image_token_id", None)
     if token_id is None:
-        return None, None
-    return tokenizer.convert_ids_to_tokens(token_id), token_id
+        return None
+    planner = LlavaOnevisionImageConfig.from_hf_configs(files.processor_config, files.config)
+    return ImageInputs(tokenizer.convert_ids_to_tokens(token_id), token_id, planner,
+                       make_llava_onevision_prepare(device, dtype))
+
+
+def media_policy_of(config: EngineConfig) -> MediaPolicy:
+    media = config.media
+    return MediaPolicy(allowed_local_media_path=media.allowed_local_media_path,
+                       allow_private_urls=media.allow_private_media_urls,
+                       max_pixels=media.max_image_pixels)
 
 
 def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, model=None):
@@ -97,8 +148,8 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, mo
     pool = KVPool(shape, num_pages, config.cache.page_size, device)
     vision = None
     if hasattr(model, "embed_images"):
-        vision = VisionBatcher(make_llava_onevision_encoder(model, device, dtype),
-                               EncoderCache(config.cache.encoder_cache_size))
+        vision = VisionBatcher(make_llava_onevision_encoder(model, device),
+                               EncoderCache(config.cache.encoder_cache_bytes))
     return model, ModelRunner(model, pool, device, vision)
 
 
@@ -108,12 +159,6 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     config, tokenizer and processor settings."""
     files = checkpoint_for(config)
     device = torch.device(resolve_device(config.model.device))
-    if device.type == "cuda":
-        # The scheduler builds every slot and page index itself, so the ops'
-        # CUDA range checks (one device-to-host sync per index tensor, per
-        # layer, per step) only slow the decode loop; the kernels still skip
-        # invalid indices. A user's explicit setting wins.
-        os.environ.setdefault("PYVLM_CHECK_INDICES", "0")
     dtype = resolve_dtype(config.model.dtype, files.config, device.type)
     if loaded_model is not None:
         dtype = next(loaded_model.parameters()).dtype
@@ -122,12 +167,9 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     context_length = context_length_of(config, files)
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,
                           detokenizer_factory(tokenizer))
-    image_token, image_token_id = image_token_of(model, tokenizer)
-    image_config = None
-    if image_token_id is not None:
-        image_config = LlavaOnevisionImageConfig.from_hf_configs(files.processor_config, files.config)
-    builder = RequestBuilder(tokenizer, files.chat_template, image_token, image_token_id,
-                             image_config, eos_token_ids(tokenizer, files),
+    builder = RequestBuilder(tokenizer, files.chat_template, eos_token_ids(tokenizer, files),
+                             image_inputs_for(model, tokenizer, files, device, dtype),
+                             media_policy_of(config), context_length,
                              config.scheduler.random_seed)
     logger.info("Engine ready: %s on %s (%s), context length %d, KV pool %d tokens",
                 files.root.name, device, str(dtype).replace("torch.", ""), context_length,
@@ -136,4 +178,5 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
         logger.info(DEMO_BANNER)
     return EngineState(files, tokenizer, model, runner, scheduler, builder,
                        EngineLoop(scheduler, runner), context_length,
-                       is_demo=config.model.model is None)
+                       is_demo=config.model.model is None,
+                       sampling_defaults=generation_defaults(files.generation_config))

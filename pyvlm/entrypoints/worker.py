@@ -1,12 +1,22 @@
 """The engine loop: one thread owns the scheduler and the model runner, so
 model work never blocks the caller's event loop. Other threads talk to it
-only through a command queue; outputs go back through per-request sinks."""
+only through a command queue; outputs go back through per-request sinks.
+
+Failures: a request the model fails on ends alone (the scheduler isolates
+it, see pyvlm.engine.isolation) with RequestFailedError. A DeviceFailure
+(the GPU is unusable) stops the loop for good: every request in flight and
+every later one gets EngineDeadError, and `failure` says why, so the server
+can turn unhealthy and exit for its supervisor to restart it. Once the loop
+has stopped, for whatever reason, no submitted request is left waiting.
+"""
 
 import logging
 import queue
 import threading
+import time
 from typing import Callable, Dict, Optional
 
+from pyvlm.engine.errors import DeviceFailure, EngineDeadError, RequestFailedError
 from pyvlm.engine.request import Request, RequestOutput
 
 logger = logging.getLogger("pyvlm.engine")
@@ -14,35 +24,46 @@ logger = logging.getLogger("pyvlm.engine")
 Sink = Callable[[Optional[RequestOutput], Optional[BaseException]], None]
 """Called from the engine thread with (output, None) or (None, error)."""
 
+SHUT_DOWN = "the engine was shut down"
+
 
 class EngineLoop:
     """Runs scheduler steps in a background thread (see the module docstring)."""
 
     def __init__(self, scheduler, runner):
         self.scheduler, self.runner = scheduler, runner
+        self.failure: Optional[str] = None  # set when a fatal error stopped the loop
+        self.step_started_at: Optional[float] = None  # time.monotonic() of the running step
         self._commands: "queue.Queue" = queue.Queue()
         self._sinks: Dict[str, Sink] = {}
-        self._thread = threading.Thread(target=self._run, name="pyvlm-engine", daemon=True)
+        self._closed = False  # no command is taken any more
+        self._lock = threading.Lock()  # orders submissions against closing
         self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="pyvlm-engine", daemon=True)
         self._thread.start()
 
     def submit(self, request: Request, sink: Sink) -> None:
-        self._commands.put(("add", request, sink))
+        self._put(("add", request, sink))
 
     def abort(self, rid: str) -> None:
-        self._commands.put(("abort", rid, None))
+        self._put(("abort", rid, None))
 
     def call(self, fn: Callable[[], object]) -> object:
         """Runs fn on the engine thread (between steps) and returns its result."""
         done: "queue.Queue" = queue.Queue(maxsize=1)
-        self._commands.put(("call", fn, done))
+        self._put(("call", fn, done))
         ok, value = self.wait(done)
         if not ok:
             raise value
         return value
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and not self._closed
+
+    def step_running_for(self) -> Optional[float]:
+        """Seconds the current step has been running, None between steps."""
+        started = self.step_started_at
+        return None if started is None else time.monotonic() - started
 
     def wait(self, results: "queue.Queue"):
         """results.get(), but raises if the engine thread is gone (never hangs)."""
@@ -50,26 +71,72 @@ class EngineLoop:
             try:
                 return results.get(timeout=0.5)
             except queue.Empty:
-                if not self.is_alive():
-                    raise RuntimeError("the engine is not running (shut down or crashed)")
+                if not self._thread.is_alive():
+                    raise self._dead_error() from None
 
     def stop(self, timeout: float = 30.0) -> None:
-        self._commands.put(("stop", None, None))
+        self._put(("stop", None, None))
         self._thread.join(timeout)
 
+    # ---- the engine thread -------------------------------------------------
+
     def _run(self) -> None:
-        while not self._stopping:
-            self._drain_commands(block=not self.scheduler.has_work())
-            if self._stopping or not self.scheduler.has_work():
-                continue
+        try:
+            while not self._stopping:
+                self._drain_commands(block=not self.scheduler.has_work())
+                if self._stopping or not self.scheduler.has_work():
+                    continue
+                outputs = self._step()
+                if outputs is None:
+                    break
+                self._deliver(outputs)
+        finally:
+            self._close()
+
+    def _step(self) -> Optional[list]:
+        """One scheduler step's outputs; None when the loop must stop."""
+        self.step_started_at = time.monotonic()
+        try:
+            return self.scheduler.step(self.runner)
+        except DeviceFailure as exc:
+            self.failure = f"the device failed: {exc}"
+            logger.critical("engine stopped: %s", self.failure)
+            return None
+        except Exception as exc:  # a scheduler bug: fail what is in flight, keep serving
+            logger.exception("engine step failed")
+            self._fail_all(RequestFailedError(f"the engine failed ({type(exc).__name__})"))
+            return []
+        finally:
+            self.step_started_at = None
+
+    def _put(self, command) -> None:
+        with self._lock:
+            if not self._closed:
+                self._commands.put(command)
+                return
+        self._refuse(command)
+
+    def _close(self) -> None:
+        """Stops taking commands; fails the requests in flight and every
+        command still queued, so nobody waits for an engine that is gone."""
+        with self._lock:
+            self._closed = True
+        self._fail_all(self._dead_error())
+        while True:
             try:
-                outputs = self.scheduler.step(self.runner)
-            except BaseException as exc:  # a bug: fail what is in flight, keep serving
-                logger.exception("engine step failed")
-                self._fail_all(exc)
-                continue
-            self._deliver(outputs)
-        self._fail_all(RuntimeError("the engine was shut down"))
+                self._refuse(self._commands.get_nowait())
+            except queue.Empty:
+                return
+
+    def _refuse(self, command) -> None:
+        kind, arg, extra = command
+        if kind == "add":
+            _send(extra, None, self._dead_error())
+        elif kind == "call":
+            extra.put((False, self._dead_error()))
+
+    def _dead_error(self) -> EngineDeadError:
+        return EngineDeadError(self.failure or SHUT_DOWN)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -115,7 +182,9 @@ class EngineLoop:
                 continue
             if out.finished:
                 del self._sinks[out.rid]
-            if not _send(sink, out, None) and not out.finished:
+            if out.error is not None:
+                _send(sink, None, RequestFailedError(out.error))
+            elif not _send(sink, out, None) and not out.finished:
                 # The receiver is gone (e.g. its event loop closed): stop the work.
                 del self._sinks[out.rid]
                 self.scheduler.abort(out.rid)

@@ -83,6 +83,38 @@ class ImagePlan:
         """Names the processing path; part of the image's cache key."""
         return "anyres" if self.canvas is None else "pad_square"
 
+    @property
+    def num_buffer_pixels(self) -> int:
+        """Pixels of the largest image preprocessing holds: the square
+        canvas of the multi-image path, else the largest resized image."""
+        canvas = self.canvas.side ** 2 if self.canvas is not None else 0
+        return max([canvas] + [h * w for h, w in (tile.resize_hw for tile in self.tiles)])
+
+    def buffer_description(self) -> str:
+        if self.canvas is not None:
+            side = self.canvas.side
+            return (f"a {side}x{side} square canvas (each image of a multi-image prompt is "
+                    f"padded to a square)")
+        height, width = max((tile.resize_hw for tile in self.tiles), key=lambda hw: hw[0] * hw[1])
+        return f"a {width}x{height} resized copy"
+
+
+class ImageBudgetError(ValueError):
+    """An image whose preprocessing would need more memory than allowed; the
+    message names the image, what it would need and the limit."""
+
+
+def check_buffers(plans: Sequence[ImagePlan], max_buffer_pixels: int) -> None:
+    """Refuses plans whose buffers exceed max_buffer_pixels (before any is made)."""
+    for index, plan in enumerate(plans, start=1):
+        if plan.num_buffer_pixels > max_buffer_pixels:
+            height, width = plan.image_size
+            raise ImageBudgetError(
+                f"image {index} of the prompt ({width}x{height} pixels) would need "
+                f"{plan.buffer_description()} of {plan.num_buffer_pixels:,} pixels to "
+                f"preprocess, more than the limit of {max_buffer_pixels:,} pixels "
+                f"(--max-image-pixels)")
+
 
 def select_best_resolution(image_size: Size, pinpoints: Sequence[Size]) -> Size:
     """transformers' select_best_resolution: the pinpoint keeping the most
@@ -222,9 +254,15 @@ class LlavaOnevisionImageConfig:
             return self._square_plan(image_size, num_tokens)
         return self._anyres_plan(image_size, num_tokens)
 
-    def plan_prompt(self, image_sizes: Sequence[Size]) -> list:
-        """Plans of all the images of one prompt, in order."""
-        return [self.plan(size, len(image_sizes)) for size in image_sizes]
+    def plan_prompt(self, image_sizes: Sequence[Size],
+                    max_buffer_pixels: Optional[int] = None) -> list:
+        """Plans of all the images of one prompt, in order; with
+        max_buffer_pixels, ImageBudgetError for an image whose preprocessing
+        would hold a larger buffer."""
+        plans = [self.plan(size, len(image_sizes)) for size in image_sizes]
+        if max_buffer_pixels is not None:
+            check_buffers(plans, max_buffer_pixels)
+        return plans
 
     def _anyres_plan(self, image_size: Size, num_tokens: int) -> ImagePlan:
         best = select_best_resolution(image_size, self.grid_pinpoints)

@@ -14,10 +14,12 @@ EncodeFn = Callable[[Sequence[MultimodalItem]], List[torch.Tensor]]
 
 
 class EncoderCache:
-    """LRU map image hash -> packed embeddings [num_tokens, hidden]."""
+    """LRU map image hash -> packed embeddings [num_tokens, hidden], holding
+    at most max_bytes of embeddings (an entry larger than that is not kept)."""
 
-    def __init__(self, max_items: int):
-        self.max_items = max(0, max_items)
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max(0, max_bytes)
+        self.num_bytes = 0
         self._entries: "OrderedDict[int, torch.Tensor]" = OrderedDict()
         self.num_hits = 0
         self.num_misses = 0
@@ -29,18 +31,30 @@ class EncoderCache:
         return value
 
     def put(self, key: int, value: torch.Tensor) -> None:
-        if self.max_items == 0:
+        size = _num_bytes(value)
+        if size > self.max_bytes:
             return
+        self._drop(key)
         self._entries[key] = value
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_items:
-            self._entries.popitem(last=False)
+        self.num_bytes += size
+        while self.num_bytes > self.max_bytes:
+            self._drop(next(iter(self._entries)))
 
     def clear(self) -> None:
         self._entries.clear()
+        self.num_bytes = 0
+
+    def _drop(self, key: int) -> None:
+        value = self._entries.pop(key, None)
+        if value is not None:
+            self.num_bytes -= _num_bytes(value)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _num_bytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 class VisionBatcher:

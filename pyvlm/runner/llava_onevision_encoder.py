@@ -1,23 +1,58 @@
-"""The encode function of LLaVA-OneVision for the VisionBatcher: all images
-of a step are preprocessed by the extension in one call and go through the
-vision tower in one batched call."""
+"""LLaVA-OneVision's two image stages for the engine.
 
-from typing import List, Sequence
+`prepare` runs when a request is built (the caller's thread or the server's
+executor, never the engine step): it turns the decoded images of one prompt
+into pixel tiles on the CPU, in the model's dtype, with the extension's
+Pillow-exact preprocessing (one op call per prompt). `encode` runs in the
+step: the tiles of every image that missed the encoder cache go to the
+device and through the vision tower in one batched call.
+"""
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
 
 import torch
+from PIL import Image
 
 from pyvlm.engine.types import MultimodalItem
+from pyvlm.multimodal.llava_onevision import ImagePlan
 from pyvlm.runner.vision_inputs import llava_onevision_pixel_values
 
 
-def make_llava_onevision_encoder(model, device: torch.device, dtype: torch.dtype):
-    """items carry data = (RGB PIL image, ImagePlan, number of images in its prompt)."""
+@dataclass(frozen=True)
+class PreparedImage:
+    """One image ready for the tower: its tiles [num_tiles, 3, S, S] (CPU,
+    pinned when the model runs on CUDA), its original (height, width) and
+    the number of images in its prompt (one: anyres tiles; more: one tile)."""
+
+    pixel_values: torch.Tensor
+    image_size: Tuple[int, int]
+    num_images_in_prompt: int
+
+    @property
+    def num_bytes(self) -> int:
+        return self.pixel_values.numel() * self.pixel_values.element_size()
+
+
+def make_llava_onevision_prepare(device: torch.device, dtype: torch.dtype):
+    """prepare(images, plans) -> one PreparedImage per image of a prompt."""
+    pin = torch.device(device).type == "cuda"
+
+    def prepare(images: Sequence[Image.Image], plans: Sequence[ImagePlan]) -> List[PreparedImage]:
+        tiles = llava_onevision_pixel_values(images, plans, "cpu", dtype)
+        return [PreparedImage(t.pin_memory() if pin else t, tuple(plan.image_size), len(plans))
+                for t, plan in zip(tiles, plans)]
+
+    return prepare
+
+
+def make_llava_onevision_encoder(model, device: torch.device):
+    """encode(items) -> embeddings; items carry data = PreparedImage."""
 
     def encode(items: Sequence[MultimodalItem]) -> List[torch.Tensor]:
-        images = [item.data[0] for item in items]
-        plans = [item.data[1] for item in items]
-        pixel_values = llava_onevision_pixel_values(images, plans, device, dtype)
-        return model.embed_images(pixel_values, [plan.image_size for plan in plans],
-                                  [item.data[2] for item in items])
+        prepared = [item.data for item in items]
+        pixel_values = [p.pixel_values.to(device, non_blocking=True) for p in prepared]
+        return model.embed_images(pixel_values, [p.image_size for p in prepared],
+                                  [p.num_images_in_prompt for p in prepared])
 
     return encode

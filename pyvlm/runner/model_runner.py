@@ -1,19 +1,30 @@
 """The model runner: turns the scheduler's ForwardBatch (plain lists) into
 tensors, runs the model over the paged KV pool, and samples.
 
-Implements pyvlm.engine.types.ModelRunner.
+Implements pyvlm.engine.types.ModelRunner. A failing step raises its error
+(the scheduler isolates the request that caused it), or DeviceFailure when
+the device itself no longer works afterwards (a CUDA sticky error).
 """
 
-from typing import List, Optional, Sequence, Tuple
+import logging
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
 from pyvlm import ops
+from pyvlm.engine.errors import DeviceFailure
 from pyvlm.engine.types import ForwardBatch, SampleResult, SequenceChunk
 from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.runner import sampler
 from pyvlm.runner.encoder_cache import VisionBatcher
 from pyvlm.runner.kv_pool import KVPool
+
+
+logger = logging.getLogger("pyvlm.runner")
+
+FaultHook = Callable[[str, Sequence[SequenceChunk]], None]
+"""Test hook: called with a stage ("vision", "prefill", "decode", "sampling")
+and the chunks it is about to process; raising there injects a fault."""
 
 
 class ModelRunner:
@@ -23,9 +34,32 @@ class ModelRunner:
                  vision: Optional[VisionBatcher] = None):
         self.model, self.pool, self.device, self.vision = model, pool, device, vision
         self.page_size, self.num_pages = pool.page_size, pool.num_pages
+        self.fault_hook: Optional[FaultHook] = None
+
+    def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
+        try:
+            return self._forward(batch)
+        except DeviceFailure:
+            raise
+        except Exception as exc:
+            if not self.device_is_usable():
+                raise DeviceFailure(f"{type(exc).__name__}: {str(exc)[:500]}") from exc
+            raise
+
+    def device_is_usable(self) -> bool:
+        """Whether the device still computes after an error: a CUDA sticky
+        error (illegal address, ECC, launch failure) fails every later call."""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            return torch.ones(1, device=self.device).add_(1).item() == 2.0
+        except Exception:  # any error here means the context is unusable
+            logger.exception("the CUDA device failed its health probe")
+            return False
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
+    def _forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
         chunks = batch.chunks
         if not chunks:
             return []
@@ -34,8 +68,13 @@ class ModelRunner:
             [(c.start_pos, c.num_new_tokens, c.page_table) for c in chunks],
             self.page_size, batch.is_decode, self.device)
         embeds = self._input_embeddings(input_ids, chunks)
+        self._at("decode" if batch.is_decode else "prefill", chunks)
         hidden = self.model.forward(input_ids, positions, attn, self.pool.caches, embeds)
         return self._sample(hidden, chunks)
+
+    def _at(self, stage: str, chunks: Sequence[SequenceChunk]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage, chunks)
 
     def free_encoder_cache(self) -> None:
         if self.vision is not None:
@@ -58,6 +97,7 @@ class ModelRunner:
             return None
         if self.vision is None:
             raise ValueError("this model takes no images")
+        self._at("vision", [c for c in chunks if c.mm_items])
         by_hash = self.vision.embed(items)
         rows, targets = _image_rows(chunks, by_hash)
         embeds = self.model.embed_tokens(input_ids)
@@ -78,6 +118,7 @@ class ModelRunner:
         results: List[Optional[SampleResult]] = [None] * len(chunks)
         if not sampled:
             return results
+        self._at("sampling", [chunks[i] for i in sampled])
         rows = torch.tensor(last_rows, dtype=torch.int64, device=hidden.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
         drawn = sampler.sample(logits, [chunks[i] for i in sampled])

@@ -164,7 +164,8 @@ def default_loader(args: ServerArgs):
     from pyvlm.multimodal.media import MediaPolicy, load_images
 
     policy = MediaPolicy(allowed_local_media_path=args.allowed_local_media_path,
-                         allow_private_urls=args.allow_private_media_urls)
+                         allow_private_urls=args.allow_private_media_urls,
+                         max_pixels=args.max_image_pixels)
 
     async def load(refs):
         return await load_images(refs, policy)

@@ -6,6 +6,7 @@ the pyvlm.Engine arguments. Building any of these touches no disk or network.
 """
 
 import argparse
+import json
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, Optional
 
@@ -26,6 +27,7 @@ class ServerArgs:
     dtype: str = "auto"
     device: str = "auto"
     context_length: Optional[int] = None
+    rope_scaling: Optional[Dict[str, Any]] = None
     mem_fraction_static: float = 0.85
     max_running_requests: int = 256
     max_total_tokens: Optional[int] = None
@@ -34,7 +36,8 @@ class ServerArgs:
     schedule_policy: str = "fcfs"
     page_size: int = 16
     stream_interval: int = 1
-    random_seed: int = 0
+    random_seed: Optional[int] = None  # None: a random base per process
+    schedule_conservativeness: float = 1.0
     enable_cache_report: bool = False
     disable_radix_cache: bool = False
     log_requests: bool = False
@@ -45,6 +48,8 @@ class ServerArgs:
     limit_mm_per_prompt: int = 16
     allowed_local_media_path: Optional[str] = None
     allow_private_media_urls: bool = False
+    max_image_pixels: int = 64_000_000
+    encoder_cache_bytes: int = 1 << 30
     max_request_bytes: int = 64 * MIB
     max_queued_requests: Optional[int] = None  # None: unbounded
     shutdown_grace_s: float = 10.0
@@ -58,11 +63,13 @@ class ServerArgs:
 
     def engine_kwargs(self) -> Dict[str, Any]:
         """Arguments of pyvlm.Engine (pyvlm.config.engine_config names)."""
-        names = ("model", "tokenizer_path", "dtype", "device", "context_length",
+        names = ("model", "tokenizer_path", "dtype", "device", "context_length", "rope_scaling",
                  "mem_fraction_static", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "max_prefill_tokens", "schedule_policy", "page_size",
-                 "stream_interval", "random_seed", "enable_cache_report", "disable_radix_cache",
-                 "decode_log_interval", "chat_template", "served_model_name")
+                 "stream_interval", "random_seed", "schedule_conservativeness",
+                 "enable_cache_report", "disable_radix_cache", "encoder_cache_bytes",
+                 "decode_log_interval", "chat_template", "served_model_name",
+                 "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels")
         return {name: getattr(self, name) for name in names}
 
     def public_dict(self) -> Dict[str, Any]:
@@ -86,7 +93,11 @@ _FLAGS = [
     (("--served-model-name",), str, "the model name clients send (default: the --model value)"),
     (("--dtype",), str, "auto|float32|float16|bfloat16 (default auto)"),
     (("--device",), str, "auto|cpu|cuda (default auto)"),
-    (("--context-length",), int, "context length in tokens (default: the checkpoint's)"),
+    (("--context-length",), int,
+     "context length in tokens (default, and most: the positions the checkpoint supports)"),
+    (("--rope-scaling",), json.loads,
+     "JSON rope scaling for the text model, e.g. '{\"rope_type\": \"linear\", \"factor\": 4}': "
+     "multiplies the positions the model supports (and allowed --context-length) by factor"),
     (("--mem-fraction-static",), float,
      "GPU: fraction of free memory for weights and KV cache (default 0.85)"),
     (("--max-running-requests",), int, "most requests decoding at once (default 256)"),
@@ -97,7 +108,11 @@ _FLAGS = [
     (("--schedule-policy",), str, "fcfs|lpm: waiting-queue order (default fcfs)"),
     (("--page-size",), int, "tokens per KV cache page (default 16)"),
     (("--stream-interval",), int, "tokens between streamed deltas (default 1)"),
-    (("--random-seed",), int, "seed for requests that give none (default 0)"),
+    (("--random-seed",), int,
+     "first seed of requests that give none (default: random per process)"),
+    (("--schedule-conservativeness",), float,
+     "scales the decode room reserved for running requests before admitting more; "
+     "0 reserves none (default 1.0)"),
     (("--enable-cache-report",), "store_true",
      "report usage.prompt_tokens_details.cached_tokens in every response"),
     (("--disable-radix-cache",), "store_true", "turn the prefix cache off"),
@@ -112,6 +127,11 @@ _FLAGS = [
      "directory whose files (paths and file:// URLs) requests may use as images (default: none)"),
     (("--allow-private-media-urls",), "store_true",
      "allow image URLs on loopback/private/link-local addresses (off: refused, against SSRF)"),
+    (("--max-image-pixels",), int,
+     "most pixels of any image buffer of a request: the decoded image, a padded square canvas, "
+     "a resized copy (default 64000000); more is a 400 naming the image"),
+    (("--encoder-cache-bytes",), int,
+     "bytes of vision-tower outputs kept for reuse (default 1 GiB)"),
     (("--max-request-bytes",), int, "largest request body in bytes (default 64 MiB); more gets 413"),
     (("--max-queued-requests",), int,
      "most requests waiting beyond --max-running-requests; more get 429 (default: unbounded)"),
@@ -147,6 +167,11 @@ def _check(args: ServerArgs) -> None:
          "--max-queued-requests must be >= 0"),
         (args.max_running_requests > 0, "--max-running-requests must be > 0"),
         (args.watchdog_timeout > 0, "--watchdog-timeout must be > 0"),
+        (args.max_image_pixels > 0, "--max-image-pixels must be > 0"),
+        (args.encoder_cache_bytes >= 0, "--encoder-cache-bytes must be >= 0"),
+        (args.schedule_conservativeness >= 0, "--schedule-conservativeness must be >= 0"),
+        (args.rope_scaling is None or isinstance(args.rope_scaling, dict),
+         "--rope-scaling must be a JSON object"),
         (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),
          "--log-level must be debug, info, warning, error or critical"),
     ]

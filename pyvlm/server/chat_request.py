@@ -5,7 +5,7 @@ from typing import Any, List, Mapping, Optional
 
 from pyvlm.server import fields
 from pyvlm.server.errors import invalid, unsupported_field
-from pyvlm.server.params import MAX_TOP_LOGPROBS, SAMPLING_FIELDS
+from pyvlm.server.params import SAMPLING_FIELDS
 
 CHAT_FIELDS = SAMPLING_FIELDS + ("messages", "max_completion_tokens", "logprobs", "top_logprobs",
                                  "tools", "tool_choice", "functions", "function_call",
@@ -42,14 +42,15 @@ def _check_response_format(value: Any) -> None:
 
 def max_tokens(body: Mapping) -> Optional[int]:
     """max_completion_tokens (OpenAI's newer name) or max_tokens."""
-    newer = fields.get_int(body, "max_completion_tokens", None, 1)
-    return newer if newer is not None else fields.get_int(body, "max_tokens", None, 1)
+    newer = fields.get_sampling(body, "max_completion_tokens", "max_new_tokens")
+    return newer if newer is not None else fields.get_sampling(body, "max_tokens",
+                                                               "max_new_tokens")
 
 
 def num_top_logprobs(body: Mapping) -> Optional[int]:
     """None without logprobs, else how many alternatives each token lists."""
     wants = fields.get_bool(body, "logprobs", False)
-    top = fields.get_int(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+    top = fields.get_sampling(body, "top_logprobs")
     if top is not None and not wants:
         raise invalid("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
     return (top or 0) if wants else None

@@ -3,41 +3,49 @@
 JSON booleans are not numbers here (Python's bool is an int subclass, but
 `"n": true` is a client bug worth reporting)."""
 
-import math
 from typing import Any, List, Mapping, Optional, Sequence
 
+from pyvlm.engine.sampling_ranges import (LOGIT_BIAS, Bound, SamplingFieldError, check_field,
+                                          checked, is_number)
 from pyvlm.server.errors import invalid
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def get_number(body: Mapping, name: str, default, bound: Bound):
+    """body[name] checked against bound (type and range), or default when
+    absent or null."""
+    value = body.get(name)
+    if value is None:
+        return default
+    try:
+        return checked(name, value, bound)
+    except SamplingFieldError as exc:
+        raise invalid(str(exc), exc.param) from None
 
 
 def get_float(body: Mapping, name: str, default: Optional[float], low: float,
               high: float) -> Optional[float]:
     """A number in [low, high], or default when absent or null."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if not _is_number(value) or not math.isfinite(value):
-        raise invalid(f"'{name}' must be a number", name)
-    if not low <= value <= high:
-        raise invalid(f"'{name}' must be between {low:g} and {high:g}, got {value:g}", name)
-    return float(value)
+    value = get_number(body, name, default, Bound(low, high))
+    return value if value is None else float(value)
 
 
 def get_int(body: Mapping, name: str, default: Optional[int], low: int,
             high: Optional[int] = None) -> Optional[int]:
     """An integer >= low (and <= high), or default when absent or null."""
+    return get_number(body, name, default, Bound(low, high, integer=True))
+
+
+def get_sampling(body: Mapping, name: str, engine_name: Optional[str] = None):
+    """A sampling field checked against pyvlm.engine.sampling_ranges (the
+    engine's own table), or None when absent or null. engine_name: the
+    engine's name for it when the API's differs (max_tokens -> max_new_tokens)."""
     value = body.get(name)
     if value is None:
-        return default
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise invalid(f"'{name}' must be an integer", name)
-    if value < low or (high is not None and value > high):
-        bound = f"at least {low}" if high is None else f"between {low} and {high}"
-        raise invalid(f"'{name}' must be {bound}, got {value}", name)
-    return value
+        return None
+    try:
+        return check_field(engine_name or name, value, param=name)
+    except SamplingFieldError as exc:
+        raise invalid(str(exc), exc.param) from None
 
 
 def get_bool(body: Mapping, name: str, default: bool) -> bool:
@@ -98,7 +106,7 @@ def get_logit_bias(body: Mapping, name: str = "logit_bias") -> dict:
     for key, amount in value.items():
         if not (isinstance(key, str) and key.isdigit()):
             raise invalid(f"'{name}' keys must be token ids, got {key!r:.40}", name)
-        if not _is_number(amount) or not -100 <= amount <= 100:
+        if not is_number(amount) or not LOGIT_BIAS.contains(amount):
             raise invalid(f"'{name}' values must be numbers in [-100, 100]", name)
         bias[int(key)] = float(amount)
     return bias

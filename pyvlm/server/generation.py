@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple, Union
 
+from pyvlm.engine.errors import EngineDeadError, RequestFailedError
 from pyvlm.server.errors import ApiError, internal_error, invalid, unavailable
 
 logger = logging.getLogger("pyvlm.server")
@@ -101,15 +102,13 @@ async def _engine_errors_mapped(stream) -> AsyncIterator[dict]:
             yield delta
     except ValueError as exc:  # the engine refused the request (too long, bad image ...)
         raise invalid(_client_message(exc)) from None
-    except RuntimeError as exc:
-        if not engine_is_gone(exc):
-            logger.exception("generation failed")
-            raise internal_error() from None
-        raise unavailable("The engine is shutting down") from None
-
-
-def engine_is_gone(exc: BaseException) -> bool:
-    return "shut down" in str(exc) or "not running" in str(exc)
+    except EngineDeadError as exc:  # shut down, or stopped by a device failure
+        raise unavailable(f"The engine is not running: {exc}") from None
+    except RequestFailedError as exc:  # this request alone failed; the engine logged why
+        raise ApiError(500, f"Internal server error: {exc}", None, "internal_error") from None
+    except RuntimeError:
+        logger.exception("generation failed")
+        raise internal_error() from None
 
 
 def _client_message(exc: ValueError) -> str:

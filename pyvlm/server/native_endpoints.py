@@ -40,7 +40,7 @@ async def generate(app, body: Mapping):
         raise invalid(str(exc), "sampling_params") from None
     images = await app.fetch_images(_image_refs(body.get("image_data"),
                                                 app.args.limit_mm_per_prompt))
-    top = fields.get_int(body, "top_logprobs_num", 0, 0, 20)
+    top = fields.get_sampling(body, "top_logprobs_num", "top_logprobs") or 0
     spec = AnswerSpec(1, fields.get_bool(body, "stream", False), False,
                       top if fields.get_bool(body, "return_logprob", False) else None, None)
     run = Run([EngineInput(prompt, images, False)], sampling, spec, "gen")
@@ -112,8 +112,13 @@ async def server_info(app, _body) -> Response:
 
 
 async def health(app, _body) -> Response:
+    """200 while serving; 503 while shutting down or once the engine has
+    stopped (a device failure: the supervisor should restart the process)."""
     if not app.is_serving:
         raise unavailable()
+    failure = app.engine.health()
+    if failure is not None:
+        raise unavailable(f"The engine is not running: {failure}")
     return Response(200, b"", content_type="text/plain; charset=utf-8")
 
 

@@ -9,8 +9,7 @@ from pyvlm.http.types import Response, StreamingResponse
 from pyvlm.server import chat_request, fields, responses
 from pyvlm.server.errors import ApiError, internal_error, invalid, unsupported_field
 from pyvlm.server.generation import ChoiceDelta, EngineInput
-from pyvlm.server.params import (MAX_TOP_LOGPROBS, SAMPLING_FIELDS, answer_spec, check_model,
-                                 sampling_params)
+from pyvlm.server.params import SAMPLING_FIELDS, answer_spec, check_model, sampling_params
 from pyvlm.server.runs import Run
 from pyvlm.server.sse import DONE, sse_data, sse_error
 
@@ -91,8 +90,8 @@ async def completions(app, body: Mapping) -> Answer:
     _refuse_completion_extras(body)
     check_model(body, app.args.model_name)
     prompts = completion_prompts(body.get("prompt"), app.vocab_size)
-    spec = answer_spec(body, fields.get_int(body, "logprobs", None, 0, MAX_TOP_LOGPROBS))
-    sampling = sampling_params(body, fields.get_int(body, "max_tokens", None, 1),
+    spec = answer_spec(body, fields.get_sampling(body, "logprobs", "top_logprobs"))
+    sampling = sampling_params(body, fields.get_sampling(body, "max_tokens", "max_new_tokens"),
                                app.context_length, app.vocab_size)
     run = Run([EngineInput(p, (), True) for p in prompts], sampling, spec, "cmpl")
     ids = responses.ResponseIds("cmpl", app.args.model_name)

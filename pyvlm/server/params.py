@@ -8,7 +8,6 @@ from pyvlm.server import fields
 from pyvlm.server.errors import invalid, unsupported_field
 
 MAX_N = 128
-MAX_TOP_LOGPROBS = 20
 
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "n", "stop",
                    "stop_token_ids", "seed", "presence_penalty", "frequency_penalty",
@@ -27,43 +26,31 @@ class AnswerSpec:
     seed: Optional[int]
 
 
+# Sampling fields with the same name in the API and the engine, passed on as sent.
+PASSED_THROUGH = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
+                  "frequency_penalty", "repetition_penalty")
+
+
 def sampling_params(body: Mapping, max_tokens: Optional[int], context_length: int,
                     vocab_size: int, template_stop: Tuple[str, ...] = ()) -> dict:
-    """The engine's sampling_params for an OpenAI body (values checked)."""
+    """The engine's sampling_params for an OpenAI body (values checked
+    against pyvlm.engine.sampling_ranges). Fields the client left out are
+    left out, so the engine applies the checkpoint's generation_config
+    defaults (vLLM's behaviour) and then its own."""
     bias = fields.get_logit_bias(body)
     if any(token_id >= vocab_size for token_id in bias):
         raise invalid(f"'logit_bias' has a token id outside the vocabulary (size {vocab_size})",
                       "logit_bias")
     stop = fields.get_stop(body)
-    return {
-        "max_new_tokens": max_tokens if max_tokens is not None else context_length,
-        "temperature": fields.get_float(body, "temperature", 1.0, 0.0, 2.0),
-        "top_p": _top_p(body),
-        "top_k": fields.get_int(body, "top_k", -1, -1),
-        "min_p": fields.get_float(body, "min_p", 0.0, 0.0, 1.0),
-        "stop": stop + [s for s in template_stop if s not in stop],
-        "stop_token_ids": fields.get_int_list(body, "stop_token_ids"),
-        "presence_penalty": fields.get_float(body, "presence_penalty", 0.0, -2.0, 2.0),
-        "frequency_penalty": fields.get_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        "repetition_penalty": _repetition_penalty(body),
-        "logit_bias": bias,
-        "ignore_eos": fields.get_bool(body, "ignore_eos", False),
-        "skip_special_tokens": fields.get_bool(body, "skip_special_tokens", True),
-    }
-
-
-def _top_p(body: Mapping) -> float:
-    value = fields.get_float(body, "top_p", 1.0, 0.0, 1.0)
-    if value == 0.0:
-        raise invalid("'top_p' must be greater than 0", "top_p")
-    return value
-
-
-def _repetition_penalty(body: Mapping) -> float:
-    value = fields.get_float(body, "repetition_penalty", 1.0, 0.0, 2.0)
-    if value == 0.0:
-        raise invalid("'repetition_penalty' must be greater than 0", "repetition_penalty")
-    return value
+    params = {name: value for name in PASSED_THROUGH
+              for value in [fields.get_sampling(body, name)] if value is not None}
+    return dict(params,
+                max_new_tokens=max_tokens if max_tokens is not None else context_length,
+                stop=stop + [s for s in template_stop if s not in stop],
+                stop_token_ids=fields.get_int_list(body, "stop_token_ids"),
+                logit_bias=bias,
+                ignore_eos=fields.get_bool(body, "ignore_eos", False),
+                skip_special_tokens=fields.get_bool(body, "skip_special_tokens", True))
 
 
 def answer_spec(body: Mapping, num_top_logprobs: Optional[int]) -> AnswerSpec:
@@ -78,7 +65,7 @@ def answer_spec(body: Mapping, num_top_logprobs: Optional[int]) -> AnswerSpec:
     return AnswerSpec(n=fields.get_int(body, "n", 1, 1, MAX_N), stream=stream,
                       include_usage=fields.get_bool(options, "include_usage", False),
                       num_top_logprobs=num_top_logprobs,
-                      seed=fields.get_int(body, "seed", None, 0, 2**63 - 1))
+                      seed=fields.get_sampling(body, "seed"))
 
 
 def choice_sampling(sampling: dict, spec: AnswerSpec, index: int) -> dict:

@@ -47,8 +47,10 @@ def test_outputs_survive_preemption(rng, chunked_prefill_size, disable_radix_cac
     page_size = 4
     largest = max(len(spec.prompt_ids) + spec.max_new_tokens for spec in specs)
     num_pages = -(-largest // page_size) + 2  # room for the largest request and a little more
+    # No decode reserve (conservativeness 0): admission packs the pool, so decode must preempt.
     result = run_specs(specs, page_size=page_size, num_pages=num_pages,
-                       chunked_prefill_size=chunked_prefill_size, disable_radix_cache=disable_radix_cache)
+                       chunked_prefill_size=chunked_prefill_size, disable_radix_cache=disable_radix_cache,
+                       schedule_conservativeness=0.0)
     assert result.scheduler.metrics.num_preemptions > 0
     assert_matches_reference(specs, result)
     for spec in specs:

@@ -105,7 +105,8 @@ def test_abort_waiting_and_mid_chunk(rng):
 
 
 def test_abort_running_and_preempted(rng):
-    scheduler, runner = make_scheduler(page_size=2, num_pages=24)  # one request needs up to 19 pages
+    # One request needs up to 19 pages; no decode reserve, so all three are admitted and preempt.
+    scheduler, runner = make_scheduler(page_size=2, num_pages=24, schedule_conservativeness=0.0)
     requests = [add(scheduler, runner, f"r{i}", random_prompt(rng, 8), max_new_tokens=30) for i in range(3)]
     while not any(r.num_preemptions and r.status is RequestStatus.WAITING for r in requests):
         scheduler.step(runner)

@@ -64,9 +64,10 @@ class RunResult:
 
 
 def run_specs(specs: List[RequestSpec], page_size: int = 4, num_pages: int = 4096,
-              context_length: int = 100000, on_step=None, **sched_args) -> RunResult:
+              context_length: int = 100000, on_step=None, runner_class=FakeRunner,
+              **sched_args) -> RunResult:
     """Runs the specs (each added at its arrival step) to completion."""
-    runner = FakeRunner(page_size, num_pages)
+    runner = runner_class(page_size, num_pages)
     cache = CacheConfig(page_size=page_size, disable_radix_cache=sched_args.pop("disable_radix_cache", False))
     scheduler = Scheduler(SchedulerConfig(**sched_args), cache, num_pages, context_length)
     pending = sorted(specs, key=lambda spec: spec.arrival_step)

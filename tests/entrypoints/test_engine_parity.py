@@ -123,7 +123,9 @@ def test_preemption_on_a_tiny_pool_gives_the_same_tokens(checkpoint, prompts, re
     longest = max(len(reference.builder.from_prompt(p, ims, SamplingParams()).prompt_ids)
                   for p, ims in prompts)
     pool_tokens = (longest + NUM_NEW_TOKENS) * 3 // 2  # one request fits, not all
-    with engine_for(checkpoint, max_total_tokens=pool_tokens, disable_radix_cache=True) as engine:
+    # No decode reserve (conservativeness 0): the requests are admitted together and must preempt.
+    with engine_for(checkpoint, max_total_tokens=pool_tokens, disable_radix_cache=True,
+                    schedule_conservativeness=0.0) as engine:
         results = generate_all(engine, prompts)
         preemptions = engine.get_stats().get("num_preemptions", 0)
     assert_same_tokens(results, prompts, reference)

@@ -1,4 +1,4 @@
-"""Encoder cache (LRU by image hash) and step-wise vision batching."""
+"""Encoder cache (LRU by image hash, bounded in bytes) and step-wise vision batching."""
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ class RecordingEncoder:
 
 def test_misses_of_one_step_are_encoded_in_one_call_and_hits_skip_the_tower():
     encoder = RecordingEncoder()
-    batcher = VisionBatcher(encoder, EncoderCache(8))
+    batcher = VisionBatcher(encoder, EncoderCache(1 << 20))
     first = batcher.embed([_item(1), _item(2), _item(1)])
     assert encoder.calls == [[1, 2]]  # the repeated image is encoded once
     assert torch.equal(first[2], torch.full((3, 4), 2.0))
@@ -32,12 +32,29 @@ def test_misses_of_one_step_are_encoded_in_one_call_and_hits_skip_the_tower():
 
 
 def test_lru_eviction_keeps_the_recently_used():
-    cache = EncoderCache(2)
+    cache = EncoderCache(8)  # two float32 scalars
     cache.put(1, torch.zeros(1))
     cache.put(2, torch.zeros(1))
     assert cache.get(1) is not None  # 1 becomes most recent
     cache.put(3, torch.zeros(1))
     assert cache.get(2) is None and cache.get(1) is not None and cache.get(3) is not None
+    assert cache.num_bytes == 8
+
+
+def test_the_byte_budget_bounds_the_cache():
+    cache = EncoderCache(1000)
+    for key in range(50):
+        cache.put(key, torch.zeros(int(torch.randint(1, 60, ())), dtype=torch.float32))
+        assert cache.num_bytes <= 1000
+        assert cache.num_bytes == sum(cache.get(k).numel() * 4 for k in list(cache._entries))
+    cache.put(99, torch.zeros(251))  # larger than the whole budget: not kept
+    assert cache.get(99) is None
+    cache.put(7, torch.zeros(10))
+    cache.put(7, torch.zeros(20))  # replacing an entry counts its new size only
+    assert cache.get(7).numel() == 20
+    assert cache.num_bytes == sum(cache.get(k).numel() * 4 for k in list(cache._entries))
+    cache.clear()
+    assert cache.num_bytes == 0 and len(cache) == 0
 
 
 def test_zero_size_cache_stores_nothing():
@@ -47,6 +64,6 @@ def test_zero_size_cache_stores_nothing():
 
 
 def test_row_count_mismatch_is_an_error():
-    batcher = VisionBatcher(lambda items: [torch.zeros(2, 4) for _ in items], EncoderCache(4))
+    batcher = VisionBatcher(lambda items: [torch.zeros(2, 4) for _ in items], EncoderCache(1 << 20))
     with pytest.raises(RuntimeError, match="2 rows for a span of 3"):
         batcher.embed([_item(1, 3)])

@@ -1,0 +1,77 @@
+"""The images the offline Engine is given, loaded under the server's media
+policy from a plain thread (no torch).
+
+pyvlm.Engine takes PIL images and encoded bytes as they are (nothing is
+fetched), and URLs, data URIs, file:// URLs and paths through
+pyvlm.multimodal.media with the same MediaPolicy as the server: URLs to
+private or loopback addresses are refused unless allow_private_urls, and
+local files are read only under allowed_local_media_path.
+"""
+
+import asyncio
+import concurrent.futures
+import os
+from dataclasses import dataclass
+from typing import Any, List, Sequence
+
+from PIL import Image
+
+from .image_fetch import ImageError
+from .image_io import check_pixels, decode_image, to_rgb
+from .media import MediaError, MediaPolicy, load_images
+
+
+@dataclass(frozen=True)
+class _Ref:
+    source: str
+    param: str
+
+
+def load_images_blocking(sources: Sequence[Any], policy: MediaPolicy,
+                         param: str = "image_data") -> List[Image.Image]:
+    """RGB images for sources (PIL images, bytes, str/os.PathLike URLs or
+    paths), in order. Raises ImageError or MediaError (ValueErrors) whose
+    message names the failing source as param[i]."""
+    images: List[Any] = [None] * len(sources)
+    refs = []
+    for index, source in enumerate(sources):
+        name = f"{param}[{index}]"
+        if isinstance(source, (str, os.PathLike)):
+            refs.append((index, _Ref(os.fspath(source), name)))
+        else:
+            images[index] = _decoded(source, policy, name)
+    if refs:
+        try:
+            loaded = run_blocking(load_images([ref for _, ref in refs], policy))
+        except MediaError as exc:
+            raise MediaError(f"{exc.param}: {exc.message}", exc.param) from None
+        for (index, _), image in zip(refs, loaded):
+            images[index] = image
+    return images
+
+
+def _decoded(source: Any, policy: MediaPolicy, name: str) -> Image.Image:
+    try:
+        if isinstance(source, Image.Image):
+            check_pixels(source.width, source.height, policy.max_pixels)
+            return to_rgb(source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) > policy.max_bytes:
+                raise ImageError(f"image is {len(source)} bytes, more than the limit of "
+                                 f"{policy.max_bytes}")
+            return decode_image(bytes(source), policy.image_limits)
+        raise ImageError(f"unsupported image source type {type(source).__name__} (give a PIL "
+                         "image, bytes, a URL, a data URI or a path)")
+    except ImageError as exc:
+        raise MediaError(f"{name}: {exc}", name) from None
+
+
+def run_blocking(coroutine):
+    """Runs a coroutine to completion from synchronous code, also when this
+    thread already runs an event loop (then on a short-lived thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
