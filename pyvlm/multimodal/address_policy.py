@@ -136,7 +136,8 @@ async def resolve_checked(host: str, port: int, allow_private: bool) -> list:
 
 
 _PRIVATE_MESSAGE = ("image URL points to a loopback, private, link-local or otherwise non-public "
-                    "address, which this server does not fetch")
+                    "address, which this server does not fetch (start it with "
+                    "--allow-private-media-urls to allow them)")
 
 
 async def _resolve(host: str, port: int) -> list:

@@ -74,7 +74,7 @@ def _normalized_host(host: str) -> str:
     # URL hosts are percent-decoded and IDNA-encoded before use (WHATWG host parsing).
     host = unquote(host)
     if not host or any(char in host for char in " /\\@#?\x00"):
-        raise FetchError("image URL has no valid host")
+        raise FetchError("image URL has no valid host (it must look like http(s)://host/path)")
     try:
         return host if host.isascii() else host.encode("idna").decode("ascii")
     except UnicodeError:

@@ -13,12 +13,16 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 ImageSource = Union[bytes, bytearray, memoryview, str, Path]
 
 _CHUNK_BYTES = 1 << 16
 _DATA_URI = re.compile(r"data:(image/[A-Za-z0-9.+-]+)((?:;[^;,]*)*);base64,(.*)", re.DOTALL)
+# RFC 3986 §3.1 scheme syntax. §4.2: a relative path's first segment cannot
+# hold a colon (write "./a:b"), so "htp:/x" is a URL with a mistyped scheme.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,31}):")
+OFFLINE_SOURCES = "http://, https://, data:image/<type>;base64,<payload>, or a local file path"
 
 
 class ImageError(ValueError):
@@ -55,13 +59,26 @@ def fetch_image_bytes(source: ImageSource, limits: ImageLimits = DEFAULT_LIMITS)
         return read_path(source, limits)
     if not isinstance(source, str):
         raise ImageError(f"unsupported image source type {type(source).__name__}")
-    if source.startswith("data:"):
-        return decode_data_uri(source, limits.max_bytes)
-    if source.startswith(("http://", "https://")):
+    scheme = url_scheme(source)
+    if scheme == "data":
+        return decode_data_uri("data:" + source[5:], limits.max_bytes)
+    if scheme in ("http", "https"):
         return fetch_url(source, limits)
-    if "://" in source:
-        raise ImageError(f"unsupported image URL scheme in {source[:40]!r}")
+    if scheme is not None:
+        raise unsupported_scheme(scheme, OFFLINE_SOURCES)
     return read_path(Path(source), limits)
+
+
+def url_scheme(source: str) -> Optional[str]:
+    """The lowercased URL scheme `source` starts with, or None for a plain path."""
+    match = _SCHEME.match(source)
+    return match.group(1).lower() if match else None
+
+
+def unsupported_scheme(scheme: str, supported: str) -> ImageError:
+    """The refusal of an image URL whose scheme is none of `supported`."""
+    return ImageError(f"image URL scheme '{scheme}:' is not a supported URL scheme "
+                      f"(supported: {supported})")
 
 
 def _capped(data: bytes, max_bytes: int, what: str) -> bytes:

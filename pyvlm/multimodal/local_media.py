@@ -20,9 +20,16 @@ class LocalMediaError(ValueError):
     """A local image path that is not allowed or cannot be read (client-safe message)."""
 
 
-_NOT_ALLOWED = ("local image paths are not allowed on this server (it must be started with "
-                "--allowed-local-media-path)")
-_NOT_FOUND = "local image path is not a readable file inside the allowed media directory"
+_NOT_ALLOWED = ("local image paths and file:// URLs are not allowed on this server (start it "
+                "with --allowed-local-media-path DIR to allow the files under DIR)")
+_NOT_FOUND = ("local image path is not a readable file inside the allowed media directory "
+              "(--allowed-local-media-path)")
+
+
+def require_allowed_dir(allowed_dir: Optional[str]) -> None:
+    """Refuses every local path when the server has no allowed media directory."""
+    if allowed_dir is None:
+        raise LocalMediaError(_NOT_ALLOWED)
 
 
 def path_from_file_url(url: str) -> str:
@@ -36,8 +43,7 @@ def path_from_file_url(url: str) -> str:
 def resolve_allowed(path: str, allowed_dir: Optional[str]) -> Path:
     """The real path of `path` (relative paths are taken inside allowed_dir),
     refused unless it is an existing regular file under allowed_dir."""
-    if allowed_dir is None:
-        raise LocalMediaError(_NOT_ALLOWED)
+    require_allowed_dir(allowed_dir)
     try:
         root = Path(allowed_dir).resolve(strict=True)
         real = (root / path).resolve(strict=True)

@@ -5,7 +5,9 @@
 from) and returns RGB PIL images in the same order. Every distinct source is
 fetched once and concurrently: http(s) URLs on the event loop through
 http_fetch (SSRF checks, timeouts, redirects, byte cap), data URIs with strict
-base64, local paths and file:// URLs only under the allowed directory.
+base64, local paths and file:// URLs only under the allowed directory; any
+other scheme (a mistyped "htp:" too) is refused as unsupported, never read as
+a path. Each refusal that a flag would lift names that flag.
 Decoding (and anything else that blocks) runs in the default executor, so
 the event loop keeps serving other requests. Failures raise MediaError whose
 message is safe to send to the client and whose `param` names the part;
@@ -13,20 +15,21 @@ the server answers them with HTTP 422.
 """
 
 import asyncio
-import re
 from dataclasses import dataclass
 from typing import Optional, Protocol, Sequence
 
 from PIL import Image
 
 from .http_fetch import FetchError, FetchLimits, fetch_url
-from .image_fetch import ImageError, ImageLimits, decode_data_uri
+from .image_fetch import ImageError, ImageLimits, decode_data_uri, unsupported_scheme, url_scheme
 from .image_io import decode_image
-from .local_media import LocalMediaError, path_from_file_url, read_allowed
+from .local_media import LocalMediaError, path_from_file_url, read_allowed, require_allowed_dir
 
-__all__ = ["MediaPolicy", "MediaError", "ImageRefLike", "load_images", "load_image_source"]
+__all__ = ["MediaPolicy", "MediaError", "ImageRefLike", "load_images", "load_image_source",
+           "SERVER_SOURCES"]
 
-_OTHER_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+SERVER_SOURCES = ("http://, https://, data:image/<type>;base64,<payload>, and file:// URLs or "
+                  "local paths when the server runs with --allowed-local-media-path")
 _CLIENT_ERRORS = (ImageError, FetchError, LocalMediaError)
 
 
@@ -135,8 +138,7 @@ async def load_image_source(source, policy: MediaPolicy) -> Image.Image:
     Raises ImageError, FetchError or LocalMediaError (client-safe messages)."""
     if isinstance(source, _Unhashable) or not isinstance(source, str) or not source:
         raise ImageError("image URL must be a non-empty string")
-    scheme = source[:8].lower()
-    if scheme.startswith(("http://", "https://")):
+    if url_scheme(source) in ("http", "https"):
         data = await fetch_url(source, policy.fetch_limits)
         return await _off_loop(decode_image, data, policy.image_limits)
     return await _off_loop(_read_and_decode, source, policy)
@@ -148,15 +150,14 @@ def _read_and_decode(source: str, policy: MediaPolicy) -> Image.Image:
 
 
 def _read_non_url(source: str, policy: MediaPolicy) -> bytes:
-    lowered = source[:8].lower()
-    if lowered.startswith("data:"):
+    scheme = url_scheme(source)
+    if scheme == "data":
         return decode_data_uri("data:" + source[5:], policy.max_bytes)
-    if lowered.startswith("file:"):
-        path = path_from_file_url(source)
-    elif _OTHER_SCHEME.match(source):
-        raise ImageError("image URL must be http(s), data:image/...;base64, or a file path")
-    else:
-        path = source
+    if scheme not in ("file", None):
+        raise unsupported_scheme(scheme, SERVER_SOURCES)
+    # The flag is checked first, so a refusal always names it.
+    require_allowed_dir(policy.allowed_local_media_path)
+    path = source if scheme is None else path_from_file_url(source)
     return read_allowed(path, policy.allowed_local_media_path, policy.max_bytes)
 
 

@@ -1,15 +1,20 @@
 """`python -m pyvlm`: serve until SIGTERM/SIGINT, then shut down cleanly.
 
-The port opens at once and answers 503 while the engine loads. On a
+The port is bound before the engine loads: a port that cannot be bound
+(already in use, say) ends the process at once with exit status 2 and one
+log line naming it. While the engine loads the port answers 503; "Ready:
+serving ..." is logged once, when requests succeed. On a
 signal: /health turns 503, the listener stops accepting, in-flight requests
 get `shutdown_grace_s` to finish (then the engine aborts them), the engine
 stops, and the process exits 0. A watchdog exits non-zero if the engine
 thread dies or one step outlasts --watchdog-timeout."""
 
 import asyncio
+import errno
 import logging
+import os
 import signal
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Tuple
 
 from pyvlm.server.args import ServerArgs
 from pyvlm.server.errors import unavailable
@@ -33,26 +38,42 @@ class Launcher:
         return await self.app(request)
 
     async def run(self) -> int:
-        from pyvlm.http.server import HttpLimits, serve
-
         self._install_signal_handlers()
-        limits = HttpLimits(max_body_bytes=self.args.max_request_bytes)
-        server = asyncio.ensure_future(serve(self.handle, self.args.host, self.args.port,
-                                             limits=limits, stop=self.stop))
+        server = await self._listen()
+        if server is None:
+            return self.exit_code
         try:
-            await self._start_app()
+            await self._start_app(server)
             if self.app is not None:
                 watchdog = asyncio.ensure_future(self._watchdog())
                 await self.stop.wait()
                 watchdog.cancel()
                 self.app.begin_shutdown()
             self.stop.set()
-            await server
+            await server.shutdown()
         finally:
             await self._stop_engine()
         return self.exit_code
 
-    async def _start_app(self) -> None:
+    async def _listen(self):
+        """The bound HttpServer (answering 503 until the app is set), or None
+        with exit_code 2 and the reason logged when the port cannot be bound."""
+        from pyvlm.http.server import HttpLimits, HttpServer
+
+        limits = HttpLimits(max_body_bytes=self.args.max_request_bytes,
+                            shutdown_grace_s=self.args.shutdown_grace_s)
+        server = HttpServer(self.handle, limits)
+        try:
+            await server.start(self.args.host, self.args.port)
+        except OSError as exc:
+            logger.error("%s", cannot_listen_message(self.args.host, self.args.port, exc))
+            self.exit_code = 2
+            return None
+        logger.info("Loading %s; until it is loaded, %s answers 503",
+                    self.args.model_name, urls_of(server.addresses)[0])
+        return server
+
+    async def _start_app(self, server) -> None:
         from pyvlm.server.app import App
 
         loop = asyncio.get_running_loop()
@@ -63,8 +84,11 @@ class Launcher:
             logger.error("cannot start: %s", exc)
             self.exit_code = 2
             return
-        logger.info("Serving %s at http://%s:%d (OpenAI API under /v1)", self.args.model_name,
-                    self.args.host, self.args.port)
+        if self.stop.is_set():
+            return  # a signal came during the load: shutting down, never ready
+        # Logged after self.app is set: from here on every request is served.
+        logger.info("Ready: serving %s at %s (OpenAI API under /v1)", self.args.model_name,
+                    ", ".join(urls_of(server.addresses)))
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -95,6 +119,24 @@ class Launcher:
             # Whatever is still running after the grace period is failed by the
             # engine's shutdown (its callers get an error and end their streams).
             await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+
+
+def cannot_listen_message(host: str, port: int, error: OSError) -> str:
+    """One line saying why host:port cannot be bound (and what to do when it is taken)."""
+    if error.errno == errno.EADDRINUSE:
+        return (f"cannot listen on {host}:{port}: port {port} is already in use (is another "
+                "server running? choose a free port with --port)")
+    # asyncio's strerror repeats the address; the errno's own text is enough.
+    # (getaddrinfo errors have negative codes and their own strerror.)
+    is_os_errno = isinstance(error.errno, int) and error.errno > 0
+    reason = os.strerror(error.errno) if is_os_errno else (error.strerror or str(error))
+    return f"cannot listen on {host}:{port}: {reason}"
+
+
+def urls_of(addresses: List[Tuple[str, int]]) -> List[str]:
+    """http:// URLs of bound (host, port) pairs, IPv6 hosts in brackets."""
+    return [f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            for host, port in addresses]
 
 
 def _make_engine(args: ServerArgs):

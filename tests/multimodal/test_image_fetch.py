@@ -1,5 +1,6 @@
 """Fetching images over HTTP from a local server: redirects, byte cap, timeout."""
 
+import base64
 import io
 import threading
 import time
@@ -119,3 +120,21 @@ def test_http_errors_and_disallowed_urls(base_url):
         load_image(base_url + "/img", ImageLimits(allow_urls=False))
     with pytest.raises(ImageError, match="failed"):
         load_image("http://127.0.0.1:1/img", ImageLimits(timeout_s=1.0))
+
+
+@pytest.mark.parametrize("source", ["htp:/tmp/x.png", "htps://example.com/x.png",
+                                    "file:///tmp/x.png", "ftp://example.com/x.png"])
+def test_offline_sources_with_another_scheme_are_not_read_as_paths(source):
+    with pytest.raises(ImageError) as info:
+        load_image(source)
+    scheme = source.split(":", 1)[0]
+    assert f"'{scheme}:' is not a supported URL scheme" in str(info.value)
+    assert "cannot read image file" not in str(info.value) and "local file path" in str(info.value)
+
+
+def test_offline_data_uri_scheme_is_case_insensitive():
+    pixels = np.random.default_rng().integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "PNG")
+    uri = "DATA:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    np.testing.assert_array_equal(np.asarray(load_image(uri)), pixels)

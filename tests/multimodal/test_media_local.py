@@ -67,7 +67,7 @@ def test_paths_outside_are_refused_after_resolution(media):
     for source in escapes:
         error = refused([source], media.policy)
         assert error.message == ("local image path is not a readable file inside the allowed "
-                                 "media directory"), source
+                                 "media directory (--allowed-local-media-path)"), source
         assert error.param == "messages[1].content[0].image_url"
 
 
@@ -83,9 +83,31 @@ def test_file_urls_with_a_remote_host_are_refused(media):
     assert "file:///absolute/path" in error.message
 
 
-def test_local_paths_are_refused_without_an_allowed_directory(media):
-    for source in [str(media.allowed / "sub" / "in side.png"), f"file://{media.allowed}/alias.png"]:
-        assert "--allowed-local-media-path" in refused([source], MediaPolicy()).message
+def test_local_paths_are_refused_without_an_allowed_directory_naming_the_flag(media):
+    # A file URL with a host is refused for the missing flag first, not for its host.
+    for source in [str(media.allowed / "sub" / "in side.png"), f"file://{media.allowed}/alias.png",
+                   "sub/in side.png", f"FILE://evil.example{media.allowed}/alias.png"]:
+        message = refused([source], MediaPolicy()).message
+        assert "not allowed" in message and "--allowed-local-media-path" in message, source
+
+
+@pytest.mark.parametrize("prefix", ["htp:/", "htp://", "HTPS://", "htttp://", "ftp://",
+                                    "gopher://", "ws://", "C:/", "s3://", "blob:"])
+def test_a_mistyped_or_other_scheme_is_not_a_local_path(media, prefix):
+    # RFC 3986 §4.2: a colon in a path's first segment makes it a scheme.
+    source = prefix + str(media.allowed / "sub" / "in side.png").lstrip("/")
+    message = refused([source], media.policy).message
+    scheme = prefix.split(":", 1)[0].lower()
+    assert f"'{scheme}:' is not a supported URL scheme" in message, message
+    for supported in ("http://", "https://", "data:image/", "file://", "--allowed-local-media-path"):
+        assert supported in message
+    assert "local image path" not in message
+
+
+def test_a_local_name_with_a_colon_loads_when_written_as_a_relative_path(media):
+    pixels = random_png(media.allowed / "a:b.png")
+    [image] = load(["./a:b.png"], media.policy)
+    np.testing.assert_array_equal(np.asarray(image), pixels)
 
 
 def test_local_byte_cap(media):

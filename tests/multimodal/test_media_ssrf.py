@@ -65,7 +65,16 @@ def test_private_spellings_are_refused_without_connecting(connections, host):
     with pytest.raises(MediaError) as info:
         load_url(f"http://{host}:8080/cat.png")
     assert "non-public address" in info.value.message
+    assert "--allow-private-media-urls" in info.value.message  # the refusal names its flag
     assert info.value.param == "messages[0].content[0].image_url"
+    assert connections == []
+
+
+@pytest.mark.parametrize("url", ["http:/127.0.0.1/x.png", "https:x.png", "HTTP:///x.png"])
+def test_http_urls_without_a_host_are_refused_without_connecting(connections, url):
+    with pytest.raises(MediaError) as info:
+        load_url(url, MediaPolicy(allow_private_urls=True))
+    assert "no valid host" in info.value.message and "http(s)://host/path" in info.value.message
     assert connections == []
 
 
@@ -92,7 +101,7 @@ def test_names_resolving_to_any_private_address_are_refused(connections, monkeyp
                 for ip in answers]
 
     monkeypatch.setattr(address_policy, "getaddrinfo", resolver)
-    with pytest.raises(MediaError, match="non-public"):
+    with pytest.raises(MediaError, match="non-public.*--allow-private-media-urls"):
         load_url("http://internal.example./x.png")
     assert connections == []
 

@@ -193,3 +193,70 @@ def test_sigterm_shuts_down_cleanly(tiny_checkpoint_qwen2):
     wait_for_server(f"http://127.0.0.1:{port}", timeout=120, process=process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0
+
+
+def test_a_taken_port_exits_at_once_with_one_line_naming_it(tiny_checkpoint_qwen2):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The bind comes before the engine load, so the process ends well
+        # within 5 s even where loading the model takes longer.
+        result = subprocess.run([sys.executable, "-m", "pyvlm", "--model", str(tiny_checkpoint_qwen2),
+                                 "--port", str(port), "--device", "cpu"],
+                                capture_output=True, text=True, timeout=5)
+    assert result.returncode == 2
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert f"127.0.0.1:{port}" in lines[0] and "already in use" in lines[0] and "--port" in lines[0]
+
+
+def _probe_health(base: str):
+    try:
+        return requests.get(f"{base}/health", timeout=5).status_code
+    except requests.ConnectionError:
+        return None
+
+
+def assert_default_refusals_name_their_flags(base: str, image_server_url: str):
+    """With default flags each refused image names what would allow it."""
+    expected = {image_server_url: "--allow-private-media-urls",
+                "/etc/hostname": "--allowed-local-media-path",
+                "file:///etc/hostname": "--allowed-local-media-path",
+                "htp:/example.com/cat.png": "'htp:' is not a supported URL scheme"}
+    for source, needle in expected.items():
+        reply = chat(base, image_message(source))
+        error = reply.json()["error"]
+        assert reply.status_code == 422 and needle in error["message"], (source, error)
+        assert error["param"] == "messages[0].content[0].image_url"
+
+
+def test_ready_is_logged_once_and_only_when_requests_succeed(tiny_checkpoint_qwen2, tmp_path):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "pyvlm", "--model",
+                                    str(tiny_checkpoint_qwen2), "--port", str(port), "--device",
+                                    "cpu", "--max-total-tokens", "2048", "--served-model-name", "tiny"],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        probes = []  # (was "Ready" already logged before this probe, /health status)
+        deadline = time.monotonic() + 120
+        while not (probes and probes[-1][0]) and time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()
+            logged = f"Ready: serving tiny at {base}" in log_path.read_text()
+            probes.append((logged, _probe_health(base)))
+            time.sleep(0.05)
+        assert probes[-1][0], log_path.read_text()
+        # Once the line is there, the server answers; before it, only 503 (or 200
+        # when the engine finished between reading the log and probing).
+        assert all(status == 200 for logged, status in probes if logged), probes
+        assert {status for logged, status in probes if not logged} <= {None, 503, 200}, probes
+        assert chat(base, [{"role": "user", "content": "hi"}]).status_code == 200
+        assert_default_refusals_name_their_flags(base, image_server_url=f"{base}/health")
+    finally:
+        terminate_process(process)
+    text = log_path.read_text()
+    assert text.count("Ready: serving") == 1, text
+    assert "listening on" not in text
