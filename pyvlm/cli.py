@@ -76,11 +76,21 @@ def generate(args: argparse.Namespace) -> str:
         print(DEMO_NOTICE, flush=True)
     content = [{"type": "image_url", "image_url": {"url": url}} for url in args.image]
     content.append({"type": "text", "text": args.prompt})
-    with Engine(model=args.model, device=args.device, dtype=args.dtype) as engine:
+    with Engine(model=args.model, device=args.device, dtype=args.dtype,
+                allowed_local_media_path=folder_of_local_images(args.image)) as engine:
         result = engine.generate(messages=[{"role": "user", "content": content}],
                                  sampling_params={"max_new_tokens": args.max_new_tokens,
                                                   "temperature": args.temperature})
     return result["text"]
+
+
+def folder_of_local_images(sources: List[str]) -> Optional[str]:
+    """The folder holding every local image path given on the command line
+    (the user named them, so the engine's media policy may read them)."""
+    import os
+
+    paths = [os.path.abspath(s) for s in sources if "://" not in s and not s.startswith("data:")]
+    return os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else None
 
 
 def _report_errors(command, args) -> int:

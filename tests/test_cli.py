@@ -27,7 +27,7 @@ def test_generate_answers_with_the_engine(tiny_checkpoint_qwen2):
          "--prompt", "the cat sat", "--max-new-tokens", "4", "--device", "cpu"],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "Engine ready" in result.stderr and "Prefill batch. #new-seq: 1" in result.stderr
+    assert "Engine loaded" in result.stderr and "Prefill batch. #new-seq: 1" in result.stderr
     assert result.stdout.strip() != ""
 
 
@@ -38,3 +38,24 @@ def test_generate_with_a_missing_model_is_one_clear_line(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert str(missing) in result.stderr.strip().splitlines()[-1]
+
+
+def test_generate_reads_the_local_images_it_is_given(tiny_checkpoint_qwen2, tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (0, 200, 0)).save(tmp_path / "green.png")
+    result = subprocess.run(
+        [sys.executable, "-m", "pyvlm", "generate", "--model", str(tiny_checkpoint_qwen2),
+         "--image", str(tmp_path / "green.png"), "--max-new-tokens", "2", "--device", "cpu"],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Prefill batch. #new-seq: 1" in result.stderr
+
+
+def test_the_folder_of_local_images_holds_each_of_them(tmp_path):
+    from pyvlm.cli import folder_of_local_images
+
+    paths = [str(tmp_path / "a" / "x.png"), str(tmp_path / "a" / "b" / "y.png")]
+    assert folder_of_local_images(paths + ["http://h/z.png", "data:image/png;base64,AA=="]) \
+        == str(tmp_path / "a")
+    assert folder_of_local_images(["https://h/z.png"]) is None

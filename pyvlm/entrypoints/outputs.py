@@ -1,4 +1,7 @@
-"""Accumulates a request's RequestOutput deltas into SGLang-style results."""
+"""Accumulates a request's RequestOutput deltas into SGLang-style results.
+
+A delta's meta_info lists the logprobs of its new tokens only (so a long
+stream costs linear time); the final result's lists cover every token."""
 
 from typing import List
 
@@ -21,13 +24,13 @@ class OutputAccumulator:
         self.logprobs.extend(out.new_logprobs)
         self.last = out
         return {"text": out.new_text, "token_ids": list(out.new_token_ids),
-                "finished": out.finished, "meta_info": self._meta(out)}
+                "finished": out.finished, "meta_info": self._meta(out, out.new_logprobs)}
 
     def result(self) -> dict:
         return {"text": "".join(self.text_parts), "output_ids": list(self.output_ids),
-                "meta_info": self._meta(self.last)}
+                "meta_info": self._meta(self.last, self.logprobs)}
 
-    def _meta(self, out: RequestOutput) -> dict:
+    def _meta(self, out: RequestOutput, logprobs: list) -> dict:
         finish = None
         if out.finished:
             finish = {"type": out.finish_reason, "matched": out.matched_stop}
@@ -35,6 +38,6 @@ class OutputAccumulator:
                 "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
                 "finish_reason": finish}
         if self.logprobs:
-            meta["output_token_logprobs"] = [(lp, tid) for tid, lp, _ in self.logprobs]
-            meta["output_top_logprobs"] = [list(top) for _, _, top in self.logprobs]
+            meta["output_token_logprobs"] = [(lp, tid) for tid, lp, _ in logprobs]
+            meta["output_top_logprobs"] = [list(top) for _, _, top in logprobs]
         return meta

@@ -78,6 +78,9 @@ def with_rope_scaling(hf_config: dict, rope_scaling: Dict[str, Any]) -> dict:
     params.setdefault("rope_theta", text.get("rope_theta", 10000.0))
     params.update({k: v for k, v in (text.pop("rope_scaling", None) or {}).items()
                    if k not in params})
+    if {"rope_type", "type"} & set(rope_scaling):  # a new type: the old one's name goes
+        params.pop("type", None)
+        params.pop("rope_type", None)
     params.update(rope_scaling)
     original = int(text.get("max_position_embeddings", 4096))
     params.setdefault("original_max_position_embeddings", original)
@@ -171,7 +174,7 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
                              image_inputs_for(model, tokenizer, files, device, dtype),
                              media_policy_of(config), context_length,
                              config.scheduler.random_seed)
-    logger.info("Engine ready: %s on %s (%s), context length %d, KV pool %d tokens",
+    logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens",
                 files.root.name, device, str(dtype).replace("torch.", ""), context_length,
                 runner.num_pages * runner.page_size)
     if config.model.model is None:

@@ -24,7 +24,7 @@ logger = logging.getLogger("pyvlm.engine")
 Sink = Callable[[Optional[RequestOutput], Optional[BaseException]], None]
 """Called from the engine thread with (output, None) or (None, error)."""
 
-SHUT_DOWN = "the engine was shut down"
+SHUT_DOWN = "the engine is not running (it was shut down)"
 
 
 class EngineLoop:

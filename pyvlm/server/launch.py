@@ -7,13 +7,16 @@ serving ..." is logged once, when requests succeed. On a
 signal: /health turns 503, the listener stops accepting, in-flight requests
 get `shutdown_grace_s` to finish (then the engine aborts them), the engine
 stops, and the process exits 0. A watchdog exits non-zero if the engine
-thread dies or one step outlasts --watchdog-timeout."""
+stops after a device failure (4) or one step outlasts --watchdog-timeout
+(3, with every thread's stack on stderr)."""
 
 import asyncio
 import errno
+import faulthandler
 import logging
 import os
 import signal
+import sys
 from typing import Callable, List, Optional, Tuple
 
 from pyvlm.server.args import ServerArgs
@@ -103,22 +106,41 @@ class Launcher:
         self.stop.set()
 
     async def _watchdog(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Ends the process when the engine can no longer serve: stopped by a
+        device failure (exit 4, after the usual shutdown: in-flight requests
+        already got 503), or hung in one step past --watchdog-timeout (exit
+        3 at once, after dumping every thread's stack to stderr: a thread
+        stuck in a step can be neither interrupted nor joined)."""
+        interval = min(1.0, self.args.watchdog_timeout / 4)
         while not self.stop.is_set():
-            await asyncio.sleep(min(5.0, self.args.watchdog_timeout))
-            try:
-                await asyncio.wait_for(loop.run_in_executor(None, self.engine.get_stats),
-                                       self.args.watchdog_timeout)
-            except (asyncio.TimeoutError, RuntimeError):
-                logger.error("watchdog: the engine is hung or dead; exiting")
-                self.exit_code = 3
+            await asyncio.sleep(interval)
+            failure = self.engine.health()
+            if failure is not None:
+                logger.critical("the engine stopped (%s); exiting for a restart", failure)
+                self.exit_code = 4
+                self.app.begin_shutdown()
                 self.stop.set()
+                return
+            running_for = self.engine.step_running_for()
+            if running_for is not None and running_for > self.args.watchdog_timeout:
+                exit_hung(running_for, self.args.watchdog_timeout)
 
     async def _stop_engine(self) -> None:
         if self.engine is not None:
             # Whatever is still running after the grace period is failed by the
             # engine's shutdown (its callers get an error and end their streams).
             await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown)
+
+
+def exit_hung(running_for: float, timeout: float) -> None:
+    """Logs the hung step, dumps all threads' stacks to stderr and exits 3."""
+    logger.critical("watchdog: an engine step has run for %.1f s (--watchdog-timeout %g s); "
+                    "dumping the threads' stacks and exiting", running_for, timeout)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+    sys.stderr.flush()
+    os._exit(3)
 
 
 def cannot_listen_message(host: str, port: int, error: OSError) -> str:

@@ -49,7 +49,7 @@ async def generate(app, body: Mapping):
         return event_stream(_cumulative(deltas), deltas)
     result = (await app.runner.collect(run))[0]
     return json_response({"text": result.text, "output_ids": result.token_ids,
-                          "meta_info": result.meta})
+                          "meta_info": _with_logprobs(result.meta, result.logprobs)})
 
 
 def _native_prompt(body: Mapping, vocab_size: int):
@@ -76,12 +76,25 @@ def _image_refs(image_data: Any, max_images: int) -> List[ImageRef]:
     return [ImageRef(s, f"image_data[{i}]") for i, s in enumerate(sources)]
 
 
+def _with_logprobs(meta: dict, logprobs: list) -> dict:
+    """meta_info listing the logprobs of every token so far (SGLang's
+    /generate shape); the engine's delta metas list only the new ones."""
+    if "output_token_logprobs" not in meta:
+        return meta
+    return dict(meta, output_token_logprobs=[(lp, tid) for tid, lp, _ in logprobs],
+                output_top_logprobs=[top for _, _, top in logprobs])
+
+
 async def _cumulative(deltas) -> AsyncIterator[bytes]:
-    text, ids = "", []
+    """SGLang's /generate stream: each event holds the text, ids and
+    logprobs so far."""
+    text, ids, logprobs = "", [], []
     try:
         async for delta in deltas:
             text, ids = text + delta.text, ids + delta.token_ids
-            yield sse_data({"text": text, "output_ids": ids, "meta_info": delta.meta})
+            logprobs.extend(delta.logprobs)
+            yield sse_data({"text": text, "output_ids": ids,
+                            "meta_info": _with_logprobs(delta.meta, logprobs)})
     finally:
         await deltas.aclose()
 

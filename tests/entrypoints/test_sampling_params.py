@@ -22,3 +22,27 @@ def test_names_and_aliases_map_onto_sampling_params():
 def test_bad_values_name_the_field(params, message):
     with pytest.raises(ValueError, match=message):
         sampling_params_from(params)
+
+
+def test_max_new_tokens_zero_is_refused():
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampling_params_from({"max_new_tokens": 0})
+
+
+def test_generation_config_fills_only_the_unset_fields():
+    from pyvlm.entrypoints.sampling import generation_defaults
+
+    defaults = generation_defaults({"temperature": 0.3, "top_p": 0.8, "top_k": 20,
+                                    "do_sample": True, "max_length": 20, "eos_token_id": 2,
+                                    "repetition_penalty": 1.05, "min_p": None})
+    assert defaults == {"temperature": 0.3, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+    p = sampling_params_from({"temperature": 1.0}, defaults)
+    assert (p.temperature, p.top_p, p.top_k, p.repetition_penalty) == (1.0, 0.8, 20, 1.05)
+    assert sampling_params_from(None, defaults).temperature == 0.3
+
+
+def test_generation_config_values_pyvlm_refuses_are_dropped(caplog):
+    from pyvlm.entrypoints.sampling import generation_defaults
+
+    assert generation_defaults({"temperature": -1, "top_p": 0.5}) == {"top_p": 0.5}
+    assert "temperature" in caplog.text

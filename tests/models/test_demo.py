@@ -2,6 +2,7 @@
 cache and checked with transformers itself."""
 
 import importlib.util
+import json
 import random
 
 import numpy as np
@@ -149,3 +150,10 @@ def test_gguf_names_map_onto_llama():
     assert demo.hf_llama_name("token_embd.weight") == "embed_tokens.weight"
     assert demo.hf_llama_name("blk.7.attn_k.weight") == "layers.7.self_attn.k_proj.weight"
     assert demo.hf_llama_name("blk.0.ffn_norm.weight") == "layers.0.post_attention_layernorm.weight"
+
+
+def test_the_demo_ships_low_temperature_sampling_defaults(demo_dir):
+    from pyvlm.entrypoints.sampling import generation_defaults
+
+    config = json.loads((demo_dir / "generation_config.json").read_text())
+    assert generation_defaults(config) == {"temperature": 0.2, "top_p": 0.9}

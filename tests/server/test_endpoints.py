@@ -139,3 +139,21 @@ def test_launcher_answers_503_until_the_app_is_up():
 
     response = asyncio.run(scenario())
     assert response.status == 503 and b'"error"' in response.body
+
+
+def test_native_generate_logprobs_cover_every_token(app, engine):
+    body = {"text": "the cat", "sampling_params": {"max_new_tokens": 7, "temperature": 0,
+                                                    "ignore_eos": True},
+            "return_logprob": True, "top_logprobs_num": 2}
+    _, _, answer = call(app, "POST", "/generate", body)
+    expected = engine.generate("the cat", dict(body["sampling_params"], logprobs=True,
+                                               top_logprobs=2))
+    meta = answer["meta_info"]
+    assert [tid for _, tid in meta["output_token_logprobs"]] == answer["output_ids"]
+    assert meta["output_token_logprobs"] == [list(p) for p in
+                                             expected["meta_info"]["output_token_logprobs"]]
+    assert all(len(top) == 2 for top in meta["output_top_logprobs"]) and len(
+        meta["output_top_logprobs"]) == 7
+    _, _, events = call(app, "POST", "/generate", dict(body, stream=True))
+    last = [data for _, data in events if data != "[DONE]"][-1]
+    assert last["meta_info"]["output_token_logprobs"] == meta["output_token_logprobs"]

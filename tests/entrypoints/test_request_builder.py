@@ -1,0 +1,89 @@
+"""The request builder: per-process seeds for unseeded requests, the
+context check before any preprocessing, and the media policy of the
+offline Engine (the server's: no private URLs, local files only under an
+allowed folder, unless opted out)."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+import pyvlm
+from pyvlm.engine.types import SamplingParams
+from pyvlm.entrypoints.request_builder import RequestBuilder
+from pyvlm.multimodal.media import MediaError, MediaPolicy
+
+GREEDY = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}
+
+
+def builder(random_seed=None):
+    return RequestBuilder(None, None, [], None, MediaPolicy(), 100, random_seed)
+
+
+def first_seeds(b, n=3):
+    return [b.from_prompt([1, 2, 3], [], SamplingParams()).seed for _ in range(n)]
+
+
+def test_unseeded_requests_draw_from_a_random_base_per_process():
+    assert first_seeds(builder()) != first_seeds(builder())
+    assert first_seeds(builder(7)) == [7, 8, 9] == first_seeds(builder(7))
+    assert builder().from_prompt([1], [], SamplingParams(seed=42)).seed == 42
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint_qwen2):
+    with pyvlm.Engine(model=str(tiny_checkpoint_qwen2), device="cpu", page_size=4,
+                      max_total_tokens=4096, context_length=512) as eng:
+        yield eng
+
+
+def test_too_many_image_tokens_are_refused_naming_each_image(engine, monkeypatch):
+    prepared = []
+    monkeypatch.setattr(engine.builder, "images", dataclasses.replace(
+        engine.builder.images, prepare=lambda *args: prepared.append(args)))
+    images = [Image.new("RGB", (400, 300), (10, 20, 30)), Image.new("RGB", (50, 60))]
+    text = "<image> <image> " + "the cat sat on a mat " * 80
+    with pytest.raises(ValueError, match=r"image 1: \d+, image 2: \d+.*context length of 512"):
+        engine.generate(text, GREEDY, image_data=images)
+    assert prepared == []  # refused before any preprocessing
+
+
+def test_local_paths_need_an_allowed_folder(engine, tmp_path):
+    path = tmp_path / "red.png"
+    Image.new("RGB", (30, 20), (255, 0, 0)).save(path)
+    with pytest.raises(MediaError, match="--allowed-local-media-path|allowed_local_media_path"):
+        engine.generate("<image> what", GREEDY, image_data=str(path))
+    with pytest.raises(MediaError):
+        engine.generate("<image> what", GREEDY, image_data=f"file://{path}")
+
+
+def test_private_urls_are_refused_without_connecting(engine):
+    with pytest.raises(MediaError, match="private|loopback|allow"):
+        engine.generate("<image> what", GREEDY, image_data="http://127.0.0.1:9/x.png")
+
+
+def test_the_opt_out_reads_local_files(tiny_checkpoint_qwen2, tmp_path):
+    path = tmp_path / "red.png"
+    image = Image.new("RGB", (30, 20), (255, 0, 0))
+    image.save(path)
+    with pyvlm.Engine(model=str(tiny_checkpoint_qwen2), device="cpu", page_size=4,
+                      max_total_tokens=2048, allowed_local_media_path=str(tmp_path)) as eng:
+        from_path = eng.generate("<image> what", GREEDY, image_data=str(path))
+        from_pil = eng.generate("<image> what", GREEDY, image_data=image)
+    assert from_path["output_ids"] == from_pil["output_ids"]
+
+
+def test_generation_config_defaults_apply_to_unset_fields(tiny_checkpoint_qwen2, tmp_path):
+    folder = tmp_path / "greedy_by_default"
+    shutil.copytree(tiny_checkpoint_qwen2, folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps(dict(config, temperature=0.0)))
+    with pyvlm.Engine(model=str(folder), device="cpu", page_size=4,
+                      max_total_tokens=2048) as eng:
+        unset = [eng.generate("the cat", {"max_new_tokens": 6, "ignore_eos": True})
+                 for _ in range(2)]
+        greedy = eng.generate("the cat", dict(GREEDY, max_new_tokens=6))
+        assert eng.state.sampling_defaults == {"temperature": 0.0}
+    assert unset[0]["output_ids"] == unset[1]["output_ids"] == greedy["output_ids"]

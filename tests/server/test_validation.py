@@ -1,0 +1,66 @@
+"""Every numeric sampling field is range-checked in one place
+(pyvlm.engine.sampling_ranges): the server answers a value outside its
+bound with a 400 naming the field, the offline Engine raises a ValueError
+naming it, and a value on the bound passes both. max_tokens 0 or negative
+is a 400 on every endpoint (OpenAI's behaviour)."""
+
+import pytest
+
+from pyvlm.engine.sampling_ranges import BOUNDS, SamplingFieldError
+from pyvlm.entrypoints.sampling import sampling_params_from
+from tests.server.conftest import call
+
+BODY = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
+API_NAMES = {"max_new_tokens": "max_tokens"}  # the engine's name -> the chat API's
+
+
+def outside(name):
+    bound = BOUNDS[name]
+    step = 1 if bound.integer else 0.5
+    values = [bound.low if bound.low_open else bound.low - step]
+    if bound.high is not None:
+        values.append(bound.high + step)
+    if name == "top_k":
+        values = [-2, -5]  # -1 and 0 both mean "off"
+    return values + ["1", True]
+
+
+def on_the_bound(name):
+    bound = BOUNDS[name]
+    return bound.high if bound.low_open else bound.low
+
+
+def chat_body(name, value):
+    body = dict(BODY, **{API_NAMES.get(name, name): value})
+    if name == "top_logprobs":
+        body["logprobs"] = True
+    return body
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_both_front_doors_refuse_the_same_values(app, name):
+    api_name = API_NAMES.get(name, name)
+    for value in outside(name):
+        status, _, body = call(app, "POST", "/v1/chat/completions", chat_body(name, value))
+        assert status == 400 and body["error"]["param"] == api_name, (value, body)
+        assert api_name in body["error"]["message"]
+        with pytest.raises(SamplingFieldError, match=name) as raised:
+            sampling_params_from({name: value})
+        assert raised.value.param == name
+    value = on_the_bound(name)
+    sampling_params_from({name: value})
+    status, _, body = call(app, "POST", "/v1/chat/completions", chat_body(name, value))
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("value", [0, -1])
+def test_max_tokens_below_one_is_a_400_everywhere(app, value):
+    for path, body, param in [
+            ("/v1/chat/completions", dict(BODY, max_tokens=value), "max_tokens"),
+            ("/v1/chat/completions", dict(BODY, max_completion_tokens=value),
+             "max_completion_tokens"),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": value}, "max_tokens"),
+            ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": value}},
+             "sampling_params")]:
+        status, _, answer = call(app, "POST", path, body)
+        assert status == 400 and answer["error"]["param"] == param, (path, answer)
