@@ -59,6 +59,7 @@ class MediaConfig:
     allowed_local_media_path: Optional[str] = None  # the only folder local paths may read
     allow_private_media_urls: bool = False  # fetch URLs on loopback/private addresses too
     max_image_pixels: int = 64_000_000  # any image buffer: decoded, padded canvas, resized
+    max_pending_image_bytes: int = 4 << 30  # preprocessed images of unfinished requests
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,8 @@ fatal error); every request in flight and every new one gets it.
 DeviceFailure: raised by a model runner whose device no longer works (a
 CUDA sticky error): the engine stops, since nothing it computes can be
 trusted any more, and a supervisor must restart the process.
+EngineBusyError: the engine cannot take the request now (its budget for
+queued images is full); the caller may retry later.
 """
 
 
@@ -20,3 +22,7 @@ class EngineDeadError(RuntimeError):
 
 class DeviceFailure(RuntimeError):
     """The runner's device is unusable; the engine must stop."""
+
+
+class EngineBusyError(RuntimeError):
+    """The engine cannot take this request now (retry later: HTTP 429)."""

@@ -51,6 +51,7 @@ class Request:
     finish_reason: Optional[str] = None
     matched_stop: Union[int, str, None] = None
     max_new_tokens: int = 0  # sampling.max_new_tokens clipped to the context (set by the scheduler)
+    num_image_bytes: int = 0  # preprocessed image bytes held for it (its builder's budget)
     # Bookkeeping owned by the scheduler.
     num_shared_pages: int = 0
     cache_node: Any = None

@@ -9,7 +9,7 @@ import queue
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Union
 
 from pyvlm.config import EngineConfig, engine_config
-from pyvlm.engine.errors import EngineDeadError, RequestFailedError
+from pyvlm.engine.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pyvlm.engine.request import Request, RequestOutput
 from pyvlm.entrypoints.outputs import OutputAccumulator
 from pyvlm.entrypoints.sampling import sampling_params_from
@@ -65,9 +65,8 @@ class Engine:
         the OpenAI server does, without ever doubling a BOS the text holds.
         """
         loop = asyncio.get_running_loop()
-        request = await loop.run_in_executor(
-            None, self._build_one, prompt, sampling_params, image_data, messages, rid,
-            add_special_tokens)
+        request = await self._build_async(prompt, sampling_params, image_data, messages, rid,
+                                          add_special_tokens)
         deltas: asyncio.Queue = asyncio.Queue()
 
         def sink(out, err):
@@ -75,7 +74,7 @@ class Engine:
                 raise RuntimeError("the caller's event loop is closed")
             loop.call_soon_threadsafe(deltas.put_nowait, (out, err))
 
-        self.loop.submit(request, sink)
+        self._submit(request, sink)
         accumulator = OutputAccumulator(request)
         finished = False
         try:
@@ -88,6 +87,22 @@ class Engine:
         finally:
             if not finished:
                 self.loop.abort(request.rid)
+
+    async def _build_async(self, *args) -> Request:
+        """_build_one in the loop's executor, never waiting for the image
+        budget (a full one is EngineBusyError). A request built after its
+        caller was cancelled gives its budget back."""
+        build = asyncio.get_running_loop().run_in_executor(
+            None, functools.partial(self._build_one, *args, wait=False))
+        try:
+            return await asyncio.shield(build)
+        except asyncio.CancelledError:
+            build.add_done_callback(self._release_built)
+            raise
+
+    def _release_built(self, build: "asyncio.Future") -> None:
+        if not build.cancelled() and build.exception() is None:
+            self.builder.release(build.result())
 
     def abort(self, rid: str) -> None:
         self.loop.abort(rid)
@@ -144,16 +159,16 @@ class Engine:
 
     # -- helpers ---------------------------------------------------------
     def _build_one(self, prompt, sampling_params, image_data, messages, rid=None,
-                   add_special_tokens=False) -> Request:
+                   add_special_tokens=False, wait=True) -> Request:
         sampling = sampling_params_from(sampling_params, self.state.sampling_defaults)
         if messages is not None:
-            return self.builder.from_messages(messages, sampling, rid)
+            return self.builder.from_messages(messages, sampling, rid, wait=wait)
         if prompt is None:
             raise ValueError("give a prompt or messages")
         images = [] if image_data is None else (
             list(image_data) if isinstance(image_data, (list, tuple)) else [image_data])
         return self.builder.from_prompt(prompt, images, sampling, rid,
-                                        add_special_tokens=add_special_tokens)
+                                        add_special_tokens=add_special_tokens, wait=wait)
 
     def _batch_builds(self, prompt, sampling_params, image_data, messages):
         """(one request-building callable per prompt, whether the input was one prompt)."""
@@ -168,9 +183,20 @@ class Engine:
         return [functools.partial(self._build_one, x, p, im, None)
                 for x, p, im in zip(items, params, images)], single
 
+    def _submit(self, request: Request, sink) -> None:
+        """Hands the request to the engine; its image budget is given back
+        as soon as the engine is done with it (its final output or error:
+        the engine sends one for every request, aborted ones included)."""
+        def sink_releasing(out, err):
+            if err is not None or out.finished:
+                self.builder.release(request)
+            sink(out, err)
+
+        self.loop.submit(request, sink_releasing)
+
     def _submit_sync(self, request: Request) -> "queue.Queue":
         outputs: "queue.Queue" = queue.Queue()
-        self.loop.submit(request, lambda out, err: outputs.put((out, err)))
+        self._submit(request, lambda out, err: outputs.put((out, err)))
         return outputs
 
     def _collect_sync(self, request: Request, outputs: "queue.Queue") -> dict:
@@ -206,6 +232,6 @@ def _per_item(value, n: int, single_type) -> list:
 
 
 def _user_error(err: BaseException) -> BaseException:
-    if isinstance(err, (ValueError, RequestFailedError, EngineDeadError)):
+    if isinstance(err, (ValueError, RequestFailedError, EngineDeadError, EngineBusyError)):
         return err
     return RuntimeError(f"generation failed: {err}")

@@ -7,11 +7,13 @@ the engine thread, so no request's images stall the engine step."""
 
 import itertools
 import secrets
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Union
 
 from pyvlm.engine.request import Request
 from pyvlm.engine.types import MultimodalItem, SamplingParams
+from pyvlm.entrypoints.image_budget import ImageBudget
 from pyvlm.entrypoints.messages import convert_messages
 from pyvlm.multimodal.blocking_media import load_images_blocking
 from pyvlm.multimodal.hashing import combine_hash, image_content_hash
@@ -24,15 +26,17 @@ class ImageInputs:
     """How a model's images become request items.
 
     planner.plan_prompt(sizes, max_buffer_pixels) -> plans (num_tokens,
-    variant) is the family's torch-free processor; prepare(images, plans)
-    -> one tower-input payload per image is the family's preprocessing
-    (runner side, CPU); it becomes MultimodalItem.data.
+    variant, num_pixel_values) is the family's torch-free processor;
+    prepare(images, plans) -> one tower-input payload per image is the
+    family's preprocessing (runner side, CPU); it becomes
+    MultimodalItem.data and holds bytes_per_value bytes per pixel value.
     """
 
     image_token: str
     image_token_id: int
     planner: Any
     prepare: Callable[[Sequence[Any], Sequence[Any]], List[Any]]
+    bytes_per_value: int
 
 
 class RequestBuilder:
@@ -40,15 +44,20 @@ class RequestBuilder:
 
     images: None for a text-only model. media: what image sources may reach
     and cost (the server's policy; its max_pixels also caps every buffer of
-    the preprocessing). random_seed: the first seed of unseeded requests;
-    None draws a fresh base per process, so restarts do not repeat samples.
+    the preprocessing). image_budget: bounds the prepared images of requests
+    not yet finished (request.num_image_bytes is held until release()).
+    random_seed: the first seed of unseeded requests; None draws a fresh
+    base per process, so restarts do not repeat samples.
     """
 
     def __init__(self, tokenizer, chat_template: Optional[str], eos_token_ids,
                  images: Optional[ImageInputs], media: MediaPolicy, context_length: int,
-                 random_seed: Optional[int] = None):
+                 random_seed: Optional[int] = None,
+                 image_budget: Optional[ImageBudget] = None):
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.images, self.media = images, media
+        self.image_budget = image_budget or ImageBudget(1 << 62)
+        self._release_lock = threading.Lock()
         self.context_length = context_length
         self.eos_token_ids = frozenset(eos_token_ids)
         base = secrets.randbits(62) if random_seed is None else random_seed
@@ -64,10 +73,18 @@ class RequestBuilder:
         return self.images.image_token_id if self.images else None
 
     def from_messages(self, messages: Sequence[dict], sampling: SamplingParams,
-                      rid: Optional[str] = None) -> Request:
+                      rid: Optional[str] = None, wait: bool = True) -> Request:
         template_messages, images = convert_messages(messages)
         prompt = self.render(template_messages)
-        return self.from_prompt(prompt, images, sampling, rid)
+        return self.from_prompt(prompt, images, sampling, rid, wait=wait)
+
+    def release(self, request: Request) -> None:
+        """Gives back the image budget a finished request held (once: later
+        calls, from any thread, do nothing)."""
+        with self._release_lock:
+            num_bytes, request.num_image_bytes = request.num_image_bytes, 0
+        if num_bytes:
+            self.image_budget.give_back(num_bytes)
 
     def render(self, template_messages: List[dict]) -> str:
         if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
@@ -78,10 +95,12 @@ class RequestBuilder:
 
     def from_prompt(self, prompt: Union[str, List[int]], images: Sequence[Any],
                     sampling: SamplingParams, rid: Optional[str] = None,
-                    add_special_tokens: bool = False) -> Request:
+                    add_special_tokens: bool = False, wait: bool = True) -> Request:
         """A prompt (text or token ids) with one image placeholder per image;
         text without any placeholder gets them prepended, one line each.
-        add_special_tokens: apply the tokenizer's post-processing (BOS)."""
+        add_special_tokens: apply the tokenizer's post-processing (BOS).
+        wait: when the image budget is full, wait for room (else
+        EngineBusyError). Whoever runs the request must release() it once it ends."""
         images = list(images or [])
         if isinstance(prompt, str):
             text = self._with_placeholders(prompt, len(images))
@@ -89,11 +108,11 @@ class RequestBuilder:
                           else self._tokenize(text))
         else:
             prompt_ids = [int(t) for t in prompt]
-        prompt_ids, items = self._expand_images(prompt_ids, images)
+        prompt_ids, items, num_image_bytes = self._expand_images(prompt_ids, images, wait)
         seed = sampling.seed if sampling.seed is not None else next(self._seeds)
         return Request(rid=rid or f"req-{next(self._rids)}", prompt_ids=prompt_ids,
                        sampling=sampling, mm_items=items, seed=seed,
-                       eos_token_ids=self.eos_token_ids)
+                       eos_token_ids=self.eos_token_ids, num_image_bytes=num_image_bytes)
 
     def _with_placeholders(self, prompt: str, num_images: int) -> str:
         if num_images and self.image_token and self.image_token not in prompt:
@@ -113,11 +132,12 @@ class RequestBuilder:
             return ids[1:]
         return ids
 
-    def _expand_images(self, prompt_ids: List[int], sources: List[Any]):
+    def _expand_images(self, prompt_ids: List[int], sources: List[Any], wait: bool):
+        """(expanded ids, items, bytes of image budget taken)."""
         if not sources:
             if self.image_token_id is not None and self.image_token_id in prompt_ids:
                 raise ValueError("the prompt has image placeholders but no images were given")
-            return prompt_ids, []
+            return prompt_ids, [], 0
         if self.images is None:
             raise ValueError("this model does not take images")
         images = load_images_blocking(sources, self.media)
@@ -128,9 +148,15 @@ class RequestBuilder:
         self._check_context(len(ids), plans)
         hashes = [combine_hash(image_content_hash(im), plan.variant)
                   for im, plan in zip(images, plans)]
-        payloads = self.images.prepare(images, plans)
+        num_bytes = sum(p.num_pixel_values for p in plans) * self.images.bytes_per_value
+        self.image_budget.take(num_bytes, wait)
+        try:
+            payloads = self.images.prepare(images, plans)
+        except BaseException:
+            self.image_budget.give_back(num_bytes)
+            raise
         return ids, [MultimodalItem(h, off, n, payload)
-                     for h, (off, n), payload in zip(hashes, spans, payloads)]
+                     for h, (off, n), payload in zip(hashes, spans, payloads)], num_bytes
 
     def _check_context(self, num_prompt_tokens: int, plans) -> None:
         """Refuses, before any preprocessing, a prompt its images make too long."""

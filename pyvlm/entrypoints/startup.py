@@ -10,6 +10,7 @@ import torch
 from pyvlm.config import EngineConfig
 from pyvlm.engine.detokenizer import detokenizer_factory
 from pyvlm.engine.scheduler import Scheduler
+from pyvlm.entrypoints.image_budget import ImageBudget
 from pyvlm.entrypoints.request_builder import ImageInputs, RequestBuilder
 from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.worker import EngineLoop
@@ -130,7 +131,8 @@ def image_inputs_for(model, tokenizer, files: CheckpointFiles, device,
         return None
     planner = LlavaOnevisionImageConfig.from_hf_configs(files.processor_config, files.config)
     return ImageInputs(tokenizer.convert_ids_to_tokens(token_id), token_id, planner,
-                       make_llava_onevision_prepare(device, dtype))
+                       make_llava_onevision_prepare(device, dtype),
+                       bytes_per_value=torch.empty((), dtype=dtype).element_size())
 
 
 def media_policy_of(config: EngineConfig) -> MediaPolicy:
@@ -173,7 +175,8 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     builder = RequestBuilder(tokenizer, files.chat_template, eos_token_ids(tokenizer, files),
                              image_inputs_for(model, tokenizer, files, device, dtype),
                              media_policy_of(config), context_length,
-                             config.scheduler.random_seed)
+                             config.scheduler.random_seed,
+                             ImageBudget(config.media.max_pending_image_bytes))
     logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens",
                 files.root.name, device, str(dtype).replace("torch.", ""), context_length,
                 runner.num_pages * runner.page_size)

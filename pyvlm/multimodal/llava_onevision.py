@@ -84,6 +84,11 @@ class ImagePlan:
         return "anyres" if self.canvas is None else "pad_square"
 
     @property
+    def num_pixel_values(self) -> int:
+        """Values of the tower input it becomes: num_tiles x 3 x tile x tile."""
+        return self.num_tiles * 3 * self.tile_size ** 2
+
+    @property
     def num_buffer_pixels(self) -> int:
         """Pixels of the largest image preprocessing holds: the square
         canvas of the multi-image path, else the largest resized image."""

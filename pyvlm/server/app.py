@@ -117,6 +117,17 @@ class App:
         except ValueError as exc:
             raise invalid(str(exc)[:1000], "messages") from None
 
+    async def admit_and_fetch(self, refs: Sequence[Any], num_choices: int):
+        """(decoded images, admission ticket): the request's slots are taken
+        first, so under overload it is refused before any image is fetched
+        or decoded; the ticket is given back if fetching fails."""
+        ticket = self.runner.admission.acquire(num_choices)
+        try:
+            return await self.fetch_images(refs), ticket
+        except BaseException:
+            ticket.release()
+            raise
+
     async def fetch_images(self, refs: Sequence[Any]) -> list:
         """Decoded images; media that cannot be fetched or decoded is a 422
         naming the part."""

@@ -49,6 +49,7 @@ class ServerArgs:
     allowed_local_media_path: Optional[str] = None
     allow_private_media_urls: bool = False
     max_image_pixels: int = 64_000_000
+    max_pending_image_bytes: int = 4 << 30
     encoder_cache_bytes: int = 1 << 30
     max_request_bytes: int = 64 * MIB
     max_queued_requests: Optional[int] = None  # None: unbounded
@@ -69,7 +70,8 @@ class ServerArgs:
                  "stream_interval", "random_seed", "schedule_conservativeness",
                  "enable_cache_report", "disable_radix_cache", "encoder_cache_bytes",
                  "decode_log_interval", "chat_template", "served_model_name",
-                 "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels")
+                 "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
+                 "max_pending_image_bytes")
         return {name: getattr(self, name) for name in names}
 
     def public_dict(self) -> Dict[str, Any]:
@@ -130,6 +132,9 @@ _FLAGS = [
     (("--max-image-pixels",), int,
      "most pixels of any image buffer of a request: the decoded image, a padded square canvas, "
      "a resized copy (default 64000000); more is a 400 naming the image"),
+    (("--max-pending-image-bytes",), int,
+     "most bytes of preprocessed images held by requests not yet finished; past it, new "
+     "image requests get 429 (default 4 GiB)"),
     (("--encoder-cache-bytes",), int,
      "bytes of vision-tower outputs kept for reuse (default 1 GiB)"),
     (("--max-request-bytes",), int, "largest request body in bytes (default 64 MiB); more gets 413"),
@@ -169,6 +174,7 @@ def _check(args: ServerArgs) -> None:
         (args.watchdog_timeout > 0, "--watchdog-timeout must be > 0"),
         (args.max_image_pixels > 0, "--max-image-pixels must be > 0"),
         (args.encoder_cache_bytes >= 0, "--encoder-cache-bytes must be >= 0"),
+        (args.max_pending_image_bytes > 0, "--max-pending-image-bytes must be > 0"),
         (args.schedule_conservativeness >= 0, "--schedule-conservativeness must be >= 0"),
         (args.rope_scaling is None or isinstance(args.rope_scaling, dict),
          "--rope-scaling must be a JSON object"),

@@ -47,9 +47,9 @@ def unknown_field(name: str) -> ApiError:
                     "unknown_parameter")
 
 
-def too_busy(retry_after_s: int = 1) -> ApiError:
-    return ApiError(429, "The server has too many queued requests; retry later", None,
-                    "too_many_requests", [("retry-after", str(retry_after_s))])
+def too_busy(message: str = "The server has too many queued requests; retry later",
+             retry_after_s: int = 1) -> ApiError:
+    return ApiError(429, message, None, "too_many_requests", [("retry-after", str(retry_after_s))])
 
 
 def unavailable(message: str = "The server is not ready (starting or shutting down)") -> ApiError:

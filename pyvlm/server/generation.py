@@ -12,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple, Union
 
-from pyvlm.engine.errors import EngineDeadError, RequestFailedError
-from pyvlm.server.errors import ApiError, internal_error, invalid, unavailable
+from pyvlm.engine.errors import EngineBusyError, EngineDeadError, RequestFailedError
+from pyvlm.server.errors import ApiError, internal_error, invalid, too_busy, unavailable
 
 logger = logging.getLogger("pyvlm.server")
 
@@ -100,6 +100,8 @@ async def _engine_errors_mapped(stream) -> AsyncIterator[dict]:
             yield delta
     except ValueError as exc:  # the engine refused the request (too long, bad image ...)
         raise invalid(_client_message(exc)) from None
+    except EngineBusyError as exc:  # its budget for queued images is full: shed
+        raise too_busy(str(exc)) from None
     except EngineDeadError as exc:  # shut down, or stopped by a device failure
         raise unavailable(f"The engine is not running: {exc}") from None
     except RequestFailedError as exc:  # this request alone failed; the engine logged why

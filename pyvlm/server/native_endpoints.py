@@ -38,12 +38,12 @@ async def generate(app, body: Mapping):
         sampling_params_from(sampling)
     except (ValueError, TypeError) as exc:
         raise invalid(str(exc), "sampling_params") from None
-    images = await app.fetch_images(_image_refs(body.get("image_data"),
-                                                app.args.limit_mm_per_prompt))
+    refs = _image_refs(body.get("image_data"), app.args.limit_mm_per_prompt)
     top = fields.get_sampling(body, "top_logprobs_num", "top_logprobs") or 0
     spec = AnswerSpec(1, fields.get_bool(body, "stream", False), False,
                       top if fields.get_bool(body, "return_logprob", False) else None, None)
-    run = Run([EngineInput(prompt, images, False)], sampling, spec, "gen")
+    images, ticket = await app.admit_and_fetch(refs, 1)
+    run = Run([EngineInput(prompt, images, False)], sampling, spec, "gen", ticket)
     if spec.stream:
         deltas = await open_stream(app.runner.stream(run))
         return event_stream(_cumulative(deltas), deltas)

@@ -33,8 +33,8 @@ async def chat_completions(app, body: Mapping) -> Answer:
     rendered = app.render_chat(messages)
     sampling = sampling_params(body, chat_request.max_tokens(body), app.context_length,
                                app.vocab_size, tuple(rendered.stop))
-    images = await app.fetch_images(rendered.image_refs)
-    run = Run([EngineInput(rendered.text, images, True)], sampling, spec, "chatcmpl")
+    images, ticket = await app.admit_and_fetch(rendered.image_refs, spec.n)
+    run = Run([EngineInput(rendered.text, images, True)], sampling, spec, "chatcmpl", ticket)
     ids = responses.ResponseIds("chatcmpl", app.args.model_name)
     return await respond(app, run, spec, ids, chat_events, responses.chat_completion)
 

@@ -3,7 +3,7 @@ concurrent engine runs, metrics when each choice ends, and the release of
 its slots however it ends (finished, failed, client gone)."""
 
 from dataclasses import dataclass, field
-from typing import AsyncIterator, List, Sequence
+from typing import AsyncIterator, List, Optional, Sequence
 
 from pyvlm.server.errors import too_busy
 from pyvlm.server.generation import (ChoiceDelta, ChoiceResult, EngineInput, Timing,
@@ -19,6 +19,7 @@ class Run:
     sampling: dict
     spec: AnswerSpec
     rid_prefix: str
+    ticket: Optional["Ticket"] = None  # slots admitted before its images were fetched
     timings: List[Timing] = field(default_factory=list)
 
     @property
@@ -42,13 +43,22 @@ class Admission:
         self.max_in_flight = None if max_queued is None else max_running + max_queued
         self.num_in_flight = 0
 
-    def acquire(self, num: int) -> None:
+    def acquire(self, num: int) -> "Ticket":
         if self.max_in_flight is not None and self.num_in_flight + num > self.max_in_flight:
             raise too_busy()
         self.num_in_flight += num
+        return Ticket(self, num)
 
-    def release(self, num: int) -> None:
-        self.num_in_flight -= num
+
+class Ticket:
+    """num admitted slots; release() gives them back once (later calls do nothing)."""
+
+    def __init__(self, admission: Admission, num: int):
+        self._admission, self._num = admission, num
+
+    def release(self) -> None:
+        self._admission.num_in_flight -= self._num
+        self._num = 0
 
 
 class Runner:
@@ -57,8 +67,11 @@ class Runner:
     def __init__(self, engine, admission: Admission, metrics):
         self.engine, self.admission, self.metrics = engine, admission, metrics
 
+    def admit(self, run: Run) -> Ticket:
+        return run.ticket or self.admission.acquire(run.num_choices)
+
     async def collect(self, run: Run) -> List[ChoiceResult]:
-        self.admission.acquire(run.num_choices)
+        ticket = self.admit(run)
         run.timings = [Timing() for _ in range(run.num_choices)]
         results: List[ChoiceResult] = []
         try:
@@ -66,12 +79,12 @@ class Runner:
                                             run.rid_prefix, run.timings)
             return results
         finally:
-            self.admission.release(run.num_choices)
+            ticket.release()
             self._record(run, {r.index: r.meta for r in results})
 
     async def stream(self, run: Run) -> AsyncIterator[ChoiceDelta]:
         """Deltas of every choice; closing the iterator aborts the rest."""
-        self.admission.acquire(run.num_choices)
+        ticket = self.admit(run)
         run.timings = [Timing() for _ in range(run.num_choices)]
         metas = {}
         deltas = merged_deltas(self.engine, run.choice_inputs(), run.choice_params(),
@@ -83,7 +96,7 @@ class Runner:
                 yield delta
         finally:
             await deltas.aclose()
-            self.admission.release(run.num_choices)
+            ticket.release()
             self._record(run, metas)
 
     def _record(self, run: Run, metas: dict) -> None:

@@ -92,3 +92,11 @@ def test_a_device_failure_stops_the_engine_for_everyone(checkpoint, prompts):
         assert all(isinstance(r, EngineDeadError) for r in later)
         with pytest.raises(EngineDeadError):
             engine.get_stats()
+
+
+def test_requests_after_shutdown_fail_at_once(checkpoint):
+    engine = engine_for(checkpoint)
+    engine.shutdown()
+    [result] = asyncio.run(asyncio.wait_for(run_all(engine, [("the cat", [])]), 10))
+    assert isinstance(result, EngineDeadError) and "shut down" in str(result)
+    assert engine.health() is not None
