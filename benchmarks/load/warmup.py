@@ -14,20 +14,28 @@ CPU_POOL_TOKENS = 16384  # small enough for fill_kv_pool to write all of it in s
 
 
 async def fill_kv_pool(work: Workload) -> List[Outcome]:
-    """Distinct long prompts until the prefix cache holds ~the whole pool
-    (nothing when the server does not say how large its pool is)."""
+    """Distinct prompts until the prefix cache holds ~the whole pool
+    (nothing when the server does not say how large its pool is).
+
+    The prompts are token ids, not text: a tokenizer may map every unknown
+    word to one id (the random models' word-level one does), and identical
+    prompts would hit the cache instead of filling it. Ids 16-255 exist in
+    every vocabulary here and are neither special nor image tokens."""
     info = await srv.server_info(work.server)
     if not info.get("max_total_tokens"):
         return []
     pool_pages = info["max_total_tokens"] // (info.get("page_size") or 1)
     models = (await client.request(work.server, "GET", "/v1/models")).json()
-    num_words = max(16, min(models["data"][0]["max_model_len"] // 4, 1024))
-    rng, outcomes = random.Random(1), []
-    for _ in range(1000):
+    length = max(16, min(models["data"][0]["max_model_len"] // 4, 1024))
+    rng, outcomes, held, stalled = random.Random(1), [], -1, 0
+    while stalled < 3 and len(outcomes) < 1000:
         stats = await srv.engine_stats(work.server)
-        if stats["num_cached_pages"] + stats["num_used_pages"] >= 0.95 * pool_pages:
+        pages = stats["num_cached_pages"] + stats["num_used_pages"]
+        if pages >= 0.95 * pool_pages:
             break
-        body = {"text": work.text(rng, num_words), "sampling_params": {"max_new_tokens": 1}}
+        stalled, held = (stalled + 1 if pages <= held else 0), max(held, pages)
+        body = {"input_ids": [rng.randrange(16, 256) for _ in range(length)],
+                "sampling_params": {"max_new_tokens": 1}}
         outcomes.append(await send("warmup_fill", work, "/generate", body))
     return outcomes
 
