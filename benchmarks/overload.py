@@ -243,16 +243,34 @@ class Summary:
     checks: List[dict] = field(default_factory=list)
 
 
-async def run_phases(handle, args, summary: Summary, log_dir: Path) -> List[Phase]:
-    rng = random.Random(args.seed)
-    images = generated_uris(rng, 8) if args.image_fraction > 0 else []
-    work = Workload(handle.server, images, max_tokens=args.max_tokens, timeout=args.timeout)
+async def warm_up(work: Workload, args, rng: random.Random) -> None:
     if args.device == "cpu":  # the KV pool's memory committed before RSS is compared
         await fill_kv_pool(work)
     await touch_every_image(work)
     for _ in range(args.concurrency):  # allocator, kernels
         await overload_request(work, rng, args)
-    await srv.wait_idle(handle.server)
+    await srv.wait_idle(work.server)
+
+
+async def two_phases(work: Workload, args, rng, summary: Summary) -> dict:
+    """The closed-loop measurement, then the open loop at factor x its
+    rate; the times, outcomes and arrival counts of both."""
+    t1, deadline = time.monotonic(), time.perf_counter() + args.measure_s
+    base = await closed_loop(work, args, rng, deadline)
+    t2 = time.monotonic()
+    rate = summary.sustainable_rate = steady_rate(base, deadline)
+    print(f"sustainable: {rate:.2f} req/s; overload at {args.factor:g}x = "
+          f"{rate * args.factor:.1f} req/s for {args.seconds:g} s", flush=True)
+    counts = {"sent": 0, "not_sent": 0}
+    over = await open_loop(work, args, rng, rate * args.factor, args.seconds, counts)
+    return dict(t1=t1, t2=t2, t3=time.monotonic(), base=base, over=over, counts=counts, rate=rate)
+
+
+async def run_phases(handle, args, summary: Summary, log_dir: Path) -> List[Phase]:
+    rng = random.Random(args.seed)
+    images = generated_uris(rng, 8) if args.image_fraction > 0 else []
+    work = Workload(handle.server, images, max_tokens=args.max_tokens, timeout=args.timeout)
+    await warm_up(work, args, rng)
     summary.rss["start"] = handle.rss_bytes()
     probe_file = log_dir / "probes.jsonl"
     probe = start_probe(handle.server, args.measure_s + args.seconds + args.timeout, probe_file)
@@ -260,26 +278,23 @@ async def run_phases(handle, args, summary: Summary, log_dir: Path) -> List[Phas
     sampler = asyncio.ensure_future(sample_rss(handle, samples, stop))
     try:
         await asyncio.sleep(1.0)  # the prober is up
-        t1, deadline = time.monotonic(), time.perf_counter() + args.measure_s
-        base = await closed_loop(work, args, rng, deadline)
-        t2 = time.monotonic()
-        rate = summary.sustainable_rate = steady_rate(base, deadline)
-        counts = {"sent": 0, "not_sent": 0}
-        print(f"sustainable: {rate:.2f} req/s; overload at {args.factor:g}x = "
-              f"{rate * args.factor:.1f} req/s for {args.seconds:g} s", flush=True)
-        over = await open_loop(work, args, rng, rate * args.factor, args.seconds, counts)
-        t3 = time.monotonic()
+        run = await two_phases(work, args, rng, summary)
     finally:
         stop.set()
         await sampler
         probe.terminate()
         probe.wait(30)
-    probes, limit = read_probes(probe_file), args.health_limit_ms / 1e3
-    first = describe_phase(Phase("sustainable (closed loop)", t1, t2), base, probes, samples, limit)
-    second = describe_phase(Phase(f"overload ({args.factor:g}x, open loop)", t2, t3), over,
-                            probes, samples, limit)
-    first.sent = len(base)
-    second.offered_rate = rate * args.factor
+    return describe_phases(run, read_probes(probe_file), samples, args)
+
+
+def describe_phases(run: dict, probes, samples, args) -> List[Phase]:
+    limit, counts = args.health_limit_ms / 1e3, run["counts"]
+    first = describe_phase(Phase("sustainable (closed loop)", run["t1"], run["t2"]), run["base"],
+                           probes, samples, limit)
+    second = describe_phase(Phase(f"overload ({args.factor:g}x, open loop)", run["t2"],
+                                  run["t3"]), run["over"], probes, samples, limit)
+    first.sent = len(run["base"])
+    second.offered_rate = run["rate"] * args.factor
     second.sent, second.not_sent = counts["sent"], counts["not_sent"]
     second.sent_rate = counts["sent"] / counts["arrivals_s"]
     return [first, second]
@@ -333,24 +348,28 @@ def overload_checks(s: Summary, args) -> List[Check]:
         Check("idle after: no pages held outside the prefix cache",
               s.stats_idle.get("num_used_pages") == 0,
               f"num_used_pages {s.stats_idle.get('num_used_pages')}"),
-        Check("no traceback in the server log", not s.tracebacks, "; ".join(s.tracebacks[:3]) or "0"),
+        Check("no traceback in the server log", not s.tracebacks,
+              "; ".join(s.tracebacks[:3]) or "0"),
         Check("healthy at the end", s.healthy_at_end, "/health 200" if s.healthy_at_end else "no"),
     ]
 
 
+PHASE_COLUMNS = ["phase", "s", "offered (sent) req/s", "sent", "ok", "429", "failed", "ok req/s",
+                 "TTFT ms p50/p90/p99", "e2e ms p50/p90/p99", "/health probes",
+                 "/health ms p50/p99/max", "probes > limit", "peak RSS"]
+
+
+def phase_row(p: Phase) -> list:
+    offered = "closed" if p.offered_rate is None else f"{p.offered_rate:.1f} ({p.sent_rate:.1f})"
+    failed = sum(v for k, v in p.outcomes.items() if k in FAILURES)
+    health = f"{p.health_ms['p50']} / {p.health_ms['p99']} / {p.health_ms['max']}"
+    return [p.name, f"{p.end - p.start:.1f}", offered, p.sent, p.outcomes.get("ok", 0),
+            p.outcomes.get("refused", 0), failed, f"{p.completed_rate:.2f}", p.ttft_ms, p.e2e_ms,
+            p.num_probes, health, p.num_probes_slow, mib(p.rss_peak)]
+
+
 def phase_table(s: Summary) -> str:
-    rows = []
-    for p in (Phase(**p) for p in s.phases):
-        offered = "closed" if p.offered_rate is None else f"{p.offered_rate:.1f} ({p.sent_rate:.1f})"
-        rows.append([p.name, f"{p.end - p.start:.1f}", offered, p.sent, p.outcomes.get("ok", 0),
-                     p.outcomes.get("refused", 0),
-                     sum(v for k, v in p.outcomes.items() if k in FAILURES), f"{p.completed_rate:.2f}",
-                     p.ttft_ms, p.e2e_ms, p.num_probes,
-                     f"{p.health_ms['p50']} / {p.health_ms['p99']} / {p.health_ms['max']}",
-                     p.num_probes_slow, mib(p.rss_peak)])
-    return markdown(["phase", "s", "offered (sent) req/s", "sent", "ok", "429", "failed", "ok req/s",
-                     "TTFT ms p50/p90/p99", "e2e ms p50/p90/p99", "/health probes",
-                     "/health ms p50/p99/max", "probes > limit", "peak RSS"], rows)
+    return markdown(PHASE_COLUMNS, [phase_row(Phase(**p)) for p in s.phases])
 
 
 def main(argv=None) -> int:

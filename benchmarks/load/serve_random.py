@@ -1,7 +1,7 @@
 """Serves a random-weight model of a real shape, built in memory (no
 download), behind the real server: the load tools' GPU mode.
 
-  python benchmarks/load/serve_random.py llava-onevision-7b --device cuda --port 30000 [server flags]
+  python benchmarks/load/serve_random.py llava-onevision-7b --device cuda --port 30000 [flags]
 
 The model is built as benchmarks/bench_offline.py builds it (transformers'
 random LLaVA-OneVision on the device, copied into pyvlm's model; a small

@@ -2,7 +2,7 @@
 
 Well-formed kinds: text chat, chat with one or two images, /v1/completions,
 /generate (whole answers or streams); streams the client drops at a random
-point (before the answer starts, or after a few events); malformed requests
+point (before the answer starts, or after any event); malformed requests
 (bad JSON, an unknown field, an undecodable image, an unknown model, a
 huge max_tokens) that must be refused with a 4xx and never hurt the server.
 
@@ -152,7 +152,8 @@ def first_text_time(path: str, reply: Reply) -> Optional[float]:
 # ---- the kinds ----------------------------------------------------------
 
 def chat_body(work: Workload, rng: random.Random, num_images: int, stream: bool, **fields):
-    parts = [{"type": "image_url", "image_url": {"url": u}} for u in work.pick_images(rng, num_images)]
+    parts = [{"type": "image_url", "image_url": {"url": uri}}
+             for uri in work.pick_images(rng, num_images)]
     parts.append({"type": "text", "text": work.text(rng)})
     body = {"model": work.model, "messages": [{"role": "user", "content": parts}],
             "max_tokens": rng.randint(1, work.max_tokens), "stream": stream,
@@ -187,7 +188,8 @@ async def generate(work: Workload, rng: random.Random) -> Outcome:
 
 
 async def stream_cancel(work: Workload, rng: random.Random) -> Outcome:
-    """A long stream dropped before its answer starts or after 1-4 events."""
+    """A stream dropped before its answer starts, or after a random number
+    of events (ignore_eos: it would run to max_tokens)."""
     body = chat_body(work, rng, rng.choice([0, 1]) if work.images else 0, True,
                      max_tokens=max(8, work.max_tokens), ignore_eos=True)
     if rng.random() < 0.25:
@@ -198,7 +200,7 @@ async def stream_cancel(work: Workload, rng: random.Random) -> Outcome:
             return Outcome("stream_cancel", "connection_error", 0, start, time.perf_counter(),
                            detail=f"{type(exc).__name__}: {exc}"[:200])
         return Outcome("stream_cancel", "cancelled", 0, start, time.perf_counter())
-    num_events = rng.randint(1, 4)
+    num_events = rng.randint(1, body["max_tokens"] + 1)  # the role event, then one per token
     return await send("stream_cancel", work, "/v1/chat/completions", body,
                       stop_after=lambda events: len(events) >= num_events)
 

@@ -1,9 +1,15 @@
 """benchmarks/soak.py for 60 s through a real `python -m pyvlm` on the tiny
 checkpoint (mixed text and image requests on every endpoint, streams dropped
 at random, malformed requests): no 5xx, every kind sent and answered as it
-must be, no pages held outside the prefix cache once idle, memory flat after
-the warm-up. Also: the labels the soak's verdict rests on, checked on
-answers built by hand (a detector that never fires would pass any soak)."""
+must be, no pages held outside the prefix cache once idle, no traceback in
+the server log. Also: the labels the soak's verdict rests on, checked on
+answers built by hand (a detector that never fires would pass any soak).
+
+Memory: the tiny server is ~375 MiB, nearly all of it torch's libraries, and
+its idle RSS moves by +-5% on its own within a minute (allocator arenas
+trimmed or not: three runs of this configuration gave -4.2%, +5.5%, 0.0%),
+so this test allows 25% (a gross leak: every request's images or KV kept);
+the 5% bound is for the 10-minute runs of benchmarks/RESULTS.md."""
 
 import json
 import subprocess
@@ -25,7 +31,8 @@ def test_a_60_second_soak_on_the_tiny_model(tiny_checkpoint_qwen2, tmp_path):
     run = subprocess.run(
         [sys.executable, "benchmarks/soak.py", "--model", str(tiny_checkpoint_qwen2),
          "--device", "cpu", "--seconds", str(SOAK_S), "--warmup-s", "15", "--concurrency", "6",
-         "--window-s", "15", "--log-dir", str(tmp_path), "--json-out", str(out),
+         "--window-s", "15", "--max-rss-growth", "0.25",
+         "--log-dir", str(tmp_path), "--json-out", str(out),
          "--server-args", "--page-size 4 --context-length 1024 --max-total-tokens 8192"],
         cwd=REPO, capture_output=True, text=True, timeout=SOAK_S + 240)
     summary = json.loads(out.read_text()) if out.exists() else {}
@@ -77,7 +84,7 @@ def test_a_refusal_needs_retry_after_and_a_bad_request_its_own_status():
 
 def test_the_verdict_fails_on_held_pages_and_on_memory_growth():
     idle = {"num_used_pages": 0, "num_cached_pages": 7}
-    good = Summary(0, 1, outcomes={k: {"ok": 1} for k in KINDS}, rss={
+    good = Summary(0, 1, 0.05, outcomes={k: {"ok": 1} for k in KINDS}, rss={
         "after_warmup": 1000, "end": 1040}, stats_idle=idle,
         stats_flushed={"num_used_pages": 0, "num_cached_pages": 0}, healthy_at_end=True)
     assert all(c.passed for c in soak_checks(good))
