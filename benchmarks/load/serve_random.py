@@ -90,7 +90,8 @@ def main(argv: List[str]) -> int:
     with tempfile.TemporaryDirectory(prefix=f"pyvlm-{shape}-") as folder:
         logging.info("building a random-weight %s on %s", shape, device)
         model = build_model(shape, device, Path(folder))
-        args = replace(args, model=folder, device=device,
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        args = replace(args, model=folder, device=device, dtype=dtype,
                        served_model_name=args.served_model_name or shape)
         return serve(args, model)
 
