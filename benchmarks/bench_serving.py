@@ -2,7 +2,8 @@
 
 Sends N chat-completion requests, each with one image (a data URI of a
 distinct photo crop) and a fixed max_tokens, at a given concurrency, with
-streaming on, and reports TTFT, time per output token (TPOT), inter-token
+streaming on (a loopback server; the client is benchmarks/load/client.py,
+standard library only), and reports TTFT, time per output token (TPOT), inter-token
 latency (ITL) as mean/p50/p99, and request and output-token throughput.
 
   python benchmarks/bench_serving.py --base-url http://127.0.0.1:30010/v1 \\
@@ -13,16 +14,19 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_offline import bench_images  # noqa: E402
+from benchmarks.load import client  # noqa: E402
 
 
 @dataclass
@@ -39,37 +43,50 @@ def image_data_uri(image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def one_request(client, model: str, uri: str, max_tokens: int, index: int) -> RequestTiming:
+async def one_request(target, model: str, uri: str, max_tokens: int, index: int) -> RequestTiming:
+    """One streamed chat with one image (benchmarks/load/client.py, no openai)."""
+    server, path, headers, timeout = target
+    body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,  # fixed output length (SGLang and vLLM accept it)
+            "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": uri}},
+                {"type": "text", "text": f"Describe picture {index} in detail."}]}]}
     timing = RequestTiming(time.perf_counter())
     try:
-        stream = await client.chat.completions.create(
-            model=model, max_tokens=max_tokens, temperature=0, stream=True,
-            stream_options={"include_usage": True},
-            extra_body={"ignore_eos": True},  # fixed output length (SGLang and vLLM accept it)
-            messages=[{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": f"Describe picture {index} in detail."}]}])
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                timing.chunk_times.append(time.perf_counter())
-            if chunk.usage is not None:
-                timing.num_output_tokens = chunk.usage.completion_tokens
+        reply = await client.post_json(server, path, body, timeout=timeout, headers=headers)
+        read_stream(reply, timing)
     except Exception as exc:  # reported, not fatal: a load test counts failures
         timing.error = f"{type(exc).__name__}: {exc}"
     return timing
 
 
-async def run(args) -> List[RequestTiming]:
-    from openai import AsyncOpenAI
+def read_stream(reply, timing: RequestTiming) -> None:
+    """Text-chunk arrival times and the usage of a chat-completion stream."""
+    if reply.status != 200:
+        raise RuntimeError(f"HTTP {reply.status}: {reply.body[:200]!r}")
+    for (name, data), at in zip(reply.events, reply.event_times):
+        if name == "error":
+            raise RuntimeError(f"error event: {data[:200]}")
+        if data == "[DONE]":
+            continue
+        chunk = json.loads(data)
+        if chunk.get("choices") and chunk["choices"][0].get("delta", {}).get("content"):
+            timing.chunk_times.append(at)
+        if chunk.get("usage"):
+            timing.num_output_tokens = chunk["usage"]["completion_tokens"]
 
-    client = AsyncOpenAI(base_url=args.base_url, api_key=args.api_key, max_retries=0,
-                         timeout=args.timeout)
+
+async def run(args) -> List[RequestTiming]:
+    server = client.Server.from_url(args.base_url)
+    target = (server, urlsplit(args.base_url).path.rstrip("/") + "/chat/completions",
+              [("Authorization", f"Bearer {args.api_key}")], args.timeout)
     uris = [image_data_uri(im) for im in bench_images(args.num_requests)]
     semaphore = asyncio.Semaphore(args.concurrency)
 
     async def limited(i):
         async with semaphore:
-            return await one_request(client, args.model, uris[i], args.max_tokens, i)
+            return await one_request(target, args.model, uris[i], args.max_tokens, i)
 
     return await asyncio.gather(*(limited(i) for i in range(args.num_requests)))
 

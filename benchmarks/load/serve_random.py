@@ -1,0 +1,100 @@
+"""Serves a random-weight model of a real shape, built in memory (no
+download), behind the real server: the load tools' GPU mode.
+
+  python benchmarks/load/serve_random.py llava-onevision-7b --device cuda --port 30000 [flags]
+
+The model is built as benchmarks/bench_offline.py builds it (transformers'
+random LLaVA-OneVision on the device, copied into pyvlm's model; a small
+checkpoint folder supplies the config, tokenizer and preprocessor), then
+`python -m pyvlm`'s own Launcher serves it with every server flag given.
+`llava-onevision-7b-narrow` keeps the 7B's vocabulary, tokenizer, image
+tokens and anyres preprocessing with tiny widths and depths, so this path
+runs on a CPU too.
+"""
+
+import asyncio
+import logging
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+# Tiny widths and depths; vocabulary, image size and patch size stay the 7B's.
+NARROW_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2)
+NARROW_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2)
+SHAPES = ("llava-onevision-7b", "llava-onevision-7b-narrow")
+
+
+def config_for(shape: str):
+    from benchmarks.offline.random_models import llava_onevision_7b_config
+
+    if shape not in SHAPES:
+        raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    config = llava_onevision_7b_config()
+    if not shape.endswith("-narrow"):
+        return config
+    values = config.to_dict()
+    values["text_config"].update(NARROW_TEXT)
+    values["text_config"].pop("layer_types", None)  # one per layer: derived again
+    values["vision_config"].update(NARROW_VISION)
+    return type(config).from_dict(values)
+
+
+def build_model(shape: str, device: str, folder: Path):
+    """pyvlm's model of the shape with random weights on the device; writes
+    the checkpoint metadata into folder."""
+    import torch
+
+    from benchmarks.offline.random_models import (pyvlm_model_from, random_hf_model,
+                                                  write_checkpoint_metadata)
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    config = config_for(shape)
+    write_checkpoint_metadata(folder, config)
+    hf = random_hf_model(config, device, dtype)
+    model = pyvlm_model_from(hf, device, dtype)
+    del hf  # one copy of the weights is enough
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return model
+
+
+def serve(args, model) -> int:
+    from pyvlm import Engine
+    from pyvlm.server.launch import Launcher
+
+    launcher = Launcher(args, make_engine=lambda a: Engine(loaded_model=model,
+                                                           **a.engine_kwargs()))
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(launcher.run())
+    return uvloop.run(launcher.run())
+
+
+def main(argv: List[str]) -> int:
+    from pyvlm.cli import build_server_parser
+    from pyvlm.server.args import server_args_from
+
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit(f"usage: serve_random.py SHAPE [server flags]; SHAPE in {SHAPES}")
+    shape, flags = argv[0], argv[1:]
+    args = server_args_from(build_server_parser().parse_args(flags))
+    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    device = "cuda" if args.device == "auto" else args.device
+    with tempfile.TemporaryDirectory(prefix=f"pyvlm-{shape}-") as folder:
+        logging.info("building a random-weight %s on %s", shape, device)
+        model = build_model(shape, device, Path(folder))
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        args = replace(args, model=folder, device=device, dtype=dtype,
+                       served_model_name=args.served_model_name or shape)
+        return serve(args, model)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
