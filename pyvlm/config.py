@@ -18,6 +18,11 @@ class ModelConfig:
     context_length: Optional[int] = None  # None: from the checkpoint's config
     chat_template: Optional[str] = None
     served_model_name: Optional[str] = None
+    # Range checks of the ops' index tensors on the engine thread (see
+    # pyvlm.ops.index_checks). None: on for CPU; off for CUDA, where each check
+    # is a host sync per layer per step, the scheduler builds every index
+    # itself and the kernels skip invalid ones.
+    check_indices: Optional[bool] = None
 
 
 @dataclass(frozen=True)

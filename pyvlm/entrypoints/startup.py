@@ -2,7 +2,6 @@
 scheduler -> engine thread, and the request builder that feeds it."""
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -99,7 +98,15 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, mo
     if hasattr(model, "embed_images"):
         vision = VisionBatcher(make_llava_onevision_encoder(model, device, dtype),
                                EncoderCache(config.cache.encoder_cache_size))
-    return model, ModelRunner(model, pool, device, vision)
+    return model, ModelRunner(model, pool, device, vision, index_checks_for(config, device))
+
+
+def index_checks_for(config: EngineConfig, device: torch.device) -> bool:
+    """The engine thread's index-check setting (ModelConfig.check_indices;
+    None: on for CPU, off for CUDA)."""
+    if config.model.check_indices is not None:
+        return config.model.check_indices
+    return device.type != "cuda"
 
 
 def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
@@ -108,12 +115,6 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     config, tokenizer and processor settings."""
     files = checkpoint_for(config)
     device = torch.device(resolve_device(config.model.device))
-    if device.type == "cuda":
-        # The scheduler builds every slot and page index itself, so the ops'
-        # CUDA range checks (one device-to-host sync per index tensor, per
-        # layer, per step) only slow the decode loop; the kernels still skip
-        # invalid indices. A user's explicit setting wins.
-        os.environ.setdefault("PYVLM_CHECK_INDICES", "0")
     dtype = resolve_dtype(config.model.dtype, files.config, device.type)
     if loaded_model is not None:
         dtype = next(loaded_model.parameters()).dtype

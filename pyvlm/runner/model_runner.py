@@ -17,15 +17,25 @@ from pyvlm.runner.kv_pool import KVPool
 
 
 class ModelRunner:
-    """Runs one step of a model over the KV pool (see the module docstring)."""
+    """Runs one step of a model over the KV pool (see the module docstring).
+
+    check_indices: whether the ops range-check index tensors during a step, on
+    the thread running it (pyvlm.ops.index_checks; the engine turns them off
+    on CUDA). Other threads keep their own setting.
+    """
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
-                 vision: Optional[VisionBatcher] = None):
+                 vision: Optional[VisionBatcher] = None, check_indices: bool = True):
         self.model, self.pool, self.device, self.vision = model, pool, device, vision
         self.page_size, self.num_pages = pool.page_size, pool.num_pages
+        self.check_indices = check_indices
+
+    def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
+        with ops.index_checks(self.check_indices):
+            return self._forward(batch)
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
+    def _forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
         chunks = batch.chunks
         if not chunks:
             return []
