@@ -135,6 +135,18 @@ def qkv_views(num_tokens, num_heads, num_kv_heads, head_dim, dtype, device):
     return key, value
 
 
+def skipped_tokens(num_tokens):
+    """A random ~30% of the tokens, but always one written token and, from
+    two tokens on, one skipped token."""
+    skip = torch.rand(num_tokens) < 0.3
+    order = torch.randperm(num_tokens)
+    if num_tokens >= 1:
+        skip[order[0]] = False
+    if num_tokens >= 2:
+        skip[order[1]] = True
+    return skip
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [1, 16])
 @pytest.mark.parametrize("num_tokens", [0, 1, 37])
@@ -152,7 +164,7 @@ def test_reshape_and_cache_scatters_and_skips_negative(device, dtype, page_size,
     key_cache, value_cache = random_cache(num_pages, page_size, num_kv_heads, head_dim, dtype,
                                           device)
     slots = torch.randperm(num_pages * page_size, device=device)[:num_tokens]
-    slots[torch.rand(num_tokens, device=device) < 0.3] = -1
+    slots[skipped_tokens(num_tokens).to(device)] = -1
     ref_k, ref_v = reference.reshape_and_cache(key, value, key_cache, value_cache, slots)
     ops.reshape_and_cache(key, value, key_cache, value_cache, slots)
     assert torch.equal(key_cache, ref_k)
