@@ -34,7 +34,7 @@ def sources(pattern: str) -> list:
 
 
 def extension():
-    cpp = sources("csrc/registration.cpp") + sources("csrc/kernels/*.cpp") + sources("csrc/cpu/*.cpp")
+    cpp = sources("csrc/*.cpp") + sources("csrc/kernels/*.cpp") + sources("csrc/cpu/*.cpp")
     # at::parallel_for is OpenMP in torch's headers: without -fopenmp every CPU op
     # silently runs on one thread.
     cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp"]

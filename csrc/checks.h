@@ -4,9 +4,6 @@
 #pragma once
 #include <torch/all.h>
 
-#include <cstdlib>
-#include <string>
-
 namespace pyvlm {
 
 inline void check_device(const at::Tensor& t, const at::Tensor& like,
@@ -44,17 +41,18 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t size,
 }
 
 // Index tensors (slot ids, page ids, positions) must stay inside [lo, hi).
-// CPU adapters always check. CUDA adapters check too, at the price of one
-// device-to-host sync per tensor; engines that build their indices
-// themselves set PYVLM_CHECK_INDICES=0 to drop the sync on the hot path (the
-// CUDA kernels still never write out of bounds: they skip invalid indices).
-inline bool index_checks_enabled() {
-  static const bool enabled = [] {
-    const char* v = std::getenv("PYVLM_CHECK_INDICES");
-    return v == nullptr || std::string(v) != "0";
-  }();
-  return enabled;
-}
+// CPU adapters always check (it is cheap). CUDA adapters check only while the
+// calling thread's index checks are on: each check costs a device-to-host
+// sync, and an engine that builds every index itself turns them off on its
+// own thread (the CUDA kernels still never access out of bounds: they skip
+// invalid indices). Each thread starts from the process default,
+// PYVLM_CHECK_INDICES as read when the extension loads ("0" = off, anything
+// else or unset = on). Defined in checks.cpp, which also registers
+// torch.ops.pyvlm.set_index_checks and index_checks_enabled.
+bool index_checks_enabled();
+
+// Sets the calling thread's setting; returns its previous value.
+bool set_index_checks(bool enabled);
 
 inline void check_index_range(const at::Tensor& t, int64_t lo, int64_t hi,
                               const char* name) {

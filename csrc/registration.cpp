@@ -103,6 +103,14 @@ TORCH_LIBRARY(pyvlm, m) {
   // input: [..., 2 * d] -> out: [..., d] = act(input[..., :d]) * input[..., d:].
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("gelu_and_mul(Tensor(a!) out, Tensor input, str approximate) -> ()");
+
+  // ---- Settings ---------------------------------------------------------------
+  // Whether the CUDA adapters range-check index tensors on the calling thread
+  // (one device-to-host sync per check; CPU adapters always check). Each
+  // thread starts from PYVLM_CHECK_INDICES ("0" = off); see checks.h.
+  // set_index_checks returns the thread's previous value.
+  m.def("set_index_checks(bool enabled) -> bool");
+  m.def("index_checks_enabled() -> bool");
 }
 
 // `import pyvlm._C` loads this library, which runs the registrations above.

@@ -62,8 +62,10 @@ def list_ops() -> List[str]:
     names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("pyvlm::"))
     lines = []
     for qualname in names:
+        # "computed": a device-independent kernel (the index-check setting's,
+        # CompositeExplicitAutograd) serves every device.
         devices = [key for key in ("CPU", "CUDA")
-                   if torch._C._dispatch_has_kernel_for_dispatch_key(qualname, key)]
+                   if torch._C._dispatch_has_computed_kernel_for_dispatch_key(qualname, key)]
         lines.append(f"{qualname.split('::')[1]:32s} {', '.join(devices) or '(no kernel)'}")
     return lines
 

@@ -21,6 +21,11 @@ class ModelConfig:
     rope_scaling: Optional[Dict[str, Any]] = None
     chat_template: Optional[str] = None
     served_model_name: Optional[str] = None
+    # Range checks of the ops' index tensors on the engine thread (see
+    # pyvlm.ops.index_checks). None: on for CPU; off for CUDA, where each check
+    # is a host sync per layer per step, the scheduler builds every index
+    # itself and the kernels skip invalid ones.
+    check_indices: Optional[bool] = None
 
 
 @dataclass(frozen=True)

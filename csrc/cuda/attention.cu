@@ -42,8 +42,8 @@ void check_decode_cuda_layout(const at::Tensor& out, const at::Tensor& key_cache
   attention_check_aligned16(value_cache, "value_cache");
 }
 
-// One stats kernel and one device-to-host copy (the sync that
-// PYVLM_CHECK_INDICES=0 removes).
+// One stats kernel and one device-to-host copy (the sync that turning the
+// calling thread's index checks off removes; see checks.h).
 void check_decode_indices_cuda(const at::Tensor& block_tables, const at::Tensor& seq_lens,
                                const at::Tensor& key_cache, cudaStream_t stream) {
   const auto stats = at::empty({4}, seq_lens.options().dtype(at::kLong));

@@ -1,7 +1,7 @@
 // Argument checks for paged_attention_prefill and varlen_attention, shared by
 // the CPU and CUDA adapters. Value checks of the index tensors (cu_seqlens,
 // prefix_lens, block tables) run on the tensors' device and come back in one
-// transfer: always on CPU, on CUDA unless PYVLM_CHECK_INDICES=0.
+// transfer: always on CPU, on CUDA while the thread's index checks are on.
 #pragma once
 #include <limits>
 #include <vector>

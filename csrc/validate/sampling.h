@@ -2,7 +2,7 @@
 // adapters. Value-range checks of the per-row parameters and of the CSR
 // offsets need the data on the host: the CPU adapter runs them; on CUDA they
 // would cost a device-to-host sync each, so there only token ids are range
-// checked (subject to PYVLM_CHECK_INDICES) and the kernels clamp the rest.
+// checked (while the thread's index checks are on) and the kernels clamp the rest.
 #pragma once
 #include <tuple>
 #include <vector>

@@ -155,7 +155,15 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, mo
     if hasattr(model, "embed_images"):
         vision = VisionBatcher(make_llava_onevision_encoder(model, device),
                                EncoderCache(config.cache.encoder_cache_bytes))
-    return model, ModelRunner(model, pool, device, vision)
+    return model, ModelRunner(model, pool, device, vision, index_checks_for(config, device))
+
+
+def index_checks_for(config: EngineConfig, device: torch.device) -> bool:
+    """The engine thread's index-check setting (ModelConfig.check_indices;
+    None: on for CPU, off for CUDA)."""
+    if config.model.check_indices is not None:
+        return config.model.check_indices
+    return device.type != "cuda"
 
 
 def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:

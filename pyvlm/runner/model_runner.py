@@ -28,17 +28,24 @@ and the chunks it is about to process; raising there injects a fault."""
 
 
 class ModelRunner:
-    """Runs one step of a model over the KV pool (see the module docstring)."""
+    """Runs one step of a model over the KV pool (see the module docstring).
+
+    check_indices: whether the ops range-check index tensors during a step, on
+    the thread running it (pyvlm.ops.index_checks; the engine turns them off
+    on CUDA). Other threads keep their own setting.
+    """
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
-                 vision: Optional[VisionBatcher] = None):
+                 vision: Optional[VisionBatcher] = None, check_indices: bool = True):
         self.model, self.pool, self.device, self.vision = model, pool, device, vision
         self.page_size, self.num_pages = pool.page_size, pool.num_pages
+        self.check_indices = check_indices
         self.fault_hook: Optional[FaultHook] = None
 
     def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
         try:
-            return self._forward(batch)
+            with ops.index_checks(self.check_indices):
+                return self._forward(batch)
         except DeviceFailure:
             raise
         except Exception as exc:

@@ -4,7 +4,8 @@ runner checks every position's KV on every step."""
 
 import pytest
 
-from tests.engine.workload import random_specs, run_specs
+from tests.engine.fakes import VOCAB
+from tests.engine.workload import RequestSpec, random_specs, run_specs
 
 
 def assert_matches_reference(specs, result):
@@ -40,10 +41,21 @@ def test_prefix_cache_is_used(rng):
     assert sum(outs[-1].cached_tokens for outs in uncached.values()) == 0
 
 
+def contending_specs(rng, num_requests, max_new_tokens):
+    """Random specs behind two that arrive first, together, with short
+    prompts and the longest outputs: in a pool sized for the largest request
+    they cannot both finish, so preemption is certain, not just likely."""
+    specs = random_specs(rng, num_requests, max_new_tokens=max_new_tokens)
+    longest = max(len(spec.prompt_ids) + spec.max_new_tokens for spec in specs)
+    hogs = [RequestSpec(f"hog{i}", tuple(rng.choice(VOCAB) for _ in range(8)), (),
+                        rng.randrange(1000), longest, 0) for i in range(2)]
+    return hogs + specs
+
+
 @pytest.mark.parametrize("chunked_prefill_size", [None, 5])
 @pytest.mark.parametrize("disable_radix_cache", [False, True])
 def test_outputs_survive_preemption(rng, chunked_prefill_size, disable_radix_cache):
-    specs = random_specs(rng, 10, max_new_tokens=40)
+    specs = contending_specs(rng, 10, max_new_tokens=40)
     page_size = 4
     largest = max(len(spec.prompt_ids) + spec.max_new_tokens for spec in specs)
     num_pages = -(-largest // page_size) + 2  # room for the largest request and a little more

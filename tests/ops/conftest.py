@@ -1,4 +1,9 @@
-"""Shared helpers for the op tests: devices, tolerances, poisoning."""
+"""Shared helpers for the op tests: devices, tolerances, poisoning, CUDA
+scripts in a child process."""
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -38,3 +43,16 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @pytest.fixture(params=DEVICES)
 def device(request):
     return request.param
+
+
+def run_cuda_child(script: str) -> subprocess.CompletedProcess:
+    """Runs script in a fresh Python that imports this checkout's pyvlm, for
+    kernels fed bad indices on purpose: a fault there cannot poison this
+    process's CUDA context, and CUDA_LAUNCH_BLOCKING reports it at its launch.
+    The child starts with index checks on (PYVLM_CHECK_INDICES unset)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(pyvlm.__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "PYVLM_CHECK_INDICES"}
+    env["CUDA_LAUNCH_BLOCKING"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300)

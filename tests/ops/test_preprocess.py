@@ -77,12 +77,17 @@ def test_resize_bit_exact_vs_pil_4000x3000():
 
 
 def random_entries(num_images: int, num_entries: int, out_hw):
-    """Entries with shared (image, size) pairs and windows reaching outside the image."""
+    """Entries with shared (image, size) pairs and windows reaching outside
+    the image: always at least one of each (entries 0 and 1 share a pair,
+    entry 0's window starts above and left of its image)."""
     source = [random.randrange(num_images) for _ in range(num_entries)]
+    source[1] = source[0]
     sizes = [(random.randint(1, 40), random.randint(1, 40)) for _ in range(num_images)]
     resize_hw = [sizes[s] if random.random() < 0.5 else (random.randint(1, 40), random.randint(1, 40))
                  for s in source]
+    resize_hw[0] = resize_hw[1] = sizes[source[0]]
     crop_tl = [(random.randint(-out_hw[0], h), random.randint(-out_hw[1], w)) for h, w in resize_hw]
+    crop_tl[0] = (random.randint(-out_hw[0], -1), random.randint(-out_hw[1], -1))
     return source, resize_hw, crop_tl
 
 

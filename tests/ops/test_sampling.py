@@ -98,13 +98,38 @@ def assert_matches_distribution(tokens, dist):
     assert p > 1e-5, f"chi-square p-value {p:.3g}"
 
 
+def distribution_row(params, vocab=24):
+    """A random logit row, tokens 3 and 5 tied, on which the test below is
+    never vacuous: at least three kept tokens of probability >= 1% (so the
+    chi-square has two degrees of freedom), at least one dropped token when
+    params filter, and where a top-k or top-p cut exists the tie straddles
+    it (were token 5 a hair lower, token 3 would be kept and 5 dropped), so
+    both must be kept together. A plain random row misses these in a few
+    percent of draws (top_p or min_p keeping a single token: p-value NaN)."""
+    for _ in range(100):
+        rows = torch.randn(4096, vocab) * 1.5
+        rows[:, 3] = rows[:, 5]
+        dist = reference.kept_distribution(rows, **params)
+        ok = (dist >= 0.01).sum(-1) >= 3
+        if set(params) - {"temperatures"}:
+            ok &= (dist == 0).any(-1)
+        if "top_ks" in params or "top_ps" in params:
+            lower = rows.clone()
+            lower[:, 5] -= 1e-3
+            untied = reference.kept_distribution(lower, **params)
+            ok &= (untied[:, 3] > 0) & (untied[:, 5] == 0)
+        if ok.any():
+            return rows[ok.nonzero()[0, 0]]
+    raise AssertionError(f"no random row fits {params}")
+
+
 @pytest.mark.parametrize("case", list(DIST_CASES))
 def test_distribution_matches_kept_probabilities(device, case):
     draws, vocab = 20000, 24
-    row = torch.randn(vocab, device=device) * 1.5
-    row[3] = row[5]  # a tie: both must be kept or dropped together
-    logits = row.expand(draws, vocab).contiguous()
     params = DIST_CASES[case]
+    row = distribution_row(params, vocab).to(device)
+    assert row[3] == row[5]  # a tie: both must be kept or dropped together
+    logits = row.expand(draws, vocab).contiguous()
     seed = int(torch.randint(0, 2**62, ()).item())
     tokens = sample_poisoned(logits, seeds=seed, steps=torch.arange(draws, device=device), **params)[0]
     dist = reference.kept_distribution(row[None].cpu(), **params)[0]
@@ -149,13 +174,27 @@ def test_different_seeds_and_steps_differ(device):
     assert torch.equal(by_seed, again)
 
 
-def make_penalty_inputs(batch, vocab, device, dtype, max_per_row=40):
-    logits = (torch.randn(batch, vocab) * 3).to(dtype)
+def row_lengths(batch, max_per_row, vocab):
+    """Random CSR row lengths in [0, max_per_row); row 0 has at least two
+    entries, so every non-empty batch has something to penalize."""
     lengths = torch.randint(0, min(max_per_row, vocab + 1), (batch,))
+    if batch > 0:
+        lengths[0] = max(int(lengths[0]), min(2, vocab))
+    return lengths
+
+
+def make_penalty_inputs(batch, vocab, device, dtype, max_per_row=40):
+    """Random penalty CSR rows (empty rows included) with logit bias rows.
+    With batch > 0 there is always a prompt-only token (count 0), a token
+    seen in the output (count > 0) and a biased token, in row 0."""
+    logits = (torch.randn(batch, vocab) * 3).to(dtype)
+    lengths = row_lengths(batch, max_per_row, vocab)
     ids = torch.cat([torch.randperm(vocab)[:n] for n in lengths.tolist()] + [torch.empty(0)]).long()
     counts = torch.randint(0, 4, (ids.numel(),), dtype=torch.int32)
+    if batch > 0:
+        counts[0], counts[1] = 0, int(torch.randint(1, 4, ()))
     cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).int()])
-    b_lengths = torch.randint(0, min(5, vocab + 1), (batch,))
+    b_lengths = row_lengths(batch, 5, vocab)
     b_ids = torch.cat([torch.randperm(vocab)[:n] for n in b_lengths.tolist()] + [torch.empty(0)]).long()
     b_vals = torch.randn(b_ids.numel())
     b_cu = torch.cat([torch.zeros(1, dtype=torch.int32), b_lengths.cumsum(0).int()])

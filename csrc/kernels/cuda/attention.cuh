@@ -41,7 +41,7 @@ __global__ void reshape_and_cache_kernel(CacheWriteArgs<T> a) {
   const int64_t t = blockIdx.x;
   const int64_t slot = a.slot_mapping[t];
   // Negative slots are padding; slots past the cache are skipped too, since
-  // the adapter's range check can be disabled (PYVLM_CHECK_INDICES=0).
+  // the adapter's range check can be turned off (index checks, checks.h).
   if (slot < 0 || slot >= a.num_slots) return;
   const int64_t vecs_per_row = a.head_dim / kElems;
   const int64_t total = a.num_kv_heads * vecs_per_row;
@@ -482,7 +482,7 @@ __device__ __forceinline__ DecodeWork decode_work(const PagedDecodeArgs<T>& a, c
   w.kv_head = flat % a.num_kv_heads;
   w.seq = flat / a.num_kv_heads;
   w.split = blockIdx.y;
-  // Clamped so unchecked indices (PYVLM_CHECK_INDICES=0) never read past
+  // Clamped so unchecked indices (index checks off) never read past
   // the block table.
   const int64_t seq_len =
       min(max(int64_t(a.seq_lens[w.seq]), int64_t(0)), a.max_pages_per_seq * a.page_size);
