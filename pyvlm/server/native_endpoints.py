@@ -2,6 +2,7 @@
 and server info, health checks and /metrics."""
 
 import asyncio
+import math
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, List, Mapping
 
@@ -33,11 +34,7 @@ async def generate(app, body: Mapping):
     {"text", "output_ids", "meta_info"} (streamed: cumulative, SGLang style)."""
     fields.check_known(body, GENERATE_FIELDS)
     prompt = _native_prompt(body, app.vocab_size)
-    sampling = dict(fields.get_object(body, "sampling_params"))
-    try:
-        sampling_params_from(sampling)
-    except (ValueError, TypeError) as exc:
-        raise invalid(str(exc), "sampling_params") from None
+    sampling = _native_sampling(body, app.vocab_size)
     images = await app.fetch_images(_image_refs(body.get("image_data"),
                                                 app.args.limit_mm_per_prompt))
     top = fields.get_int(body, "top_logprobs_num", 0, 0, 20)
@@ -50,6 +47,45 @@ async def generate(app, body: Mapping):
     result = (await app.runner.collect(run))[0]
     return json_response({"text": result.text, "output_ids": result.token_ids,
                           "meta_info": result.meta})
+
+
+# sampling_params_from checks ranges, not JSON types: a seed that is a dict
+# or a list in skip_special_tokens reached the engine and failed its whole
+# step, every other request in the batch with it. Each field's type is
+# checked here first (ranges: sampling_params_from).
+_NATIVE_INTS = {"max_new_tokens": 0, "max_tokens": 0, "top_k": -1, "top_logprobs": 0, "seed": 0,
+                "sampling_seed": 0}  # name -> lowest value
+_NATIVE_FLOATS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty")
+_NATIVE_BOOLS = ("ignore_eos", "logprobs", "skip_special_tokens")
+
+
+def _native_sampling(body: Mapping, vocab_size: int) -> dict:
+    """The checked sampling_params of a /generate body (a 400 names the field)."""
+    sampling = dict(fields.get_object(body, "sampling_params"))
+    try:
+        _check_native_types(sampling, vocab_size)
+    except ApiError as exc:
+        raise invalid(f"sampling_params: {exc.message}", f"sampling_params.{exc.param}") from None
+    try:
+        sampling_params_from(sampling)
+    except (ValueError, TypeError) as exc:
+        raise invalid(str(exc), "sampling_params") from None
+    return sampling
+
+
+def _check_native_types(sampling: Mapping, vocab_size: int) -> None:
+    for name, low in _NATIVE_INTS.items():
+        fields.get_int(sampling, name, None, low, 2**63 - 1)  # the engine's seeds are int64
+    for name in _NATIVE_FLOATS:
+        fields.get_float(sampling, name, None, -math.inf, math.inf)
+    for name in _NATIVE_BOOLS:
+        fields.get_bool(sampling, name, False)
+    fields.get_stop(sampling)
+    fields.get_int_list(sampling, "stop_token_ids")
+    if any(token_id >= vocab_size for token_id in fields.get_logit_bias(sampling)):
+        raise invalid(f"'logit_bias' has a token id outside the vocabulary (size {vocab_size})",
+                      "logit_bias")
 
 
 def _native_prompt(body: Mapping, vocab_size: int):
