@@ -13,7 +13,7 @@ from pyvlm.server import fields
 from pyvlm.server.errors import ApiError, invalid, unavailable
 from pyvlm.server.generation import EngineInput
 from pyvlm.server.openai_endpoints import event_stream, json_response, open_stream
-from pyvlm.server.params import AnswerSpec
+from pyvlm.server.params import AnswerSpec, clamp_top_k
 from pyvlm.server.runs import Run
 from pyvlm.server.sse import sse_data
 
@@ -71,6 +71,8 @@ def _native_sampling(body: Mapping, vocab_size: int) -> dict:
         sampling_params_from(sampling)
     except (ValueError, TypeError) as exc:
         raise invalid(str(exc), "sampling_params") from None
+    if sampling.get("top_k") is not None:
+        sampling["top_k"] = clamp_top_k(sampling["top_k"], vocab_size)
     return sampling
 
 

@@ -39,7 +39,7 @@ def sampling_params(body: Mapping, max_tokens: Optional[int], context_length: in
         "max_new_tokens": max_tokens if max_tokens is not None else context_length,
         "temperature": fields.get_float(body, "temperature", 1.0, 0.0, 2.0),
         "top_p": _top_p(body),
-        "top_k": fields.get_int(body, "top_k", -1, -1),
+        "top_k": clamp_top_k(fields.get_int(body, "top_k", -1, -1), vocab_size),
         "min_p": fields.get_float(body, "min_p", 0.0, 0.0, 1.0),
         "stop": stop + [s for s in template_stop if s not in stop],
         "stop_token_ids": fields.get_int_list(body, "stop_token_ids"),
@@ -50,6 +50,12 @@ def sampling_params(body: Mapping, max_tokens: Optional[int], context_length: in
         "ignore_eos": fields.get_bool(body, "ignore_eos", False),
         "skip_special_tokens": fields.get_bool(body, "skip_special_tokens", True),
     }
+
+
+def clamp_top_k(top_k: int, vocab_size: int) -> int:
+    """top_k at most the vocabulary size (the same sampling): the engine
+    keeps top_k in int32, and 2**31 failed its whole step."""
+    return min(top_k, vocab_size)
 
 
 def _top_p(body: Mapping) -> float:

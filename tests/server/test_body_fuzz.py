@@ -9,6 +9,8 @@ import asyncio
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from pyvlm.server.errors import ApiError
+from pyvlm.server.generation import EngineInput, Timing, collect_choices
 from tests.server.body_fuzz_targets import (CHAT, COMPLETIONS, ENDPOINTS, GENERATE, NORMAL_REQUEST,
                                             assert_openai_error, assert_still_serving, encode,
                                             post_and_check, requests_for, unwatch_errors,
@@ -72,3 +74,35 @@ def test_bodies_the_fuzzer_found_are_400_naming_the_field(app, endpoint, body, p
     assert_openai_error(answer)
     assert answer["error"]["param"] == param, answer
     asyncio.run(assert_still_serving(app))
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS)
+def test_a_top_k_beyond_int32_samples_like_no_top_k(app, endpoint):
+    """Found by the fuzzer: top_k = 2**31 overflowed the engine's int32 and
+    failed its whole step; top_k >= the vocabulary keeps every token."""
+    prompt = {CHAT: {"messages": [{"role": "user", "content": "hi"}]}, COMPLETIONS: {"prompt": "hi"},
+              GENERATE: {"text": "hi"}}[endpoint]
+    answers = []
+    for top_k in (2**31, -1):
+        limits = {"max_new_tokens": 4, "temperature": 1.0, "top_k": top_k, "seed": 7}
+        body = (dict(prompt, sampling_params=limits) if endpoint == GENERATE else
+                dict(prompt, max_tokens=4, temperature=1.0, top_k=top_k, seed=7))
+        status, _, answer = call(app, "POST", endpoint, encode(body))
+        assert status == 200, answer
+        answers.append(answer["text"] if endpoint == GENERATE else answer["choices"][0])
+    assert answers[0] == answers[1]
+
+
+def test_a_failed_choice_aborts_the_other_choices(engine):
+    """Found by the fuzzer (errors logged after the answer): when one choice
+    of a non-streamed request failed, the others kept running in the engine."""
+    inputs = [EngineInput("hi"), EngineInput("a b " * 600)]  # the second is too long: refused
+    params = [{"max_new_tokens": 400, "ignore_eos": True}] * 2
+
+    async def fail_then_count():
+        with pytest.raises(ApiError):
+            await collect_choices(engine, inputs, params, "fuzz", [Timing(), Timing()])
+        stats = await asyncio.get_running_loop().run_in_executor(None, engine.get_stats)
+        return stats["num_running_reqs"] + stats["num_queued_reqs"]
+
+    assert asyncio.run(fail_then_count()) == 0
