@@ -126,9 +126,9 @@ def http_with_hypothesis(args) -> int:
 
     from tests.http import fuzz_targets as ft
 
-    cases = st.one_of(ft.split_cases.map(lambda c: ("split", c)), ft.split_cases.map(lambda c: ("split", c)),
-                      ft.pump_cases.map(lambda c: ("pump", c)),
-                      st.binary(max_size=args.max_len).map(lambda b: ("raw", b)))
+    splits = ft.split_cases.map(lambda case: ("split", case))
+    cases = st.one_of(splits, splits, ft.pump_cases.map(lambda case: ("pump", case)),
+                      st.binary(max_size=args.max_len).map(lambda buf: ("raw", buf)))
 
     def check(case):
         kind, value = case

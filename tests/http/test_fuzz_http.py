@@ -21,8 +21,8 @@ from tests.http import fuzz_targets
 from tests.http.fuzz_targets import (
     ADVERSARIAL,
     PUMP_FACTOR,
-    check_linear,
     byte_pumps,
+    check_linear,
     check_splits,
     cut_lists,
     fuzz_one_input,
@@ -137,3 +137,20 @@ def test_header_lines_parse_as_with_the_old_regex(line):
         assert match is None or re.search(rb"[\x00-\x08\x0a-\x1f\x7f]", match.group(2))
     else:
         assert parsed == (match.group(1).decode().lower(), match.group(2).decode("latin-1"))
+
+
+def test_the_time_check_catches_the_old_header_regex(monkeypatch):
+    monkeypatch.setattr(head, "_HEADER_LINE", OLD_HEADER_LINE)
+    with pytest.raises(AssertionError, match="parse time grows faster"):
+        check_linear(*ADVERSARIAL["whitespace inside a header value"])
+
+
+def test_a_chunk_size_line_of_exactly_the_limit_is_accepted_however_split():
+    """Found by atheris: fed byte by byte, the CR of a chunk-size line of
+    exactly max_chunk_line_bytes was counted against the limit (a 400 that
+    the whole input did not get)."""
+    line = b"1;" + b"e" * (fuzz_targets.SMALL_LIMITS.max_chunk_line_bytes - 2)
+    data = (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + line + b"\r\nz\r\n0\r\n\r\n")
+    assert check_splits(data, []).error_status is None
+    assert check_splits(data.replace(b";e", b";ee", 1), []).error_status == 400  # one byte over
