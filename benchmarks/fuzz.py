@@ -35,6 +35,7 @@ Run from the repository root. Exit status: 0 when nothing failed, 1 otherwise.
 import argparse
 import asyncio
 import collections
+import inspect
 import os
 import re
 import subprocess
@@ -169,7 +170,53 @@ def http_with_atheris(args) -> int:
     child.wait()
     status = _summarise_libfuzzer(lines, child.returncode, corpus)
     entries = [path.read_bytes() for path in corpus.iterdir()]
+    print_line_coverage(entries)
     return max(status, pump_corpus(entries, args.seconds * PUMP_SHARE, args.max_failures))
+
+
+COVERED_MODULES = ("pyvlm/http/parser.py", "pyvlm/http/head.py", "pyvlm/http/receive_buffer.py")
+
+
+def print_line_coverage(entries) -> None:
+    """Which lines of the parser's functions replaying the corpus runs (a
+    settrace tracer; the executable lines come from the code objects)."""
+    from tests.http.fuzz_targets import fuzz_one_input
+
+    paths = {str(REPO / name): name for name in COVERED_MODULES}
+    hit = collections.defaultdict(set)
+
+    def trace_lines(frame, event, arg):
+        if event == "line":
+            hit[paths[frame.f_code.co_filename]].add(frame.f_lineno)
+        return trace_lines
+
+    sys.settrace(lambda frame, event, arg: trace_lines if frame.f_code.co_filename in paths else None)
+    try:
+        for entry in entries:
+            try:
+                fuzz_one_input(entry)
+            except AssertionError:
+                pass  # libFuzzer reported it
+    finally:
+        sys.settrace(None)
+    print("\n== line coverage of the corpus (function bodies)")
+    for path, name in paths.items():
+        module = compile(Path(path).read_text(), path, "exec")
+        lines = set().union(*(_lines(c) for c in module.co_consts if hasattr(c, "co_lines")))
+        missed = sorted(lines - hit[name])
+        print(f"  {name}: {len(lines) - len(missed)}/{len(lines)} lines; not run: {missed}")
+
+
+def _lines(code) -> set:
+    """The lines of the functions in a code object (itself, nested ones, a
+    class body's methods; a class body's own lines run at import)."""
+    lines = set()
+    if code.co_flags & inspect.CO_OPTIMIZED:  # a function, not a class body
+        lines = {line for _, _, line in code.co_lines() if line not in (None, code.co_firstlineno)}
+    for const in code.co_consts:
+        if hasattr(const, "co_lines"):
+            lines |= _lines(const)
+    return lines
 
 
 def pump_corpus(entries, seconds: float, max_failures: int) -> int:

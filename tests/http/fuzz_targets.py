@@ -143,6 +143,15 @@ class EventChecker:
             assert isinstance(event, ConnectionClosed) and self.head is None, event
             self.is_closed = True
 
+    def check_phase(self, phase: str, num_buffered_bytes: int) -> None:
+        """The parser's phase while it waits for data agrees with the events."""
+        if self.is_closed:
+            assert phase == "done", phase
+        elif self.head is not None:
+            assert phase == "body", phase
+        else:
+            assert phase == ("head" if num_buffered_bytes else "idle"), (phase, num_buffered_bytes)
+
     def _check_head(self, head: RequestHead) -> None:
         assert self.head is None, head
         assert head.http_version in ("1.0", "1.1") and head.method and head.target, head
@@ -178,6 +187,7 @@ def parse(pieces: Sequence[bytes], limits: ParserLimits = SMALL_LIMITS) -> Outco
                 event = parser.next_event()
                 buffer.work += 1
                 if event is NEED_DATA:
+                    checker.check_phase(parser.phase, parser.num_buffered_bytes)
                     break
                 checker.check(event)
                 events.append(event)
@@ -186,9 +196,21 @@ def parse(pieces: Sequence[bytes], limits: ParserLimits = SMALL_LIMITS) -> Outco
                     return Outcome(merge_body_data(events), None, buffer.work)
     except ProtocolError as error:
         assert error.status in ERROR_STATUSES and error.message, (error.status, error.message)
-        assert parser.phase == "error"
+        _check_stays_failed(parser, error)
         return Outcome(merge_body_data(events), error.status, buffer.work)
     raise AssertionError("EOF must end in ConnectionClosed or a ProtocolError")
+
+
+def _check_stays_failed(parser: RequestParser, error: ProtocolError) -> None:
+    """After a ProtocolError the parser raises it again, whatever it is fed."""
+    assert parser.phase == "error"
+    parser.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    try:
+        parser.next_event()
+    except ProtocolError as again:
+        assert again is error
+    else:
+        raise AssertionError("a failed parser parsed again")
 
 
 def merge_body_data(events) -> Tuple:
