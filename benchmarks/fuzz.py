@@ -103,8 +103,16 @@ class Campaign:
         self.failures[signature] = text
         print(f"FAILURE {len(self.failures)}:\n{text}", flush=True)
 
-    def report(self, title: str) -> int:
+    def report(self, title: str, group=lambda label: label.split(":")[0]) -> int:
+        """Prints the totals per group of labels, the commonest labels and
+        the failures; returns the exit status."""
         print(f"\n== {title}: {self.num_examples} examples, {len(self.failures)} distinct failures")
+        totals = collections.Counter()
+        for label, count in self.labels.items():
+            totals[group(label)] += count
+        for name, count in sorted(totals.items()):
+            print(f"  {count:8d}  {name}")
+        print("  the commonest answers:")
         for label, count in self.labels.most_common(25):
             print(f"  {count:8d}  {label}")
         for number, text in enumerate(self.failures.values(), 1):
@@ -332,7 +340,9 @@ def body_fuzz(args) -> int:
         campaign.run(cases, check, between_batches=still_serving)
         still_serving()
         bf.unwatch_errors(errors)
-    return campaign.report("JSON body -> prompt (hypothesis, tiny engine)")
+    return campaign.report("JSON body -> prompt (hypothesis, tiny engine)",
+                           group=lambda label: " ".join(label.split()[:2])[:-2] + "xx"
+                           + (" stream" if " 200 stream" in label else ""))
 
 
 def main() -> int:
