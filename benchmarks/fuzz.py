@@ -112,8 +112,11 @@ class Campaign:
             totals[group(label)] += count
         for name, count in sorted(totals.items()):
             print(f"  {count:8d}  {name}")
-        print("  the commonest answers:")
-        for label, count in self.labels.most_common(25):
+        print("  the commonest answers, then any other error event or 5xx:")
+        common = self.labels.most_common(25)
+        rare = [(label, count) for label, count in self.labels.items()
+                if ("error" in label or " 5" in label) and (label, count) not in common]
+        for label, count in common + rare:
             print(f"  {count:8d}  {label}")
         for number, text in enumerate(self.failures.values(), 1):
             print(f"\n-- failure {number} --\n{text}")
