@@ -5,17 +5,19 @@
     python benchmarks/fuzz.py body --seconds 600 [--endpoint /generate] [--max-failures 5]
 
 http: the targets of tests/http/fuzz_targets.py (events or a ProtocolError;
-the same outcome whole, cut anywhere and byte by byte; a linear bound on
-the work of every input; linear work and CPU time when a segment is pumped
-64x). With atheris installed (`pip install atheris`; --engine auto picks
-it) the run is coverage-guided by libFuzzer over pyvlm.http's instrumented
-bytecode, starting from seed_corpus() (plus --corpus DIR, where new inputs
-are kept) with HTTP_TOKENS as its dictionary; it prints libFuzzer's
-progress lines, then the executions, edge coverage (`cov`), features (`ft`)
-and corpus size, and the file holding a crashing input if one was found
-(replay: `python -c "from tests.http.fuzz_targets import fuzz_one_input as
-f; f(open('FILE','rb').read())"`). Without atheris, hypothesis runs the
-same checks from its strategies in batches. The last 20% of the time pumps
+the same outcome whole, cut anywhere and byte by byte; counted work within
+a linear bound; CPU time growing less than size ** 1.5 when a segment is
+pumped 64x). With atheris installed (`pip install atheris`; --engine auto
+picks it) the run is coverage-guided by libFuzzer over pyvlm.http's
+instrumented bytecode, starting from seed_corpus() (plus --corpus DIR,
+where new inputs are kept) with HTTP_TOKENS as its dictionary. It prints
+libFuzzer's progress lines, then the executions, edge coverage (`cov`),
+features (`ft`) and corpus size, the lines of parser.py, head.py and
+receive_buffer.py the corpus runs, and the file holding a failing input
+if one was found (replay: `PYTHONPATH=. python -c "from
+tests.http.fuzz_targets import fuzz_one_input as f;
+f(open('FILE','rb').read())"`). Without atheris, hypothesis runs the same
+checks from its strategies in batches. The last 20% of the time pumps
 corpus entries (libFuzzer's final corpus, or the seed corpus without it):
 each byte in turn, then random segments (the pumping check is too slow to
 run per libFuzzer execution).
@@ -126,7 +128,9 @@ class Campaign:
 # ---- http --------------------------------------------------------------------
 def http_label(outcome) -> str:
     if hasattr(outcome, "time_ratio"):
-        return f"pumped 64x: time compared with the {outcome.reference_factor or 'no'}x smaller input"
+        if not outcome.reference_factor:
+            return "pumped 64x: time not compared (no smaller input took the same path)"
+        return f"pumped 64x: time compared with the {outcome.reference_factor}x smaller input"
     num_requests = sum(type(e).__name__ == "EndOfRequest" for e in outcome.events)
     ending = f"error {outcome.error_status}" if outcome.error_status else "closed"
     return f"split: {min(num_requests, 3)}{'+' if num_requests > 3 else ''} requests, {ending}"

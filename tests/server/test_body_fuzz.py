@@ -17,7 +17,7 @@ from tests.server.body_fuzz_targets import (CHAT, COMPLETIONS, ENDPOINTS, GENERA
                                             watch_errors)
 from tests.server.conftest import call, make_app
 
-SHORT = settings(max_examples=80, deadline=None, database=None,
+SHORT = settings(max_examples=80, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                         HealthCheck.filter_too_much])
 
