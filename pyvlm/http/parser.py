@@ -192,7 +192,8 @@ class RequestParser:
 
     def _take_line(self, max_bytes: int, status: int, message: str) -> Optional[bytes]:
         end = self._buffer.find_end(LINE_END, 1)
-        if (end is None and len(self._buffer) > max_bytes) or (end is not None and end > max_bytes + 2):
+        # Incomplete, the line may still be max_bytes + CR with its LF to come.
+        if (end is None and len(self._buffer) > max_bytes + 1) or (end is not None and end > max_bytes + 2):
             raise ProtocolError(status, message)
         if end is None:
             return None

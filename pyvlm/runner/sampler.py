@@ -73,7 +73,9 @@ def sample(logits: torch.Tensor, chunks: Sequence[SequenceChunk]) -> List[Sample
     tokens, logprobs, top_ids, top_lps = ops.sample(
         logits,
         torch.tensor(temperatures, dtype=torch.float32, device=dev),
-        torch.tensor([max(c.sampling.top_k, 0) for c in chunks], dtype=torch.int32, device=dev),
+        # top_k beyond the vocabulary keeps every token; capped, it fits the kernel's int32.
+        torch.tensor([min(max(c.sampling.top_k, 0), logits.shape[1]) for c in chunks],
+                     dtype=torch.int32, device=dev),
         torch.tensor([c.sampling.top_p for c in chunks], dtype=torch.float32, device=dev),
         torch.tensor([c.sampling.min_p for c in chunks], dtype=torch.float32, device=dev),
         torch.tensor([c.seed for c in chunks], dtype=torch.int64, device=dev),

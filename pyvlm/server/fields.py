@@ -104,7 +104,8 @@ def get_logit_bias(body: Mapping, name: str = "logit_bias") -> dict:
     value = get_object(body, name)
     bias = {}
     for key, amount in value.items():
-        if not (isinstance(key, str) and key.isdigit()):
+        # isdigit() alone admits "²" and "፩", which int() refuses
+        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
             raise invalid(f"'{name}' keys must be token ids, got {key!r:.40}", name)
         if not is_number(amount) or not LOGIT_BIAS.contains(amount):
             raise invalid(f"'{name}' values must be numbers in [-100, 100]", name)

@@ -142,7 +142,13 @@ async def collect_choices(engine, inputs: Sequence[EngineInput], params: Sequenc
             result.add(delta)
         return result
 
-    return list(await asyncio.gather(*(run(i) for i in range(len(inputs)))))
+    tasks = [asyncio.ensure_future(run(i)) for i in range(len(inputs))]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:  # one choice failed (or the client left): abort the others too
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def merged_deltas(engine, inputs: Sequence[EngineInput], params: Sequence[dict],

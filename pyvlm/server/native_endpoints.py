@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, List, Mapping
 
 from pyvlm import __version__
+from pyvlm.engine.sampling_ranges import SamplingFieldError
 from pyvlm.entrypoints.sampling import sampling_params_from
 from pyvlm.http.types import Response
 from pyvlm.server import fields
@@ -33,11 +34,7 @@ async def generate(app, body: Mapping):
     {"text", "output_ids", "meta_info"} (streamed: cumulative, SGLang style)."""
     fields.check_known(body, GENERATE_FIELDS)
     prompt = _native_prompt(body, app.vocab_size)
-    sampling = dict(fields.get_object(body, "sampling_params"))
-    try:
-        sampling_params_from(sampling)
-    except (ValueError, TypeError) as exc:
-        raise invalid(str(exc), "sampling_params") from None
+    sampling = _native_sampling(body, app.vocab_size)
     refs = _image_refs(body.get("image_data"), app.args.limit_mm_per_prompt)
     top = fields.get_sampling(body, "top_logprobs_num", "top_logprobs") or 0
     spec = AnswerSpec(1, fields.get_bool(body, "stream", False), False,
@@ -50,6 +47,20 @@ async def generate(app, body: Mapping):
     result = (await app.runner.collect(run))[0]
     return json_response({"text": result.text, "output_ids": result.token_ids,
                           "meta_info": _with_logprobs(result.meta, result.logprobs)})
+
+
+def _native_sampling(body: Mapping, vocab_size: int) -> dict:
+    """The sampling_params of a /generate body, checked by the engine's own
+    rules (types and ranges: a 400 naming sampling_params.<field>)."""
+    sampling = dict(fields.get_object(body, "sampling_params"))
+    try:
+        params = sampling_params_from(sampling)
+    except SamplingFieldError as exc:
+        raise invalid(f"sampling_params: {exc}", f"sampling_params.{exc.param}") from None
+    if any(token_id >= vocab_size for token_id, _ in params.logit_bias):
+        raise invalid(f"'logit_bias' has a token id outside the vocabulary (size {vocab_size})",
+                      "sampling_params.logit_bias")
+    return sampling
 
 
 def _native_prompt(body: Mapping, vocab_size: int):
