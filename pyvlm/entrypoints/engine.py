@@ -63,42 +63,44 @@ class Engine:
         rid names the request (abort(rid)); add_special_tokens applies the
         tokenizer's post-processing (e.g. a Llama BOS) to a text prompt, as
         the OpenAI server does, without ever doubling a BOS the text holds.
+        A delta's meta_info lists the logprobs of its new tokens only.
         """
-        loop = asyncio.get_running_loop()
-        request = await self._build_async(prompt, sampling_params, image_data, messages, rid,
-                                          add_special_tokens)
-        deltas: asyncio.Queue = asyncio.Queue()
-
-        def sink(out, err):
-            if loop.is_closed():
-                raise RuntimeError("the caller's event loop is closed")
-            loop.call_soon_threadsafe(deltas.put_nowait, (out, err))
-
-        self._submit(request, sink)
-        accumulator = OutputAccumulator(request)
-        finished = False
+        request = await self.async_build(prompt, sampling_params, image_data, messages, rid,
+                                         add_special_tokens)
+        stream = self.async_stream(request)
         try:
-            while not finished:
-                out, err = await deltas.get()
-                if err is not None:
-                    raise _user_error(err)
-                finished = out.finished
-                yield accumulator.delta(out)
+            async for delta in stream:
+                yield delta
         finally:
-            if not finished:
-                self.loop.abort(request.rid)
+            await stream.aclose()
 
-    async def _build_async(self, *args) -> Request:
-        """_build_one in the loop's executor, never waiting for the image
-        budget (a full one is EngineBusyError). A request built after its
-        caller was cancelled gives its budget back."""
-        build = asyncio.get_running_loop().run_in_executor(
-            None, functools.partial(self._build_one, *args, wait=False))
+    async def async_build(self, prompt: Optional[Prompt] = None,
+                          sampling_params: Optional[Mapping] = None, image_data: Any = None,
+                          messages: Any = None, rid: Optional[str] = None,
+                          add_special_tokens: bool = False) -> Request:
+        """The request async_generate would run, built off the event loop
+        (tokenizing, images) without running it: every refusal (ValueError,
+        EngineBusyError) comes here. Run it with async_stream, or discard()
+        it; it holds image budget until one of them. It never waits for the
+        image budget (a full one is EngineBusyError), and a request built
+        after its caller was cancelled gives its budget back."""
+        build = asyncio.get_running_loop().run_in_executor(None, functools.partial(
+            self._build_one, prompt, sampling_params, image_data, messages, rid,
+            add_special_tokens, wait=False))
         try:
             return await asyncio.shield(build)
         except asyncio.CancelledError:
             build.add_done_callback(self._release_built)
             raise
+
+    def async_stream(self, request: Request) -> "DeltaStream":
+        """Submits a request from async_build now; its deltas come from the
+        returned async iterator (call its aclose() when leaving early)."""
+        return DeltaStream(self, request)
+
+    def discard(self, request: Request) -> None:
+        """Gives back what a built request that will never run holds."""
+        self.builder.release(request)
 
     def _release_built(self, build: "asyncio.Future") -> None:
         if not build.cancelled() and build.exception() is None:
@@ -208,6 +210,43 @@ class Engine:
             accumulator.delta(out)
             if out.finished:
                 return accumulator.result()
+
+
+class DeltaStream:
+    """A submitted request's deltas, as async_generate yields them. aclose()
+    aborts the request unless it has finished (the engine then sends its
+    final output, which gives its image budget back)."""
+
+    def __init__(self, engine: Engine, request: Request):
+        self._engine, self._request = engine, request
+        self._loop = asyncio.get_running_loop()
+        self._deltas: asyncio.Queue = asyncio.Queue()
+        self._accumulator = OutputAccumulator(request)
+        self._finished = False
+        engine._submit(request, self._sink)
+
+    def _sink(self, out, err) -> None:
+        if self._loop.is_closed():
+            raise RuntimeError("the caller's event loop is closed")
+        self._loop.call_soon_threadsafe(self._deltas.put_nowait, (out, err))
+
+    def __aiter__(self) -> "DeltaStream":
+        return self
+
+    async def __anext__(self) -> dict:
+        if self._finished:
+            raise StopAsyncIteration
+        out, err = await self._deltas.get()
+        if err is not None:
+            self._finished = True  # the engine is done with it
+            raise _user_error(err)
+        self._finished = out.finished
+        return self._accumulator.delta(out)
+
+    async def aclose(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine.loop.abort(self._request.rid)
 
 
 def _string_values(mapping) -> Dict[str, str]:

@@ -46,6 +46,7 @@ class RequestBuilder:
     and cost (the server's policy; its max_pixels also caps every buffer of
     the preprocessing). image_budget: bounds the prepared images of requests
     not yet finished (request.num_image_bytes is held until release()).
+    vocab_size: token-id prompts must lie in [0, vocab_size).
     random_seed: the first seed of unseeded requests; None draws a fresh
     base per process, so restarts do not repeat samples.
     """
@@ -53,12 +54,12 @@ class RequestBuilder:
     def __init__(self, tokenizer, chat_template: Optional[str], eos_token_ids,
                  images: Optional[ImageInputs], media: MediaPolicy, context_length: int,
                  random_seed: Optional[int] = None,
-                 image_budget: Optional[ImageBudget] = None):
+                 image_budget: Optional[ImageBudget] = None, vocab_size: Optional[int] = None):
         self.tokenizer, self.chat_template = tokenizer, chat_template
         self.images, self.media = images, media
         self.image_budget = image_budget or ImageBudget(1 << 62)
         self._release_lock = threading.Lock()
-        self.context_length = context_length
+        self.context_length, self.vocab_size = context_length, vocab_size
         self.eos_token_ids = frozenset(eos_token_ids)
         base = secrets.randbits(62) if random_seed is None else random_seed
         self._seeds = itertools.count(base)
@@ -108,6 +109,7 @@ class RequestBuilder:
                           else self._tokenize(text))
         else:
             prompt_ids = [int(t) for t in prompt]
+        self._check_token_ids(prompt_ids)
         prompt_ids, items, num_image_bytes = self._expand_images(prompt_ids, images, wait)
         seed = sampling.seed if sampling.seed is not None else next(self._seeds)
         return Request(rid=rid or f"req-{next(self._rids)}", prompt_ids=prompt_ids,
@@ -137,6 +139,7 @@ class RequestBuilder:
         if not sources:
             if self.image_token_id is not None and self.image_token_id in prompt_ids:
                 raise ValueError("the prompt has image placeholders but no images were given")
+            self.check_context(len(prompt_ids), [])
             return prompt_ids, [], 0
         if self.images is None:
             raise ValueError("this model does not take images")
@@ -145,7 +148,7 @@ class RequestBuilder:
                                                 self.media.max_pixels)
         ids, spans = expand_image_tokens(prompt_ids, self.image_token_id, images,
                                          [p.num_tokens for p in plans])
-        self._check_context(len(ids), plans)
+        self.check_context(len(ids), plans)
         hashes = [combine_hash(image_content_hash(im), plan.variant)
                   for im, plan in zip(images, plans)]
         num_bytes = sum(p.num_pixel_values for p in plans) * self.images.bytes_per_value
@@ -158,11 +161,18 @@ class RequestBuilder:
         return ids, [MultimodalItem(h, off, n, payload)
                      for h, (off, n), payload in zip(hashes, spans, payloads)], num_bytes
 
-    def _check_context(self, num_prompt_tokens: int, plans) -> None:
-        """Refuses, before any preprocessing, a prompt its images make too long."""
+    def check_context(self, num_prompt_tokens: int, plans) -> None:
+        """Refuses, before any preprocessing, a prompt too long for the
+        context (naming each image's share), as the scheduler would later."""
         if num_prompt_tokens < self.context_length:
             return
         counts = ", ".join(f"image {i}: {p.num_tokens}" for i, p in enumerate(plans, start=1))
+        after = f" after image expansion ({counts})" if plans else ""
         raise ValueError(
-            f"The prompt has {num_prompt_tokens} tokens after image expansion ({counts}), "
-            f"which exceeds the context length of {self.context_length} tokens")
+            f"The prompt has {num_prompt_tokens} tokens{after}, which exceeds the context "
+            f"length of {self.context_length} tokens")
+
+    def _check_token_ids(self, prompt_ids: List[int]) -> None:
+        if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise ValueError(f"the prompt has token ids outside the vocabulary "
+                             f"[0, {self.vocab_size})")

@@ -184,7 +184,8 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
                              image_inputs_for(model, tokenizer, files, device, dtype),
                              media_policy_of(config), context_length,
                              config.scheduler.random_seed,
-                             ImageBudget(config.media.max_pending_image_bytes))
+                             ImageBudget(config.media.max_pending_image_bytes),
+                             _text_config(files.config).get("vocab_size"))
     logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens",
                 files.root.name, device, str(dtype).replace("torch.", ""), context_length,
                 runner.num_pages * runner.page_size)

@@ -41,10 +41,10 @@ def _check_response_format(value: Any) -> None:
 
 
 def max_tokens(body: Mapping) -> Optional[int]:
-    """max_completion_tokens (OpenAI's newer name) or max_tokens."""
+    """max_completion_tokens (OpenAI's newer name), else max_tokens; both are checked."""
     newer = fields.get_sampling(body, "max_completion_tokens", "max_new_tokens")
-    return newer if newer is not None else fields.get_sampling(body, "max_tokens",
-                                                               "max_new_tokens")
+    older = fields.get_sampling(body, "max_tokens", "max_new_tokens")
+    return newer if newer is not None else older
 
 
 def num_top_logprobs(body: Mapping) -> Optional[int]:

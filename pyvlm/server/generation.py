@@ -6,6 +6,7 @@ generators' finally blocks run when the handler task is cancelled or the
 stream is closed)."""
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -73,31 +74,61 @@ def new_rid(prefix: str) -> str:
     return f"{prefix}-{next(_rids)}"
 
 
-async def choice_deltas(engine, inp: EngineInput, params: dict, index: int, rid: str,
-                        timing: Optional[Timing] = None) -> AsyncIterator[ChoiceDelta]:
-    """One choice's deltas; engine refusals become ApiErrors."""
-    stream = engine.async_generate(prompt=inp.prompt, sampling_params=params,
-                                   image_data=list(inp.images) or None, rid=rid,
-                                   add_special_tokens=inp.add_special_tokens)
+async def build_choices(engine, inputs: Sequence[EngineInput], params: Sequence[dict],
+                        prefix: str) -> list:
+    """Every choice's engine request, built before any of them runs, so a
+    refusal of any (too long, bad image, busy) answers the whole request
+    with its status before a stream starts; on a refusal the requests
+    already built are discarded."""
+    async def build(index: int):
+        inp = inputs[index]
+        with engine_errors_mapped():
+            return await engine.async_build(
+                prompt=inp.prompt, sampling_params=params[index],
+                image_data=list(inp.images) or None, rid=new_rid(prefix),
+                add_special_tokens=inp.add_special_tokens)
+
+    tasks = [asyncio.ensure_future(build(i)) for i in range(len(inputs))]
     try:
-        async for delta in _engine_errors_mapped(stream):
-            meta = delta["meta_info"]
-            if timing is not None and delta["token_ids"] and timing.first_token is None:
-                timing.first_token = time.perf_counter()
-            logprobs = _new_logprobs(meta)
-            finish = meta["finish_reason"]["type"] if delta["finished"] else None
-            yield ChoiceDelta(index, delta["text"], delta["token_ids"], logprobs,
-                              _finish_reason(finish), meta)
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        built = await asyncio.gather(*tasks, return_exceptions=True)
+        for request in built:
+            if not isinstance(request, BaseException):
+                engine.discard(request)
+        raise
+
+
+async def choice_deltas(stream, index: int,
+                        timing: Optional[Timing] = None) -> AsyncIterator[ChoiceDelta]:
+    """One submitted choice's deltas (an Engine.async_stream); engine errors
+    become ApiErrors; leaving early aborts it."""
+    try:
+        with engine_errors_mapped():
+            async for delta in stream:
+                yield _choice_delta(delta, index, timing)
     finally:
         await stream.aclose()
         if timing is not None:
             timing.end = time.perf_counter()
 
 
-async def _engine_errors_mapped(stream) -> AsyncIterator[dict]:
+def _choice_delta(delta: dict, index: int, timing: Optional[Timing]) -> ChoiceDelta:
+    meta = delta["meta_info"]
+    if timing is not None and delta["token_ids"] and timing.first_token is None:
+        timing.first_token = time.perf_counter()
+    finish = meta["finish_reason"]["type"] if delta["finished"] else None
+    return ChoiceDelta(index, delta["text"], delta["token_ids"], _new_logprobs(meta),
+                       _finish_reason(finish), meta)
+
+
+@contextlib.contextmanager
+def engine_errors_mapped():
+    """The engine's errors as API errors (their statuses below)."""
     try:
-        async for delta in stream:
-            yield delta
+        yield
     except ValueError as exc:  # the engine refused the request (too long, bad image ...)
         raise invalid(_client_message(exc)) from None
     except EngineBusyError as exc:  # its budget for queued images is full: shed
@@ -135,10 +166,11 @@ def _new_logprobs(meta: dict) -> List[TokenLogprob]:
 async def collect_choices(engine, inputs: Sequence[EngineInput], params: Sequence[dict],
                           prefix: str, timings: Sequence[Timing]) -> List[ChoiceResult]:
     """Runs every choice concurrently to the end (non-streaming)."""
+    streams = await submitted_choices(engine, inputs, params, prefix)
+
     async def run(index: int) -> ChoiceResult:
         result = ChoiceResult(index)
-        async for delta in choice_deltas(engine, inputs[index], params[index], index,
-                                         new_rid(prefix), timings[index]):
+        async for delta in choice_deltas(streams[index], index, timings[index]):
             result.add(delta)
         return result
 
@@ -146,21 +178,19 @@ async def collect_choices(engine, inputs: Sequence[EngineInput], params: Sequenc
     try:
         return list(await asyncio.gather(*tasks))
     finally:  # one choice failed (or the client left): abort the others too
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop(tasks, streams)
 
 
 async def merged_deltas(engine, inputs: Sequence[EngineInput], params: Sequence[dict],
                         prefix: str, timings: Sequence[Timing]) -> AsyncIterator[ChoiceDelta]:
     """Every choice's deltas, interleaved as they arrive (streaming). An
     error in any choice is raised here; closing this iterator aborts all."""
+    streams = await submitted_choices(engine, inputs, params, prefix)
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int) -> None:
         try:
-            async for delta in choice_deltas(engine, inputs[index], params[index], index,
-                                             new_rid(prefix), timings[index]):
+            async for delta in choice_deltas(streams[index], index, timings[index]):
                 queue.put_nowait(delta)
         except Exception as exc:
             queue.put_nowait(exc)
@@ -175,6 +205,19 @@ async def merged_deltas(engine, inputs: Sequence[EngineInput], params: Sequence[
             num_open -= item.finish_reason is not None
             yield item
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _stop(tasks, streams)
+
+
+async def submitted_choices(engine, inputs, params, prefix: str) -> list:
+    """Every choice built (build_choices), then all submitted at once."""
+    return [engine.async_stream(r) for r in await build_choices(engine, inputs, params, prefix)]
+
+
+async def _stop(tasks, streams) -> None:
+    """Cancels the choices' tasks and aborts every stream still unfinished
+    (a task cancelled before it started never closes its own)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    for stream in streams:
+        await stream.aclose()

@@ -87,3 +87,17 @@ def test_generation_config_defaults_apply_to_unset_fields(tiny_checkpoint_qwen2,
         greedy = eng.generate("the cat", dict(GREEDY, max_new_tokens=6))
         assert eng.state.sampling_defaults == {"temperature": 0.0}
     assert unset[0]["output_ids"] == unset[1]["output_ids"] == greedy["output_ids"]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(engine):
+    vocab = engine.model_info()["vocab_size"]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([1, vocab], GREEDY)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([-1, 2], GREEDY)
+    assert len(engine.generate([1, vocab - 1], GREEDY)["output_ids"]) == 3
+
+
+def test_a_text_prompt_too_long_is_refused_when_built(engine):
+    with pytest.raises(ValueError, match="exceeds the context length of 512"):
+        engine.builder.from_prompt("the cat sat " * 400, [], SamplingParams())

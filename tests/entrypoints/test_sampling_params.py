@@ -46,3 +46,17 @@ def test_generation_config_values_pyvlm_refuses_are_dropped(caplog):
 
     assert generation_defaults({"temperature": -1, "top_p": 0.5}) == {"top_p": 0.5}
     assert "temperature" in caplog.text
+
+
+@pytest.mark.parametrize("params, name", [
+    ({"seed": {"a": 1}}, "seed"), ({"seed": 2**63}, "seed"), ({"stop": 5}, "stop"),
+    ({"skip_special_tokens": []}, "skip_special_tokens"), ({"ignore_eos": 1}, "ignore_eos"),
+    ({"stop_token_ids": ["x"]}, "stop_token_ids"), ({"logit_bias": {"²": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
+    ({"max_new_tokens": 2.5}, "max_new_tokens"), ({"temperature": "hot"}, "temperature"),
+])
+def test_types_are_checked_too(params, name):
+    """What reaches the engine can never fail its step (found by the body fuzzer)."""
+    with pytest.raises(ValueError, match=name) as raised:
+        sampling_params_from(params)
+    assert raised.value.param == name

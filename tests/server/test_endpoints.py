@@ -62,7 +62,7 @@ def test_native_generate_text_and_stream(app, engine):
     _, _, events = call(app, "POST", "/generate", dict(body, stream=True))
     assert events[-1] == (None, "[DONE]") and events[-2][1]["text"] == expected["text"]
     status, _, bad = call(app, "POST", "/generate", {"text": "x", "sampling_params": {"wat": 1}})
-    assert status == 400 and bad["error"]["param"] == "sampling_params"
+    assert status == 400 and bad["error"]["param"] == "sampling_params.wat"
 
 
 def test_info_endpoints(app_with, engine):

@@ -61,6 +61,24 @@ def test_max_tokens_below_one_is_a_400_everywhere(app, value):
              "max_completion_tokens"),
             ("/v1/completions", {"prompt": "hi", "max_tokens": value}, "max_tokens"),
             ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": value}},
-             "sampling_params")]:
+             "sampling_params.max_new_tokens")]:
         status, _, answer = call(app, "POST", path, body)
         assert status == 400 and answer["error"]["param"] == param, (path, answer)
+
+
+def test_an_invalid_max_tokens_beside_max_completion_tokens_is_a_400(app):
+    status, _, body = call(app, "POST", "/v1/chat/completions",
+                           dict(BODY, max_completion_tokens=2, max_tokens=-3))
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_any_refused_prompt_of_a_batch_is_a_400_before_streaming(app, stream):
+    """Every prompt is built before any runs: a later prompt too long for the
+    context answers the whole request 400, streamed or not."""
+    body = {"prompt": ["hi", "a b " * 600], "max_tokens": 2, "stream": stream}
+    status, _, answer = call(app, "POST", "/v1/completions", body)
+    assert status == 400 and "context length" in answer["error"]["message"], answer
+    assert app.runner.admission.num_in_flight == 0
+    status, _, _ = call(app, "POST", "/v1/completions", dict(body, prompt=["hi", "ho"]))
+    assert status == 200
