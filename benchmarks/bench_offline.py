@@ -30,11 +30,11 @@ from tests.hf_reference import greedy_tokens, image_processor_for  # noqa: E402
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 
 
-def bench_images(n: int, seed: int = 0) -> List[Image.Image]:
-    """n distinct RGB images (random crops of the shared photos, else noise)."""
+def bench_images(n: int, seed: int = 0, folder: Path = IMAGES) -> List[Image.Image]:
+    """n distinct RGB images (random crops of the photos in folder, else noise)."""
     gen = torch.Generator().manual_seed(seed)
-    photos = [Image.open(p).convert("RGB") for p in sorted(IMAGES.glob("*"))[:4]
-              if p.suffix.lower() in (".jpg", ".jpeg", ".png")] if IMAGES.exists() else []
+    photos = [Image.open(p).convert("RGB") for p in sorted(folder.glob("*"))[:4]
+              if p.suffix.lower() in (".jpg", ".jpeg", ".png")] if folder.exists() else []
     images = []
     for i in range(n):
         if photos:
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=8)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--dtype", default=None)
+    parser.add_argument("--photos", type=Path, default=IMAGES,
+                        help="folder of photos to crop the request images from")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
@@ -106,7 +108,7 @@ def main() -> None:
     folder, hf, loaded = load_models(args)
     engine = pyvlm.Engine(model=str(folder), loaded_model=loaded, device=args.device,
                           dtype=args.dtype, max_total_tokens=None if args.device != "cpu" else 65536)
-    images = bench_images(args.num_requests)
+    images = bench_images(args.num_requests, folder=args.photos)
     requests = [{"prompt": f"<image>\nDescribe picture {i} in detail.", "image": im}
                 for i, im in enumerate(images)]
     built = [engine.builder.from_prompt(r["prompt"], [r["image"]], engine_sampling())
