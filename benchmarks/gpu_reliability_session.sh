@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_reliability_session.sh build-test   # CUDA build + pytest -m cuda (whole tree)
 #   bash benchmarks/gpu_reliability_session.sh bench        # bench_offline, random LLaVA-OneVision-7B
 #   bash benchmarks/gpu_reliability_session.sh soak [s]     # soak through the server, 7B shape
+#   bash benchmarks/gpu_reliability_session.sh build-soak [s]  # the build, then the soak
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -16,15 +17,18 @@ if [ -x /usr/bin/g++ ]; then  # see gpu_session.sh: the image's g++ wrapper cras
   export CC=/usr/bin/gcc CXX=/usr/bin/g++ LDSHARED="/usr/bin/g++ -shared"
 fi
 git rev-parse --short HEAD > "$OUT/commit.txt" 2>/dev/null
+build() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+  start=$(date +%s)
+  if ! python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+    grep -E "error|Error" "$OUT/build.log" | head -40
+    exit 1
+  fi
+  echo "build: $(( $(date +%s) - start )) s"
+}
 case "${1:-}" in
   build-test)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-    start=$(date +%s)
-    if ! python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
-      grep -E "error|Error" "$OUT/build.log" | head -40
-      exit 1
-    fi
-    echo "build: $(( $(date +%s) - start )) s"
+    build
     timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m cuda -q -p no:cacheprovider -rf tests 2>&1 \
       | tee "$OUT/pytest_cuda.log" | tail -30
     ;;
@@ -33,10 +37,14 @@ case "${1:-}" in
       --num-requests ${NUM_REQUESTS:-16} --output-len ${OUTPUT_LEN:-64} --photos .device_photos 2>&1 \
       | grep -v "^\[" | tee "$OUT/bench_offline_cuda.md" | tail -8
     ;;
+  build-soak)
+    build
+    exec bash "$0" soak "${2:-300}"
+    ;;
   soak)
     python3 benchmarks/soak.py --serve-random llava-onevision-7b --device cuda \
       --seconds ${2:-300} --concurrency 32 --max-tokens 64 --photos .device_photos \
       --log-dir "$OUT" --json-out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.md" | tail -60
     ;;
-  *) echo "usage: $0 build-test|bench|soak [seconds]"; exit 2 ;;
+  *) echo "usage: $0 build-test|bench|soak|build-soak [seconds]"; exit 2 ;;
 esac

@@ -123,7 +123,7 @@ def load_tokenizer(files: CheckpointFiles):
     return AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
 
 
-def image_inputs_for(model, tokenizer, files: CheckpointFiles, device,
+def image_inputs_for(model, tokenizer, files: CheckpointFiles,
                      dtype) -> Optional[ImageInputs]:
     """The model's image token, planner and preprocessing (None: text only)."""
     token_id = getattr(model, "image_token_id", None)
@@ -131,7 +131,7 @@ def image_inputs_for(model, tokenizer, files: CheckpointFiles, device,
         return None
     planner = LlavaOnevisionImageConfig.from_hf_configs(files.processor_config, files.config)
     return ImageInputs(tokenizer.convert_ids_to_tokens(token_id), token_id, planner,
-                       make_llava_onevision_prepare(device, dtype),
+                       make_llava_onevision_prepare(dtype),
                        bytes_per_value=torch.empty((), dtype=dtype).element_size())
 
 
@@ -181,7 +181,7 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,
                           detokenizer_factory(tokenizer))
     builder = RequestBuilder(tokenizer, files.chat_template, eos_token_ids(tokenizer, files),
-                             image_inputs_for(model, tokenizer, files, device, dtype),
+                             image_inputs_for(model, tokenizer, files, dtype),
                              media_policy_of(config), context_length,
                              config.scheduler.random_seed,
                              ImageBudget(config.media.max_pending_image_bytes),

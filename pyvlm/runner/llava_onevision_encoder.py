@@ -21,9 +21,9 @@ from pyvlm.runner.vision_inputs import llava_onevision_pixel_values
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """One image ready for the tower: its tiles [num_tiles, 3, S, S] (CPU,
-    pinned when the model runs on CUDA), its original (height, width) and
-    the number of images in its prompt (one: anyres tiles; more: one tile)."""
+    """One image ready for the tower: its tiles [num_tiles, 3, S, S] (CPU),
+    its original (height, width) and the number of images in its prompt
+    (one: anyres tiles; more: one tile)."""
 
     pixel_values: torch.Tensor
     image_size: Tuple[int, int]
@@ -34,13 +34,17 @@ class PreparedImage:
         return self.pixel_values.numel() * self.pixel_values.element_size()
 
 
-def make_llava_onevision_prepare(device: torch.device, dtype: torch.dtype):
-    """prepare(images, plans) -> one PreparedImage per image of a prompt."""
-    pin = torch.device(device).type == "cuda"
+def make_llava_onevision_prepare(dtype: torch.dtype):
+    """prepare(images, plans) -> one PreparedImage per image of a prompt.
+
+    The tiles stay in pageable memory: pinned ones would make the copy to
+    the GPU asynchronous, but CUDA's caching host allocator never gives
+    pinned blocks back, so queued requests' tiles would grow the server's
+    resident memory to its high-water mark (seen in the H200 soak)."""
 
     def prepare(images: Sequence[Image.Image], plans: Sequence[ImagePlan]) -> List[PreparedImage]:
         tiles = llava_onevision_pixel_values(images, plans, "cpu", dtype)
-        return [PreparedImage(t.pin_memory() if pin else t, tuple(plan.image_size), len(plans))
+        return [PreparedImage(t, tuple(plan.image_size), len(plans))
                 for t, plan in zip(tiles, plans)]
 
     return prepare
