@@ -40,7 +40,7 @@ from benchmarks.load import client, server as srv  # noqa: E402
 from benchmarks.load.client import Server  # noqa: E402
 from benchmarks.load.images import generated_uris  # noqa: E402
 from benchmarks.load.report import Check, checks_table, markdown, mib, ms, percentile  # noqa: E402
-from benchmarks.load.warmup import (CPU_POOL_TOKENS, fill_kv_pool, pool_flags,  # noqa: E402
+from benchmarks.load.warmup import (fill_kv_pool, pool_flags,  # noqa: E402
                                     touch_every_image)
 from benchmarks.load.workload import Outcome, Workload, chat_body, send  # noqa: E402
 
@@ -50,19 +50,9 @@ FAILURES = ("server_error", "stream_error", "incomplete", "timeout", "connection
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    target = p.add_argument_group("server (started here unless --base-url)")
-    target.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
-    target.add_argument("--serve-random", default=None, metavar="SHAPE",
-                        help="serve a random-weight model of this shape (llava-onevision-7b)")
-    target.add_argument("--device", default="cpu")
-    target.add_argument("--max-running-requests", type=int, default=8)
-    target.add_argument("--max-queued-requests", type=int, default=8)
-    target.add_argument("--max-total-tokens", type=int, default=None,
-                        help=f"KV pool tokens (default on CPU: {CPU_POOL_TOKENS})")
-    target.add_argument("--server-args", default="", help="more server flags, one string")
-    target.add_argument("--base-url", default=None, help="a server already running (loopback)")
-    target.add_argument("--server-pid", type=int, default=None, help="its pid, for its memory")
-    target.add_argument("--ready-timeout", type=float, default=900.0)
+    srv.add_target_arguments(p, extra=[
+        (("--max-running-requests",), dict(type=int, default=8)),
+        (("--max-queued-requests",), dict(type=int, default=8))])
     load = p.add_argument_group("load")
     load.add_argument("--measure-s", type=float, default=20.0, help="sustainable-rate phase")
     load.add_argument("--seconds", type=float, default=60.0, help="overload phase")

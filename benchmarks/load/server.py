@@ -21,6 +21,26 @@ REPO = Path(__file__).resolve().parents[2]
 SERVE_RANDOM = Path(__file__).resolve().parent / "serve_random.py"
 
 
+def add_target_arguments(parser, extra=()) -> None:
+    """The flags choosing the server a load tool starts (or finds running);
+    extra: (flags, argparse keywords) pairs added to the same group."""
+    from benchmarks.load.warmup import CPU_POOL_TOKENS
+
+    target = parser.add_argument_group("server (started here unless --base-url)")
+    target.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
+    target.add_argument("--serve-random", default=None, metavar="SHAPE",
+                        help="serve a random-weight model of this shape (llava-onevision-7b)")
+    target.add_argument("--device", default="cpu")
+    for flags, options in extra:
+        target.add_argument(*flags, **options)
+    target.add_argument("--max-total-tokens", type=int, default=None,
+                        help=f"KV pool tokens (default on CPU: {CPU_POOL_TOKENS})")
+    target.add_argument("--server-args", default="", help="more server flags, one string")
+    target.add_argument("--base-url", default=None, help="a server already running (loopback)")
+    target.add_argument("--server-pid", type=int, default=None, help="its pid, for its memory")
+    target.add_argument("--ready-timeout", type=float, default=900.0)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

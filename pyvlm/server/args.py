@@ -52,7 +52,9 @@ class ServerArgs:
     max_pending_image_bytes: int = 4 << 30
     encoder_cache_bytes: int = 1 << 30
     max_request_bytes: int = 64 * MIB
-    max_queued_requests: Optional[int] = None  # None: unbounded
+    # Past running + queued, 429: a sustained overload is shed instead of queued
+    # without end (memory, and latency no client waits for).
+    max_queued_requests: Optional[int] = 1024
     shutdown_grace_s: float = 10.0
 
     @property
@@ -139,7 +141,8 @@ _FLAGS = [
      "bytes of vision-tower outputs kept for reuse (default 1 GiB)"),
     (("--max-request-bytes",), int, "largest request body in bytes (default 64 MiB); more gets 413"),
     (("--max-queued-requests",), int,
-     "most requests waiting beyond --max-running-requests; more get 429 (default: unbounded)"),
+     "most requests waiting beyond --max-running-requests; more get 429 with Retry-After "
+     "(default 1024)"),
 ]
 
 
