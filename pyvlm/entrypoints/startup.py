@@ -14,13 +14,10 @@ from pyvlm.entrypoints.image_budget import ImageBudget
 from pyvlm.entrypoints.request_builder import ImageInputs, RequestBuilder
 from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.worker import EngineLoop
-from pyvlm.multimodal.llava_onevision import LlavaOnevisionImageConfig
 from pyvlm.multimodal.media import MediaPolicy
 from pyvlm.runner.checkpoint import CheckpointFiles, load_checkpoint_files, resolve_device, resolve_dtype
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
-from pyvlm.runner.llava_onevision_encoder import (make_llava_onevision_encoder,
-                                                  make_llava_onevision_prepare)
 from pyvlm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("pyvlm.engine")
@@ -125,13 +122,15 @@ def load_tokenizer(files: CheckpointFiles):
 
 def image_inputs_for(model, tokenizer, files: CheckpointFiles,
                      dtype) -> Optional[ImageInputs]:
-    """The model's image token, planner and preprocessing (None: text only)."""
+    """The model's image token, planner and preprocessing (None: text only).
+    A model taking images has image_token_id, image_planner, prepare_images
+    and encode_prepared (see pyvlm/models/llava_onevision.py)."""
     token_id = getattr(model, "image_token_id", None)
     if token_id is None:
         return None
-    planner = LlavaOnevisionImageConfig.from_hf_configs(files.processor_config, files.config)
+    planner = model.image_planner(files.processor_config, files.config)
     return ImageInputs(tokenizer.convert_ids_to_tokens(token_id), token_id, planner,
-                       make_llava_onevision_prepare(dtype),
+                       model.prepare_images,
                        bytes_per_value=torch.empty((), dtype=dtype).element_size())
 
 
@@ -152,9 +151,8 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, mo
                                config.cache.max_total_tokens, config.cache.mem_fraction_static)
     pool = KVPool(shape, num_pages, config.cache.page_size, device)
     vision = None
-    if hasattr(model, "embed_images"):
-        vision = VisionBatcher(make_llava_onevision_encoder(model, device),
-                               EncoderCache(config.cache.encoder_cache_bytes))
+    if getattr(model, "image_token_id", None) is not None:
+        vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes))
     return model, ModelRunner(model, pool, device, vision, index_checks_for(config, device))
 
 

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyvlm.multimodal.llava_onevision import (anyres_grid_shape, downsampled_feature_grid,
+from pyvlm.multimodal.llava_onevision import (LlavaOnevisionImageConfig, anyres_grid_shape,
+                                              downsampled_feature_grid,
                                               max_num_patches_of, num_anyres_tiles,
                                               unpadding_crop)
 from .decoders import decoder_for
+from .llava_onevision_images import encode_prepared, prepare_images
 from .llama import KVCache
 from .siglip import SiglipVisionTower
 from .weight_loading import load_weights as load_named_weights
@@ -102,6 +104,21 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
                 name[len("vision_tower."):]):
             return None
         return name
+
+    # --- images: the engine's contract --------------------------------------
+
+    def image_planner(self, processor_config: dict, hf_config: dict) -> LlavaOnevisionImageConfig:
+        """The torch-free planner of this checkpoint's images (token counts,
+        buffers, tiles), from preprocessor_config.json and config.json."""
+        return LlavaOnevisionImageConfig.from_hf_configs(processor_config, hf_config)
+
+    def prepare_images(self, images, plans) -> list:
+        """Tower inputs of one prompt's images, on the CPU (request build time)."""
+        return prepare_images(images, plans, self.image_newline.dtype)
+
+    def encode_prepared(self, items) -> List[torch.Tensor]:
+        """Token rows of multimodal items carrying prepare_images' payloads (in the step)."""
+        return encode_prepared(self, items)
 
     # --- images ------------------------------------------------------------
 

@@ -45,14 +45,29 @@ def device(request):
     return request.param
 
 
+CHILD_PRELUDE = '''
+def assert_checked_again(calls, error, *texts):
+    """Out of an index_checks(False) scope, each call raises error naming its text."""
+    for call, text in zip(calls, texts * len(calls) if len(texts) == 1 else texts):
+        try:
+            call()
+        except error as exc:
+            assert text in str(exc), exc
+            continue
+        raise AssertionError("index checks did not come back after the scope")
+'''
+
+
 def run_cuda_child(script: str) -> subprocess.CompletedProcess:
     """Runs script in a fresh Python that imports this checkout's pyvlm, for
     kernels fed bad indices on purpose: a fault there cannot poison this
     process's CUDA context, and CUDA_LAUNCH_BLOCKING reports it at its launch.
-    The child starts with index checks on (PYVLM_CHECK_INDICES unset)."""
+    The child starts with index checks on (PYVLM_CHECK_INDICES unset), and
+    CHILD_PRELUDE's assert_checked_again defined."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(pyvlm.__file__)))
     env = {k: v for k, v in os.environ.items() if k != "PYVLM_CHECK_INDICES"}
     env["CUDA_LAUNCH_BLOCKING"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-c", CHILD_PRELUDE + script], env=env,
+                          capture_output=True,
                           text=True, timeout=300)

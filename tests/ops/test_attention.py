@@ -435,16 +435,9 @@ with ops.index_checks(False):
     ops.paged_attention_decode(query, cache, cache, table, lens)
     torch.cuda.synchronize()
 # Out of the scope this thread checks again, before any launch.
-for call, name in ((lambda: ops.reshape_and_cache(key, key, cache, cache.clone(), slots),
-                    "slot_mapping"),
-                   (lambda: ops.paged_attention_decode(query, cache, cache, table, lens),
-                    "seq_lens")):
-    try:
-        call()
-    except IndexError as exc:
-        assert name in str(exc), exc
-        continue
-    raise AssertionError("index checks did not come back after the scope")
+assert_checked_again((lambda: ops.reshape_and_cache(key, key, cache, cache.clone(), slots),
+                      lambda: ops.paged_attention_decode(query, cache, cache, table, lens)),
+                     IndexError, "slot_mapping", "seq_lens")
 print("ok")
 """
 

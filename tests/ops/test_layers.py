@@ -464,14 +464,9 @@ with ops.index_checks(False):
     torch.cuda.synchronize()
     assert x.sum().item() == 8
 # Out of the scope this thread checks again, before any launch.
-for call in (lambda: ops.rotary_embedding(positions, q, k, 64, cache),
-             lambda: ops.merge_multimodal_embeddings(x, ones, rows)):
-    try:
-        call()
-    except IndexError as exc:
-        assert "positions values must be in" in str(exc), exc
-        continue
-    raise AssertionError("index checks did not come back after the scope")
+assert_checked_again((lambda: ops.rotary_embedding(positions, q, k, 64, cache),
+                      lambda: ops.merge_multimodal_embeddings(x, ones, rows)),
+                     IndexError, "positions values must be in")
 print("ok")
 """
 

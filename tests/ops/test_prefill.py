@@ -354,13 +354,7 @@ with ops.index_checks(False):
         call()
     torch.cuda.synchronize()
 # Out of the scope this thread checks again, before any launch.
-for call in calls:
-    try:
-        call()
-    except ValueError as exc:
-        assert "cu_seqlens_q[-1] must equal" in str(exc), exc
-        continue
-    raise AssertionError("index checks did not come back after the scope")
+assert_checked_again(calls, ValueError, "cu_seqlens_q[-1] must equal")
 print("ok")
 """
 

@@ -1,5 +1,6 @@
-"""Pixel tiles of LLaVA-OneVision images, built on the device with one
-preprocess_images call per normalisation (normally one for a whole batch).
+"""Pixel tiles of LLaVA-OneVision images, built on a given device (the
+engine: the CPU, when a request is built) with one preprocess_images call
+per normalisation (normally one for a whole prompt).
 
 The plans (pyvlm.multimodal.llava_onevision) say which resized window each
 tile is; preprocess_images resizes each (image, size) pair once, so the
