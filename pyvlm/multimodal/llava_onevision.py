@@ -16,7 +16,9 @@ Sizes are (height, width).
 import math
 import re
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Any, Mapping, Optional, Sequence, Tuple
+
+from pyvlm.multimodal.processor import ImageBudgetError, check_buffers, refuse_overrides  # noqa: F401
 
 Size = Tuple[int, int]
 
@@ -102,23 +104,6 @@ class ImagePlan:
                     f"padded to a square)")
         height, width = max((tile.resize_hw for tile in self.tiles), key=lambda hw: hw[0] * hw[1])
         return f"a {width}x{height} resized copy"
-
-
-class ImageBudgetError(ValueError):
-    """An image whose preprocessing would need more memory than allowed; the
-    message names the image, what it would need and the limit."""
-
-
-def check_buffers(plans: Sequence[ImagePlan], max_buffer_pixels: int) -> None:
-    """Refuses plans whose buffers exceed max_buffer_pixels (before any is made)."""
-    for index, plan in enumerate(plans, start=1):
-        if plan.num_buffer_pixels > max_buffer_pixels:
-            height, width = plan.image_size
-            raise ImageBudgetError(
-                f"image {index} of the prompt ({width}x{height} pixels) would need "
-                f"{plan.buffer_description()} of {plan.num_buffer_pixels:,} pixels to "
-                f"preprocess, more than the limit of {max_buffer_pixels:,} pixels "
-                f"(--max-image-pixels)")
 
 
 def select_best_resolution(image_size: Size, pinpoints: Sequence[Size]) -> Size:
@@ -268,6 +253,20 @@ class LlavaOnevisionImageConfig:
         if max_buffer_pixels is not None:
             check_buffers(plans, max_buffer_pixels)
         return plans
+
+    def placeholder_text(self, image_token: str) -> str:
+        """A prompt writes one image token per image (expanded later)."""
+        return image_token
+
+    def with_overrides(self, mm_processor_kwargs: Optional[Mapping[str, Any]]
+                       ) -> "LlavaOnevisionImageConfig":
+        """LLaVA-OneVision's processing has no per-request settings."""
+        refuse_overrides("LLaVA-OneVision", mm_processor_kwargs)
+        return self
+
+    def prompt_positions(self, prompt_ids, spans, plans) -> None:
+        """1-D positions: token i at position i."""
+        return None
 
     def _anyres_plan(self, image_size: Size, num_tokens: int) -> ImagePlan:
         best = select_best_resolution(image_size, self.grid_pinpoints)

@@ -1,0 +1,95 @@
+"""The contract of a model family's torch-free image processor.
+
+A family's processor (pyvlm/multimodal/<family>.py) turns image sizes into
+plans before any pixel is touched: how many placeholder tokens each image
+takes, which processing variant it gets (part of the image's cache key),
+how large its buffers and tower inputs are, and, for families whose
+positions are more than 1-D, every prompt token's positions. The request
+builder only talks to this contract; the model file turns plans into
+pixels (prepare_images) and pixels into token rows (encode_prepared).
+"""
+
+from typing import Any, Mapping, Optional, Protocol, Sequence, Tuple
+
+from pyvlm.engine.positions import MropePositions
+
+Size = Tuple[int, int]  # (height, width)
+
+
+class ImagePlan(Protocol):
+    """What the engine reads of one image's plan."""
+
+    image_size: Size
+    num_tokens: int  # placeholder tokens the image expands into
+
+    @property
+    def variant(self) -> str:
+        """Names the processing (path, resize): combined with the pixel
+        hash it keys the radix and encoder caches."""
+        ...
+
+    @property
+    def num_pixel_values(self) -> int:
+        """Values of the tower input the image becomes."""
+        ...
+
+    @property
+    def num_buffer_pixels(self) -> int:
+        """Pixels of the largest intermediate image preprocessing holds."""
+        ...
+
+    def buffer_description(self) -> str:
+        """That buffer in words, for the refusal naming it."""
+        ...
+
+
+class ImageProcessor(Protocol):
+    """A family's planner, built from the checkpoint's configs (plain data)."""
+
+    def placeholder_text(self, image_token: str) -> str:
+        """What a prompt writes for one image, given the image token's text."""
+        ...
+
+    def with_overrides(self, mm_processor_kwargs: Optional[Mapping[str, Any]]) -> "ImageProcessor":
+        """This processor with a request's (or the launch's) processor
+        keyword arguments applied; ValueError names an unknown or bad one."""
+        ...
+
+    def plan_prompt(self, image_sizes: Sequence[Size],
+                    max_buffer_pixels: Optional[int] = None) -> list:
+        """The plans of one prompt's images, in order; ImageBudgetError
+        for an image whose buffers would exceed max_buffer_pixels."""
+        ...
+
+    def prompt_positions(self, prompt_ids: Sequence[int], spans: Sequence[Tuple[int, int]],
+                         plans: Sequence[Any]) -> Optional[MropePositions]:
+        """The expanded prompt's positions (None: token i at position i).
+        spans[i] = (offset, length) of image i's placeholder run."""
+        ...
+
+
+class ImageBudgetError(ValueError):
+    """An image whose preprocessing would need more memory than allowed; the
+    message names the image, what it would need and the limit."""
+
+
+def check_buffers(plans: Sequence[ImagePlan], max_buffer_pixels: int) -> None:
+    """Refuses plans whose buffers exceed max_buffer_pixels (before any is made)."""
+    for index, plan in enumerate(plans, start=1):
+        if plan.num_buffer_pixels > max_buffer_pixels:
+            height, width = plan.image_size
+            raise ImageBudgetError(
+                f"image {index} of the prompt ({width}x{height} pixels) would need "
+                f"{plan.buffer_description()} of {plan.num_buffer_pixels:,} pixels to "
+                f"preprocess, more than the limit of {max_buffer_pixels:,} pixels "
+                f"(--max-image-pixels)")
+
+
+def refuse_overrides(family: str, mm_processor_kwargs: Optional[Mapping[str, Any]],
+                     known: Sequence[str] = ()) -> None:
+    """ValueError naming processor keyword arguments a family does not take."""
+    unknown = sorted(set(mm_processor_kwargs or {}) - set(known))
+    if unknown:
+        takes = f"it takes {', '.join(known)}" if known else "it takes none"
+        raise ValueError(f"mm_processor_kwargs {unknown} are not supported by the {family} "
+                         f"image processor ({takes})")
