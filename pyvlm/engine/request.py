@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, FrozenSet, List, Optional, Tuple, Union
 
 from pyvlm.engine.types import MultimodalItem, SamplingParams
+from pyvlm.engine.positions import MropePositions, positions_of
 
 ImageKey = Tuple[str, int, int]
 PositionKey = Union[int, ImageKey]
@@ -52,6 +53,7 @@ class Request:
     matched_stop: Union[int, str, None] = None
     max_new_tokens: int = 0  # sampling.max_new_tokens clipped to the context (set by the scheduler)
     num_image_bytes: int = 0  # preprocessed image bytes held for it (its builder's budget)
+    mrope: Optional[MropePositions] = None  # M-RoPE positions; None: token i at position i
     # Bookkeeping owned by the scheduler.
     num_shared_pages: int = 0
     cache_node: Any = None
@@ -98,6 +100,11 @@ class Request:
             for pos in range(max(start, item.offset), min(end, item.offset + item.length)):
                 keys[pos - start] = ("img", item.hash, pos - item.offset)
         return keys
+
+    def positions(self, start: int, end: int) -> List[List[int]]:
+        """The rotary positions of tokens [start, end), one list per row
+        (set when the request was built; the runner never derives them)."""
+        return positions_of(self.mrope, start, end - start)
 
     def mm_items_overlapping(self, start: int, end: int) -> List[MultimodalItem]:
         """The images whose placeholder span overlaps positions [start, end)."""

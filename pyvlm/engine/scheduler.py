@@ -264,6 +264,7 @@ class Scheduler:
             rid=request.rid,
             token_ids=request.all_ids[start:end],
             start_pos=start,
+            positions=request.positions(start, end),
             page_table=list(request.page_table),
             mm_items=request.mm_items_overlapping(start, end),
             sample=end == request.num_tokens,

@@ -88,13 +88,19 @@ class ModelRunner:
             self.vision.cache.clear()
 
     def _token_tensors(self, chunks: Sequence[SequenceChunk]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """input_ids int64 [T] and the chunks' positions int64 [T] (one row)
+        or [rows, T] (M-RoPE), as the request builder computed them."""
         ids: List[int] = []
-        positions: List[int] = []
+        rows: List[List[int]] = [[] for _ in chunks[0].positions]
         for c in chunks:
             ids.extend(c.token_ids)
-            positions.extend(range(c.start_pos, c.start_pos + c.num_new_tokens))
+            if len(c.positions) != len(rows):
+                raise ValueError("every chunk of a step needs the same number of position rows")
+            for row, values in zip(rows, c.positions):
+                row.extend(values)
         as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=self.device)  # noqa: E731
-        return as_tensor(ids), as_tensor(positions)
+        positions = as_tensor(rows)
+        return as_tensor(ids), positions[0] if len(rows) == 1 else positions
 
     def _input_embeddings(self, input_ids: torch.Tensor,
                           chunks: Sequence[SequenceChunk]) -> Optional[torch.Tensor]:

@@ -110,7 +110,10 @@ def test_a_small_pool_costs_at_most_its_size_ratio(rng):
         observed = Observed(copies, num_pages, max_running_requests=64)
         assert_reference_outputs(copies, observed.run())
         steps[num_pages] = observed.num_steps
-    assert steps[small] <= steps[large] * large / small, steps
+    # Half the pool runs about half as many requests at once; the preemptions
+    # it needs add recomputed prefills (seen up to 4% over 60 seeds), never
+    # a thrash that multiplies the steps.
+    assert steps[small] <= 1.1 * steps[large] * large / small, steps
 
 
 def test_the_ratio_decays_and_resets_on_preemption():

@@ -8,8 +8,8 @@ from pyvlm.runner import sampler
 
 
 def _chunk(sampling: SamplingParams, prompt=(), output=(), seed=0, step=0) -> SequenceChunk:
-    return SequenceChunk(rid="r", token_ids=[1], start_pos=0, page_table=[0], mm_items=[],
-                         sample=True, sampling=sampling, seed=seed, step=step,
+    return SequenceChunk(rid="r", token_ids=[1], start_pos=0, positions=[[0]], page_table=[0],
+                         mm_items=[], sample=True, sampling=sampling, seed=seed, step=step,
                          prompt_ids=list(prompt), output_ids=list(output))
 
 
