@@ -50,17 +50,22 @@ class SamplingParams:
 class MultimodalItem:
     """One image of a prompt, already expanded into placeholder tokens.
 
-    hash: 64-bit content hash of the decoded pixels plus size and mode; it
-    keys the radix cache (placeholder positions) and the encoder cache.
+    hash: 64-bit hash of the decoded pixels, size and mode combined with
+    the plan's processing variant; it keys the radix cache (placeholder
+    positions) and the encoder cache, so different images, or one image
+    processed two ways, never share entries.
     offset/length: the span of its placeholder tokens in the prompt ids.
-    data: the runner's payload (e.g. the decoded RGB image and its
-    preprocessing plan); opaque to the scheduler.
+    plan: the family processor's plan (pyvlm.multimodal.processor.ImagePlan).
+    prepared: the family's tower input made from the pixels when the request
+    was built (e.g. CPU pixel tiles); opaque to the scheduler, read by the
+    model's encode_prepared.
     """
 
     hash: int
     offset: int
     length: int
-    data: Any = None
+    plan: Any = None
+    prepared: Any = None
 
 
 @dataclass

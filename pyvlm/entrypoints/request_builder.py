@@ -9,7 +9,7 @@ import itertools
 import secrets
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
 
 from pyvlm.engine.request import Request
 from pyvlm.engine.types import MultimodalItem, SamplingParams
@@ -25,16 +25,18 @@ from pyvlm.multimodal.media import MediaPolicy
 class ImageInputs:
     """How a model's images become request items.
 
-    planner.plan_prompt(sizes, max_buffer_pixels) -> plans (num_tokens,
-    variant, num_pixel_values) is the family's torch-free processor;
-    prepare(images, plans) -> one tower-input payload per image is the
-    family's preprocessing (runner side, CPU); it becomes
-    MultimodalItem.data and holds bytes_per_value bytes per pixel value.
+    placeholder: what a prompt writes for one image (the processor's
+    placeholder_text around the image token); image_token_id: the token a
+    placeholder's image span repeats. processor: the family's torch-free
+    image processor (pyvlm.multimodal.processor.ImageProcessor), launch
+    overrides applied. prepare(images, plans) -> one tower input per image
+    is the model's prepare_images (CPU); it becomes MultimodalItem.prepared
+    and holds bytes_per_value bytes per pixel value.
     """
 
-    image_token: str
+    placeholder: str
     image_token_id: int
-    planner: Any
+    processor: Any
     prepare: Callable[[Sequence[Any], Sequence[Any]], List[Any]]
     bytes_per_value: int
 
@@ -67,7 +69,8 @@ class RequestBuilder:
 
     @property
     def image_token(self) -> Optional[str]:
-        return self.images.image_token if self.images else None
+        """What a prompt writes for one image (None: the model takes none)."""
+        return self.images.placeholder if self.images else None
 
     @property
     def image_token_id(self) -> Optional[int]:
@@ -96,12 +99,15 @@ class RequestBuilder:
 
     def from_prompt(self, prompt: Union[str, List[int]], images: Sequence[Any],
                     sampling: SamplingParams, rid: Optional[str] = None,
-                    add_special_tokens: bool = False, wait: bool = True) -> Request:
+                    add_special_tokens: bool = False, wait: bool = True,
+                    mm_processor_kwargs: Optional[Mapping[str, Any]] = None) -> Request:
         """A prompt (text or token ids) with one image placeholder per image;
         text without any placeholder gets them prepended, one line each.
         add_special_tokens: apply the tokenizer's post-processing (BOS).
         wait: when the image budget is full, wait for room (else
-        EngineBusyError). Whoever runs the request must release() it once it ends."""
+        EngineBusyError). mm_processor_kwargs: this request's image processor
+        settings over the launch's (ValueError for ones the family lacks).
+        Whoever runs the request must release() it once it ends."""
         images = list(images or [])
         if isinstance(prompt, str):
             text = self._with_placeholders(prompt, len(images))
@@ -110,11 +116,26 @@ class RequestBuilder:
         else:
             prompt_ids = [int(t) for t in prompt]
         self._check_token_ids(prompt_ids)
-        prompt_ids, items, num_image_bytes = self._expand_images(prompt_ids, images, wait)
+        processor = self._processor(mm_processor_kwargs)
+        prompt_ids, items, num_image_bytes = self._expand_images(prompt_ids, images, wait,
+                                                                 processor)
         seed = sampling.seed if sampling.seed is not None else next(self._seeds)
+        mrope = None if processor is None else processor.prompt_positions(
+            prompt_ids, [(item.offset, item.length) for item in items],
+            [item.plan for item in items])
         return Request(rid=rid or f"req-{next(self._rids)}", prompt_ids=prompt_ids,
                        sampling=sampling, mm_items=items, seed=seed,
-                       eos_token_ids=self.eos_token_ids, num_image_bytes=num_image_bytes)
+                       eos_token_ids=self.eos_token_ids, num_image_bytes=num_image_bytes,
+                       mrope=mrope)
+
+    def _processor(self, mm_processor_kwargs: Optional[Mapping[str, Any]]):
+        if self.images is None:
+            if mm_processor_kwargs:
+                raise ValueError("this model does not take images (mm_processor_kwargs)")
+            return None
+        if not mm_processor_kwargs:
+            return self.images.processor
+        return self.images.processor.with_overrides(mm_processor_kwargs)
 
     def _with_placeholders(self, prompt: str, num_images: int) -> str:
         if num_images and self.image_token and self.image_token not in prompt:
@@ -134,7 +155,7 @@ class RequestBuilder:
             return ids[1:]
         return ids
 
-    def _expand_images(self, prompt_ids: List[int], sources: List[Any], wait: bool):
+    def _expand_images(self, prompt_ids: List[int], sources: List[Any], wait: bool, processor):
         """(expanded ids, items, bytes of image budget taken)."""
         if not sources:
             if self.image_token_id is not None and self.image_token_id in prompt_ids:
@@ -144,8 +165,8 @@ class RequestBuilder:
         if self.images is None:
             raise ValueError("this model does not take images")
         images = load_images_blocking(sources, self.media)
-        plans = self.images.planner.plan_prompt([(im.height, im.width) for im in images],
-                                                self.media.max_pixels)
+        plans = processor.plan_prompt([(im.height, im.width) for im in images],
+                                      self.media.max_pixels)
         ids, spans = expand_image_tokens(prompt_ids, self.image_token_id, images,
                                          [p.num_tokens for p in plans])
         self.check_context(len(ids), plans)
@@ -158,8 +179,9 @@ class RequestBuilder:
         except BaseException:
             self.image_budget.give_back(num_bytes)
             raise
-        return ids, [MultimodalItem(h, off, n, payload)
-                     for h, (off, n), payload in zip(hashes, spans, payloads)], num_bytes
+        return ids, [MultimodalItem(h, off, n, plan, payload)
+                     for h, (off, n), plan, payload in zip(hashes, spans, plans, payloads)
+                     ], num_bytes
 
     def check_context(self, num_prompt_tokens: int, plans) -> None:
         """Refuses, before any preprocessing, a prompt too long for the

@@ -14,6 +14,7 @@ from pyvlm.entrypoints.image_budget import ImageBudget
 from pyvlm.entrypoints.request_builder import ImageInputs, RequestBuilder
 from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.worker import EngineLoop
+from pyvlm.models.registry import image_processor_for
 from pyvlm.multimodal.media import MediaPolicy
 from pyvlm.runner.checkpoint import CheckpointFiles, load_checkpoint_files, resolve_device, resolve_dtype
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
@@ -120,17 +121,19 @@ def load_tokenizer(files: CheckpointFiles):
     return AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
 
 
-def image_inputs_for(model, tokenizer, files: CheckpointFiles,
-                     dtype) -> Optional[ImageInputs]:
-    """The model's image token, planner and preprocessing (None: text only).
-    A model taking images has image_token_id, image_planner, prepare_images
-    and encode_prepared (see pyvlm/models/llava_onevision.py)."""
+def image_inputs_for(model, tokenizer, files: CheckpointFiles, dtype,
+                     mm_processor_kwargs=None) -> Optional[ImageInputs]:
+    """The model's image token, its family's image processor (launch
+    overrides applied) and preprocessing; None for a text-only model. A
+    model taking images has image_token_id, prepare_images and
+    encode_prepared (pyvlm/models/README.md)."""
     token_id = getattr(model, "image_token_id", None)
     if token_id is None:
         return None
-    planner = model.image_planner(files.processor_config, files.config)
-    return ImageInputs(tokenizer.convert_ids_to_tokens(token_id), token_id, planner,
-                       model.prepare_images,
+    processor = image_processor_for(files.architectures, files.processor_config, files.config)
+    processor = processor.with_overrides(mm_processor_kwargs)
+    return ImageInputs(processor.placeholder_text(tokenizer.convert_ids_to_tokens(token_id)),
+                       token_id, processor, model.prepare_images,
                        bytes_per_value=torch.empty((), dtype=dtype).element_size())
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pyvlm.multimodal.llava_onevision import (LlavaOnevisionImageConfig, anyres_grid_shape,
+from pyvlm.multimodal.llava_onevision import (anyres_grid_shape,
                                               downsampled_feature_grid,
                                               max_num_patches_of, num_anyres_tiles,
                                               unpadding_crop)
@@ -106,11 +106,6 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         return name
 
     # --- images: the engine's contract --------------------------------------
-
-    def image_planner(self, processor_config: dict, hf_config: dict) -> LlavaOnevisionImageConfig:
-        """The torch-free planner of this checkpoint's images (token counts,
-        buffers, tiles), from preprocessor_config.json and config.json."""
-        return LlavaOnevisionImageConfig.from_hf_configs(processor_config, hf_config)
 
     def prepare_images(self, images, plans) -> list:
         """Tower inputs of one prompt's images, on the CPU (request build time)."""

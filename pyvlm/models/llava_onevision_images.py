@@ -49,8 +49,8 @@ def prepare_images(images: Sequence[Image.Image], plans: Sequence[ImagePlan],
 
 
 def encode_prepared(model, items: Sequence[MultimodalItem]) -> List[torch.Tensor]:
-    """The token rows of items whose data are PreparedImages (one tower call)."""
-    prepared = [item.data for item in items]
+    """The token rows of items whose prepared inputs are PreparedImages (one tower call)."""
+    prepared = [item.prepared for item in items]
     device = model.image_newline.device
     pixel_values = [p.pixel_values.to(device, non_blocking=True) for p in prepared]
     return model.embed_images(pixel_values, [p.image_size for p in prepared],

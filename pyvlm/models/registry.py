@@ -1,26 +1,64 @@
-"""Which pyvlm class serves a checkpoint's `architectures` (imports lazily)."""
+"""Model families by the checkpoint's `architectures`: one line each.
+
+A family is a torch-free image processor (pyvlm/multimodal/<family>.py,
+the contract in pyvlm/multimodal/processor.py) and a model class
+(pyvlm/models/<family>.py, the contract in pyvlm/models/README.md). Both
+are named by "module:Class" and imported only when a checkpoint needs
+them, so importing the registry imports no model (and no torch).
+"""
 
 import importlib
-from typing import List, Sequence
+from dataclasses import dataclass
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-# HF architecture name -> (module under pyvlm.models, class name)
-MODELS = {
-    "LlavaOnevisionForConditionalGeneration": ("llava_onevision",
-                                               "LlavaOnevisionForConditionalGeneration"),
+
+@dataclass(frozen=True)
+class Family:
+    """processor: "module:Class" under pyvlm.multimodal, a class with
+    from_hf_configs(preprocessor_config, model_config); None for a model
+    without images. model: "module:Class" under pyvlm.models."""
+
+    processor: Optional[str]
+    model: str
+
+
+FAMILIES = {
+    "LlavaOnevisionForConditionalGeneration": Family(
+        "llava_onevision:LlavaOnevisionImageConfig",
+        "llava_onevision:LlavaOnevisionForConditionalGeneration"),
 }
 
 
 def supported_architectures() -> List[str]:
-    return sorted(MODELS)
+    return sorted(FAMILIES)
+
+
+def family_for(architectures: Sequence[str]) -> Tuple[str, Family]:
+    """(architecture, family) of the first supported architecture;
+    ValueError naming the supported ones otherwise."""
+    for architecture in architectures or ():
+        if architecture in FAMILIES:
+            return architecture, FAMILIES[architecture]
+    raise ValueError(f"unsupported model architectures {list(architectures or [])}; "
+                     f"pyvlm supports: {', '.join(supported_architectures())}")
+
+
+def _imported(package: str, name: str) -> Any:
+    module_name, class_name = name.split(":")
+    return getattr(importlib.import_module(f"{package}.{module_name}"), class_name)
 
 
 def model_class_for(architectures: Sequence[str]) -> type:
-    """The class of the first supported architecture; ValueError naming the
-    supported ones otherwise."""
-    for arch in architectures or ():
-        if arch in MODELS:
-            module_name, class_name = MODELS[arch]
-            module = importlib.import_module(f"pyvlm.models.{module_name}")
-            return getattr(module, class_name)
-    raise ValueError(f"unsupported model architectures {list(architectures or [])}; "
-                     f"pyvlm supports: {', '.join(supported_architectures())}")
+    """The model class serving these architectures."""
+    return _imported("pyvlm.models", family_for(architectures)[1].model)
+
+
+def image_processor_for(architectures: Sequence[str], preprocessor_config: Mapping,
+                        model_config: Mapping) -> Any:
+    """The family's torch-free image processor built from the checkpoint's
+    preprocessor_config.json and config.json contents (None: no images)."""
+    processor = family_for(architectures)[1].processor
+    if processor is None:
+        return None
+    return _imported("pyvlm.multimodal", processor).from_hf_configs(preprocessor_config,
+                                                                    model_config)
