@@ -2,6 +2,8 @@
 
 Supported rope types: default, linear and llama3 (the ones whose cos/sin do
 not depend on the sequence length); others raise with the type's name.
+Qwen2-VL's multimodal rotary (M-RoPE: rope parameters with an
+mrope_section) rotates by three position rows: `MRotaryEmbedding`.
 """
 
 import math
@@ -24,6 +26,8 @@ def rope_parameters_of(config) -> Dict[str, Any]:
     scaling = getattr(config, "rope_scaling", None) or {}
     params.update({k: v for k, v in scaling.items() if k not in params})
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if params["rope_type"] == "mrope":  # Qwen2-VL's original configs: default frequencies
+        params["rope_type"] = "default"
     return params
 
 
@@ -85,3 +89,32 @@ class RotaryEmbedding(nn.Module):
             # also rounds cos/sin to the model dtype before rotating.
             self.cos_sin_cache = self.cos_sin_cache.to(query.dtype)
         return ops.rotary_embedding(positions, query, key, self.head_dim, self.cos_sin_cache)
+
+
+class MRotaryEmbedding(RotaryEmbedding):
+    """Qwen2-VL's M-RoPE: frequency j of a head takes its angle from the
+    position row of the mrope_section entry it falls in (temporal, height,
+    width, as transformers' Qwen2VLRotaryEmbedding recomposes them)."""
+
+    def __init__(self, head_dim: int, max_position: int, params: Dict[str, Any]):
+        super().__init__(head_dim, max_position, params)
+        self.mrope_section = [int(s) for s in params["mrope_section"]]
+        if sum(self.mrope_section) != head_dim // 2:
+            raise ValueError(f"mrope_section {self.mrope_section} must sum to half the head "
+                             f"dimension ({head_dim // 2})")
+
+    def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+        """positions int64 [3, T] (rows temporal, height, width)."""
+        if positions.dim() != 2 or positions.shape[0] != 3:
+            raise ValueError(f"M-RoPE needs positions of shape [3, T], got {tuple(positions.shape)}")
+        if self.cos_sin_cache.dtype != query.dtype:
+            self.cos_sin_cache = self.cos_sin_cache.to(query.dtype)
+        return ops.mrope(positions, query, key, self.head_dim, self.cos_sin_cache,
+                         self.mrope_section)
+
+
+def rotary_for(head_dim: int, max_position: int, params: Dict[str, Any]) -> RotaryEmbedding:
+    """M-RoPE when the rope parameters name an mrope_section, else 1-D rotary."""
+    if params.get("mrope_section"):
+        return MRotaryEmbedding(head_dim, max_position, params)
+    return RotaryEmbedding(head_dim, max_position, params)

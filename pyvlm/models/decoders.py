@@ -3,7 +3,10 @@
 from .llama import LlamaModel
 from .qwen2 import Qwen2Model
 
-DECODERS = {"llama": LlamaModel, "qwen2": Qwen2Model}
+# Qwen2-VL's and Qwen2.5-VL's text models are Qwen2 with M-RoPE (their
+# rope parameters carry the mrope_section the rotary reads).
+DECODERS = {"llama": LlamaModel, "qwen2": Qwen2Model, "qwen2_vl_text": Qwen2Model,
+            "qwen2_5_vl_text": Qwen2Model}
 
 
 def decoder_for(text_config) -> LlamaModel:
@@ -12,4 +15,7 @@ def decoder_for(text_config) -> LlamaModel:
     if model_type not in DECODERS:
         raise NotImplementedError(f"language model type {model_type!r} is not supported "
                                   f"(supported: {', '.join(sorted(DECODERS))})")
+    if getattr(text_config, "use_sliding_window", False):
+        raise NotImplementedError("sliding-window attention (use_sliding_window) is not "
+                                  "supported")
     return DECODERS[model_type](text_config)

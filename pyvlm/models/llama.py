@@ -15,7 +15,7 @@ from pyvlm.layers.attention import AttentionMetadata, PagedAttention
 from pyvlm.layers.linear import qkv_linear
 from pyvlm.layers.mlp import GatedMLP
 from pyvlm.layers.norm import RMSNorm
-from pyvlm.layers.rotary import RotaryEmbedding, rope_parameters_of
+from pyvlm.layers.rotary import RotaryEmbedding, rope_parameters_of, rotary_for
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]
 
@@ -101,8 +101,8 @@ class LlamaModel(nn.Module):
         super().__init__()
         shape = DecoderShape.from_config(config, qkv_bias)
         self.shape = shape
-        self.rotary_emb = RotaryEmbedding(shape.head_dim, shape.max_position,
-                                          rope_parameters_of(config))
+        self.rotary_emb = rotary_for(shape.head_dim, shape.max_position,
+                                     rope_parameters_of(config))
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(shape, self.rotary_emb)
                                     for _ in range(shape.num_layers))
@@ -111,7 +111,8 @@ class LlamaModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn: AttentionMetadata, kv_caches: List[KVCache],
                 inputs_embeds: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Final-norm hidden states [T, hidden] of the step's packed tokens."""
+        """Final-norm hidden states [T, hidden] of the step's packed tokens;
+        positions int64 [T], or [3, T] for M-RoPE."""
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):

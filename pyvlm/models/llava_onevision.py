@@ -7,7 +7,7 @@ anyres_max_N base tiles of area, an image_newline after every row); a
 prompt with several images uses each image's base tile plus one newline.
 """
 
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -17,19 +17,16 @@ from pyvlm.multimodal.llava_onevision import (anyres_grid_shape,
                                               downsampled_feature_grid,
                                               max_num_patches_of, num_anyres_tiles,
                                               unpadding_crop)
-from .decoders import decoder_for
 from .llava_onevision_images import encode_prepared, prepare_images
-from .llama import KVCache
 from .siglip import SiglipVisionTower
-from .weight_loading import load_weights as load_named_weights
-from pyvlm.layers.attention import AttentionMetadata
+from .vision_language import VisionLanguageModel
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
                "relu": nn.ReLU, "silu": nn.SiLU}
 
 # checkpoint prefix -> model prefix: transformers 5 names, then the hub's
 # older LlavaOnevisionForConditionalGeneration names.
-NAME_PREFIXES = (
+LLAVA_ONEVISION_PREFIXES = (
     ("model.language_model.", "language_model."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -38,14 +35,6 @@ NAME_PREFIXES = (
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.vision_model.", "vision_tower."),
 )
-
-
-def renamed(name: str) -> str:
-    """A checkpoint name in this model's naming (first matching prefix)."""
-    for old, new in NAME_PREFIXES:
-        if name.startswith(old):
-            return new + name[len(old):]
-    return name
 
 
 class LlavaOnevisionMultiModalProjector(nn.Module):
@@ -63,43 +52,23 @@ class LlavaOnevisionMultiModalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features)))
 
 
-class LlavaOnevisionForConditionalGeneration(nn.Module):
-    """The runner's model contract: embed_images, embed_tokens, forward over
-    the paged KV cache, compute_logits, load_weights."""
+class LlavaOnevisionForConditionalGeneration(VisionLanguageModel):
+    """SigLIP tower + projector + image_newline over a Llama/Qwen2 decoder."""
+
+    NAME_PREFIXES = LLAVA_ONEVISION_PREFIXES
 
     def __init__(self, config):
-        super().__init__()
         if config.vision_config.model_type != "siglip_vision_model":
             raise NotImplementedError(f"vision tower {config.vision_config.model_type!r} "
                                       "(supported: siglip_vision_model)")
-        self.config = config
+        super().__init__(config, config.text_config)
         self.vision_tower = SiglipVisionTower(config.vision_config, config.vision_feature_layer)
         self.multi_modal_projector = LlavaOnevisionMultiModalProjector(
             config, len(self.vision_tower.feature_layers))
         self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
-        self.language_model = decoder_for(config.text_config)
-        shape = self.language_model.shape
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
-        self.num_layers, self.num_kv_heads = shape.num_layers, shape.num_kv_heads
-        self.head_dim = shape.head_dim
         self.image_token_id = config.image_token_id
 
-    # --- weights -----------------------------------------------------------
-
-    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        """Copies checkpoint tensors (transformers 5 or hub names) into the
-        parameters; raises listing unknown or missing names."""
-        load_named_weights(self, weights, self._model_name)
-
-    def _model_name(self, checkpoint_name: str) -> Optional[str]:
-        """This model's name for a checkpoint tensor; None for ones it ignores."""
-        name = renamed(checkpoint_name)
-        if name.endswith("rotary_emb.inv_freq"):
-            return None
-        if name == "lm_head.weight" and self.config.tie_word_embeddings:
-            return None  # tied to embed_tokens, as transformers ties it
+    def vision_name_of(self, name: str) -> Optional[str]:
         if name.startswith("vision_tower.") and self.vision_tower.is_unused_weight(
                 name[len("vision_tower."):]):
             return None
@@ -189,19 +158,3 @@ class LlavaOnevisionForConditionalGeneration(nn.Module):
         if new_size != tuple(fmap.shape[1:]):
             fmap = F.interpolate(fmap[None], list(new_size), mode="bilinear")[0]
         return fmap
-
-    # --- language model ----------------------------------------------------
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [T, hidden] (images are merged in by the runner)."""
-        return self.language_model.embed_tokens(input_ids)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
-                kv_caches: List[KVCache], inputs_embeds: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-        """Final hidden states [T, hidden] of the step's packed tokens."""
-        return self.language_model(input_ids, positions, attn, kv_caches, inputs_embeds)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()

@@ -6,7 +6,8 @@ import re
 import pytest
 import torch
 
-from pyvlm.models.llava_onevision import LlavaOnevisionForConditionalGeneration, renamed
+from pyvlm.models.llava_onevision import LLAVA_ONEVISION_PREFIXES, LlavaOnevisionForConditionalGeneration
+from pyvlm.models.vision_language import renamed
 from tests.tiny_models import tiny_llava_onevision
 
 HUB_PREFIXES = (("model.language_model.", "language_model.model."),
@@ -91,7 +92,7 @@ def test_unknown_weight_is_named(hf_model):
 def test_missing_weight_is_named(hf_model, dropped):
     weights = dict(hf_model.state_dict())
     del weights[dropped]
-    with pytest.raises(ValueError, match="missing.*" + re.escape(renamed(dropped))):
+    with pytest.raises(ValueError, match="missing.*" + re.escape(renamed(dropped, LLAVA_ONEVISION_PREFIXES))):
         fresh(hf_model).load_weights(weights.items())
 
 

@@ -1,0 +1,83 @@
+"""What every vision-language model file shares: the text decoder, the LM
+head (tied to the embeddings when the checkpoint ties them), the KV shape
+the runner sizes the pool by, and weight loading by renamed prefixes.
+
+A family's model subclasses VisionLanguageModel, builds its vision tower
+and projector, and adds the image stages of the engine's contract
+(prepare_images, encode_prepared; see pyvlm/models/README.md).
+"""
+
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from pyvlm.layers.attention import AttentionMetadata
+from .decoders import decoder_for
+from .llama import KVCache
+from .weight_loading import load_weights as load_named_weights
+
+
+def renamed(name: str, prefixes: Sequence[Tuple[str, str]]) -> str:
+    """A checkpoint name in the model's naming (first matching prefix)."""
+    for old, new in prefixes:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return name
+
+
+class VisionLanguageModel(nn.Module):
+    """The text half of a VLM. NAME_PREFIXES: (checkpoint prefix, model
+    prefix) pairs, tried in order, mapping every layout the family ships in
+    onto the module tree."""
+
+    NAME_PREFIXES: Tuple[Tuple[str, str], ...] = ()
+
+    def __init__(self, config, text_config):
+        super().__init__()
+        self.config = config
+        self.language_model = decoder_for(text_config)
+        shape = self.language_model.shape
+        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.language_model.embed_tokens.weight
+        self.num_layers, self.num_kv_heads = shape.num_layers, shape.num_kv_heads
+        self.head_dim = shape.head_dim
+
+    # --- weights -----------------------------------------------------------
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Copies checkpoint tensors into the parameters; raises listing
+        unknown or missing names."""
+        load_named_weights(self, weights, self.model_name_of)
+
+    def model_name_of(self, checkpoint_name: str) -> Optional[str]:
+        """This model's name for a checkpoint tensor; None for ones it ignores."""
+        name = renamed(checkpoint_name, self.NAME_PREFIXES)
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        if name == "lm_head.weight" and self.tie_word_embeddings:
+            return None  # tied to embed_tokens, as transformers ties it
+        return self.vision_name_of(name)
+
+    def vision_name_of(self, name: str) -> Optional[str]:
+        """Hook: None for vision-tower tensors the model does not use."""
+        return name
+
+    # --- language model ----------------------------------------------------
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, hidden] (images are merged in by the runner)."""
+        return self.language_model.embed_tokens(input_ids)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
+                kv_caches: List[KVCache], inputs_embeds: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """Final hidden states [T, hidden] of the step's packed tokens
+        (positions [T], or [3, T] for M-RoPE)."""
+        return self.language_model(input_ids, positions, attn, kv_caches, inputs_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> float32 logits [N, vocab]."""
+        return self.lm_head(hidden).float()
