@@ -100,7 +100,7 @@ def _report_errors(command, args) -> int:
     one line on stderr and exit status 2, never a traceback."""
     import sys
 
-    from pyvlm.runner.checkpoint import CheckpointError
+    from pyvlm.models.checkpoint import CheckpointError
 
     try:
         print(command(args))

@@ -16,7 +16,7 @@ from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.worker import EngineLoop
 from pyvlm.models.registry import image_processor_for
 from pyvlm.multimodal.media import MediaPolicy
-from pyvlm.runner.checkpoint import CheckpointFiles, load_checkpoint_files, resolve_device, resolve_dtype
+from pyvlm.models.checkpoint import CheckpointFiles, load_checkpoint_files, resolve_device, resolve_dtype
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
 from pyvlm.runner.model_runner import ModelRunner

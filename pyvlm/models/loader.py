@@ -15,7 +15,8 @@ from typing import Iterator, Optional, Sequence, Tuple, Type, Union
 import torch
 from safetensors import safe_open
 
-from pyvlm.runner.checkpoint import CheckpointError, CheckpointFiles
+from pyvlm.models.checkpoint import CheckpointError, CheckpointFiles
+from pyvlm.models.weight_loading import WeightNamesError
 
 logger = logging.getLogger("pyvlm.loader")
 
@@ -91,21 +92,16 @@ def load_model(files: CheckpointFiles, dtype: torch.dtype, device: Union[str, to
     """The checkpoint's model in eval mode, weights loaded, on `device` in `dtype`.
 
     model_class: defaults to the registry's class for config.json's architectures.
-    If `load_weights` returns the set of parameter names it filled, parameters
-    missing from it are an error (a silently random weight is worse).
+    A checkpoint tensor the model has no parameter for, or a parameter no
+    tensor filled, is a CheckpointError naming them (a silently random
+    weight is worse than no server).
     """
     hf_config = build_hf_config(files.config)
     set_config_dtype(hf_config, dtype)
     model_class = model_class or _model_class_for(files.architectures)
     model = construct_model(model_class, hf_config, dtype, device)
-    loaded = model.load_weights(iter_safetensors(files.weight_files, str(torch.device(device))))
-    _check_all_loaded(model, loaded)
+    try:
+        model.load_weights(iter_safetensors(files.weight_files, str(torch.device(device))))
+    except WeightNamesError as error:
+        raise CheckpointError(f"{files.root.name}: {error}") from None
     return model.eval().requires_grad_(False)
-
-
-def _check_all_loaded(model: torch.nn.Module, loaded) -> None:
-    if not isinstance(loaded, (set, frozenset)):
-        return
-    missing = sorted(set(dict(model.named_parameters())) - set(loaded))
-    if missing:
-        raise CheckpointError(f"the checkpoint lacks {len(missing)} parameters, e.g. {missing[:3]}")

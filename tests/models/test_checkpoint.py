@@ -1,4 +1,4 @@
-"""Finding checkpoints and reading their files (pyvlm/runner/checkpoint.py)."""
+"""Finding checkpoints and reading their files (pyvlm/models/checkpoint.py)."""
 
 import fnmatch
 import json
@@ -10,14 +10,14 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pyvlm.runner import checkpoint
-from pyvlm.runner.checkpoint import (CheckpointError, CheckpointFiles, load_checkpoint_files,
+from pyvlm.models import checkpoint
+from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, load_checkpoint_files,
                                      resolve_checkpoint, resolve_device, resolve_dtype)
 from tests.tiny_checkpoints import CHAT_TEMPLATE, image_processor_config
 
 
 def test_module_imports_without_torch():
-    code = "import sys, pyvlm.runner.checkpoint; assert 'torch' not in sys.modules"
+    code = "import sys, pyvlm.models.checkpoint; assert 'torch' not in sys.modules"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
