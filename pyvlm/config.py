@@ -65,6 +65,9 @@ class MediaConfig:
     allow_private_media_urls: bool = False  # fetch URLs on loopback/private addresses too
     max_image_pixels: int = 64_000_000  # any image buffer: decoded, padded canvas, resized
     max_pending_image_bytes: int = 4 << 30  # preprocessed images of unfinished requests
+    # The family's image-processor settings over the checkpoint's (e.g.
+    # {"max_pixels": 1003520} for Qwen2-VL); a request's own come on top.
+    mm_processor_kwargs: Optional[Dict[str, Any]] = None
 
 
 @dataclass(frozen=True)

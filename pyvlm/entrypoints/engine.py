@@ -77,16 +77,19 @@ class Engine:
     async def async_build(self, prompt: Optional[Prompt] = None,
                           sampling_params: Optional[Mapping] = None, image_data: Any = None,
                           messages: Any = None, rid: Optional[str] = None,
-                          add_special_tokens: bool = False) -> Request:
+                          add_special_tokens: bool = False,
+                          mm_processor_kwargs: Optional[Mapping[str, Any]] = None) -> Request:
         """The request async_generate would run, built off the event loop
         (tokenizing, images) without running it: every refusal (ValueError,
         EngineBusyError) comes here. Run it with async_stream, or discard()
         it; it holds image budget until one of them. It never waits for the
         image budget (a full one is EngineBusyError), and a request built
-        after its caller was cancelled gives its budget back."""
+        after its caller was cancelled gives its budget back.
+        mm_processor_kwargs: image-processor settings of this request over
+        the launch's (e.g. {"max_pixels": ...} for Qwen2-VL)."""
         build = asyncio.get_running_loop().run_in_executor(None, functools.partial(
             self._build_one, prompt, sampling_params, image_data, messages, rid,
-            add_special_tokens, wait=False))
+            add_special_tokens, wait=False, mm_processor_kwargs=mm_processor_kwargs))
         try:
             return await asyncio.shield(build)
         except asyncio.CancelledError:
@@ -161,7 +164,7 @@ class Engine:
 
     # -- helpers ---------------------------------------------------------
     def _build_one(self, prompt, sampling_params, image_data, messages, rid=None,
-                   add_special_tokens=False, wait=True) -> Request:
+                   add_special_tokens=False, wait=True, mm_processor_kwargs=None) -> Request:
         sampling = sampling_params_from(sampling_params, self.state.sampling_defaults)
         if messages is not None:
             return self.builder.from_messages(messages, sampling, rid, wait=wait)
@@ -170,7 +173,8 @@ class Engine:
         images = [] if image_data is None else (
             list(image_data) if isinstance(image_data, (list, tuple)) else [image_data])
         return self.builder.from_prompt(prompt, images, sampling, rid,
-                                        add_special_tokens=add_special_tokens, wait=wait)
+                                        add_special_tokens=add_special_tokens, wait=wait,
+                                        mm_processor_kwargs=mm_processor_kwargs)
 
     def _batch_builds(self, prompt, sampling_params, image_data, messages):
         """(one request-building callable per prompt, whether the input was one prompt)."""

@@ -182,7 +182,8 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,
                           detokenizer_factory(tokenizer))
     builder = RequestBuilder(tokenizer, files.chat_template, eos_token_ids(tokenizer, files),
-                             image_inputs_for(model, tokenizer, files, dtype),
+                             image_inputs_for(model, tokenizer, files, dtype,
+                                              config.media.mm_processor_kwargs),
                              media_policy_of(config), context_length,
                              config.scheduler.random_seed,
                              ImageBudget(config.media.max_pending_image_bytes),

@@ -50,6 +50,7 @@ class ServerArgs:
     allow_private_media_urls: bool = False
     max_image_pixels: int = 64_000_000
     max_pending_image_bytes: int = 4 << 30
+    mm_processor_kwargs: Optional[Dict[str, Any]] = None
     encoder_cache_bytes: int = 1 << 30
     max_request_bytes: int = 64 * MIB
     # Past running + queued, 429: a sustained overload is shed instead of queued
@@ -73,7 +74,7 @@ class ServerArgs:
                  "enable_cache_report", "disable_radix_cache", "encoder_cache_bytes",
                  "decode_log_interval", "chat_template", "served_model_name",
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
-                 "max_pending_image_bytes")
+                 "max_pending_image_bytes", "mm_processor_kwargs")
         return {name: getattr(self, name) for name in names}
 
     def public_dict(self) -> Dict[str, Any]:
@@ -137,6 +138,9 @@ _FLAGS = [
     (("--max-pending-image-bytes",), int,
      "most bytes of preprocessed images held by requests not yet finished; past it, new "
      "image requests get 429 (default 4 GiB)"),
+    (("--mm-processor-kwargs",), json.loads,
+     "JSON image-processor settings over the checkpoint's, e.g. '{\"max_pixels\": 1003520}' "
+     "for Qwen2-VL; a request's own mm_processor_kwargs apply on top"),
     (("--encoder-cache-bytes",), int,
      "bytes of vision-tower outputs kept for reuse (default 1 GiB)"),
     (("--max-request-bytes",), int, "largest request body in bytes (default 64 MiB); more gets 413"),
@@ -181,6 +185,8 @@ def _check(args: ServerArgs) -> None:
         (args.schedule_conservativeness >= 0, "--schedule-conservativeness must be >= 0"),
         (args.rope_scaling is None or isinstance(args.rope_scaling, dict),
          "--rope-scaling must be a JSON object"),
+        (args.mm_processor_kwargs is None or isinstance(args.mm_processor_kwargs, dict),
+         "--mm-processor-kwargs must be a JSON object"),
         (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),
          "--log-level must be debug, info, warning, error or critical"),
     ]

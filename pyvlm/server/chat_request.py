@@ -11,7 +11,7 @@ CHAT_FIELDS = SAMPLING_FIELDS + ("messages", "max_completion_tokens", "logprobs"
                                  "tools", "tool_choice", "functions", "function_call",
                                  "parallel_tool_calls", "response_format", "audio", "modalities",
                                  "prediction", "store", "metadata", "service_tier",
-                                 "reasoning_effort", "web_search_options")
+                                 "reasoning_effort", "web_search_options", "mm_processor_kwargs")
 ROLES = ("system", "user", "assistant")
 IMAGE_DETAILS = ("auto", "low", "high")
 

@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 from pyvlm.engine.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pyvlm.server.errors import ApiError, internal_error, invalid, too_busy, unavailable
@@ -29,6 +29,7 @@ class EngineInput:
     prompt: Union[str, List[int]]
     images: Sequence[Any] = ()
     add_special_tokens: bool = True
+    mm_processor_kwargs: Optional[Mapping[str, Any]] = None  # the request's, over the launch's
 
 
 @dataclass
@@ -86,7 +87,8 @@ async def build_choices(engine, inputs: Sequence[EngineInput], params: Sequence[
             return await engine.async_build(
                 prompt=inp.prompt, sampling_params=params[index],
                 image_data=list(inp.images) or None, rid=new_rid(prefix),
-                add_special_tokens=inp.add_special_tokens)
+                add_special_tokens=inp.add_special_tokens,
+                mm_processor_kwargs=inp.mm_processor_kwargs or None)
 
     tasks = [asyncio.ensure_future(build(i)) for i in range(len(inputs))]
     try:

@@ -18,7 +18,7 @@ from pyvlm.server.runs import Run
 from pyvlm.server.sse import sse_data
 
 GENERATE_FIELDS = ("text", "input_ids", "image_data", "sampling_params", "stream", "rid",
-                   "return_logprob", "top_logprobs_num")
+                   "return_logprob", "top_logprobs_num", "mm_processor_kwargs")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ async def generate(app, body: Mapping):
     spec = AnswerSpec(1, fields.get_bool(body, "stream", False), False,
                       top if fields.get_bool(body, "return_logprob", False) else None, None)
     images, ticket = await app.admit_and_fetch(refs, 1)
-    run = Run([EngineInput(prompt, images, False)], sampling, spec, "gen", ticket)
+    run = Run([EngineInput(prompt, images, False, fields.get_object(body, "mm_processor_kwargs"))],
+              sampling, spec, "gen", ticket)
     if spec.stream:
         deltas = await open_stream(app.runner.stream(run))
         return event_stream(_cumulative(deltas), deltas)

@@ -34,7 +34,9 @@ async def chat_completions(app, body: Mapping) -> Answer:
     sampling = sampling_params(body, chat_request.max_tokens(body), app.context_length,
                                app.vocab_size, tuple(rendered.stop))
     images, ticket = await app.admit_and_fetch(rendered.image_refs, spec.n)
-    run = Run([EngineInput(rendered.text, images, True)], sampling, spec, "chatcmpl", ticket)
+    run = Run([EngineInput(rendered.text, images, True,
+                           fields.get_object(body, "mm_processor_kwargs"))],
+              sampling, spec, "chatcmpl", ticket)
     ids = responses.ResponseIds("chatcmpl", app.args.model_name)
     return await respond(app, run, spec, ids, chat_events, responses.chat_completion)
 
