@@ -34,3 +34,36 @@ def tiny_checkpoint_hub_style(tmp_path_factory):
     from tests.tiny_checkpoints import write_hub_style_checkpoint
 
     return write_hub_style_checkpoint(tmp_path_factory.mktemp("tiny_hub_style"))
+
+
+# Tiny Qwen2-VL / Qwen2.5-VL checkpoints (tests/tiny_qwen2_vl.py): the
+# transformers-5 layout, and the Qwen hub layout (visual.*, model.layers.*).
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_qwen2_vl(tmp_path_factory):
+    from tests.tiny_qwen2_vl import write_qwen2_vl_checkpoint
+
+    return write_qwen2_vl_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_vl"), "2", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_qwen2_5_vl(tmp_path_factory):
+    from tests.tiny_qwen2_vl import write_qwen2_vl_checkpoint
+
+    return write_qwen2_vl_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_5_vl"), "2.5", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_qwen2_vl_hub_style(tmp_path_factory):
+    from tests.tiny_qwen2_vl import write_qwen2_vl_hub_style_checkpoint
+
+    return write_qwen2_vl_hub_style_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_vl_hub"),
+                                               "2", seed=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_qwen2_5_vl_hub_style(tmp_path_factory):
+    from tests.tiny_qwen2_vl import write_qwen2_vl_hub_style_checkpoint
+
+    return write_qwen2_vl_hub_style_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_5_vl_hub"),
+                                               "2.5", seed=3)

@@ -1,0 +1,100 @@
+"""The Qwen2.5-VL vision tower (transformers' Qwen2_5_VisionTransformerPretrainedModel).
+
+Qwen2-VL's tower with RMSNorm, a SwiGLU MLP (gate/up/down, with biases) and
+window attention: most blocks attend within windows of window_size pixels
+(window_size / merge / patch merged units a side), the blocks listed in
+fullatt_block_indexes within whole frames. To make every window a run of
+consecutive rows, the patches are reordered window by window (whole merge
+units, so the merger still sees each 2 x 2 block together) before the first
+block, and the merged tokens are put back in image order after the merger,
+exactly as transformers does.
+"""
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from pyvlm.layers.norm import RMSNorm
+
+from .qwen_grid import (AttentionSpans, check_grids, expand_units, frame_lengths, num_patches,
+                        rotary_positions, window_order)
+from .qwen_layers import (PatchMerger, VisionAttention, VisionBlock, VisionPatchEmbed,
+                          VisionRotaryEmbedding, check_pixel_rows, rope_theta_of,
+                          vision_activation)
+
+
+class Qwen2_5_VisionMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), every projection with a bias."""
+
+    def __init__(self, dim: int, hidden_dim: int, hidden_act: str):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim)
+        self.up_proj = nn.Linear(dim, hidden_dim)
+        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.act = vision_activation(hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def qwen2_5_vision_block(config) -> VisionBlock:
+    dim = config.hidden_size
+    return VisionBlock(RMSNorm(dim, eps=1e-6), RMSNorm(dim, eps=1e-6),
+                       VisionAttention(dim, config.num_heads),
+                       Qwen2_5_VisionMLP(dim, config.intermediate_size, config.hidden_act))
+
+
+def window_units_of(config) -> int:
+    """Merged units per window side."""
+    units = config.window_size // config.spatial_merge_size // config.patch_size
+    if units < 1:
+        raise ValueError(f"window_size {config.window_size} is smaller than one merged unit "
+                         f"({config.spatial_merge_size} x {config.patch_size} pixels)")
+    return units
+
+
+class Qwen2_5_VisionTransformer(nn.Module):
+    """Qwen2.5-VL's `visual` module, built from a Qwen2_5_VLVisionConfig.
+
+    Parameter names are those under "model.visual." (transformers 5) or
+    "visual." (the hub checkpoints) with the prefix stripped.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.spatial_merge_size = config.spatial_merge_size
+        self.window_units = window_units_of(config)
+        self.fullatt_block_indexes = frozenset(config.fullatt_block_indexes)
+        self.patch_embed = VisionPatchEmbed(config.patch_size, config.temporal_patch_size,
+                                            config.in_channels, config.hidden_size)
+        self.rotary_pos_emb = VisionRotaryEmbedding(config.hidden_size // config.num_heads,
+                                                    rope_theta_of(config))
+        self.blocks = nn.ModuleList(qwen2_5_vision_block(config) for _ in range(config.depth))
+        self.merger = PatchMerger(config.hidden_size, config.out_hidden_size,
+                                  config.spatial_merge_size, RMSNorm(config.hidden_size, eps=1e-6))
+
+    def forward(self, pixel_values: torch.Tensor,
+                grid_thw: Sequence[Sequence[int]]) -> torch.Tensor:
+        """pixel_values [num_patches, 3 * temporal * patch * patch] of every
+        image, concatenated in grid order; grid_thw: each image's (t, h, w)
+        patch grid as Python ints. Returns the merged token rows
+        [sum(t * h * w) / merge^2, out_hidden_size], image after image."""
+        merge = self.spatial_merge_size
+        grids = check_grids(grid_thw, merge)
+        check_pixel_rows(pixel_values, num_patches(grids))
+        device = pixel_values.device
+        window_index, window_sizes = window_order(grids, merge, self.window_units)
+        patch_order = expand_units(window_index, merge * merge)
+        rotary = self.rotary_pos_emb.for_positions(
+            rotary_positions(grids, merge)[patch_order], device)
+        # Both segmentations hold in the window order: windows never cross
+        # frames, so each frame's patches stay one consecutive run.
+        frames = AttentionSpans.of(frame_lengths(grids), device)
+        windows = AttentionSpans.of([size * merge * merge for size in window_sizes], device)
+        hidden = self.patch_embed(pixel_values)[patch_order.to(device, non_blocking=True)]
+        for index, block in enumerate(self.blocks):
+            hidden = block(hidden, rotary, frames if index in self.fullatt_block_indexes
+                           else windows)
+        image_order = torch.argsort(window_index).to(device, non_blocking=True)
+        return self.merger(hidden)[image_order]
