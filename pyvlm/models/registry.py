@@ -26,6 +26,10 @@ FAMILIES = {
     "LlavaOnevisionForConditionalGeneration": Family(
         "llava_onevision:LlavaOnevisionImageConfig",
         "llava_onevision:LlavaOnevisionForConditionalGeneration"),
+    "Qwen2VLForConditionalGeneration": Family(
+        "qwen2_vl:Qwen2VLImageConfig", "qwen2_vl:Qwen2VLForConditionalGeneration"),
+    "Qwen2_5_VLForConditionalGeneration": Family(
+        "qwen2_vl:Qwen2VLImageConfig", "qwen2_vl:Qwen2_5_VLForConditionalGeneration"),
 }
 
 
