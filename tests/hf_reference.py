@@ -56,3 +56,23 @@ def prefill_logits(model, image_processor, prompt_ids: List[int], images: Sequen
     ids = torch.tensor([prompt_ids], device=device)
     out = model(input_ids=ids, **vision_inputs(image_processor, images, device, dtype))
     return out.logits[0].float()
+
+
+def qwen2_vl_processor(checkpoint_dir):
+    """transformers' Qwen2-VL processor (chat template, image processor,
+    placeholder expansion) for a checkpoint folder, without the video
+    processor that needs torchvision."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from tests.multimodal.hf_qwen2_vl import _NoVideoProcessor
+
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+    return _NoVideoProcessor(image_processor=AutoImageProcessor.from_pretrained(str(checkpoint_dir)),
+                             tokenizer=tokenizer, video_processor=None,
+                             chat_template=tokenizer.chat_template)
+
+
+def qwen2_vl_inputs(processor, prompt_text: str, images: Sequence) -> dict:
+    """input_ids, pixel_values, image_grid_thw and mm_token_type_ids of one
+    prompt as transformers' processor makes them."""
+    return dict(processor(text=[prompt_text], images=list(images) or None, return_tensors="pt"))

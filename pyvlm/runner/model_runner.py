@@ -67,17 +67,27 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
-        chunks = batch.chunks
-        if not chunks:
+        if not batch.chunks:
             return []
+        return self._sample(self._hidden_states(batch), batch.chunks)
+
+    @torch.inference_mode()
+    def token_logits(self, batch: ForwardBatch) -> torch.Tensor:
+        """Runs the batch (its KV goes into the pool as in forward) and
+        returns float32 logits of every new token [T, vocab], chunk after
+        chunk: prompt logprobs, and the parity tests' view of a step."""
+        with ops.index_checks(self.check_indices):
+            return self.model.compute_logits(self._hidden_states(batch)).float()
+
+    def _hidden_states(self, batch: ForwardBatch) -> torch.Tensor:
+        chunks = batch.chunks
         input_ids, positions = self._token_tensors(chunks)
         attn = AttentionMetadata.build(
             [(c.start_pos, c.num_new_tokens, c.page_table) for c in chunks],
             self.page_size, batch.is_decode, self.device)
         embeds = self._input_embeddings(input_ids, chunks)
         self._at("decode" if batch.is_decode else "prefill", chunks)
-        hidden = self.model.forward(input_ids, positions, attn, self.pool.caches, embeds)
-        return self._sample(hidden, chunks)
+        return self.model.forward(input_ids, positions, attn, self.pool.caches, embeds)
 
     def _at(self, stage: str, chunks: Sequence[SequenceChunk]) -> None:
         if self.fault_hook is not None:
