@@ -1,5 +1,5 @@
 """transformers as the reference: greedy generation and prefill logits of a
-LLaVA-OneVision checkpoint for prompt ids that already hold the expanded
+LLaVA-OneVision or Qwen2-VL checkpoint for prompt ids that already hold the expanded
 image placeholders (pyvlm's request builder makes them; the image-token
 counts themselves are checked against transformers' processor in
 tests/multimodal). Shared by the parity tests and benchmarks/bench_offline.py."""
@@ -23,20 +23,66 @@ def image_processor_for(processor_config: dict):
     return processor_class(**kwargs)
 
 
-def vision_inputs(image_processor, images: Sequence, device, dtype) -> dict:
+class LlavaOnevisionInputs:
     """pixel_values, image_sizes and batch_num_images of ONE prompt's images."""
-    if not images:
-        return {}
-    features = image_processor([list(images)], return_tensors="pt")
-    return {"pixel_values": features["pixel_values"].to(device, dtype),
-            "image_sizes": features["image_sizes"].to(device),
-            "batch_num_images": features["batch_num_images"]}
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, prompt_ids: List[int], images: Sequence, device, dtype) -> dict:
+        if not images:
+            return {}
+        features = self.image_processor([list(images)], return_tensors="pt")
+        return {"pixel_values": features["pixel_values"].to(device, dtype),
+                "image_sizes": features["image_sizes"].to(device),
+                "batch_num_images": features["batch_num_images"]}
+
+
+class Qwen2VLInputs:
+    """pixel_values, image_grid_thw and mm_token_type_ids (which transformers
+    5 needs to place M-RoPE positions) of one prompt's images."""
+
+    def __init__(self, image_processor, image_token_id: int):
+        self.image_processor, self.image_token_id = image_processor, image_token_id
+
+    def __call__(self, prompt_ids: List[int], images: Sequence, device, dtype) -> dict:
+        if not images:
+            return {}
+        features = self.image_processor(images=list(images), return_tensors="pt")
+        token_types = (torch.tensor([prompt_ids]) == self.image_token_id).int()
+        return {"pixel_values": features["pixel_values"].to(device, dtype),
+                "image_grid_thw": features["image_grid_thw"].to(device),
+                "mm_token_type_ids": token_types.to(device)}
+
+
+def reference_inputs_for(files):
+    """The transformers-side image inputs of a checkpoint's family
+    (files: pyvlm.models.checkpoint.CheckpointFiles)."""
+    if files.config.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
+        from transformers import AutoImageProcessor
+
+        return Qwen2VLInputs(AutoImageProcessor.from_pretrained(str(files.root)),
+                             files.config["image_token_id"])
+    return LlavaOnevisionInputs(image_processor_for(files.processor_config))
+
+
+def vision_inputs(image_processor, images: Sequence, device, dtype) -> dict:
+    """LLaVA-OneVision's inputs of ONE prompt's images (see LlavaOnevisionInputs)."""
+    return LlavaOnevisionInputs(image_processor)([], images, device, dtype)
+
+
+def _inputs_of(image_inputs, prompt_ids, images, device, dtype) -> dict:
+    if not isinstance(image_inputs, (LlavaOnevisionInputs, Qwen2VLInputs)):
+        # a bare LLaVA-OneVision image processor
+        image_inputs = LlavaOnevisionInputs(image_inputs)
+    return image_inputs(prompt_ids, images, device, dtype)
 
 
 @torch.inference_mode()
-def greedy_tokens(model, image_processor, prompt_ids: List[int], images: Sequence,
+def greedy_tokens(model, image_inputs, prompt_ids: List[int], images: Sequence,
                   max_new_tokens: int, eos_token_id: Optional[int] = None) -> List[int]:
-    """transformers generate (greedy); eos None generates exactly max_new_tokens."""
+    """transformers generate (greedy); eos None generates exactly max_new_tokens.
+    image_inputs: reference_inputs_for(files), or a LLaVA-OneVision image processor."""
     from transformers import GenerationConfig
 
     device, dtype = model.device, model.dtype
@@ -45,16 +91,16 @@ def greedy_tokens(model, image_processor, prompt_ids: List[int], images: Sequenc
                               eos_token_id=eos_token_id, pad_token_id=0)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                          generation_config=config,
-                         **vision_inputs(image_processor, images, device, dtype))
+                         **_inputs_of(image_inputs, prompt_ids, images, device, dtype))
     return out[0, len(prompt_ids):].tolist()
 
 
 @torch.inference_mode()
-def prefill_logits(model, image_processor, prompt_ids: List[int], images: Sequence) -> torch.Tensor:
+def prefill_logits(model, image_inputs, prompt_ids: List[int], images: Sequence) -> torch.Tensor:
     """Float32 logits of every prompt position, [len(prompt_ids), vocab]."""
     device, dtype = model.device, model.dtype
     ids = torch.tensor([prompt_ids], device=device)
-    out = model(input_ids=ids, **vision_inputs(image_processor, images, device, dtype))
+    out = model(input_ids=ids, **_inputs_of(image_inputs, prompt_ids, images, device, dtype))
     return out.logits[0].float()
 
 

@@ -1,14 +1,16 @@
-"""pyvlm.Engine against transformers on the same tiny checkpoints: greedy
+"""pyvlm.Engine against transformers on the same tiny checkpoints of every
+family (LLaVA-OneVision on Qwen2 and Llama, Qwen2-VL, Qwen2.5-VL): greedy
 tokens of 8 concurrent requests (text only, one image, two images) are the
 same as transformers' generate, with and without chunked prefill, when half
-of them hit the prefix cache, and when a tiny KV pool forces preemption."""
+of them hit the prefix cache, and when a tiny KV pool forces preemption;
+two different images of the same size never share cache entries."""
 
 import pytest
 import torch
 from PIL import Image
 
 from pyvlm.engine.types import SamplingParams
-from tests.hf_reference import greedy_tokens, image_processor_for
+from tests.hf_reference import greedy_tokens, reference_inputs_for
 
 NUM_NEW_TOKENS = 32
 GREEDY = {"max_new_tokens": NUM_NEW_TOKENS, "temperature": 0, "ignore_eos": True}
@@ -20,8 +22,9 @@ def random_image(height: int, width: int, gen: torch.Generator) -> Image.Image:
     return Image.fromarray(pixels.numpy())
 
 
-def make_prompts(seed: int):
-    """8 prompts of different lengths: 3 text only, 3 with one image, 2 with two."""
+def make_prompts(seed: int, image: str):
+    """8 prompts of different lengths: 3 text only, 3 with one image, 2 with
+    two; image: the model's placeholder text for one image."""
     gen = torch.Generator().manual_seed(seed)
 
     def words(n):
@@ -31,25 +34,26 @@ def make_prompts(seed: int):
     images = [random_image(h, w, gen) for h, w in sizes]
     return [
         (words(5), []), (words(23), []), (words(41), []),
-        (f"<image>\n{words(7)}", [images[0]]),
-        (f"{words(3)} <image> {words(12)}", [images[1]]),
-        (f"<image>\n{words(30)}", [images[2]]),
-        (f"{words(4)} <image> and <image> {words(9)}", [images[3], images[4]]),
-        (f"<image><image>{words(17)}", [images[5], images[6]]),
+        (f"{image}\n{words(7)}", [images[0]]),
+        (f"{words(3)} {image} {words(12)}", [images[1]]),
+        (f"{image}\n{words(30)}", [images[2]]),
+        (f"{words(4)} {image} and {image} {words(9)}", [images[3], images[4]]),
+        (f"{image}{image}{words(17)}", [images[5], images[6]]),
     ]
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=["qwen2", "llama", "qwen2_vl", "qwen2_5_vl"])
 def checkpoint(request):
-    """Qwen2 (QKV bias) and Llama (tied embeddings, like the demo model) backbones."""
+    """LLaVA-OneVision on Qwen2 (QKV bias) and Llama (tied embeddings, like
+    the demo model); Qwen2-VL and Qwen2.5-VL (M-RoPE)."""
     return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
 
 
 @pytest.fixture(scope="module")
 def hf_model(checkpoint):
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    return LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
 
 
 def engine_for(checkpoint, **server_args):
@@ -64,27 +68,27 @@ class Reference:
 
     def __init__(self, hf_model, engine):
         self.hf_model, self.builder = hf_model, engine.builder
-        self.image_processor = image_processor_for(engine.state.files.processor_config)
+        self.image_inputs = reference_inputs_for(engine.state.files)
         self.cache = {}
 
     def tokens(self, prompt: str, images) -> list:
         key = (prompt, tuple(id(im) for im in images))
         if key not in self.cache:
             ids = self.builder.from_prompt(prompt, images, SamplingParams()).prompt_ids
-            self.cache[key] = greedy_tokens(self.hf_model, self.image_processor, ids, images,
+            self.cache[key] = greedy_tokens(self.hf_model, self.image_inputs, ids, images,
                                             NUM_NEW_TOKENS)
         return self.cache[key]
-
-
-@pytest.fixture(scope="module")
-def prompts():
-    return make_prompts(seed=1)
 
 
 @pytest.fixture(scope="module")
 def reference(hf_model, checkpoint):
     with engine_for(checkpoint) as engine:
         return Reference(hf_model, engine)
+
+
+@pytest.fixture(scope="module")
+def prompts(reference):
+    return make_prompts(seed=1, image=reference.builder.image_token)
 
 
 def generate_all(engine, prompts):
@@ -108,7 +112,7 @@ def test_chunked_prefill_gives_the_same_tokens(checkpoint, prompts, reference):
 
 
 def test_prefix_cache_hits_give_the_same_tokens(checkpoint, prompts, reference):
-    fresh = make_prompts(seed=2)
+    fresh = make_prompts(seed=2, image=reference.builder.image_token)
     with engine_for(checkpoint) as engine:
         generate_all(engine, prompts[::2])  # warm the cache with half the prompts
         mixed = prompts[::2] + fresh[1::2]
@@ -130,3 +134,19 @@ def test_preemption_on_a_tiny_pool_gives_the_same_tokens(checkpoint, prompts, re
         preemptions = engine.get_stats().get("num_preemptions", 0)
     assert_same_tokens(results, prompts, reference)
     assert preemptions > 0
+
+
+def test_different_images_of_one_size_share_no_cache_entries(checkpoint, reference):
+    gen = torch.Generator()
+    first, second = random_image(48, 64, gen), random_image(48, 64, gen)
+    prompt = f"look: {reference.builder.image_token} what is it?"
+    with engine_for(checkpoint) as engine:
+        results = [engine.generate(prompt, GREEDY, image_data=[image]) for image in (first, second)]
+        request = engine.builder.from_prompt(prompt, [second], SamplingParams())
+        engine.builder.release(request)
+    (item,) = request.mm_items
+    for image, result in zip((first, second), results):
+        assert result["output_ids"] == reference.tokens(prompt, [image])
+    # The second request reuses at most the pages wholly before its image.
+    page_size = 4
+    assert results[1]["meta_info"]["cached_tokens"] <= item.offset // page_size * page_size
