@@ -1,5 +1,6 @@
 """The engine on a GPU: the same greedy tokens as transformers (float32, tiny
-checkpoints), chunked prefill and prefix-cache hits included; bfloat16 log
+checkpoints of LLaVA-OneVision and Qwen2-VL / Qwen2.5-VL), chunked prefill
+and prefix-cache hits included; bfloat16 log
 probabilities within bfloat16 rounding of transformers' float32 ones; and
 the engine thread's index-check setting never reaches the caller's thread."""
 
@@ -30,23 +31,28 @@ NO_PLACEHOLDERS = {IMAGE_TOKEN_ID: -100.0, VIDEO_TOKEN_ID: -100.0}
 
 
 def hf_float32(checkpoint, device):
-    from transformers import LlavaOnevisionForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    return LlavaOnevisionForConditionalGeneration.from_pretrained(
+    return AutoModelForImageTextToText.from_pretrained(
         checkpoint, dtype=torch.float32).to(device).eval()
 
 
+@pytest.fixture(scope="module", params=["qwen2", "qwen2_vl", "qwen2_5_vl"])
+def checkpoint(request):
+    return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
+
+
 @pytest.fixture(scope="module")
-def hf_model_cuda(tiny_checkpoint_qwen2):
-    return hf_float32(tiny_checkpoint_qwen2, "cuda")
+def hf_model_cuda(checkpoint):
+    return hf_float32(checkpoint, "cuda")
 
 
 @pytest.mark.parametrize("server_args", [{}, {"chunked_prefill_size": 16}])
-def test_cuda_engine_matches_transformers(tiny_checkpoint_qwen2, hf_model_cuda, server_args):
-    prompts = make_prompts(seed=1)
-    with engine_for(tiny_checkpoint_qwen2, device="cuda", max_total_tokens=8192,
+def test_cuda_engine_matches_transformers(checkpoint, hf_model_cuda, server_args):
+    with engine_for(checkpoint, device="cuda", max_total_tokens=8192,
                     **server_args) as engine:
         reference = Reference(hf_model_cuda, engine)
+        prompts = make_prompts(seed=1, image=engine.builder.image_token)
         first = generate_all(engine, prompts)
         again = generate_all(engine, prompts)  # every prompt now hits the prefix cache
     assert_same_tokens(first, prompts, reference)
@@ -57,17 +63,17 @@ def test_cuda_engine_matches_transformers(tiny_checkpoint_qwen2, hf_model_cuda, 
 def check_bfloat16_logprobs(checkpoint, device, tolerance=BF16_LOGPROB_TOLERANCE):
     """The engine in bfloat16 on `device` against transformers in float32 on
     the CPU, teacher-forced on the engine's own tokens (logprob_parity.py)."""
-    prompts = make_prompts(seed=3)
     params = {**GREEDY, "logprobs": True, "top_logprobs": NUM_TOP_LOGPROBS,
               "logit_bias": NO_PLACEHOLDERS}
     with engine_for(checkpoint, device=device, dtype="bfloat16", max_total_tokens=8192) as engine:
+        prompts = make_prompts(seed=3, image=engine.builder.image_token)
         results = engine.generate([p for p, _ in prompts], params,
                                   image_data=[ims for _, ims in prompts])
         reference = Reference(hf_float32(checkpoint, "cpu"), engine)
     for (prompt, images), result in zip(prompts, results):
         assert len(result["output_ids"]) == NUM_NEW_TOKENS
         prompt_ids = reference.builder.from_prompt(prompt, images, SamplingParams()).prompt_ids
-        expected = teacher_forced_logprobs(reference.hf_model, reference.image_processor,
+        expected = teacher_forced_logprobs(reference.hf_model, reference.image_inputs,
                                            prompt_ids, images, result["output_ids"],
                                            NO_PLACEHOLDERS)
         assert_logprobs_near(result, expected, tolerance, NUM_TOP_LOGPROBS)
