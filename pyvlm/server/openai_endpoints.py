@@ -5,13 +5,13 @@ from typing import AsyncIterator, Dict, List, Mapping, Union
 
 import orjson
 
+from pyvlm.http.sse import SSE_DONE, sse_json
 from pyvlm.http.types import Response, StreamingResponse
 from pyvlm.server import chat_request, fields, responses
 from pyvlm.server.errors import ApiError, internal_error, invalid, unsupported_field
 from pyvlm.server.generation import ChoiceDelta, EngineInput
 from pyvlm.server.params import SAMPLING_FIELDS, answer_spec, check_model, sampling_params
 from pyvlm.server.runs import Run
-from pyvlm.server.sse import DONE, sse_data, sse_error
 
 logger = logging.getLogger("pyvlm.server")
 
@@ -66,21 +66,21 @@ async def _chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     async for delta in deltas:
         if delta.index not in started:
             started.add(delta.index)
-            yield sse_data(responses.chat_chunk(ids, delta.index, {"role": "assistant",
+            yield sse_json(responses.chat_chunk(ids, delta.index, {"role": "assistant",
                                                                    "content": ""},
                                                 include_usage=with_usage))
         if delta.text or delta.logprobs:
             logprobs = (responses.chat_logprobs(delta.logprobs, app.token_texts)
                         if run.spec.num_top_logprobs is not None else None)
-            yield sse_data(responses.chat_chunk(ids, delta.index, {"content": delta.text},
+            yield sse_json(responses.chat_chunk(ids, delta.index, {"content": delta.text},
                                                 logprobs=logprobs, include_usage=with_usage))
         if delta.finish_reason is not None:
             metas.append((run.prompt_index(delta.index), delta.meta))
-            yield sse_data(responses.chat_chunk(ids, delta.index, {}, delta.finish_reason,
+            yield sse_json(responses.chat_chunk(ids, delta.index, {}, delta.finish_reason,
                                                 include_usage=with_usage))
     if with_usage:
         usage = responses.usage_of(metas, app.args.enable_cache_report)
-        yield sse_data(responses.usage_chunk(ids, "chat.completion.chunk", usage))
+        yield sse_json(responses.usage_chunk(ids, "chat.completion.chunk", usage))
 
 
 # ---- completions ----------------------------------------------------------
@@ -145,10 +145,10 @@ async def _completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]
         offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
         if delta.finish_reason is not None:
             metas.append((run.prompt_index(delta.index), delta.meta))
-        yield sse_data(responses.completion_chunk(ids, delta, logprobs, with_usage))
+        yield sse_json(responses.completion_chunk(ids, delta, logprobs, with_usage))
     if with_usage:
         usage = responses.usage_of(metas, app.args.enable_cache_report)
-        yield sse_data(responses.usage_chunk(ids, "text_completion", usage))
+        yield sse_json(responses.usage_chunk(ids, "text_completion", usage))
 
 
 # ---- streaming plumbing ---------------------------------------------------
@@ -216,11 +216,11 @@ async def _terminated(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     try:
         async for event in events:
             yield event
-        yield DONE
+        yield SSE_DONE
     except ApiError as exc:
-        yield sse_error(exc)
+        yield sse_json(exc.body(), event="error")
     except Exception:
         logger.exception("stream failed")
-        yield sse_error(internal_error())
+        yield sse_json(internal_error().body(), event="error")
     finally:
         await events.aclose()
