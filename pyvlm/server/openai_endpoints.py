@@ -1,7 +1,7 @@
 """POST /v1/chat/completions and POST /v1/completions."""
 
 import logging
-from typing import AsyncIterator, Dict, List, Mapping, Union
+from typing import AsyncIterator, List, Mapping, Union
 
 import orjson
 
