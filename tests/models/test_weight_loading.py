@@ -95,8 +95,12 @@ def test_missing_weight_is_named(hf_model, dropped):
         fresh(hf_model).load_weights(weights.items())
 
 
-def test_wrong_shape_is_named(hf_model):
+@pytest.mark.parametrize("name", ["model.multi_modal_projector.linear_2.bias",  # nn.Linear
+                                  "model.language_model.layers.1.self_attn.k_proj.weight",  # fused
+                                  "model.language_model.layers.0.self_attn.o_proj.weight",  # row
+                                  "model.vision_tower.encoder.layers.0.mlp.fc1.bias"])  # column
+def test_wrong_shape_is_named(hf_model, name):
     weights = dict(hf_model.state_dict())
-    weights["model.multi_modal_projector.linear_2.bias"] = torch.ones(3)
-    with pytest.raises(ValueError, match="linear_2.bias"):
+    weights[name] = torch.ones(3, *weights[name].shape[1:])
+    with pytest.raises(ValueError, match=re.escape(renamed(name)) + ": expected shape"):
         fresh(hf_model).load_weights(weights.items())
