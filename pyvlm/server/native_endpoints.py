@@ -100,14 +100,11 @@ async def _cumulative(deltas) -> AsyncIterator[bytes]:
     """SGLang's /generate stream: each event holds the text, ids and
     logprobs so far."""
     text, ids, logprobs = "", [], []
-    try:
-        async for delta in deltas:
-            text, ids = text + delta.text, ids + delta.token_ids
-            logprobs.extend(delta.logprobs)
-            yield sse_json({"text": text, "output_ids": ids,
-                            "meta_info": _with_logprobs(delta.meta, logprobs)})
-    finally:
-        await deltas.aclose()
+    async for delta in deltas:
+        text, ids = text + delta.text, ids + delta.token_ids
+        logprobs.extend(delta.logprobs)
+        yield sse_json({"text": text, "output_ids": ids,
+                        "meta_info": _with_logprobs(delta.meta, logprobs)})
 
 
 # ---- info, health, cache --------------------------------------------------

@@ -53,14 +53,6 @@ async def respond(app, run: Run, spec, ids, make_events, make_body):
 
 async def chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     """chat.completion.chunk events: role first, content, one finish per choice."""
-    try:
-        async for event in _chat_events(app, run, ids, deltas):
-            yield event
-    finally:  # closing the events aborts the engine requests at once
-        await deltas.aclose()
-
-
-async def _chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     started, metas = set(), []
     with_usage = run.spec.include_usage
     async for delta in deltas:
@@ -127,14 +119,6 @@ def completion_prompts(prompt, vocab_size: int) -> List[Union[str, List[int]]]:
 
 async def completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     """text_completion chunks, the finish_reason on each choice's last one."""
-    try:
-        async for event in _completion_events(app, run, ids, deltas):
-            yield event
-    finally:
-        await deltas.aclose()
-
-
-async def _completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     metas, offsets = [], {}
     with_usage = run.spec.include_usage
     async for delta in deltas:
@@ -192,7 +176,7 @@ class EventStream:
     it (client gone) aborts the engine requests even before the first read."""
 
     def __init__(self, events: AsyncIterator[bytes], deltas: PrimedDeltas):
-        self._events, self._deltas = _terminated(events), deltas
+        self._events, self._deltas = _terminated(_closing_deltas(events, deltas)), deltas
 
     def __aiter__(self) -> "EventStream":
         return self
@@ -208,6 +192,17 @@ class EventStream:
 def event_stream(events: AsyncIterator[bytes], deltas: PrimedDeltas) -> StreamingResponse:
     return StreamingResponse(200, EventStream(events, deltas),
                              headers=[("cache-control", "no-cache"), ("x-accel-buffering", "no")])
+
+
+async def _closing_deltas(events: AsyncIterator[bytes],
+                          deltas: PrimedDeltas) -> AsyncIterator[bytes]:
+    """The events; when they end, fail or are closed, the deltas close too,
+    which aborts the engine requests at once (before an error event goes out)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await deltas.aclose()
 
 
 async def _terminated(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
