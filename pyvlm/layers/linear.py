@@ -14,8 +14,10 @@ scheme, with vLLM's names), each parameter carrying its own weight loader.
 
 A checkpoint tensor is always the full, unsplit one: `param.weight_loader(
 param, tensor[, shard_name])` copies this rank's slice into the existing
-parameter in place, so loading never keeps a second copy. With the default
-group (rank 0 of 1) every layer computes exactly what nn.Linear does.
+parameter in place, so loading never keeps a second copy. The same loader
+is the layer's `weight_loader` method; pyvlm's own loader calls that, since
+a parameter rebuilt by deepcopy or to_empty loses its attributes. With the
+default group (rank 0 of 1) every layer computes exactly what nn.Linear does.
 """
 
 import math
@@ -70,7 +72,11 @@ class ParallelLinear(nn.Module):
             bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, *args) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_name: Optional[str] = None) -> None:
+        """Copies this rank's slice of the full checkpoint tensor `loaded`
+        into param (shard_name: which fused matrix it is, for merged layers);
+        ValueError if loaded has the wrong shape."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -211,8 +217,11 @@ class RowParallelLinear(ParallelLinear):
         partial = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(partial) if self.reduce_results else partial
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_name: Optional[str] = None) -> None:
         """Copies this rank's columns of the checkpoint weight, or the whole bias."""
+        if shard_name is not None:
+            raise ValueError(f"a row-parallel layer has no shard {shard_name!r}")
         if param is self.bias:
             _copy_slice(param.data, loaded, 0, 0, self.output_size)
         else:

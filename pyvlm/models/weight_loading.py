@@ -2,9 +2,9 @@
 
 Checkpoint names are first mapped to the model's own names (the model
 supplies the rename rules); q/k/v and gate/up matrices land in their rows of
-the fused `MergedColumnParallelLinear` parameters. A parameter with a
-`weight_loader` (the parallel linear layers) copies its tensor parallel
-rank's slice through it; any other is copied whole. Every parameter must be
+the fused `MergedColumnParallelLinear` parameters. A parameter of a
+parallel linear layer is loaded through the layer's weight_loader, which
+copies its tensor-parallel rank's slice; any other is copied whole. Every parameter must be
 loaded exactly once and every checkpoint tensor must have a home: both
 failures raise with the names, so a wrong checkpoint never serves silently.
 """
@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from pyvlm.layers.linear import MergedColumnParallelLinear
+from pyvlm.layers.linear import MergedColumnParallelLinear, ParallelLinear
 
 # Renames a checkpoint name to the model's name; None means "ignore it".
 NameMapper = Callable[[str], Optional[str]]
@@ -38,16 +38,22 @@ def stacked_param_names(model: nn.Module) -> Set[str]:
             if isinstance(module, MergedColumnParallelLinear) for kind, _ in module.named_parameters()}
 
 
-def copy_into(param: torch.Tensor, loaded: torch.Tensor, shard_name: Optional[str] = None) -> None:
-    """Copies loaded into param through its weight_loader (shard_name: the
-    fused matrix it is, for a merged layer), or whole; a wrong shape raises
-    ValueError."""
-    weight_loader = getattr(param, "weight_loader", None)
+def parallel_layers(model: nn.Module) -> Dict[str, ParallelLinear]:
+    """Name of each parallel linear layer's parameter -> the layer."""
+    return {f"{module_name}.{kind}" if module_name else kind: module
+            for module_name, module in model.named_modules()
+            if isinstance(module, ParallelLinear)
+            for kind, _ in module.named_parameters(recurse=False)}
+
+
+def copy_into(param: torch.Tensor, loaded: torch.Tensor, layer: Optional[ParallelLinear] = None,
+              shard_name: Optional[str] = None) -> None:
+    """Copies loaded into param: this rank's slice through the weight_loader
+    of the parallel layer holding it (shard_name: the fused matrix it is, for
+    a merged layer), else whole; a wrong shape raises ValueError."""
     with torch.no_grad():
-        if shard_name is not None:
-            weight_loader(param, loaded, shard_name)
-        elif weight_loader is not None:
-            weight_loader(param, loaded)
+        if layer is not None:
+            layer.weight_loader(param, loaded, shard_name)
         elif param.shape != loaded.shape:
             raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
         else:
@@ -61,6 +67,7 @@ class WeightLoader:
         self.rename = rename
         self.params: Dict[str, torch.Tensor] = dict(model.named_parameters())
         self.shards = shard_homes(model)
+        self.layers = parallel_layers(model)
         self.missing: Set[str] = set(self.params) - stacked_param_names(model)
         self.missing |= {f"{path}.{kind}" for path, (module, _) in self.shards.items()
                          for kind, _ in module.named_parameters()}
@@ -71,15 +78,15 @@ class WeightLoader:
         if name is None:
             return
         module_path, _, param_name = name.rpartition(".")
-        target, shard_name = self.params.get(name), None
+        target, layer, shard_name = self.params.get(name), self.layers.get(name), None
         if target is None and module_path in self.shards:
-            module, shard_name = self.shards[module_path]
-            target = dict(module.named_parameters(recurse=False)).get(param_name)
+            layer, shard_name = self.shards[module_path]
+            target = dict(layer.named_parameters(recurse=False)).get(param_name)
         if target is None:
             self.unknown.append(checkpoint_name)
             return
         try:
-            copy_into(target, loaded, shard_name)
+            copy_into(target, loaded, layer, shard_name)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
         self.missing.discard(name)

@@ -1,6 +1,7 @@
 """load_weights: both naming schemes, tied heads, ignored buffers, in-place
 copies, and errors naming unknown or missing weights."""
 
+import copy
 import re
 
 import pytest
@@ -51,6 +52,15 @@ def test_both_namings_load_to_the_same_logits(hf_model, naming):
         weights = [(hub_name(name), tensor) for name, tensor in weights]
     model = fresh(hf_model)
     model.load_weights(iter(weights))
+    out, ref = logits_of(model, hf_model)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_a_deep_copied_model_loads_too(hf_model):
+    """Parameters rebuilt by deepcopy lose their weight_loader attributes; the
+    loader goes through the layers, which keep theirs."""
+    model = copy.deepcopy(fresh(hf_model))
+    model.load_weights(iter(hf_model.state_dict().items()))
     out, ref = logits_of(model, hf_model)
     assert (out - ref).abs().max().item() < 1e-4
 
