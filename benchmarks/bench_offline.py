@@ -64,7 +64,7 @@ def load_models(args):
         hf = random_hf_model(config, args.device, dtype)
         return folder, hf, pyvlm_model_from(hf, args.device, dtype)
     if args.model == "demo":
-        from pyvlm.models.demo import demo_checkpoint_dir
+        from pyvlm.conversions.demo import demo_checkpoint_dir
 
         folder = demo_checkpoint_dir()
     else:

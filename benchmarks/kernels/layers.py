@@ -4,6 +4,7 @@ write (Hugging Face's module formulas)."""
 import torch
 
 from pyvlm import ops
+from pyvlm.layers.rotary import cos_sin_cache, default_inv_freq
 from pyvlm.ops.reference.layers import mrope_cos_sin
 
 from .harness import Row, time_us
@@ -54,7 +55,7 @@ def norm_rows(device, tokens, hidden, dtype):
 def rotary_rows(device, tokens, dtype, heads=28, kv_heads=4, head_size=128):
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, device=device, dtype=dtype)
     q, k, _ = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
-    cache = ops.rotary_cos_sin_cache(head_size, 32768, base=1e6, device=device)
+    cache = cos_sin_cache(default_inv_freq(head_size, 1e6, device), 32768)
     pos = torch.randint(0, 32768, (tokens,), device=device)
     mpos = torch.randint(0, 32768, (3, tokens), device=device)
     half = head_size // 2

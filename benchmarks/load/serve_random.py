@@ -12,7 +12,6 @@ tokens and anyres preprocessing with tiny widths and depths, so this path
 runs on a CPU too.
 """
 
-import asyncio
 import logging
 import sys
 import tempfile
@@ -66,15 +65,10 @@ def build_model(shape: str, device: str, folder: Path):
 
 def serve(args, model) -> int:
     from pyvlm import Engine
-    from pyvlm.server.launch import Launcher
+    from pyvlm.server.launch import run_server
 
-    launcher = Launcher(args, make_engine=lambda a: Engine(loaded_model=model,
-                                                           **a.engine_kwargs()))
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(launcher.run())
-    return uvloop.run(launcher.run())
+    return run_server(args, make_engine=lambda a: Engine(loaded_model=model,
+                                                         **a.engine_kwargs()))
 
 
 def main(argv: List[str]) -> int:

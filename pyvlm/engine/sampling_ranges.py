@@ -1,15 +1,19 @@
-"""The allowed range of every numeric sampling field, in one place (no torch).
+"""The rules every sampling field must meet, in one place (no torch): the
+range of each numeric field, and the shapes of stop, stop_token_ids,
+logit_bias and the boolean flags.
 
-Both front doors check against this table: the OpenAI server
-(pyvlm/server/params.py, a 400 naming the field) and the offline Engine
-(pyvlm/entrypoints/sampling.py, a ValueError naming the field). The bounds
-are OpenAI's where OpenAI has one (temperature <= 2, penalties in [-2, 2],
-logit bias in [-100, 100], at most 20 top logprobs), SGLang's otherwise.
+Both front doors check against these rules: the OpenAI server
+(pyvlm/server/fields.py, a 400 naming the field) and the offline Engine
+(pyvlm/entrypoints/sampling.py, a ValueError naming the field); a rule
+raises SamplingFieldError, whose message and `param` both name the field.
+The bounds are OpenAI's where OpenAI has one (temperature <= 2, penalties in
+[-2, 2], logit bias in [-100, 100], at most 20 top logprobs), SGLang's
+otherwise.
 """
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 
 class SamplingFieldError(ValueError):
@@ -84,3 +88,52 @@ def check_field(name: str, value: Any, param: Optional[str] = None):
     if name == "top_k" and value in TOP_K_OFF and not isinstance(value, bool):
         return value
     return checked(name, value, BOUNDS[name], param)
+
+
+def is_token_id(value: Any) -> bool:
+    """A non-negative int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def checked_flag(value: Any, param: str) -> bool:
+    """value if it is a bool (ignore_eos, logprobs, skip_special_tokens, ...)."""
+    if not isinstance(value, bool):
+        raise SamplingFieldError(f"'{param}' must be a boolean", param)
+    return value
+
+
+def checked_stop(value: Any, param: str = "stop") -> Tuple[str, ...]:
+    """A non-empty string or a list of them, as a tuple."""
+    values = (value,) if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not all(isinstance(s, str) and s for s in values):
+        raise SamplingFieldError(f"'{param}' must be a non-empty string or a list of them", param)
+    return tuple(values)
+
+
+def checked_token_ids(value: Any, param: str) -> Tuple[int, ...]:
+    """A list of token ids (possibly empty), as a tuple."""
+    if not isinstance(value, (list, tuple)) or not all(is_token_id(t) for t in value):
+        raise SamplingFieldError(f"'{param}' must be a list of token ids", param)
+    return tuple(value)
+
+
+def _is_token_id_key(key: Any) -> bool:
+    # JSON object keys are strings; isdigit() alone admits "²" and "፩",
+    # which int() refuses, hence isascii().
+    return is_token_id(key) or (isinstance(key, str) and key.isascii() and key.isdigit())
+
+
+def checked_logit_bias(value: Any, param: str = "logit_bias") -> Dict[int, float]:
+    """{token id (an int or its ASCII digits): bias in [-100, 100]} as {int: float}."""
+    if not isinstance(value, Mapping):
+        raise SamplingFieldError(f"'{param}' must be an object mapping token ids to numbers",
+                                 param)
+    bias = {}
+    for key, amount in value.items():
+        if not _is_token_id_key(key):
+            raise SamplingFieldError(f"'{param}' keys must be token ids, got {key!r:.40}", param)
+        if not is_number(amount) or not LOGIT_BIAS.contains(amount):
+            raise SamplingFieldError(f"'{param}' values must be numbers in "
+                                     f"[{LOGIT_BIAS.low:g}, {LOGIT_BIAS.high:g}]", param)
+        bias[int(key)] = float(amount)
+    return bias

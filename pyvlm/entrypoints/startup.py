@@ -52,7 +52,7 @@ class EngineState:
 def checkpoint_for(config: EngineConfig) -> CheckpointFiles:
     """The checkpoint's files, with --rope-scaling applied to its config."""
     if config.model.model is None:
-        from pyvlm.models.demo import demo_checkpoint_dir
+        from pyvlm.conversions.demo import demo_checkpoint_dir
 
         files = load_checkpoint_files(str(demo_checkpoint_dir()))
     else:

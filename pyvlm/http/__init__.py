@@ -10,11 +10,11 @@ from pyvlm.http.errors import ProtocolError, error_body
 from pyvlm.http.limits import HttpLimits
 from pyvlm.http.response import error_response
 from pyvlm.http.server import HttpServer, new_event_loop, serve
-from pyvlm.http.sse import SSE_DONE, sse_comment, sse_event
+from pyvlm.http.sse import SSE_DONE, sse_comment, sse_event, sse_json
 from pyvlm.http.types import Handler, Headers, Request, Response, StreamingResponse
 
 __all__ = [
     "Handler", "Headers", "HttpLimits", "HttpServer", "ProtocolError", "Request", "Response",
     "SSE_DONE", "StreamingResponse", "error_body", "error_response", "new_event_loop", "serve",
-    "sse_comment", "sse_event",
+    "sse_comment", "sse_event", "sse_json",
 ]  # fmt: skip

@@ -5,17 +5,23 @@ from torch import nn
 
 from pyvlm import ops
 
-from .linear import StackedLinear
+from .linear import MergedColumnParallelLinear, RowParallelLinear
+from .tensor_parallel import SINGLE_RANK, TensorParallelGroup
 
 
 class GatedMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul."""
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one matmul.
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    Tensor parallel as Megatron-LM's MLP: gate/up split by columns, down by
+    rows, so each rank's intermediate activations stay local and one
+    all-reduce (in down_proj) ends the block."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
+                 tp: TensorParallelGroup = SINGLE_RANK):
         super().__init__()
-        self.gate_up_proj = StackedLinear(hidden_size, {"gate_proj": intermediate_size,
-                                                        "up_proj": intermediate_size}, bias)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, {"gate_proj": intermediate_size, "up_proj": intermediate_size}, bias, tp)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias, tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x)))

@@ -4,6 +4,10 @@ Supported rope types: default, linear and llama3 (the ones whose cos/sin do
 not depend on the sequence length); others raise with the type's name.
 Qwen2-VL's multimodal rotary (M-RoPE: rope parameters with an
 mrope_section) rotates by three position rows: `MRotaryEmbedding`.
+
+This module also owns the cos/sin table the rotary ops take (vLLM's layout:
+[max_position, rotary_dim], cos in the first half of the columns, sin in the
+second); pyvlm.ops only wraps the kernels that read it.
 """
 
 import math
@@ -31,9 +35,11 @@ def rope_parameters_of(config) -> Dict[str, Any]:
     return params
 
 
-def default_inv_freq(rotary_dim: int, base: float) -> torch.Tensor:
+def default_inv_freq(rotary_dim: int, base: float,
+                     device: Optional[torch.device] = None) -> torch.Tensor:
     """1 / base^(2i / dim) in float32, computed as transformers does."""
-    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).to(torch.float) / rotary_dim
+    exponents = (torch.arange(0, rotary_dim, 2, dtype=torch.int64, device=device)
+                 .to(torch.float) / rotary_dim)
     return 1.0 / (base ** exponents)
 
 
@@ -65,8 +71,11 @@ def inv_freq_for(rotary_dim: int, params: Dict[str, Any]) -> torch.Tensor:
 
 
 def cos_sin_cache(inv_freq: torch.Tensor, max_position: int) -> torch.Tensor:
-    """[max_position, rotary_dim] table: cos in the first half, sin in the second."""
-    freqs = torch.arange(max_position, dtype=torch.float)[:, None] * inv_freq[None, :]
+    """[max_position, rotary_dim] float32 table on inv_freq's device: cos in
+    the first half, sin in the second (angles = position * inv_freq, as
+    transformers' rotary embedding modules compute them)."""
+    positions = torch.arange(max_position, dtype=torch.float, device=inv_freq.device)
+    freqs = positions[:, None] * inv_freq[None, :]
     return torch.cat((freqs.cos(), freqs.sin()), dim=-1)
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from pyvlm.layers.attention import AttentionMetadata, PagedAttention
-from pyvlm.layers.linear import qkv_linear
+from pyvlm.layers.linear import QKVParallelLinear, RowParallelLinear
 from pyvlm.layers.mlp import GatedMLP
 from pyvlm.layers.norm import RMSNorm
 from pyvlm.layers.rotary import RotaryEmbedding, rope_parameters_of, rotary_for
@@ -55,11 +55,11 @@ class DecoderShape:
 class LlamaAttention(nn.Module):
     def __init__(self, shape: DecoderShape, rotary: RotaryEmbedding):
         super().__init__()
-        self.q_size = shape.num_heads * shape.head_dim
-        self.kv_size = shape.num_kv_heads * shape.head_dim
-        self.qkv_proj = qkv_linear(shape.hidden_size, shape.num_heads, shape.num_kv_heads,
-                                   shape.head_dim, shape.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, shape.hidden_size, bias=shape.o_bias)
+        self.qkv_proj = QKVParallelLinear(shape.hidden_size, shape.head_dim, shape.num_heads,
+                                          shape.num_kv_heads, shape.qkv_bias)
+        self.q_size, self.kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        self.o_proj = RowParallelLinear(shape.num_heads * shape.head_dim, shape.hidden_size,
+                                        shape.o_bias)
         self.rotary = [rotary]  # shared by all layers; a list keeps it out of the module tree
         self.attn = PagedAttention(shape.num_heads, shape.num_kv_heads, shape.head_dim,
                                    scale=shape.head_dim ** -0.5)

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyvlm import ops
-from pyvlm.layers.linear import qkv_linear
+from pyvlm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 
 FeatureLayers = Union[int, Sequence[int]]
 
@@ -49,9 +49,9 @@ class SiglipAttention(nn.Module):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // self.num_heads
-        self.qkv_proj = qkv_linear(config.hidden_size, self.num_heads, self.num_heads,
-                                   self.head_dim, bias=True)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
+                                          self.num_heads, bias=True)
+        self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [num_tiles, num_patches, hidden]: attention within each tile."""
@@ -69,8 +69,8 @@ class SiglipAttention(nn.Module):
 class SiglipMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size)
+        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size)
         self.approximate = "tanh" if config.hidden_act == "gelu_pytorch_tanh" else "none"
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 Checkpoint names are first mapped to the model's own names (the model
 supplies the rename rules); q/k/v and gate/up matrices land in their rows of
-the fused `StackedLinear` parameters. Every parameter must be loaded exactly
-once and every checkpoint tensor must have a home: both failures raise with
-the names, so a wrong checkpoint never serves silently.
+the fused `MergedColumnParallelLinear` parameters. A parameter of a
+parallel linear layer is loaded through the layer's weight_loader, which
+copies its tensor-parallel rank's slice; any other is copied whole. Every parameter must be
+loaded exactly once and every checkpoint tensor must have a home: both
+failures raise with the names, so a wrong checkpoint never serves silently.
 """
 
 from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
@@ -12,18 +14,18 @@ from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 import torch
 from torch import nn
 
-from pyvlm.layers.linear import StackedLinear
+from pyvlm.layers.linear import MergedColumnParallelLinear, ParallelLinear
 
 # Renames a checkpoint name to the model's name; None means "ignore it".
 NameMapper = Callable[[str], Optional[str]]
 
 
-def shard_homes(model: nn.Module) -> Dict[str, Tuple[StackedLinear, str]]:
+def shard_homes(model: nn.Module) -> Dict[str, Tuple[MergedColumnParallelLinear, str]]:
     """Checkpoint module path of each shard ("layers.0.self_attn.q_proj") ->
     (its fused module, shard name)."""
     homes = {}
     for module_name, module in model.named_modules():
-        if isinstance(module, StackedLinear):
+        if isinstance(module, MergedColumnParallelLinear):
             parent = module_name.rpartition(".")[0]
             for shard in module.shard_names:
                 homes[f"{parent}.{shard}" if parent else shard] = (module, shard)
@@ -33,15 +35,29 @@ def shard_homes(model: nn.Module) -> Dict[str, Tuple[StackedLinear, str]]:
 def stacked_param_names(model: nn.Module) -> Set[str]:
     """Names of the fused parameters (loaded shard by shard, never whole)."""
     return {f"{module_name}.{kind}" for module_name, module in model.named_modules()
-            if isinstance(module, StackedLinear) for kind, _ in module.named_parameters()}
+            if isinstance(module, MergedColumnParallelLinear) for kind, _ in module.named_parameters()}
 
 
-def copy_into(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
-    if param.shape != loaded.shape:
-        raise ValueError(f"{name}: expected shape {tuple(param.shape)}, "
-                         f"got {tuple(loaded.shape)}")
+def parallel_layers(model: nn.Module) -> Dict[str, ParallelLinear]:
+    """Name of each parallel linear layer's parameter -> the layer."""
+    return {f"{module_name}.{kind}" if module_name else kind: module
+            for module_name, module in model.named_modules()
+            if isinstance(module, ParallelLinear)
+            for kind, _ in module.named_parameters(recurse=False)}
+
+
+def copy_into(param: torch.Tensor, loaded: torch.Tensor, layer: Optional[ParallelLinear] = None,
+              shard_name: Optional[str] = None) -> None:
+    """Copies loaded into param: this rank's slice through the weight_loader
+    of the parallel layer holding it (shard_name: the fused matrix it is, for
+    a merged layer), else whole; a wrong shape raises ValueError."""
     with torch.no_grad():
-        param.copy_(loaded)
+        if layer is not None:
+            layer.weight_loader(param, loaded, shard_name)
+        elif param.shape != loaded.shape:
+            raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
+        else:
+            param.copy_(loaded)
 
 
 class WeightNamesError(ValueError):
@@ -62,6 +78,7 @@ class WeightLoader:
         self.rename = rename
         self.params: Dict[str, torch.Tensor] = dict(model.named_parameters())
         self.shards = shard_homes(model)
+        self.layers = parallel_layers(model)
         self.missing: Set[str] = set(self.params) - stacked_param_names(model)
         self.missing |= {f"{path}.{kind}" for path, (module, _) in self.shards.items()
                          for kind, _ in module.named_parameters()}
@@ -72,15 +89,17 @@ class WeightLoader:
         if name is None:
             return
         module_path, _, param_name = name.rpartition(".")
-        if name in self.params:
-            copy_into(self.params[name], loaded, name)
-        elif module_path in self.shards:
-            module, shard = self.shards[module_path]
-            with torch.no_grad():
-                module.load_shard(shard, param_name, loaded)
-        else:
+        target, layer, shard_name = self.params.get(name), self.layers.get(name), None
+        if target is None and module_path in self.shards:
+            layer, shard_name = self.shards[module_path]
+            target = dict(layer.named_parameters(recurse=False)).get(param_name)
+        if target is None:
             self.unknown.append(checkpoint_name)
             return
+        try:
+            copy_into(target, loaded, layer, shard_name)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
         self.missing.discard(name)
 
     def finish(self) -> None:

@@ -15,7 +15,6 @@ from .layers import (  # noqa: F401
     merge_multimodal_embeddings,
     mrope,
     rms_norm,
-    rotary_cos_sin_cache,
     rotary_embedding,
 )
 from .attention import paged_attention_decode, reshape_and_cache  # noqa: F401

@@ -5,7 +5,8 @@ The norms follow Hugging Face's LlamaRMSNorm / Qwen2RMSNorm rounding order
 (x * rsqrt(mean(x^2) + eps) in float32, rounded to the model dtype, then
 multiplied by the weight and rounded again) so that logits match transformers.
 The rotary ops use vLLM's layout: a cos_sin_cache [max_position, rotary_dim]
-whose first half of columns holds cos and second half sin.
+whose first half of columns holds cos and second half sin (built by
+pyvlm.layers.rotary.cos_sin_cache).
 """
 
 from typing import Optional, Sequence
@@ -110,25 +111,6 @@ def placeholder_positions(
             f"(id {placeholder_token_id}) but mm_embeds has {num_mm} rows"
         )
     return positions
-
-
-def rotary_cos_sin_cache(
-    rotary_dim: int,
-    max_position: int,
-    base: float = 10000.0,
-    dtype: torch.dtype = torch.float32,
-    device: Optional[torch.device] = None,
-) -> torch.Tensor:
-    """[max_position, rotary_dim] cos|sin table with HF's default rope frequencies.
-
-    Computed in float32 exactly as transformers' rotary embedding modules
-    (inv_freq = 1 / base ** (arange(0, dim, 2) / dim), angles = pos * inv_freq),
-    so that the rotations match theirs.
-    """
-    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float, device=device) / rotary_dim))
-    t = torch.arange(max_position, dtype=torch.float, device=device)
-    freqs = t[:, None] * inv_freq[None, :]
-    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(dtype)
 
 
 @torch.library.register_fake("pyvlm::rms_norm")

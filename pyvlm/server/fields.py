@@ -3,58 +3,44 @@
 JSON booleans are not numbers here (Python's bool is an int subclass, but
 `"n": true` is a client bug worth reporting)."""
 
-from typing import Any, List, Mapping, Optional, Sequence
+from typing import Any, Callable, List, Mapping, Optional, Sequence
 
-from pyvlm.engine.sampling_ranges import (LOGIT_BIAS, Bound, SamplingFieldError, check_field,
-                                          checked, is_number)
+from pyvlm.engine.sampling_ranges import (Bound, SamplingFieldError, check_field, checked,
+                                          checked_flag, checked_logit_bias, checked_stop,
+                                          checked_token_ids, is_token_id)
 from pyvlm.server.errors import invalid
 
 
-def get_number(body: Mapping, name: str, default, bound: Bound):
-    """body[name] checked against bound (type and range), or default when
-    absent or null."""
+def _read(body: Mapping, name: str, rule: Callable[[Any], Any]):
+    """rule(body[name]), or None when absent or null; the rule's
+    SamplingFieldError (see pyvlm.engine.sampling_ranges) becomes a 400
+    naming the field."""
     value = body.get(name)
     if value is None:
-        return default
+        return None
     try:
-        return checked(name, value, bound)
+        return rule(value)
     except SamplingFieldError as exc:
         raise invalid(str(exc), exc.param) from None
-
-
-def get_float(body: Mapping, name: str, default: Optional[float], low: float,
-              high: float) -> Optional[float]:
-    """A number in [low, high], or default when absent or null."""
-    value = get_number(body, name, default, Bound(low, high))
-    return value if value is None else float(value)
 
 
 def get_int(body: Mapping, name: str, default: Optional[int], low: int,
             high: Optional[int] = None) -> Optional[int]:
     """An integer >= low (and <= high), or default when absent or null."""
-    return get_number(body, name, default, Bound(low, high, integer=True))
+    value = _read(body, name, lambda v: checked(name, v, Bound(low, high, integer=True)))
+    return default if value is None else value
 
 
 def get_sampling(body: Mapping, name: str, engine_name: Optional[str] = None):
     """A sampling field checked against pyvlm.engine.sampling_ranges (the
     engine's own table), or None when absent or null. engine_name: the
     engine's name for it when the API's differs (max_tokens -> max_new_tokens)."""
-    value = body.get(name)
-    if value is None:
-        return None
-    try:
-        return check_field(engine_name or name, value, param=name)
-    except SamplingFieldError as exc:
-        raise invalid(str(exc), exc.param) from None
+    return _read(body, name, lambda v: check_field(engine_name or name, v, param=name))
 
 
 def get_bool(body: Mapping, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise invalid(f"'{name}' must be a boolean", name)
-    return value
+    value = _read(body, name, lambda v: checked_flag(v, name))
+    return default if value is None else value
 
 
 def get_str(body: Mapping, name: str, default: Optional[str] = None) -> Optional[str]:
@@ -77,45 +63,22 @@ def get_object(body: Mapping, name: str) -> Mapping:
 
 def get_stop(body: Mapping, name: str = "stop") -> List[str]:
     """A string or a list of non-empty strings."""
-    value = body.get(name)
-    if value is None:
-        return []
-    values = [value] if isinstance(value, str) else value
-    if not isinstance(values, list) or not all(isinstance(s, str) and s for s in values):
-        raise invalid(f"'{name}' must be a non-empty string or a list of them", name)
-    return list(values)
+    return list(_read(body, name, lambda v: checked_stop(v, name)) or ())
 
 
-def get_int_list(body: Mapping, name: str) -> List[int]:
-    value = body.get(name)
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(_is_token_id(t) for t in value):
-        raise invalid(f"'{name}' must be a list of token ids", name)
-    return list(value)
-
-
-def _is_token_id(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def get_token_ids(body: Mapping, name: str) -> List[int]:
+    """A list of token ids, [] when absent or null."""
+    return list(_read(body, name, lambda v: checked_token_ids(v, name)) or ())
 
 
 def get_logit_bias(body: Mapping, name: str = "logit_bias") -> dict:
     """{"token id": bias in [-100, 100]} as {int: float}."""
-    value = get_object(body, name)
-    bias = {}
-    for key, amount in value.items():
-        # isdigit() alone admits "²" and "፩", which int() refuses
-        if not (isinstance(key, str) and key.isascii() and key.isdigit()):
-            raise invalid(f"'{name}' keys must be token ids, got {key!r:.40}", name)
-        if not is_number(amount) or not LOGIT_BIAS.contains(amount):
-            raise invalid(f"'{name}' values must be numbers in [-100, 100]", name)
-        bias[int(key)] = float(amount)
-    return bias
+    return _read(body, name, lambda v: checked_logit_bias(v, name)) or {}
 
 
 def is_token_ids(value: Any) -> bool:
     """A non-empty list of token ids."""
-    return isinstance(value, list) and bool(value) and all(_is_token_id(t) for t in value)
+    return isinstance(value, list) and bool(value) and all(is_token_id(t) for t in value)
 
 
 def check_known(body: Mapping, known: Sequence[str]) -> None:

@@ -167,9 +167,10 @@ def _make_engine(args: ServerArgs):
     return Engine(**args.engine_kwargs())
 
 
-def run_server(args: ServerArgs) -> int:
-    """Serves until a signal; returns the exit status."""
-    launcher = Launcher(args)
+def run_server(args: ServerArgs, make_engine: Optional[Callable] = None) -> int:
+    """Serves until a signal (on uvloop when installed); returns the exit
+    status. make_engine(args) builds the engine (default: pyvlm.Engine)."""
+    launcher = Launcher(args, make_engine)
     try:
         import uvloop
     except ImportError:

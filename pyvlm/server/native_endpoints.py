@@ -8,6 +8,7 @@ from typing import Any, AsyncIterator, List, Mapping
 from pyvlm import __version__
 from pyvlm.engine.sampling_ranges import SamplingFieldError
 from pyvlm.entrypoints.sampling import sampling_params_from
+from pyvlm.http.sse import sse_json
 from pyvlm.http.types import Response
 from pyvlm.server import fields
 from pyvlm.server.errors import ApiError, invalid, unavailable
@@ -15,7 +16,6 @@ from pyvlm.server.generation import EngineInput
 from pyvlm.server.openai_endpoints import event_stream, json_response, open_stream
 from pyvlm.server.params import AnswerSpec
 from pyvlm.server.runs import Run
-from pyvlm.server.sse import sse_data
 
 GENERATE_FIELDS = ("text", "input_ids", "image_data", "sampling_params", "stream", "rid",
                    "return_logprob", "top_logprobs_num", "mm_processor_kwargs")
@@ -101,14 +101,11 @@ async def _cumulative(deltas) -> AsyncIterator[bytes]:
     """SGLang's /generate stream: each event holds the text, ids and
     logprobs so far."""
     text, ids, logprobs = "", [], []
-    try:
-        async for delta in deltas:
-            text, ids = text + delta.text, ids + delta.token_ids
-            logprobs.extend(delta.logprobs)
-            yield sse_data({"text": text, "output_ids": ids,
-                            "meta_info": _with_logprobs(delta.meta, logprobs)})
-    finally:
-        await deltas.aclose()
+    async for delta in deltas:
+        text, ids = text + delta.text, ids + delta.token_ids
+        logprobs.extend(delta.logprobs)
+        yield sse_json({"text": text, "output_ids": ids,
+                        "meta_info": _with_logprobs(delta.meta, logprobs)})
 
 
 # ---- info, health, cache --------------------------------------------------

@@ -1,17 +1,17 @@
 """POST /v1/chat/completions and POST /v1/completions."""
 
 import logging
-from typing import AsyncIterator, Dict, List, Mapping, Union
+from typing import AsyncIterator, List, Mapping, Union
 
 import orjson
 
+from pyvlm.http.sse import SSE_DONE, sse_json
 from pyvlm.http.types import Response, StreamingResponse
 from pyvlm.server import chat_request, fields, responses
 from pyvlm.server.errors import ApiError, internal_error, invalid, unsupported_field
 from pyvlm.server.generation import ChoiceDelta, EngineInput
 from pyvlm.server.params import SAMPLING_FIELDS, answer_spec, check_model, sampling_params
 from pyvlm.server.runs import Run
-from pyvlm.server.sse import DONE, sse_data, sse_error
 
 logger = logging.getLogger("pyvlm.server")
 
@@ -55,34 +55,26 @@ async def respond(app, run: Run, spec, ids, make_events, make_body):
 
 async def chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     """chat.completion.chunk events: role first, content, one finish per choice."""
-    try:
-        async for event in _chat_events(app, run, ids, deltas):
-            yield event
-    finally:  # closing the events aborts the engine requests at once
-        await deltas.aclose()
-
-
-async def _chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     started, metas = set(), []
     with_usage = run.spec.include_usage
     async for delta in deltas:
         if delta.index not in started:
             started.add(delta.index)
-            yield sse_data(responses.chat_chunk(ids, delta.index, {"role": "assistant",
+            yield sse_json(responses.chat_chunk(ids, delta.index, {"role": "assistant",
                                                                    "content": ""},
                                                 include_usage=with_usage))
         if delta.text or delta.logprobs:
             logprobs = (responses.chat_logprobs(delta.logprobs, app.token_texts)
                         if run.spec.num_top_logprobs is not None else None)
-            yield sse_data(responses.chat_chunk(ids, delta.index, {"content": delta.text},
+            yield sse_json(responses.chat_chunk(ids, delta.index, {"content": delta.text},
                                                 logprobs=logprobs, include_usage=with_usage))
         if delta.finish_reason is not None:
             metas.append((run.prompt_index(delta.index), delta.meta))
-            yield sse_data(responses.chat_chunk(ids, delta.index, {}, delta.finish_reason,
+            yield sse_json(responses.chat_chunk(ids, delta.index, {}, delta.finish_reason,
                                                 include_usage=with_usage))
     if with_usage:
         usage = responses.usage_of(metas, app.args.enable_cache_report)
-        yield sse_data(responses.usage_chunk(ids, "chat.completion.chunk", usage))
+        yield sse_json(responses.usage_chunk(ids, "chat.completion.chunk", usage))
 
 
 # ---- completions ----------------------------------------------------------
@@ -129,14 +121,6 @@ def completion_prompts(prompt, vocab_size: int) -> List[Union[str, List[int]]]:
 
 async def completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     """text_completion chunks, the finish_reason on each choice's last one."""
-    try:
-        async for event in _completion_events(app, run, ids, deltas):
-            yield event
-    finally:
-        await deltas.aclose()
-
-
-async def _completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     metas, offsets = [], {}
     with_usage = run.spec.include_usage
     async for delta in deltas:
@@ -147,10 +131,10 @@ async def _completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]
         offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
         if delta.finish_reason is not None:
             metas.append((run.prompt_index(delta.index), delta.meta))
-        yield sse_data(responses.completion_chunk(ids, delta, logprobs, with_usage))
+        yield sse_json(responses.completion_chunk(ids, delta, logprobs, with_usage))
     if with_usage:
         usage = responses.usage_of(metas, app.args.enable_cache_report)
-        yield sse_data(responses.usage_chunk(ids, "text_completion", usage))
+        yield sse_json(responses.usage_chunk(ids, "text_completion", usage))
 
 
 # ---- streaming plumbing ---------------------------------------------------
@@ -194,7 +178,7 @@ class EventStream:
     it (client gone) aborts the engine requests even before the first read."""
 
     def __init__(self, events: AsyncIterator[bytes], deltas: PrimedDeltas):
-        self._events, self._deltas = _terminated(events), deltas
+        self._events, self._deltas = _terminated(_closing_deltas(events, deltas)), deltas
 
     def __aiter__(self) -> "EventStream":
         return self
@@ -212,17 +196,28 @@ def event_stream(events: AsyncIterator[bytes], deltas: PrimedDeltas) -> Streamin
                              headers=[("cache-control", "no-cache"), ("x-accel-buffering", "no")])
 
 
+async def _closing_deltas(events: AsyncIterator[bytes],
+                          deltas: PrimedDeltas) -> AsyncIterator[bytes]:
+    """The events; when they end, fail or are closed, the deltas close too,
+    which aborts the engine requests at once (before an error event goes out)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        await deltas.aclose()
+
+
 async def _terminated(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """The events, then `data: [DONE]`; a failure mid-stream becomes an
     `error` event and the stream ends there."""
     try:
         async for event in events:
             yield event
-        yield DONE
+        yield SSE_DONE
     except ApiError as exc:
-        yield sse_error(exc)
+        yield sse_json(exc.body(), event="error")
     except Exception:
         logger.exception("stream failed")
-        yield sse_error(internal_error())
+        yield sse_json(internal_error().body(), event="error")
     finally:
         await events.aclose()

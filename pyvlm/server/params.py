@@ -47,7 +47,7 @@ def sampling_params(body: Mapping, max_tokens: Optional[int], context_length: in
     return dict(params,
                 max_new_tokens=max_tokens if max_tokens is not None else context_length,
                 stop=stop + [s for s in template_stop if s not in stop],
-                stop_token_ids=fields.get_int_list(body, "stop_token_ids"),
+                stop_token_ids=fields.get_token_ids(body, "stop_token_ids"),
                 logit_bias=bias,
                 ignore_eos=fields.get_bool(body, "ignore_eos", False),
                 skip_special_tokens=fields.get_bool(body, "skip_special_tokens", True))

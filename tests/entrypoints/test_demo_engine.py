@@ -1,5 +1,5 @@
 """The demo model through pyvlm's own engine, against transformers on the
-same checkpoint (which tests/models/test_demo.py checks on its own)."""
+same checkpoint (which tests/conversions/test_demo.py checks on its own)."""
 
 import importlib.util
 

@@ -4,7 +4,8 @@ apply_rotary_pos_emb."""
 import pytest
 import torch
 
-from pyvlm.layers.rotary import RotaryEmbedding, inv_freq_for, rope_parameters_of
+from pyvlm.layers.rotary import (RotaryEmbedding, cos_sin_cache, default_inv_freq, inv_freq_for,
+                                 rope_parameters_of)
 
 ROPE_PARAMETERS = {
     "default": {"rope_type": "default", "rope_theta": 500000.0},
@@ -34,6 +35,22 @@ def test_inv_freq_matches_transformers(rope_type):
         ref, _ = ROPE_INIT_FUNCTIONS[rope_type](config)
     ours = inv_freq_for(32, rope_parameters_of(config))
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def test_cos_sin_cache_is_transformers_table():
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    max_position, head_dim = 512, 128
+    config = LlamaConfig(hidden_size=2 * head_dim, num_attention_heads=2,
+                         max_position_embeddings=max_position,
+                         rope_parameters=dict(ROPE_PARAMETERS["default"]))
+    x = torch.zeros(1, max_position, head_dim)
+    cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(max_position)[None])
+    cache = cos_sin_cache(default_inv_freq(head_dim, 500000.0), max_position)
+    half = head_dim // 2
+    assert torch.equal(cache[:, :half], cos[0, :, :half])
+    assert torch.equal(cache[:, half:], sin[0, :, :half])
 
 
 def test_old_rope_scaling_fields_are_read():

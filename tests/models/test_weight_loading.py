@@ -1,6 +1,7 @@
 """load_weights: both naming schemes, tied heads, ignored buffers, in-place
 copies, and errors naming unknown or missing weights."""
 
+import copy
 import re
 
 import pytest
@@ -56,6 +57,15 @@ def test_both_namings_load_to_the_same_logits(hf_model, naming):
     assert (out - ref).abs().max().item() < 1e-4
 
 
+def test_a_deep_copied_model_loads_too(hf_model):
+    """Parameters rebuilt by deepcopy lose their weight_loader attributes; the
+    loader goes through the layers, which keep theirs."""
+    model = copy.deepcopy(fresh(hf_model))
+    model.load_weights(iter(hf_model.state_dict().items()))
+    out, ref = logits_of(model, hf_model)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
 def test_rotary_buffers_are_ignored_and_tied_head_may_be_absent(hf_model):
     weights = dict(hf_model.state_dict())
     weights["model.language_model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)
@@ -96,8 +106,12 @@ def test_missing_weight_is_named(hf_model, dropped):
         fresh(hf_model).load_weights(weights.items())
 
 
-def test_wrong_shape_is_named(hf_model):
+@pytest.mark.parametrize("name", ["model.multi_modal_projector.linear_2.bias",  # nn.Linear
+                                  "model.language_model.layers.1.self_attn.k_proj.weight",  # fused
+                                  "model.language_model.layers.0.self_attn.o_proj.weight",  # row
+                                  "model.vision_tower.encoder.layers.0.mlp.fc1.bias"])  # column
+def test_wrong_shape_is_named(hf_model, name):
     weights = dict(hf_model.state_dict())
-    weights["model.multi_modal_projector.linear_2.bias"] = torch.ones(3)
-    with pytest.raises(ValueError, match="linear_2.bias"):
+    weights[name] = torch.ones(3, *weights[name].shape[1:])
+    with pytest.raises(ValueError, match=re.escape(renamed(name)) + ": expected shape"):
         fresh(hf_model).load_weights(weights.items())

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pyvlm import ops
+from pyvlm.layers.rotary import cos_sin_cache, default_inv_freq
 from pyvlm.ops import reference
 
 from .conftest import assert_close, poisoned, run_cuda_child
@@ -111,8 +112,8 @@ def heads_of(x, head_size):
     return math.prod(x.shape[1:]) // head_size
 
 
-def make_cache(max_position, rotary_dim, dtype, device):
-    return ops.rotary_cos_sin_cache(rotary_dim, max_position, base=10000.0, dtype=dtype, device=device)
+def make_cache(max_position, rotary_dim, dtype, device, base=10000.0):
+    return cos_sin_cache(default_inv_freq(rotary_dim, base, device), max_position).to(dtype)
 
 
 def make_qk(shape, dtype, device, layout):
@@ -174,18 +175,6 @@ def test_rotary_on_padded_heads(device):
     assert_close(q, ref_q, torch.float32)
     assert_close(k, ref_k, torch.float32)
     assert torch.equal(wide_q[..., 64:], padding)
-
-
-def test_rotary_cos_sin_cache_is_transformers_table():
-    from transformers.models.llama.configuration_llama import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    config = LlamaConfig(hidden_size=256, num_attention_heads=2, max_position_embeddings=512,
-                         rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
-    x = torch.zeros(1, 512, 128)
-    cos, sin = LlamaRotaryEmbedding(config)(x, torch.arange(512)[None])
-    cache = ops.rotary_cos_sin_cache(128, 512, base=500000.0)
-    assert torch.equal(cache[:, :64], cos[0, :, :64]) and torch.equal(cache[:, 64:], sin[0, :, :64])
 
 
 MROPE_CASES = [  # (num_tokens, heads, kv_heads, head_size, mrope_section)
@@ -262,7 +251,7 @@ def test_mrope_matches_transformers_qwen2_vl(device, head_size, section):
     q = torch.randn(tokens, 4, head_size, device=device)
     k = torch.randn(tokens, 2, head_size, device=device)
     q_hf, k_hf = transformers_mrope(q, k, positions, head_size, section, theta)
-    cache = ops.rotary_cos_sin_cache(head_size, 4096, base=theta, device=device)
+    cache = make_cache(4096, head_size, torch.float32, device, base=theta)
     ops.mrope(positions, q, k, head_size, cache, section, is_neox=True)
     assert_close(q, q_hf, torch.float32)
     assert_close(k, k_hf, torch.float32)
@@ -451,7 +440,8 @@ def test_cuda_rotary_and_mrope_match_cpu(is_neox, dtype):
 SKIPPED_INDICES_SCRIPT = """
 import torch
 from pyvlm import ops
-cache = ops.rotary_cos_sin_cache(64, 8, device="cuda")
+from pyvlm.layers.rotary import cos_sin_cache, default_inv_freq
+cache = cos_sin_cache(default_inv_freq(64, 10000.0, "cuda"), 8)
 q = torch.randn(2, 64, device="cuda"); k = q.clone(); q0 = q.clone()
 positions = torch.tensor([1, 99], device="cuda")
 x = torch.zeros(4, 8, device="cuda")

@@ -1,8 +1,9 @@
-"""Every numeric sampling field is range-checked in one place
+"""Every sampling field is checked in one place
 (pyvlm.engine.sampling_ranges): the server answers a value outside its
-bound with a 400 naming the field, the offline Engine raises a ValueError
-naming it, and a value on the bound passes both. max_tokens 0 or negative
-is a 400 on every endpoint (OpenAI's behaviour)."""
+bound, or of the wrong shape, with a 400 naming the field, the offline
+Engine raises a ValueError naming it with the same message, and a value on
+the bound passes both. max_tokens 0 or negative is a 400 on every endpoint
+(OpenAI's behaviour)."""
 
 import pytest
 
@@ -51,6 +52,25 @@ def test_both_front_doors_refuse_the_same_values(app, name):
     sampling_params_from({name: value})
     status, _, body = call(app, "POST", "/v1/chat/completions", chat_body(name, value))
     assert status == 200, body
+
+
+SHAPE_CASES = [  # (field, a value of the wrong shape)
+    ("stop", [""]), ("stop", 5), ("stop", {"a": 1}), ("stop", ["a", 1]),
+    ("stop_token_ids", ["x"]), ("stop_token_ids", [-1]), ("stop_token_ids", [True]),
+    ("stop_token_ids", 5), ("logit_bias", {"abc": 1}), ("logit_bias", {"²": 1}),
+    ("logit_bias", {"5": 101}), ("logit_bias", {"5": "1"}), ("logit_bias", [1]),
+    ("ignore_eos", 1), ("skip_special_tokens", "yes"),
+]
+
+
+@pytest.mark.parametrize("name,value", SHAPE_CASES)
+def test_both_front_doors_refuse_the_same_shapes_with_one_message(app, name, value):
+    status, _, body = call(app, "POST", "/v1/chat/completions", dict(BODY, **{name: value}))
+    assert status == 400 and body["error"]["param"] == name, body
+    with pytest.raises(SamplingFieldError) as raised:
+        sampling_params_from({name: value})
+    assert raised.value.param == name
+    assert body["error"]["message"] == str(raised.value) and name in str(raised.value)
 
 
 @pytest.mark.parametrize("value", [0, -1])

@@ -1,15 +1,14 @@
-"""The demo checkpoint (pyvlm/models/demo.py), built fresh into a temporary
-cache and checked with transformers itself."""
+"""The demo checkpoint (pyvlm/conversions/demo.py), built fresh into a
+temporary cache and checked with transformers itself."""
 
 import importlib.util
 import json
-import random
 
 import numpy as np
 import pytest
 import torch
 
-from pyvlm.models import demo
+from pyvlm.conversions import demo
 from pyvlm.models.checkpoint import CheckpointFiles
 
 pytestmark = pytest.mark.skipif(
@@ -107,49 +106,6 @@ def test_later_calls_use_the_cache(demo_dir, demo_cache, monkeypatch):
     assert demo.demo_checkpoint_dir() == demo_dir
     assert demo_dir.name == demo.DEMO_NAME and f"v{demo.DEMO_VERSION}" in demo_dir.name
     assert [p.name for p in demo_cache.iterdir()] == [demo.DEMO_NAME]  # no half-built leftovers
-
-
-def test_a_failed_build_leaves_nothing_behind(tmp_path, monkeypatch):
-    def fails_midway(directory):
-        (directory / "config.json").write_text("{}")
-        raise RuntimeError("disk full")
-
-    monkeypatch.setenv("PYVLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(demo, "build_demo_checkpoint", fails_midway)
-    with pytest.raises(RuntimeError, match="disk full"):
-        demo.demo_checkpoint_dir()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_cache_root_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("PYVLM_CACHE_DIR", str(tmp_path / "explicit"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert demo.cache_root() == tmp_path / "explicit"
-    monkeypatch.delenv("PYVLM_CACHE_DIR")
-    assert demo.cache_root() == tmp_path / "xdg" / "pyvlm"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert demo.cache_root() == tmp_path / "home" / ".cache" / "pyvlm"
-
-
-def _llama_cpp_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    # llama.cpp's convert_hf_to_gguf.py LlamaModel.permute, applied at conversion.
-    return (weight.reshape(num_heads, 2, weight.shape[0] // num_heads // 2, *weight.shape[1:])
-            .swapaxes(1, 2).reshape(weight.shape))
-
-
-def test_unpermute_qk_inverts_llama_cpp_permutation():
-    num_heads, head_dim = random.choice([(9, 64), (3, 64), (4, 8)])
-    weight = np.random.default_rng().standard_normal((num_heads * head_dim, 24)).astype(np.float32)
-    permuted = _llama_cpp_permute(weight, num_heads)
-    assert not np.array_equal(permuted, weight)
-    np.testing.assert_array_equal(demo.unpermute_qk(permuted, num_heads), weight)
-
-
-def test_gguf_names_map_onto_llama():
-    assert demo.hf_llama_name("token_embd.weight") == "embed_tokens.weight"
-    assert demo.hf_llama_name("blk.7.attn_k.weight") == "layers.7.self_attn.k_proj.weight"
-    assert demo.hf_llama_name("blk.0.ffn_norm.weight") == "layers.0.post_attention_layernorm.weight"
 
 
 def test_the_demo_ships_low_temperature_sampling_defaults(demo_dir):

@@ -14,17 +14,15 @@ needed: only its .gguf file is read).
 """
 
 import importlib.util
-import logging
-import os
-import shutil
-import tempfile
+import json
 from pathlib import Path
-from typing import Dict, Iterator, Tuple
+from typing import Dict
 
 import numpy as np
 import torch
 
-logger = logging.getLogger("pyvlm.demo")
+from pyvlm.conversions import gguf_llama
+from pyvlm.conversions.cache import built_once
 
 DEMO_VERSION = 2  # bump when the built checkpoint changes: a new folder is built
 DEMO_NAME = f"smollm2-135m-llava-onevision-demo-v{DEMO_VERSION}"
@@ -63,38 +61,10 @@ class DemoUnavailable(ImportError):
     """The packages the demo is built from are not installed."""
 
 
-def cache_root() -> Path:
-    """$PYVLM_CACHE_DIR, else $XDG_CACHE_HOME/pyvlm, else ~/.cache/pyvlm."""
-    if os.environ.get("PYVLM_CACHE_DIR"):
-        return Path(os.environ["PYVLM_CACHE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg).expanduser() / "pyvlm"
-
-
 def demo_checkpoint_dir() -> Path:
-    """The demo checkpoint's folder, built on first use (a minute or less on CPU)."""
-    target = cache_root() / DEMO_NAME
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    building = Path(tempfile.mkdtemp(prefix=f".{DEMO_NAME}.building-", dir=target.parent))
-    try:
-        logger.info("Building the demo checkpoint in %s (first use only)", target)
-        build_demo_checkpoint(building)
-        _publish(building, target)
-    finally:
-        shutil.rmtree(building, ignore_errors=True)
-    return target
-
-
-def _publish(building: Path, target: Path) -> None:
-    # rename is atomic: readers see no folder or a complete one. If another
-    # process published first, its copy is as good as ours.
-    try:
-        building.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():
-            raise
+    """The demo checkpoint's folder in pyvlm's cache (see cache.cache_root),
+    built on first use (a minute or less on CPU)."""
+    return built_once(DEMO_NAME, build_demo_checkpoint)
 
 
 def gguf_path() -> Path:
@@ -109,18 +79,17 @@ def gguf_path() -> Path:
     return path
 
 
-def _gguf_reader(path: Path):
+def _open_gguf(path: Path):
     try:
-        import gguf
+        return gguf_llama.open_gguf(path)
     except ImportError:
         raise DemoUnavailable(f"the demo model needs the gguf package: {INSTALL_HINT}") from None
-    return gguf.GGUFReader(str(path))
 
 
 def build_demo_checkpoint(directory: Path) -> None:
     """Writes the demo checkpoint (config, weights, tokenizer, templates) into `directory`."""
     path = gguf_path()
-    reader = _gguf_reader(path)
+    reader = _open_gguf(path)
     tokenizer = _tokenizer(path)
     config = _llava_config(_text_config(reader, len(tokenizer)), tokenizer)
     model = _model_with_smollm2(config, reader)
@@ -143,8 +112,6 @@ def _tokenizer(path: Path):
 
 
 def _save_tokenizer(tokenizer, directory: Path, max_length: int) -> None:
-    import json
-
     tokenizer.save_pretrained(directory)
     path = directory / "tokenizer_config.json"
     config = json.loads(path.read_text())
@@ -154,32 +121,11 @@ def _save_tokenizer(tokenizer, directory: Path, max_length: int) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _field(reader, key: str):
-    return reader.fields[key].contents()
-
-
 def _text_config(reader, vocab_size: int) -> dict:
-    """SmolLM2's LlamaConfig from the GGUF metadata (vocab grown by the added tokens)."""
-    return dict(
-        model_type="llama", vocab_size=vocab_size,
-        hidden_size=_field(reader, "llama.embedding_length"),
-        intermediate_size=_field(reader, "llama.feed_forward_length"),
-        num_hidden_layers=_field(reader, "llama.block_count"),
-        num_attention_heads=_field(reader, "llama.attention.head_count"),
-        num_key_value_heads=_field(reader, "llama.attention.head_count_kv"),
-        max_position_embeddings=_field(reader, "llama.context_length"),
-        rms_norm_eps=_float32_value(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
-        rope_theta=_float32_value(_field(reader, "llama.rope.freq_base")),
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
-        tie_word_embeddings=True, attention_bias=False, mlp_bias=False, initializer_range=0.02)
-
-
-def _float32_value(value) -> float:
-    # GGUF stores float32: 1e-5 comes back as 9.99999974e-06; its shortest
-    # float32 spelling gives back the value of SmolLM2's config.json.
-    return float(str(np.float32(value)))
+    """SmolLM2's LlamaConfig (vocab grown by the added tokens): the GGUF
+    metadata, plus what SmolLM2's config.json sets and the GGUF does not."""
+    return dict(gguf_llama.llama_text_config(reader, vocab_size), tie_word_embeddings=True,
+                attention_bias=False, mlp_bias=False, initializer_range=0.02)
 
 
 def _vision_config() -> dict:
@@ -201,8 +147,6 @@ def _llava_config(text_config: dict, tokenizer):
 
 
 def _write_processor_configs(directory: Path) -> None:
-    import json
-
     side = {"height": VISION_IMAGE_SIZE, "width": VISION_IMAGE_SIZE}
     image_processor = {
         "image_processor_type": "LlavaOnevisionImageProcessor",
@@ -221,48 +165,6 @@ def _write_processor_configs(directory: Path) -> None:
 
 # --- weights ------------------------------------------------------------------
 
-_GGUF_LAYER_NAMES = {
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj"}
-
-
-def hf_llama_name(gguf_name: str) -> str:
-    """transformers' LlamaModel name of a llama.cpp tensor name."""
-    if gguf_name == "token_embd.weight":
-        return "embed_tokens.weight"
-    if gguf_name == "output_norm.weight":
-        return "norm.weight"
-    _, layer, module, suffix = gguf_name.split(".")
-    return f"layers.{layer}.{_GGUF_LAYER_NAMES[module]}.{suffix}"
-
-
-def unpermute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
-    """Undoes llama.cpp's convert-time permutation of q/k rows (it interleaves
-    each head's two rotary halves; transformers' GGUF loader undoes it too)."""
-    head_dim_half = weight.shape[0] // num_heads // 2
-    grouped = weight.reshape(num_heads, head_dim_half, 2, *weight.shape[1:])
-    return grouped.swapaxes(1, 2).reshape(weight.shape)
-
-
-def dequantized_tensors(reader) -> Iterator[Tuple[str, np.ndarray]]:
-    """(transformers name, float32 array) of every GGUF tensor."""
-    from gguf import quants
-
-    num_heads = _field(reader, "llama.attention.head_count")
-    num_kv_heads = _field(reader, "llama.attention.head_count_kv")
-    for tensor in reader.tensors:
-        # GGUF shapes list the fastest dimension first; the array is row-major.
-        array = quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
-        array = array.reshape([int(n) for n in reversed(tensor.shape.tolist())])
-        if ".attn_q." in tensor.name:
-            array = unpermute_qk(array, num_heads)
-        elif ".attn_k." in tensor.name:
-            array = unpermute_qk(array, num_kv_heads)
-        yield hf_llama_name(tensor.name), array
-
-
 def _model_with_smollm2(config, reader):
     """LlavaOnevision with SmolLM2's weights in the language model; the vision
     tower and projector keep their fixed-seed initialisation."""
@@ -271,7 +173,8 @@ def _model_with_smollm2(config, reader):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(VISION_SEED)
         model = LlavaOnevisionForConditionalGeneration(config).float().eval()
-    _load_language_model(model.model.language_model, dict(dequantized_tensors(reader)))
+    _load_language_model(model.model.language_model,
+                         dict(gguf_llama.dequantized_tensors(reader)))
     return model
 
 
