@@ -24,7 +24,9 @@ _FLAGS = ("ignore_eos", "logprobs", "skip_special_tokens")
 def _as_tuple(value) -> tuple:
     if value is None:
         return ()
-    return (value,) if isinstance(value, (str, int)) else tuple(value)
+    # Anything but a list is one value, which _check then judges (a float or
+    # a dict must be refused, never iterated into something that passes).
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
 def _check(values: Mapping[str, Any]) -> None:
