@@ -8,6 +8,7 @@ import logging
 import queue
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Union
 
+from pyvlm.chat import ChatTemplate
 from pyvlm.config import EngineConfig, engine_config
 from pyvlm.engine.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pyvlm.engine.request import Request, RequestOutput
@@ -24,6 +25,22 @@ class Engine:
 
     Engine(model="dir or hub id", page_size=16, chunked_prefill_size=512, ...)
     takes the server's argument names; model None loads the demo model.
+
+    Chat messages take the server's path: they are rendered by the engine's
+    chat_template (the one the server serves with: chat_template= a named
+    template or a Jinja file, else the checkpoint's Jinja template, else the
+    architecture's default), its stop strings are added to the request's,
+    and the text is tokenized with the tokenizer's special tokens. Content
+    parts are OpenAI's text and image_url ({"url": a URL, data URI or
+    path}) parts, plus {"type": "image", "image": <a PIL image, bytes, or
+    any of those strings>} for images already in memory.
+
+    Images (image_data, or a message's image parts) go through the server's
+    media policy: PIL images and bytes are taken as given; URLs on private
+    or loopback addresses are refused unless allow_private_media_urls=True;
+    paths and file:// URLs are read only under allowed_local_media_path.
+    A refusal is a ValueError (MediaError) naming the image, with the
+    server's text for the same image.
     """
 
     def __init__(self, model: Optional[str] = None, loaded_model=None, **server_args):
@@ -126,20 +143,22 @@ class Engine:
         tokenizer = self.state.tokenizer
         return [tokenizer.decode([int(t)], skip_special_tokens=False) for t in token_ids]
 
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The pyvlm.chat ChatTemplate that messages are rendered with, here
+        and by the server over this engine (resolved once, at startup)."""
+        return self.state.chat_template
+
     def model_info(self) -> Dict[str, Any]:
-        """What the server reports and needs: paths, architectures, the
-        checkpoint's chat template, context length, image token."""
+        """What the server reports and needs: paths, architectures, context
+        length, image token."""
         files, builder = self.state.files, self.builder
         return {"model_path": self.config.model.model or str(files.root),
                 "tokenizer_path": str(files.tokenizer_dir),
                 "architectures": list(files.config.get("architectures") or []),
-                "chat_template": files.chat_template or getattr(
-                    self.state.tokenizer, "chat_template", None),
                 "context_length": self.state.context_length,
                 "image_token": builder.image_token, "is_demo": self.state.is_demo,
                 "page_size": self.config.cache.page_size,
-                "special_tokens": _string_values(self.state.tokenizer.special_tokens_map),
-                "text_config": files.config.get("text_config"),
                 "vocab_size": (files.config.get("text_config") or files.config).get(
                     "vocab_size") or len(self.state.tokenizer)}
 
@@ -247,11 +266,6 @@ class DeltaStream:
         if not self._finished:
             self._finished = True
             self._engine.loop.abort(self._request.rid)
-
-
-def _string_values(mapping) -> Dict[str, str]:
-    """bos_token, eos_token, ... as strings (what chat templates read)."""
-    return {k: str(v) for k, v in mapping.items() if isinstance(v, str)}
 
 
 def _is_batch(value, is_messages: bool) -> bool:
