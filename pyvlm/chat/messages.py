@@ -1,6 +1,12 @@
 """Validation of OpenAI-shaped chat messages into a small typed form that
 every template renders from. Errors name the field, e.g.
-"messages[2].content[1].type"."""
+"messages[2].content[1].type".
+
+Content parts are OpenAI's {"type": "text"} and {"type": "image_url",
+"image_url": {"url": ...}}, plus, for callers in the same process
+(pyvlm.Engine), Hugging Face's {"type": "image", "image": <PIL image,
+bytes, URL, data URI or path>}; the HTTP server refuses that part type
+before rendering (pyvlm/server/chat_request.py)."""
 
 from dataclasses import dataclass
 from typing import Any, List, Sequence, Tuple, Union
@@ -75,7 +81,10 @@ def parse_part(part: Any, field: str) -> Part:
         return TextPart(_text_of(part, field))
     if kind == "image_url":
         return ImagePart(ImageRef(_image_url_of(part, field), f"{field}.image_url"))
-    raise ChatTemplateError(f"{field}.type must be 'text' or 'image_url'; got {_short(kind)}")
+    if kind == "image":
+        return ImagePart(ImageRef(_in_process_image_of(part, field), f"{field}.image"))
+    raise ChatTemplateError(
+        f"{field}.type must be 'text', 'image_url' or 'image'; got {_short(kind)}")
 
 
 def _text_of(part: dict, field: str) -> str:
@@ -91,6 +100,15 @@ def _image_url_of(part: dict, field: str) -> str:
     if not isinstance(url, str) or not url:
         raise ChatTemplateError(f"{field}.image_url.url must be a non-empty string")
     return url
+
+
+def _in_process_image_of(part: dict, field: str) -> Any:
+    # What the object is (PIL image, bytes, a URL) is the media loader's to check.
+    image = part.get("image")
+    if image is None or (isinstance(image, str) and not image):
+        raise ChatTemplateError(f"{field}.image must be an image (a PIL image, bytes, a URL, "
+                                "a data URI or a path)")
+    return image
 
 
 _JSON_TYPE_NAMES = {dict: "an object", list: "an array", bool: "a boolean", int: "a number",

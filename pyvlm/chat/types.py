@@ -2,7 +2,7 @@
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 
 class ChatTemplateError(ValueError):
@@ -12,10 +12,12 @@ class ChatTemplateError(ValueError):
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image of a chat: its URL, data URI or path as sent, and the
-    request field it came from (e.g. "messages[1].content[0].image_url")."""
+    """One image of a chat: its URL, data URI or path as sent (or, from an
+    in-process {"type": "image"} part, the image object itself: a PIL image
+    or bytes), and the request field it came from (e.g.
+    "messages[1].content[0].image_url")."""
 
-    source: str
+    source: Any
     param: str
 
 

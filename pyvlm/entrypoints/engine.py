@@ -8,6 +8,7 @@ import logging
 import queue
 from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, Union
 
+from pyvlm.chat import ChatTemplate
 from pyvlm.config import EngineConfig, engine_config
 from pyvlm.engine.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pyvlm.engine.request import Request, RequestOutput
@@ -24,6 +25,22 @@ class Engine:
 
     Engine(model="dir or hub id", page_size=16, chunked_prefill_size=512, ...)
     takes the server's argument names; model None loads the demo model.
+
+    Chat messages take the server's path: they are rendered by the engine's
+    chat_template (the one the server serves with: chat_template= a named
+    template or a Jinja file, else the checkpoint's Jinja template, else the
+    architecture's default), its stop strings are added to the request's,
+    and the text is tokenized with the tokenizer's special tokens. Content
+    parts are OpenAI's text and image_url ({"url": a URL, data URI or
+    path}) parts, plus {"type": "image", "image": <a PIL image, bytes, or
+    any of those strings>} for images already in memory.
+
+    Images (image_data, or a message's image parts) go through the server's
+    media policy: PIL images and bytes are taken as given; URLs on private
+    or loopback addresses are refused unless allow_private_media_urls=True;
+    paths and file:// URLs are read only under allowed_local_media_path.
+    A refusal is a ValueError (MediaError) naming the image, with the
+    server's text for the same image.
     """
 
     def __init__(self, model: Optional[str] = None, loaded_model=None, **server_args):
@@ -36,10 +53,15 @@ class Engine:
     # -- sync API --------------------------------------------------------
     def generate(self, prompt: Union[Prompt, Sequence[Prompt], None] = None,
                  sampling_params: Union[Mapping, Sequence[Mapping], None] = None,
-                 image_data: Any = None, messages: Any = None) -> Union[dict, List[dict]]:
+                 image_data: Any = None, messages: Any = None,
+                 mm_processor_kwargs: Optional[Mapping[str, Any]] = None
+                 ) -> Union[dict, List[dict]]:
         """Generates for one prompt (or chat) or a batch; returns SGLang-style
-        dicts {"text", "output_ids", "meta_info"} (a list for a batch)."""
-        builds, single = self._batch_builds(prompt, sampling_params, image_data, messages)
+        dicts {"text", "output_ids", "meta_info"} (a list for a batch).
+        mm_processor_kwargs: image-processor settings over the launch's, for
+        every prompt of the call (e.g. {"max_pixels": ...} for Qwen2-VL)."""
+        builds, single = self._batch_builds(prompt, sampling_params, image_data, messages,
+                                            mm_processor_kwargs)
         submitted = []
         try:
             for build in builds:  # each request runs while the next one is built
@@ -129,20 +151,22 @@ class Engine:
         tokenizer = self.state.tokenizer
         return [tokenizer.decode([int(t)], skip_special_tokens=False) for t in token_ids]
 
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The pyvlm.chat ChatTemplate that messages are rendered with, here
+        and by the server over this engine (resolved once, at startup)."""
+        return self.state.chat_template
+
     def model_info(self) -> Dict[str, Any]:
-        """What the server reports and needs: paths, architectures, the
-        checkpoint's chat template, context length, image token."""
+        """What the server reports and needs: paths, architectures, context
+        length, image token."""
         files, builder = self.state.files, self.builder
         return {"model_path": self.config.model.model or str(files.root),
                 "tokenizer_path": str(files.tokenizer_dir),
                 "architectures": list(files.config.get("architectures") or []),
-                "chat_template": files.chat_template or getattr(
-                    self.state.tokenizer, "chat_template", None),
                 "context_length": self.state.context_length,
                 "image_token": builder.image_token, "is_demo": self.state.is_demo,
                 "page_size": self.config.cache.page_size,
-                "special_tokens": _string_values(self.state.tokenizer.special_tokens_map),
-                "text_config": files.config.get("text_config"),
                 "vocab_size": (files.config.get("text_config") or files.config).get(
                     "vocab_size") or len(self.state.tokenizer)}
 
@@ -167,7 +191,8 @@ class Engine:
                    add_special_tokens=False, wait=True, mm_processor_kwargs=None) -> Request:
         sampling = sampling_params_from(sampling_params, self.state.sampling_defaults)
         if messages is not None:
-            return self.builder.from_messages(messages, sampling, rid, wait=wait)
+            return self.builder.from_messages(messages, sampling, rid, wait=wait,
+                                              mm_processor_kwargs=mm_processor_kwargs)
         if prompt is None:
             raise ValueError("give a prompt or messages")
         images = [] if image_data is None else (
@@ -176,17 +201,19 @@ class Engine:
                                         add_special_tokens=add_special_tokens, wait=wait,
                                         mm_processor_kwargs=mm_processor_kwargs)
 
-    def _batch_builds(self, prompt, sampling_params, image_data, messages):
+    def _batch_builds(self, prompt, sampling_params, image_data, messages,
+                      mm_processor_kwargs=None):
         """(one request-building callable per prompt, whether the input was one prompt)."""
         batch_input = messages if messages is not None else prompt
         single = not _is_batch(batch_input, is_messages=messages is not None)
         items = [batch_input] if single else list(batch_input)
         params = _per_item(sampling_params, len(items), Mapping)
         images = [image_data] if single else _per_item(image_data, len(items), None)
+        settings = dict(mm_processor_kwargs=mm_processor_kwargs)
         if messages is not None:
-            return [functools.partial(self._build_one, None, p, None, m)
+            return [functools.partial(self._build_one, None, p, None, m, **settings)
                     for m, p in zip(items, params)], single
-        return [functools.partial(self._build_one, x, p, im, None)
+        return [functools.partial(self._build_one, x, p, im, None, **settings)
                 for x, p, im in zip(items, params, images)], single
 
     def _submit(self, request: Request, sink) -> None:
@@ -251,11 +278,6 @@ class DeltaStream:
         if not self._finished:
             self._finished = True
             self._engine.loop.abort(self._request.rid)
-
-
-def _string_values(mapping) -> Dict[str, str]:
-    """bos_token, eos_token, ... as strings (what chat templates read)."""
-    return {k: str(v) for k, v in mapping.items() if isinstance(v, str)}
 
 
 def _is_batch(value, is_messages: bool) -> bool:

@@ -8,16 +8,16 @@ the engine thread, so no request's images stall the engine step."""
 import itertools
 import secrets
 import threading
-from dataclasses import dataclass
-from typing import Any, Callable, List, Mapping, Optional, Sequence, Union
+from dataclasses import dataclass, replace
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from pyvlm.chat import ChatTemplate, ChatTemplateError, RenderedChat
 from pyvlm.engine.request import Request
 from pyvlm.engine.types import MultimodalItem, SamplingParams
 from pyvlm.entrypoints.image_budget import ImageBudget
-from pyvlm.entrypoints.messages import convert_messages
-from pyvlm.multimodal.blocking_media import load_images_blocking
+from pyvlm.multimodal.blocking_media import load_images_blocking, load_refs_blocking
 from pyvlm.multimodal.hashing import combine_hash, image_content_hash
-from pyvlm.multimodal.llava_onevision import expand_image_tokens
+from pyvlm.multimodal.processor import expand_image_tokens
 from pyvlm.multimodal.media import MediaPolicy
 
 
@@ -44,7 +44,9 @@ class ImageInputs:
 class RequestBuilder:
     """Builds Requests for one model (see the module docstring).
 
-    images: None for a text-only model. media: what image sources may reach
+    chat_template: what from_messages renders with (the one the server
+    renders with too; None: messages are refused). images: None for a
+    text-only model. media: what image sources may reach
     and cost (the server's policy; its max_pixels also caps every buffer of
     the preprocessing). image_budget: bounds the prepared images of requests
     not yet finished (request.num_image_bytes is held until release()).
@@ -53,7 +55,7 @@ class RequestBuilder:
     base per process, so restarts do not repeat samples.
     """
 
-    def __init__(self, tokenizer, chat_template: Optional[str], eos_token_ids,
+    def __init__(self, tokenizer, chat_template: Optional[ChatTemplate], eos_token_ids,
                  images: Optional[ImageInputs], media: MediaPolicy, context_length: int,
                  random_seed: Optional[int] = None,
                  image_budget: Optional[ImageBudget] = None, vocab_size: Optional[int] = None):
@@ -77,10 +79,18 @@ class RequestBuilder:
         return self.images.image_token_id if self.images else None
 
     def from_messages(self, messages: Sequence[dict], sampling: SamplingParams,
-                      rid: Optional[str] = None, wait: bool = True) -> Request:
-        template_messages, images = convert_messages(messages)
-        prompt = self.render(template_messages)
-        return self.from_prompt(prompt, images, sampling, rid, wait=wait)
+                      rid: Optional[str] = None, wait: bool = True,
+                      mm_processor_kwargs: Optional[Mapping[str, Any]] = None) -> Request:
+        """Chat messages -> a Request, as the server builds one for
+        /v1/chat/completions: rendered by the chat template (its stop strings
+        join sampling's), the images loaded under the media policy (a refusal
+        names the message part), the text tokenized with the tokenizer's
+        special tokens (a BOS the template wrote is not doubled)."""
+        rendered = self.render(messages)
+        images = load_refs_blocking(rendered.image_refs, self.media)
+        return self.from_prompt(rendered.text, images, with_stop_strings(sampling, rendered.stop),
+                                rid, add_special_tokens=True, wait=wait,
+                                mm_processor_kwargs=mm_processor_kwargs)
 
     def release(self, request: Request) -> None:
         """Gives back the image budget a finished request held (once: later
@@ -90,12 +100,13 @@ class RequestBuilder:
         if num_bytes:
             self.image_budget.give_back(num_bytes)
 
-    def render(self, template_messages: List[dict]) -> str:
-        if self.chat_template is None and getattr(self.tokenizer, "chat_template", None) is None:
-            raise ValueError("this model has no chat template; send a prompt instead of messages")
-        return self.tokenizer.apply_chat_template(
-            template_messages, chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=True)
+    def render(self, messages: Sequence[dict]) -> RenderedChat:
+        """The chat template's rendering (prompt text with one placeholder
+        per image, image refs, stop strings); raises ChatTemplateError."""
+        if self.chat_template is None:
+            raise ChatTemplateError("this engine has no chat template; pass chat_template= "
+                                    "or send a prompt instead of messages")
+        return self.chat_template.render(messages, add_generation_prompt=True)
 
     def from_prompt(self, prompt: Union[str, List[int]], images: Sequence[Any],
                     sampling: SamplingParams, rid: Optional[str] = None,
@@ -198,3 +209,10 @@ class RequestBuilder:
         if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"the prompt has token ids outside the vocabulary "
                              f"[0, {self.vocab_size})")
+
+
+def with_stop_strings(sampling: SamplingParams, stop: Tuple[str, ...]) -> SamplingParams:
+    """sampling with the template's stop strings after its own (as the
+    server merges them: pyvlm/server/params.py)."""
+    extra = tuple(s for s in stop if s not in sampling.stop)
+    return replace(sampling, stop=sampling.stop + extra) if extra else sampling

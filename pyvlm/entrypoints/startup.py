@@ -7,6 +7,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from pyvlm.chat import ChatTemplate, resolve_template
 from pyvlm.config import EngineConfig
 from pyvlm.engine.detokenizer import detokenizer_factory
 from pyvlm.engine.scheduler import Scheduler
@@ -41,6 +42,7 @@ class EngineState:
     context_length: int
     is_demo: bool
     sampling_defaults: Dict[str, Any]  # from generation_config.json, for unset request fields
+    chat_template: ChatTemplate  # the one template Engine messages and the server render with
 
     def flush_cache(self) -> bool:
         if not self.scheduler.flush_cache():
@@ -137,6 +139,24 @@ def image_inputs_for(model, tokenizer, files: CheckpointFiles, dtype,
                        bytes_per_value=torch.empty((), dtype=dtype).element_size())
 
 
+def chat_template_for(config: EngineConfig, files: CheckpointFiles, tokenizer,
+                      image_token: Optional[str]) -> ChatTemplate:
+    """The chat template of this engine, for Engine.generate(messages=...)
+    and the server alike: chat_template (--chat-template: a named template
+    or a Jinja file), else the checkpoint's Jinja template, else the
+    architecture's default (pyvlm.chat.resolve_template). Jinja templates
+    emit image_token for an image and read the tokenizer's special tokens.
+    Raises ChatTemplateError (a bad chat_template, or none to be found)."""
+    checkpoint_template = files.chat_template or getattr(tokenizer, "chat_template", None)
+    special_tokens = {k: str(v) for k, v in tokenizer.special_tokens_map.items()
+                      if isinstance(v, str)}
+    return resolve_template(
+        config.model.chat_template,
+        checkpoint_template if isinstance(checkpoint_template, str) else None,
+        list(files.config.get("architectures") or []), image_token=image_token or "<image>",
+        template_vars=special_tokens, text_config=files.config.get("text_config"))
+
+
 def media_policy_of(config: EngineConfig) -> MediaPolicy:
     media = config.media
     return MediaPolicy(allowed_local_media_path=media.allowed_local_media_path,
@@ -181,10 +201,11 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     context_length = context_length_of(config, files)
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,
                           detokenizer_factory(tokenizer))
-    builder = RequestBuilder(tokenizer, files.chat_template, eos_token_ids(tokenizer, files),
-                             image_inputs_for(model, tokenizer, files, dtype,
-                                              config.media.mm_processor_kwargs),
-                             media_policy_of(config), context_length,
+    images = image_inputs_for(model, tokenizer, files, dtype, config.media.mm_processor_kwargs)
+    chat_template = chat_template_for(config, files, tokenizer,
+                                      images.placeholder if images else None)
+    builder = RequestBuilder(tokenizer, chat_template, eos_token_ids(tokenizer, files),
+                             images, media_policy_of(config), context_length,
                              config.scheduler.random_seed,
                              ImageBudget(config.media.max_pending_image_bytes),
                              _text_config(files.config).get("vocab_size"))
@@ -196,4 +217,5 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     return EngineState(files, tokenizer, model, runner, scheduler, builder,
                        EngineLoop(scheduler, runner), context_length,
                        is_demo=config.model.model is None,
-                       sampling_defaults=generation_defaults(files.generation_config))
+                       sampling_defaults=generation_defaults(files.generation_config),
+                       chat_template=chat_template)

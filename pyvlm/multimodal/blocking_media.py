@@ -2,7 +2,8 @@
 policy from a plain thread (no torch).
 
 pyvlm.Engine takes PIL images and encoded bytes as they are (nothing is
-fetched), and URLs, data URIs, file:// URLs and paths through
+fetched; only the pixel and byte caps apply), and URLs, data URIs, file://
+URLs and paths (image_data, or the image parts of chat messages) through
 pyvlm.multimodal.media with the same MediaPolicy as the server: URLs to
 private or loopback addresses are refused unless allow_private_urls, and
 local files are read only under allowed_local_media_path.
@@ -16,38 +17,50 @@ from typing import Any, List, Sequence
 
 from PIL import Image
 
-from .image_fetch import ImageError
+from .image_sources import ImageError
 from .image_io import check_pixels, decode_image, to_rgb
 from .media import MediaError, MediaPolicy, load_images
 
 
 @dataclass(frozen=True)
 class _Ref:
-    source: str
+    source: Any
     param: str
 
 
 def load_images_blocking(sources: Sequence[Any], policy: MediaPolicy,
                          param: str = "image_data") -> List[Image.Image]:
     """RGB images for sources (PIL images, bytes, str/os.PathLike URLs or
-    paths), in order. Raises ImageError or MediaError (ValueErrors) whose
-    message names the failing source as param[i]."""
-    images: List[Any] = [None] * len(sources)
-    refs = []
-    for index, source in enumerate(sources):
-        name = f"{param}[{index}]"
-        if isinstance(source, (str, os.PathLike)):
-            refs.append((index, _Ref(os.fspath(source), name)))
+    paths), in order. Raises MediaError (a ValueError) whose message names
+    the failing source as param[i]."""
+    return load_refs_blocking([_Ref(source, f"{param}[{index}]")
+                               for index, source in enumerate(sources)], policy)
+
+
+def load_refs_blocking(refs: Sequence[Any], policy: MediaPolicy) -> List[Image.Image]:
+    """RGB images for image references (each with a .source as above and a
+    .param, the field it came from: pyvlm.chat's ImageRef fits), in order.
+    A refusal is a MediaError naming the reference: "param: <what the
+    server answers for the same source>", with .param set."""
+    images: List[Any] = [None] * len(refs)
+    fetched = []
+    for index, ref in enumerate(refs):
+        if isinstance(ref.source, (str, os.PathLike)):
+            fetched.append((index, _Ref(os.fspath(ref.source), ref.param)))
         else:
-            images[index] = _decoded(source, policy, name)
-    if refs:
+            images[index] = _decoded(ref.source, policy, ref.param)
+    if fetched:
         try:
-            loaded = run_blocking(load_images([ref for _, ref in refs], policy))
+            loaded = run_blocking(load_images([ref for _, ref in fetched], policy))
         except MediaError as exc:
-            raise MediaError(f"{exc.param}: {exc.message}", exc.param) from None
-        for (index, _), image in zip(refs, loaded):
+            raise _named(exc.message, exc.param) from None
+        for (index, _), image in zip(fetched, loaded):
             images[index] = image
     return images
+
+
+def _named(message: str, param: str) -> MediaError:
+    return MediaError(f"{param}: {message}", param)
 
 
 def _decoded(source: Any, policy: MediaPolicy, name: str) -> Image.Image:
@@ -63,7 +76,7 @@ def _decoded(source: Any, policy: MediaPolicy, name: str) -> Image.Image:
         raise ImageError(f"unsupported image source type {type(source).__name__} (give a PIL "
                          "image, bytes, a URL, a data URI or a path)")
     except ImageError as exc:
-        raise MediaError(f"{name}: {exc}", name) from None
+        raise _named(str(exc), name) from None
 
 
 def run_blocking(coroutine):

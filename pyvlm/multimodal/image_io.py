@@ -9,32 +9,16 @@ on white, 16-bit samples scaled rather than clipped).
 
 import io
 import warnings
-from pathlib import Path
-from typing import Union
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .image_fetch import DEFAULT_LIMITS, ImageError, ImageLimits, fetch_image_bytes
+from .image_sources import DEFAULT_LIMITS, ImageError, ImageLimits
 
-__all__ = ["ImageError", "ImageLimits", "DEFAULT_LIMITS", "load_image", "decode_image", "to_rgb"]
+__all__ = ["ImageError", "ImageLimits", "DEFAULT_LIMITS", "decode_image", "check_pixels", "to_rgb"]
 
 _WHITE = (255, 255, 255, 255)
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-
-
-def load_image(source: Union[Image.Image, bytes, str, Path],
-               limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """An RGB image from a PIL image, bytes, a path, a data: URI or an http(s) URL.
-
-    Raises ImageError (a ValueError) with a message fit for the client when
-    the source cannot be read or is not an acceptable image. PIL images are
-    taken as already decoded: they are converted to RGB, not re-oriented.
-    """
-    if isinstance(source, Image.Image):
-        check_pixels(source.width, source.height, limits.max_pixels)
-        return to_rgb(source)
-    return decode_image(fetch_image_bytes(source, limits), limits)
 
 
 def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:

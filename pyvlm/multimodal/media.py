@@ -21,7 +21,7 @@ from typing import Optional, Protocol, Sequence
 from PIL import Image
 
 from .http_fetch import FetchError, FetchLimits, fetch_url
-from .image_fetch import ImageError, ImageLimits, decode_data_uri, unsupported_scheme, url_scheme
+from .image_sources import ImageError, ImageLimits, decode_data_uri, unsupported_scheme, url_scheme
 from .image_io import decode_image
 from .local_media import LocalMediaError, path_from_file_url, read_allowed, require_allowed_dir
 

@@ -93,3 +93,26 @@ def refuse_overrides(family: str, mm_processor_kwargs: Optional[Mapping[str, Any
         takes = f"it takes {', '.join(known)}" if known else "it takes none"
         raise ValueError(f"mm_processor_kwargs {unknown} are not supported by the {family} "
                          f"image processor ({takes})")
+
+
+def expand_image_tokens(prompt_ids: Sequence[int], image_token_id: int, images: Sequence,
+                        counts: Sequence[int]) -> Tuple[list, list]:
+    """Each image_token_id in prompt_ids becomes counts[i] copies (i-th image).
+
+    Returns (expanded ids, spans) where spans[i] = (offset, length) of image
+    i's placeholder run in the expanded ids. The number of placeholders must
+    equal len(images) == len(counts).
+    """
+    num_placeholders = sum(1 for token in prompt_ids if token == image_token_id)
+    if not num_placeholders == len(images) == len(counts):
+        raise ValueError(f"prompt has {num_placeholders} image placeholders but "
+                         f"{len(images)} images and {len(counts)} counts were given")
+    expanded, spans = [], []
+    for token in prompt_ids:
+        if token != image_token_id:
+            expanded.append(token)
+            continue
+        count = counts[len(spans)]
+        spans.append((len(expanded), count))
+        expanded.extend([image_token_id] * count)
+    return expanded, spans

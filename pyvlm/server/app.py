@@ -1,9 +1,11 @@
 """The OpenAI-compatible application: `App(engine, args)` is the Handler of
 pyvlm/http/types.py (routing, auth, JSON bodies, errors) over a pyvlm.Engine.
 
-The engine is passed in, so this package never imports torch. The chat
-template (pyvlm.chat) and the image loader (pyvlm.multimodal.media) are
-built from the args unless given (tests pass stand-ins)."""
+The engine is passed in, so this package never imports torch. Chat
+messages are rendered with the engine's chat template (pyvlm.chat, resolved
+once when the engine started, so pyvlm.Engine's messages render the same);
+the image loader (pyvlm.multimodal.media) is built from the args unless
+given."""
 
 import asyncio
 import hmac
@@ -43,12 +45,12 @@ OPEN_PATHS = ("/health",)  # answered without an API key (load balancers probe i
 class App:
     """The request handler (see the module docstring)."""
 
-    def __init__(self, engine, args: ServerArgs, template=None, load_images=None):
+    def __init__(self, engine, args: ServerArgs, load_images=None):
         self.engine, self.args = engine, args
         self.info = engine.model_info()
         self.context_length = self.info["context_length"]
         self.vocab_size = self.info["vocab_size"]
-        self.template = template if template is not None else default_template(args, self.info)
+        self.template = engine.chat_template
         self.load_images = load_images if load_images is not None else default_loader(args)
         self.metrics = ServerMetrics(args.model_name)
         self.runner = Runner(engine, Admission(args.max_running_requests,
@@ -160,15 +162,6 @@ def parse_json(body: bytes) -> Mapping:
     if not isinstance(value, dict):
         raise invalid("The request body must be a JSON object")
     return value
-
-
-def default_template(args: ServerArgs, info: Mapping):
-    from pyvlm.chat import resolve_template
-
-    return resolve_template(args.chat_template, info["chat_template"], info["architectures"],
-                            image_token=info.get("image_token") or "<image>",
-                            template_vars=info.get("special_tokens") or {},
-                            text_config=info.get("text_config"))
 
 
 def default_loader(args: ServerArgs):

@@ -81,6 +81,29 @@ MULTI_TURN_REFS = [ImageRef("http://h/a.jpg", "messages[1].content[1].image_url"
                    ImageRef("http://h/c.jpg", "messages[3].content[0].image_url")]
 
 
+def in_process(messages, objects):
+    """messages with each image_url part replaced by an in-process
+    {"type": "image", "image": ...} part holding the next of objects."""
+    objects, converted = iter(objects), []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = [{"type": "image", "image": next(objects)} if p["type"] == "image_url" else p
+                       for p in content]
+        converted.append(dict(m, content=content))
+    return converted
+
+
+@pytest.mark.parametrize("name", sorted(MULTI_TURN_GOLDEN))
+def test_in_process_image_parts_render_like_image_url_parts(name):
+    objects = [object(), b"\x89PNG", "http://h/x.png"]  # the media loader judges them, not the template
+    rendered = named_template(name).render(in_process(MULTI_TURN, objects))
+    assert rendered.text == MULTI_TURN_GOLDEN[name]
+    assert [ref.source for ref in rendered.image_refs] == objects
+    assert [ref.param for ref in rendered.image_refs] == [
+        r.param.replace(".image_url", ".image") for r in MULTI_TURN_REFS]
+
+
 def test_all_five_templates_are_named():
     assert set(NAMED_TEMPLATES) == set(ONE_IMAGE_GOLDEN)
 
@@ -178,6 +201,9 @@ BAD_MESSAGES = [
     ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
      "messages[0].content[0].image_url.url"),
     ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0].image_url.url"),
+    ([{"role": "user", "content": [{"type": "image"}]}], "messages[0].content[0].image must be"),
+    ([{"role": "user", "content": [{"type": "image", "image": ""}]}],
+     "messages[0].content[0].image must be"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": [image("http://h/x.png")]}],
      "messages[1]: a system message cannot hold images"),
     ([{"role": "user", "content": "look: <image>"}], "must not contain '<image>'"),

@@ -58,7 +58,7 @@ def random_image(height: int, width: int):
 
 
 def image_chat(image) -> list:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+    return [{"role": "user", "content": [{"type": "image", "image": image},
                                          {"type": "text", "text": "Describe it."}]}]
 
 

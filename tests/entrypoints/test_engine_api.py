@@ -46,10 +46,18 @@ def test_chat_messages_with_an_image_url_part(engine):
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
                                              {"type": "text", "text": "what is this?"}]}]
     result = engine.generate(messages=messages, sampling_params=GREEDY)
-    # The same image as a prompt placeholder gives the same prompt, so the same tokens.
-    prompt = engine.builder.render([{"role": "user", "content": [
-        {"type": "image"}, {"type": "text", "text": "what is this?"}]}])
-    assert engine.generate(prompt, GREEDY, image_data=uri)["output_ids"] == result["output_ids"]
+    # The rendered prompt with the same image as image_data gives the same tokens.
+    rendered = engine.chat_template.render(messages)
+    assert [ref.source for ref in rendered.image_refs] == [uri]
+    assert engine.generate(rendered.text, GREEDY, image_data=uri)["output_ids"] == result["output_ids"]
+    # So does the decoded image in an in-process image part.
+    image = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    in_process = [{"role": "user", "content": [{"type": "image", "image": image},
+                                               {"type": "text", "text": "what is this?"}]}]
+    again = engine.generate(messages=in_process, sampling_params=GREEDY)
+    assert again["output_ids"] == result["output_ids"]
+    assert again["meta_info"]["prompt_tokens"] == result["meta_info"]["prompt_tokens"]
+    assert again["meta_info"]["cached_tokens"] > 0  # the same pixels: the same cache keys
 
 
 def test_async_generate_streams_deltas_that_add_up(engine):

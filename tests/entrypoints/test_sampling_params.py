@@ -52,6 +52,8 @@ def test_generation_config_values_pyvlm_refuses_are_dropped(caplog):
     ({"seed": {"a": 1}}, "seed"), ({"seed": 2**63}, "seed"), ({"stop": 5}, "stop"),
     ({"skip_special_tokens": []}, "skip_special_tokens"), ({"ignore_eos": 1}, "ignore_eos"),
     ({"stop_token_ids": ["x"]}, "stop_token_ids"), ({"logit_bias": {"²": 1}}, "logit_bias"),
+    ({"stop": 1.5}, "stop"), ({"stop": {"END": 1}}, "stop"), ({"stop_token_ids": 1.5}, "stop_token_ids"),
+    ({"stop_token_ids": {"5": 1}}, "stop_token_ids"),
     ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": [1]}, "logit_bias"),
     ({"max_new_tokens": 2.5}, "max_new_tokens"), ({"temperature": "hot"}, "temperature"),
 ])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pyvlm.multimodal.image_io import load_image
+from pyvlm.multimodal.image_io import decode_image
 from pyvlm.multimodal.llava_onevision import Normalization
 from pyvlm.models.llava_onevision_pixels import llava_onevision_pixel_values
 from tests import tiny_models
@@ -47,7 +47,7 @@ def assert_prompt_matches(name, images, hf_processor):
 
 @pytest.fixture(scope="module")
 def photos():
-    return [load_image(IMAGES / name) for name in PHOTOS]
+    return [decode_image((IMAGES / name).read_bytes()) for name in PHOTOS]
 
 
 def test_tiny_single_image_synthetic_sizes():

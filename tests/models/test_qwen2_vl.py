@@ -21,7 +21,7 @@ def random_image(height: int, width: int) -> Image.Image:
 
 
 def image_part(image):
-    return {"type": "image_url", "image_url": {"url": image}}
+    return {"type": "image", "image": image}
 
 
 def conversations():
@@ -67,14 +67,14 @@ def hf_model(checkpoint):
 def hf_messages(messages):
     """The same chat in the content form transformers' templates take."""
     def part(p):
-        return {"type": "image"} if p["type"] == "image_url" else p
+        return {"type": "image"} if p["type"] == "image" else p
     return [dict(m, content=m["content"] if isinstance(m["content"], str)
                  else [part(p) for p in m["content"]]) for m in messages]
 
 
 def images_of(messages):
-    return [p["image_url"]["url"] for m in messages if not isinstance(m["content"], str)
-            for p in m["content"] if p["type"] == "image_url"]
+    return [p["image"] for m in messages if not isinstance(m["content"], str)
+            for p in m["content"] if p["type"] == "image"]
 
 
 def reference(hf_model, checkpoint, messages):

@@ -7,7 +7,8 @@ import numpy as np
 from PIL import Image
 
 from pyvlm.multimodal.hashing import combine_hash, image_content_hash
-from pyvlm.multimodal.image_io import load_image
+from pyvlm.multimodal.blocking_media import load_images_blocking
+from pyvlm.multimodal.media import MediaPolicy
 
 rng = np.random.default_rng()
 
@@ -28,8 +29,8 @@ def test_same_pixels_same_hash_whatever_the_source_or_metadata():
     with_metadata = png(image, dpi=(300, 300), compress_level=1)
     assert encoded != with_metadata
     uri = "data:image/png;base64," + base64.b64encode(encoded).decode()
-    hashes = {image_content_hash(load_image(source))
-              for source in (image, encoded, with_metadata, uri)}
+    sources = [image, encoded, with_metadata, uri]
+    hashes = {image_content_hash(loaded) for loaded in load_images_blocking(sources, MediaPolicy())}
     assert len(hashes) == 1
     value = hashes.pop()
     assert isinstance(value, int) and 0 <= value < 2 ** 64

@@ -8,6 +8,7 @@ from PIL import Image
 from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
 
 from pyvlm.multimodal import llava_onevision as lo
+from pyvlm.multimodal.processor import expand_image_tokens
 from tests import tiny_models
 from tests.multimodal.hf_llava_onevision import (SEVEN_B_PREPROCESSOR, hf_processor,
                                                  pyvlm_config)
@@ -93,7 +94,7 @@ def test_expand_image_tokens_matches_processor_ids():
         expected = processor(text=[text], images=[images])["input_ids"][0]
         prompt = processor.tokenizer(text)["input_ids"]
         counts = [plan.num_tokens for plan in config.plan_prompt(sizes)]
-        ids, spans = lo.expand_image_tokens(prompt, tiny_models.IMAGE_TOKEN_ID, sizes, counts)
+        ids, spans = expand_image_tokens(prompt, tiny_models.IMAGE_TOKEN_ID, sizes, counts)
         assert list(ids) == list(expected)
         for (offset, length), count in zip(spans, counts):
             assert length == count
@@ -104,7 +105,7 @@ def test_expand_image_tokens_matches_processor_ids():
 
 def test_expand_image_tokens_refuses_count_mismatch():
     with pytest.raises(ValueError, match="placeholders"):
-        lo.expand_image_tokens([1, 3, 2, 3], 3, ["one image"], [5])
+        expand_image_tokens([1, 3, 2, 3], 3, ["one image"], [5])
 
 
 def test_anyres_plan_tiles_cover_the_padded_grid():

@@ -124,9 +124,10 @@ def png_bytes(pixels) -> bytes:
 def test_data_uri_decodes_to_the_same_pixels():
     pixels = np.random.default_rng().integers(0, 256, (7, 11, 3), dtype=np.uint8)
     payload = base64.b64encode(png_bytes(pixels)).decode()
-    # The declared subtype does not matter: the format is sniffed from the bytes.
-    images = load([f"data:image/png;base64,{payload}", f"data:image/jpeg;base64,{payload}"],
-                  MediaPolicy())
+    # The declared subtype does not matter (the format is sniffed from the
+    # bytes), and the scheme is case-insensitive (RFC 3986 §3.1).
+    images = load([f"data:image/png;base64,{payload}", f"data:image/jpeg;base64,{payload}",
+                   f"DATA:image/png;base64,{payload}"], MediaPolicy())
     for image in images:
         np.testing.assert_array_equal(np.asarray(image), pixels)
 

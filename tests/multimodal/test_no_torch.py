@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-MODULES = ["pyvlm.multimodal.image_io", "pyvlm.multimodal.image_fetch", "pyvlm.multimodal.hashing",
+MODULES = ["pyvlm.multimodal.image_io", "pyvlm.multimodal.image_sources", "pyvlm.multimodal.hashing",
            "pyvlm.multimodal.llava_onevision", "pyvlm.multimodal.llava_onevision_config"]
 
 

@@ -12,7 +12,7 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
     smart_resize as hf_smart_resize)
 
 from pyvlm.multimodal import qwen2_vl
-from pyvlm.multimodal.llava_onevision import expand_image_tokens
+from pyvlm.multimodal.processor import expand_image_tokens
 from pyvlm.multimodal.processor import ImageBudgetError
 from pyvlm.multimodal.qwen2_vl import Qwen2VLImageConfig
 from tests.multimodal.hf_qwen2_vl import (IMAGE_PAD_ID, QWEN2_5_VL_7B, QWEN2_VL_7B,

@@ -47,6 +47,9 @@ BAD_BODIES = [
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "video"}]}]},
      "messages[0].content[0].type"),
+    # The in-process image part of pyvlm.Engine is not for remote clients.
+    ({"messages": [{"role": "user", "content": [{"type": "image", "image": "/etc/passwd"}]}]},
+     "messages[0].content[0].type"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
      "messages[0].content[0].image_url.url"),
 ]
