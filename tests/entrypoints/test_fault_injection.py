@@ -24,7 +24,7 @@ def checkpoint(tiny_checkpoint_qwen2):
 
 @pytest.fixture(scope="module")
 def prompts():
-    return make_prompts(seed=3)
+    return make_prompts(seed=3, image="<image>")
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,15 @@ def random_image(height: int, width: int) -> Image.Image:
     return Image.fromarray(torch.randint(0, 256, (height, width, 3), dtype=torch.uint8).numpy())
 
 
+def random_size(max_side: int):
+    """A fresh (height, width) within Qwen2-VL's 200:1 aspect-ratio limit."""
+    width = random.randint(30, max_side)
+    return random.randint(max(1, -(-width // 200)), max_side), width
+
+
 def random_images(num_random_sizes: int, max_side: int = 500):
     """Images of every size of SIZES and of num_random_sizes fresh ones."""
-    sizes = SIZES + [(random.randint(1, max_side), random.randint(30, max_side))
-                     for _ in range(num_random_sizes)]
+    sizes = SIZES + [random_size(max_side) for _ in range(num_random_sizes)]
     return [random_image(height, width) for height, width in sizes]
 
 
@@ -74,7 +79,7 @@ def test_one_op_call_per_shared_normalisation(monkeypatch):
 
     monkeypatch.setattr(qwen2_vl_pixels, "preprocess_images_patchify", counting_op)
     gray = dict(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
-    images = [random_image(random.randint(1, 300), random.randint(30, 300)) for _ in range(4)]
+    images = [random_image(*random_size(300)) for _ in range(4)]
     configs = [Qwen2VLImageConfig(), Qwen2VLImageConfig.from_hf_configs(gray, {})]
     plans = [configs[i % 2].plan((im.height, im.width)) for i, im in enumerate(images)]
     ours = qwen2_vl_pixel_values(images, plans)
