@@ -29,11 +29,15 @@ from benchmarks.bench_offline import bench_images  # noqa: E402
 from benchmarks.load import client  # noqa: E402
 
 
+PROMPT = "Describe picture {index} in detail."
+
+
 @dataclass
 class RequestTiming:
     start: float
     chunk_times: List[float] = field(default_factory=list)
     num_output_tokens: int = 0
+    num_prompt_tokens: int = 0
     error: str = ""
 
 
@@ -51,7 +55,7 @@ async def one_request(target, model: str, uri: str, max_tokens: int, index: int)
             "ignore_eos": True,  # fixed output length (SGLang and vLLM accept it)
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": f"Describe picture {index} in detail."}]}]}
+                {"type": "text", "text": PROMPT.format(index=index)}]}]}
     timing = RequestTiming(time.perf_counter())
     try:
         reply = await client.post_json(server, path, body, timeout=timeout, headers=headers)
@@ -75,20 +79,32 @@ def read_stream(reply, timing: RequestTiming) -> None:
             timing.chunk_times.append(at)
         if chunk.get("usage"):
             timing.num_output_tokens = chunk["usage"]["completion_tokens"]
+            timing.num_prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
 
 
-async def run(args) -> List[RequestTiming]:
-    server = client.Server.from_url(args.base_url)
-    target = (server, urlsplit(args.base_url).path.rstrip("/") + "/chat/completions",
-              [("Authorization", f"Bearer {args.api_key}")], args.timeout)
-    uris = [image_data_uri(im) for im in bench_images(args.num_requests)]
-    semaphore = asyncio.Semaphore(args.concurrency)
+def chat_target(base_url: str, api_key: str = "EMPTY", timeout: float = 600.0):
+    """What one_request takes: (server, chat-completions path, headers, timeout)."""
+    return (client.Server.from_url(base_url),
+            urlsplit(base_url).path.rstrip("/") + "/chat/completions",
+            [("Authorization", f"Bearer {api_key}")], timeout)
+
+
+async def run_requests(target, model: str, uris: List[str], max_tokens: int,
+                       concurrency: int) -> List[RequestTiming]:
+    """One request per image URI, at most `concurrency` in flight."""
+    semaphore = asyncio.Semaphore(concurrency)
 
     async def limited(i):
         async with semaphore:
-            return await one_request(target, args.model, uris[i], args.max_tokens, i)
+            return await one_request(target, model, uris[i], max_tokens, i)
 
-    return await asyncio.gather(*(limited(i) for i in range(args.num_requests)))
+    return await asyncio.gather(*(limited(i) for i in range(len(uris))))
+
+
+async def run(args) -> List[RequestTiming]:
+    target = chat_target(args.base_url, args.api_key, args.timeout)
+    uris = [image_data_uri(im) for im in bench_images(args.num_requests)]
+    return await run_requests(target, args.model, uris, args.max_tokens, args.concurrency)
 
 
 def percentiles(values: List[float]) -> str:

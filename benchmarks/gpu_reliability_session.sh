@@ -5,6 +5,10 @@
 #   bash benchmarks/gpu_reliability_session.sh bench        # bench_offline, random LLaVA-OneVision-7B
 #   bash benchmarks/gpu_reliability_session.sh soak [s]     # soak through the server, 7B shape
 #   bash benchmarks/gpu_reliability_session.sh build-soak [s]  # the build, then the soak
+#   bash benchmarks/gpu_reliability_session.sh latency [MODEL...]  # bench_latency_vs_transformers
+#   bash benchmarks/gpu_reliability_session.sh build-latency [MODEL...]  # the build, then latency
+# latency: MODEL qwen2-vl-7b (default) and/or llava-onevision-7b, ~3 min each (two 8B builds,
+# transformers, then pyvlm's server); $LATENCY_FLAGS adds flags (e.g. "--num-requests 256").
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -46,5 +50,20 @@ case "${1:-}" in
       --seconds ${2:-300} --concurrency 32 --max-tokens 64 --photos .device_photos \
       --log-dir "$OUT" --json-out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.md" | tail -60
     ;;
-  *) echo "usage: $0 build-test|bench|soak|build-soak [seconds]"; exit 2 ;;
+  build-latency)
+    build
+    shift
+    exec bash "$0" latency "$@"
+    ;;
+  latency)
+    shift
+    for model in "${@:-qwen2-vl-7b}"; do
+      timeout ${LATENCY_TIMEOUT:-540} python3 benchmarks/bench_latency_vs_transformers.py \
+        --model "$model" --device cuda --photos .device_photos --json-out "$OUT/latency_$model.json" \
+        ${LATENCY_FLAGS:-} 2> "$OUT/latency_$model.log" | tee "$OUT/latency_$model.md"
+      tail -5 "$OUT/latency_$model.log"
+    done
+    ;;
+  *) echo "usage: $0 build-test|bench|soak|build-soak [seconds] | latency|build-latency [MODEL...]"
+     exit 2 ;;
 esac

@@ -4,12 +4,13 @@ download), behind the real server: the load tools' GPU mode.
   python benchmarks/load/serve_random.py llava-onevision-7b --device cuda --port 30000 [flags]
 
 The model is built as benchmarks/bench_offline.py builds it (transformers'
-random LLaVA-OneVision on the device, copied into pyvlm's model; a small
+random model of the shape on the device, copied into pyvlm's model; a small
 checkpoint folder supplies the config, tokenizer and preprocessor), then
 `python -m pyvlm`'s own Launcher serves it with every server flag given.
-`llava-onevision-7b-narrow` keeps the 7B's vocabulary, tokenizer, image
-tokens and anyres preprocessing with tiny widths and depths, so this path
-runs on a CPU too.
+Shapes: llava-onevision-7b and qwen2-vl-7b (Qwen/Qwen2-VL-7B-Instruct). Each
+"-narrow" variant keeps the 7B's vocabulary, tokenizer, image tokens and
+image preprocessing (anyres tiles; Qwen2-VL's 14-pixel patches, 2 frames, 2x2
+merge) with tiny widths and depths, so this path runs on a CPU too.
 """
 
 import logging
@@ -26,21 +27,31 @@ NARROW_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, num_key_value_heads=2)
 NARROW_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                      num_attention_heads=2)
-SHAPES = ("llava-onevision-7b", "llava-onevision-7b-narrow")
+# Qwen2-VL: head_dim 16, so the M-RoPE sections must sum to 8; the merger
+# projects to the text width (vision hidden_size).
+NARROW_QWEN2_VL_TEXT = dict(NARROW_TEXT, rope_parameters={
+    "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+NARROW_QWEN2_VL_VISION = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2,
+                              hidden_size=NARROW_TEXT["hidden_size"])
+BASE_SHAPES = {"llava-onevision-7b": ("llava_onevision_7b_config", NARROW_TEXT, NARROW_VISION),
+               "qwen2-vl-7b": ("qwen2_vl_7b_config", NARROW_QWEN2_VL_TEXT, NARROW_QWEN2_VL_VISION)}
+SHAPES = tuple(name + suffix for name in BASE_SHAPES for suffix in ("", "-narrow"))
 
 
 def config_for(shape: str):
-    from benchmarks.offline.random_models import llava_onevision_7b_config
+    """The transformers config of a shape (SHAPES)."""
+    from benchmarks.offline import random_models
 
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
-    config = llava_onevision_7b_config()
+    builder, narrow_text, narrow_vision = BASE_SHAPES[shape.removesuffix("-narrow")]
+    config = getattr(random_models, builder)()
     if not shape.endswith("-narrow"):
         return config
     values = config.to_dict()
-    values["text_config"].update(NARROW_TEXT)
+    values["text_config"].update(narrow_text)
     values["text_config"].pop("layer_types", None)  # one per layer: derived again
-    values["vision_config"].update(NARROW_VISION)
+    values["vision_config"].update(narrow_vision)
     return type(config).from_dict(values)
 
 
@@ -63,12 +74,18 @@ def build_model(shape: str, device: str, folder: Path):
     return model
 
 
-def serve(args, model) -> int:
+def launcher_for(args, model):
+    """`python -m pyvlm`'s Launcher serving a model already in memory."""
     from pyvlm import Engine
-    from pyvlm.server.launch import run_server
+    from pyvlm.server.launch import Launcher
 
-    return run_server(args, make_engine=lambda a: Engine(loaded_model=model,
-                                                         **a.engine_kwargs()))
+    return Launcher(args, make_engine=lambda a: Engine(loaded_model=model, **a.engine_kwargs()))
+
+
+def serve(args, model) -> int:
+    from pyvlm.server.launch import run_loop
+
+    return run_loop(launcher_for(args, model).run())
 
 
 def main(argv: List[str]) -> int:

@@ -170,9 +170,13 @@ def _make_engine(args: ServerArgs):
 def run_server(args: ServerArgs, make_engine: Optional[Callable] = None) -> int:
     """Serves until a signal (on uvloop when installed); returns the exit
     status. make_engine(args) builds the engine (default: pyvlm.Engine)."""
-    launcher = Launcher(args, make_engine)
+    return run_loop(Launcher(args, make_engine).run())
+
+
+def run_loop(main) -> int:
+    """Runs the coroutine main to its end, on uvloop when installed."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(launcher.run())
-    return uvloop.run(launcher.run())
+        return asyncio.run(main)
+    return uvloop.run(main)
