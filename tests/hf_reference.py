@@ -59,9 +59,12 @@ def reference_inputs_for(files):
     """The transformers-side image inputs of a checkpoint's family
     (files: pyvlm.models.checkpoint.CheckpointFiles)."""
     if files.config.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
-        from transformers import AutoImageProcessor
+        from tests.multimodal.hf_qwen2_vl import hf_image_processor
 
-        return Qwen2VLInputs(AutoImageProcessor.from_pretrained(str(files.root)),
+        # The PIL processor, always: where torchvision is installed,
+        # AutoImageProcessor picks the torchvision one, whose resize is not
+        # Pillow's (and so not what pyvlm or a PIL-based client computes).
+        return Qwen2VLInputs(hf_image_processor(**files.processor_config),
                              files.config["image_token_id"])
     return LlavaOnevisionInputs(image_processor_for(files.processor_config))
 
@@ -108,12 +111,16 @@ def qwen2_vl_processor(checkpoint_dir):
     """transformers' Qwen2-VL processor (chat template, image processor,
     placeholder expansion) for a checkpoint folder, without the video
     processor that needs torchvision."""
-    from transformers import AutoImageProcessor, AutoTokenizer
+    import json
+    from pathlib import Path
 
-    from tests.multimodal.hf_qwen2_vl import _NoVideoProcessor
+    from transformers import AutoTokenizer
+
+    from tests.multimodal.hf_qwen2_vl import _NoVideoProcessor, hf_image_processor
 
     tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_dir))
-    return _NoVideoProcessor(image_processor=AutoImageProcessor.from_pretrained(str(checkpoint_dir)),
+    preprocessor = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
+    return _NoVideoProcessor(image_processor=hf_image_processor(**preprocessor),
                              tokenizer=tokenizer, video_processor=None,
                              chat_template=tokenizer.chat_template)
 

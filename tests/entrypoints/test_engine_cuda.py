@@ -37,6 +37,17 @@ def hf_float32(checkpoint, device):
         checkpoint, dtype=torch.float32).to(device).eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def full_float32_reference():
+    """transformers' float32 reference in full float32: cuDNN convolutions
+    (the Qwen2-VL patch embedding) default to TF32, whose 1e-3 rounding
+    flips near-tied greedy choices; pyvlm's patch embedding is a matmul."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @pytest.fixture(scope="module", params=["qwen2", "qwen2_vl", "qwen2_5_vl"])
 def checkpoint(request):
     return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
