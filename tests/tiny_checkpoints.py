@@ -61,22 +61,27 @@ def _corpus(num_lines: int = 400):
         yield " ".join(words)
 
 
-def train_tokenizer():
-    """A byte-level BPE tokenizer: SPECIAL_TOKENS at ids 0..4, VOCAB_SIZE entries."""
+LLAVA_EXTRA_SPECIAL_TOKENS = {"image_token": "<image>", "video_token": "<video>"}
+
+
+def train_tokenizer(special_tokens=SPECIAL_TOKENS, vocab_size=VOCAB_SIZE,
+                    extra_special_tokens=LLAVA_EXTRA_SPECIAL_TOKENS):
+    """A byte-level BPE tokenizer: special_tokens at the first ids (LLaVA's
+    by default), vocab_size entries, trained in a second on a fixed corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special_tokens),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
     backend.train_from_iterator(_corpus(), trainer)
-    assert backend.get_vocab_size() == VOCAB_SIZE, backend.get_vocab_size()
+    assert backend.get_vocab_size() == vocab_size, backend.get_vocab_size()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
+        extra_special_tokens=dict(extra_special_tokens))
 
 
 def image_processor_config() -> dict:

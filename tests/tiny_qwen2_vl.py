@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from tests.tiny_checkpoints import MAX_SHARD_SIZE, _corpus, write_json
+from tests.tiny_checkpoints import MAX_SHARD_SIZE, write_json
+from tests.tiny_checkpoints import train_tokenizer as train_bpe_tokenizer
 from tests.tiny_models import perturb_
 
 VOCAB_SIZE = 384
@@ -127,22 +128,9 @@ def tiny_qwen2_vl(version: str = "2", seed: int = 0):
 
 def train_tokenizer():
     """A byte-level BPE tokenizer: SPECIAL_TOKENS at ids 0..6, VOCAB_SIZE entries."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    backend.train_from_iterator(_corpus(), trainer)
-    assert backend.get_vocab_size() == VOCAB_SIZE, backend.get_vocab_size()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
-                              "vision_bos_token": "<|vision_start|>",
-                              "vision_eos_token": "<|vision_end|>"})
+    return train_bpe_tokenizer(SPECIAL_TOKENS, VOCAB_SIZE, {
+        "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+        "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>"})
 
 
 def preprocessor_config(version: str) -> dict:
