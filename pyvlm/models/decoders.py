@@ -1,6 +1,6 @@
 """The language decoder class for a text config's model_type."""
 
-from .llama import LlamaModel
+from .llama import LayerFactory, LlamaModel, self_attention_layer
 from .qwen2 import Qwen2Model
 
 # Qwen2-VL's and Qwen2.5-VL's text models are Qwen2 with M-RoPE (their
@@ -9,8 +9,9 @@ DECODERS = {"llama": LlamaModel, "qwen2": Qwen2Model, "qwen2_vl_text": Qwen2Mode
             "qwen2_5_vl_text": Qwen2Model}
 
 
-def decoder_for(text_config) -> LlamaModel:
-    """A decoder (llama or qwen2) built from a transformers text config."""
+def decoder_for(text_config, layer_factory: LayerFactory = self_attention_layer) -> LlamaModel:
+    """A decoder (llama or qwen2) built from a transformers text config;
+    layer_factory builds each layer (see pyvlm.models.llama.LayerFactory)."""
     model_type = getattr(text_config, "model_type", "llama")
     if model_type not in DECODERS:
         raise NotImplementedError(f"language model type {model_type!r} is not supported "
@@ -18,4 +19,4 @@ def decoder_for(text_config) -> LlamaModel:
     if getattr(text_config, "use_sliding_window", False):
         raise NotImplementedError("sliding-window attention (use_sliding_window) is not "
                                   "supported")
-    return DECODERS[model_type](text_config)
+    return DECODERS[model_type](text_config, layer_factory=layer_factory)

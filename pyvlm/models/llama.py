@@ -6,7 +6,7 @@ checkpoint names map one to one; q/k/v and gate/up are fused.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -94,18 +94,32 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
-class LlamaModel(nn.Module):
-    """Token embeddings, decoder layers and the final norm (no lm_head)."""
+# (layer index, shape, the shared rotary) -> the decoder layer at that index,
+# with LlamaDecoderLayer's forward. The hook for decoders whose layers are not
+# all self-attention: Llama-3.2-Vision puts gated cross-attention layers at
+# its config's cross_attention_layers through it.
+LayerFactory = Callable[[int, DecoderShape, RotaryEmbedding], nn.Module]
 
-    def __init__(self, config, qkv_bias: Optional[bool] = None):
+
+def self_attention_layer(index: int, shape: DecoderShape, rotary: RotaryEmbedding) -> nn.Module:
+    """The default layer: self-attention over the paged KV cache, then the MLP."""
+    return LlamaDecoderLayer(shape, rotary)
+
+
+class LlamaModel(nn.Module):
+    """Token embeddings, decoder layers and the final norm (no lm_head).
+    layer_factory builds each layer (default: self_attention_layer)."""
+
+    def __init__(self, config, qkv_bias: Optional[bool] = None,
+                 layer_factory: LayerFactory = self_attention_layer):
         super().__init__()
         shape = DecoderShape.from_config(config, qkv_bias)
         self.shape = shape
         self.rotary_emb = rotary_for(shape.head_dim, shape.max_position,
                                      rope_parameters_of(config))
         self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(shape, self.rotary_emb)
-                                    for _ in range(shape.num_layers))
+        self.layers = nn.ModuleList(layer_factory(index, shape, self.rotary_emb)
+                                    for index in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
