@@ -124,7 +124,7 @@ def main() -> None:
 
 
 def engine_sampling():
-    from pyvlm.engine.types import SamplingParams
+    from pyvlm.scheduling.types import SamplingParams
 
     return SamplingParams(max_new_tokens=1, temperature=0.0)
 

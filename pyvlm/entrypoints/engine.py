@@ -10,8 +10,8 @@ from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, 
 
 from pyvlm.chat import ChatTemplate
 from pyvlm.config import EngineConfig, engine_config
-from pyvlm.engine.errors import EngineBusyError, EngineDeadError, RequestFailedError
-from pyvlm.engine.request import Request, RequestOutput
+from pyvlm.scheduling.errors import EngineBusyError, EngineDeadError, RequestFailedError
+from pyvlm.scheduling.request import Request, RequestOutput
 from pyvlm.entrypoints.outputs import OutputAccumulator
 from pyvlm.entrypoints.sampling import sampling_params_from
 
@@ -48,7 +48,7 @@ class Engine:
 
         self.config: EngineConfig = engine_config(model=model, **server_args)
         self.state = start_engine(self.config, loaded_model)
-        self.builder, self.loop = self.state.builder, self.state.loop
+        self.builder, self.step_loop = self.state.builder, self.state.step_loop
 
     # -- sync API --------------------------------------------------------
     def generate(self, prompt: Union[Prompt, Sequence[Prompt], None] = None,
@@ -70,7 +70,7 @@ class Engine:
             results = [self._collect_sync(r, q) for r, q in submitted]
         except BaseException:
             for request, _ in submitted:
-                self.loop.abort(request.rid)
+                self.step_loop.abort(request.rid)
             raise
         return results[0] if single else results
 
@@ -132,19 +132,19 @@ class Engine:
             self.builder.release(build.result())
 
     def abort(self, rid: str) -> None:
-        self.loop.abort(rid)
+        self.step_loop.abort(rid)
 
     def health(self) -> Optional[str]:
         """None while the engine serves; else why it stopped (shut down, or
         a fatal device error: the process should then be restarted)."""
-        if self.loop.is_alive():
+        if self.step_loop.is_alive():
             return None
-        return self.loop.failure or "the engine is not running"
+        return self.step_loop.failure or "the engine is not running"
 
     def step_running_for(self) -> Optional[float]:
         """Seconds the engine's current step has run (None between steps);
         read without waiting for the engine thread, so a hung step shows."""
-        return self.loop.step_running_for()
+        return self.step_loop.step_running_for()
 
     def token_texts(self, token_ids: Sequence[int]) -> List[str]:
         """Each token's own decoded text (logprob entries show these)."""
@@ -172,13 +172,13 @@ class Engine:
 
     def flush_cache(self) -> bool:
         """Empties the prefix and encoder caches when no request is running."""
-        return bool(self.loop.call(self.state.flush_cache))
+        return bool(self.step_loop.call(self.state.flush_cache))
 
     def get_stats(self) -> Dict[str, float]:
-        return dict(self.loop.call(self.state.scheduler.stats))
+        return dict(self.step_loop.call(self.state.scheduler.stats))
 
     def shutdown(self) -> None:
-        self.loop.stop()
+        self.step_loop.stop()
 
     def __enter__(self) -> "Engine":
         return self
@@ -225,7 +225,7 @@ class Engine:
                 self.builder.release(request)
             sink(out, err)
 
-        self.loop.submit(request, sink_releasing)
+        self.step_loop.submit(request, sink_releasing)
 
     def _submit_sync(self, request: Request) -> "queue.Queue":
         outputs: "queue.Queue" = queue.Queue()
@@ -235,7 +235,7 @@ class Engine:
     def _collect_sync(self, request: Request, outputs: "queue.Queue") -> dict:
         accumulator = OutputAccumulator(request)
         while True:
-            out, err = self.loop.wait(outputs)
+            out, err = self.step_loop.wait(outputs)
             if err is not None:
                 raise _user_error(err)
             accumulator.delta(out)
@@ -277,7 +277,7 @@ class DeltaStream:
     async def aclose(self) -> None:
         if not self._finished:
             self._finished = True
-            self._engine.loop.abort(self._request.rid)
+            self._engine.step_loop.abort(self._request.rid)
 
 
 def _is_batch(value, is_messages: bool) -> bool:

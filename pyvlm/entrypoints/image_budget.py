@@ -11,7 +11,7 @@ whole budget still runs (alone).
 
 import threading
 
-from pyvlm.engine.errors import EngineBusyError
+from pyvlm.scheduling.errors import EngineBusyError
 
 
 class ImageBudget:

@@ -5,7 +5,7 @@ stream costs linear time); the final result's lists cover every token."""
 
 from typing import List
 
-from pyvlm.engine.request import Request, RequestOutput
+from pyvlm.scheduling.request import Request, RequestOutput
 
 
 class OutputAccumulator:

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from pyvlm.chat import ChatTemplate, ChatTemplateError, RenderedChat
-from pyvlm.engine.request import Request
-from pyvlm.engine.types import MultimodalItem, SamplingParams
+from pyvlm.scheduling.request import Request
+from pyvlm.scheduling.types import MultimodalItem, SamplingParams
 from pyvlm.entrypoints.image_budget import ImageBudget
 from pyvlm.multimodal.blocking_media import load_images_blocking, load_refs_blocking
 from pyvlm.multimodal.hashing import combine_hash, image_content_hash

@@ -5,9 +5,9 @@ unset (vLLM's behaviour)."""
 import logging
 from typing import Any, Dict, Mapping, Optional
 
-from pyvlm.engine.sampling_ranges import (BOUNDS, SamplingFieldError, check_field, checked_flag,
+from pyvlm.scheduling.sampling_ranges import (BOUNDS, SamplingFieldError, check_field, checked_flag,
                                           checked_logit_bias, checked_stop, checked_token_ids)
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.types import SamplingParams
 
 logger = logging.getLogger("pyvlm.engine")
 
@@ -20,7 +20,7 @@ GENERATION_CONFIG_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetitio
 
 
 def _checked(values: Dict[str, Any]) -> Dict[str, Any]:
-    """Every field checked against pyvlm.engine.sampling_ranges (types and
+    """Every field checked against pyvlm.scheduling.sampling_ranges (types and
     ranges: what reaches the engine can never fail its step), in
     SamplingParams' own types."""
     for name, value in values.items():

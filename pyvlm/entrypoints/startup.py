@@ -9,12 +9,12 @@ import torch
 
 from pyvlm.chat import ChatTemplate, resolve_template
 from pyvlm.config import EngineConfig
-from pyvlm.engine.detokenizer import detokenizer_factory
-from pyvlm.engine.scheduler import Scheduler
+from pyvlm.scheduling.detokenizer import detokenizer_factory
+from pyvlm.scheduling.scheduler import Scheduler
 from pyvlm.entrypoints.image_budget import ImageBudget
 from pyvlm.entrypoints.request_builder import ImageInputs, RequestBuilder
 from pyvlm.entrypoints.sampling import generation_defaults
-from pyvlm.entrypoints.worker import EngineLoop
+from pyvlm.entrypoints.step_loop import StepLoop
 from pyvlm.models.registry import image_processor_for
 from pyvlm.multimodal.media import MediaPolicy
 from pyvlm.models.checkpoint import CheckpointFiles, load_checkpoint_files, resolve_device, resolve_dtype
@@ -38,7 +38,7 @@ class EngineState:
     runner: ModelRunner
     scheduler: Scheduler
     builder: RequestBuilder
-    loop: EngineLoop
+    step_loop: StepLoop
     context_length: int
     is_demo: bool
     sampling_defaults: Dict[str, Any]  # from generation_config.json, for unset request fields
@@ -215,7 +215,7 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     if config.model.model is None:
         logger.info(DEMO_BANNER)
     return EngineState(files, tokenizer, model, runner, scheduler, builder,
-                       EngineLoop(scheduler, runner), context_length,
+                       StepLoop(scheduler, runner), context_length,
                        is_demo=config.model.model is None,
                        sampling_defaults=generation_defaults(files.generation_config),
                        chat_template=chat_template)

@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 import torch
 from PIL import Image
 
-from pyvlm.engine.types import MultimodalItem
+from pyvlm.scheduling.types import MultimodalItem
 from pyvlm.multimodal.llava_onevision import ImagePlan
 from pyvlm.models.llava_onevision_pixels import llava_onevision_pixel_values
 

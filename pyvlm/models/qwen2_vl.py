@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from pyvlm.engine.types import MultimodalItem
+from pyvlm.scheduling.types import MultimodalItem
 from .qwen2_vl_pixels import qwen2_vl_pixel_values
 from .vision.qwen2_5_vl import Qwen2_5_VisionTransformer
 from .vision.qwen2_vl import Qwen2VisionTransformer

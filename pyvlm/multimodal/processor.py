@@ -11,7 +11,7 @@ pixels (prepare_images) and pixels into token rows (encode_prepared).
 
 from typing import Any, Mapping, Optional, Protocol, Sequence, Tuple
 
-from pyvlm.engine.positions import MropePositions
+from pyvlm.scheduling.positions import MropePositions
 
 Size = Tuple[int, int]  # (height, width)
 

@@ -24,7 +24,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-from pyvlm.engine.positions import MropePositions
+from pyvlm.scheduling.positions import MropePositions
 from pyvlm.multimodal import image_sizes
 from pyvlm.multimodal.llava_onevision import SUPPORTED_RESAMPLE, Normalization
 from pyvlm.multimodal.llava_onevision_config import normalization_of

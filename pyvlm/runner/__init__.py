@@ -1,4 +1,4 @@
-"""The model runner side: checkpoints, the KV pool, vision batching, sampling.
+"""The model runner side: the model runner, the KV pool, the vision encoder cache, sampling.
 
-torch starts here (the layers above, engine/chat/http/server, import none).
+torch starts here (the layers above, scheduling/multimodal/chat/http/server, import none).
 """

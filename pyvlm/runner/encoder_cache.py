@@ -7,7 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from pyvlm.engine.types import MultimodalItem
+from pyvlm.scheduling.types import MultimodalItem
 
 # (items missing from the cache) -> their packed embeddings, in order
 EncodeFn = Callable[[Sequence[MultimodalItem]], List[torch.Tensor]]

@@ -1,7 +1,7 @@
 """The model runner: turns the scheduler's ForwardBatch (plain lists) into
 tensors, runs the model over the paged KV pool, and samples.
 
-Implements pyvlm.engine.types.ModelRunner. A failing step raises its error
+Implements pyvlm.scheduling.types.ModelRunner. A failing step raises its error
 (the scheduler isolates the request that caused it), or DeviceFailure when
 the device itself no longer works afterwards (a CUDA sticky error).
 """
@@ -12,8 +12,8 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 
 from pyvlm import ops
-from pyvlm.engine.errors import DeviceFailure
-from pyvlm.engine.types import ForwardBatch, SampleResult, SequenceChunk
+from pyvlm.scheduling.errors import DeviceFailure
+from pyvlm.scheduling.types import ForwardBatch, SampleResult, SequenceChunk
 from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.runner import sampler
 from pyvlm.runner.encoder_cache import VisionBatcher

@@ -8,7 +8,7 @@ from typing import List, Sequence
 import torch
 
 from pyvlm import ops
-from pyvlm.engine.types import SampleResult, SequenceChunk
+from pyvlm.scheduling.types import SampleResult, SequenceChunk
 
 
 def _needs_penalties(chunk: SequenceChunk) -> bool:

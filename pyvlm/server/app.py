@@ -21,7 +21,7 @@ from pyvlm.server import openai_endpoints as oai
 from pyvlm.server.args import ServerArgs
 from pyvlm.server.errors import ApiError, internal_error, invalid, unavailable
 from pyvlm.server.metrics import ServerMetrics
-from pyvlm.server.runs import Admission, Runner
+from pyvlm.server.dispatch import Admission, Dispatcher
 
 logger = logging.getLogger("pyvlm.server")
 
@@ -53,8 +53,8 @@ class App:
         self.template = engine.chat_template
         self.load_images = load_images if load_images is not None else default_loader(args)
         self.metrics = ServerMetrics(args.model_name)
-        self.runner = Runner(engine, Admission(args.max_running_requests,
-                                               args.max_queued_requests), self.metrics)
+        self.dispatcher = Dispatcher(engine, Admission(args.max_running_requests,
+                                                       args.max_queued_requests), self.metrics)
         self.created = int(time.time())
         self.is_serving = True  # False once shutdown began: /health is 503, work refused
 
@@ -123,7 +123,7 @@ class App:
         """(decoded images, admission ticket): the request's slots are taken
         first, so under overload it is refused before any image is fetched
         or decoded; the ticket is given back if fetching fails."""
-        ticket = self.runner.admission.acquire(num_choices)
+        ticket = self.dispatcher.admission.acquire(num_choices)
         try:
             return await self.fetch_images(refs), ticket
         except BaseException:

@@ -5,7 +5,7 @@ JSON booleans are not numbers here (Python's bool is an int subclass, but
 
 from typing import Any, Callable, List, Mapping, Optional, Sequence
 
-from pyvlm.engine.sampling_ranges import (Bound, SamplingFieldError, check_field, checked,
+from pyvlm.scheduling.sampling_ranges import (Bound, SamplingFieldError, check_field, checked,
                                           checked_flag, checked_logit_bias, checked_stop,
                                           checked_token_ids, is_token_id)
 from pyvlm.server.errors import invalid
@@ -13,7 +13,7 @@ from pyvlm.server.errors import invalid
 
 def _read(body: Mapping, name: str, rule: Callable[[Any], Any]):
     """rule(body[name]), or None when absent or null; the rule's
-    SamplingFieldError (see pyvlm.engine.sampling_ranges) becomes a 400
+    SamplingFieldError (see pyvlm.scheduling.sampling_ranges) becomes a 400
     naming the field."""
     value = body.get(name)
     if value is None:
@@ -32,7 +32,7 @@ def get_int(body: Mapping, name: str, default: Optional[int], low: int,
 
 
 def get_sampling(body: Mapping, name: str, engine_name: Optional[str] = None):
-    """A sampling field checked against pyvlm.engine.sampling_ranges (the
+    """A sampling field checked against pyvlm.scheduling.sampling_ranges (the
     engine's own table), or None when absent or null. engine_name: the
     engine's name for it when the API's differs (max_tokens -> max_new_tokens)."""
     return _read(body, name, lambda v: check_field(engine_name or name, v, param=name))

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, List, Mapping, Optional, Sequence, Tuple, Union
 
-from pyvlm.engine.errors import EngineBusyError, EngineDeadError, RequestFailedError
+from pyvlm.scheduling.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pyvlm.server.errors import ApiError, internal_error, invalid, too_busy, unavailable
 
 logger = logging.getLogger("pyvlm.server")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, List, Mapping
 
 from pyvlm import __version__
-from pyvlm.engine.sampling_ranges import SamplingFieldError
+from pyvlm.scheduling.sampling_ranges import SamplingFieldError
 from pyvlm.entrypoints.sampling import sampling_params_from
 from pyvlm.http.sse import sse_json
 from pyvlm.http.types import Response
@@ -15,7 +15,7 @@ from pyvlm.server.errors import ApiError, invalid, unavailable
 from pyvlm.server.generation import EngineInput
 from pyvlm.server.openai_endpoints import event_stream, json_response, open_stream
 from pyvlm.server.params import AnswerSpec
-from pyvlm.server.runs import Run
+from pyvlm.server.dispatch import Run
 
 GENERATE_FIELDS = ("text", "input_ids", "image_data", "sampling_params", "stream", "rid",
                    "return_logprob", "top_logprobs_num", "mm_processor_kwargs")
@@ -43,9 +43,9 @@ async def generate(app, body: Mapping):
     run = Run([EngineInput(prompt, images, False, fields.get_object(body, "mm_processor_kwargs"))],
               sampling, spec, "gen", ticket)
     if spec.stream:
-        deltas = await open_stream(app.runner.stream(run))
+        deltas = await open_stream(app.dispatcher.stream(run))
         return event_stream(_cumulative(deltas), deltas)
-    result = (await app.runner.collect(run))[0]
+    result = (await app.dispatcher.collect(run))[0]
     return json_response({"text": result.text, "output_ids": result.token_ids,
                           "meta_info": _with_logprobs(result.meta, result.logprobs)})
 
@@ -152,7 +152,7 @@ async def health_generate(app, _body) -> Response:
     run = Run([EngineInput("hi", (), True)], {"max_new_tokens": 1, "temperature": 0.0,
                                               "ignore_eos": True}, spec, "health")
     try:
-        await asyncio.wait_for(app.runner.collect(run), app.args.watchdog_timeout)
+        await asyncio.wait_for(app.dispatcher.collect(run), app.args.watchdog_timeout)
     except (asyncio.TimeoutError, ApiError):
         raise unavailable("The engine did not generate a token") from None
     return Response(200, b"", content_type="text/plain; charset=utf-8")

@@ -11,7 +11,7 @@ from pyvlm.server import chat_request, fields, responses
 from pyvlm.server.errors import ApiError, internal_error, invalid, unsupported_field
 from pyvlm.server.generation import ChoiceDelta, EngineInput
 from pyvlm.server.params import SAMPLING_FIELDS, answer_spec, check_model, sampling_params
-from pyvlm.server.runs import Run
+from pyvlm.server.dispatch import Run
 
 logger = logging.getLogger("pyvlm.server")
 
@@ -44,9 +44,9 @@ async def chat_completions(app, body: Mapping) -> Answer:
 async def respond(app, run: Run, spec, ids, make_events, make_body):
     """The stream (SSE events from make_events) or the whole JSON body (make_body)."""
     if spec.stream:
-        deltas = await open_stream(app.runner.stream(run))
+        deltas = await open_stream(app.dispatcher.stream(run))
         return event_stream(make_events(app, run, ids, deltas), deltas)
-    results = await app.runner.collect(run)
+    results = await app.dispatcher.collect(run)
     usage = responses.usage_of([(run.prompt_index(r.index), r.meta) for r in results],
                                app.args.enable_cache_report)
     return json_response(make_body(ids, results, usage, app.token_texts,

@@ -34,7 +34,7 @@ PASSED_THROUGH = ("temperature", "top_p", "top_k", "min_p", "presence_penalty",
 def sampling_params(body: Mapping, max_tokens: Optional[int], context_length: int,
                     vocab_size: int, template_stop: Tuple[str, ...] = ()) -> dict:
     """The engine's sampling_params for an OpenAI body (values checked
-    against pyvlm.engine.sampling_ranges). Fields the client left out are
+    against pyvlm.scheduling.sampling_ranges). Fields the client left out are
     left out, so the engine applies the checkpoint's generation_config
     defaults (vLLM's behaviour) and then its own."""
     bias = fields.get_logit_bias(body)

@@ -8,7 +8,7 @@ import logging
 import torch
 
 import pyvlm
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.types import SamplingParams
 from pyvlm.entrypoints.startup import with_rope_scaling
 from tests.hf_reference import greedy_tokens, image_processor_for
 

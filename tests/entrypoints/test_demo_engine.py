@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.types import SamplingParams
 from tests.entrypoints.logprob_parity import assert_logprobs_near, teacher_forced_logprobs
 from tests.hf_reference import image_processor_for
 

@@ -8,7 +8,7 @@ import pytest
 
 import pyvlm
 from pyvlm.chat import ChatTemplateError, named_template
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.types import SamplingParams
 
 ENGINE_ARGS = dict(device="cpu", page_size=4, max_total_tokens=1024, context_length=256)
 MESSAGES = [{"role": "system", "content": "be brief"},

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pyvlm import ops
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.types import SamplingParams
 from tests.entrypoints.test_engine_parity import (GREEDY, NUM_NEW_TOKENS, Reference,
                                                   assert_same_tokens, engine_for, generate_all,
                                                   make_prompts)

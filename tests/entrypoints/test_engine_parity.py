@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.types import SamplingParams
 from tests.hf_reference import greedy_tokens, reference_inputs_for
 
 NUM_NEW_TOKENS = 32

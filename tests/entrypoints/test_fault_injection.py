@@ -10,7 +10,7 @@ import asyncio
 import pytest
 import torch
 
-from pyvlm.engine.errors import DeviceFailure, EngineDeadError, RequestFailedError
+from pyvlm.scheduling.errors import DeviceFailure, EngineDeadError, RequestFailedError
 from tests.entrypoints.test_engine_parity import (GREEDY, Reference, engine_for, make_prompts)
 
 STAGES = ["vision", "prefill", "decode", "sampling"]

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import pyvlm
-from pyvlm.engine.errors import EngineBusyError
+from pyvlm.scheduling.errors import EngineBusyError
 from pyvlm.entrypoints.image_budget import ImageBudget
 
 GREEDY = {"max_new_tokens": 2, "temperature": 0, "ignore_eos": True}

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 import pyvlm
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.types import SamplingParams
 from pyvlm.entrypoints.request_builder import RequestBuilder
 from pyvlm.multimodal.media import MediaError, MediaPolicy
 

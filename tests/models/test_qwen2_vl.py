@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pyvlm.engine.types import ForwardBatch, SamplingParams, SequenceChunk
+from pyvlm.scheduling.types import ForwardBatch, SamplingParams, SequenceChunk
 from tests.hf_reference import qwen2_vl_inputs, qwen2_vl_processor
 
 TOLERANCE = 1e-4

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pyvlm.engine.types import MultimodalItem
+from pyvlm.scheduling.types import MultimodalItem
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
 
 

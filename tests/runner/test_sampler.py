@@ -2,7 +2,7 @@
 
 import torch
 
-from pyvlm.engine.types import SamplingParams, SequenceChunk
+from pyvlm.scheduling.types import SamplingParams, SequenceChunk
 from pyvlm.ops.reference import apply_penalties as apply_penalties_reference
 from pyvlm.runner import sampler
 

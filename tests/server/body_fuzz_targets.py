@@ -290,7 +290,7 @@ async def post_and_check(app, endpoint: str, raw: bytes, errors: ErrorLog) -> st
     logged = errors.take()
     assert not logged, (status, body, logged)
     label = check_answer(endpoint, status, body)
-    assert app.runner.admission.num_in_flight == 0, "an admission slot was not released"
+    assert app.dispatcher.admission.num_in_flight == 0, "an admission slot was not released"
     return label
 
 

@@ -46,14 +46,14 @@ def test_over_the_limit_is_refused_before_the_image_is_fetched(app_with, media):
     assert status == 429 and headers["retry-after"] == "1", body
     assert body["error"]["type"] == "rate_limit_error"
     assert num_fetches == 0
-    assert app.runner.admission.num_in_flight == 0
+    assert app.dispatcher.admission.num_in_flight == 0
 
 
 def test_a_failed_image_gives_its_slots_back(app_with, media):
     app = app_with(max_running_requests=1, max_queued_requests=0, allow_private_media_urls=True)
     status, _, _ = asyncio.run(acall(app, "POST", "/v1/chat/completions",
                                      image_chat(f"http://127.0.0.1:{media.port}/garbage")))
-    assert status == 422 and app.runner.admission.num_in_flight == 0
+    assert status == 422 and app.dispatcher.admission.num_in_flight == 0
     status, _, _ = asyncio.run(acall(app, "POST", "/v1/chat/completions", image_chat(
         f"http://127.0.0.1:{media.port}/images/dog.jpeg")))
     assert status == 200

@@ -91,10 +91,10 @@ class Harness:
         await self.wait_for(lambda s: s["num_running_reqs"] == s["num_queued_reqs"] == 0
                             and s["num_used_pages"] == 0)
         for _ in range(100):  # cancelled handlers finish on later loop turns
-            if self.app.runner.admission.num_in_flight == 0 and not self.server.connections:
+            if self.app.dispatcher.admission.num_in_flight == 0 and not self.server.connections:
                 break
             await asyncio.sleep(0.02)
-        assert self.app.runner.admission.num_in_flight == 0
+        assert self.app.dispatcher.admission.num_in_flight == 0
         others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         assert not others, others  # no handler, fetch or pump task is left behind
         metrics = (await self.get("/metrics")).decode()

@@ -13,7 +13,7 @@ import time
 import urllib.error
 import urllib.request
 
-from pyvlm.engine.errors import DeviceFailure
+from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.server import launch
 from pyvlm.server.args import ServerArgs
 from tests.server.test_launch import first_answer, free_port, http_status
@@ -89,4 +89,4 @@ def test_a_hung_step_dumps_stacks_and_exits_3(tiny_checkpoint_qwen2):
     assert "watchdog: an engine step has run for" in stderr
     # faulthandler's dump: the engine thread, stopped inside the hanging hook.
     assert "most recent call first" in stderr
-    assert "hang_in_prefill" in stderr and "worker.py" in stderr
+    assert "hang_in_prefill" in stderr and "step_loop.py" in stderr

@@ -1,5 +1,5 @@
 """Every sampling field is checked in one place
-(pyvlm.engine.sampling_ranges): the server answers a value outside its
+(pyvlm.scheduling.sampling_ranges): the server answers a value outside its
 bound, or of the wrong shape, with a 400 naming the field, the offline
 Engine raises a ValueError naming it with the same message, and a value on
 the bound passes both. max_tokens 0 or negative is a 400 on every endpoint
@@ -7,7 +7,7 @@ the bound passes both. max_tokens 0 or negative is a 400 on every endpoint
 
 import pytest
 
-from pyvlm.engine.sampling_ranges import BOUNDS, SamplingFieldError
+from pyvlm.scheduling.sampling_ranges import BOUNDS, SamplingFieldError
 from pyvlm.entrypoints.sampling import sampling_params_from
 from tests.server.conftest import call
 
@@ -99,6 +99,6 @@ def test_any_refused_prompt_of_a_batch_is_a_400_before_streaming(app, stream):
     body = {"prompt": ["hi", "a b " * 600], "max_tokens": 2, "stream": stream}
     status, _, answer = call(app, "POST", "/v1/completions", body)
     assert status == 400 and "context length" in answer["error"]["message"], answer
-    assert app.runner.admission.num_in_flight == 0
+    assert app.dispatcher.admission.num_in_flight == 0
     status, _, _ = call(app, "POST", "/v1/completions", dict(body, prompt=["hi", "ho"]))
     assert status == 200

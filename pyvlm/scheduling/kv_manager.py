@@ -5,9 +5,9 @@ table is [tree-owned pages (locked through request.cache_node)] followed by
 [pages only it owns]; these functions keep that split true.
 """
 
-from pyvlm.engine.page_allocator import PageAllocator
-from pyvlm.engine.radix_cache import PrefixMatch, RadixCache
-from pyvlm.engine.request import Request
+from pyvlm.scheduling.page_allocator import PageAllocator
+from pyvlm.scheduling.radix_cache import PrefixMatch, RadixCache
+from pyvlm.scheduling.request import Request
 
 
 class KVManager:

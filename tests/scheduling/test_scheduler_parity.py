@@ -4,8 +4,8 @@ runner checks every position's KV on every step."""
 
 import pytest
 
-from tests.engine.fakes import VOCAB
-from tests.engine.workload import RequestSpec, random_specs, run_specs
+from tests.scheduling.fakes import VOCAB
+from tests.scheduling.workload import RequestSpec, random_specs, run_specs
 
 
 def assert_matches_reference(specs, result):

@@ -75,7 +75,7 @@ class SequenceChunk:
     token_ids are the new tokens, in sequence slots start_pos ..
     start_pos + len(token_ids) - 1; positions holds their rotary positions,
     one list per row (1 row: 1-D; 3 rows: M-RoPE), computed when the
-    request was built (pyvlm.engine.positions). The KV of slots < start_pos is
+    request was built (pyvlm.scheduling.positions). The KV of slots < start_pos is
     already in the cache (prefix cache hit, earlier chunk, or earlier decode
     steps). page_table covers every position up to the last new token.
     mm_items are the request's images whose span overlaps the new tokens (an

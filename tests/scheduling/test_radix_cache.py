@@ -2,10 +2,10 @@
 
 import pytest
 
-from pyvlm.engine.page_allocator import PageAllocator
-from pyvlm.engine.radix_cache import RadixCache
-from pyvlm.engine.request import Request
-from pyvlm.engine.types import MultimodalItem
+from pyvlm.scheduling.page_allocator import PageAllocator
+from pyvlm.scheduling.radix_cache import RadixCache
+from pyvlm.scheduling.request import Request
+from pyvlm.scheduling.types import MultimodalItem
 
 PAGE = 4
 

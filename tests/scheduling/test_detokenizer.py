@@ -4,7 +4,7 @@ trained here (multi-byte characters split across tokens)."""
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyvlm.engine.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from pyvlm.scheduling.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
 
 CORPUS = [
     "Hello world, the quick brown fox jumps over the lazy dog.",

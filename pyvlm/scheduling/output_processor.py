@@ -2,8 +2,8 @@
 
 from typing import Optional, Tuple, Union
 
-from pyvlm.engine.request import Request, RequestOutput
-from pyvlm.engine.types import SampleResult
+from pyvlm.scheduling.request import Request, RequestOutput
+from pyvlm.scheduling.types import SampleResult
 
 FinishState = Tuple[Optional[str], Union[int, str, None]]
 

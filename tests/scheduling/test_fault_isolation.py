@@ -5,12 +5,12 @@ A DeviceFailure is not retried: it stops the step for the engine to handle."""
 
 import pytest
 
-from pyvlm.engine.errors import DeviceFailure
-from pyvlm.engine.types import ForwardBatch
+from pyvlm.scheduling.errors import DeviceFailure
+from pyvlm.scheduling.types import ForwardBatch
 
-from tests.engine.fakes import FakeRunner
-from tests.engine.test_scheduler_parity import assert_all_pages_back
-from tests.engine.workload import random_specs, run_specs
+from tests.scheduling.fakes import FakeRunner
+from tests.scheduling.test_scheduler_parity import assert_all_pages_back
+from tests.scheduling.workload import random_specs, run_specs
 
 
 class FailingRunner(FakeRunner):

@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 from pyvlm.config import CacheConfig, SchedulerConfig
-from pyvlm.engine.decode_reserve import DecodeReserve
-from pyvlm.engine.detokenizer import detokenizer_factory as default_detokenizer_factory
-from pyvlm.engine.isolation import ChunkFailure, forward_isolated
-from pyvlm.engine.kv_manager import KVManager
-from pyvlm.engine.output_processor import record_sample, take_output
-from pyvlm.engine.prefill_planner import PrefillBudget, order_waiting
-from pyvlm.engine.radix_cache import PrefixMatch
-from pyvlm.engine.request import Request, RequestOutput, RequestStatus
-from pyvlm.engine.scheduler_metrics import SchedulerMetrics
-from pyvlm.engine.types import ForwardBatch, ModelRunner, SchedulerStats, SequenceChunk
+from pyvlm.scheduling.decode_reserve import DecodeReserve
+from pyvlm.scheduling.detokenizer import detokenizer_factory as default_detokenizer_factory
+from pyvlm.scheduling.isolation import ChunkFailure, forward_isolated
+from pyvlm.scheduling.kv_manager import KVManager
+from pyvlm.scheduling.output_processor import record_sample, take_output
+from pyvlm.scheduling.prefill_planner import PrefillBudget, order_waiting
+from pyvlm.scheduling.radix_cache import PrefixMatch
+from pyvlm.scheduling.request import Request, RequestOutput, RequestStatus
+from pyvlm.scheduling.scheduler_metrics import SchedulerMetrics
+from pyvlm.scheduling.types import ForwardBatch, ModelRunner, SchedulerStats, SequenceChunk
 
 Planned = Tuple[Request, int]  # a request and how many of its tokens run this step
 
@@ -43,7 +43,7 @@ class Scheduler:
     """Owns the request queues and page bookkeeping; `step` runs one batch.
 
     detokenizer_factory(request) makes each request's detokenizer (see
-    pyvlm.engine.detokenizer.detokenizer_factory); None streams ids only.
+    pyvlm.scheduling.detokenizer.detokenizer_factory); None streams ids only.
     """
 
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int,

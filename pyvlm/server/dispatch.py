@@ -1,6 +1,7 @@
-"""A request's choices as one unit: admission against the queue limit,
-concurrent engine runs, metrics when each choice ends, and the release of
-its slots however it ends (finished, failed, client gone)."""
+"""Dispatching a request's choices (a Run) to the engine as one unit:
+admission against the queue limit, the choices' engine requests run
+concurrently, metrics when each choice ends, and the release of its slots
+however it ends (finished, failed, client gone)."""
 
 from dataclasses import dataclass, field
 from typing import AsyncIterator, List, Optional, Sequence
@@ -61,8 +62,9 @@ class Ticket:
         self._num = 0
 
 
-class Runner:
-    """Runs Runs on one engine, recording metrics (see the module docstring)."""
+class Dispatcher:
+    """Sends each Run's choices to one engine, admitted and released through
+    its Admission, recording metrics (see the module docstring)."""
 
     def __init__(self, engine, admission: Admission, metrics):
         self.engine, self.admission, self.metrics = engine, admission, metrics

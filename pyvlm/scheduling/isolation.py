@@ -11,8 +11,8 @@ import logging
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
-from pyvlm.engine.errors import DeviceFailure
-from pyvlm.engine.types import ForwardBatch, ModelRunner, SampleResult, SequenceChunk
+from pyvlm.scheduling.errors import DeviceFailure
+from pyvlm.scheduling.types import ForwardBatch, ModelRunner, SampleResult, SequenceChunk
 
 logger = logging.getLogger("pyvlm.engine")
 

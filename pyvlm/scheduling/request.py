@@ -11,8 +11,8 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, FrozenSet, List, Optional, Tuple, Union
 
-from pyvlm.engine.types import MultimodalItem, SamplingParams
-from pyvlm.engine.positions import MropePositions, positions_of
+from pyvlm.scheduling.types import MultimodalItem, SamplingParams
+from pyvlm.scheduling.positions import MropePositions, positions_of
 
 ImageKey = Tuple[str, int, int]
 PositionKey = Union[int, ImageKey]

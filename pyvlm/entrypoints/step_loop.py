@@ -1,9 +1,10 @@
-"""The engine loop: one thread owns the scheduler and the model runner, so
-model work never blocks the caller's event loop. Other threads talk to it
-only through a command queue; outputs go back through per-request sinks.
+"""The step loop: one thread (the engine thread) owns the scheduler and the
+model runner and runs scheduler steps, so model work never blocks the caller's
+event loop. Other threads talk to it only through a command queue; outputs go
+back through per-request sinks.
 
 Failures: a request the model fails on ends alone (the scheduler isolates
-it, see pyvlm.engine.isolation) with RequestFailedError. A DeviceFailure
+it, see pyvlm.scheduling.isolation) with RequestFailedError. A DeviceFailure
 (the GPU is unusable) stops the loop for good: every request in flight and
 every later one gets EngineDeadError, and `failure` says why, so the server
 can turn unhealthy and exit for its supervisor to restart it. Once the loop
@@ -16,8 +17,8 @@ import threading
 import time
 from typing import Callable, Dict, Optional
 
-from pyvlm.engine.errors import DeviceFailure, EngineDeadError, RequestFailedError
-from pyvlm.engine.request import Request, RequestOutput
+from pyvlm.scheduling.errors import DeviceFailure, EngineDeadError, RequestFailedError
+from pyvlm.scheduling.request import Request, RequestOutput
 
 logger = logging.getLogger("pyvlm.engine")
 
@@ -27,7 +28,7 @@ Sink = Callable[[Optional[RequestOutput], Optional[BaseException]], None]
 SHUT_DOWN = "the engine is not running (it was shut down)"
 
 
-class EngineLoop:
+class StepLoop:
     """Runs scheduler steps in a background thread (see the module docstring)."""
 
     def __init__(self, scheduler, runner):

@@ -6,12 +6,12 @@ import re
 import pytest
 
 from pyvlm.config import CacheConfig, SchedulerConfig
-from pyvlm.engine.request import Request, RequestStatus
-from pyvlm.engine.scheduler import Scheduler
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.request import Request, RequestStatus
+from pyvlm.scheduling.scheduler import Scheduler
+from pyvlm.scheduling.types import SamplingParams
 
-from tests.engine.fakes import VOCAB, FakeRunner, check_invariants, joined_ids, reference_generate, run_until_idle
-from tests.engine.workload import random_specs, run_specs
+from tests.scheduling.fakes import VOCAB, FakeRunner, check_invariants, joined_ids, reference_generate, run_until_idle
+from tests.scheduling.workload import random_specs, run_specs
 
 
 def make_scheduler(page_size=4, num_pages=256, context_length=4096, **sched_args):

@@ -13,7 +13,7 @@ preempt), the behaviour before this reserve existed.
 
 import math
 
-from pyvlm.engine.request import Request
+from pyvlm.scheduling.request import Request
 
 INIT_RATIO = 0.7
 MIN_RATIO_FACTOR = 0.14

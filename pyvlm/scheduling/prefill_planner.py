@@ -7,7 +7,7 @@ policy's order, and at most one request left mid-chunk.
 
 from typing import Callable, List, Optional, Sequence
 
-from pyvlm.engine.request import Request
+from pyvlm.scheduling.request import Request
 
 
 class PrefillBudget:

@@ -4,12 +4,12 @@ preemption never turns into a prefill/preempt loop, and a small pool costs
 no more throughput than its size ratio."""
 
 from pyvlm.config import CacheConfig, SchedulerConfig
-from pyvlm.engine.decode_reserve import MIN_RESERVED_STEPS, DecodeReserve
-from pyvlm.engine.request import Request
-from pyvlm.engine.scheduler import Scheduler
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.decode_reserve import MIN_RESERVED_STEPS, DecodeReserve
+from pyvlm.scheduling.request import Request
+from pyvlm.scheduling.scheduler import Scheduler
+from pyvlm.scheduling.types import SamplingParams
 
-from tests.engine.fakes import VOCAB, FakeRunner, check_invariants, reference_generate
+from tests.scheduling.fakes import VOCAB, FakeRunner, check_invariants, reference_generate
 
 PAGE_SIZE = 4
 

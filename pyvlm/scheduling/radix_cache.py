@@ -11,8 +11,8 @@ import heapq
 import itertools
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
-from pyvlm.engine.page_allocator import PageAllocator
-from pyvlm.engine.request import PositionKey
+from pyvlm.scheduling.page_allocator import PageAllocator
+from pyvlm.scheduling.request import PositionKey
 
 PageKey = Tuple[PositionKey, ...]
 

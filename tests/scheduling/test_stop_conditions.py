@@ -4,12 +4,12 @@ scheduler, with a tokenizer whose tokens are two-character pieces."""
 import pytest
 
 from pyvlm.config import CacheConfig, SchedulerConfig
-from pyvlm.engine.detokenizer import detokenizer_factory
-from pyvlm.engine.request import Request
-from pyvlm.engine.scheduler import Scheduler
-from pyvlm.engine.types import SamplingParams
+from pyvlm.scheduling.detokenizer import detokenizer_factory
+from pyvlm.scheduling.request import Request
+from pyvlm.scheduling.scheduler import Scheduler
+from pyvlm.scheduling.types import SamplingParams
 
-from tests.engine.fakes import VOCAB, FakeRunner, joined_ids, reference_generate, run_until_idle
+from tests.scheduling.fakes import VOCAB, FakeRunner, joined_ids, reference_generate, run_until_idle
 
 
 class PieceTokenizer:

@@ -11,7 +11,7 @@ at the first stop string.
 
 from typing import Callable, List, Optional, Sequence
 
-from pyvlm.engine.types import Tokenizer
+from pyvlm.scheduling.types import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 

@@ -6,8 +6,8 @@ import hashlib
 from collections import Counter, defaultdict
 from typing import Dict, List, Optional, Sequence
 
-from pyvlm.engine.request import Request
-from pyvlm.engine.types import ForwardBatch, MultimodalItem, SampleResult, SequenceChunk
+from pyvlm.scheduling.request import Request
+from pyvlm.scheduling.types import ForwardBatch, MultimodalItem, SampleResult, SequenceChunk
 
 VOCAB = list(range(10, 42))
 IMAGE_TOKEN = 5

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 from pyvlm.config import CacheConfig, SchedulerConfig
-from pyvlm.engine.request import Request
-from pyvlm.engine.scheduler import Scheduler
-from pyvlm.engine.types import MultimodalItem, SamplingParams
+from pyvlm.scheduling.request import Request
+from pyvlm.scheduling.scheduler import Scheduler
+from pyvlm.scheduling.types import MultimodalItem, SamplingParams
 
-from tests.engine.fakes import IMAGE_TOKEN, VOCAB, FakeRunner, joined_ids, reference_generate, run_until_idle
+from tests.scheduling.fakes import IMAGE_TOKEN, VOCAB, FakeRunner, joined_ids, reference_generate, run_until_idle
 
 
 @dataclass(frozen=True)
