@@ -18,7 +18,7 @@ from pyvlm.multimodal.llava_onevision import (anyres_grid_shape,
                                               max_num_patches_of, num_anyres_tiles,
                                               unpadding_crop)
 from .llava_onevision_images import encode_prepared, prepare_images
-from .siglip import SiglipVisionTower
+from .vision.siglip import SiglipVisionTower
 from .vision_language import VisionLanguageModel
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),

@@ -1,9 +1,4 @@
-"""Vision towers shared by the VLM families (one file per tower family).
-
-The Qwen2-VL / Qwen2.5-VL towers take every image of a step in one call:
-forward(pixel_values [num_patches, patch_dim], grid_thw [(t, h, w), ...])
--> merged token rows, image after image.
+"""Vision towers shared by the VLM families (one file per tower family):
+SigLIP (siglip.py), the Qwen2-VL ViT (qwen2_vl.py) and Qwen2.5-VL's
+windowed ViT (qwen2_5_vl.py). Each takes every image of a step in one call.
 """
-
-from .qwen2_5_vl import Qwen2_5_VisionTransformer  # noqa: F401
-from .qwen2_vl import Qwen2VisionTransformer  # noqa: F401

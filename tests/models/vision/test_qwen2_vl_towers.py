@@ -10,7 +10,8 @@ partial windows).
 import pytest
 import torch
 
-from pyvlm.models.vision import Qwen2_5_VisionTransformer, Qwen2VisionTransformer
+from pyvlm.models.vision.qwen2_5_vl import Qwen2_5_VisionTransformer
+from pyvlm.models.vision.qwen2_vl import Qwen2VisionTransformer
 from pyvlm.models.vision.qwen_grid import frame_lengths, rotary_positions, window_order
 from tests.tiny_qwen2_vl import MERGE_SIZE, PATCH_SIZE, WINDOW_SIZE, tiny_qwen2_vl
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyvlm.models.llava_onevision import LlavaOnevisionForConditionalGeneration
-from pyvlm.models.siglip import resolve_feature_layers
+from pyvlm.models.vision.siglip import resolve_feature_layers
 from tests.models.paged import image_processor, random_image
 from tests.tiny_models import llava_onevision_config, perturb_
 
