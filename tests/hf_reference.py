@@ -40,7 +40,10 @@ class LlavaOnevisionInputs:
 
 class Qwen2VLInputs:
     """pixel_values, image_grid_thw and mm_token_type_ids (which transformers
-    5 needs to place M-RoPE positions) of one prompt's images."""
+    5 needs to place M-RoPE positions) of one prompt's images.
+    image_processor(images=..., return_tensors="pt") makes the pixels:
+    transformers' PIL processor, or pyvlm_pixels (the same rows, made by
+    pyvlm, for a machine whose Pillow resamples differently)."""
 
     def __init__(self, image_processor, image_token_id: int):
         self.image_processor, self.image_token_id = image_processor, image_token_id
@@ -53,6 +56,20 @@ class Qwen2VLInputs:
         return {"pixel_values": features["pixel_values"].to(device, dtype),
                 "image_grid_thw": features["image_grid_thw"].to(device),
                 "mm_token_type_ids": token_types.to(device)}
+
+
+def pyvlm_pixels(processor):
+    """An image-processor stand-in giving pyvlm's Qwen2-VL pixel rows
+    (bit-exact with transformers' PIL processor under the Pillow CI runs;
+    processor: pyvlm's torch-free Qwen2-VL processor)."""
+    from pyvlm.models.qwen2_vl_pixels import qwen2_vl_pixel_values
+
+    def process(images, return_tensors="pt"):
+        plans = processor.plan_prompt([(im.height, im.width) for im in images])
+        return {"pixel_values": torch.cat(qwen2_vl_pixel_values(images, plans)),
+                "image_grid_thw": torch.tensor([plan.grid_thw for plan in plans])}
+
+    return process
 
 
 def reference_inputs_for(files):
