@@ -13,6 +13,7 @@ from pyvlm.chat.types import ChatTemplate, ChatTemplateError
 DEFAULT_TEMPLATE_BY_ARCHITECTURE = {
     "LlavaOnevisionForConditionalGeneration": "chatml-llava",
     "Qwen2VLForConditionalGeneration": "qwen2-vl",
+    "Qwen2_5_VLForConditionalGeneration": "qwen2-vl",
     "MllamaForConditionalGeneration": "llama_3_vision",
     "LlavaForConditionalGeneration": "vicuna_v1.1",
     "LlavaNextForConditionalGeneration": "vicuna_v1.1",

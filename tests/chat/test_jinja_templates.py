@@ -186,6 +186,7 @@ def test_chat_template_option_names_a_template_or_a_file(tmp_path, checkpoint_so
 @pytest.mark.parametrize("architecture,text_config,name", [
     ("LlavaOnevisionForConditionalGeneration", None, "chatml-llava"),
     ("Qwen2VLForConditionalGeneration", None, "qwen2-vl"),
+    ("Qwen2_5_VLForConditionalGeneration", None, "qwen2-vl"),
     ("MllamaForConditionalGeneration", None, "llama_3_vision"),
     ("LlavaForConditionalGeneration", None, "vicuna_v1.1"),
     ("LlavaNextForConditionalGeneration", None, "vicuna_v1.1"),
