@@ -86,11 +86,6 @@ def reference_inputs_for(files):
     return LlavaOnevisionInputs(image_processor_for(files.processor_config))
 
 
-def vision_inputs(image_processor, images: Sequence, device, dtype) -> dict:
-    """LLaVA-OneVision's inputs of ONE prompt's images (see LlavaOnevisionInputs)."""
-    return LlavaOnevisionInputs(image_processor)([], images, device, dtype)
-
-
 def _inputs_of(image_inputs, prompt_ids, images, device, dtype) -> dict:
     if not isinstance(image_inputs, (LlavaOnevisionInputs, Qwen2VLInputs)):
         # a bare LLaVA-OneVision image processor
