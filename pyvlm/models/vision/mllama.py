@@ -1,0 +1,238 @@
+"""The Llama-3.2-Vision (mllama) vision encoder.
+
+Mirrors transformers' MllamaVisionModel module for module, so checkpoint
+names under ``vision_model.`` map one to one onto this module's
+state_dict. Each image's tiles (padded tiles included) run as one
+sequence: every tile is padded to a multiple of 8 patches, and the local
+and the global transformer both attend over all tiles of an image.
+
+Attention is plain torch (scaled_dot_product_attention) with the additive
+mask transformers builds: it masks only the pairs in which *both* tokens
+are padding (a padded patch or a tile of a padded tile), so real tokens
+still attend to padding, exactly as the reference does.
+"""
+
+import math
+from typing import List
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+PAD_MULTIPLE = 8
+
+
+def num_padding_patches(num_patches: int) -> int:
+    """Patches appended to each tile so its length is a multiple of 8."""
+    return (PAD_MULTIPLE - num_patches % PAD_MULTIPLE) % PAD_MULTIPLE
+
+
+def aspect_ratio_attention_mask(aspect_ratio_mask: torch.Tensor, num_patches: int,
+                                target_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """[images, tiles] tile mask (1 = real) -> additive [images, 1, L, L] mask,
+    L = tiles * target_length, built as transformers'
+    _prepare_aspect_ratio_attention_mask: padding indicator outer product
+    times the dtype's minimum."""
+    num_images, max_tiles = aspect_ratio_mask.shape
+    is_real = aspect_ratio_mask.view(num_images, max_tiles, 1).to(dtype)
+    is_real = is_real.expand(num_images, max_tiles, target_length).clone()
+    is_real[:, :, num_patches:] = 0
+    is_padding = (1 - is_real).reshape(num_images, max_tiles * target_length, 1)
+    mask = is_padding @ is_padding.transpose(-1, -2) * torch.finfo(dtype).min
+    return mask.unsqueeze(1)
+
+
+class MllamaPrecomputedAspectRatioEmbedding(nn.Module):
+    """A per-aspect-ratio embedding for each tile, added to all its patches."""
+
+    def __init__(self, config, is_gated: bool = True):
+        super().__init__()
+        self.max_num_tiles = config.max_num_tiles
+        self.hidden_size = config.hidden_size
+        self.is_gated = is_gated
+        self.embedding = nn.Embedding(config.max_aspect_ratio_id + 1,
+                                      self.max_num_tiles * self.hidden_size)
+        if is_gated:
+            self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, hidden: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [images, tiles, patches, hidden], aspect_ratio_ids [images]."""
+        embeddings = self.embedding(aspect_ratio_ids)
+        embeddings = embeddings.reshape(-1, self.max_num_tiles, 1, self.hidden_size)
+        if self.is_gated:
+            embeddings = embeddings * self.gate.tanh()
+        return hidden + embeddings
+
+
+class MllamaPrecomputedPositionEmbedding(nn.Module):
+    """The patch position embedding, blended by a tanh gate with a
+    per-aspect-ratio, per-tile, per-patch position embedding."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.max_num_tiles = config.max_num_tiles
+        self.num_patches = (config.image_size // config.patch_size) ** 2 + 1
+        self.hidden_size = config.hidden_size
+        self.gate = nn.Parameter(torch.zeros(1))
+        self.embedding = nn.Parameter(torch.zeros(self.num_patches, self.hidden_size))
+        self.tile_embedding = nn.Embedding(
+            config.max_aspect_ratio_id + 1,
+            self.max_num_tiles * self.num_patches * self.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [images, tiles, patches (cls included), hidden]."""
+        gate = self.gate.tanh()
+        hidden = hidden + ((1 - gate) * self.embedding).view(1, 1, self.num_patches,
+                                                             self.hidden_size)
+        tile_embedding = self.tile_embedding(aspect_ratio_ids).reshape(
+            hidden.shape[0], self.max_num_tiles, self.num_patches, self.hidden_size)
+        return hidden + gate * tile_embedding
+
+
+class MllamaVisionMLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.hidden_act != "gelu":
+            raise ValueError(f"mllama vision hidden_act {config.hidden_act!r} is not supported")
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(hidden)))
+
+
+class MllamaVisionAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.attention_heads
+        self.head_dim = config.hidden_size // config.attention_heads
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+
+    def _heads(self, projected: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, _ = projected.shape
+        return projected.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """hidden [images, seq, hidden]; attention_mask additive [images, 1, seq, seq]."""
+        query, key, value = (self._heads(proj(hidden))
+                             for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
+                                             scale=self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(hidden.shape))
+
+
+class MllamaVisionEncoderLayer(nn.Module):
+    """Pre-norm attention + MLP; gated layers scale both residual branches
+    by tanh of a learnt scalar."""
+
+    def __init__(self, config, is_gated: bool = False):
+        super().__init__()
+        self.is_gated = is_gated
+        self.self_attn = MllamaVisionAttention(config)
+        self.mlp = MllamaVisionMLP(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        if is_gated:
+            self.gate_attn = nn.Parameter(torch.ones(1) * math.pi / 4)
+            self.gate_ffn = nn.Parameter(torch.ones(1) * math.pi / 4)
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(hidden), attention_mask)
+        if self.is_gated:
+            attn = self.gate_attn.tanh() * attn
+        hidden = hidden + attn
+        ffn = self.mlp(self.post_attention_layernorm(hidden))
+        if self.is_gated:
+            ffn = self.gate_ffn.tanh() * ffn
+        return hidden + ffn
+
+
+class MllamaVisionEncoder(nn.Module):
+    def __init__(self, config, num_layers: int, is_gated: bool = False):
+        super().__init__()
+        self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, is_gated)
+                                    for _ in range(num_layers))
+
+    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+        """Returns the final hidden states and the output of every layer."""
+        layer_outputs: List[torch.Tensor] = []
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask)
+            layer_outputs.append(hidden)
+        return hidden, layer_outputs
+
+
+class MllamaVisionModel(nn.Module):
+    """The mllama vision encoder: the local transformer (whose selected
+    intermediate outputs are kept) then the gated global transformer."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.max_num_tiles = config.max_num_tiles
+        self.hidden_size = config.hidden_size
+        self.intermediate_layers_indices = list(config.intermediate_layers_indices)
+        self.num_patches = (config.image_size // config.patch_size) ** 2 + 1
+        self.patch_embedding = nn.Conv2d(config.num_channels, config.hidden_size,
+                                         kernel_size=config.patch_size,
+                                         stride=config.patch_size, padding="valid", bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        self.gated_positional_embedding = MllamaPrecomputedPositionEmbedding(config)
+        self.pre_tile_positional_embedding = MllamaPrecomputedAspectRatioEmbedding(config)
+        self.post_tile_positional_embedding = MllamaPrecomputedAspectRatioEmbedding(config)
+        # transformers builds these with nn.LayerNorm's default eps, not norm_eps
+        self.layernorm_pre = nn.LayerNorm(config.hidden_size)
+        self.layernorm_post = nn.LayerNorm(config.hidden_size)
+        self.transformer = MllamaVisionEncoder(config, config.num_hidden_layers)
+        self.global_transformer = MllamaVisionEncoder(config, config.num_global_layers,
+                                                      is_gated=True)
+
+    def _embed(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """[images, tiles, 3, H, W] -> [images, tiles, num_patches (cls first), hidden]."""
+        num_images, num_tiles = pixel_values.shape[:2]
+        weight = self.patch_embedding.weight
+        patches = self.patch_embedding(pixel_values.flatten(0, 1).to(weight.device, weight.dtype))
+        hidden = patches.flatten(2).transpose(1, 2)
+        hidden = hidden.reshape(num_images, num_tiles, -1, self.hidden_size)
+        hidden = self.pre_tile_positional_embedding(hidden, aspect_ratio_ids)
+        cls = self.class_embedding.expand(num_images, num_tiles, 1, self.hidden_size)
+        hidden = torch.cat([cls, hidden], dim=2)
+        hidden = self.gated_positional_embedding(hidden, aspect_ratio_ids)
+        return self.layernorm_pre(hidden)
+
+    def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, max_num_images, max_tiles, 3, H, W], aspect_ratio_ids
+        [B, max_num_images], aspect_ratio_mask [B, max_num_images, max_tiles]
+        (1 = real tile) -> transformers' last_hidden_state,
+        [B, max_num_images, max_tiles, num_patches,
+         hidden * (1 + len(intermediate_layers_indices))]: the global
+        transformer's output, then the selected local-layer outputs
+        interleaved as transformers' stack(dim=-1) lays them out."""
+        batch, max_images, num_tiles = pixel_values.shape[:3]
+        num_images = batch * max_images
+        aspect_ratio_ids = aspect_ratio_ids.reshape(num_images)
+        hidden = self._embed(pixel_values.flatten(0, 1), aspect_ratio_ids)
+
+        num_pad = num_padding_patches(self.num_patches)
+        padded_len = self.num_patches + num_pad
+        hidden = F.pad(hidden, (0, 0, 0, num_pad))
+        mask = aspect_ratio_attention_mask(aspect_ratio_mask.reshape(num_images, num_tiles),
+                                           self.num_patches, padded_len, hidden.dtype)
+
+        hidden, local_outputs = self.transformer(hidden.view(num_images, -1, self.hidden_size),
+                                                 mask)
+        hidden = self.layernorm_post(hidden).view(num_images, num_tiles, padded_len, -1)
+        hidden = self.post_tile_positional_embedding(hidden, aspect_ratio_ids)
+        hidden, _ = self.global_transformer(hidden.view(num_images, -1, self.hidden_size), mask)
+
+        intermediate = torch.stack([local_outputs[i] for i in self.intermediate_layers_indices],
+                                   dim=-1)
+        out_shape = (batch, max_images, num_tiles, self.num_patches, -1)
+        hidden = hidden.view(num_images, num_tiles, padded_len, -1)[:, :, :self.num_patches]
+        intermediate = intermediate.reshape(num_images, num_tiles, padded_len, -1)
+        intermediate = intermediate[:, :, :self.num_patches]
+        return torch.cat([hidden.reshape(out_shape), intermediate.reshape(out_shape)], dim=-1)

@@ -1,0 +1,85 @@
+"""The mllama vision encoder equals transformers' MllamaVisionModel on a
+tiny random-weight model: 1, 2 and 4 real tiles (padded tiles masked), two
+images per sample, tiles padded from 17 to 24 patches."""
+
+import pytest
+import torch
+
+from pyvlm.models.vision.mllama import MllamaVisionModel, aspect_ratio_attention_mask
+from tests.tiny_models import perturb_
+
+# images per sample, as real tile counts; 0 is a padding image (a sample
+# with fewer images than the batch's most), which has aspect ratio id 0
+LAYOUTS = {"one_and_four": [[1, 4], [2, 1]], "two_and_two": [[2, 2], [4, 1]],
+           "padding_image": [[2, 0], [4, 1]]}
+
+
+def tiny_hf_vision_model():
+    from transformers import MllamaVisionConfig
+    from transformers.models.mllama.modeling_mllama import MllamaVisionModel as HFModel
+
+    config = MllamaVisionConfig(hidden_size=32, attention_heads=4, intermediate_size=64,
+                                image_size=56, patch_size=14, max_num_tiles=4,
+                                num_hidden_layers=3, num_global_layers=2,
+                                intermediate_layers_indices=[0, 2])
+    config._attn_implementation = "eager"
+    hf_model = HFModel(config)
+    seed = int(torch.randint(0, 10_000, ()).item())
+    perturb_(hf_model, seed)
+    # gates start at zero (or pi/4) and embeddings small: large noise so
+    # every gate and embedding changes the output visibly
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if "gate" in name or "embedding" in name:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
+    return hf_model.eval()
+
+
+def aspect_ratio_id(config, num_tiles: int) -> int:
+    """A random supported aspect ratio with num_tiles tiles, as its 1-based
+    id; 0 for a padding image."""
+    if num_tiles == 0:
+        return 0
+    ids = [i + 1 for i, (h, w) in enumerate(config.supported_aspect_ratios) if h * w == num_tiles]
+    return ids[int(torch.randint(0, len(ids), ()).item())]
+
+
+def random_inputs(config, layout):
+    batch, max_images, max_tiles = len(layout), len(layout[0]), config.max_num_tiles
+    pixel_values = torch.randn(batch, max_images, max_tiles, 3, config.image_size,
+                               config.image_size)
+    mask = torch.zeros(batch, max_images, max_tiles, dtype=torch.long)
+    ids = torch.zeros(batch, max_images, dtype=torch.long)
+    for b, sample in enumerate(layout):
+        for i, num_tiles in enumerate(sample):
+            mask[b, i, :num_tiles] = 1
+            ids[b, i] = aspect_ratio_id(config, num_tiles)
+            pixel_values[b, i, num_tiles:] = 0  # padded tiles are zeros, as the processor makes them
+    return pixel_values, ids, mask
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_transformers(layout):
+    hf_model = tiny_hf_vision_model()
+    model = MllamaVisionModel(hf_model.config).eval()
+    model.load_state_dict(hf_model.state_dict(), strict=True)
+    pixel_values, ids, mask = random_inputs(hf_model.config, LAYOUTS[layout])
+    with torch.no_grad():
+        expected = hf_model(pixel_values=pixel_values, aspect_ratio_ids=ids,
+                            aspect_ratio_mask=mask).last_hidden_state
+        got = model(pixel_values, ids, mask)
+    assert got.shape == expected.shape == (2, 2, 4, 17, 32 * 3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_padding_tiles_change_the_output_as_in_transformers():
+    """Real tokens attend to padding (only padding-padding pairs are masked),
+    so the mask must be transformers' and not a plain key-padding mask."""
+    from transformers.models.mllama.modeling_mllama import _prepare_aspect_ratio_attention_mask
+
+    tile_mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    expected = _prepare_aspect_ratio_attention_mask(tile_mask, 17, 24, torch.float32)
+    got = aspect_ratio_attention_mask(tile_mask, 17, 24, torch.float32)
+    assert torch.equal(got, expected)
+    assert (got[0, 0, 0] == 0).all()  # a real token sees every key
