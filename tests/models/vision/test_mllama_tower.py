@@ -55,7 +55,8 @@ def random_inputs(config, layout):
         for i, num_tiles in enumerate(sample):
             mask[b, i, :num_tiles] = 1
             ids[b, i] = aspect_ratio_id(config, num_tiles)
-            pixel_values[b, i, num_tiles:] = 0  # padded tiles are zeros, as the processor makes them
+            # padded tiles are zeros, as the processor makes them
+            pixel_values[b, i, num_tiles:] = 0
     return pixel_values, ids, mask
 
 
