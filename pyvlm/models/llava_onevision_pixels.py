@@ -9,19 +9,12 @@ anyres tiles of an image share one resize.
 
 from typing import List, Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 
+from pyvlm.models.image_batches import image_to_tensor, run_grouped
 from pyvlm.multimodal.llava_onevision import ImagePlan, SquareCanvas
 from pyvlm.ops.preprocess import preprocess_images
-
-
-def image_to_tensor(image: Image.Image) -> torch.Tensor:
-    """uint8 [h, w, 3] view of an RGB PIL image's pixels."""
-    if image.mode != "RGB":
-        raise ValueError(f"expected an RGB image, got mode {image.mode}")
-    return torch.from_numpy(np.asarray(image).copy())
 
 
 def paste_on_canvas(pixels: torch.Tensor, canvas: SquareCanvas) -> torch.Tensor:
@@ -49,14 +42,9 @@ def llava_onevision_pixel_values(images: Sequence[Image.Image], plans: Sequence[
     if len(images) != len(plans):
         raise ValueError(f"{len(images)} images but {len(plans)} plans")
     sources = [_source_pixels(image, plan) for image, plan in zip(images, plans)]
-    outputs: List[torch.Tensor] = [None] * len(plans)
-    for norm in dict.fromkeys(plan.normalization for plan in plans):
-        indices = [i for i, plan in enumerate(plans) if plan.normalization == norm]
-        tiles = _preprocess_group([sources[i] for i in indices], [plans[i] for i in indices],
-                                  device, dtype)
-        for i, tile_group in zip(indices, tiles):
-            outputs[i] = tile_group
-    return outputs
+    return run_grouped(sources, plans, lambda plan: plan.normalization,
+                       lambda group, group_plans: _preprocess_group(group, group_plans,
+                                                                    device, dtype))
 
 
 def _preprocess_group(sources, plans, device, dtype) -> List[torch.Tensor]:

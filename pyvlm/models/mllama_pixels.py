@@ -19,7 +19,7 @@ from typing import List, Sequence
 import torch
 from PIL import Image
 
-from pyvlm.models.llava_onevision_pixels import image_to_tensor
+from pyvlm.models.image_batches import image_to_tensor, run_grouped
 from pyvlm.multimodal.mllama import MllamaImagePlan
 from pyvlm.ops.preprocess import preprocess_images
 
@@ -31,14 +31,8 @@ def mllama_pixel_values(images: Sequence[Image.Image], plans: Sequence[MllamaIma
     if len(images) != len(plans):
         raise ValueError(f"{len(images)} images but {len(plans)} plans")
     sources = [_source_pixels(image, plan) for image, plan in zip(images, plans)]
-    outputs: List[torch.Tensor] = [None] * len(plans)
-    for key in dict.fromkeys(_batch_key(plan) for plan in plans):
-        indices = [i for i, plan in enumerate(plans) if _batch_key(plan) == key]
-        tiles = _tile_group([sources[i] for i in indices], [plans[i] for i in indices],
-                            device, dtype)
-        for i, image_tiles in zip(indices, tiles):
-            outputs[i] = image_tiles
-    return outputs
+    return run_grouped(sources, plans, _batch_key,
+                       lambda group, group_plans: _tile_group(group, group_plans, device, dtype))
 
 
 def _batch_key(plan: MllamaImagePlan) -> tuple:

@@ -12,7 +12,7 @@ from typing import List, Sequence
 import torch
 from PIL import Image
 
-from pyvlm.models.llava_onevision_pixels import image_to_tensor
+from pyvlm.models.image_batches import image_to_tensor, run_grouped
 from pyvlm.multimodal.qwen2_vl import Qwen2VLImagePlan
 from pyvlm.ops.preprocess import preprocess_images_patchify
 
@@ -25,14 +25,8 @@ def qwen2_vl_pixel_values(images: Sequence[Image.Image], plans: Sequence[Qwen2VL
     if len(images) != len(plans):
         raise ValueError(f"{len(images)} images but {len(plans)} plans")
     sources = [_source_pixels(image, plan) for image, plan in zip(images, plans)]
-    outputs: List[torch.Tensor] = [None] * len(plans)
-    for key in dict.fromkeys(_batch_key(plan) for plan in plans):
-        indices = [i for i, plan in enumerate(plans) if _batch_key(plan) == key]
-        rows = _patchify_group([sources[i] for i in indices], [plans[i] for i in indices],
-                               device, dtype)
-        for i, image_rows in zip(indices, rows):
-            outputs[i] = image_rows
-    return outputs
+    return run_grouped(sources, plans, _batch_key,
+                       lambda group, group_plans: _patchify_group(group, group_plans, device, dtype))
 
 
 def _batch_key(plan: Qwen2VLImagePlan) -> tuple:

@@ -29,7 +29,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from pyvlm.multimodal.llava_onevision import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
                                               SUPPORTED_RESAMPLE, Normalization)
 from pyvlm.multimodal.llava_onevision_config import normalization_of
-from pyvlm.multimodal.processor import check_buffers, refuse_overrides
+from pyvlm.multimodal.processor import ResizedCopyBuffer, check_buffers, refuse_overrides
 
 Size = Tuple[int, int]
 
@@ -79,7 +79,7 @@ def size_fit_to_canvas(height: int, width: int, canvas_height: int, canvas_width
 
 
 @dataclass(frozen=True)
-class MllamaImagePlan:
+class MllamaImagePlan(ResizedCopyBuffer):
     """How one image becomes tiles: resized to resized_size, zero padded to
     a canvas of (rows, cols) tiles, cut row by row."""
 
@@ -127,15 +127,6 @@ class MllamaImagePlan:
         """Values of the real tiles: num_tiles x 3 x tile x tile."""
         return self.num_tiles * 3 * self.tile_size ** 2
 
-    @property
-    def num_buffer_pixels(self) -> int:
-        """Pixels of the resized image (at most the canvas)."""
-        height, width = self.resized_size
-        return height * width
-
-    def buffer_description(self) -> str:
-        height, width = self.resized_size
-        return f"a {width}x{height} resized copy"
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,22 @@ class ImageProcessor(Protocol):
         ...
 
 
+class ResizedCopyBuffer:
+    """For plans whose largest buffer is one resized copy of the image
+    (a `resized_size` (height, width) field)."""
+
+    resized_size: Size
+
+    @property
+    def num_buffer_pixels(self) -> int:
+        height, width = self.resized_size
+        return height * width
+
+    def buffer_description(self) -> str:
+        height, width = self.resized_size
+        return f"a {width}x{height} resized copy"
+
+
 class ImageBudgetError(ValueError):
     """An image whose preprocessing would need more memory than allowed; the
     message names the image, what it would need and the limit."""

@@ -28,7 +28,7 @@ from pyvlm.scheduling.positions import MropePositions
 from pyvlm.multimodal import image_sizes
 from pyvlm.multimodal.llava_onevision import SUPPORTED_RESAMPLE, Normalization
 from pyvlm.multimodal.llava_onevision_config import normalization_of
-from pyvlm.multimodal.processor import check_buffers, refuse_overrides
+from pyvlm.multimodal.processor import ResizedCopyBuffer, check_buffers, refuse_overrides
 
 Size = Tuple[int, int]
 
@@ -60,7 +60,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int,
 
 
 @dataclass(frozen=True)
-class Qwen2VLImagePlan:
+class Qwen2VLImagePlan(ResizedCopyBuffer):
     """How one image becomes patch rows and how many tokens it takes."""
 
     image_size: Size
@@ -104,15 +104,6 @@ class Qwen2VLImagePlan:
         """Values of the tower input: one row of 3 * T * p * p per patch."""
         return self.num_patches * 3 * self.temporal_patch_size * self.patch_size ** 2
 
-    @property
-    def num_buffer_pixels(self) -> int:
-        """Pixels of the resized image."""
-        height, width = self.resized_size
-        return height * width
-
-    def buffer_description(self) -> str:
-        height, width = self.resized_size
-        return f"a {width}x{height} resized copy"
 
 
 @dataclass(frozen=True)
