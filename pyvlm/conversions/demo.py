@@ -61,6 +61,11 @@ class DemoUnavailable(ImportError):
     """The packages the demo is built from are not installed."""
 
 
+# Logged when the server starts on the demo model.
+DEMO_BANNER = ("Serving the demo model: SmolLM2-135M-Instruct with a random-weight SigLIP "
+               "vision tower. It answers text questions; what it says about images is meaningless.")
+
+
 def demo_checkpoint_dir() -> Path:
     """The demo checkpoint's folder in pyvlm's cache (see cache.cache_root),
     built on first use (a minute or less on CPU)."""

@@ -59,7 +59,7 @@ class Engine:
         """Generates for one prompt (or chat) or a batch; returns SGLang-style
         dicts {"text", "output_ids", "meta_info"} (a list for a batch).
         mm_processor_kwargs: image-processor settings over the launch's, for
-        every prompt of the call (e.g. {"max_pixels": ...} for Qwen2-VL)."""
+        every prompt of the call (keys are the model family's, e.g. "max_pixels")."""
         builds, single = self._batch_builds(prompt, sampling_params, image_data, messages,
                                             mm_processor_kwargs)
         submitted = []
@@ -108,7 +108,7 @@ class Engine:
         image budget (a full one is EngineBusyError), and a request built
         after its caller was cancelled gives its budget back.
         mm_processor_kwargs: image-processor settings of this request over
-        the launch's (e.g. {"max_pixels": ...} for Qwen2-VL)."""
+        the launch's (keys are the model family's, e.g. "max_pixels")."""
         build = asyncio.get_running_loop().run_in_executor(None, functools.partial(
             self._build_one, prompt, sampling_params, image_data, messages, rid,
             add_special_tokens, wait=False, mm_processor_kwargs=mm_processor_kwargs))

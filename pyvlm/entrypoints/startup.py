@@ -24,8 +24,6 @@ from pyvlm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("pyvlm.engine")
 
-DEMO_BANNER = ("Serving the demo model: SmolLM2-135M-Instruct with a random-weight SigLIP "
-               "vision tower. It answers text questions; what it says about images is meaningless.")
 
 
 @dataclass
@@ -213,6 +211,8 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
                 files.root.name, device, str(dtype).replace("torch.", ""), context_length,
                 runner.num_pages * runner.page_size)
     if config.model.model is None:
+        from pyvlm.conversions.demo import DEMO_BANNER
+
         logger.info(DEMO_BANNER)
     return EngineState(files, tokenizer, model, runner, scheduler, builder,
                        StepLoop(scheduler, runner), context_length,
