@@ -137,7 +137,7 @@ class RequestBuilder:
         return Request(rid=rid or f"req-{next(self._rids)}", prompt_ids=prompt_ids,
                        sampling=sampling, mm_items=items, seed=seed,
                        eos_token_ids=self.eos_token_ids, num_image_bytes=num_image_bytes,
-                       mrope=mrope)
+                       mrope=mrope, pre_image_key=pre_image_key(processor, items))
 
     def _processor(self, mm_processor_kwargs: Optional[Mapping[str, Any]]):
         if self.images is None:
@@ -190,9 +190,12 @@ class RequestBuilder:
         except BaseException:
             self.image_budget.give_back(num_bytes)
             raise
-        return ids, [MultimodalItem(h, off, n, plan, payload)
-                     for h, (off, n), plan, payload in zip(hashes, spans, plans, payloads)
-                     ], num_bytes
+        cross_spans = cross_attention_spans(processor, spans)
+        return ids, [MultimodalItem(h, off, n, plan, payload,
+                                    num_cross_rows=getattr(plan, "num_cross_rows", 0),
+                                    cross_span=cross_span)
+                     for h, (off, n), plan, payload, cross_span
+                     in zip(hashes, spans, plans, payloads, cross_spans)], num_bytes
 
     def check_context(self, num_prompt_tokens: int, plans) -> None:
         """Refuses, before any preprocessing, a prompt too long for the
@@ -209,6 +212,27 @@ class RequestBuilder:
         if self.vocab_size is not None and any(not 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"the prompt has token ids outside the vocabulary "
                              f"[0, {self.vocab_size})")
+
+
+def cross_attention_spans(processor, spans: Sequence[Tuple[int, int]]) -> list:
+    """Per image, the prompt positions that cross-attend to it (the
+    processor's cross_attention_spans), or None for every image of a family
+    whose images are merged into the token embeddings."""
+    make_spans = getattr(processor, "cross_attention_spans", None)
+    if make_spans is None:
+        return [None] * len(spans)
+    return list(make_spans([offset for offset, _ in spans]))
+
+
+def pre_image_key(processor, items: Sequence[MultimodalItem]) -> Optional[int]:
+    """The images' combined hash when the processor says the text before the
+    first image depends on them (text_before_images_sees_images), else None."""
+    if not items or not getattr(processor, "text_before_images_sees_images", False):
+        return None
+    key = 0
+    for item in items:
+        key = combine_hash(item.hash, str(key))
+    return key
 
 
 def with_stop_strings(sampling: SamplingParams, stop: Tuple[str, ...]) -> SamplingParams:

@@ -115,6 +115,16 @@ def eos_token_ids(tokenizer, files: CheckpointFiles) -> set:
     return ids
 
 
+def prompt_vocab_size(files: CheckpointFiles, images: Optional[ImageInputs]) -> Optional[int]:
+    """Token ids a prompt may hold: the text vocabulary, and the image token
+    where it lies past it (Llama-3.2-Vision's <|image|> is id vocab_size,
+    an embedding row beyond the LM head's vocabulary)."""
+    vocab_size = _text_config(files.config).get("vocab_size")
+    if vocab_size is None or images is None:
+        return vocab_size
+    return max(vocab_size, images.image_token_id + 1)
+
+
 def load_tokenizer(files: CheckpointFiles):
     from transformers import AutoTokenizer
 
@@ -167,13 +177,15 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, mo
         from pyvlm.models.loader import load_model
 
         model = load_model(files, dtype, device)
-    shape = KVShape(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
+    shape = KVShape(model.num_layers, model.num_kv_heads, model.head_dim, dtype,
+                    tuple(getattr(model, "cross_attention_layers", ())))
     num_pages = pool_num_pages(shape, config.cache.page_size, device,
                                config.cache.max_total_tokens, config.cache.mem_fraction_static)
     pool = KVPool(shape, num_pages, config.cache.page_size, device)
     vision = None
     if getattr(model, "image_token_id", None) is not None:
-        vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes))
+        vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes),
+                               getattr(model, "encoder_rows_of", None))
     return model, ModelRunner(model, pool, device, vision, index_checks_for(config, device))
 
 
@@ -198,7 +210,7 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     model, runner = build_runner(config, files, device, dtype, loaded_model)
     context_length = context_length_of(config, files)
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,
-                          detokenizer_factory(tokenizer))
+                          detokenizer_factory(tokenizer), runner.image_rows_per_page)
     images = image_inputs_for(model, tokenizer, files, dtype, config.media.mm_processor_kwargs)
     chat_template = chat_template_for(config, files, tokenizer,
                                       images.placeholder if images else None)
@@ -206,7 +218,7 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
                              images, media_policy_of(config), context_length,
                              config.scheduler.random_seed,
                              ImageBudget(config.media.max_pending_image_bytes),
-                             _text_config(files.config).get("vocab_size"))
+                             prompt_vocab_size(files, images))
     logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens",
                 files.root.name, device, str(dtype).replace("torch.", ""), context_length,
                 runner.num_pages * runner.page_size)

@@ -56,6 +56,9 @@ class AttentionMetadata:
     cu_seqlens_q: Optional[torch.Tensor] = None
     prefix_lens: Optional[torch.Tensor] = None
     max_seqlen_q: int = 0
+    # A cross-attention family's per-step image inputs (the model builds
+    # them: pyvlm.models.mllama_cross_inputs); None for every other step.
+    cross_attention: Optional[object] = None
 
     @classmethod
     def build(cls, chunks: List[ChunkSpan], page_size: int, is_decode: bool,

@@ -108,16 +108,20 @@ def self_attention_layer(index: int, shape: DecoderShape, rotary: RotaryEmbeddin
 
 class LlamaModel(nn.Module):
     """Token embeddings, decoder layers and the final norm (no lm_head).
-    layer_factory builds each layer (default: self_attention_layer)."""
+    layer_factory builds each layer (default: self_attention_layer);
+    num_extra_embeddings: embedding rows past the vocabulary (Llama-3.2-
+    Vision embeds its <|image|> token, id vocab_size, in 8 extra rows)."""
 
     def __init__(self, config, qkv_bias: Optional[bool] = None,
-                 layer_factory: LayerFactory = self_attention_layer):
+                 layer_factory: LayerFactory = self_attention_layer,
+                 num_extra_embeddings: int = 0):
         super().__init__()
         shape = DecoderShape.from_config(config, qkv_bias)
         self.shape = shape
         self.rotary_emb = rotary_for(shape.head_dim, shape.max_position,
                                      rope_parameters_of(config))
-        self.embed_tokens = nn.Embedding(shape.vocab_size, shape.hidden_size)
+        self.embed_tokens = nn.Embedding(shape.vocab_size + num_extra_embeddings,
+                                         shape.hidden_size)
         self.layers = nn.ModuleList(layer_factory(index, shape, self.rotary_emb)
                                     for index in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)

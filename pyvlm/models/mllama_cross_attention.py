@@ -7,20 +7,25 @@ transformers' MllamaCrossAttentionDecoderLayer so checkpoint names map one
 to one (gate_proj/up_proj land in GatedMLP's fused gate_up_proj through
 load_weights).
 
-The image K/V do not depend on the text, so `image_key_value` computes them
-once per image; `forward` takes them precomputed (the engine keeps them in
-its pool) with a per-token mask of the image rows each token may see.
+The image K/V do not depend on the text: a layer computes them when an
+image is first used (`image_key_value`), stores its real rows in the KV
+pool, and every later step reads them from there. Which rows each token
+sees is the step's CrossAttentionInputs (pyvlm.models.mllama_cross_inputs).
 """
 
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pyvlm import ops
+from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pyvlm.layers.mlp import GatedMLP
 from pyvlm.layers.norm import RMSNorm
+from .mllama_cross_inputs import CrossAttentionInputs
+
+KVCache = Tuple[torch.Tensor, torch.Tensor]
 
 
 class MllamaTextCrossAttention(nn.Module):
@@ -31,6 +36,7 @@ class MllamaTextCrossAttention(nn.Module):
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads
+        self.scale = self.head_dim ** -0.5
         self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.head_dim, bias=False)
         self.k_proj = ColumnParallelLinear(hidden_size, num_kv_heads * self.head_dim, bias=False)
         self.v_proj = ColumnParallelLinear(hidden_size, num_kv_heads * self.head_dim, bias=False)
@@ -45,30 +51,43 @@ class MllamaTextCrossAttention(nn.Module):
         rows = cross_attention_states.shape[0]
         key = self.k_proj(cross_attention_states).view(rows, self.num_kv_heads, self.head_dim)
         value = self.v_proj(cross_attention_states).view(rows, self.num_kv_heads, self.head_dim)
-        return self.k_norm(key.contiguous()), value
+        return self.k_norm(key.contiguous()), value.contiguous()
 
-    def forward(self, hidden: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attend_mask: torch.Tensor) -> torch.Tensor:
-        """hidden [T, hidden]; key/value [S, kv_heads, head_dim]; attend_mask
-        bool [T, S] (every row must allow at least one image row)."""
+    def forward(self, hidden: torch.Tensor, kv_cache: KVCache,
+                cross: CrossAttentionInputs) -> torch.Tensor:
+        """hidden [T, hidden] (normed); kv_cache: this layer's (key, value)
+        cache views; returns [T, hidden] (zero for tokens attending to nothing)."""
         tokens = hidden.shape[0]
         query = self.q_proj(hidden).view(tokens, self.num_heads, self.head_dim)
         query = self.q_norm(query.contiguous())
-        groups = self.num_heads // self.num_kv_heads
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-            attn_mask=attend_mask)
-        return self.o_proj(out.transpose(0, 1).reshape(tokens, -1))
+        key_cache, value_cache = kv_cache
+        image_key = image_value = None
+        if cross.image_states is not None:
+            image_key, image_value = self.image_key_value(cross.image_states)
+            if cross.write_rows is not None:
+                ops.reshape_and_cache(image_key.index_select(0, cross.write_rows),
+                                      image_value.index_select(0, cross.write_rows),
+                                      key_cache, value_cache, cross.write_slots)
+        out = query.new_zeros(query.shape)
+        if cross.paged is not None:
+            paged = cross.paged
+            out.index_copy_(0, paged.tokens, ops.paged_attention_decode(
+                query.index_select(0, paged.tokens), key_cache, value_cache,
+                paged.block_tables, paged.seq_lens, self.scale))
+        if cross.gathered is not None:
+            gathered = cross.gathered
+            out.index_copy_(0, gathered.tokens, ops.varlen_attention(
+                query.index_select(0, gathered.tokens), gathered.keys(key_cache, image_key),
+                gathered.keys(value_cache, image_value), gathered.cu_seqlens_q,
+                gathered.cu_seqlens_k, gathered.max_seqlen_q, gathered.max_seqlen_k,
+                self.scale))
+        return self.o_proj(out.view(tokens, -1))
 
 
 class MllamaCrossAttentionDecoderLayer(nn.Module):
-    """Cross-attention block with tanh-gated attention and MLP.
-
-    The forward follows LlamaDecoderLayer's residual convention (returns
-    this layer's MLP output and the residual stream before it) but takes
-    the image K/V and masks instead of (positions, kv_cache, attn)."""
+    """Cross-attention block with tanh-gated attention and MLP, with
+    LlamaDecoderLayer's forward signature (it sits among them in the
+    decoder); kv_cache is this layer's view of the image K/V pages."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int,
                  num_kv_heads: int, rms_norm_eps: float):
@@ -84,34 +103,32 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
     @classmethod
     def from_config(cls, text_config) -> "MllamaCrossAttentionDecoderLayer":
         """From a transformers MllamaTextConfig."""
+        if getattr(text_config, "hidden_act", "silu") != "silu":
+            raise NotImplementedError(f"mllama text hidden_act {text_config.hidden_act!r} "
+                                      "(supported: silu)")
         return cls(text_config.hidden_size, text_config.intermediate_size,
                    text_config.num_attention_heads, text_config.num_key_value_heads,
                    text_config.rms_norm_eps)
 
-    def image_key_value(self, cross_attention_states: torch.Tensor
-                        ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """This layer's (key, value) of [S, hidden] image states; compute once per image."""
-        return self.cross_attn.image_key_value(cross_attention_states)
-
-    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor],
-                key: torch.Tensor, value: torch.Tensor, attend_mask: torch.Tensor,
-                no_image: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """hidden [T, hidden] (with residual None: the layer input itself);
-        attend_mask bool [T, S]: the image rows each token may attend to;
-        no_image bool [T]: tokens that attend to no image. Returns (gated
-        MLP output, residual stream before it), as LlamaDecoderLayer."""
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: Optional[torch.Tensor], kv_cache: KVCache,
+                attn: AttentionMetadata) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Returns (gated MLP output, residual stream before it), as
+        LlamaDecoderLayer; a step without images passes its input through
+        unchanged (transformers skips the layer for prompts without images)."""
+        cross: Optional[CrossAttentionInputs] = attn.cross_attention
+        if cross is None:
+            return hidden, residual
         if residual is None:
             # clone: the fused norm updates the residual in place.
             residual = hidden.clone()
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        # transformers lets a token that sees no image attend to every image
-        # row (its additive mask row is zeroed), and gates only the MLP by
-        # the row mask: kept for parity (the attention gate still applies).
-        attend_mask = attend_mask | no_image[:, None]
-        attended = self.cross_attn(hidden, key, value, attend_mask)
+        attended = self.cross_attn(hidden, kv_cache, cross)
         hidden, residual = self.post_attention_layernorm(
             self.cross_attn_attn_gate.tanh() * attended, residual)
-        kept = (~no_image).to(hidden.dtype)[:, None]
+        # transformers gates the MLP by the full-text-row mask (tokens that
+        # attend to no image keep only the attention branch).
+        kept = cross.mlp_kept.to(hidden.dtype)[:, None]
         return self.cross_attn_mlp_gate.tanh() * (kept * self.mlp(hidden)), residual

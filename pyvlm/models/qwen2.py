@@ -4,5 +4,7 @@ from .llama import LayerFactory, LlamaModel, self_attention_layer
 
 
 class Qwen2Model(LlamaModel):
-    def __init__(self, config, layer_factory: LayerFactory = self_attention_layer):
-        super().__init__(config, qkv_bias=True, layer_factory=layer_factory)
+    def __init__(self, config, layer_factory: LayerFactory = self_attention_layer,
+                 num_extra_embeddings: int = 0):
+        super().__init__(config, qkv_bias=True, layer_factory=layer_factory,
+                         num_extra_embeddings=num_extra_embeddings)

@@ -30,6 +30,8 @@ FAMILIES = {
         "qwen2_vl:Qwen2VLImageConfig", "qwen2_vl:Qwen2VLForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": Family(
         "qwen2_vl:Qwen2VLImageConfig", "qwen2_vl:Qwen2_5_VLForConditionalGeneration"),
+    "MllamaForConditionalGeneration": Family(
+        "mllama:MllamaImageConfig", "mllama:MllamaForConditionalGeneration"),
 }
 
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from pyvlm.layers.attention import AttentionMetadata
 from .decoders import decoder_for
-from .llama import KVCache
+from .llama import KVCache, LayerFactory, self_attention_layer
 from .weight_loading import load_weights as load_named_weights
 
 
@@ -33,10 +33,11 @@ class VisionLanguageModel(nn.Module):
 
     NAME_PREFIXES: Tuple[Tuple[str, str], ...] = ()
 
-    def __init__(self, config, text_config):
+    def __init__(self, config, text_config, layer_factory: LayerFactory = self_attention_layer,
+                 **decoder_kwargs):
         super().__init__()
         self.config = config
-        self.language_model = decoder_for(text_config)
+        self.language_model = decoder_for(text_config, layer_factory, **decoder_kwargs)
         shape = self.language_model.shape
         self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))

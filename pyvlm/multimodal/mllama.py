@@ -18,7 +18,10 @@ not normalised) and batches; pyvlm's plans describe only the real tiles.
 
 Token count: MllamaProcessor leaves each <|image|> as one token; the image's
 tiles enter the language model through cross-attention, not as placeholder
-tokens, so an image's num_tokens is 1. Sizes are (height, width).
+tokens, so an image's num_tokens is 1, and its num_cross_rows (the K/V rows
+the engine keeps for it) are its real tiles' patches. Which tokens attend
+to which image is mllama_masks' rule (cross_attention_spans). Sizes are
+(height, width).
 """
 
 import math
@@ -29,6 +32,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from pyvlm.multimodal.llava_onevision import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
                                               SUPPORTED_RESAMPLE, Normalization)
 from pyvlm.multimodal.llava_onevision_config import normalization_of
+from pyvlm.multimodal.mllama_masks import spans_from_offsets
 from pyvlm.multimodal.processor import ResizedCopyBuffer, check_buffers, refuse_overrides
 
 Size = Tuple[int, int]
@@ -89,6 +93,7 @@ class MllamaImagePlan(ResizedCopyBuffer):
     tile_size: int
     max_image_tiles: int
     normalization: Normalization
+    num_patches_per_tile: int = 0  # the tower's rows per tile (class token included)
 
     num_tokens = 1  # one <|image|> token: the tiles enter through cross-attention
 
@@ -96,6 +101,12 @@ class MllamaImagePlan(ResizedCopyBuffer):
     def num_tiles(self) -> int:
         rows, cols = self.canvas
         return rows * cols
+
+    @property
+    def num_cross_rows(self) -> int:
+        """K/V rows the image keeps for cross-attention: its real tiles'
+        patches (padding tiles are never stored)."""
+        return self.num_tiles * self.num_patches_per_tile
 
     @property
     def tile_offsets(self) -> Tuple[Size, ...]:
@@ -138,9 +149,21 @@ class MllamaImageConfig:
     tile_size: int = 560
     max_image_tiles: int = 4
     normalization: Normalization = LLAMA_3_2_VISION_NORMALIZATION
+    patch_size: int = 14
+
+    # transformers lets the tokens before the first <|image|> cross-attend
+    # to every image row (their mask row is cleared, only the MLP is gated):
+    # their KV then depends on the images (pyvlm.scheduling.request's
+    # pre_image_key).
+    text_before_images_sees_images = True
+
+    @property
+    def num_patches_per_tile(self) -> int:
+        """The vision tower's rows per tile: (tile / patch)^2 patches + a class token."""
+        return (self.tile_size // self.patch_size) ** 2 + 1
 
     def __post_init__(self):
-        for name in ("tile_size", "max_image_tiles"):
+        for name in ("tile_size", "max_image_tiles", "patch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -158,7 +181,8 @@ class MllamaImageConfig:
         resized = size_fit_to_canvas(height, width, canvas_h, canvas_w, self.tile_size)
         canvas = (canvas_h // self.tile_size, canvas_w // self.tile_size)
         return MllamaImagePlan((height, width), resized, canvas, self.tile_size,
-                               self.max_image_tiles, self.normalization)
+                               self.max_image_tiles, self.normalization,
+                               self.num_patches_per_tile)
 
     def plan_prompt(self, image_sizes: Sequence[Size],
                     max_buffer_pixels: Optional[int] = None) -> List[MllamaImagePlan]:
@@ -189,6 +213,13 @@ class MllamaImageConfig:
         """None: positions are 1-D (token i at position i)."""
         return None
 
+    def cross_attention_spans(self, offsets: Sequence[int]
+                              ) -> List[Tuple[int, Optional[int]]]:
+        """Per image (its <|image|> token at offsets[i]), the prompt positions
+        [start, end) that attend to it (end None: to the end, generated
+        tokens included), as transformers' get_cross_attention_token_mask."""
+        return [(span.start, span.end) for span in spans_from_offsets(offsets)]
+
     @classmethod
     def from_hf_configs(cls, preprocessor_config: Mapping,
                         model_config: Mapping) -> "MllamaImageConfig":
@@ -199,10 +230,12 @@ class MllamaImageConfig:
         does not reproduce or a vision tower that disagrees."""
         preprocessor = {k: v for k, v in preprocessor_config.items() if v is not None}
         _check_steps(preprocessor)
+        vision = model_config.get("vision_config") or {}
         config = cls(tile_size=_tile_size(preprocessor),
                      max_image_tiles=preprocessor.get("max_image_tiles", 4),
-                     normalization=_normalization(preprocessor))
-        _check_vision_config(config, model_config.get("vision_config") or {})
+                     normalization=_normalization(preprocessor),
+                     patch_size=vision.get("patch_size") or 14)
+        _check_vision_config(config, vision)
         return config
 
 

@@ -29,7 +29,12 @@ class ImageSpan:
 
 def image_spans(prompt_ids: Sequence[int], image_token_id: int) -> List[ImageSpan]:
     """One span per image token of the prompt, in order."""
-    starts = [i for i, token in enumerate(prompt_ids) if token == image_token_id]
+    return spans_from_offsets([i for i, token in enumerate(prompt_ids) if token == image_token_id])
+
+
+def spans_from_offsets(starts: Sequence[int]) -> List[ImageSpan]:
+    """One span per image token, given their positions in increasing order."""
+    starts = list(starts)
     ends: List[Optional[int]] = starts[1:] + [None]
     # A run of consecutive image tokens attends together to what follows the run.
     for i in range(len(starts) - 2, -1, -1):

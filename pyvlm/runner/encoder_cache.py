@@ -59,10 +59,14 @@ def _num_bytes(tensor: torch.Tensor) -> int:
 
 class VisionBatcher:
     """Embeds the images of a step: cache hits are reused, misses are encoded
-    together by encode_fn (one preprocessing call, one tower call)."""
+    together by encode_fn (one preprocessing call, one tower call).
+    rows_of(item): the rows encode_fn must give for an item (default: its
+    placeholder span; cross-attention families give their tower rows)."""
 
-    def __init__(self, encode_fn: EncodeFn, cache: EncoderCache):
+    def __init__(self, encode_fn: EncodeFn, cache: EncoderCache,
+                 rows_of: Optional[Callable[[MultimodalItem], int]] = None):
         self.encode_fn, self.cache = encode_fn, cache
+        self.rows_of = rows_of or (lambda item: item.length)
 
     def embed(self, items: Sequence[MultimodalItem]) -> Dict[int, torch.Tensor]:
         found: Dict[int, torch.Tensor] = {}
@@ -82,8 +86,8 @@ class VisionBatcher:
     def _encode(self, items: List[MultimodalItem]) -> Dict[int, torch.Tensor]:
         embeddings = self.encode_fn(items)
         for item, emb in zip(items, embeddings):
-            if emb.shape[0] != item.length:
-                raise RuntimeError(f"image encoder gave {emb.shape[0]} rows for a span of "
-                                   f"{item.length} placeholder tokens")
+            if emb.shape[0] != self.rows_of(item):
+                raise RuntimeError(f"image encoder gave {emb.shape[0]} rows for an image "
+                                   f"that needs {self.rows_of(item)}")
             self.cache.put(item.hash, emb)
         return {item.hash: emb for item, emb in zip(items, embeddings)}

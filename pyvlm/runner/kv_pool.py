@@ -1,7 +1,18 @@
 """The paged KV pool: per layer a key and a value cache of shape
 [num_pages, page_size, num_kv_heads, head_dim], sized from a token budget
 (CPU: --max-total-tokens, default from available RAM) or from a fraction of
-the GPU memory (--mem-fraction-static)."""
+the GPU memory (--mem-fraction-static).
+
+Cross-attention families (Llama-3.2-Vision) keep their images' K/V in the
+same pages: the pool is one tensor [2, num_slices, num_pages, page_size,
+kv_heads, head_dim]; self-attention layer i reads slice i of every page,
+and cross-attention layer c reads slices [c * r, (c + 1) * r) of the pages
+an image holds, viewed as r * num_pages blocks of page_size rows (r =
+num_slices // num_cross_layers). A page thus holds page_size text tokens
+of every self-attention layer, or r * page_size image rows of every
+cross-attention layer: one allocator and one budget serve both, and an
+image costs its rows x the cross-attention layers, not x every layer.
+"""
 
 import logging
 import os
@@ -18,15 +29,32 @@ MAX_DEFAULT_CPU_TOKENS = 1 << 17
 
 @dataclass(frozen=True)
 class KVShape:
+    """num_layers: every decoder layer; cross_layers: the indices of those
+    that cross-attend to image K/V (empty for token-merging families)."""
+
     num_layers: int
     num_kv_heads: int
     head_dim: int
     dtype: torch.dtype
+    cross_layers: Tuple[int, ...] = ()
+
+    @property
+    def num_self_layers(self) -> int:
+        return self.num_layers - len(self.cross_layers)
+
+    @property
+    def num_slices(self) -> int:
+        """Per-layer slices a page holds (see the module docstring)."""
+        return max(self.num_self_layers, len(self.cross_layers))
+
+    @property
+    def slices_per_cross_layer(self) -> int:
+        return self.num_slices // len(self.cross_layers) if self.cross_layers else 0
 
     @property
     def bytes_per_token(self) -> int:
         itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * itemsize
+        return 2 * self.num_slices * self.num_kv_heads * self.head_dim * itemsize
 
 
 def available_ram_bytes() -> int:
@@ -72,17 +100,41 @@ class KVPool:
         if num_pages < 1:
             raise ValueError("the KV pool needs at least one page")
         self.shape, self.num_pages, self.page_size = shape, num_pages, page_size
-        dims = (num_pages, page_size, shape.num_kv_heads, shape.head_dim)
+        self.storage = torch.empty((2, shape.num_slices, num_pages, page_size,
+                                    shape.num_kv_heads, shape.head_dim),
+                                   dtype=shape.dtype, device=device)
         self.caches: List[Tuple[torch.Tensor, torch.Tensor]] = [
-            (torch.empty(dims, dtype=shape.dtype, device=device),
-             torch.empty(dims, dtype=shape.dtype, device=device))
-            for _ in range(shape.num_layers)]
+            self._layer_cache(index) for index in range(shape.num_layers)]
         logger.info("KV cache: %d pages x %d tokens, %.2f GiB", num_pages, page_size,
                     num_pages * page_size * shape.bytes_per_token / 2**30)
+
+    def _layer_cache(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Layer index's (key, value) caches, views of the storage."""
+        cross = self.shape.cross_layers
+        if index not in cross:
+            slot = index - sum(c < index for c in cross)
+            return self.storage[0, slot], self.storage[1, slot]
+        per_layer = self.shape.slices_per_cross_layer
+        first = cross.index(index) * per_layer
+        dims = (per_layer * self.num_pages, self.page_size, self.shape.num_kv_heads,
+                self.shape.head_dim)
+        return (self.storage[0, first:first + per_layer].reshape(dims),
+                self.storage[1, first:first + per_layer].reshape(dims))
 
     @property
     def num_tokens(self) -> int:
         return self.num_pages * self.page_size
+
+    @property
+    def image_rows_per_page(self) -> int:
+        """Image K/V rows one page holds (0: no cross-attention layers)."""
+        return self.shape.slices_per_cross_layer * self.page_size
+
+    def image_blocks(self, pages) -> List[int]:
+        """The page_size-row blocks of an image's pages in a cross-attention
+        layer's cache view, in row order (row r lives in block r // page_size)."""
+        per_layer = self.shape.slices_per_cross_layer
+        return [part * self.num_pages + page for page in pages for part in range(per_layer)]
 
 
 def pool_num_pages(shape: KVShape, page_size: int, device: torch.device,

@@ -39,6 +39,10 @@ class ModelRunner:
                  vision: Optional[VisionBatcher] = None, check_indices: bool = True):
         self.model, self.pool, self.device, self.vision = model, pool, device, vision
         self.page_size, self.num_pages = pool.page_size, pool.num_pages
+        self.image_rows_per_page = pool.image_rows_per_page
+        # Families whose images enter through cross-attention build their
+        # per-step image inputs themselves (pyvlm/models/README.md).
+        self._cross_attention_inputs = getattr(model, "cross_attention_inputs", None)
         self.check_indices = check_indices
         self.fault_hook: Optional[FaultHook] = None
 
@@ -85,7 +89,11 @@ class ModelRunner:
         attn = AttentionMetadata.build(
             [(c.start_pos, c.num_new_tokens, c.page_table) for c in chunks],
             self.page_size, batch.is_decode, self.device)
-        embeds = self._input_embeddings(input_ids, chunks)
+        if self._cross_attention_inputs is None:
+            embeds = self._input_embeddings(input_ids, chunks)
+        else:
+            embeds = None
+            attn.cross_attention = self._cross_images(chunks, batch.is_decode)
         self._at("decode" if batch.is_decode else "prefill", chunks)
         return self.model.forward(input_ids, positions, attn, self.pool.caches, embeds)
 
@@ -129,6 +137,16 @@ class ModelRunner:
                 embeds, torch.cat(rows).to(embeds.dtype),
                 torch.tensor(targets, dtype=torch.int64, device=self.device))
         return embeds
+
+    def _cross_images(self, chunks: Sequence[SequenceChunk], is_decode: bool):
+        """The step's cross-attention inputs (None: no chunk has images)."""
+        if not any(c.cross_images for c in chunks):
+            return None
+        if self.vision is None:
+            raise ValueError("this model takes no images")
+        if any(image.needs_write for c in chunks for image in c.cross_images) or not is_decode:
+            self._at("vision", [c for c in chunks if c.cross_images])
+        return self._cross_attention_inputs(chunks, self.pool, self.vision.embed, is_decode)
 
     def _sample(self, hidden: torch.Tensor, chunks: Sequence[SequenceChunk]):
         last_rows, sampled = [], []

@@ -9,7 +9,7 @@ evicted; unlocked leaves are evicted least recently used first.
 
 import heapq
 import itertools
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from pyvlm.scheduling.page_allocator import PageAllocator
 from pyvlm.scheduling.request import PositionKey
@@ -18,7 +18,10 @@ PageKey = Tuple[PositionKey, ...]
 
 
 class RadixNode:
-    __slots__ = ("parent", "key", "page", "children", "lock_ref", "last_access")
+    """One cached page. attachments: what the owner of the cache keeps alive
+    with this page (image K/V references); None until the owner sets it."""
+
+    __slots__ = ("parent", "key", "page", "children", "lock_ref", "last_access", "attachments")
 
     def __init__(self, parent: Optional["RadixNode"], key: PageKey, page: int, now: int):
         self.parent = parent
@@ -27,6 +30,7 @@ class RadixNode:
         self.children: Dict[PageKey, "RadixNode"] = {}
         self.lock_ref = 0
         self.last_access = now
+        self.attachments: Optional[tuple] = None
 
     @property
     def is_root(self) -> bool:
@@ -46,13 +50,17 @@ class RadixCache:
     """match_prefix / insert / lock / unlock / evict over one page pool.
 
     enabled False (--disable-radix-cache): nothing matches and nothing is
-    inserted, so every page stays owned by its request.
+    inserted, so every page stays owned by its request. on_remove(node) is
+    called for every node that leaves the tree (evicted or reset), before
+    its page is freed.
     """
 
-    def __init__(self, page_size: int, allocator: PageAllocator, enabled: bool = True):
+    def __init__(self, page_size: int, allocator: PageAllocator, enabled: bool = True,
+                 on_remove: Optional[Callable[[RadixNode], None]] = None):
         self.page_size = page_size
         self.allocator = allocator
         self.enabled = enabled
+        self.on_remove = on_remove
         self._clock = itertools.count(1)
         self.root = RadixNode(None, (), -1, 0)
         self.num_pages = 0
@@ -129,7 +137,11 @@ class RadixCache:
         """Drops every cached page (flush_cache); only valid with no locks."""
         if self.num_protected_pages:
             raise RuntimeError("radix cache: reset while pages are in use")
-        self.allocator.free(node.page for node in self.nodes())
+        nodes = list(self.nodes())
+        if self.on_remove is not None:
+            for node in nodes:
+                self.on_remove(node)
+        self.allocator.free(node.page for node in nodes)
         self.root = RadixNode(None, (), -1, 0)
         self.num_pages = 0
 
@@ -155,9 +167,15 @@ class RadixCache:
     def _remove_leaf(self, leaf: RadixNode) -> RadixNode:
         parent = leaf.parent
         del parent.children[leaf.key]
+        if self.on_remove is not None:
+            self.on_remove(leaf)
         self.allocator.free([leaf.page])
         self.num_pages -= 1
         return parent
+
+    def path_to_root(self, node: RadixNode) -> Iterator[RadixNode]:
+        """node, its parent, ... up to (not including) the root."""
+        return self._path_to_root(node)
 
     def _path_to_root(self, node: RadixNode) -> Iterator[RadixNode]:
         while not node.is_root:

@@ -15,8 +15,9 @@ from pyvlm.scheduling.types import MultimodalItem, SamplingParams
 from pyvlm.scheduling.positions import MropePositions, positions_of
 
 ImageKey = Tuple[str, int, int]
-PositionKey = Union[int, ImageKey]
-"""A radix-cache key: the token id, or ("img", content hash, index in span)."""
+PositionKey = Union[int, Tuple]
+"""A radix-cache key: the token id, ("img", content hash, index in span), or
+("pre", images' hash, token id) before the first image (pre_image_key)."""
 
 Logprob = Tuple[int, float, Tuple[Tuple[int, float], ...]]
 
@@ -54,6 +55,11 @@ class Request:
     max_new_tokens: int = 0  # sampling.max_new_tokens clipped to the context (set by the scheduler)
     num_image_bytes: int = 0  # preprocessed image bytes held for it (its builder's budget)
     mrope: Optional[MropePositions] = None  # M-RoPE positions; None: token i at position i
+    # Set when the KV of the tokens before the first image depends on the
+    # images (Llama-3.2-Vision in transformers: those tokens cross-attend to
+    # every image row): their radix keys then also name this value (the
+    # images' combined hash), so they are shared only with the same images.
+    pre_image_key: Optional[int] = None
     # Bookkeeping owned by the scheduler.
     num_shared_pages: int = 0
     cache_node: Any = None
@@ -62,6 +68,7 @@ class Request:
     pending_logprobs: List[Logprob] = field(default_factory=list)
     num_preemptions: int = 0
     error: Optional[str] = None  # why the engine failed it (finish_reason "error")
+    image_kv: List[Any] = field(default_factory=list)  # its images' K/V page references
 
     @property
     def all_ids(self) -> List[int]:
@@ -96,6 +103,10 @@ class Request:
         """
         end = self.num_tokens if end is None else end
         keys: List[PositionKey] = list(self.all_ids[start:end])
+        if self.pre_image_key is not None and self.mm_items:
+            first_image = min(item.offset for item in self.mm_items)
+            for pos in range(start, min(end, first_image)):
+                keys[pos - start] = ("pre", self.pre_image_key, keys[pos - start])
         for item in self.mm_items:
             for pos in range(max(start, item.offset), min(end, item.offset + item.length)):
                 keys[pos - start] = ("img", item.hash, pos - item.offset)

@@ -22,7 +22,8 @@ from pyvlm.scheduling.prefill_planner import PrefillBudget, order_waiting
 from pyvlm.scheduling.radix_cache import PrefixMatch
 from pyvlm.scheduling.request import Request, RequestOutput, RequestStatus
 from pyvlm.scheduling.scheduler_metrics import SchedulerMetrics
-from pyvlm.scheduling.types import ForwardBatch, ModelRunner, SchedulerStats, SequenceChunk
+from pyvlm.scheduling.types import (CrossImage, ForwardBatch, ModelRunner, SchedulerStats,
+                                    SequenceChunk)
 
 Planned = Tuple[Request, int]  # a request and how many of its tokens run this step
 
@@ -31,6 +32,10 @@ Planned = Tuple[Request, int]  # a request and how many of its tokens run this s
 class PrefillPlan:
     items: List[Planned] = field(default_factory=list)
     num_cached_tokens: int = 0  # prefix-cache hits of the newly admitted requests
+    # image K/V rows (cross-attention families) computed this step or found
+    # in the pool; the prefill log counts them as tokens, as SGLang does
+    num_new_image_rows: int = 0
+    num_cached_image_rows: int = 0
     num_new_seqs: int = 0
 
     @property
@@ -47,11 +52,13 @@ class Scheduler:
     """
 
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int,
-                 context_length: int, detokenizer_factory: Optional[Callable] = None):
+                 context_length: int, detokenizer_factory: Optional[Callable] = None,
+                 image_rows_per_page: int = 0):
         self.config = sched
         self.page_size = cache.page_size
         self.context_length = context_length
-        self.kv = KVManager(num_pages, cache.page_size, not cache.disable_radix_cache)
+        self.kv = KVManager(num_pages, cache.page_size, not cache.disable_radix_cache,
+                            image_rows_per_page)
         self.make_detokenizer = detokenizer_factory or default_detokenizer_factory(None)
         self.waiting: Deque[Request] = deque()
         self.running: List[Request] = []
@@ -75,10 +82,13 @@ class Scheduler:
                 f"The prompt has {num_prompt_tokens} tokens (after image expansion), which "
                 f"exceeds the context length of {self.context_length} tokens")
         capacity = self.kv.num_total_pages * self.page_size
-        if num_prompt_tokens + 1 > capacity:
+        num_image_pages = self.kv.num_image_pages(request)
+        if self.kv.num_pages_for(num_prompt_tokens + 1) + num_image_pages > self.kv.num_total_pages:
+            images = (f" and its images' cross-attention K/V take {num_image_pages} pages "
+                      f"({num_image_pages * self.page_size} tokens)") if num_image_pages else ""
             raise ValueError(
-                f"The prompt has {num_prompt_tokens} tokens (after image expansion), which "
-                f"exceeds the KV cache capacity of {capacity} tokens")
+                f"The prompt has {num_prompt_tokens} tokens (after image expansion){images}, "
+                f"which exceeds the KV cache capacity of {capacity} tokens")
         request.max_new_tokens = min(request.sampling.max_new_tokens,
                                      self.context_length - num_prompt_tokens)
 
@@ -176,6 +186,11 @@ class Scheduler:
         plan.items.append((request, num_tokens))
         plan.num_cached_tokens += match.num_tokens
         plan.num_new_seqs += 1
+        for entry in request.image_kv:
+            if entry.is_written:
+                plan.num_cached_image_rows += entry.num_rows
+            else:
+                plan.num_new_image_rows += entry.num_rows
         if num_tokens < request.num_uncomputed_tokens:
             self.chunked = request
         return True
@@ -190,7 +205,7 @@ class Scheduler:
             return True
         needed = sum(self._reserved_pages(other) for other in others)
         needed += self._reserved_pages(request) - len(match.pages)
-        available = (self.kv.allocator.num_free + self.kv.cache.num_evictable_pages
+        available = (self.kv.allocator.num_free + self.kv.num_evictable_pages
                      - self.kv.cache.num_unprotected_on_path(match.node))
         return needed <= available
 
@@ -204,7 +219,7 @@ class Scheduler:
         beyond those it holds (capped at the pool: it must fit alone)."""
         num_tokens = request.num_tokens + self.reserve.num_tokens_for(request)
         num_pages = min(self.kv.num_pages_for(num_tokens), self.kv.num_total_pages)
-        return max(num_pages - len(request.page_table), 0)
+        return max(num_pages - len(request.page_table), 0) + self.kv.num_missing_image_pages(request)
 
     def _has_running_slot(self, plan: PrefillPlan) -> bool:
         # A continuing chunked request is already among plan.items.
@@ -233,7 +248,8 @@ class Scheduler:
     def _preempt_latest(self) -> None:
         candidates = self.running + ([self.chunked] if self.chunked is not None else [])
         victim = max(candidates, key=lambda request: request.arrival)
-        if len(candidates) > 1 and self.kv.num_pages_for(victim.num_tokens) <= self.kv.num_total_pages:
+        num_pages = self.kv.num_pages_for(victim.num_tokens) + self.kv.num_image_pages(victim)
+        if len(candidates) > 1 and num_pages <= self.kv.num_total_pages:
             self._preempt(victim)
             return
         # Alone and still short, or too long to ever resume: the pool cannot hold it.
@@ -273,7 +289,17 @@ class Scheduler:
             step=len(request.output_ids),
             prompt_ids=request.prompt_ids,
             output_ids=list(request.output_ids),
+            cross_images=[CrossImage(item, tuple(entry.pages), not entry.is_written)
+                          for item, entry in self._cross_images(request)],
         )
+
+    @staticmethod
+    def _cross_images(request: Request):
+        """(item, its K/V pages) of every cross-attention image of the request."""
+        if not request.image_kv:
+            return []
+        by_hash = {entry.key: entry for entry in request.image_kv}
+        return [(item, by_hash[item.hash]) for item in request.mm_items if item.hash in by_hash]
 
     def _process(self, items: List[Planned], results, is_decode: bool) -> List[RequestOutput]:
         outputs = []
@@ -281,6 +307,7 @@ class Scheduler:
             if isinstance(result, ChunkFailure):
                 outputs.append(self._fail(request, result.message))
                 continue
+            self.kv.mark_images_written(request)
             request.num_computed_tokens += num_tokens
             if request.num_uncomputed_tokens > 0:
                 continue  # mid-chunk: nothing sampled
@@ -335,8 +362,9 @@ class Scheduler:
             self.metrics.on_decode_step(len(self.running), self.kv.num_used_pages * self.page_size,
                                         self._token_usage(), len(self.waiting))
             return
-        num_new_tokens = sum(n for _, n in plan.items)
-        self.metrics.log_prefill(plan.num_new_seqs, num_new_tokens, plan.num_cached_tokens,
+        num_new_tokens = sum(n for _, n in plan.items) + plan.num_new_image_rows
+        self.metrics.log_prefill(plan.num_new_seqs, num_new_tokens,
+                                 plan.num_cached_tokens + plan.num_cached_image_rows,
                                  self._token_usage(), len(self.running), len(self.waiting))
 
     def _token_usage(self) -> float:

@@ -59,6 +59,12 @@ class MultimodalItem:
     prepared: the family's tower input made from the pixels when the request
     was built (e.g. CPU pixel tiles); opaque to the scheduler, read by the
     model's encode_prepared.
+    num_cross_rows: for families whose images enter through cross-attention
+    (Llama-3.2-Vision), the K/V rows the image keeps in the KV pool (its
+    real tiles' patches); 0 for images merged into the token embeddings.
+    cross_span: the prompt positions [start, end) whose tokens attend to
+    the image (end None: to the end, generated tokens included); None for
+    images merged into the embeddings.
     """
 
     hash: int
@@ -66,6 +72,25 @@ class MultimodalItem:
     length: int
     plan: Any = None
     prepared: Any = None
+    num_cross_rows: int = 0
+    cross_span: Optional[Tuple[int, Optional[int]]] = None
+
+    def is_attended_at(self, position: int) -> bool:
+        """Whether the token at prompt position `position` attends to this
+        image through cross-attention (cross_span covers it)."""
+        start, end = self.cross_span
+        return start <= position and (end is None or position < end)
+
+
+@dataclass(frozen=True)
+class CrossImage:
+    """One image of a cross-attention request, where its K/V live: pages of
+    the KV pool (the runner maps each page to its image rows) and whether
+    this step must compute and write them (first use after allocation)."""
+
+    item: MultimodalItem
+    pages: Tuple[int, ...]
+    needs_write: bool
 
 
 @dataclass
@@ -81,7 +106,9 @@ class SequenceChunk:
     mm_items are the request's images whose span overlaps the new tokens (an
     image span may be split across chunks: the runner embeds the whole image
     and uses the overlapping rows). sample is True when the last new token's
-    logits are sampled (last prompt chunk, or decode).
+    logits are sampled (last prompt chunk, or decode). cross_images lists
+    every image of a cross-attention request (not only the overlapping
+    ones: a token may attend to an image placed before its chunk).
     """
 
     rid: str
@@ -96,6 +123,7 @@ class SequenceChunk:
     step: int  # number of tokens this request has generated before this step
     prompt_ids: Sequence[int] = ()  # for repetition penalty (HF applies it to prompt + output)
     output_ids: Sequence[int] = ()  # tokens generated so far (penalties)
+    cross_images: Sequence[CrossImage] = ()
 
     @property
     def num_new_tokens(self) -> int:
@@ -133,6 +161,12 @@ class ModelRunner(Protocol):
     def free_encoder_cache(self) -> None:
         """Drops cached vision-tower outputs (flush_cache)."""
         ...
+
+
+def image_rows_per_page_of(runner: Any) -> int:
+    """Image K/V rows one pool page holds for cross-attention families (the
+    runner's image_rows_per_page); 0 when the model keeps none."""
+    return int(getattr(runner, "image_rows_per_page", 0) or 0)
 
 
 class Tokenizer(Protocol):

@@ -65,5 +65,5 @@ def test_zero_size_cache_stores_nothing():
 
 def test_row_count_mismatch_is_an_error():
     batcher = VisionBatcher(lambda items: [torch.zeros(2, 4) for _ in items], EncoderCache(1 << 20))
-    with pytest.raises(RuntimeError, match="2 rows for a span of 3"):
+    with pytest.raises(RuntimeError, match="2 rows for an image that needs 3"):
         batcher.embed([_item(1, 3)])

@@ -1,0 +1,243 @@
+"""One step's cross-attention inputs of Llama-3.2-Vision (mllama): which
+image rows each token attends to, and which images' K/V this step writes.
+
+The image K/V live in the KV pool (pyvlm.runner.kv_pool: an image's pages
+are blocks of a cross-attention layer's cache view). Each token of the step
+is one of:
+- no images in its request: it attends to nothing (output zero) and its MLP
+  is masked: the layer is skipped, as transformers skips it for prompts
+  without images;
+- before the request's first image token: transformers clears its mask row,
+  so it attends to every row of every image of the request, padding tiles
+  included, and only its MLP is masked. Those rows are not stored (only
+  real tiles are): they come from the step's tower output ("states");
+- otherwise: it attends to the real rows of the images covering its
+  position (MultimodalItem.cross_span; generated tokens as the prompt's
+  last token), read from the pool: through the paged decode kernel when
+  one image covers it in a decode step, else gathered into a packed key
+  list for varlen attention (runs of several images; prefill, where
+  varlen tiles the queries).
+Images the scheduler marks needs_write are encoded this step and their real
+rows written into their pages by every cross-attention layer before it
+attends.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from pyvlm.scheduling.types import CrossImage, MultimodalItem, SequenceChunk
+
+# items -> {hash: the image's full tower rows [max_tiles * patches, hidden]}
+EncodeFn = Callable[[Sequence[MultimodalItem]], Dict[int, torch.Tensor]]
+
+
+@dataclass
+class PagedCrossAttention:
+    """Tokens attending to one stored image: decode-kernel inputs."""
+
+    tokens: torch.Tensor  # int64 [n]: rows of the step's tokens
+    block_tables: torch.Tensor  # int32 [n, max_blocks] in the cross-layer cache view
+    seq_lens: torch.Tensor  # int32 [n]: the image's rows
+
+
+@dataclass
+class GatheredCrossAttention:
+    """Tokens attending to packed key lists (varlen attention): groups of
+    consecutive tokens sharing their images; each group's keys come from
+    the pool (cache_slots) or from this step's image rows (state_rows)."""
+
+    tokens: torch.Tensor  # int64 [m], group after group
+    cu_seqlens_q: torch.Tensor  # int32 [groups + 1]
+    cu_seqlens_k: torch.Tensor  # int32 [groups + 1]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    cache_positions: torch.Tensor  # int64: key rows read from the pool ...
+    cache_slots: torch.Tensor  # int64: ... at these slots of the cache view
+    state_positions: torch.Tensor  # int64: key rows taken from image_states ...
+    state_rows: torch.Tensor  # int64: ... rows
+
+    def keys(self, cache: torch.Tensor, state_rows: Optional[torch.Tensor]) -> torch.Tensor:
+        """The packed keys (or values) [total_k, kv_heads, head_dim]."""
+        rows = cache.shape[-2:]
+        total = int(self.cache_positions.numel() + self.state_positions.numel())
+        out = torch.empty((total, *rows), dtype=cache.dtype, device=cache.device)
+        if self.cache_positions.numel():
+            flat = cache.view(-1, *rows)
+            out.index_copy_(0, self.cache_positions, flat.index_select(0, self.cache_slots))
+        if self.state_positions.numel():
+            out.index_copy_(0, self.state_positions, state_rows.index_select(0, self.state_rows))
+        return out
+
+
+@dataclass
+class CrossAttentionInputs:
+    """Everything the cross-attention layers need in one step."""
+
+    num_tokens: int
+    mlp_kept: torch.Tensor  # [T] 1.0 where the token attends to real images, else 0.0
+    image_states: Optional[torch.Tensor] = None  # [R, hidden] tower rows of this step's images
+    write_rows: Optional[torch.Tensor] = None  # int64: rows of image_states to store ...
+    write_slots: Optional[torch.Tensor] = None  # int64: ... at these cache-view slots
+    paged: Optional[PagedCrossAttention] = None
+    gathered: Optional[GatheredCrossAttention] = None
+
+
+class _Plan:
+    """Plain lists, filled token by token, then turned into tensors."""
+
+    def __init__(self):
+        self.mlp_kept: List[float] = []
+        self.paged_tokens: List[int] = []
+        self.paged_blocks: List[List[int]] = []
+        self.paged_lens: List[int] = []
+        self.groups: List[Tuple[list, list]] = []  # (token rows, key sources)
+
+
+def _image_slots(pool, image: CrossImage) -> List[int]:
+    """Cache-view slots of the image's rows, in row order."""
+    size = pool.page_size
+    blocks = pool.image_blocks(image.pages)
+    return [blocks[row // size] * size + row % size for row in range(image.item.num_cross_rows)]
+
+
+def _attended(images: Sequence[CrossImage], position: int) -> Tuple[int, ...]:
+    return tuple(i for i, image in enumerate(images) if image.item.is_attended_at(position))
+
+
+def _token_classes(chunk: SequenceChunk):
+    """Per new token: None (no images), "pre" (before the first image
+    token) or the indices of the images it attends to."""
+    images = chunk.cross_images
+    last_prompt = len(chunk.prompt_ids) - 1
+    first = min(image.item.cross_span[0] for image in images) if images else 0
+    classes = []
+    for position in range(chunk.start_pos, chunk.start_pos + chunk.num_new_tokens):
+        position = min(position, last_prompt)
+        if not images:
+            classes.append(None)
+        elif position < first:
+            classes.append("pre")
+        else:
+            classes.append(_attended(images, position))
+    return classes
+
+
+def _needs_states(chunk: SequenceChunk, classes) -> List[MultimodalItem]:
+    """Images of the chunk whose tower rows this step needs."""
+    if "pre" in classes:
+        return [image.item for image in chunk.cross_images]
+    return [image.item for image in chunk.cross_images if image.needs_write]
+
+
+def build_cross_attention_inputs(chunks: Sequence[SequenceChunk], pool, encode: EncodeFn,
+                                 is_decode: bool, device, dtype,
+                                 rows_of: Callable[[MultimodalItem], int]
+                                 ) -> CrossAttentionInputs:
+    """The step's inputs (module docstring). rows_of(item): an image's rows
+    in its tower output (every tile, padding tiles included)."""
+    classes = [_token_classes(chunk) for chunk in chunks]
+    wanted: Dict[int, MultimodalItem] = {}
+    for chunk, chunk_classes in zip(chunks, classes):
+        for item in _needs_states(chunk, chunk_classes):
+            wanted.setdefault(item.hash, item)
+    states = encode(list(wanted.values())) if wanted else {}
+    offsets, total = {}, 0
+    for key in wanted:
+        offsets[key], total = total, total + rows_of(wanted[key])
+    plan, base = _Plan(), 0
+    for chunk, chunk_classes in zip(chunks, classes):
+        _plan_chunk(plan, chunk, chunk_classes, base, pool, offsets, rows_of, is_decode)
+        base += chunk.num_new_tokens
+    inputs = CrossAttentionInputs(base, torch.tensor(plan.mlp_kept, dtype=dtype, device=device))
+    if wanted:
+        inputs.image_states = torch.cat([states[key] for key in wanted]).to(dtype)
+        inputs.write_rows, inputs.write_slots = _writes(chunks, pool, offsets, device)
+    inputs.paged = _paged(plan, device)
+    inputs.gathered = _gathered(plan, device)
+    return inputs
+
+
+def _plan_chunk(plan: _Plan, chunk: SequenceChunk, classes, base: int, pool, offsets,
+                rows_of, is_decode: bool) -> None:
+    images = chunk.cross_images
+    previous = object()
+    for index, cls in enumerate(classes):
+        plan.mlp_kept.append(0.0 if cls is None or cls == "pre" else 1.0)
+        if cls is None:
+            continue
+        if is_decode and len(cls) == 1:
+            image = images[cls[0]]
+            plan.paged_tokens.append(base + index)
+            plan.paged_blocks.append(pool.image_blocks(image.pages))
+            plan.paged_lens.append(image.item.num_cross_rows)
+            continue
+        if cls != previous:
+            plan.groups.append(([], _key_sources(images, cls, pool, offsets, rows_of)))
+        plan.groups[-1][0].append(base + index)
+        previous = cls
+
+
+def _key_sources(images: Sequence[CrossImage], cls, pool, offsets, rows_of):
+    """("state", rows) for every row of every image (a "pre" token), or
+    ("cache", slots) of the attended images' stored rows."""
+    if cls == "pre":
+        rows = [offsets[image.item.hash] + row for image in images
+                for row in range(rows_of(image.item))]
+        return ("state", rows)
+    return ("cache", [slot for i in cls for slot in _image_slots(pool, images[i])])
+
+
+def _writes(chunks, pool, offsets, device):
+    """(rows of image_states, cache-view slots) of the images to store."""
+    rows, slots, done = [], [], set()
+    for chunk in chunks:
+        for image in chunk.cross_images:
+            key = image.item.hash
+            if not image.needs_write or key in done:
+                continue
+            done.add(key)
+            rows.extend(range(offsets[key], offsets[key] + image.item.num_cross_rows))
+            slots.extend(_image_slots(pool, image))
+    if not rows:
+        return None, None
+    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    return as_long(rows), as_long(slots)
+
+
+def _paged(plan: _Plan, device) -> Optional[PagedCrossAttention]:
+    if not plan.paged_tokens:
+        return None
+    width = max(len(blocks) for blocks in plan.paged_blocks)
+    table = [blocks + [0] * (width - len(blocks)) for blocks in plan.paged_blocks]
+    return PagedCrossAttention(
+        torch.tensor(plan.paged_tokens, dtype=torch.int64, device=device),
+        torch.tensor(table, dtype=torch.int32, device=device),
+        torch.tensor(plan.paged_lens, dtype=torch.int32, device=device))
+
+
+def _gathered(plan: _Plan, device) -> Optional[GatheredCrossAttention]:
+    if not plan.groups:
+        return None
+    tokens, cu_q, cu_k = [], [0], [0]
+    cache_positions, cache_slots, state_positions, state_rows = [], [], [], []
+    for group_tokens, (source, indices) in plan.groups:
+        tokens.extend(group_tokens)
+        start = cu_k[-1]
+        positions = range(start, start + len(indices))
+        if source == "cache":
+            cache_positions.extend(positions)
+            cache_slots.extend(indices)
+        else:
+            state_positions.extend(positions)
+            state_rows.extend(indices)
+        cu_q.append(cu_q[-1] + len(group_tokens))
+        cu_k.append(start + len(indices))
+    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    return GatheredCrossAttention(
+        as_long(tokens), as_int(cu_q), as_int(cu_k),
+        max(len(t) for t, _ in plan.groups), max(len(i) for _, (_, i) in plan.groups),
+        as_long(cache_positions), as_long(cache_slots), as_long(state_positions),
+        as_long(state_rows))
