@@ -112,11 +112,28 @@ def check_invariants(scheduler) -> None:
     assert len(set(tree_pages)) == len(tree_pages) == cache.num_pages
     live = list(scheduler.requests.values())
     owned = [page for request in live for page in request.page_table[request.num_shared_pages:]]
+    image_pages = [page for entry in kv.images.entries.values() for page in entry.pages]
     assert len(set(owned)) == len(owned), "a page is owned by two live requests"
+    assert len(set(image_pages)) == len(image_pages), "a page holds two images' K/V"
     assert not set(owned) & set(tree_pages), "a request owns a page of the tree"
-    assert not (set(owned) | set(tree_pages)) & free, "a page in use is on the free list"
-    assert free | set(owned) | set(tree_pages) == set(range(allocator.num_total)), "a page leaked"
+    assert not set(image_pages) & (set(owned) | set(tree_pages)), "an image page is a text page"
+    in_use = set(owned) | set(tree_pages) | set(image_pages)
+    assert not in_use & free, "a page in use is on the free list"
+    assert free | in_use == set(range(allocator.num_total)), "a page leaked"
     _check_locks(scheduler, cache, live, nodes)
+    _check_image_refs(kv, live, nodes)
+
+
+def _check_image_refs(kv, live, nodes) -> None:
+    """Each image's K/V is referenced by exactly the live requests that
+    hold it and the radix nodes that keep it, and by nothing else."""
+    request_refs = Counter(entry.key for request in live for entry in request.image_kv)
+    node_refs = Counter(key for node in nodes for key in node.attachments or ())
+    for key, entry in kv.images.entries.items():
+        assert entry.num_request_refs == request_refs[key], "image K/V request refs off"
+        assert entry.num_node_refs == node_refs[key], "image K/V node refs off"
+        assert entry.num_request_refs + entry.num_node_refs > 0, "an unused image K/V kept"
+    assert set(request_refs) | set(node_refs) <= set(kv.images.entries)
 
 
 def _check_locks(scheduler, cache, live, nodes) -> None:

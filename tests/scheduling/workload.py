@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Tuple
 from pyvlm.config import CacheConfig, SchedulerConfig
 from pyvlm.scheduling.request import Request
 from pyvlm.scheduling.scheduler import Scheduler
-from pyvlm.scheduling.types import MultimodalItem, SamplingParams
+from pyvlm.scheduling.types import MultimodalItem, SamplingParams, image_rows_per_page_of
 
 from tests.scheduling.fakes import IMAGE_TOKEN, VOCAB, FakeRunner, joined_ids, reference_generate, run_until_idle
 
@@ -69,7 +69,8 @@ def run_specs(specs: List[RequestSpec], page_size: int = 4, num_pages: int = 409
     """Runs the specs (each added at its arrival step) to completion."""
     runner = runner_class(page_size, num_pages)
     cache = CacheConfig(page_size=page_size, disable_radix_cache=sched_args.pop("disable_radix_cache", False))
-    scheduler = Scheduler(SchedulerConfig(**sched_args), cache, num_pages, context_length)
+    scheduler = Scheduler(SchedulerConfig(**sched_args), cache, num_pages, context_length,
+                          image_rows_per_page=image_rows_per_page_of(runner))
     pending = sorted(specs, key=lambda spec: spec.arrival_step)
     steps = [0]
     result = RunResult({}, {}, scheduler, runner)
