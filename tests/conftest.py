@@ -67,3 +67,30 @@ def tiny_checkpoint_qwen2_5_vl_hub_style(tmp_path_factory):
 
     return write_qwen2_vl_hub_style_checkpoint(tmp_path_factory.mktemp("tiny_qwen2_5_vl_hub"),
                                                "2.5", seed=3)
+
+
+# Tiny Llama-3.2-Vision (mllama) checkpoints (tests/tiny_mllama.py): the
+# transformers-5 layout with cross-attention layers [1, 3] of 4, the same
+# with one cross-attention layer ([2] of 4), and the meta-llama hub layout
+# (vision_model.*, language_model.model.*).
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_mllama(tmp_path_factory):
+    from tests.tiny_mllama import write_mllama_checkpoint
+
+    return write_mllama_checkpoint(tmp_path_factory.mktemp("tiny_mllama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_mllama_one_cross(tmp_path_factory):
+    from tests.tiny_mllama import write_mllama_checkpoint
+
+    return write_mllama_checkpoint(tmp_path_factory.mktemp("tiny_mllama_one_cross"), seed=1,
+                                   cross_attention_layers=[2], num_hidden_layers=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_mllama_hub_style(tmp_path_factory):
+    from tests.tiny_mllama import write_mllama_hub_style_checkpoint
+
+    return write_mllama_hub_style_checkpoint(tmp_path_factory.mktemp("tiny_mllama_hub"), seed=2)

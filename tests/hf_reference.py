@@ -1,8 +1,9 @@
 """transformers as the reference: greedy generation and prefill logits of a
-LLaVA-OneVision or Qwen2-VL checkpoint for prompt ids that already hold the expanded
-image placeholders (pyvlm's request builder makes them; the image-token
-counts themselves are checked against transformers' processor in
-tests/multimodal). Shared by the parity tests and benchmarks/bench_offline.py."""
+LLaVA-OneVision, Qwen2-VL or Llama-3.2-Vision (mllama) checkpoint for prompt
+ids that already hold the expanded image placeholders (pyvlm's request builder
+makes them; the image-token counts themselves are checked against
+transformers' processor in tests/multimodal; mllama keeps one <|image|> per
+image). Shared by the parity tests and benchmarks/bench_offline.py."""
 
 from typing import List, Optional, Sequence
 
@@ -58,6 +59,44 @@ class Qwen2VLInputs:
                 "mm_token_type_ids": token_types.to(device)}
 
 
+class MllamaInputs:
+    """pixel_values, aspect_ratio_ids, aspect_ratio_mask and
+    cross_attention_mask of ONE prompt (one sample holding all its images).
+    The mask is built from the prompt ids as MllamaProcessor builds it
+    (get_cross_attention_token_mask, then the dense [1, tokens, images,
+    max_image_tiles] mask over each image's real tiles); generate() extends
+    it to generated tokens by repeating the last row. image_processor:
+    transformers' MllamaImageProcessorPil."""
+
+    def __init__(self, image_processor, image_token_id: int):
+        self.image_processor, self.image_token_id = image_processor, image_token_id
+
+    def __call__(self, prompt_ids: List[int], images: Sequence, device, dtype) -> dict:
+        if not images:
+            return {}
+        if list(prompt_ids).count(self.image_token_id) != len(images):
+            raise ValueError(f"{len(images)} images for "
+                             f"{list(prompt_ids).count(self.image_token_id)} image tokens")
+        features = self.image_processor(images=[list(images)], return_tensors="pt")
+        return {"pixel_values": features["pixel_values"].to(device, dtype),
+                "aspect_ratio_ids": features["aspect_ratio_ids"].to(device),
+                "aspect_ratio_mask": features["aspect_ratio_mask"].to(device),
+                "cross_attention_mask": self.cross_attention_mask(
+                    prompt_ids, features["num_tiles"]).to(device)}
+
+    def cross_attention_mask(self, prompt_ids: List[int], num_tiles) -> torch.Tensor:
+        """[1, len(prompt_ids), images, max_image_tiles] 0/1 (int64), as
+        MllamaProcessor makes it; num_tiles: [[tiles of each image]]."""
+        from transformers.models.mllama.processing_mllama import (
+            convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+
+        sparse = get_cross_attention_token_mask(list(prompt_ids), self.image_token_id)
+        dense = convert_sparse_cross_attention_mask_to_dense(
+            [sparse], num_tiles, max_num_tiles=self.image_processor.max_image_tiles,
+            length=len(prompt_ids))
+        return torch.from_numpy(dense)
+
+
 def pyvlm_pixels(processor):
     """An image-processor stand-in giving pyvlm's Qwen2-VL pixel rows
     (bit-exact with transformers' PIL processor under the Pillow CI runs;
@@ -83,11 +122,17 @@ def reference_inputs_for(files):
         # Pillow's (and so not what pyvlm or a PIL-based client computes).
         return Qwen2VLInputs(hf_image_processor(**files.processor_config),
                              files.config["image_token_id"])
+    if files.config.get("model_type") == "mllama":
+        from tests.multimodal.hf_mllama import hf_processor
+
+        config = files.config
+        return MllamaInputs(hf_processor(**files.processor_config),
+                            config.get("image_token_index", config.get("image_token_id")))
     return LlavaOnevisionInputs(image_processor_for(files.processor_config))
 
 
 def _inputs_of(image_inputs, prompt_ids, images, device, dtype) -> dict:
-    if not isinstance(image_inputs, (LlavaOnevisionInputs, Qwen2VLInputs)):
+    if not isinstance(image_inputs, (LlavaOnevisionInputs, Qwen2VLInputs, MllamaInputs)):
         # a bare LLaVA-OneVision image processor
         image_inputs = LlavaOnevisionInputs(image_inputs)
     return image_inputs(prompt_ids, images, device, dtype)

@@ -65,9 +65,11 @@ LLAVA_EXTRA_SPECIAL_TOKENS = {"image_token": "<image>", "video_token": "<video>"
 
 
 def train_tokenizer(special_tokens=SPECIAL_TOKENS, vocab_size=VOCAB_SIZE,
-                    extra_special_tokens=LLAVA_EXTRA_SPECIAL_TOKENS):
+                    extra_special_tokens=LLAVA_EXTRA_SPECIAL_TOKENS, **named_tokens):
     """A byte-level BPE tokenizer: special_tokens at the first ids (LLaVA's
-    by default), vocab_size entries, trained in a second on a fixed corpus."""
+    by default), vocab_size entries, trained in a second on a fixed corpus.
+    named_tokens: PreTrainedTokenizerFast keywords (bos_token, add_bos_token,
+    ...) over the default eos "<|im_end|>" and pad "<|endoftext|>"."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -79,9 +81,9 @@ def train_tokenizer(special_tokens=SPECIAL_TOKENS, vocab_size=VOCAB_SIZE,
                                   show_progress=False)
     backend.train_from_iterator(_corpus(), trainer)
     assert backend.get_vocab_size() == vocab_size, backend.get_vocab_size()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        extra_special_tokens=dict(extra_special_tokens))
+    named_tokens = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", **named_tokens}
+    return PreTrainedTokenizerFast(tokenizer_object=backend,
+                                   extra_special_tokens=dict(extra_special_tokens), **named_tokens)
 
 
 def image_processor_config() -> dict:

@@ -66,10 +66,10 @@ class Step:
     """Our layer driven as the engine drives it: a KV pool whose pages hold
     the images' K/V, one chunk per step."""
 
-    def __init__(self, layer, prompt, num_tiles, states):
-        self.layer, self.prompt = layer, prompt
+    def __init__(self, layer, prompt, num_tiles, states, device="cpu"):
+        self.layer, self.prompt, self.device = layer, prompt, device
         shape = KVShape(2, 2, HIDDEN // 4, torch.float32, cross_layers=(1,))
-        self.pool = KVPool(shape, 64, PAGE_SIZE, torch.device("cpu"))
+        self.pool = KVPool(shape, 64, PAGE_SIZE, torch.device(device))
         offsets = [i for i, token in enumerate(prompt) if token == IMAGE]
         spans = spans_from_offsets(offsets)
         rows_per_page = self.pool.image_rows_per_page
@@ -84,7 +84,7 @@ class Step:
             pages = tuple(range(next_page + num_pages - 1, next_page - 1, -1))
             next_page += num_pages + 1
             self.images.append(CrossImage(item, pages, needs_write=True))
-            self.states[item.hash] = per_image[index]
+            self.states[item.hash] = per_image[index].to(device)
         self.num_encoded = 0
 
     def encode(self, items):
@@ -97,27 +97,41 @@ class Step:
                               SamplingParams(), 0, 0, prompt_ids=self.prompt,
                               cross_images=images)
         cross = build_cross_attention_inputs([chunk], self.pool, self.encode, is_decode,
-                                              "cpu", torch.float32,
+                                              self.device, torch.float32,
                                               lambda item: MAX_TILES * PATCHES)
         attn = AttentionMetadata(is_decode, torch.zeros(0), torch.zeros(0),
                                  cross_attention=cross)
         with torch.no_grad():
-            out, residual = self.layer(None, hidden.clone(), None, self.pool.caches[1], attn)
-        return out + residual, cross
+            out, residual = self.layer(None, hidden.to(self.device), None,
+                                       self.pool.caches[1], attn)
+        return (out + residual).cpu(), cross
 
 
 @pytest.mark.parametrize("name", PROMPTS)
 @pytest.mark.parametrize("chunk_size", [100, 3])
 def test_prefill_and_decode_match_transformers(name, chunk_size):
+    check_against_transformers(name, chunk_size, "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", PROMPTS)
+@pytest.mark.parametrize("chunk_size", [100, 3])
+def test_cuda_prefill_and_decode_match_transformers(name, chunk_size):
+    """The CUDA kernels (paged decode, varlen, cache writes) on the same
+    inputs, against transformers' float32 layer on the CPU."""
+    check_against_transformers(name, chunk_size, "cuda")
+
+
+def check_against_transformers(name, chunk_size, device):
     prompt, num_tiles = PROMPTS[name]
     config, reference = _hf_layer()
-    ours = MllamaCrossAttentionDecoderLayer.from_config(config)
+    ours = MllamaCrossAttentionDecoderLayer.from_config(config).to(device)
     load_weights(ours, reference.state_dict().items(), rename=lambda name: name)
     hidden = torch.randn(len(prompt) + 1, HIDDEN)
     states = torch.randn(len(num_tiles) * MAX_TILES * PATCHES, HIDDEN)
     expected = _expected(reference, prompt, num_tiles, hidden, states)
 
-    step = Step(ours, prompt, num_tiles, states)
+    step = Step(ours, prompt, num_tiles, states, device)
     got = []
     for start in range(0, len(prompt), chunk_size):
         end = min(start + chunk_size, len(prompt))

@@ -84,3 +84,28 @@ def test_padding_tiles_change_the_output_as_in_transformers():
     got = aspect_ratio_attention_mask(tile_mask, 17, 24, torch.float32)
     assert torch.equal(got, expected)
     assert (got[0, 0, 0] == 0).all()  # a real token sees every key
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cuda_tower_matches_transformers(layout):
+    """The tower on the GPU in float32 (TF32 off) against transformers' on
+    the CPU; in bfloat16 within bfloat16 rounding of it."""
+    hf_model = tiny_hf_vision_model()
+    pixel_values, ids, mask = random_inputs(hf_model.config, LAYOUTS[layout])
+    with torch.no_grad():
+        expected = hf_model(pixel_values=pixel_values, aspect_ratio_ids=ids,
+                            aspect_ratio_mask=mask).last_hidden_state
+    model = MllamaVisionModel(hf_model.config).eval()
+    model.load_state_dict(hf_model.state_dict(), strict=True)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # the patch embedding is a convolution
+    try:
+        for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+            on_gpu = model.to("cuda", dtype)
+            with torch.no_grad():
+                got = on_gpu(pixel_values.to("cuda", dtype), ids.cuda(), mask.cuda()).float().cpu()
+            error = (got - expected).norm() / expected.norm()
+            assert error < tolerance, (dtype, error)
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
