@@ -2,13 +2,16 @@
 on a random-weight model of a real shape (no download), with the roofline of
 the same run, printed as a markdown table for benchmarks/RESULTS.md:
 
-- TTFT of one fresh 644x476 image on an idle server;
-- batch-1 decode tokens/s;
+- TTFT of one fresh image on an idle server (644x476; Llama-3.2-Vision:
+  1120x840, which it cuts into 4 tiles);
+- batch-1 decode tokens/s (with a published reference where one is known:
+  SGLang's for Llama-3.2-11B-Vision);
 - output tokens/s of concurrent requests with distinct images (pyvlm: 64 at
   a time; transformers: its best batch of --hf-batch-sizes).
 
   python benchmarks/bench_latency_vs_transformers.py --model qwen2-vl-7b --device cuda
   python benchmarks/bench_latency_vs_transformers.py --model llava-onevision-7b --device cuda
+  python benchmarks/bench_latency_vs_transformers.py --model llama-3.2-11b-vision --device cuda
   python benchmarks/bench_latency_vs_transformers.py --model qwen2-vl-7b-narrow  # CPU
 
 One process builds the model once (transformers' random init on the device,
@@ -39,16 +42,26 @@ from typing import List, Optional
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# Run as a script, its own folder leads sys.path, and benchmarks/kernels
+# would shadow the `kernels` distribution that transformers imports when it
+# is installed; the repository root takes its place.
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
 
 from benchmarks.load.serve_random import SHAPES, config_for, launcher_for  # noqa: E402
 from pyvlm.server.launch import run_loop  # noqa: E402
-from benchmarks.load.serving_phases import IMAGE_SIZE, PhaseResults, Plan  # noqa: E402
+from benchmarks.load.serving_phases import PhaseResults, Plan, image_size_for  # noqa: E402
 from benchmarks.offline import hf_baseline  # noqa: E402
-from benchmarks.offline.roofline import (DeviceRates, Roofline, measure_rates,  # noqa: E402
-                                         model_cost)
+from benchmarks.offline.roofline import (DeviceRates, Roofline, cost_for,  # noqa: E402
+                                         measure_rates)
 
 CPU_POOL_SLACK_TOKENS = 4096
+# Published batch-1 decode tokens/s of the real model by another engine,
+# printed beside the batch-1 row (not measured here: other card and setup).
+PUBLISHED_DECODE = {
+    # SGLang's batch-1 decode of meta-llama/Llama-3.2-11B-Vision-Instruct,
+    # from the seed's own log (that run's card and settings, not this one's).
+    "llama-3.2-11b-vision": ("SGLang", 33.6),
+}
 
 
 def log(message: str) -> None:
@@ -99,8 +112,10 @@ def server_flags(args, folder: Path, port: int, pool_tokens: int) -> List[str]:
 
 def client_command(args, base_url: str, json_out: Path) -> List[str]:
     plan = plan_of(args)
+    width, height = image_size_for(args.model)
     command = [sys.executable, "-m", "benchmarks.load.serving_phases", "--base-url", base_url,
-               "--model", args.model, "--json-out", str(json_out)]
+               "--model", args.model, "--json-out", str(json_out),
+               "--image-size", f"{width}x{height}"]
     for name, value in asdict(plan).items():
         command += ["--" + name.replace("_", "-"), str(value)]
     return command + (["--photos", str(args.photos)] if args.photos else [])
@@ -163,10 +178,11 @@ def main(argv=None) -> Run:
     with tempfile.TemporaryDirectory(prefix=f"pyvlm-{args.model}-") as scratch:
         folder = Path(scratch)
         theirs, model = measure_transformers_then_copy(args, folder)
+        cost = cost_for(model, config_for(args.model))
         log("pyvlm server")
         ours = measure_pyvlm(model, folder, args, cpu_pool_tokens(args, theirs))
         log("pyvlm done")
-    run = Run(args, rates, Roofline(model_cost(model), rates), theirs, ours)
+    run = Run(args, rates, Roofline(cost, rates), theirs, ours)
     print(report(run))
     if args.json_out:
         args.json_out.write_text(json.dumps(run_json(run), indent=1))
@@ -185,7 +201,8 @@ def measure_transformers_then_copy(args, folder: Path):
     config = config_for(args.model)
     write_checkpoint_metadata(folder, config)
     hf = random_hf_model(config, args.device, dtype)
-    images = distinct_pictures(max(args.num_ttft, *args.hf_batch_sizes), IMAGE_SIZE, args.photos)
+    images = distinct_pictures(max(args.num_ttft, *args.hf_batch_sizes),
+                               image_size_for(args.model), args.photos)
     log("transformers generate")
     theirs = hf_baseline.measure(hf, folder, images, args.num_ttft, args.decode_tokens,
                                  args.hf_batch_sizes, args.output_tokens)
@@ -198,8 +215,9 @@ def measure_transformers_then_copy(args, folder: Path):
 
 def cpu_pool_tokens(args, theirs) -> int:
     """A KV pool for every concurrent request with room to spare (used on
-    CPU only, where the default pool follows free RAM)."""
-    per_request = theirs.num_prompt_tokens + args.output_tokens
+    CPU only, where the default pool follows free RAM). pyvlm's pool also
+    holds each image's cross-attention K/V rows (Llama-3.2-Vision)."""
+    per_request = theirs.num_prompt_tokens + args.output_tokens + theirs.num_image_rows
     return args.concurrency * per_request * 5 // 4 + CPU_POOL_SLACK_TOKENS
 
 
@@ -215,6 +233,7 @@ def header(run: Run) -> str:
     import transformers
 
     args, rates = run.args, run.rates
+    width, height = image_size_for(args.model)
     return (f"**{args.model}** {'bf16' if args.device.startswith('cuda') else 'float32'}, "
             f"random weights · {card(args.device)} · {datetime.date.today().isoformat()} · "
             f"commit {commit()} · torch {torch.__version__}, transformers "
@@ -223,13 +242,21 @@ def header(run: Run) -> str:
             f"{_si(rates.matmul_flops_per_s, 'FLOP/s')}"
             f" · prompt "
             f"{run.theirs.num_prompt_tokens} tokens (pyvlm's usage: {run.ours.num_prompt_tokens}),"
-            f" one {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} image = {run.theirs.num_tower_tokens} "
-            f"vision-tower rows")
+            f" one {width}x{height} image = {run.theirs.num_tower_tokens} "
+            f"vision-tower rows{image_rows_note(run.theirs.num_image_rows)}")
+
+
+def image_rows_note(num_image_rows: int) -> str:
+    if not num_image_rows:
+        return ""
+    return (f" (transformers runs every tile slot, padded), {num_image_rows} cross-attention "
+            "K/V rows read per decode step")
 
 
 def ttft_row(run: Run) -> List[str]:
     theirs, ours = run.theirs, run.ours
-    floor = run.roofline.ttft_s(theirs.num_prompt_tokens, theirs.num_tower_tokens) * 1e3
+    floor = run.roofline.ttft_s(theirs.num_prompt_tokens, theirs.num_tower_tokens,
+                                theirs.num_image_rows) * 1e3
     ms_theirs, ms_ours = (hf_baseline.median_ms(t) for t in (theirs.ttft_s, ours.ttft_s))
     return [f"TTFT ms, one fresh image, idle server (p50 of {len(ours.ttft_s)})",
             f"{ms_theirs:.1f}", f"{ms_ours:.1f}", f"{ms_theirs / ms_ours:.2f}x", f"{floor:.1f}",
@@ -238,7 +265,8 @@ def ttft_row(run: Run) -> List[str]:
 
 def decode_row(run: Run) -> List[str]:
     args, theirs, ours = run.args, run.theirs.decode_tokens_per_s, run.ours.decode_tokens_per_s
-    roof = run.roofline.decode_tokens_per_s(run.theirs.num_prompt_tokens + args.decode_tokens / 2)
+    roof = run.roofline.decode_tokens_per_s(run.theirs.num_prompt_tokens + args.decode_tokens / 2,
+                                            run.theirs.num_image_rows)
     return [f"decode tok/s, batch 1 ({args.decode_tokens} tokens)", f"{theirs:.1f}",
             f"{ours:.1f}", f"{ours / theirs:.2f}x", f"{roof:.1f}", _pct(theirs / roof),
             _pct(ours / roof)]
@@ -248,7 +276,8 @@ def throughput_row(run: Run) -> List[str]:
     """pyvlm's concurrent requests against transformers' best batch (each
     as a fraction of the roofline of its own batching)."""
     args, best = run.args, run.theirs.best_batch
-    shape = (run.theirs.num_prompt_tokens, run.theirs.num_tower_tokens, args.output_tokens)
+    shape = (run.theirs.num_prompt_tokens, run.theirs.num_tower_tokens, args.output_tokens,
+             run.theirs.num_image_rows)
     roof = run.roofline.throughput_tokens_per_s(args.num_requests, args.concurrency, *shape)
     ours = run.ours.output_tokens_per_s
     label = (f"output tok/s, {args.num_requests} requests x {args.output_tokens} tokens, "
@@ -282,7 +311,21 @@ def report(run: Run) -> str:
             "transformers % of roofline", "pyvlm % of roofline"]
     lines = [header(run), "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows(run)]
-    return "\n".join(lines + ["", notes(run)])
+    reference = published_line(run)
+    return "\n".join(lines + ([""] + [reference] if reference else []) + ["", notes(run)])
+
+
+def published_line(run: Run) -> Optional[str]:
+    """The batch-1 row beside another engine's published number for the
+    real model (none for the narrow shapes: another model)."""
+    if run.args.model not in PUBLISHED_DECODE:
+        return None
+    engine, tokens_per_s = PUBLISHED_DECODE[run.args.model]
+    ours = run.ours.decode_tokens_per_s
+    return (f"Reference for the batch-1 decode row: {engine}'s published {tokens_per_s:.1f} "
+            f"tok/s for this model (its own run and card, not this run's); pyvlm here "
+            f"{ours:.1f} tok/s = {ours / tokens_per_s:.2f}x of it, transformers "
+            f"{run.theirs.decode_tokens_per_s / tokens_per_s:.2f}x.")
 
 
 def _si(value: float, unit: str) -> str:
@@ -316,7 +359,11 @@ def commit() -> str:
 def run_json(run: Run) -> dict:
     return {"model": run.args.model, "device": card(run.args.device), "commit": commit(),
             "rates": asdict(run.rates), "cost": asdict(run.roofline.cost),
-            "transformers": asdict(run.theirs), "pyvlm": asdict(run.ours), "rows": rows(run)}
+            "transformers": asdict(run.theirs), "pyvlm": asdict(run.ours), "rows": rows(run),
+            "published_decode": PUBLISHED_DECODE.get(run.args.model),
+            "decode_step_bytes": run.roofline.decode_step_bytes(
+                1, run.theirs.num_prompt_tokens + run.args.decode_tokens / 2,
+                run.theirs.num_image_rows)}
 
 
 if __name__ == "__main__":

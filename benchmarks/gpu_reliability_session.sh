@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The reliability issue's GPU runs, in phases that each fit one device call
 # (10 minutes). Logs go to $OUT. From the repository root on the GPU machine:
+#   bash benchmarks/gpu_reliability_session.sh build        # the CUDA build alone (kept while warm)
 #   bash benchmarks/gpu_reliability_session.sh build-test   # CUDA build + pytest -m cuda (whole tree)
 #   bash benchmarks/gpu_reliability_session.sh bench        # bench_offline, random LLaVA-OneVision-7B
 #   bash benchmarks/gpu_reliability_session.sh soak [s]     # soak through the server, 7B shape
 #   bash benchmarks/gpu_reliability_session.sh build-soak [s]  # the build, then the soak
 #   bash benchmarks/gpu_reliability_session.sh latency [MODEL...]  # bench_latency_vs_transformers
 #   bash benchmarks/gpu_reliability_session.sh build-latency [MODEL...]  # the build, then latency
-# latency: MODEL qwen2-vl-7b (default) and/or llava-onevision-7b, ~3 min each (two 8B builds,
-# transformers, then pyvlm's server); $LATENCY_FLAGS adds flags (e.g. "--num-requests 256").
+# latency: MODEL qwen2-vl-7b (default), llava-onevision-7b and/or llama-3.2-11b-vision, ~3 min
+# each for the 7Bs (two 8B builds, transformers, then pyvlm's server), ~4-5 min estimated for the
+# 11B (21 GB of bf16 weights twice while copied; transformers' batch 64 runs 64 x 4 tiles through
+# its tower at once, or is reported OOM): one model per device call, after `build` when the
+# build is not already there; $LATENCY_FLAGS adds flags (e.g. "--num-requests 256").
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -31,6 +35,9 @@ build() {
   echo "build: $(( $(date +%s) - start )) s"
 }
 case "${1:-}" in
+  build)
+    build
+    ;;
   build-test)
     build
     timeout ${TEST_TIMEOUT:-420} python3 -m pytest -m cuda -q -p no:cacheprovider -rf tests 2>&1 \
@@ -64,6 +71,7 @@ case "${1:-}" in
       tail -5 "$OUT/latency_$model.log"
     done
     ;;
-  *) echo "usage: $0 build-test|bench|soak|build-soak [seconds] | latency|build-latency [MODEL...]"
+  *) echo "usage: $0 build|build-test|bench|soak|build-soak [seconds]" \
+       "| latency|build-latency [MODEL...]"
      exit 2 ;;
 esac

@@ -7,10 +7,12 @@ The model is built as benchmarks/bench_offline.py builds it (transformers'
 random model of the shape on the device, copied into pyvlm's model; a small
 checkpoint folder supplies the config, tokenizer and preprocessor), then
 `python -m pyvlm`'s own Launcher serves it with every server flag given.
-Shapes: llava-onevision-7b and qwen2-vl-7b (Qwen/Qwen2-VL-7B-Instruct). Each
-"-narrow" variant keeps the 7B's vocabulary, tokenizer, image tokens and
+Shapes: llava-onevision-7b, qwen2-vl-7b (Qwen/Qwen2-VL-7B-Instruct) and
+llama-3.2-11b-vision (meta-llama/Llama-3.2-11B-Vision-Instruct). Each
+"-narrow" variant keeps the real vocabulary, tokenizer, image tokens and
 image preprocessing (anyres tiles; Qwen2-VL's 14-pixel patches, 2 frames, 2x2
-merge) with tiny widths and depths, so this path runs on a CPU too.
+merge; Llama-3.2-Vision's four 560-pixel tiles of 14-pixel patches) with
+tiny widths and depths, so this path runs on a CPU too.
 """
 
 import logging
@@ -33,8 +35,17 @@ NARROW_QWEN2_VL_TEXT = dict(NARROW_TEXT, rope_parameters={
     "rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
 NARROW_QWEN2_VL_VISION = dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2,
                               hidden_size=NARROW_TEXT["hidden_size"])
+# Llama-3.2-Vision: 4 decoder layers of which 2 cross-attend (the real one
+# cross-attends every fifth); the tower's 2 local + 1 global layers, its
+# output the last local state and one intermediate one (hidden x 2).
+NARROW_MLLAMA_TEXT = dict(NARROW_TEXT, num_hidden_layers=4, cross_attention_layers=[1, 3])
+NARROW_MLLAMA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_global_layers=1, attention_heads=2,
+                            intermediate_layers_indices=[0], vision_output_dim=64)
 BASE_SHAPES = {"llava-onevision-7b": ("llava_onevision_7b_config", NARROW_TEXT, NARROW_VISION),
-               "qwen2-vl-7b": ("qwen2_vl_7b_config", NARROW_QWEN2_VL_TEXT, NARROW_QWEN2_VL_VISION)}
+               "qwen2-vl-7b": ("qwen2_vl_7b_config", NARROW_QWEN2_VL_TEXT, NARROW_QWEN2_VL_VISION),
+               "llama-3.2-11b-vision": ("llama_3_2_11b_vision_config", NARROW_MLLAMA_TEXT,
+                                        NARROW_MLLAMA_VISION)}
 SHAPES = tuple(name + suffix for name in BASE_SHAPES for suffix in ("", "-narrow"))
 
 

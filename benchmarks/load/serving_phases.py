@@ -26,7 +26,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -36,7 +36,22 @@ from benchmarks.load import client  # noqa: E402
 from benchmarks.load.images import distinct_pictures  # noqa: E402
 
 IMAGE_SIZE = (644, 476)  # width, height: 17 x 23 Qwen2-VL merged blocks, no resize
+# Per model (by name, "-narrow" or not) where the default is a poor probe:
+# Llama-3.2-Vision tiles 644x476 into 2 tiles of 560; a 4:3 1120x840 photo
+# fills the 2x2 canvas (4 tiles, the most it takes) at scale 1, padded below.
+IMAGE_SIZES = {"llama-3.2-11b-vision": (1120, 840)}
 WARMUP_TOKENS = 4
+
+
+def image_size_for(model: str) -> Tuple[int, int]:
+    """(width, height) of the benchmark's pictures for a served model name."""
+    return IMAGE_SIZES.get(model.removesuffix("-narrow"), IMAGE_SIZE)
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """"WIDTHxHEIGHT" -> (width, height)."""
+    width, height = (int(side) for side in text.lower().split("x"))
+    return width, height
 
 
 @dataclass(frozen=True)
@@ -94,9 +109,10 @@ async def wait_ready(base_url: str, timeout: float) -> None:
         await asyncio.sleep(0.5)
 
 
-async def run_phases(base_url: str, model: str, plan: Plan, photos=None) -> PhaseResults:
+async def run_phases(base_url: str, model: str, plan: Plan, photos=None,
+                     image_size: Tuple[int, int] = IMAGE_SIZE) -> PhaseResults:
     target = chat_target(base_url)
-    uris = [image_data_uri(p) for p in distinct_pictures(plan.num_images, IMAGE_SIZE, photos)]
+    uris = [image_data_uri(p) for p in distinct_pictures(plan.num_images, image_size, photos)]
     warmup, rest = uris[:plan.num_warmup], uris[plan.num_warmup:]
     ttft_uris, decode_uri, load_uris = rest[:plan.num_ttft], rest[plan.num_ttft], \
         rest[plan.num_ttft + 1:]
@@ -124,6 +140,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--json-out", type=Path, required=True)
     parser.add_argument("--photos", type=Path, default=None)
+    parser.add_argument("--image-size", type=parse_size, default=None,
+                        help="WIDTHxHEIGHT of every picture (default: image_size_for(--model))")
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     for name, value in asdict(Plan()).items():
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=value)
@@ -132,7 +150,8 @@ def main(argv=None) -> None:
 
     async def go():
         await wait_ready(args.base_url, args.ready_timeout)
-        return await run_phases(args.base_url, args.model, plan, args.photos)
+        return await run_phases(args.base_url, args.model, plan, args.photos,
+                                args.image_size or image_size_for(args.model))
 
     results = asyncio.run(go())
     args.json_out.write_text(json.dumps(asdict(results)))

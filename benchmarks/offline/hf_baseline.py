@@ -48,6 +48,38 @@ def server_prompt_texts(folder: Path, count: int) -> List[str]:
     return [template.render(chat_messages(i)).text for i in range(count)]
 
 
+class MllamaInputs:
+    """Llama-3.2-Vision's generate inputs as transformers' MllamaProcessor
+    builds them, from the server's prompt text: the tokenizer with its
+    special tokens (Llama 3's BOS, as pyvlm's server tokenizes a chat;
+    MllamaProcessor would add a second BOS to a text without one), the
+    MllamaImageProcessorPil tiles (pixel_values [B, 1, 4, 3, 560, 560],
+    aspect_ratio_ids, aspect_ratio_mask) and processing_mllama's
+    cross-attention mask [B, seq, 1, 4] (each <|image|> attends from its
+    position on, over its real tiles)."""
+
+    def __init__(self, image_processor, tokenizer, image_token_id: int):
+        self.image_processor, self.tokenizer = image_processor, tokenizer
+        self.image_token_id = image_token_id
+
+    def __call__(self, text: Sequence[str], images: Sequence, padding=True,
+                 return_tensors="pt"):
+        from transformers import BatchFeature
+        from transformers.models.mllama.processing_mllama import (
+            convert_sparse_cross_attention_mask_to_dense, get_cross_attention_token_mask)
+
+        tokens = self.tokenizer(list(text), padding=padding)
+        pixels = self.image_processor([[image] for image in images], return_tensors="pt")
+        num_tiles = pixels.pop("num_tiles")
+        spans = [get_cross_attention_token_mask(ids, self.image_token_id)
+                 for ids in tokens["input_ids"]]
+        mask = convert_sparse_cross_attention_mask_to_dense(
+            spans, num_tiles, self.image_processor.max_image_tiles,
+            length=max(len(ids) for ids in tokens["input_ids"]))
+        return BatchFeature({**tokens, **pixels, "cross_attention_mask": mask},
+                            tensor_type=return_tensors)
+
+
 def hf_processor(folder: Path, config):
     """transformers' processor of the family (PIL image processor, tokenizer,
     placeholder expansion), without a video processor: those need
@@ -59,6 +91,11 @@ def hf_processor(folder: Path, config):
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokenizer.padding_side = "left"  # batched generate appends on the right
     preprocessor = json.loads((folder / "preprocessor_config.json").read_text())
+    if config.model_type == "mllama":
+        from tests.multimodal.hf_mllama import hf_processor as mllama_image_processor
+
+        return MllamaInputs(mllama_image_processor(**preprocessor), tokenizer,
+                            config.image_token_index)
     if config.model_type == "qwen2_vl":
         from tests.multimodal.hf_qwen2_vl import _NoVideoProcessor, hf_image_processor
 
@@ -82,6 +119,7 @@ class Batch:
     inputs: Dict[str, torch.Tensor]
     num_prompt_tokens: int  # of the longest row
     num_tower_tokens: int  # patch rows the vision tower runs over, all rows together
+    num_image_rows: int = 0  # cross-attention K/V rows of the images (mllama), all together
 
     @property
     def size(self) -> int:
@@ -96,17 +134,35 @@ def make_batch(processor, texts: Sequence[str], images: Sequence, model) -> Batc
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     for key, value in features.items():
         inputs.setdefault(key, value)  # e.g. batch_num_images, a list
-    return Batch(inputs, inputs["input_ids"].shape[1], tower_tokens(features, model.config))
+    return Batch(inputs, inputs["input_ids"].shape[1], tower_tokens(features, model.config),
+                 image_rows(features, model.config))
 
 
 def tower_tokens(features, config) -> int:
     """Qwen2-VL: one pixel row per patch; LLaVA-OneVision: every tile is a
-    full SigLIP image of (image_size / patch_size)^2 patches."""
+    full SigLIP image of (image_size / patch_size)^2 patches; Llama-3.2-
+    Vision: every tile slot of pixel_values (transformers runs all
+    max_num_tiles, padding ones too) of its patches + the class token,
+    padded to a multiple of 8 (MllamaVisionModel's num_padding_patches)."""
     pixels = features["pixel_values"]
     if config.model_type == "qwen2_vl":
         return pixels.shape[0]
     vision = config.vision_config
-    return pixels.shape[0] * pixels.shape[1] * (vision.image_size // vision.patch_size) ** 2
+    num_patches = (vision.image_size // vision.patch_size) ** 2
+    if config.model_type == "mllama":
+        return pixels.shape[:3].numel() * -(-(num_patches + 1) // 8) * 8
+    return pixels.shape[0] * pixels.shape[1] * num_patches
+
+
+def image_rows(features, config) -> int:
+    """Rows of image K/V that cross-attention reads (Llama-3.2-Vision: the
+    real tiles' patches + class token each); 0 for the families whose image
+    tokens sit in the prompt."""
+    if config.model_type != "mllama":
+        return 0
+    vision = config.vision_config
+    num_tiles = int(features["aspect_ratio_mask"].sum())
+    return num_tiles * ((vision.image_size // vision.patch_size) ** 2 + 1)
 
 
 def _sync(model) -> None:
@@ -165,6 +221,7 @@ class TransformersResults:
     num_prompt_tokens: int
     num_tower_tokens: int  # of one image
     preprocess_s: List[float]  # processor + copy to the device of each TTFT input (not timed)
+    num_image_rows: int = 0  # of one image: cross-attention K/V rows (mllama), else 0
 
     @property
     def best_batch(self) -> Optional[int]:
@@ -197,7 +254,7 @@ def measure(model, folder: Path, images: Sequence, num_ttft: int, decode_tokens:
                for b in batch_sizes}
     return TransformersResults(ttft, clock.tokens_per_s_after_first, batched,
                                singles[0].num_prompt_tokens, singles[0].num_tower_tokens,
-                               preprocess)
+                               preprocess, singles[0].num_image_rows)
 
 
 def batched_tokens_per_s(model, processor, texts, images, output_tokens: int,

@@ -1,10 +1,12 @@
 """Random-weight vision-language models of real shapes, built on the device
 with no download: the configs of llava-onevision-qwen2-7b-ov-hf (Qwen2-7B +
-SigLIP so400m) and Qwen/Qwen2-VL-7B-Instruct (Qwen2-7B with M-RoPE + its
-675M ViT), a word-level tokenizer covering the whole vocabulary (so random
-tokens detokenize) with the family's special tokens and chat template, and
-the real preprocessor settings. One writer serves every family: a family is
-its special tokens, chat template and preprocessor (RandomFamily)."""
+SigLIP so400m), Qwen/Qwen2-VL-7B-Instruct (Qwen2-7B with M-RoPE + its 675M
+ViT) and meta-llama/Llama-3.2-11B-Vision-Instruct (Llama 3.1 8B with 8
+gated cross-attention layers + a 32 + 8 layer tiled ViT), a word-level
+tokenizer covering the whole vocabulary (so random tokens detokenize) with
+the family's special tokens and chat template, and the real preprocessor
+settings. One writer serves every family: a family is its special tokens,
+tokenizer roles, chat template and preprocessor (RandomFamily)."""
 
 import json
 from dataclasses import dataclass
@@ -13,6 +15,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+from tests.multimodal.hf_mllama import LLAMA_3_2_VISION as MLLAMA_PREPROCESSOR  # the real one
 from tests.tiny_qwen2_vl import CHAT_TEMPLATE as QWEN2_VL_CHAT_TEMPLATE  # the 7B-Instruct's
 
 QWEN2_7B = dict(model_type="qwen2", vocab_size=152128, hidden_size=3584, intermediate_size=18944,
@@ -61,16 +64,49 @@ QWEN2_VL_SPECIALS = {**CHATML_SPECIALS, **{
     151652: "<|vision_start|>", 151653: "<|vision_end|>", 151654: "<|vision_pad|>",
     151655: "<|image_pad|>", 151656: "<|video_pad|>"}}
 
+# meta-llama/Llama-3.2-11B-Vision-Instruct's config.json, in transformers 5's
+# nested form (rope_scaling {"rope_type": "llama3", ...} + rope_theta on the hub).
+LLAMA_3_2_VISION_TEXT = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+    cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38], num_attention_heads=32,
+    num_key_value_heads=8, hidden_act="silu", max_position_embeddings=131072, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    tie_word_embeddings=False, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+    pad_token_id=128004)
+LLAMA_3_2_VISION_VISION = dict(
+    hidden_size=1280, num_hidden_layers=32, num_global_layers=8, attention_heads=16,
+    intermediate_size=5120, hidden_act="gelu", image_size=560, patch_size=14, num_channels=3,
+    max_num_tiles=4, intermediate_layers_indices=[3, 7, 15, 23, 30], vision_output_dim=7680,
+    norm_eps=1e-5, supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2],
+                                            [3, 1], [4, 1]])
+# <|image|> is one past the text vocabulary: the tokenizer has 128257
+# entries, transformers' text embedding vocab_size + 8 rows (the LM head
+# vocab_size), so the model never emits it.
+MLLAMA_IMAGE_TOKEN_ID = 128256
+# Llama 3's special tokens that the chat and the config name (tokenizer.json
+# of the 11B-Vision-Instruct); its other reserved ids stay plain words here.
+LLAMA_3_SPECIALS = {
+    128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
+    128006: "<|start_header_id|>", 128007: "<|end_header_id|>", 128008: "<|eom_id|>",
+    128009: "<|eot_id|>", 128010: "<|python_tag|>", MLLAMA_IMAGE_TOKEN_ID: "<|image|>"}
+
 
 @dataclass(frozen=True)
 class RandomFamily:
     """What a random checkpoint of a family holds besides its config:
     special tokens (id -> text), the chat template (None: pyvlm's default
-    for the architecture) and preprocessor_config.json of a config."""
+    for the architecture), preprocessor_config.json of a config, and the
+    tokenizer's roles: eos, pad and bos (bos: prepended to every encoding,
+    as Llama 3's post-processor does; None: no BOS, as Qwen's)."""
 
     specials: Dict[int, str]
     chat_template: Optional[str]
     preprocessor: Callable[[object], dict]
+    eos_token: str = "<|im_end|>"
+    pad_token: str = "<|endoftext|>"
+    bos_token: Optional[str] = None
 
 
 FAMILIES = {
@@ -79,6 +115,9 @@ FAMILIES = {
         lambda config: dict(PREPROCESSOR, image_grid_pinpoints=config.image_grid_pinpoints)),
     "qwen2_vl": RandomFamily(QWEN2_VL_SPECIALS, QWEN2_VL_CHAT_TEMPLATE,
                              lambda config: dict(QWEN2_VL_PREPROCESSOR)),
+    "mllama": RandomFamily(LLAMA_3_SPECIALS, None, lambda config: dict(MLLAMA_PREPROCESSOR),
+                           eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
+                           bos_token="<|begin_of_text|>"),
 }
 
 
@@ -108,23 +147,39 @@ def qwen2_vl_7b_config():
                          architectures=["Qwen2VLForConditionalGeneration"])
 
 
-def write_tokenizer(folder: Path, vocab_size: int, specials: Optional[Dict[int, str]] = None,
-                    chat_template: Optional[str] = None) -> None:
-    """A word-level tokenizer: "w<i>" for every id but the specials (default:
-    LLaVA-OneVision's chatml specials and <image>), saved with chat_template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+def llama_3_2_11b_vision_config():
+    from transformers import MllamaConfig
+
+    return MllamaConfig(text_config=dict(LLAMA_3_2_VISION_TEXT),
+                        vision_config=dict(LLAMA_3_2_VISION_VISION),
+                        image_token_index=MLLAMA_IMAGE_TOKEN_ID,
+                        architectures=["MllamaForConditionalGeneration"])
+
+
+def write_tokenizer(folder: Path, vocab_size: int, family: RandomFamily) -> None:
+    """A word-level tokenizer: "w<i>" for every id but the family's specials,
+    with its eos / pad / bos roles and chat template. Its size is
+    vocab_size, or one past the largest special id when that is larger
+    (Llama-3.2-Vision's <|image|> = vocab_size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    specials = specials if specials is not None else FAMILIES["llava_onevision"].specials
-    vocab = {specials.get(i, f"w{i}"): i for i in range(vocab_size)}
+    specials = family.specials
+    size = max(vocab_size, max(specials) + 1)
+    vocab = {specials.get(i, f"w{i}"): i for i in range(size)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>",
+    roles = dict(eos_token=family.eos_token, pad_token=family.pad_token)
+    if family.bos_token is not None:
+        bos = family.bos_token
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, vocab[bos])])
+        roles["bos_token"] = bos
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **roles,
                                    additional_special_tokens=list(specials.values()))
-    if chat_template is not None:
-        fast.chat_template = chat_template
+    if family.chat_template is not None:
+        fast.chat_template = family.chat_template
     fast.save_pretrained(folder)
 
 
@@ -135,7 +190,7 @@ def write_checkpoint_metadata(folder: Path, config) -> None:
     config.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text(json.dumps(family.preprocessor(config)))
     (folder / "model.safetensors").touch()  # weights are supplied in memory
-    write_tokenizer(folder, config.text_config.vocab_size, family.specials, family.chat_template)
+    write_tokenizer(folder, config.text_config.vocab_size, family)
 
 
 def random_hf_model(config, device: str, dtype: torch.dtype, seed: int = 0):

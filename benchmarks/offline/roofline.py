@@ -10,6 +10,13 @@ What is counted (so every floor is a lower bound on time):
   FLOPs of the decoder's linear layers per prompt token (the LM head for the
   last token only) and of the vision tower's per tower input row (the
   merger / projector, which runs on fewer rows, and attention are left out).
+
+Llama-3.2-Vision (mllama_cost) adds the image's cross-attention: its image
+tokens are not in the prompt but K/V rows (real tiles x 1601) that every
+decode step of the sequence reads in each cross-attention layer; prefill
+runs the projector and the cross-attention K/V projections over those rows
+(image_matmul_params), and those weights count with the vision side, not
+the decode step.
 """
 
 from dataclasses import dataclass
@@ -52,6 +59,8 @@ class ModelCost:
     vision_bytes: int
     vision_matmul_params: int  # tower weights a tower input row goes through
     kv_bytes_per_token: int
+    image_matmul_params: int = 0  # weights an image K/V row goes through at prefill (mllama)
+    image_kv_bytes_per_row: int = 0  # image K/V a decode step reads per row (mllama)
 
 
 def model_cost(model) -> ModelCost:
@@ -75,6 +84,68 @@ def model_cost(model) -> ModelCost:
         * element_size)
 
 
+# Llama-3.2-Vision's language-model tensors that run once per image (at
+# prefill, on the image rows), not per token: cross-attention K/V.
+MLLAMA_IMAGE_SIDE = (".cross_attn.k_proj.", ".cross_attn.v_proj.", ".cross_attn.k_norm.")
+
+
+def mllama_cost(config, dtype: torch.dtype = torch.bfloat16) -> ModelCost:
+    """The counts of Llama-3.2-Vision, on transformers' own modules (built
+    on the meta device; pyvlm's model loads these tensors by name).
+
+    decode step: the language model's layers but the cross-attention K/V
+    projections and k_norm, the final norm and the LM head (not the token
+    embedding table, nor the projector: it runs at prefill only); plus the
+    self-attention KV of the self-attention layers per context token and
+    the image K/V of the cross-attention layers per image row.
+    prefill: vision_matmul_params (the tower's linears and patch conv) per
+    tower row; image_matmul_params (the projector and every cross-attention
+    layer's K/V projections) per image row. vision_bytes: the tower but its
+    tile-embedding tables (an image reads one row), the projector and the
+    cross-attention K/V weights."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.MllamaForConditionalGeneration._from_config(config, dtype=dtype)
+    params = dict(model.named_parameters())
+    embeddings = {f"{name}.weight" for name, sub in model.named_modules()
+                  if isinstance(sub, nn.Embedding)}
+    image_side = {n for n in params if any(part in n for part in MLLAMA_IMAGE_SIDE)}
+    decoder = {n for n in params if n.startswith(("model.language_model.", "lm_head."))
+               and n not in embeddings and n not in image_side}
+    vision = {n for n in params if n.startswith(("model.vision_model.",
+                                                 "model.multi_modal_projector."))
+              and n not in embeddings} | image_side
+    linears = {f"{name}.weight" for name, sub in model.named_modules()
+               if isinstance(sub, (nn.Linear, nn.Conv2d))}
+    text, element_size = config.text_config, torch.finfo(dtype).bits // 8
+    head_dim = text.hidden_size // text.num_attention_heads
+    num_cross = len(text.cross_attention_layers)
+    kv_row = 2 * text.num_key_value_heads * head_dim * element_size
+
+    def numel(names) -> int:
+        return sum(params[n].numel() for n in names)
+
+    return ModelCost(
+        decoder_bytes=numel(decoder) * element_size,
+        decoder_matmul_params=numel((decoder & linears) - {"lm_head.weight"}),
+        lm_head_params=params["lm_head.weight"].numel(),
+        vision_bytes=numel(vision) * element_size,
+        vision_matmul_params=numel({n for n in linears if n.startswith("model.vision_model.")}),
+        kv_bytes_per_token=(text.num_hidden_layers - num_cross) * kv_row,
+        image_matmul_params=numel((linears & image_side)
+                                  | {"model.multi_modal_projector.weight"}),
+        image_kv_bytes_per_row=num_cross * kv_row)
+
+
+def cost_for(model, config) -> ModelCost:
+    """mllama_cost for Llama-3.2-Vision (in the dtype of pyvlm's model),
+    model_cost of pyvlm's model otherwise."""
+    if config.model_type == "mllama":
+        return mllama_cost(config, next(model.parameters()).dtype)
+    return model_cost(model)
+
+
 def _matmul_params(module: nn.Module, skip=()) -> int:
     """Weights (2-D and up) of the module's linear and conv layers, outside
     embedding tables, projectors and the submodules named in skip."""
@@ -95,35 +166,45 @@ class Roofline:
     def _time(self, num_bytes: float, flops: float) -> float:
         return max(num_bytes / self.rates.copy_bytes_per_s, flops / self.rates.matmul_flops_per_s)
 
-    def prefill_flops(self, num_prompt_tokens: int, num_tower_tokens: int) -> float:
+    def prefill_flops(self, num_prompt_tokens: int, num_tower_tokens: int,
+                      num_image_rows: int = 0) -> float:
         c = self.cost
         return 2 * (c.decoder_matmul_params * num_prompt_tokens + c.lm_head_params
-                    + c.vision_matmul_params * num_tower_tokens)
+                    + c.vision_matmul_params * num_tower_tokens
+                    + c.image_matmul_params * num_image_rows)
 
-    def ttft_s(self, num_prompt_tokens: int, num_tower_tokens: int) -> float:
+    def ttft_s(self, num_prompt_tokens: int, num_tower_tokens: int,
+               num_image_rows: int = 0) -> float:
         """Prefill of one prompt with one image, and its first token."""
         return self._time(self.cost.decoder_bytes + self.cost.vision_bytes,
-                          self.prefill_flops(num_prompt_tokens, num_tower_tokens))
+                          self.prefill_flops(num_prompt_tokens, num_tower_tokens, num_image_rows))
 
-    def decode_step_s(self, batch: int, context: float) -> float:
+    def decode_step_bytes(self, batch: int, context: float, num_image_rows: int = 0) -> float:
+        """Weights, KV of the context and image K/V (num_image_rows per sequence)."""
         c = self.cost
-        return self._time(c.decoder_bytes + batch * context * c.kv_bytes_per_token,
+        return c.decoder_bytes + batch * (context * c.kv_bytes_per_token
+                                          + num_image_rows * c.image_kv_bytes_per_row)
+
+    def decode_step_s(self, batch: int, context: float, num_image_rows: int = 0) -> float:
+        c = self.cost
+        return self._time(self.decode_step_bytes(batch, context, num_image_rows),
                           2 * (c.decoder_matmul_params + c.lm_head_params) * batch)
 
-    def decode_tokens_per_s(self, context: float) -> float:
+    def decode_tokens_per_s(self, context: float, num_image_rows: int = 0) -> float:
         """Batch 1 at this context."""
-        return 1 / self.decode_step_s(1, context)
+        return 1 / self.decode_step_s(1, context, num_image_rows)
 
     def throughput_tokens_per_s(self, num_requests: int, concurrency: int,
                                 num_prompt_tokens: int, num_tower_tokens: int,
-                                output_tokens: int) -> float:
+                                output_tokens: int, num_image_rows: int = 0) -> float:
         """Output tokens/s of num_requests prompts, concurrency at a time,
         each prefilled once and decoded for output_tokens - 1 steps."""
         waves = -(-num_requests // concurrency)
         batch = min(concurrency, num_requests)
         prefill = self._time(
             self.cost.decoder_bytes + self.cost.vision_bytes,
-            num_requests * self.prefill_flops(num_prompt_tokens, num_tower_tokens))
+            num_requests * self.prefill_flops(num_prompt_tokens, num_tower_tokens,
+                                              num_image_rows))
         context = num_prompt_tokens + output_tokens / 2
-        decode = waves * (output_tokens - 1) * self.decode_step_s(batch, context)
+        decode = waves * (output_tokens - 1) * self.decode_step_s(batch, context, num_image_rows)
         return num_requests * output_tokens / (prefill + decode)
