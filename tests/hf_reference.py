@@ -147,6 +147,10 @@ def greedy_tokens(model, image_inputs, prompt_ids: List[int], images: Sequence,
 
     device, dtype = model.device, model.dtype
     ids = torch.tensor([prompt_ids], device=device)
+    if eos_token_id is None:
+        # generate() fills an unset eos from the checkpoint's generation
+        # config; an id past the LM head's rows is one it never samples.
+        eos_token_id = model.get_output_embeddings().weight.shape[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
                               eos_token_id=eos_token_id, pad_token_id=0)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
