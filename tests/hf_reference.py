@@ -97,6 +97,31 @@ class MllamaInputs:
         return torch.from_numpy(dense)
 
 
+class MllamaPyvlmTiles:
+    """An MllamaImageProcessorPil stand-in giving pyvlm's tiles (bit-exact
+    with transformers' PIL processor under the Pillow CI runs), padded as
+    transformers pads them; processor: pyvlm's torch-free mllama processor."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self.max_image_tiles = processor.max_image_tiles
+
+    def __call__(self, images, return_tensors="pt"):
+        from pyvlm.models.mllama_pixels import mllama_pixel_values
+
+        (images,) = images  # one sample holding all its images
+        plans = self.processor.plan_prompt([(im.height, im.width) for im in images])
+        tiles = mllama_pixel_values(images, plans)
+        side = plans[0].tile_size
+        pixels = torch.zeros(1, len(images), self.max_image_tiles, 3, side, side)
+        for index, image_tiles in enumerate(tiles):
+            pixels[0, index, :image_tiles.shape[0]] = image_tiles
+        return {"pixel_values": pixels,
+                "aspect_ratio_ids": torch.tensor([[plan.aspect_ratio_id for plan in plans]]),
+                "aspect_ratio_mask": torch.tensor([[plan.aspect_ratio_mask for plan in plans]]),
+                "num_tiles": [[plan.num_tiles for plan in plans]]}
+
+
 def pyvlm_pixels(processor):
     """An image-processor stand-in giving pyvlm's Qwen2-VL pixel rows
     (bit-exact with transformers' PIL processor under the Pillow CI runs;

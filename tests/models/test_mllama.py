@@ -187,3 +187,17 @@ def test_unsupported_text_activations_are_refused():
     config.text_config.hidden_act = "gelu"
     with pytest.raises(NotImplementedError, match="gelu"):
         MllamaForConditionalGeneration(config)
+
+
+def test_pyvlm_tiles_stand_in_equals_transformers_processor(engine, hf):
+    """tests/hf_reference.MllamaPyvlmTiles (what the CUDA parity test feeds
+    transformers, whose GPU machine has another Pillow) is transformers'
+    own processor output here, padding tiles and masks included."""
+    from tests.hf_reference import MllamaPyvlmTiles
+
+    images = [random_image(50, 110), random_image(120, 120), random_image(30, 200)]
+    expected = hf[1].image_processor(images=[images], return_tensors="pt")
+    got = MllamaPyvlmTiles(engine.builder.images.processor)([images])
+    for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])), key
+    assert got["num_tiles"] == [list(n) for n in expected["num_tiles"]]
