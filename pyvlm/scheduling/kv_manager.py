@@ -50,6 +50,16 @@ class KVManager:
         """Pages the request's images' cross-attention K/V take (shared or not)."""
         return sum(self.images.num_pages_for(item) for item in _distinct_images(request))
 
+    def num_unwritten_image_rows(self, request: Request) -> int:
+        """K/V rows of the request's images that admitting it would compute
+        (images not in the pool yet, or not yet written)."""
+        rows = 0
+        for item in _distinct_images(request):
+            entry = self.images.entries.get(item.hash)
+            if item.num_cross_rows and (entry is None or not entry.is_written):
+                rows += item.num_cross_rows
+        return rows
+
     def num_missing_image_pages(self, request: Request) -> int:
         """Pages admitting the request would newly allocate for its images."""
         return self.images.num_missing_pages(request.mm_items) if not request.image_kv else 0

@@ -32,6 +32,11 @@ class PrefillBudget:
             self.num_chunk_tokens_left -= num_tokens
         return num_tokens
 
+    def charge(self, num_tokens: int) -> None:
+        """Counts work that is not chunked (an image's K/V rows) against the
+        batch's budget; it may go below zero, and then nothing else joins."""
+        self.num_tokens_left -= num_tokens
+
     def _num_granted(self, num_wanted: int, is_first: bool) -> int:
         limit = self.num_tokens_left
         if self.can_chunk:

@@ -175,9 +175,16 @@ class Scheduler:
         match = self.kv.match(request)
         if not self._has_room(request, match, plan):
             return False
+        # Image K/V rows to compute (Llama-3.2-Vision) count as prefill
+        # tokens, as SGLang counts encoder tokens: they bound the tower work
+        # and activations of one step. They are never chunked.
+        num_image_rows = self.kv.num_unwritten_image_rows(request)
+        if plan.items and num_image_rows > budget.num_tokens_left:
+            return False
         num_tokens = budget.take(request.num_tokens - match.num_tokens, is_first=not plan.items)
         if num_tokens == 0 or not self.kv.admit(request, match, num_tokens):
             return False
+        budget.charge(num_image_rows)
         self.waiting.remove(request)
         request.status = RequestStatus.RUNNING
         if request.num_preemptions == 0:

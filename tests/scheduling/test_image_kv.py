@@ -213,3 +213,26 @@ def test_the_table_shares_by_hash_and_frees_with_the_last_reference():
     assert table.acquire(image_item(6, 0, 41)) is None and allocator.num_used == 0
     with pytest.raises(RuntimeError):
         table.release(first)
+
+
+def test_new_image_rows_count_against_the_prefill_budget():
+    """Image K/V rows to compute count as prefill tokens (never chunked):
+    with a 64-token budget, two 14-token prompts with new 20-row images fill
+    a batch; a request whose image is already written costs only its text;
+    a first request over the budget still runs (alone)."""
+    runner = FakeCrossRunner(4, 512)
+    scheduler = scheduler_for(runner, max_prefill_tokens=64, chunked_prefill_size=None)
+    for index in range(4):
+        scheduler.add_request(runner.register(image_request(f"new{index}", 100 + index)))
+    scheduler.step(runner)
+    assert [c.rid for c in runner.batches[-1].chunks] == ["new0", "new1"]
+    run_until_idle(scheduler, runner)
+    for index in range(4):  # the same images again: written, cached, cheap
+        scheduler.add_request(runner.register(image_request(f"again{index}", 100 + index)))
+    scheduler.step(runner)
+    assert len(runner.batches[-1].chunks) == 4
+    run_until_idle(scheduler, runner)
+    scheduler.add_request(runner.register(image_request("huge", 200, rows=ROWS_PER_PAGE * 30)))
+    outputs = run_until_idle(scheduler, runner)
+    assert outputs["huge"][-1].finish_reason == "length"
+    flush_to_idle(scheduler)
