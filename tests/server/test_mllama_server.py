@@ -5,17 +5,13 @@ one image, two images and an image in an earlier turn are transformers'
 tokens (plain and streamed); prompts whose image K/V cannot fit the pool
 and too many images get a 400 naming the cause."""
 
-import subprocess
-import sys
-
 import pytest
 import requests
 import torch
 
 from pyvlm.chat import named_template
-from pyvlm.utils import terminate_process, wait_for_server
-from tests.server.test_live_server import free_port
 from tests.server.test_qwen2_vl_server import data_uri, image_of
+from tests.server.tiny_server import client_for, tiny_server
 
 MAX_TOKENS = 12
 POOL_TOKENS = 1024
@@ -23,22 +19,12 @@ POOL_TOKENS = 1024
 
 @pytest.fixture(scope="module", params=["llama_3_vision", "checkpoint"])
 def server(request, tiny_checkpoint_mllama, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "wb")
-    cmd = [sys.executable, "-m", "pyvlm", "--model", str(tiny_checkpoint_mllama), "--port",
-           str(port), "--device", "cpu", "--dtype", "float32", "--page-size", "4",
-           "--max-total-tokens", str(POOL_TOKENS), "--served-model-name", "tiny",
-           "--limit-mm-per-prompt", "3"]
+    flags = ["--max-total-tokens", str(POOL_TOKENS), "--limit-mm-per-prompt", "3"]
     if request.param != "checkpoint":
-        cmd += ["--chat-template", request.param]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(base, timeout=120, process=process)
+        flags += ["--chat-template", request.param]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with tiny_server(tiny_checkpoint_mllama, flags, log) as base:
         yield base, request.param
-    finally:
-        terminate_process(process)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,12 +57,6 @@ def reference(tiny_checkpoint_mllama):
         return processor.tokenizer.decode(new, skip_special_tokens=True)
 
     return answer
-
-
-def client_for(base):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{base}/v1", api_key="EMPTY")
 
 
 def image_part(height, width):

@@ -7,17 +7,13 @@ the answers a user expects (200, 400, 400), never a 500."""
 
 import base64
 import io
-import subprocess
-import sys
-
 import pytest
 import requests
 import torch
 from PIL import Image
 
-from pyvlm.utils import terminate_process, wait_for_server
 from tests.hf_reference import qwen2_vl_inputs, qwen2_vl_processor
-from tests.server.test_live_server import free_port
+from tests.server.tiny_server import client_for, tiny_server
 
 MAX_TOKENS = 12
 
@@ -35,22 +31,12 @@ def image_of(uri: str) -> Image.Image:
 
 @pytest.fixture(scope="module", params=["qwen2-vl", "checkpoint"])
 def server(request, tiny_checkpoint_qwen2_vl, tmp_path_factory):
-    port = free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "wb")
-    cmd = [sys.executable, "-m", "pyvlm", "--model", str(tiny_checkpoint_qwen2_vl), "--port",
-           str(port), "--device", "cpu", "--dtype", "float32", "--page-size", "4",
-           "--max-total-tokens", "4096", "--served-model-name", "tiny",
-           "--context-length", "256"]
+    flags = ["--max-total-tokens", "4096", "--context-length", "256"]
     if request.param != "checkpoint":
-        cmd += ["--chat-template", request.param]
-    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_server(base, timeout=120, process=process)
+        flags += ["--chat-template", request.param]
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with tiny_server(tiny_checkpoint_qwen2_vl, flags, log) as base:
         yield base
-    finally:
-        terminate_process(process)
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -74,12 +60,6 @@ def reference(tiny_checkpoint_qwen2_vl):
         return processor.tokenizer.decode(new, skip_special_tokens=True)
 
     return answer
-
-
-def client_for(base):
-    from openai import OpenAI
-
-    return OpenAI(base_url=f"{base}/v1", api_key="EMPTY")
 
 
 def ask(base, parts, **extra):
