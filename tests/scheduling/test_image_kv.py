@@ -236,3 +236,18 @@ def test_new_image_rows_count_against_the_prefill_budget():
     outputs = run_until_idle(scheduler, runner)
     assert outputs["huge"][-1].finish_reason == "length"
     flush_to_idle(scheduler)
+
+
+def test_the_prefill_log_counts_image_rows_as_sglang_does(caplog):
+    """#new-token counts the image K/V rows a step computes, #cached-token
+    those found in the pool (SGLang: 4 tiles x 1601 + text for one image)."""
+    runner = FakeCrossRunner(4, 256)
+    scheduler = scheduler_for(runner)
+    with caplog.at_level("INFO", logger="pyvlm.engine"):
+        for rid in ("first", "again"):
+            scheduler.add_request(runner.register(image_request(rid, 1)))
+            run_until_idle(scheduler, runner)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Prefill")]
+    assert "#new-token: 34, #cached-token: 0" in lines[0]  # 14 text tokens + 20 image rows
+    assert "#new-token: 2, #cached-token: 32" in lines[1]  # 12 cached tokens + the 20 rows
+    flush_to_idle(scheduler)
