@@ -14,7 +14,6 @@ from typing import Any, FrozenSet, List, Optional, Tuple, Union
 from pyvlm.scheduling.types import MultimodalItem, SamplingParams
 from pyvlm.scheduling.positions import MropePositions, positions_of
 
-ImageKey = Tuple[str, int, int]
 PositionKey = Union[int, Tuple]
 """A radix-cache key: the token id, ("img", content hash, index in span), or
 ("pre", images' hash, token id) before the first image (pre_image_key)."""
