@@ -94,7 +94,15 @@ def context_length_of(config: EngineConfig, files: CheckpointFiles) -> int:
     """--context-length, clamped to the positions the model supports (its
     rotary table ends there: beyond it outputs would be silently wrong);
     --rope-scaling extends what the model supports."""
-    limit = int(_text_config(files.config).get("max_position_embeddings", 4096))
+    text = _text_config(files.config)
+    limit = int(text.get("max_position_embeddings", 4096))
+    window = text.get("sliding_window") if text.get("model_type") == "mistral" else None
+    if window and window < limit:
+        # pyvlm's attention is full: within the window that is what sliding-
+        # window attention computes; past it, it would not be.
+        logger.warning("Mistral's sliding window of %d tokens bounds the context length "
+                       "(max_position_embeddings %d): longer prompts are refused", window, limit)
+        limit = int(window)
     asked = config.model.context_length
     if asked is None:
         return limit

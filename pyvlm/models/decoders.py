@@ -6,8 +6,11 @@ from .qwen2 import Qwen2Model
 # Qwen2-VL's and Qwen2.5-VL's text models are Qwen2 with M-RoPE (their
 # rope parameters carry the mrope_section the rotary reads); Llama-3.2-
 # Vision's is Llama whose cross-attention layers come from its layer factory.
+# Mistral is Llama's decoder; its sliding window bounds the context instead
+# (pyvlm.entrypoints.startup.context_length_of), so attention stays full.
 DECODERS = {"llama": LlamaModel, "qwen2": Qwen2Model, "qwen2_vl_text": Qwen2Model,
-            "qwen2_5_vl_text": Qwen2Model, "mllama_text_model": LlamaModel}
+            "qwen2_5_vl_text": Qwen2Model, "mllama_text_model": LlamaModel,
+            "mistral": LlamaModel}
 
 
 def decoder_for(text_config, layer_factory: LayerFactory = self_attention_layer,

@@ -51,7 +51,7 @@ def prepare_images(images: Sequence[Image.Image], plans: Sequence[ImagePlan],
 def encode_prepared(model, items: Sequence[MultimodalItem]) -> List[torch.Tensor]:
     """The token rows of items whose prepared inputs are PreparedImages (one tower call)."""
     prepared = [item.prepared for item in items]
-    device = model.image_newline.device
+    device = model.multi_modal_projector.linear_1.weight.device
     pixel_values = [p.pixel_values.to(device, non_blocking=True) for p in prepared]
     return model.embed_images(pixel_values, [p.image_size for p in prepared],
                               [p.num_images_in_prompt for p in prepared])
