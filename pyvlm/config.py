@@ -13,6 +13,9 @@ class ModelConfig:
 
     model: Optional[str] = None  # local directory or hub id; None = the demo model
     tokenizer_path: Optional[str] = None
+    # The vision tower of a checkpoint in the LLaVA authors' layout, over
+    # its config's mm_vision_tower (a folder or hub id).
+    vision_tower_path: Optional[str] = None
     dtype: str = "auto"  # auto|float32|float16|bfloat16
     device: str = "auto"  # auto|cpu|cuda
     context_length: Optional[int] = None  # None: from the checkpoint's config (also the cap)

@@ -24,9 +24,14 @@ from .vision_language import VisionLanguageModel
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
                "relu": nn.ReLU, "silu": nn.SiLU}
 
-# checkpoint prefix -> model prefix: transformers 5 names, then the hub's
-# older (transformers 4) LLaVA names.
+# checkpoint prefix -> model prefix: the LLaVA authors' layout's tower and
+# projector (pyvlm.conversions.llava_original), transformers 5 names, the
+# hub's older (transformers 4) names, a separate tower folder's names, and
+# last the authors' decoder names (model.layers.*).
 LLAVA_PREFIXES = (
+    ("model.vision_tower.vision_tower.vision_model.", "vision_tower."),
+    ("model.mm_projector.0.", "multi_modal_projector.linear_1."),
+    ("model.mm_projector.2.", "multi_modal_projector.linear_2."),
     ("model.language_model.", "language_model."),
     ("model.vision_tower.", "vision_tower."),
     ("model.multi_modal_projector.", "multi_modal_projector."),
@@ -34,6 +39,8 @@ LLAVA_PREFIXES = (
     ("language_model.model.", "language_model."),
     ("language_model.lm_head.", "lm_head."),
     ("vision_tower.vision_model.", "vision_tower."),
+    ("vision_model.", "vision_tower."),
+    ("model.", "language_model."),
 )
 
 

@@ -69,8 +69,12 @@ class VisionLanguageModel(nn.Module):
     # --- language model ----------------------------------------------------
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings [T, hidden] (images are merged in by the runner)."""
-        return self.language_model.embed_tokens(input_ids)
+        """Token embeddings [T, hidden] (images are merged in by the runner).
+        Ids past the embedding (an image placeholder the tokenizer added, as
+        for the LLaVA authors' checkpoints) are clamped: their rows are
+        replaced by the image's."""
+        table = self.language_model.embed_tokens
+        return table(input_ids.clamp(max=table.num_embeddings - 1))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionMetadata,
                 kv_caches: List[KVCache], inputs_embeds: Optional[torch.Tensor] = None

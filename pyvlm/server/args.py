@@ -19,6 +19,7 @@ class ServerArgs:
 
     model: Optional[str] = None  # None: the demo model
     tokenizer_path: Optional[str] = None
+    vision_tower_path: Optional[str] = None
     chat_template: Optional[str] = None
     host: str = "127.0.0.1"
     port: int = 30000
@@ -67,7 +68,8 @@ class ServerArgs:
 
     def engine_kwargs(self) -> Dict[str, Any]:
         """Arguments of pyvlm.Engine (pyvlm.config.engine_config names)."""
-        names = ("model", "tokenizer_path", "dtype", "device", "context_length", "rope_scaling",
+        names = ("model", "tokenizer_path", "vision_tower_path", "dtype", "device",
+                 "context_length", "rope_scaling",
                  "mem_fraction_static", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "max_prefill_tokens", "schedule_policy", "page_size",
                  "stream_interval", "random_seed", "schedule_conservativeness",
@@ -89,6 +91,9 @@ _FLAGS = [
     (("--model", "--model-path"), str,
      "checkpoint folder or Hugging Face hub id; omitted: the bundled demo model"),
     (("--tokenizer-path",), str, "tokenizer folder or hub id (default: the model's)"),
+    (("--vision-tower-path",), str,
+     "vision tower folder or hub id of a LLaVA checkpoint in its authors' layout "
+     "(default: its config's mm_vision_tower, or the tower weights inside it)"),
     (("--chat-template",), str,
      "a named template (chatml-llava, qwen2-vl, vicuna_v1.1, llama_3_vision, llava_llama_3) "
      "or a path to a Jinja file (default: the checkpoint's own template)"),
