@@ -94,3 +94,57 @@ def tiny_checkpoint_mllama_hub_style(tmp_path_factory):
     from tests.tiny_mllama import write_mllama_hub_style_checkpoint
 
     return write_mllama_hub_style_checkpoint(tmp_path_factory.mktemp("tiny_mllama_hub"), seed=2)
+
+
+# Tiny LLaVA-1.5 / LLaVA-NeXT checkpoints (tests/tiny_llava.py): the
+# transformers-5 layout, and the authors' layout with the SAME weights as a
+# transformers-layout twin (same seed): tiny_checkpoint_llava_original* are
+# tiny_checkpoint_llava's model, tiny_checkpoint_llava_next_original_mistral
+# is tiny_checkpoint_llava_next_mistral's. Each original-layout checkpoint
+# has its CLIP folder (mm_vision_tower, an absolute path) next to it.
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_llava(tmp_path_factory):
+    from tests.tiny_llava import write_llava_checkpoint
+
+    return write_llava_checkpoint(tmp_path_factory.mktemp("tiny_llava"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_llava_next_mistral(tmp_path_factory):
+    from tests.tiny_llava import write_llava_next_checkpoint
+
+    return write_llava_next_checkpoint(tmp_path_factory.mktemp("tiny_llava_next_mistral"),
+                                       seed=1, backbone="mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_llava_next_llama3(tmp_path_factory):
+    from tests.tiny_llava import write_llava_next_checkpoint
+
+    return write_llava_next_checkpoint(tmp_path_factory.mktemp("tiny_llava_next_llama3"),
+                                       seed=2, backbone="llama3")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_llava_original(tmp_path_factory):
+    from tests.tiny_llava import write_llava_original_checkpoint
+
+    return write_llava_original_checkpoint(tmp_path_factory.mktemp("tiny_llava_original"),
+                                           seed=0, tower="inside")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_llava_original_separate_tower(tmp_path_factory):
+    from tests.tiny_llava import write_llava_original_checkpoint
+
+    return write_llava_original_checkpoint(
+        tmp_path_factory.mktemp("tiny_llava_original_separate"), seed=0, tower="separate")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_llava_next_original_mistral(tmp_path_factory):
+    from tests.tiny_llava import write_llava_next_original_checkpoint
+
+    return write_llava_next_original_checkpoint(
+        tmp_path_factory.mktemp("tiny_llava_next_original_mistral"), seed=1, backbone="mistral")

@@ -215,3 +215,79 @@ def qwen2_vl_inputs(processor, prompt_text: str, images: Sequence) -> dict:
     """input_ids, pixel_values, image_grid_thw and mm_token_type_ids of one
     prompt as transformers' processor makes them."""
     return dict(processor(text=[prompt_text], images=list(images) or None, return_tensors="pt"))
+
+
+# --- LLaVA-1.5 and LLaVA-NeXT -------------------------------------------------
+# Appended after the families above: reference_inputs_for and _inputs_of are
+# rebound below so that they know these two input classes, then defer to
+# the definitions above for every other family.
+
+def llava_image_processor(processor_config: dict):
+    """transformers' PIL image processor that a LLaVA-1.5 / LLaVA-NeXT
+    preprocessor_config.json names: CLIPImageProcessor (llava-hf's
+    LLaVA-1.5), LlavaImageProcessor or LlavaNextImageProcessor."""
+    import transformers
+
+    name = processor_config.get("image_processor_type", "CLIPImageProcessor")
+    processor_class = getattr(transformers, f"{name}Pil")
+    ignored = ("image_processor_type", "processor_class", "aspect_ratio_setting")
+    return processor_class(**{k: v for k, v in processor_config.items() if k not in ignored})
+
+
+class LlavaInputs:
+    """pixel_values [images, 3, side, side] of ONE prompt's images (one
+    tile each), made by the checkpoint's own PIL image processor."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, prompt_ids: List[int], images: Sequence, device, dtype) -> dict:
+        if not images:
+            return {}
+        features = self.image_processor(images=list(images), return_tensors="pt")
+        return {"pixel_values": features["pixel_values"].to(device, dtype)}
+
+
+class LlavaNextInputs:
+    """pixel_values [images, max tiles, 3, side, side] (each image's base
+    tile then its grid tiles, zero-padded to the most tiles, as
+    LlavaNextProcessor pads them) and image_sizes [images, 2] (height,
+    width) of ONE prompt's images."""
+
+    def __init__(self, image_processor):
+        self.image_processor = image_processor
+
+    def __call__(self, prompt_ids: List[int], images: Sequence, device, dtype) -> dict:
+        if not images:
+            return {}
+        features = self.image_processor(images=list(images), return_tensors="pt")
+        return {"pixel_values": features["pixel_values"].to(device, dtype),
+                "image_sizes": features["image_sizes"].to(device)}
+
+
+_reference_inputs_before_llava = reference_inputs_for
+
+
+def reference_inputs_for(files):  # noqa: F811 (extends the dispatch above)
+    """The transformers-side image inputs of a checkpoint's family
+    (files: pyvlm.models.checkpoint.CheckpointFiles). An original-layout
+    LLaVA checkpoint (mm_vision_tower in its config) has no transformers
+    model: compare it against its transformers twin's files."""
+    model_type = files.config.get("model_type")
+    if "mm_vision_tower" in files.config:
+        raise ValueError("an original-layout LLaVA checkpoint (mm_vision_tower): use the "
+                         "reference inputs of its transformers-format twin")
+    if model_type == "llava":
+        return LlavaInputs(llava_image_processor(files.processor_config))
+    if model_type == "llava_next":
+        return LlavaNextInputs(llava_image_processor(files.processor_config))
+    return _reference_inputs_before_llava(files)
+
+
+_inputs_of_before_llava = _inputs_of
+
+
+def _inputs_of(image_inputs, prompt_ids, images, device, dtype) -> dict:  # noqa: F811
+    if isinstance(image_inputs, (LlavaInputs, LlavaNextInputs)):
+        return image_inputs(prompt_ids, images, device, dtype)
+    return _inputs_of_before_llava(image_inputs, prompt_ids, images, device, dtype)
