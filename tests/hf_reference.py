@@ -24,7 +24,12 @@ def image_processor_for(processor_config: dict):
     return processor_class(**kwargs)
 
 
-class LlavaOnevisionInputs:
+class ReferenceInputs:
+    """A family's transformers image inputs of ONE prompt:
+    (prompt_ids, images, device, dtype) -> generate()/forward() kwargs."""
+
+
+class LlavaOnevisionInputs(ReferenceInputs):
     """pixel_values, image_sizes and batch_num_images of ONE prompt's images."""
 
     def __init__(self, image_processor):
@@ -39,7 +44,7 @@ class LlavaOnevisionInputs:
                 "batch_num_images": features["batch_num_images"]}
 
 
-class Qwen2VLInputs:
+class Qwen2VLInputs(ReferenceInputs):
     """pixel_values, image_grid_thw and mm_token_type_ids (which transformers
     5 needs to place M-RoPE positions) of one prompt's images.
     image_processor(images=..., return_tensors="pt") makes the pixels:
@@ -59,7 +64,7 @@ class Qwen2VLInputs:
                 "mm_token_type_ids": token_types.to(device)}
 
 
-class MllamaInputs:
+class MllamaInputs(ReferenceInputs):
     """pixel_values, aspect_ratio_ids, aspect_ratio_mask and
     cross_attention_mask of ONE prompt (one sample holding all its images).
     The mask is built from the prompt ids as MllamaProcessor builds it
@@ -147,17 +152,25 @@ def reference_inputs_for(files):
         # Pillow's (and so not what pyvlm or a PIL-based client computes).
         return Qwen2VLInputs(hf_image_processor(**files.processor_config),
                              files.config["image_token_id"])
-    if files.config.get("model_type") == "mllama":
+    model_type = files.config.get("model_type")
+    if model_type == "mllama":
         from tests.multimodal.hf_mllama import hf_processor
 
         config = files.config
         return MllamaInputs(hf_processor(**files.processor_config),
                             config.get("image_token_index", config.get("image_token_id")))
+    if "mm_vision_tower" in files.config:
+        raise ValueError("an original-layout LLaVA checkpoint (mm_vision_tower): use the "
+                         "reference inputs of its transformers-format twin")
+    if model_type == "llava":
+        return LlavaInputs(llava_image_processor(files.processor_config))
+    if model_type == "llava_next":
+        return LlavaNextInputs(llava_image_processor(files.processor_config))
     return LlavaOnevisionInputs(image_processor_for(files.processor_config))
 
 
 def _inputs_of(image_inputs, prompt_ids, images, device, dtype) -> dict:
-    if not isinstance(image_inputs, (LlavaOnevisionInputs, Qwen2VLInputs, MllamaInputs)):
+    if not isinstance(image_inputs, ReferenceInputs):
         # a bare LLaVA-OneVision image processor
         image_inputs = LlavaOnevisionInputs(image_inputs)
     return image_inputs(prompt_ids, images, device, dtype)
@@ -218,9 +231,6 @@ def qwen2_vl_inputs(processor, prompt_text: str, images: Sequence) -> dict:
 
 
 # --- LLaVA-1.5 and LLaVA-NeXT -------------------------------------------------
-# Appended after the families above: reference_inputs_for and _inputs_of are
-# rebound below so that they know these two input classes, then defer to
-# the definitions above for every other family.
 
 def llava_image_processor(processor_config: dict):
     """transformers' PIL image processor that a LLaVA-1.5 / LLaVA-NeXT
@@ -234,7 +244,7 @@ def llava_image_processor(processor_config: dict):
     return processor_class(**{k: v for k, v in processor_config.items() if k not in ignored})
 
 
-class LlavaInputs:
+class LlavaInputs(ReferenceInputs):
     """pixel_values [images, 3, side, side] of ONE prompt's images (one
     tile each), made by the checkpoint's own PIL image processor."""
 
@@ -248,7 +258,7 @@ class LlavaInputs:
         return {"pixel_values": features["pixel_values"].to(device, dtype)}
 
 
-class LlavaNextInputs:
+class LlavaNextInputs(ReferenceInputs):
     """pixel_values [images, max tiles, 3, side, side] (each image's base
     tile then its grid tiles, zero-padded to the most tiles, as
     LlavaNextProcessor pads them) and image_sizes [images, 2] (height,
@@ -263,31 +273,3 @@ class LlavaNextInputs:
         features = self.image_processor(images=list(images), return_tensors="pt")
         return {"pixel_values": features["pixel_values"].to(device, dtype),
                 "image_sizes": features["image_sizes"].to(device)}
-
-
-_reference_inputs_before_llava = reference_inputs_for
-
-
-def reference_inputs_for(files):  # noqa: F811 (extends the dispatch above)
-    """The transformers-side image inputs of a checkpoint's family
-    (files: pyvlm.models.checkpoint.CheckpointFiles). An original-layout
-    LLaVA checkpoint (mm_vision_tower in its config) has no transformers
-    model: compare it against its transformers twin's files."""
-    model_type = files.config.get("model_type")
-    if "mm_vision_tower" in files.config:
-        raise ValueError("an original-layout LLaVA checkpoint (mm_vision_tower): use the "
-                         "reference inputs of its transformers-format twin")
-    if model_type == "llava":
-        return LlavaInputs(llava_image_processor(files.processor_config))
-    if model_type == "llava_next":
-        return LlavaNextInputs(llava_image_processor(files.processor_config))
-    return _reference_inputs_before_llava(files)
-
-
-_inputs_of_before_llava = _inputs_of
-
-
-def _inputs_of(image_inputs, prompt_ids, images, device, dtype) -> dict:  # noqa: F811
-    if isinstance(image_inputs, (LlavaInputs, LlavaNextInputs)):
-        return image_inputs(prompt_ids, images, device, dtype)
-    return _inputs_of_before_llava(image_inputs, prompt_ids, images, device, dtype)

@@ -66,9 +66,9 @@ def engine_for(checkpoint, **server_args):
 class Reference:
     """transformers' greedy tokens per prompt, computed once."""
 
-    def __init__(self, hf_model, engine):
+    def __init__(self, hf_model, engine, image_inputs=None):
         self.hf_model, self.builder = hf_model, engine.builder
-        self.image_inputs = reference_inputs_for(engine.state.files)
+        self.image_inputs = image_inputs or reference_inputs_for(engine.state.files)
         self.cache = {}
 
     def tokens(self, prompt: str, images) -> list:
