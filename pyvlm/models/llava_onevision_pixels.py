@@ -1,61 +1,6 @@
-"""Pixel tiles of LLaVA-OneVision images, built on a given device (the
-engine: the CPU, when a request is built) with one preprocess_images call
-per normalisation (normally one for a whole prompt).
+"""Pixel tiles of LLaVA-OneVision images: the LLaVA families' shared
+pixels (pyvlm.models.llava_pixels) under OneVision's names."""
 
-The plans (pyvlm.multimodal.llava_onevision) say which resized window each
-tile is; preprocess_images resizes each (image, size) pair once, so the
-anyres tiles of an image share one resize.
-"""
+from pyvlm.models.llava_pixels import llava_pixel_values, paste_on_canvas  # noqa: F401
 
-from typing import List, Sequence
-
-import torch
-from PIL import Image
-
-from pyvlm.models.image_batches import image_to_tensor, run_grouped
-from pyvlm.multimodal.llava_onevision import ImagePlan, SquareCanvas
-from pyvlm.ops.preprocess import preprocess_images
-
-
-def paste_on_canvas(pixels: torch.Tensor, canvas: SquareCanvas) -> torch.Tensor:
-    """transformers' pad_to_square: the image centered on a fill-colored square."""
-    out = torch.empty(canvas.side, canvas.side, 3, dtype=torch.uint8, device=pixels.device)
-    out[:] = torch.tensor(canvas.fill, dtype=torch.uint8, device=pixels.device)
-    height, width = pixels.shape[:2]
-    out[canvas.top:canvas.top + height, canvas.left:canvas.left + width] = pixels
-    return out
-
-
-def _source_pixels(image: Image.Image, plan: ImagePlan) -> torch.Tensor:
-    if (image.height, image.width) != tuple(plan.image_size):
-        raise ValueError(f"image is {image.height}x{image.width} but its plan is for "
-                         f"{plan.image_size}")
-    pixels = image_to_tensor(image)
-    return pixels if plan.canvas is None else paste_on_canvas(pixels, plan.canvas)
-
-
-def llava_onevision_pixel_values(images: Sequence[Image.Image], plans: Sequence[ImagePlan],
-                                 device, dtype: torch.dtype = torch.float32
-                                 ) -> List[torch.Tensor]:
-    """Per image, its [num_tiles, 3, S, S] tiles (base tile first), equal to
-    LlavaOnevisionImageProcessorPil's pixel_values without batch padding."""
-    if len(images) != len(plans):
-        raise ValueError(f"{len(images)} images but {len(plans)} plans")
-    sources = [_source_pixels(image, plan) for image, plan in zip(images, plans)]
-    return run_grouped(sources, plans, lambda plan: plan.normalization,
-                       lambda group, group_plans: _preprocess_group(group, group_plans,
-                                                                    device, dtype))
-
-
-def _preprocess_group(sources, plans, device, dtype) -> List[torch.Tensor]:
-    """One op call for images sharing a normalisation; split per image."""
-    source_index = [i for i, plan in enumerate(plans) for _ in plan.tiles]
-    tiles = [tile for plan in plans for tile in plan.tiles]
-    norm, side = plans[0].normalization, plans[0].tile_size
-    if any(plan.tile_size != side for plan in plans):
-        raise ValueError("plans of one batch must share the tile size")
-    out = preprocess_images(sources, [t.resize_hw for t in tiles], [t.crop_tl for t in tiles],
-                            (side, side), source_index=source_index, resample=norm.resample,
-                            rescale_factor=norm.rescale_factor, mean=norm.mean, std=norm.std,
-                            fill=(0, 0, 0), dtype=dtype, device=device)
-    return list(out.split([plan.num_tiles for plan in plans]))
+llava_onevision_pixel_values = llava_pixel_values

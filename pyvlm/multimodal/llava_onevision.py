@@ -1,6 +1,7 @@
 """LLaVA-OneVision images without torch: preprocessing plans and token counts.
 
-Reproduces transformers 5.24 exactly:
+Reproduces transformers 5.24 exactly (the anyres geometry and the tile
+plans are shared with the other LLaVA families: anyres.py, tile_plans.py):
 - LlavaOnevisionImageProcessorPil: a lone image in a prompt is processed
   "anyres": a base tile (the image resized to tile x tile) followed by the
   tiles of the image resized into the best grid pinpoint (aspect kept,
@@ -18,13 +19,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Tuple
 
+from pyvlm.multimodal.anyres import (anyres_grid_shape, check_pinpoints,  # noqa: F401
+                                     grid_tiles, num_anyres_tiles, patch_output_size,
+                                     select_best_resolution, squashed_tile,
+                                     unpadded_feature_grid, unpadding_crop)
 from pyvlm.multimodal.processor import ImageBudgetError, check_buffers, refuse_overrides  # noqa: F401
-
-Size = Tuple[int, int]
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-SUPPORTED_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL.Image.Resampling values
+from pyvlm.multimodal.tile_plans import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,  # noqa: F401
+                                         SUPPORTED_RESAMPLE, ImagePlan, Normalization, Size,
+                                         SquareCanvas, Tile, check_resample, square_canvas)
 
 
 def default_grid_pinpoints(tile_size: int = 384, max_tiles_per_side: int = 6) -> Tuple[Size, ...]:
@@ -33,142 +35,12 @@ def default_grid_pinpoints(tile_size: int = 384, max_tiles_per_side: int = 6) ->
     return tuple((tile_size * i, tile_size * j) for i in sides for j in sides)
 
 
-@dataclass(frozen=True)
-class Normalization:
-    """Resampling filter and (pixel * rescale_factor - mean) / std per channel."""
-
-    resample: int = 3
-    rescale_factor: float = 1 / 255
-    mean: Tuple[float, float, float] = OPENAI_CLIP_MEAN
-    std: Tuple[float, float, float] = OPENAI_CLIP_STD
-
-
-@dataclass(frozen=True)
-class Tile:
-    """One tile_size x tile_size output: the source resized to resize_hw, then
-    the window whose top-left is crop_tl (pixels outside the resized image
-    are zeros, i.e. transformers' np.pad)."""
-
-    resize_hw: Size
-    crop_tl: Size
-
-
-@dataclass(frozen=True)
-class SquareCanvas:
-    """Multi-image path: the image pasted at (top, left) on a side x side
-    canvas of `fill` (transformers' pad_to_square), which is then tiled."""
-
-    side: int
-    top: int
-    left: int
-    fill: Tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class ImagePlan:
-    """How one image becomes pixel tiles and how many tokens it takes."""
-
-    image_size: Size
-    tile_size: int
-    tiles: Tuple[Tile, ...]
-    normalization: Normalization
-    num_tokens: int
-    best_resolution: Optional[Size] = None  # anyres only
-    canvas: Optional[SquareCanvas] = None  # multi-image only
-
-    @property
-    def num_tiles(self) -> int:
-        return len(self.tiles)
-
-    @property
-    def variant(self) -> str:
-        """Names the processing path; part of the image's cache key."""
-        return "anyres" if self.canvas is None else "pad_square"
-
-    @property
-    def num_pixel_values(self) -> int:
-        """Values of the tower input it becomes: num_tiles x 3 x tile x tile."""
-        return self.num_tiles * 3 * self.tile_size ** 2
-
-    @property
-    def num_buffer_pixels(self) -> int:
-        """Pixels of the largest image preprocessing holds: the square
-        canvas of the multi-image path, else the largest resized image."""
-        canvas = self.canvas.side ** 2 if self.canvas is not None else 0
-        return max([canvas] + [h * w for h, w in (tile.resize_hw for tile in self.tiles)])
-
-    def buffer_description(self) -> str:
-        if self.canvas is not None:
-            side = self.canvas.side
-            return (f"a {side}x{side} square canvas (each image of a multi-image prompt is "
-                    f"padded to a square)")
-        height, width = max((tile.resize_hw for tile in self.tiles), key=lambda hw: hw[0] * hw[1])
-        return f"a {width}x{height} resized copy"
-
-
-def select_best_resolution(image_size: Size, pinpoints: Sequence[Size]) -> Size:
-    """transformers' select_best_resolution: the pinpoint keeping the most
-    original pixels, ties broken by the least wasted area (first wins)."""
-    height, width = image_size
-    best, max_effective, min_wasted = None, 0, float("inf")
-    for pin_height, pin_width in pinpoints:
-        scale = min(pin_width / width, pin_height / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = pin_width * pin_height - effective
-        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
-            best, max_effective, min_wasted = (pin_height, pin_width), effective, wasted
-    return best
-
-
-def patch_output_size(image_size: Size, target: Size) -> Size:
-    """transformers' get_patch_output_size: the image resized to fit target."""
-    height, width = image_size
-    target_height, target_width = target
-    scale_w, scale_h = target_width / width, target_height / height
-    if scale_w < scale_h:
-        return min(math.ceil(height * scale_w), target_height), target_width
-    return target_height, min(math.ceil(width * scale_h), target_width)
-
-
 def max_num_patches_of(vision_aspect_ratio: str) -> int:
     """9 for "anyres_max_9": the feature area, in tiles, kept before downsampling."""
     match = re.fullmatch(r"anyres_max_(\d+)", vision_aspect_ratio)
     if match is None:
         raise ValueError(f"vision_aspect_ratio {vision_aspect_ratio!r} is not anyres_max_<N>")
     return int(match.group(1))
-
-
-def unpadding_crop(image_size: Size, current_size: Size) -> Tuple[int, int, int, int]:
-    """The crop (top, bottom, left, right) of a [current_size] feature map
-    that removes the letterbox padding anyres added around an image of
-    image_size (the model's unpad_image)."""
-    height, width = image_size
-    rows, cols = current_size
-    if width / height > cols / rows:
-        new_height = int(round(height * (cols / width), 7))
-        padding = (rows - new_height) // 2
-        return padding, rows - padding, 0, cols
-    new_width = int(round(width * (rows / height), 7))
-    padding = (cols - new_width) // 2
-    return 0, rows, padding, cols - padding
-
-
-def unpadded_feature_grid(image_size: Size, grid_rows: int, grid_cols: int) -> Size:
-    """(rows, cols) of the feature grid once the padding is removed."""
-    top, bottom, left, right = unpadding_crop(image_size, (grid_rows, grid_cols))
-    return bottom - top, right - left
-
-
-def anyres_grid_shape(image_size: Size, pinpoints: Sequence[Size], tile_size: int) -> Size:
-    """(rows, columns) of tiles of the best resolution."""
-    height, width = select_best_resolution(image_size, pinpoints)
-    return height // tile_size, width // tile_size
-
-
-def num_anyres_tiles(image_size: Size, pinpoints: Sequence[Size], tile_size: int) -> int:
-    """Grid tiles plus the base (whole image) tile."""
-    height, width = select_best_resolution(image_size, pinpoints)
-    return math.ceil(height / tile_size) * math.ceil(width / tile_size) + 1
 
 
 def downsampled_feature_grid(rows: int, cols: int, features_per_side: int,
@@ -200,12 +72,8 @@ class LlavaOnevisionImageConfig:
 
     def __post_init__(self):
         max_num_patches_of(self.vision_aspect_ratio)
-        if self.normalization.resample not in SUPPORTED_RESAMPLE:
-            raise ValueError(f"resample {self.normalization.resample} is not supported "
-                             f"(only {sorted(SUPPORTED_RESAMPLE)})")
-        for pin in self.grid_pinpoints:
-            if pin[0] % self.tile_size or pin[1] % self.tile_size or min(pin) <= 0:
-                raise ValueError(f"grid pinpoint {pin} is not a multiple of the tile {self.tile_size}")
+        check_resample(self.normalization.resample)
+        check_pinpoints(self.grid_pinpoints, self.tile_size)
 
     @property
     def features_per_side(self) -> int:
@@ -270,21 +138,14 @@ class LlavaOnevisionImageConfig:
 
     def _anyres_plan(self, image_size: Size, num_tokens: int) -> ImagePlan:
         best = select_best_resolution(image_size, self.grid_pinpoints)
-        resized = patch_output_size(image_size, best)
-        top, left = (best[0] - resized[0]) // 2, (best[1] - resized[1]) // 2
-        side = self.tile_size
-        grid = [Tile(resized, (row - top, col - left))
-                for row in range(0, best[0], side) for col in range(0, best[1], side)]
-        tiles = (Tile((side, side), (0, 0)), *grid)
-        return ImagePlan(image_size, side, tiles, self.normalization, num_tokens, best_resolution=best)
+        tiles = (squashed_tile(self.tile_size), *grid_tiles(image_size, best, self.tile_size))
+        return ImagePlan(image_size, self.tile_size, tiles, self.normalization, num_tokens,
+                         "anyres", best_resolution=best)
 
     def _square_plan(self, image_size: Size, num_tokens: int) -> ImagePlan:
-        height, width = image_size
-        side = max(height, width)
-        canvas = SquareCanvas(side, (side - height) // 2, (side - width) // 2, self.square_fill)
-        tiles = (Tile((self.tile_size, self.tile_size), (0, 0)),)
+        tiles = (squashed_tile(self.tile_size),)
         return ImagePlan(image_size, self.tile_size, tiles, self.normalization, num_tokens,
-                         canvas=canvas)
+                         "pad_square", canvas=square_canvas(image_size, self.square_fill))
 
     @classmethod
     def from_configs(cls, preprocessor_config: Mapping, *, vision_image_size: int = 384,

@@ -3,8 +3,8 @@ LlavaOnevisionImageConfig's fields, refusing settings pyvlm does not reproduce."
 
 from typing import Mapping, Optional, Sequence
 
-from .llava_onevision import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, Normalization,
-                              default_grid_pinpoints)
+from .llava_onevision import OPENAI_CLIP_MEAN, default_grid_pinpoints
+from .preprocessor_config import normalization_of, tile_size_of  # noqa: F401 (importers)
 
 
 def config_kwargs(preprocessor: Mapping, vision_image_size: int, vision_patch_size: int,
@@ -27,33 +27,8 @@ def config_kwargs(preprocessor: Mapping, vision_image_size: int, vision_patch_si
                 vision_feature_select_strategy=vision_feature_select_strategy)
 
 
-def tile_size_of(preprocessor: Mapping) -> int:
-    """The square tile side: size {height, width} or {shortest_edge}; a
-    crop_size, when given, must be the same square."""
-    size = dict(preprocessor.get("size") or {"height": 384, "width": 384})
-    side = size.get("height", size.get("shortest_edge"))
-    if side is None or size.get("width", side) != side:
-        raise ValueError(f"LLaVA-OneVision needs a square processor size, got {size}")
-    crop = preprocessor.get("crop_size")
-    if crop and (crop.get("height", side), crop.get("width", side)) != (side, side):
-        raise ValueError(f"crop_size {crop} differs from size {size}")
-    return int(side)
-
-
 def _check_steps(preprocessor: Mapping) -> None:
     if not preprocessor.get("do_resize", True):
         raise ValueError("do_resize=False is not supported (tiles must be resized)")
     if preprocessor.get("do_center_crop"):
         raise ValueError("do_center_crop is not supported for LLaVA-OneVision")
-
-
-def normalization_of(preprocessor: Mapping, mean: tuple) -> Normalization:
-    """Rescale and normalise settings; disabled steps become identities."""
-    do_rescale = preprocessor.get("do_rescale", True)
-    do_normalize = preprocessor.get("do_normalize", True)
-    std = tuple(float(s) for s in preprocessor.get("image_std", OPENAI_CLIP_STD))
-    return Normalization(
-        resample=int(preprocessor.get("resample", 3)),
-        rescale_factor=float(preprocessor.get("rescale_factor", 1 / 255)) if do_rescale else 1.0,
-        mean=mean if do_normalize else (0.0, 0.0, 0.0),
-        std=std if do_normalize else (1.0, 1.0, 1.0))
