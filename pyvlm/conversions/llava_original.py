@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, find_weight_files,
                                      read_processor_config, resolve_checkpoint)
+from pyvlm.multimodal.llava_configs import repo_pinpoints
 
 IMAGE_TOKEN = "<image>"
 BACKBONES = {"LlavaLlamaForCausalLM": "llama", "LlavaMistralForCausalLM": "mistral",
@@ -104,7 +105,10 @@ def transformers_config(config: Mapping[str, Any], backbone: str, tower_config: 
         return dict(common, model_type="llava", architectures=["LlavaForConditionalGeneration"])
     pinpoints = grid_pinpoints(config.get("image_grid_pinpoints"), tower_config["image_size"])
     if aspect == "anyres":
-        return dict(common, model_type="llava_next", image_grid_pinpoints=pinpoints,
+        # processed by the repository's rules (processor_config's
+        # anyres_rules), which read the pinpoints as written: (width, height)
+        return dict(common, model_type="llava_next",
+                    image_grid_pinpoints=[[w, h] for h, w in pinpoints],
                     architectures=["LlavaNextForConditionalGeneration"])
     if re.fullmatch(r"anyres_max_\d+", aspect):
         return dict(common, model_type="llava_onevision", image_grid_pinpoints=pinpoints,
@@ -141,16 +145,13 @@ def _check_projector(config: Mapping[str, Any]) -> None:
 
 
 def grid_pinpoints(value: Any, tile_size: int) -> List[List[int]]:
-    """image_grid_pinpoints as [[height, width], ...]: the list form, or the
-    "(1x1),...,(6x6)" string of tile grids (rows x columns of tile_size)."""
-    if isinstance(value, str):
-        grids = re.findall(r"\((\d+)x(\d+)\)", value)
-        if not grids:
-            raise CheckpointError(f"image_grid_pinpoints {value!r} is not (RxC),... grids")
-        return [[int(rows) * tile_size, int(cols) * tile_size] for rows, cols in grids]
-    if not value:
-        raise CheckpointError("an anyres checkpoint needs image_grid_pinpoints")
-    return [list(map(int, pin)) for pin in value]
+    """image_grid_pinpoints as transformers reads them, [[height, width], ...]:
+    the repository writes (width, height) pairs, as a list, its string, or
+    "(1x1),...,(6x6)", every grid of that range (llava_configs.repo_pinpoints)."""
+    try:
+        return [[height, width] for width, height in repo_pinpoints(value, tile_size)]
+    except (ValueError, SyntaxError, IndexError) as error:
+        raise CheckpointError(f"image_grid_pinpoints {value!r}: {error}") from None
 
 
 def processor_config(config: Mapping[str, Any], tower_processor: dict, converted: dict) -> dict:
@@ -161,11 +162,13 @@ def processor_config(config: Mapping[str, Any], tower_processor: dict, converted
         # the LLaVA repository's expand2square before the CLIP processor
         processor["pad_to_square"] = (config.get("image_aspect_ratio") or "pad") == "pad"
         return processor
-    processor["image_grid_pinpoints"] = converted["image_grid_pinpoints"]
     if converted["model_type"] == "llava_next":
-        # the LLaVA repository's process_anyres_image: the base tile is the
-        # whole image squashed to the tile, not transformers' crop
-        processor["base_tile"] = "squash"
+        # the repository's process_anyres_image and unpad_image (its
+        # pinpoint order and int() rounding); the pinpoints as it writes them
+        processor["anyres_rules"] = "llava_repo"
+        processor["image_grid_pinpoints"] = converted["image_grid_pinpoints"]
+        return processor
+    processor["image_grid_pinpoints"] = converted["image_grid_pinpoints"]
     return processor
 
 

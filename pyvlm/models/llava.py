@@ -3,11 +3,12 @@ projector and one 336 px tile per image (576 tokens) over a Llama / Vicuna
 / Mistral decoder (transformers 5.25's modeling_llava.py); no
 image_newline."""
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .llava_family import LlavaFamilyModel
+from .llava_onevision_images import Geometry
 
 
 class LlavaForConditionalGeneration(LlavaFamilyModel):
@@ -18,6 +19,6 @@ class LlavaForConditionalGeneration(LlavaFamilyModel):
     def num_tiles_used(self, image_size: Tuple[int, int], is_single_image: bool) -> int:
         return 1
 
-    def pack_image_features(self, features: torch.Tensor,
-                            image_size: Tuple[int, int]) -> torch.Tensor:
+    def pack_image_features(self, features: torch.Tensor, image_size: Tuple[int, int],
+                            geometry: Optional[Geometry] = None) -> torch.Tensor:
         return features[0]

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from pyvlm.multimodal.llava_onevision import (anyres_grid_shape, downsampled_feature_grid,
                                               num_anyres_tiles, unpadding_crop)
-from .llava_onevision_images import encode_prepared, prepare_images
+from .llava_onevision_images import Geometry, encode_prepared, prepare_images
 from .vision_language import VisionLanguageModel
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
@@ -116,25 +116,29 @@ class LlavaFamilyModel(VisionLanguageModel):
     # --- images ------------------------------------------------------------
 
     def embed_images(self, pixel_values: List[torch.Tensor], image_sizes: Sequence[Sequence[int]],
-                     batch_num_images: Sequence[int]) -> List[torch.Tensor]:
+                     batch_num_images: Sequence[int],
+                     geometry: Optional[Sequence[Geometry]] = None) -> List[torch.Tensor]:
         """Per image, the rows replacing its placeholders [num_tokens_i, hidden].
 
         pixel_values[i]: image i's tiles [num_tiles_i, 3, S, S] from the image
         processor; image_sizes[i]: its original (height, width);
-        batch_num_images[i]: the number of images in image i's prompt. One
-        tower call for every tile of every image.
+        batch_num_images[i]: the number of images in image i's prompt;
+        geometry[i]: how its plan laid the tiles out (None: transformers'
+        rules from the config, for a transformers processor's padded tiles).
+        One tower call for every tile of every image.
         """
         if not len(pixel_values) == len(image_sizes) == len(batch_num_images):
             raise ValueError("pixel_values, image_sizes and batch_num_images need one entry "
                              "per image")
         if not pixel_values:
             return []
-        num_tiles = [self.num_tiles_used(tuple(size), num == 1)
-                     for size, num in zip(image_sizes, batch_num_images)]
+        geometry = list(geometry) if geometry is not None else [None] * len(pixel_values)
+        num_tiles = [self.num_tiles_used(tuple(size), num == 1) if geom is None else geom.num_tiles
+                     for size, num, geom in zip(image_sizes, batch_num_images, geometry)]
         tiles = torch.cat([_tiles(pix, n) for pix, n in zip(pixel_values, num_tiles)])
         features = self.multi_modal_projector(self.selected_features(tiles))
-        return [self.pack_image_features(per_image, tuple(size))
-                for per_image, size in zip(features.split(num_tiles), image_sizes)]
+        return [self.pack_image_features(per_image, tuple(size), geom)
+                for per_image, size, geom in zip(features.split(num_tiles), image_sizes, geometry)]
 
     def selected_features(self, tiles: torch.Tensor) -> torch.Tensor:
         """Tower features per tile; the "default" strategy drops the first
@@ -148,8 +152,8 @@ class LlavaFamilyModel(VisionLanguageModel):
         """Tiles of the image the model reads."""
         raise NotImplementedError
 
-    def pack_image_features(self, features: torch.Tensor,
-                            image_size: Tuple[int, int]) -> torch.Tensor:
+    def pack_image_features(self, features: torch.Tensor, image_size: Tuple[int, int],
+                            geometry: Optional[Geometry] = None) -> torch.Tensor:
         """[num_tiles, features_per_tile, hidden] -> the image's token rows."""
         raise NotImplementedError
 
@@ -161,30 +165,39 @@ class LlavaFamilyModel(VisionLanguageModel):
                                 self.config.vision_config.image_size)
 
     def pack_anyres_features(self, features: torch.Tensor, image_size: Tuple[int, int],
-                             max_num_patches: Optional[int] = None) -> torch.Tensor:
+                             max_num_patches: Optional[int] = None,
+                             geometry: Optional[Geometry] = None) -> torch.Tensor:
         """Base features, then the grid's unpadded feature map (shrunk to
         about max_num_patches tiles of area when given) with an image_newline
         after every row; a lone tile gets one newline."""
         newline = self.image_newline.to(features.dtype)
         if features.shape[0] == 1:
             return torch.cat((features[0], newline[None]), dim=0)
-        grid = self.anyres_feature_map(features[1:], image_size, max_num_patches)
+        grid = self.anyres_feature_map(features[1:], image_size, max_num_patches, geometry)
         channels, height, _ = grid.shape
         grid = torch.cat((grid, newline[:, None, None].expand(channels, height, 1)), dim=-1)
         return torch.cat((features[0], grid.flatten(1, 2).transpose(0, 1)), dim=0)
 
     def anyres_feature_map(self, grid_features: torch.Tensor, image_size: Tuple[int, int],
-                           max_num_patches: Optional[int] = None) -> torch.Tensor:
-        """The grid tiles' features as one unpadded [hidden, h, w] map."""
+                           max_num_patches: Optional[int] = None,
+                           geometry: Optional[Geometry] = None) -> torch.Tensor:
+        """The grid tiles' features as one unpadded [hidden, h, w] map, laid
+        out by the plan's geometry, or by transformers' rules from the config."""
         vision = self.config.vision_config
         side = vision.image_size // vision.patch_size
         if grid_features.shape[1] != side * side:
             raise ValueError("The number of patches is not consistent with the image size.")
-        rows, cols = anyres_grid_shape(image_size, self.config.image_grid_pinpoints,
-                                       vision.image_size)
+        if geometry is not None and geometry.grid_shape is not None:
+            rows, cols = geometry.grid_shape
+        else:
+            rows, cols = anyres_grid_shape(image_size, self.config.image_grid_pinpoints,
+                                           vision.image_size)
         fmap = grid_features.view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3)
         fmap = fmap.reshape(fmap.shape[0], rows * side, cols * side)
-        top, bottom, left, right = unpadding_crop(image_size, tuple(fmap.shape[1:]))
+        if geometry is not None and geometry.feature_crop is not None:
+            top, bottom, left, right = geometry.feature_crop
+        else:
+            top, bottom, left, right = unpadding_crop(image_size, tuple(fmap.shape[1:]))
         fmap = fmap[:, top:bottom, left:right]
         if max_num_patches is None:
             return fmap

@@ -8,12 +8,13 @@ prompt with several images uses each image's base tile plus one newline.
 The tower, projector and packing are the LLaVA family's (llava_family.py).
 """
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from pyvlm.multimodal.llava_onevision import max_num_patches_of
 from .llava_family import LLAVA_PREFIXES, LlavaFamilyModel, LlavaMultiModalProjector
+from .llava_onevision_images import Geometry
 
 LLAVA_ONEVISION_PREFIXES = LLAVA_PREFIXES
 LlavaOnevisionMultiModalProjector = LlavaMultiModalProjector
@@ -32,8 +33,8 @@ class LlavaOnevisionForConditionalGeneration(LlavaFamilyModel):
         """Tiles the model reads: anyres grid + base, or the base tile alone."""
         return self.num_anyres_tiles(image_size) if is_single_image else 1
 
-    def pack_image_features(self, features: torch.Tensor,
-                            image_size: Tuple[int, int]) -> torch.Tensor:
+    def pack_image_features(self, features: torch.Tensor, image_size: Tuple[int, int],
+                            geometry: Optional[Geometry] = None) -> torch.Tensor:
         """[num_tiles, features_per_tile, hidden] -> the image's token rows."""
         return self.pack_anyres_features(
-            features, image_size, max_num_patches_of(self.config.vision_aspect_ratio))
+            features, image_size, max_num_patches_of(self.config.vision_aspect_ratio), geometry)

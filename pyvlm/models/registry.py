@@ -30,6 +30,10 @@ FAMILIES = {
         "qwen2_vl:Qwen2VLImageConfig", "qwen2_vl:Qwen2VLForConditionalGeneration"),
     "Qwen2_5_VLForConditionalGeneration": Family(
         "qwen2_vl:Qwen2VLImageConfig", "qwen2_vl:Qwen2_5_VLForConditionalGeneration"),
+    "LlavaForConditionalGeneration": Family(
+        "llava:LlavaImageConfig", "llava:LlavaForConditionalGeneration"),
+    "LlavaNextForConditionalGeneration": Family(
+        "llava_next:LlavaNextImageConfig", "llava_next:LlavaNextForConditionalGeneration"),
     "MllamaForConditionalGeneration": Family(
         "mllama:MllamaImageConfig", "mllama:MllamaForConditionalGeneration"),
 }

@@ -1,0 +1,114 @@
+"""pyvlm.Engine against transformers on tiny LLaVA-1.5 (Llama backbone) and
+LLaVA-NeXT (Mistral and Llama-3 backbones) checkpoints: 32 greedy tokens of
+8 concurrent requests (text only, one image, two images) are transformers'
+generate tokens, again with chunked prefill, and with prefix-cache hits;
+the same weights in the authors' layout (tower inside the checkpoint or in
+the folder mm_vision_tower names) give the tokens of their transformers-
+format twin, the images preprocessed by the authors' rules."""
+
+import pytest
+import torch
+
+from tests.entrypoints.test_engine_parity import (WORDS, Reference, assert_same_tokens,
+                                                  engine_for, generate_all, make_prompts,
+                                                  random_image)
+from tests.hf_reference import ReferenceInputs
+
+FAMILIES = ["llava", "llava_next_mistral", "llava_next_llama3"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request):
+    return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
+
+
+def hf_model_of(checkpoint):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    with engine_for(checkpoint) as engine:
+        return Reference(hf_model_of(checkpoint), engine)
+
+
+@pytest.fixture(scope="module")
+def prompts(reference):
+    return make_prompts(seed=1, image=reference.builder.image_token)
+
+
+def test_eight_concurrent_requests_match_transformers(checkpoint, prompts, reference):
+    with engine_for(checkpoint) as engine:
+        assert_same_tokens(generate_all(engine, prompts), prompts, reference)
+
+
+def test_chunked_prefill_and_prefix_hits_give_the_same_tokens(checkpoint, prompts, reference):
+    with engine_for(checkpoint, chunked_prefill_size=16) as engine:
+        first = generate_all(engine, prompts)
+        again = generate_all(engine, prompts)
+    assert_same_tokens(first, prompts, reference)
+    assert_same_tokens(again, prompts, reference)
+    assert all(r["meta_info"]["cached_tokens"] > 0 for r in again)
+
+
+class PyvlmPixels(ReferenceInputs):
+    """transformers' image inputs made by pyvlm's processor of a checkpoint
+    (the authors' preprocessing rules, checked against them in
+    tests/multimodal), so the twin model sees the original's pixels."""
+
+    def __init__(self, engine):
+        self.processor = engine.builder.images.processor
+        self.prepare = engine.builder.images.prepare
+
+    def __call__(self, prompt_ids, images, device, dtype) -> dict:
+        if not images:
+            return {}
+        plans = self.processor.plan_prompt([(im.height, im.width) for im in images])
+        prepared = self.prepare(images, plans)
+        tiles = [p.pixel_values.float() for p in prepared]
+        if len(tiles[0]) == 1 and not getattr(plans[0], "best_resolution", None):
+            return {"pixel_values": torch.cat(tiles).to(device, dtype)}
+        width = max(len(t) for t in tiles)
+        padded = torch.zeros(len(tiles), width, *tiles[0].shape[1:])
+        for index, image_tiles in enumerate(tiles):
+            padded[index, :len(image_tiles)] = image_tiles
+        return {"pixel_values": padded.to(device, dtype),
+                "image_sizes": torch.tensor([[im.height, im.width] for im in images])}
+
+
+@pytest.mark.parametrize("original, twin", [
+    ("llava_original", "llava"), ("llava_original_separate_tower", "llava"),
+    ("llava_next_original_mistral", "llava_next_mistral")])
+def test_the_authors_layout_gives_its_twins_tokens(request, original, twin):
+    original_dir = request.getfixturevalue(f"tiny_checkpoint_{original}")
+    twin_dir = request.getfixturevalue(f"tiny_checkpoint_{twin}")
+    with engine_for(original_dir) as engine:
+        reference = Reference(hf_model_of(twin_dir), engine, PyvlmPixels(engine))
+        prompts = authors_prompts(engine.builder.image_token)
+        results = generate_all(engine, prompts)
+    assert_same_tokens(results, prompts, reference)
+
+
+def authors_prompts(image: str):
+    """6 prompts whose images (60 to 170 px against 56 px tiles) have one
+    best grid under both pinpoint readings: the LLaVA repository reads the
+    pinpoints as (width, height) and transformers as (height, width), so an
+    image that fits several grids equally well (both sides under a tile)
+    is tiled differently by the two, and a twin cannot match there."""
+    gen = torch.Generator().manual_seed(4)
+
+    def words(n):
+        return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=gen))
+
+    sizes = [(60, 170), (170, 60), (120, 100), (100, 120), (150, 150), (90, 168)]
+    images = [random_image(h, w, gen) for h, w in sizes]
+    return [
+        (words(9), []),
+        (f"{image}\n{words(7)}", [images[0]]),
+        (f"{words(3)} {image} {words(12)}", [images[1]]),
+        (f"{image}\n{words(20)}", [images[2]]),
+        (f"{words(4)} {image} and {image} {words(9)}", [images[3], images[4]]),
+        (f"{image}{words(11)}", [images[5]]),
+    ]
