@@ -148,3 +148,12 @@ def tiny_checkpoint_llava_next_original_mistral(tmp_path_factory):
 
     return write_llava_next_original_checkpoint(
         tmp_path_factory.mktemp("tiny_llava_next_original_mistral"), seed=1, backbone="mistral")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_onevision_original(tmp_path_factory):
+    """tiny_checkpoint_qwen2's weights in lmms-lab's layout (LlavaQwenForCausalLM)."""
+    from tests.tiny_checkpoints import write_onevision_original_checkpoint
+
+    return write_onevision_original_checkpoint(tmp_path_factory.mktemp("tiny_ov_original") / "ckpt",
+                                               seed=0)

@@ -191,3 +191,67 @@ def write_hub_style_checkpoint(directory: Path, seed: int = 2) -> Path:
     write_json(directory / "preprocessor_config.json", image_processor_config())
     write_json(directory / "processor_config.json", processor_config(nested_image_processor=False))
     return directory
+
+
+# --- the LLaVA-NeXT repository's layout (lmms-lab/llava-onevision-qwen2-*) -----
+
+_ORIGINAL_PREFIXES = [  # transformers-5 module path -> name in the lmms-lab safetensors
+    ("model.language_model.", "model."),
+    ("lm_head.", "lm_head."),
+    ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("model.image_newline", "model.image_newline"),
+]
+
+
+def original_weight_name(name: str) -> str:
+    for new, old in _ORIGINAL_PREFIXES:
+        if name.startswith(new):
+            return old + name[len(new):]
+    raise KeyError(name)
+
+
+def original_onevision_config(tower_dir: Path, backbone: str = "qwen2") -> dict:
+    """config.json as lmms-lab/llava-onevision-qwen2-0.5b-ov has it: the
+    Qwen2 config flat, mm_* keys, the tower named by mm_vision_tower (here a
+    local folder holding the tiny SigLIP's config), pinpoints in the
+    repository's "(1x1),...,(6x6)" form."""
+    text = text_config(backbone)
+    return dict(
+        text, architectures=["LlavaQwenForCausalLM"], model_type="llava",
+        image_aspect_ratio="anyres_max_9", image_grid_pinpoints="(1x1),...,(6x6)",
+        image_crop_resolution=None, image_split_resolution=None,
+        mm_hidden_size=vision_config()["hidden_size"], mm_patch_merge_type="spatial_unpad",
+        mm_projector_lr=None, mm_projector_type="mlp2x_gelu", mm_resampler_type=None,
+        mm_spatial_pool_mode="bilinear", mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,"
+        "mm_language_model", mm_use_im_patch_token=False, mm_use_im_start_end=False,
+        mm_vision_select_feature="patch", mm_vision_select_layer=-2,
+        mm_vision_tower=str(tower_dir), mm_vision_tower_lr=2e-06,
+        vision_tower_pretrained=None, tokenizer_model_max_length=32768,
+        tokenizer_padding_side="right", torch_dtype="float32", use_mm_proj=True)
+
+
+def write_onevision_original_checkpoint(directory: Path, seed: int = 0) -> Path:
+    """tiny_llava_onevision("qwen2", seed) in lmms-lab's layout. The
+    repository's SigLIP tower drops its last encoder layer and reads the
+    output of the one before (hidden_states[-1] of what is left): the tower
+    folder's config has one layer more than the weights inside hold."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tower_dir = directory.parent / f"{directory.name}-siglip"
+    for folder in (directory, tower_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    model = tiny_llava_onevision("qwen2", seed)
+    tensors = {original_weight_name(k): v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+    write_json(directory / "config.json", original_onevision_config(tower_dir))
+    train_tokenizer().save_pretrained(directory)
+    tower = dict(vision_config(), num_hidden_layers=vision_config()["num_hidden_layers"] + 1)
+    write_json(tower_dir / "config.json", tower)
+    write_json(tower_dir / "preprocessor_config.json",
+               {k: v for k, v in image_processor_config().items()
+                if k not in ("image_grid_pinpoints", "processor_class")}
+               | {"image_processor_type": "SiglipImageProcessor"})
+    return directory

@@ -95,10 +95,10 @@ def transformers_config(config: Mapping[str, Any], backbone: str, tower_config: 
     aspect = config.get("image_aspect_ratio") or "pad"
     text = {k: v for k, v in config.items() if not k.startswith("mm_") and k not in _NOT_TEXT}
     text["model_type"] = backbone
+    layer, strategy = _feature_selection(config, tower_config)
     common = dict(text_config=text, vision_config=tower_config,
                   image_token_index=image_token_id,
-                  vision_feature_layer=config.get("mm_vision_select_layer", -2),
-                  vision_feature_select_strategy=_strategy(config),
+                  vision_feature_layer=layer, vision_feature_select_strategy=strategy,
                   projector_hidden_act="gelu", multimodal_projector_bias=True,
                   tie_word_embeddings=bool(config.get("tie_word_embeddings", False)))
     if aspect in ("pad", "square", "resize"):
@@ -124,11 +124,17 @@ _NOT_TEXT = {"architectures", "image_aspect_ratio", "image_grid_pinpoints", "ima
              "unfreeze_mm_vision_tower", "pos_skipping_range", "vision_tower_pretrained"}
 
 
-def _strategy(config: Mapping[str, Any]) -> str:
+def _feature_selection(config: Mapping[str, Any], tower_config: Mapping[str, Any]):
+    """(vision_feature_layer, vision_feature_select_strategy). The CLIP
+    tower reads mm_vision_select_layer, and "patch" drops the class token;
+    the LLaVA-NeXT repository's SigLIP tower ignores both: it deletes its
+    last encoder layer and returns every patch of the layer before."""
+    if tower_config.get("model_type") == "siglip_vision_model":
+        return -2, "full"
     feature = config.get("mm_vision_select_feature", "patch")
     if feature not in ("patch", "cls_patch"):
         raise CheckpointError(f"mm_vision_select_feature {feature!r} (supported: patch, cls_patch)")
-    return "default" if feature == "patch" else "full"
+    return config.get("mm_vision_select_layer", -2), "default" if feature == "patch" else "full"
 
 
 def _check_projector(config: Mapping[str, Any]) -> None:

@@ -12,7 +12,8 @@ import torch
 from tests.entrypoints.test_engine_parity import (WORDS, Reference, assert_same_tokens,
                                                   engine_for, generate_all, make_prompts,
                                                   random_image)
-from tests.hf_reference import ReferenceInputs
+from pyvlm.models.checkpoint import CheckpointFiles
+from tests.hf_reference import ReferenceInputs, reference_inputs_for
 
 FAMILIES = ["llava", "llava_next_mistral", "llava_next_llama3"]
 
@@ -80,12 +81,17 @@ class PyvlmPixels(ReferenceInputs):
 
 @pytest.mark.parametrize("original, twin", [
     ("llava_original", "llava"), ("llava_original_separate_tower", "llava"),
-    ("llava_next_original_mistral", "llava_next_mistral")])
+    ("llava_next_original_mistral", "llava_next_mistral"),
+    ("onevision_original", "qwen2")])
 def test_the_authors_layout_gives_its_twins_tokens(request, original, twin):
     original_dir = request.getfixturevalue(f"tiny_checkpoint_{original}")
     twin_dir = request.getfixturevalue(f"tiny_checkpoint_{twin}")
     with engine_for(original_dir) as engine:
-        reference = Reference(hf_model_of(twin_dir), engine, PyvlmPixels(engine))
+        # LLaVA-1.5 / NeXT: the authors' pad and anyres rules, through pyvlm's
+        # plans; OneVision's original follows transformers' rules (the twin's own)
+        image_inputs = (reference_inputs_for(CheckpointFiles.from_dir(twin_dir))
+                        if original == "onevision_original" else PyvlmPixels(engine))
+        reference = Reference(hf_model_of(twin_dir), engine, image_inputs)
         prompts = authors_prompts(engine.builder.image_token)
         results = generate_all(engine, prompts)
     assert_same_tokens(results, prompts, reference)
