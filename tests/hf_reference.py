@@ -273,3 +273,29 @@ class LlavaNextInputs(ReferenceInputs):
         features = self.image_processor(images=list(images), return_tensors="pt")
         return {"pixel_values": features["pixel_values"].to(device, dtype),
                 "image_sizes": features["image_sizes"].to(device)}
+
+
+class PyvlmLlavaPixels(ReferenceInputs):
+    """LLaVA-1.5 / LLaVA-NeXT inputs for transformers made by pyvlm's
+    processor of an engine's checkpoint on the CPU: the authors' pad and
+    anyres rules (checked against them in tests/multimodal) for a twin, or
+    pixels independent of the machine's Pillow (the GPU image's differs)."""
+
+    def __init__(self, engine):
+        self.processor = engine.builder.images.processor
+        self.prepare = engine.builder.images.prepare
+
+    def __call__(self, prompt_ids, images, device, dtype) -> dict:
+        if not images:
+            return {}
+        plans = self.processor.plan_prompt([(im.height, im.width) for im in images])
+        prepared = self.prepare(images, plans)
+        tiles = [p.pixel_values.float() for p in prepared]
+        if len(tiles[0]) == 1 and not getattr(plans[0], "best_resolution", None):
+            return {"pixel_values": torch.cat(tiles).to(device, dtype)}
+        width = max(len(t) for t in tiles)
+        padded = torch.zeros(len(tiles), width, *tiles[0].shape[1:])
+        for index, image_tiles in enumerate(tiles):
+            padded[index, :len(image_tiles)] = image_tiles
+        return {"pixel_values": padded.to(device, dtype),
+                "image_sizes": torch.tensor([[im.height, im.width] for im in images])}

@@ -13,7 +13,8 @@ from tests.entrypoints.test_engine_parity import (GREEDY, NUM_NEW_TOKENS, Refere
                                                   assert_same_tokens, engine_for, generate_all,
                                                   make_prompts)
 from tests.entrypoints.logprob_parity import assert_logprobs_near, teacher_forced_logprobs
-from tests.hf_reference import MllamaInputs, MllamaPyvlmTiles, Qwen2VLInputs, pyvlm_pixels
+from tests.hf_reference import (LlavaInputs, LlavaNextInputs, MllamaInputs, MllamaPyvlmTiles,
+                                PyvlmLlavaPixels, Qwen2VLInputs, pyvlm_pixels)
 from tests.tiny_models import IMAGE_TOKEN_ID, VIDEO_TOKEN_ID
 
 pytestmark = pytest.mark.cuda
@@ -49,7 +50,8 @@ def full_float32_reference():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.fixture(scope="module", params=["qwen2", "qwen2_vl", "qwen2_5_vl", "mllama"])
+@pytest.fixture(scope="module", params=["qwen2", "qwen2_vl", "qwen2_5_vl", "mllama", "llava",
+                                        "llava_next_mistral"])
 def checkpoint(request):
     return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
 
@@ -72,6 +74,8 @@ def test_cuda_engine_matches_transformers(checkpoint, hf_model_cuda, server_args
         if isinstance(reference.image_inputs, MllamaInputs):  # the same, for mllama's tiles
             reference.image_inputs.image_processor = MllamaPyvlmTiles(
                 engine.builder.images.processor)
+        if isinstance(reference.image_inputs, (LlavaInputs, LlavaNextInputs)):  # and CLIP's
+            reference.image_inputs = PyvlmLlavaPixels(engine)
         prompts = make_prompts(seed=1, image=engine.builder.image_token)
         first = generate_all(engine, prompts)
         again = generate_all(engine, prompts)  # every prompt now hits the prefix cache

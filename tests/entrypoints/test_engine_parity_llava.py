@@ -13,7 +13,7 @@ from tests.entrypoints.test_engine_parity import (WORDS, Reference, assert_same_
                                                   engine_for, generate_all, make_prompts,
                                                   random_image)
 from pyvlm.models.checkpoint import CheckpointFiles
-from tests.hf_reference import ReferenceInputs, reference_inputs_for
+from tests.hf_reference import PyvlmLlavaPixels, reference_inputs_for
 
 FAMILIES = ["llava", "llava_next_mistral", "llava_next_llama3"]
 
@@ -54,31 +54,6 @@ def test_chunked_prefill_and_prefix_hits_give_the_same_tokens(checkpoint, prompt
     assert all(r["meta_info"]["cached_tokens"] > 0 for r in again)
 
 
-class PyvlmPixels(ReferenceInputs):
-    """transformers' image inputs made by pyvlm's processor of a checkpoint
-    (the authors' preprocessing rules, checked against them in
-    tests/multimodal), so the twin model sees the original's pixels."""
-
-    def __init__(self, engine):
-        self.processor = engine.builder.images.processor
-        self.prepare = engine.builder.images.prepare
-
-    def __call__(self, prompt_ids, images, device, dtype) -> dict:
-        if not images:
-            return {}
-        plans = self.processor.plan_prompt([(im.height, im.width) for im in images])
-        prepared = self.prepare(images, plans)
-        tiles = [p.pixel_values.float() for p in prepared]
-        if len(tiles[0]) == 1 and not getattr(plans[0], "best_resolution", None):
-            return {"pixel_values": torch.cat(tiles).to(device, dtype)}
-        width = max(len(t) for t in tiles)
-        padded = torch.zeros(len(tiles), width, *tiles[0].shape[1:])
-        for index, image_tiles in enumerate(tiles):
-            padded[index, :len(image_tiles)] = image_tiles
-        return {"pixel_values": padded.to(device, dtype),
-                "image_sizes": torch.tensor([[im.height, im.width] for im in images])}
-
-
 @pytest.mark.parametrize("original, twin", [
     ("llava_original", "llava"), ("llava_original_separate_tower", "llava"),
     ("llava_next_original_mistral", "llava_next_mistral"),
@@ -90,7 +65,7 @@ def test_the_authors_layout_gives_its_twins_tokens(request, original, twin):
         # LLaVA-1.5 / NeXT: the authors' pad and anyres rules, through pyvlm's
         # plans; OneVision's original follows transformers' rules (the twin's own)
         image_inputs = (reference_inputs_for(CheckpointFiles.from_dir(twin_dir))
-                        if original == "onevision_original" else PyvlmPixels(engine))
+                        if original == "onevision_original" else PyvlmLlavaPixels(engine))
         reference = Reference(hf_model_of(twin_dir), engine, image_inputs)
         prompts = authors_prompts(engine.builder.image_token)
         results = generate_all(engine, prompts)
@@ -118,3 +93,18 @@ def authors_prompts(image: str):
         (f"{words(4)} {image} and {image} {words(9)}", [images[3], images[4]]),
         (f"{image}{words(11)}", [images[5]]),
     ]
+
+
+@pytest.mark.parametrize("name", ["llava", "llava_next_mistral"])
+def test_pyvlm_pixels_stand_in_equals_transformers_processor(request, name):
+    """PyvlmLlavaPixels (what the CUDA parity test feeds transformers, whose
+    GPU machine has another Pillow) is the checkpoint's own processor here."""
+    checkpoint = request.getfixturevalue(f"tiny_checkpoint_{name}")
+    gen = torch.Generator().manual_seed(5)
+    images = [random_image(h, w, gen) for h, w in ((60, 170), (120, 100), (33, 33))]
+    with engine_for(checkpoint) as engine:
+        expected = reference_inputs_for(engine.state.files)([], images, "cpu", torch.float32)
+        got = PyvlmLlavaPixels(engine)([], images, "cpu", torch.float32)
+    assert got.keys() == expected.keys()
+    for key in got:
+        assert torch.equal(got[key], expected[key]), key
