@@ -222,11 +222,26 @@ def _vision_model_type(config: Mapping[str, Any]) -> str:
 
 
 def weight_names(weight_files: Sequence[Path]) -> List[str]:
-    """Tensor names of safetensors files, read from their headers."""
+    """Tensor names of the weight files: safetensors headers, or a .bin
+    shard's index (pytorch_model.bin.index.json) when it has one."""
     names = []
     for path in weight_files:
-        with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(length))
-        names.extend(name for name in header if name != "__metadata__")
+        names.extend(_safetensors_names(path) if path.suffix != ".bin" else _bin_names(path))
     return names
+
+
+def _safetensors_names(path: Path) -> List[str]:
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return [name for name in header if name != "__metadata__"]
+
+
+def _bin_names(path: Path) -> List[str]:
+    index = path.parent / "pytorch_model.bin.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [name for name, shard in weight_map.items() if shard == path.name]
+    import torch  # a lone .bin file: its names are inside the pickle
+
+    return list(torch.load(str(path), map_location="cpu", weights_only=True, mmap=True))

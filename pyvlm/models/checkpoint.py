@@ -128,8 +128,22 @@ def find_weight_files(root: Path) -> Tuple[Path, ...]:
     if (root / "model.safetensors").is_file():
         return (root / "model.safetensors",)
     found = tuple(sorted(root.glob("*.safetensors")))
+    return found or find_pytorch_weight_files(root)
+
+
+def find_pytorch_weight_files(root: Path) -> Tuple[Path, ...]:
+    """PyTorch pickles (pytorch_model*.bin), as older checkpoints such as
+    liuhaotian/llava-v1.5-7b ship them; read with torch.load(weights_only)."""
+    index = _read_json(root / "pytorch_model.bin.index.json")
+    if index is not None:
+        names = sorted(set(index["weight_map"].values()))
+        missing = [name for name in names if not (root / name).is_file()]
+        if missing:
+            raise CheckpointError(f"{root}: shards listed in the index are missing: {missing}")
+        return tuple(root / name for name in names)
+    found = tuple(sorted(root.glob("pytorch_model*.bin")))
     if not found:
-        raise CheckpointError(f"{root} has no safetensors weights (.bin checkpoints are not supported)")
+        raise CheckpointError(f"{root} has no weights (model*.safetensors or pytorch_model*.bin)")
     return found
 
 

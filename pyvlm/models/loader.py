@@ -47,10 +47,16 @@ def set_config_dtype(hf_config, dtype: torch.dtype) -> None:
 
 
 def iter_safetensors(weight_files: Sequence[Path], device: str = "cpu") -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of every shard, read lazily one at a time."""
+    """(name, tensor) for every tensor of every shard, read lazily one at a
+    time (safetensors; a .bin shard is memory-mapped with torch.load's
+    weights_only, which unpickles tensors and nothing else)."""
     num_shards = len(weight_files)
     for shard_index, path in enumerate(weight_files, start=1):
-        logger.info("Loading safetensors shard %d/%d (%s)", shard_index, num_shards, Path(path).name)
+        logger.info("Loading weights shard %d/%d (%s)", shard_index, num_shards, Path(path).name)
+        if Path(path).suffix == ".bin":
+            yield from torch.load(str(path), map_location="cpu", weights_only=True,
+                                  mmap=True).items()
+            continue
         with safe_open(str(path), framework="pt", device=_safetensors_device(device)) as shard:
             for name in shard.keys():
                 yield name, shard.get_tensor(name)

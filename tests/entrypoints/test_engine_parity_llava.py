@@ -108,3 +108,32 @@ def test_pyvlm_pixels_stand_in_equals_transformers_processor(request, name):
     assert got.keys() == expected.keys()
     for key in got:
         assert torch.equal(got[key], expected[key]), key
+
+
+def test_pytorch_bin_shards_load_as_the_safetensors_do(tiny_checkpoint_llava_original, tmp_path):
+    """liuhaotian/llava-v1.5-7b ships pytorch_model-0000N-of-0000M.bin shards
+    with an index: the same weights so saved give the same tokens."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    copy = tmp_path / "bin_copy"
+    shutil.copytree(tiny_checkpoint_llava_original, copy)
+    weight_map = {}
+    for index, path in enumerate(sorted(copy.glob("*.safetensors")), start=1):
+        shard = f"pytorch_model-{index:05d}.bin"
+        tensors = load_file(str(path))
+        torch.save(tensors, copy / shard)
+        weight_map.update({name: shard for name in tensors})
+        path.unlink()
+    (copy / "model.safetensors.index.json").unlink()
+    (copy / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    prompt = "look: <image> what is it?"
+    image = random_image(80, 80, torch.Generator().manual_seed(6))
+    results = []
+    for checkpoint in (tiny_checkpoint_llava_original, copy):
+        with engine_for(checkpoint) as engine:
+            results.append(engine.generate(prompt, dict(max_new_tokens=8, temperature=0),
+                                           image_data=[image])["output_ids"])
+    assert results[0] == results[1] and len(results[0]) == 8

@@ -144,7 +144,7 @@ def test_progress_is_logged_per_shard(tiny_checkpoint_llama, caplog):
     num_shards = len(files.weight_files)
     messages = [r.getMessage() for r in caplog.records if r.name == "pyvlm.loader"]
     assert [m.split(" (")[0] for m in messages] == [
-        f"Loading safetensors shard {i}/{num_shards}" for i in range(1, num_shards + 1)]
+        f"Loading weights shard {i}/{num_shards}" for i in range(1, num_shards + 1)]
 
 
 def _with_shard_edited(checkpoint, tmp_path, edit):
