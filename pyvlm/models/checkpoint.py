@@ -18,6 +18,7 @@ logger = logging.getLogger("pyvlm.checkpoint")
 # (no .bin/.pt/.gguf duplicates of the weights).
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer*", "*.model",
                       "*.tiktoken", "merges.txt", "vocab.txt"]
+PYTORCH_WEIGHT_PATTERNS = ["pytorch_model*.bin"]
 
 # SGLang's rule for dtype "auto" on GPU: a float32 checkpoint runs in half
 # precision (float16, except Gemma which overflows in float16 -> bfloat16).
@@ -56,9 +57,16 @@ def _looks_like_path(model: str) -> bool:
 
 
 def _snapshot_download(repo_id: str, revision: Optional[str]) -> str:
+    """The repository's configs, tokenizer and safetensors; its PyTorch .bin
+    shards only when it has no safetensors (older LLaVA repositories)."""
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS)
+    folder = snapshot_download(repo_id=repo_id, revision=revision,
+                               allow_patterns=HUB_ALLOW_PATTERNS)
+    if any(Path(folder).glob("*.safetensors")):
+        return folder
+    return snapshot_download(repo_id=repo_id, revision=revision,
+                             allow_patterns=HUB_ALLOW_PATTERNS + PYTORCH_WEIGHT_PATTERNS)
 
 
 @dataclass(frozen=True)
