@@ -13,6 +13,7 @@ from tests.entrypoints.test_engine_parity import (WORDS, Reference, assert_same_
                                                   engine_for, generate_all, make_prompts,
                                                   random_image)
 from pyvlm.models.checkpoint import CheckpointFiles
+from pyvlm.scheduling.types import SamplingParams
 from tests.hf_reference import PyvlmLlavaPixels, reference_inputs_for
 
 FAMILIES = ["llava", "llava_next_mistral", "llava_next_llama3"]
@@ -137,3 +138,57 @@ def test_pytorch_bin_shards_load_as_the_safetensors_do(tiny_checkpoint_llava_ori
             results.append(engine.generate(prompt, dict(max_new_tokens=8, temperature=0),
                                            image_data=[image])["output_ids"])
     assert results[0] == results[1] and len(results[0]) == 8
+
+
+def sentencepiece_tokenizer(folder, vocab_size: int) -> None:
+    """A tokenizer.model trained in a second, configured as the LLaVA-1.5
+    repositories' LlamaTokenizer (no tokenizer.json: transformers converts
+    it with sentencepiece)."""
+    import json
+    import random
+
+    import sentencepiece
+
+    folder.mkdir(parents=True)
+    rng = random.Random(0)
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(12))
+                                for _ in range(300)))
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+        minloglevel=2)
+    corpus.unlink()
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+         "unk_token": "<unk>", "add_bos_token": True, "legacy": False}))
+
+
+def test_a_sentencepiece_tokenizer_from_tokenizer_path(tiny_checkpoint_llava_original,
+                                                       tiny_checkpoint_llava, tmp_path):
+    """The authors' checkpoint without tokenizer files, its sentencepiece
+    tokenizer given by --tokenizer-path: <image> is added past its 382
+    pieces, and the answers are transformers' on the same ids."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    checkpoint = tmp_path / "no_tokenizer"
+    shutil.copytree(tiny_checkpoint_llava_original, checkpoint)
+    for path in checkpoint.glob("*token*"):
+        path.unlink()
+    sentencepiece_tokenizer(tmp_path / "sp", vocab_size=382)
+    gen = torch.Generator().manual_seed(7)
+    prompts = [("the cat sat on a mat <image> what is it?", [random_image(90, 90, gen)]),
+               ("near blue hills", [])]
+    with engine_for(checkpoint, tokenizer_path=str(tmp_path / "sp")) as engine:
+        reference = Reference(hf_model_of(tiny_checkpoint_llava), engine,
+                              PyvlmLlavaPixels(engine))
+        results = generate_all(engine, prompts)
+        ids = engine.builder.from_prompt(*prompts[0], SamplingParams(),
+                                         add_special_tokens=True).prompt_ids
+    assert_same_tokens(results, prompts, reference)
+    sp = AutoTokenizer.from_pretrained(str(tmp_path / "sp"))
+    text_ids = sp("the cat sat on a mat")["input_ids"]
+    assert ids[:len(text_ids)] == text_ids and 382 in ids  # BOS, pieces, then the image
