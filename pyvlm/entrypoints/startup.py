@@ -17,7 +17,8 @@ from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.step_loop import StepLoop
 from pyvlm.models.registry import image_processor_for
 from pyvlm.multimodal.media import MediaPolicy
-from pyvlm.models.checkpoint import CheckpointFiles, load_checkpoint_files, resolve_device, resolve_dtype
+from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, load_checkpoint_files,
+                                     resolve_device, resolve_dtype)
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
 from pyvlm.runner.model_runner import ModelRunner
@@ -150,9 +151,16 @@ def in_transformers_layout(files: CheckpointFiles, tokenizer,
 
 
 def load_tokenizer(files: CheckpointFiles):
+    """The checkpoint's tokenizer; CheckpointError naming --tokenizer-path
+    when its folder has none (some checkpoints keep it elsewhere)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(files.tokenizer_dir))
+    folder = files.tokenizer_dir
+    if not any(folder.glob("tokenizer*")) and not (folder / "vocab.json").is_file():
+        raise CheckpointError(f"{folder} has no tokenizer files (tokenizer.json, "
+                              "tokenizer.model, tokenizer_config.json); pass --tokenizer-path "
+                              "with the folder or hub id that holds them")
+    return AutoTokenizer.from_pretrained(str(folder))
 
 
 def image_inputs_for(model, tokenizer, files: CheckpointFiles, dtype,

@@ -192,3 +192,28 @@ def test_a_sentencepiece_tokenizer_from_tokenizer_path(tiny_checkpoint_llava_ori
     sp = AutoTokenizer.from_pretrained(str(tmp_path / "sp"))
     text_ids = sp("the cat sat on a mat")["input_ids"]
     assert ids[:len(text_ids)] == text_ids and 382 in ids  # BOS, pieces, then the image
+
+
+def test_missing_pieces_name_the_flag_that_supplies_them(tiny_checkpoint_llava_original_separate_tower,
+                                                        tmp_path):
+    """A tower folder that is not there names --vision-tower-path; a
+    checkpoint without tokenizer files names --tokenizer-path."""
+    import json
+    import shutil
+
+    from pyvlm.models.checkpoint import CheckpointError
+
+    checkpoint = tmp_path / "moved_tower"
+    shutil.copytree(tiny_checkpoint_llava_original_separate_tower, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    tower = config["mm_vision_tower"]
+    config["mm_vision_tower"] = str(tmp_path / "nowhere" / "clip")
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="--vision-tower-path"):
+        engine_for(checkpoint)
+    with engine_for(checkpoint, vision_tower_path=tower) as engine:  # the flag supplies it
+        assert engine.generate("hello", dict(max_new_tokens=2))["output_ids"]
+    for path in checkpoint.glob("*token*"):
+        path.unlink()
+    with pytest.raises(CheckpointError, match="--tokenizer-path"):
+        engine_for(checkpoint, vision_tower_path=tower)
