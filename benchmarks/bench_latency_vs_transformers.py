@@ -2,8 +2,9 @@
 on a random-weight model of a real shape (no download), with the roofline of
 the same run, printed as a markdown table for benchmarks/RESULTS.md:
 
-- TTFT of one fresh image on an idle server (644x476; Llama-3.2-Vision:
-  1120x840, which it cuts into 4 tiles);
+- TTFT of one fresh image on an idle server (644x476: one 336-pixel tile
+  for LLaVA-1.5, the base tile + a 2x2 grid for LLaVA-NeXT; Llama-3.2-
+  Vision: 1120x840, which it cuts into 4 tiles);
 - batch-1 decode tokens/s (with a published reference where one is known:
   SGLang's for Llama-3.2-11B-Vision);
 - output tokens/s of concurrent requests with distinct images (pyvlm: 64 at
@@ -12,6 +13,8 @@ the same run, printed as a markdown table for benchmarks/RESULTS.md:
   python benchmarks/bench_latency_vs_transformers.py --model qwen2-vl-7b --device cuda
   python benchmarks/bench_latency_vs_transformers.py --model llava-onevision-7b --device cuda
   python benchmarks/bench_latency_vs_transformers.py --model llama-3.2-11b-vision --device cuda
+  python benchmarks/bench_latency_vs_transformers.py --model llava-1.5-7b --device cuda
+  python benchmarks/bench_latency_vs_transformers.py --model llava-next-7b --device cuda
   python benchmarks/bench_latency_vs_transformers.py --model qwen2-vl-7b-narrow  # CPU
 
 One process builds the model once (transformers' random init on the device,

@@ -8,11 +8,16 @@
 #   bash benchmarks/gpu_reliability_session.sh build-soak [s]  # the build, then the soak
 #   bash benchmarks/gpu_reliability_session.sh latency [MODEL...]  # bench_latency_vs_transformers
 #   bash benchmarks/gpu_reliability_session.sh build-latency [MODEL...]  # the build, then latency
-# latency: MODEL qwen2-vl-7b (default), llava-onevision-7b and/or llama-3.2-11b-vision, ~3 min
-# each for the 7Bs (two 8B builds, transformers, then pyvlm's server), ~4-5 min estimated for the
-# 11B (21 GB of bf16 weights twice while copied; transformers' batch 64 runs 64 x 4 tiles through
-# its tower at once, or is reported OOM): one model per device call, after `build` when the
-# build is not already there; $LATENCY_FLAGS adds flags (e.g. "--num-requests 256").
+# latency: MODEL qwen2-vl-7b (default), llava-onevision-7b, llama-3.2-11b-vision, llava-1.5-7b
+# and/or llava-next-7b, ~3 min each for the 7Bs (two 8B builds, transformers, then pyvlm's
+# server), ~4-5 min estimated for the 11B (21 GB of bf16 weights twice while copied;
+# transformers' batch 64 runs 64 x 4 tiles through its tower at once, or is reported OOM).
+# Estimated, not yet run on a GPU: llava-1.5-7b ~2-3 min (Vicuna-7B, 13.2 GB of decoder
+# weights, a 607-token prompt, one 577-row CLIP tile per image; its 32 K/V heads make 512 KiB
+# of KV per token, 25 GB at transformers' batch 64), llava-next-7b ~3-4 min (Mistral-7B, a
+# 2348-token prompt, 5 CLIP tiles per 644x476 image: transformers' batch 64 runs 320 tiles and
+# 150k prompt tokens at once, or is reported OOM). One model per device call, after `build`
+# when the build is not already there; $LATENCY_FLAGS adds flags (e.g. "--num-requests 256").
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}

@@ -7,12 +7,14 @@ The model is built as benchmarks/bench_offline.py builds it (transformers'
 random model of the shape on the device, copied into pyvlm's model; a small
 checkpoint folder supplies the config, tokenizer and preprocessor), then
 `python -m pyvlm`'s own Launcher serves it with every server flag given.
-Shapes: llava-onevision-7b, qwen2-vl-7b (Qwen/Qwen2-VL-7B-Instruct) and
-llama-3.2-11b-vision (meta-llama/Llama-3.2-11B-Vision-Instruct). Each
-"-narrow" variant keeps the real vocabulary, tokenizer, image tokens and
-image preprocessing (anyres tiles; Qwen2-VL's 14-pixel patches, 2 frames, 2x2
-merge; Llama-3.2-Vision's four 560-pixel tiles of 14-pixel patches) with
-tiny widths and depths, so this path runs on a CPU too.
+Shapes: llava-onevision-7b, qwen2-vl-7b (Qwen/Qwen2-VL-7B-Instruct),
+llama-3.2-11b-vision (meta-llama/Llama-3.2-11B-Vision-Instruct), llava-1.5-7b
+(llava-hf/llava-1.5-7b-hf) and llava-next-7b (llava-hf/llava-v1.6-mistral-
+7b-hf). Each "-narrow" variant keeps the real vocabulary, tokenizer, image
+tokens and image preprocessing (anyres tiles; Qwen2-VL's 14-pixel patches, 2
+frames, 2x2 merge; Llama-3.2-Vision's four 560-pixel tiles of 14-pixel
+patches; CLIP's 336-pixel tiles of 14-pixel patches) with tiny widths and
+depths, so this path runs on a CPU too.
 """
 
 import logging
@@ -42,10 +44,16 @@ NARROW_MLLAMA_TEXT = dict(NARROW_TEXT, num_hidden_layers=4, cross_attention_laye
 NARROW_MLLAMA_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                             num_global_layers=1, attention_heads=2,
                             intermediate_layers_indices=[0], vision_output_dim=64)
+# LLaVA-1.5: Vicuna (Llama 2) keeps one K/V head per query head; the CLIP
+# tower is read at layer -2, so pyvlm builds 2 of its 3 layers.
+NARROW_VICUNA_TEXT = dict(NARROW_TEXT, num_key_value_heads=NARROW_TEXT["num_attention_heads"])
+NARROW_CLIP_VISION = dict(NARROW_VISION, num_hidden_layers=3, projection_dim=32)
 BASE_SHAPES = {"llava-onevision-7b": ("llava_onevision_7b_config", NARROW_TEXT, NARROW_VISION),
                "qwen2-vl-7b": ("qwen2_vl_7b_config", NARROW_QWEN2_VL_TEXT, NARROW_QWEN2_VL_VISION),
                "llama-3.2-11b-vision": ("llama_3_2_11b_vision_config", NARROW_MLLAMA_TEXT,
-                                        NARROW_MLLAMA_VISION)}
+                                        NARROW_MLLAMA_VISION),
+               "llava-1.5-7b": ("llava_1_5_7b_config", NARROW_VICUNA_TEXT, NARROW_CLIP_VISION),
+               "llava-next-7b": ("llava_next_7b_config", NARROW_TEXT, NARROW_CLIP_VISION)}
 SHAPES = tuple(name + suffix for name in BASE_SHAPES for suffix in ("", "-narrow"))
 
 

@@ -29,8 +29,8 @@ def add_target_arguments(parser, extra=()) -> None:
     target = parser.add_argument_group("server (started here unless --base-url)")
     target.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
     target.add_argument("--serve-random", default=None, metavar="SHAPE",
-                        help="serve a random-weight model of this shape (llava-onevision-7b, "
-                        "qwen2-vl-7b, or either's -narrow)")
+                        help="serve a random-weight model of this shape (SHAPES of "
+                        "benchmarks/load/serve_random.py, e.g. qwen2-vl-7b or llava-1.5-7b-narrow)")
     target.add_argument("--device", default="cpu")
     for flags, options in extra:
         target.add_argument(*flags, **options)

@@ -96,6 +96,8 @@ def hf_processor(folder: Path, config):
 
         return MllamaInputs(mllama_image_processor(**preprocessor), tokenizer,
                             config.image_token_index)
+    if config.model_type in LLAVA_PROCESSORS:
+        return llava_processor(preprocessor, tokenizer, config)
     if config.model_type == "qwen2_vl":
         from tests.multimodal.hf_qwen2_vl import _NoVideoProcessor, hf_image_processor
 
@@ -110,6 +112,28 @@ def hf_processor(folder: Path, config):
                              vision_feature_select_strategy=config.vision_feature_select_strategy,
                              num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
                              vision_aspect_ratio=config.vision_aspect_ratio)
+
+
+# model_type -> transformers' processor of LLaVA-1.5 / LLaVA-NeXT
+LLAVA_PROCESSORS = {"llava": "LlavaProcessor", "llava_next": "LlavaNextProcessor"}
+
+
+def llava_processor(preprocessor: dict, tokenizer, config):
+    """LlavaProcessor / LlavaNextProcessor over the checkpoint's PIL image
+    processor (CLIPImageProcessorPil, LlavaNextImageProcessorPil), set as
+    llava-hf's processor_config.json sets it: each <image> expands to the
+    CLIP features the model keeps (576 per tile; NeXT: base tile, then the
+    unpadded grid with a newline per row), the CLS row counted then dropped
+    ("default" strategy, num_additional_image_tokens 1)."""
+    import transformers
+
+    from tests.hf_reference import llava_image_processor
+
+    processor_class = getattr(transformers, LLAVA_PROCESSORS[config.model_type])
+    return processor_class(image_processor=llava_image_processor(preprocessor),
+                           tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+                           vision_feature_select_strategy=config.vision_feature_select_strategy,
+                           num_additional_image_tokens=1)
 
 
 @dataclass
@@ -143,7 +167,9 @@ def tower_tokens(features, config) -> int:
     full SigLIP image of (image_size / patch_size)^2 patches; Llama-3.2-
     Vision: every tile slot of pixel_values (transformers runs all
     max_num_tiles, padding ones too) of its patches + the class token,
-    padded to a multiple of 8 (MllamaVisionModel's num_padding_patches)."""
+    padded to a multiple of 8 (MllamaVisionModel's num_padding_patches);
+    LLaVA-1.5 / NeXT: each real tile's CLIP patches + the class token (577
+    rows of a 336-pixel tile)."""
     pixels = features["pixel_values"]
     if config.model_type == "qwen2_vl":
         return pixels.shape[0]
@@ -151,7 +177,22 @@ def tower_tokens(features, config) -> int:
     num_patches = (vision.image_size // vision.patch_size) ** 2
     if config.model_type == "mllama":
         return pixels.shape[:3].numel() * -(-(num_patches + 1) // 8) * 8
+    if config.model_type in LLAVA_PROCESSORS:
+        return llava_num_tiles(features, config) * (num_patches + 1)
     return pixels.shape[0] * pixels.shape[1] * num_patches
+
+
+def llava_num_tiles(features, config) -> int:
+    """Tiles the CLIP tower runs: one per LLaVA-1.5 image; LLaVA-NeXT: the
+    base tile + the grid of each image (transformers drops the padding
+    tiles of a batch before its tower, as image_size_to_num_patches says)."""
+    if config.model_type == "llava":
+        return features["pixel_values"].shape[0]
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return sum(image_size_to_num_patches(size, config.image_grid_pinpoints,
+                                         config.vision_config.image_size)
+               for size in features["image_sizes"].tolist())
 
 
 def image_rows(features, config) -> int:

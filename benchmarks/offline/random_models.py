@@ -1,12 +1,15 @@
 """Random-weight vision-language models of real shapes, built on the device
 with no download: the configs of llava-onevision-qwen2-7b-ov-hf (Qwen2-7B +
 SigLIP so400m), Qwen/Qwen2-VL-7B-Instruct (Qwen2-7B with M-RoPE + its 675M
-ViT) and meta-llama/Llama-3.2-11B-Vision-Instruct (Llama 3.1 8B with 8
-gated cross-attention layers + a 32 + 8 layer tiled ViT), a word-level
-tokenizer covering the whole vocabulary (so random tokens detokenize) with
-the family's special tokens and chat template, and the real preprocessor
-settings. One writer serves every family: a family is its special tokens,
-tokenizer roles, chat template and preprocessor (RandomFamily)."""
+ViT), meta-llama/Llama-3.2-11B-Vision-Instruct (Llama 3.1 8B with 8
+gated cross-attention layers + a 32 + 8 layer tiled ViT),
+llava-hf/llava-1.5-7b-hf (Vicuna-7B v1.5 + CLIP ViT-L/14-336) and
+llava-hf/llava-v1.6-mistral-7b-hf (Mistral-7B-Instruct-v0.2 + the same CLIP,
+anyres tiles), a word-level tokenizer covering the whole vocabulary (so
+random tokens detokenize) with the family's special tokens and chat
+template, and the real preprocessor settings. One writer serves every
+family: a family is its special tokens, tokenizer roles, chat template and
+preprocessor (RandomFamily)."""
 
 import json
 from dataclasses import dataclass
@@ -16,6 +19,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from tests.multimodal.hf_mllama import LLAMA_3_2_VISION as MLLAMA_PREPROCESSOR  # the real one
+from tests.tiny_llava import MISTRAL_CHAT_TEMPLATE  # llava-hf/llava-v1.6-mistral-7b-hf's
 from tests.tiny_qwen2_vl import CHAT_TEMPLATE as QWEN2_VL_CHAT_TEMPLATE  # the 7B-Instruct's
 
 QWEN2_7B = dict(model_type="qwen2", vocab_size=152128, hidden_size=3584, intermediate_size=18944,
@@ -92,14 +96,56 @@ LLAMA_3_SPECIALS = {
     128006: "<|start_header_id|>", 128007: "<|end_header_id|>", 128008: "<|eom_id|>",
     128009: "<|eot_id|>", 128010: "<|python_tag|>", MLLAMA_IMAGE_TOKEN_ID: "<|image|>"}
 
+# llava-hf/llava-1.5-7b-hf and llava-hf/llava-v1.6-mistral-7b-hf's config.json
+# (text: lmsys/vicuna-7b-v1.5, mistralai/Mistral-7B-Instruct-v0.2; the
+# vocabulary padded to 32064 around the added <image> and <pad>), in
+# transformers 5's nested form.
+VICUNA_7B = dict(
+    model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_act="silu",
+    max_position_embeddings=4096, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=32001)
+MISTRAL_7B_INSTRUCT_V02 = dict(
+    VICUNA_7B, model_type="mistral", intermediate_size=14336, num_key_value_heads=8,
+    max_position_embeddings=32768, sliding_window=None,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+# openai/clip-vit-large-patch14-336, as both llava-hf configs nest it.
+CLIP_VIT_L_336 = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
+                      num_hidden_layers=24, num_attention_heads=16, image_size=336,
+                      patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                      projection_dim=768)
+LLAVA_IMAGE_TOKEN_ID = 32000
+LLAVA_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+LLAVA_MODEL_KEYS = dict(image_token_index=LLAVA_IMAGE_TOKEN_ID, projector_hidden_act="gelu",
+                        vision_feature_select_strategy="default", vision_feature_layer=-2,
+                        tie_word_embeddings=False)
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+# preprocessor_config.json of llava-hf/llava-1.5-7b-hf (CLIP: shortest edge
+# to 336, center crop 336x336, bicubic); the v1.6's adds the pinpoints.
+LLAVA_15_PREPROCESSOR = {
+    "image_processor_type": "CLIPImageProcessor", "processor_class": "LlavaProcessor",
+    "do_resize": True, "size": {"shortest_edge": 336}, "resample": 3, "do_center_crop": True,
+    "crop_size": {"height": 336, "width": 336}, "do_rescale": True,
+    "rescale_factor": 0.00392156862745098, "do_normalize": True, "image_mean": CLIP_MEAN,
+    "image_std": CLIP_STD, "do_convert_rgb": True}
+LLAVA_NEXT_PREPROCESSOR = dict(
+    LLAVA_15_PREPROCESSOR, image_processor_type="LlavaNextImageProcessor",
+    processor_class="LlavaNextProcessor", aspect_ratio_setting="anyres")
+# Llama 2's (Vicuna's, Mistral's) special tokens, and the two llava-hf adds.
+LLAMA_2_SPECIALS = {0: "<unk>", 1: "<s>", 2: "</s>", LLAVA_IMAGE_TOKEN_ID: "<image>",
+                    32001: "<pad>"}
+
 
 @dataclass(frozen=True)
 class RandomFamily:
     """What a random checkpoint of a family holds besides its config:
     special tokens (id -> text), the chat template (None: pyvlm's default
     for the architecture), preprocessor_config.json of a config, and the
-    tokenizer's roles: eos, pad and bos (bos: prepended to every encoding,
-    as Llama 3's post-processor does; None: no BOS, as Qwen's)."""
+    tokenizer's roles: eos, pad, bos (prepended to every encoding, as Llama
+    3's and Llama 2's tokenizers do; None: no BOS, as Qwen's) and unk (Llama
+    2's <unk> at id 0; None: unknown words read as the plain word w0)."""
 
     specials: Dict[int, str]
     chat_template: Optional[str]
@@ -107,6 +153,7 @@ class RandomFamily:
     eos_token: str = "<|im_end|>"
     pad_token: str = "<|endoftext|>"
     bos_token: Optional[str] = None
+    unk_token: Optional[str] = None
 
 
 FAMILIES = {
@@ -118,6 +165,16 @@ FAMILIES = {
     "mllama": RandomFamily(LLAMA_3_SPECIALS, None, lambda config: dict(MLLAMA_PREPROCESSOR),
                            eos_token="<|eot_id|>", pad_token="<|finetune_right_pad_id|>",
                            bos_token="<|begin_of_text|>"),
+    # LLaVA-1.5 has no template here: pyvlm's default for it is vicuna_v1.1
+    # (SGLang's choice); llava-hf's LLaVA-NeXT-Mistral ships its own.
+    "llava": RandomFamily(LLAMA_2_SPECIALS, None, lambda config: dict(LLAVA_15_PREPROCESSOR),
+                          eos_token="</s>", pad_token="<pad>", bos_token="<s>",
+                          unk_token="<unk>"),
+    "llava_next": RandomFamily(
+        LLAMA_2_SPECIALS, MISTRAL_CHAT_TEMPLATE,
+        lambda config: dict(LLAVA_NEXT_PREPROCESSOR,
+                            image_grid_pinpoints=config.image_grid_pinpoints),
+        eos_token="</s>", pad_token="<pad>", bos_token="<s>", unk_token="<unk>"),
 }
 
 
@@ -156,6 +213,22 @@ def llama_3_2_11b_vision_config():
                         architectures=["MllamaForConditionalGeneration"])
 
 
+def llava_1_5_7b_config():
+    from transformers import LlavaConfig
+
+    return LlavaConfig(text_config=dict(VICUNA_7B), vision_config=dict(CLIP_VIT_L_336),
+                       **LLAVA_MODEL_KEYS, architectures=["LlavaForConditionalGeneration"])
+
+
+def llava_next_7b_config():
+    from transformers import LlavaNextConfig
+
+    return LlavaNextConfig(text_config=dict(MISTRAL_7B_INSTRUCT_V02),
+                           vision_config=dict(CLIP_VIT_L_336), **LLAVA_MODEL_KEYS,
+                           image_grid_pinpoints=LLAVA_V16_PINPOINTS,
+                           architectures=["LlavaNextForConditionalGeneration"])
+
+
 def write_tokenizer(folder: Path, vocab_size: int, family: RandomFamily) -> None:
     """A word-level tokenizer: "w<i>" for every id but the family's specials,
     with its eos / pad / bos roles and chat template. Its size is
@@ -167,10 +240,12 @@ def write_tokenizer(folder: Path, vocab_size: int, family: RandomFamily) -> None
     specials = family.specials
     size = max(vocab_size, max(specials) + 1)
     vocab = {specials.get(i, f"w{i}"): i for i in range(size)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=family.unk_token or "w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     roles = dict(eos_token=family.eos_token, pad_token=family.pad_token)
+    if family.unk_token is not None:
+        roles["unk_token"] = family.unk_token
     if family.bos_token is not None:
         bos = family.bos_token
         tok.post_processor = processors.TemplateProcessing(

@@ -17,6 +17,14 @@ decode step of the sequence reads in each cross-attention layer; prefill
 runs the projector and the cross-attention K/V projections over those rows
 (image_matmul_params), and those weights count with the vision side, not
 the decode step.
+
+LLaVA-1.5 and LLaVA-NeXT (model_cost, as the other families): a tower row
+is one of a 336-pixel tile's 577 CLIP rows (576 patches + the class token);
+LLaVA-1.5 runs one tile per image, NeXT the base tile + the best pinpoint's
+grid (5 tiles for 644x476 at llava-v1.6's pinpoints: 672x672, 2x2). pyvlm
+builds the tower only up to vision_feature_layer -2 (23 of CLIP-L's 24
+layers), so the floor counts those 23; the projector and image_newline are
+read with the vision weights at prefill, their FLOPs left out.
 """
 
 from dataclasses import dataclass
