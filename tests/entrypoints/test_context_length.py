@@ -65,3 +65,27 @@ def test_rope_scaling_merges_over_the_checkpoints_parameters():
     flat = with_rope_scaling({"max_position_embeddings": 8}, {"rope_type": "linear",
                                                               "factor": 2})
     assert flat["max_position_embeddings"] == 16
+
+
+def test_mistrals_sliding_window_bounds_the_context(tiny_checkpoint_llava_next_mistral, tmp_path,
+                                                    caplog):
+    """pyvlm's attention is full: within Mistral's sliding window that is
+    what the model computes, past it it would not be, so the window is the
+    context and a longer prompt is refused naming it."""
+    import json
+    import shutil
+
+    import pytest
+
+    checkpoint = tmp_path / "windowed"
+    shutil.copytree(tiny_checkpoint_llava_next_mistral, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 64
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="pyvlm.engine"):
+        with engine(checkpoint) as eng:
+            assert eng.state.context_length == 64
+            with pytest.raises(ValueError, match="context length of 64"):
+                eng.generate("cat " * 80, {"max_new_tokens": 2})
+            assert eng.generate("cat " * 10, {"max_new_tokens": 2})["output_ids"]
+    assert "sliding window" in caplog.text
