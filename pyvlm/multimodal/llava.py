@@ -35,12 +35,12 @@ Sizes are (height, width).
 """
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Tuple, Union
+from typing import Mapping, Optional, Tuple, Union
 
 from pyvlm.multimodal.image_sizes import center_crop_top_left, shortest_edge_size
 from pyvlm.multimodal.llava_configs import llava_kwargs, llava_repo_kwargs
 from pyvlm.multimodal.llava_next import LlavaNextImageConfig
-from pyvlm.multimodal.processor import check_buffers, refuse_overrides
+from pyvlm.multimodal.processor import ImageProcessorBase
 from pyvlm.multimodal.tile_plans import (OPENAI_CLIP_MEAN, ImagePlan, Normalization, Size, Tile,
                                          check_resample, mean_fill, square_canvas)
 
@@ -49,7 +49,7 @@ STRATEGIES = ("default", "full")
 
 
 @dataclass(frozen=True)
-class LlavaImageConfig:
+class LlavaImageConfig(ImageProcessorBase):
     """The preprocessor and model settings that shape LLaVA-1.5 images.
 
     tile_size: the tile side (crop_size, = the vision tower's image_size);
@@ -61,6 +61,8 @@ class LlavaImageConfig:
     `anyres`); num_cls_tokens: transformers' num_additional_image_tokens.
     Plain data: build it with `from_hf_configs` or `from_llava_repo`.
     """
+
+    FAMILY = "LLaVA"
 
     tile_size: int = 336
     resize: Union[int, Size] = 336
@@ -124,30 +126,6 @@ class LlavaImageConfig:
         if not self.center_crop:
             return Tile(resized, (0, 0))
         return Tile(resized, center_crop_top_left(*resized, self.tile_size, self.tile_size))
-
-    def plan_prompt(self, image_sizes: Sequence[Size],
-                    max_buffer_pixels: Optional[int] = None) -> list:
-        """Plans of all the images of one prompt, in order; with
-        max_buffer_pixels, ImageBudgetError for an image whose preprocessing
-        would hold a larger buffer."""
-        plans = [self.plan(size) for size in image_sizes]
-        if max_buffer_pixels is not None:
-            check_buffers(plans, max_buffer_pixels)
-        return plans
-
-    def placeholder_text(self, image_token: str) -> str:
-        """A prompt writes one image token per image (expanded later)."""
-        return image_token
-
-    def with_overrides(self, mm_processor_kwargs: Optional[Mapping[str, Any]]
-                       ) -> "LlavaImageConfig":
-        """LLaVA's processing has no per-request settings."""
-        refuse_overrides("LLaVA", mm_processor_kwargs)
-        return self
-
-    def prompt_positions(self, prompt_ids, spans, plans) -> None:
-        """1-D positions: token i at position i."""
-        return None
 
     @classmethod
     def from_hf_configs(cls, preprocessor_config: Mapping,

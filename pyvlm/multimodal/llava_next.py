@@ -17,11 +17,11 @@ Sizes and pinpoints are (height, width).
 """
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from typing import Mapping, Tuple
 
 from pyvlm.multimodal.anyres import (check_pinpoints, grid_feature_crop, grid_tiles,
                                      num_grid_tokens, select_best_resolution, squashed_tile)
-from pyvlm.multimodal.processor import check_buffers, refuse_overrides
+from pyvlm.multimodal.processor import ImageProcessorBase
 from pyvlm.multimodal.tile_plans import ImagePlan, Normalization, Size, check_resample
 
 # transformers' LlavaNextImageProcessor and LlavaNextConfig default, the
@@ -42,7 +42,7 @@ def check_strategy(strategy: str, num_cls_tokens: int) -> None:
 
 
 @dataclass(frozen=True)
-class LlavaNextImageConfig:
+class LlavaNextImageConfig(ImageProcessorBase):
     """The preprocessor and model settings that shape LLaVA-NeXT images.
 
     tile_size: the processor's size and crop_size (= the vision tower's
@@ -53,6 +53,8 @@ class LlavaNextImageConfig:
     its pinpoints swapped to (height, width) and a bicubic resize: see
     llava_configs.as_llava_repo). Plain data: build it with `from_hf_configs`.
     """
+
+    FAMILY = "LLaVA-NeXT"
 
     tile_size: int = 336
     patch_size: int = 14
@@ -104,30 +106,6 @@ class LlavaNextImageConfig:
         return ImagePlan(image_size, self.tile_size, tiles, self.normalization,
                          self.num_tile_features + num_grid_tokens(crop), "anyres",
                          best_resolution=best, feature_crop=crop)
-
-    def plan_prompt(self, image_sizes: Sequence[Size],
-                    max_buffer_pixels: Optional[int] = None) -> list:
-        """Plans of all the images of one prompt, in order; with
-        max_buffer_pixels, ImageBudgetError for an image whose preprocessing
-        would hold a larger buffer."""
-        plans = [self.plan(size) for size in image_sizes]
-        if max_buffer_pixels is not None:
-            check_buffers(plans, max_buffer_pixels)
-        return plans
-
-    def placeholder_text(self, image_token: str) -> str:
-        """A prompt writes one image token per image (expanded later)."""
-        return image_token
-
-    def with_overrides(self, mm_processor_kwargs: Optional[Mapping[str, Any]]
-                       ) -> "LlavaNextImageConfig":
-        """LLaVA-NeXT's processing has no per-request settings."""
-        refuse_overrides("LLaVA-NeXT", mm_processor_kwargs)
-        return self
-
-    def prompt_positions(self, prompt_ids, spans, plans) -> None:
-        """1-D positions: token i at position i."""
-        return None
 
     @classmethod
     def from_hf_configs(cls, preprocessor_config: Mapping,

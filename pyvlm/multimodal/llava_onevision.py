@@ -23,7 +23,8 @@ from pyvlm.multimodal.anyres import (anyres_grid_shape, check_pinpoints,  # noqa
                                      grid_tiles, num_anyres_tiles, patch_output_size,
                                      select_best_resolution, squashed_tile,
                                      unpadded_feature_grid, unpadding_crop)
-from pyvlm.multimodal.processor import ImageBudgetError, check_buffers, refuse_overrides  # noqa: F401
+from pyvlm.multimodal.processor import (ImageBudgetError, ImageProcessorBase,  # noqa: F401
+                                        check_buffers, refuse_overrides)
 from pyvlm.multimodal.tile_plans import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,  # noqa: F401
                                          SUPPORTED_RESAMPLE, ImagePlan, Normalization, Size,
                                          SquareCanvas, Tile, check_resample, square_canvas)
@@ -54,13 +55,15 @@ def downsampled_feature_grid(rows: int, cols: int, features_per_side: int,
 
 
 @dataclass(frozen=True)
-class LlavaOnevisionImageConfig:
+class LlavaOnevisionImageConfig(ImageProcessorBase):
     """The preprocessor and model settings that shape LLaVA-OneVision images.
 
     tile_size: the processor's size (= the vision tower's image_size);
     patch_size: the vision tower's patch size. Plain data: build it with
     `from_configs` from preprocessor_config.json and config.json contents.
     """
+
+    FAMILY = "LLaVA-OneVision"
 
     tile_size: int = 384
     patch_size: int = 14
@@ -121,20 +124,6 @@ class LlavaOnevisionImageConfig:
         if max_buffer_pixels is not None:
             check_buffers(plans, max_buffer_pixels)
         return plans
-
-    def placeholder_text(self, image_token: str) -> str:
-        """A prompt writes one image token per image (expanded later)."""
-        return image_token
-
-    def with_overrides(self, mm_processor_kwargs: Optional[Mapping[str, Any]]
-                       ) -> "LlavaOnevisionImageConfig":
-        """LLaVA-OneVision's processing has no per-request settings."""
-        refuse_overrides("LLaVA-OneVision", mm_processor_kwargs)
-        return self
-
-    def prompt_positions(self, prompt_ids, spans, plans) -> None:
-        """1-D positions: token i at position i."""
-        return None
 
     def _anyres_plan(self, image_size: Size, num_tokens: int) -> ImagePlan:
         best = select_best_resolution(image_size, self.grid_pinpoints)

@@ -27,13 +27,13 @@ to which image is mllama_masks' rule (cross_attention_spans). Sizes are
 import math
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import List, Mapping, Optional, Sequence, Tuple
 
 from pyvlm.multimodal.llava_onevision import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD,
                                               SUPPORTED_RESAMPLE, Normalization)
 from pyvlm.multimodal.llava_onevision_config import normalization_of
 from pyvlm.multimodal.mllama_masks import spans_from_offsets
-from pyvlm.multimodal.processor import ResizedCopyBuffer, check_buffers, refuse_overrides
+from pyvlm.multimodal.processor import ImageProcessorBase, ResizedCopyBuffer, check_buffers
 
 Size = Tuple[int, int]
 
@@ -141,10 +141,12 @@ class MllamaImagePlan(ResizedCopyBuffer):
 
 
 @dataclass(frozen=True)
-class MllamaImageConfig:
+class MllamaImageConfig(ImageProcessorBase):
     """The preprocessor settings that shape Llama-3.2-Vision images. Plain
     data: build it with `from_hf_configs` from preprocessor_config.json and
     config.json contents. Defaults are the real checkpoints' settings."""
+
+    FAMILY = "Llama-3.2-Vision"
 
     tile_size: int = 560
     max_image_tiles: int = 4
@@ -197,21 +199,6 @@ class MllamaImageConfig:
         if max_buffer_pixels is not None:
             check_buffers(plans, max_buffer_pixels)
         return plans
-
-    def placeholder_text(self, image_token: str) -> str:
-        """The image token itself (<|image|>): it stays one token."""
-        return image_token
-
-    def with_overrides(self, mm_processor_kwargs: Optional[Mapping[str, Any]]
-                       ) -> "MllamaImageConfig":
-        """mllama takes no per-request processor arguments: ValueError for any."""
-        refuse_overrides("Llama-3.2-Vision", mm_processor_kwargs)
-        return self
-
-    def prompt_positions(self, prompt_ids: Sequence[int], spans: Sequence[Tuple[int, int]],
-                         plans: Sequence[MllamaImagePlan]) -> None:
-        """None: positions are 1-D (token i at position i)."""
-        return None
 
     def cross_attention_spans(self, offsets: Sequence[int]
                               ) -> List[Tuple[int, Optional[int]]]:

@@ -68,6 +68,38 @@ class ImageProcessor(Protocol):
         ...
 
 
+class ImageProcessorBase:
+    """The contract's parts most families share: each image planned alone
+    (the family's plan(image_size)), the image token as the placeholder,
+    no per-request settings (FAMILY names the family in the refusal), and
+    1-D positions. A family overrides what it does differently."""
+
+    FAMILY = "this model's"
+
+    def plan_prompt(self, image_sizes: Sequence[Size],
+                    max_buffer_pixels: Optional[int] = None) -> list:
+        """Plans of all the images of one prompt, in order; with
+        max_buffer_pixels, ImageBudgetError for an image whose preprocessing
+        would hold a larger buffer."""
+        plans = [self.plan(size) for size in image_sizes]
+        if max_buffer_pixels is not None:
+            check_buffers(plans, max_buffer_pixels)
+        return plans
+
+    def placeholder_text(self, image_token: str) -> str:
+        """A prompt writes one image token per image (expanded later)."""
+        return image_token
+
+    def with_overrides(self, mm_processor_kwargs: Optional[Mapping[str, Any]]):
+        """No per-request settings: ValueError for any."""
+        refuse_overrides(self.FAMILY, mm_processor_kwargs)
+        return self
+
+    def prompt_positions(self, prompt_ids, spans, plans) -> None:
+        """1-D positions: token i at position i."""
+        return None
+
+
 class ResizedCopyBuffer:
     """For plans whose largest buffer is one resized copy of the image
     (a `resized_size` (height, width) field)."""
