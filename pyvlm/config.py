@@ -16,6 +16,10 @@ class ModelConfig:
     # The vision tower of a checkpoint in the LLaVA authors' layout, over
     # its config's mm_vision_tower (a folder or hub id).
     vision_tower_path: Optional[str] = None
+    # "auto": the checkpoint's weights; "dummy": random weights from its
+    # config alone (no weight files; SGLang's and vLLM's name), for
+    # benchmarking real shapes without a download.
+    load_format: str = "auto"
     dtype: str = "auto"  # auto|float32|float16|bfloat16
     device: str = "auto"  # auto|cpu|cuda
     context_length: Optional[int] = None  # None: from the checkpoint's config (also the cap)

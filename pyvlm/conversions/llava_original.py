@@ -73,7 +73,9 @@ def to_transformers_layout(files: CheckpointFiles, image_token_id: int,
         raise CheckpointError(f"{files.root.name}: config.json names no mm_vision_tower; pass "
                               "--vision-tower-path DIR_OR_HUB_ID")
     tower_inside = any(name.startswith(TOWER_PREFIX) for name in weight_names(files.weight_files))
-    tower_config, tower_processor, tower_files = _tower(tower_name, not tower_inside,
+    # no weight files at all: --load-format dummy, which needs no tower weights either
+    needs_tower_weights = bool(files.weight_files) and not tower_inside
+    tower_config, tower_processor, tower_files = _tower(tower_name, needs_tower_weights,
                                                         files.root.name)
     converted = transformers_config(config, backbone, tower_config, image_token_id)
     processor = processor_config(config, tower_processor, converted)

@@ -58,7 +58,8 @@ def checkpoint_for(config: EngineConfig) -> CheckpointFiles:
         files = load_checkpoint_files(str(demo_checkpoint_dir()))
     else:
         files = load_checkpoint_files(config.model.model,
-                                      tokenizer_path=config.model.tokenizer_path)
+                                      tokenizer_path=config.model.tokenizer_path,
+                                      needs_weights=config.model.load_format != "dummy")
     if config.model.rope_scaling is None:
         return files
     return replace(files, config=with_rope_scaling(files.config, config.model.rope_scaling))
@@ -208,7 +209,7 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, mo
     if model is None:
         from pyvlm.models.loader import load_model
 
-        model = load_model(files, dtype, device)
+        model = load_model(files, dtype, device, load_format=config.model.load_format)
     shape = KVShape(model.num_layers, model.num_kv_heads, model.head_dim, dtype,
                     tuple(getattr(model, "cross_attention_layers", ())))
     num_pages = pool_num_pages(shape, config.cache.page_size, device,

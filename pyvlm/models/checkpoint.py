@@ -87,10 +87,13 @@ class CheckpointFiles:
     generation_config: Dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_dir(cls, root: Path, tokenizer_dir: Optional[Path] = None) -> "CheckpointFiles":
-        """Reads the folder; raises CheckpointError when config or weights are missing."""
+    def from_dir(cls, root: Path, tokenizer_dir: Optional[Path] = None,
+                 needs_weights: bool = True) -> "CheckpointFiles":
+        """Reads the folder; raises CheckpointError when config or (with
+        needs_weights) weights are missing."""
         root = Path(root)
-        return cls(root=root, config=_read_config(root), weight_files=find_weight_files(root),
+        weight_files = find_weight_files(root) if needs_weights else ()
+        return cls(root=root, config=_read_config(root), weight_files=weight_files,
                    tokenizer_dir=Path(tokenizer_dir) if tokenizer_dir else root,
                    processor_config=read_processor_config(root),
                    chat_template=read_chat_template(root),
@@ -102,10 +105,12 @@ class CheckpointFiles:
 
 
 def load_checkpoint_files(model: str, revision: Optional[str] = None,
-                          tokenizer_path: Optional[str] = None) -> CheckpointFiles:
+                          tokenizer_path: Optional[str] = None,
+                          needs_weights: bool = True) -> CheckpointFiles:
     """resolve_checkpoint + CheckpointFiles.from_dir (tokenizer from its own path if given)."""
     tokenizer_dir = resolve_checkpoint(tokenizer_path) if tokenizer_path else None
-    return CheckpointFiles.from_dir(resolve_checkpoint(model, revision), tokenizer_dir)
+    return CheckpointFiles.from_dir(resolve_checkpoint(model, revision), tokenizer_dir,
+                                    needs_weights)
 
 
 def _read_json(path: Path) -> Optional[dict]:

@@ -20,6 +20,8 @@ from pyvlm.models.weight_loading import WeightNamesError
 
 logger = logging.getLogger("pyvlm.loader")
 
+LOAD_FORMATS = ("auto", "dummy")
+
 
 def build_hf_config(config: dict):
     """The transformers config object of a config.json dict (no disk access).
@@ -94,20 +96,37 @@ def construct_model(model_class: Type[torch.nn.Module], hf_config, dtype: torch.
 
 
 def load_model(files: CheckpointFiles, dtype: torch.dtype, device: Union[str, torch.device],
-               model_class: Optional[Type[torch.nn.Module]] = None) -> torch.nn.Module:
+               model_class: Optional[Type[torch.nn.Module]] = None,
+               load_format: str = "auto") -> torch.nn.Module:
     """The checkpoint's model in eval mode, weights loaded, on `device` in `dtype`.
 
     model_class: defaults to the registry's class for config.json's architectures.
     A checkpoint tensor the model has no parameter for, or a parameter no
     tensor filled, is a CheckpointError naming them (a silently random
-    weight is worse than no server).
+    weight is worse than no server). load_format "dummy" reads no weights
+    (dummy_weights_).
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
     hf_config = build_hf_config(files.config)
     set_config_dtype(hf_config, dtype)
     model_class = model_class or _model_class_for(files.architectures)
     model = construct_model(model_class, hf_config, dtype, device)
+    if load_format == "dummy":
+        return dummy_weights_(model).eval().requires_grad_(False)
     try:
         model.load_weights(iter_safetensors(files.weight_files, str(torch.device(device))))
     except WeightNamesError as error:
         raise CheckpointError(f"{files.root.name}: {error}") from None
     return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def dummy_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn from U(-1e-3, 1e-3), seeded (vLLM's dummy
+    format): outputs stay finite at any depth and are the same every run."""
+    generator = torch.Generator().manual_seed(seed)
+    for param in model.parameters():
+        values = torch.rand(param.shape, generator=generator, dtype=torch.float32)
+        param.copy_((values * 2e-3 - 1e-3).to(param.dtype))
+    return model

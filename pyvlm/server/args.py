@@ -20,6 +20,7 @@ class ServerArgs:
     model: Optional[str] = None  # None: the demo model
     tokenizer_path: Optional[str] = None
     vision_tower_path: Optional[str] = None
+    load_format: str = "auto"
     chat_template: Optional[str] = None
     host: str = "127.0.0.1"
     port: int = 30000
@@ -68,7 +69,7 @@ class ServerArgs:
 
     def engine_kwargs(self) -> Dict[str, Any]:
         """Arguments of pyvlm.Engine (pyvlm.config.engine_config names)."""
-        names = ("model", "tokenizer_path", "vision_tower_path", "dtype", "device",
+        names = ("model", "tokenizer_path", "vision_tower_path", "load_format", "dtype", "device",
                  "context_length", "rope_scaling",
                  "mem_fraction_static", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "max_prefill_tokens", "schedule_policy", "page_size",
@@ -101,6 +102,9 @@ _FLAGS = [
     (("--port",), int, "port to listen on (default 30000)"),
     (("--api-key",), str, "require 'Authorization: Bearer KEY' on every endpoint but /health"),
     (("--served-model-name",), str, "the model name clients send (default: the --model value)"),
+    (("--load-format",), str,
+     "auto (the checkpoint's weights) or dummy (random weights from its config alone, no "
+     "weight files: for benchmarking real shapes)"),
     (("--dtype",), str, "auto|float32|float16|bfloat16 (default auto)"),
     (("--device",), str, "auto|cpu|cuda (default auto)"),
     (("--context-length",), int,
@@ -192,6 +196,7 @@ def _check(args: ServerArgs) -> None:
          "--rope-scaling must be a JSON object"),
         (args.mm_processor_kwargs is None or isinstance(args.mm_processor_kwargs, dict),
          "--mm-processor-kwargs must be a JSON object"),
+        (args.load_format in ("auto", "dummy"), "--load-format must be auto or dummy"),
         (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),
          "--log-level must be debug, info, warning, error or critical"),
     ]
