@@ -4,7 +4,9 @@ Each node below the root holds one full page: its page_size position keys
 and the page id with their KV. Only whole pages are cached, so a page in the
 tree is never written again; a request's partial last page stays its own.
 Nodes on a path locked by a live request (reference counts) are never
-evicted; unlocked leaves are evicted least recently used first.
+evicted; unlocked leaves are evicted least recently used first, from a heap
+kept as nodes become (or are touched as) evictable leaves, so an eviction
+never walks the whole tree (stale heap entries are skipped when popped).
 """
 
 import heapq
@@ -65,6 +67,8 @@ class RadixCache:
         self.root = RadixNode(None, (), -1, 0)
         self.num_pages = 0
         self.num_protected_pages = 0
+        self._leaf_heap: List[Tuple[int, int, RadixNode]] = []  # (last_access, seq, node)
+        self._heap_seq = itertools.count()
 
     @property
     def num_evictable_pages(self) -> int:
@@ -82,6 +86,7 @@ class RadixCache:
             node = child
             node.last_access = now
             pages.append(node.page)
+        self._offer(node)  # only the deepest node of a path can be a leaf
         return PrefixMatch(pages, len(pages) * self.page_size, node)
 
     def insert(self, keys: Sequence[PositionKey], pages: Sequence[int]) -> PrefixMatch:
@@ -98,6 +103,7 @@ class RadixCache:
             node = node.children.get(page_key) or self._add_child(node, page_key, page)
             node.last_access = now
             tree_pages.append(node.page)
+        self._offer(node)
         return PrefixMatch(tree_pages, len(tree_pages) * self.page_size, node)
 
     def lock(self, node: RadixNode) -> None:
@@ -118,19 +124,19 @@ class RadixCache:
             path_node.lock_ref -= 1
             if path_node.lock_ref == 0:
                 self.num_protected_pages -= 1
+                self._offer(path_node)
 
     def evict(self, num_pages: int) -> int:
         """Frees up to num_pages unlocked pages, least recently used leaves
         first; returns how many were freed."""
-        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._evictable_leaves()]
-        heapq.heapify(heap)
         num_freed = 0
-        while heap and num_freed < num_pages:
-            _, _, leaf = heapq.heappop(heap)
-            parent = self._remove_leaf(leaf)
+        while self._leaf_heap and num_freed < num_pages:
+            last_access, _, leaf = heapq.heappop(self._leaf_heap)
+            if last_access != leaf.last_access or not self._is_in_tree(leaf) \
+                    or not self._is_evictable_leaf(leaf):
+                continue  # stale: touched since, removed, locked or no longer a leaf
+            self._offer(self._remove_leaf(leaf))
             num_freed += 1
-            if self._is_evictable_leaf(parent):
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return num_freed
 
     def reset(self) -> None:
@@ -144,6 +150,7 @@ class RadixCache:
         self.allocator.free(node.page for node in nodes)
         self.root = RadixNode(None, (), -1, 0)
         self.num_pages = 0
+        self._leaf_heap.clear()
 
     def nodes(self) -> Iterator[RadixNode]:
         """Every node holding a page (depth first)."""
@@ -185,5 +192,16 @@ class RadixCache:
     def _is_evictable_leaf(self, node: RadixNode) -> bool:
         return not node.is_root and not node.children and node.lock_ref == 0
 
-    def _evictable_leaves(self) -> List[RadixNode]:
-        return [node for node in self.nodes() if self._is_evictable_leaf(node)]
+    def _is_in_tree(self, node: RadixNode) -> bool:
+        return node.parent is not None and node.parent.children.get(node.key) is node
+
+    def _offer(self, node: RadixNode) -> None:
+        """Queues node for eviction if it is (now) an evictable leaf. The heap
+        is rebuilt from the tree when stale entries outnumber the pages."""
+        if not self._is_evictable_leaf(node):
+            return
+        heapq.heappush(self._leaf_heap, (node.last_access, next(self._heap_seq), node))
+        if len(self._leaf_heap) > 2 * self.num_pages + 64:
+            self._leaf_heap = [(leaf.last_access, next(self._heap_seq), leaf)
+                               for leaf in self.nodes() if self._is_evictable_leaf(leaf)]
+            heapq.heapify(self._leaf_heap)

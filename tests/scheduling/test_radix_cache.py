@@ -96,3 +96,27 @@ def test_reset_and_disabled_mode(rng):
     pages = allocator.alloc(3)
     assert disabled.insert(keys, pages).pages == [] and disabled.num_pages == 0
     assert disabled.match_prefix(keys).num_tokens == 0
+
+
+def test_eviction_pops_lru_leaves_without_walking_the_tree(rng, monkeypatch):
+    """Least recently used leaves go first, a touched leaf moves back, and
+    evict never visits the whole tree (it pops a heap kept as leaves
+    appear); the heap stays bounded however often leaves are touched."""
+    cache, allocator = make_cache(num_pages=256)
+    paths = [[rng.randrange(1000) for _ in range(2 * PAGE)] for _ in range(6)]
+    for keys in paths:
+        insert_fresh(cache, allocator, keys)
+    cache.match_prefix(paths[0])  # paths[0] becomes the most recently used
+    for _ in range(500):
+        cache.match_prefix(paths[1])
+    assert len(cache._leaf_heap) <= 2 * cache.num_pages + 64
+
+    def walk():
+        raise AssertionError("evict walked the tree")
+
+    monkeypatch.setattr(cache, "nodes", walk)
+    # a leaf's eviction makes its parent a leaf of the same age: four paths
+    # of two pages go, the two touched ones stay whole
+    assert cache.evict(8) == 8
+    cached = [len(cache.match_prefix(keys).pages) for keys in paths]
+    assert cached == [2, 2, 0, 0, 0, 0]
