@@ -64,11 +64,12 @@ class KVManager:
         """Pages admitting the request would newly allocate for its images."""
         return self.images.num_missing_pages(request.mm_items) if not request.image_kv else 0
 
-    def match(self, request: Request) -> PrefixMatch:
+    def match(self, request: Request, touch: bool = True) -> PrefixMatch:
         """The cached prefix a (re)admission can reuse: whole pages, and never
-        the whole sequence (the last token must run to produce logits)."""
+        the whole sequence (the last token must run to produce logits).
+        touch False: a look only (the LRU order is left as it is)."""
         limit = (request.num_tokens - 1) // self.page_size * self.page_size
-        return self.cache.match_prefix(request.position_keys(0, limit))
+        return self.cache.match_prefix(request.position_keys(0, limit), touch)
 
     def admit(self, request: Request, match: PrefixMatch, num_new_tokens: int) -> bool:
         """Attaches the matched prefix and allocates pages for num_new_tokens

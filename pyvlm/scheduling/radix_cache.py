@@ -74,8 +74,10 @@ class RadixCache:
     def num_evictable_pages(self) -> int:
         return self.num_pages - self.num_protected_pages
 
-    def match_prefix(self, keys: Sequence[PositionKey]) -> PrefixMatch:
-        """The longest cached prefix of keys, in whole pages."""
+    def match_prefix(self, keys: Sequence[PositionKey], touch: bool = True) -> PrefixMatch:
+        """The longest cached prefix of keys, in whole pages; touch marks
+        the path recently used (not for a look that admits nothing, such as
+        ordering the queue)."""
         node, pages, now = self.root, [], next(self._clock)
         if not self.enabled:
             return PrefixMatch(pages, 0, node)
@@ -84,9 +86,11 @@ class RadixCache:
             if child is None:
                 break
             node = child
-            node.last_access = now
+            if touch:
+                node.last_access = now
             pages.append(node.page)
-        self._offer(node)  # only the deepest node of a path can be a leaf
+        if touch:
+            self._offer(node)  # only the deepest node of a path can be a leaf
         return PrefixMatch(pages, len(pages) * self.page_size, node)
 
     def insert(self, keys: Sequence[PositionKey], pages: Sequence[int]) -> PrefixMatch:

@@ -233,7 +233,9 @@ class Scheduler:
         return len(self.running) + len(plan.items) < self.config.max_running_requests
 
     def _num_matched(self, request: Request) -> int:
-        return self.kv.match(request).num_tokens
+        # ordering the queue (lpm) admits nothing: it must not refresh the
+        # LRU age of prefixes whose requests keep waiting
+        return self.kv.match(request, touch=False).num_tokens
 
     # ---- decode and preemption --------------------------------------------
 

@@ -120,3 +120,13 @@ def test_eviction_pops_lru_leaves_without_walking_the_tree(rng, monkeypatch):
     assert cache.evict(8) == 8
     cached = [len(cache.match_prefix(keys).pages) for keys in paths]
     assert cached == [2, 2, 0, 0, 0, 0]
+
+
+def test_a_look_without_touch_leaves_the_lru_order(rng):
+    cache, allocator = make_cache(num_pages=64)
+    old, new = ([rng.randrange(1000) for _ in range(PAGE)] for _ in range(2))
+    insert_fresh(cache, allocator, old)
+    insert_fresh(cache, allocator, new)
+    assert len(cache.match_prefix(old, touch=False).pages) == 1
+    assert cache.evict(1) == 1  # the untouched old page is still the least recent
+    assert cache.match_prefix(old).pages == [] and len(cache.match_prefix(new).pages) == 1
