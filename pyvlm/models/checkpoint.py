@@ -92,8 +92,9 @@ class CheckpointFiles:
         """Reads the folder; raises CheckpointError when config or (with
         needs_weights) weights are missing."""
         root = Path(root)
+        config = _read_config(root)  # first: a folder without one is no checkpoint at all
         weight_files = find_weight_files(root) if needs_weights else ()
-        return cls(root=root, config=_read_config(root), weight_files=weight_files,
+        return cls(root=root, config=config, weight_files=weight_files,
                    tokenizer_dir=Path(tokenizer_dir) if tokenizer_dir else root,
                    processor_config=read_processor_config(root),
                    chat_template=read_chat_template(root),

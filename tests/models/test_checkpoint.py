@@ -55,6 +55,7 @@ def test_hub_id_downloads_weights_configs_and_tokenizer_only(monkeypatch, tmp_pa
         return str(tmp_path)
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    (tmp_path / "model.safetensors").touch()  # a repository with safetensors: one download
     assert resolve_checkpoint("llava-hf/some-model", revision="abc123") == tmp_path
     (call,) = calls
     assert call["repo_id"] == "llava-hf/some-model" and call["revision"] == "abc123"
@@ -68,6 +69,22 @@ def test_hub_id_downloads_weights_configs_and_tokenizer_only(monkeypatch, tmp_pa
         assert fetched(name), name
     for name in ["pytorch_model.bin", "model.gguf", "README.md", "onnx/model.onnx"]:
         assert not fetched(name), name
+
+
+def test_a_repository_without_safetensors_also_downloads_its_bin_shards(monkeypatch, tmp_path):
+    """liuhaotian/llava-v1.5-7b ships pytorch_model-0000N-of-0000M.bin only."""
+    calls = []
+
+    def fake_snapshot_download(**kwargs):
+        calls.append(kwargs["allow_patterns"])
+        return str(tmp_path)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    assert resolve_checkpoint("liuhaotian/llava-v1.5-7b") == tmp_path
+    first, second = calls
+    names = ("pytorch_model-00001-of-00002.bin", "model.gguf")
+    assert [any(fnmatch.fnmatch(n, p) for p in first) for n in names] == [False, False]
+    assert [any(fnmatch.fnmatch(n, p) for p in second) for n in names] == [True, False]
 
 
 def _tensor_names(path):

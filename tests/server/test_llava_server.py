@@ -66,9 +66,11 @@ def test_answers_are_transformers_tokens(served):
                                       image_part(60, 60)]}],
     ]
     client = client_for(base)
+    answers = []
     for messages in conversations:
-        expected = answer_of(twin_dir, template, messages)
-        assert expected  # the random model says something before its EOS
+        answers.append(answer_of(twin_dir, template, messages))
         response = client.chat.completions.create(model="tiny", messages=messages,
                                                   max_tokens=MAX_TOKENS, temperature=0)
-        assert response.choices[0].message.content == expected
+        assert response.choices[0].message.content == answers[-1]
+    # the random model may stop at once on fresh images; not on all of them
+    assert any(answers), answers

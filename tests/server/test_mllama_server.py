@@ -80,12 +80,14 @@ def conversations():
 def test_answers_are_transformers_tokens(server, reference):
     base, template = server
     client = client_for(base)
+    answers = []
     for messages in conversations():
-        answer = reference(messages, template)
-        assert answer  # the random model says something before its EOS
+        answers.append(reference(messages, template))
         response = client.chat.completions.create(model="tiny", messages=messages,
                                                   max_tokens=MAX_TOKENS, temperature=0)
-        assert response.choices[0].message.content == answer
+        assert response.choices[0].message.content == answers[-1]
+    # the random model may stop at once on fresh images; not on all of them
+    assert any(answers), answers
     messages = conversations()[0]
     streamed = client.chat.completions.create(model="tiny", messages=messages,
                                               max_tokens=MAX_TOKENS, temperature=0, stream=True)
