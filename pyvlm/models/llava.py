@@ -8,7 +8,7 @@ from typing import Optional, Tuple
 import torch
 
 from .llava_family import LlavaFamilyModel
-from .llava_onevision_images import Geometry
+from .llava_images import Geometry
 
 
 class LlavaForConditionalGeneration(LlavaFamilyModel):

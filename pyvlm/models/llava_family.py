@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from pyvlm.multimodal.llava_onevision import (anyres_grid_shape, downsampled_feature_grid,
                                               num_anyres_tiles, unpadding_crop)
-from .llava_onevision_images import Geometry, encode_prepared, prepare_images
+from .llava_images import Geometry, encode_prepared, prepare_images
 from .vision_language import VisionLanguageModel
 
 ACTIVATIONS = {"gelu": nn.GELU, "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),

@@ -14,7 +14,7 @@ import torch
 
 from pyvlm.multimodal.llava_onevision import max_num_patches_of
 from .llava_family import LLAVA_PREFIXES, LlavaFamilyModel, LlavaMultiModalProjector
-from .llava_onevision_images import Geometry
+from .llava_images import Geometry
 
 LLAVA_ONEVISION_PREFIXES = LLAVA_PREFIXES
 LlavaOnevisionMultiModalProjector = LlavaMultiModalProjector

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pyvlm.multimodal.image_io import decode_image
 from pyvlm.multimodal.llava_onevision import Normalization
-from pyvlm.models.llava_onevision_pixels import llava_onevision_pixel_values
+from pyvlm.models.llava_pixels import llava_pixel_values as llava_onevision_pixel_values
 from tests import tiny_models
 from tests.multimodal.hf_llava_onevision import hf_image_processor, pyvlm_config
 

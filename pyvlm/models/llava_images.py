@@ -1,4 +1,4 @@
-"""LLaVA-OneVision's two image stages for the engine (the model class
+"""The LLaVA families' two image stages for the engine (the model class
 exposes them as prepare_images and encode_prepared).
 
 `prepare_images` runs when a request is built (the caller's thread or the
@@ -18,7 +18,7 @@ from PIL import Image
 
 from pyvlm.scheduling.types import MultimodalItem
 from pyvlm.multimodal.llava_onevision import ImagePlan
-from pyvlm.models.llava_onevision_pixels import llava_onevision_pixel_values
+from pyvlm.models.llava_pixels import llava_pixel_values
 
 
 class Geometry(NamedTuple):
@@ -56,7 +56,7 @@ def prepare_images(images: Sequence[Image.Image], plans: Sequence[ImagePlan],
     the GPU asynchronous, but CUDA's caching host allocator never gives
     pinned blocks back, so queued requests' tiles would grow the server's
     resident memory to its high-water mark (seen in the H200 soak)."""
-    tiles = llava_onevision_pixel_values(images, plans, "cpu", dtype)
+    tiles = llava_pixel_values(images, plans, "cpu", dtype)
     return [PreparedImage(t, tuple(plan.image_size), len(plans), plan.grid_shape,
                           plan.feature_crop) for t, plan in zip(tiles, plans)]
 
