@@ -96,6 +96,8 @@ def run_in_chunks(engine, request, chunk_sizes):
     logits, start = [], 0
     for size in chunk_sizes:
         end = min(num_tokens, start + size)
+        if end == start:  # the sizes may cover the prompt before their last one
+            break
         chunk = SequenceChunk(
             rid=request.rid, token_ids=request.prompt_ids[start:end], start_pos=start,
             positions=request.positions(start, end), page_table=pages,
