@@ -58,14 +58,14 @@ KNOWN_TOWERS: Dict[str, Tuple[dict, dict]] = {
 }
 
 
-def is_original_layout(config: Mapping[str, Any]) -> bool:
-    return any(a in BACKBONES for a in config.get("architectures") or ())
-
-
-def to_transformers_layout(files: CheckpointFiles, image_token_id: int,
+def to_transformers_layout(files: CheckpointFiles, tokenizer,
                            vision_tower_path: Optional[str] = None) -> CheckpointFiles:
     """The checkpoint as transformers would lay it out (module docstring);
-    CheckpointError naming what is missing and the flag that supplies it."""
+    "<image>" is added to the tokenizer when it lacks it. CheckpointError
+    names what is missing and the flag that supplies it."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     config = files.config
     backbone = _backbone(config)
     tower_name = vision_tower_path or config.get("mm_vision_tower") or config.get("vision_tower")

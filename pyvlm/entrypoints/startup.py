@@ -15,7 +15,7 @@ from pyvlm.entrypoints.image_budget import ImageBudget
 from pyvlm.entrypoints.request_builder import ImageInputs, RequestBuilder
 from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.step_loop import StepLoop
-from pyvlm.models.registry import image_processor_for
+from pyvlm.models.registry import image_processor_for, layout_conversion_for
 from pyvlm.multimodal.media import MediaPolicy
 from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, load_checkpoint_files,
                                      resolve_device, resolve_dtype)
@@ -135,20 +135,13 @@ def prompt_vocab_size(files: CheckpointFiles, images: Optional[ImageInputs]) -> 
     return max(vocab_size, images.image_token_id + 1)
 
 
-def in_transformers_layout(files: CheckpointFiles, tokenizer,
-                           vision_tower_path: Optional[str] = None) -> CheckpointFiles:
-    """A checkpoint in the LLaVA authors' layout read as transformers'
-    (pyvlm.conversions.llava_original); its <image> placeholder is added to
-    the tokenizer. Other checkpoints are returned as they are."""
-    from pyvlm.conversions.llava_original import (IMAGE_TOKEN, is_original_layout,
-                                                  to_transformers_layout)
-
-    if not is_original_layout(files.config):
-        return files
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    return to_transformers_layout(files, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-                                  vision_tower_path)
+def in_family_layout(files: CheckpointFiles, tokenizer,
+                     vision_tower_path: Optional[str] = None) -> CheckpointFiles:
+    """The checkpoint read in its family's layout: the registry's layout
+    conversion for its architecture, if any (it may extend the tokenizer,
+    e.g. with an image placeholder); otherwise the files as they are."""
+    convert = layout_conversion_for(files.architectures)
+    return files if convert is None else convert(files, tokenizer, vision_tower_path)
 
 
 def load_tokenizer(files: CheckpointFiles):
@@ -240,7 +233,7 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     if loaded_model is not None:
         dtype = next(loaded_model.parameters()).dtype
     tokenizer = load_tokenizer(files)
-    files = in_transformers_layout(files, tokenizer, config.model.vision_tower_path)
+    files = in_family_layout(files, tokenizer, config.model.vision_tower_path)
     model, runner = build_runner(config, files, device, dtype, loaded_model)
     context_length = context_length_of(config, files)
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,

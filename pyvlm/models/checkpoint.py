@@ -132,29 +132,34 @@ def _read_config(root: Path) -> dict:
 
 def find_weight_files(root: Path) -> Tuple[Path, ...]:
     """The safetensors files: the shards named by the index, or model.safetensors."""
-    index = _read_json(root / "model.safetensors.index.json")
-    if index is not None:
-        names = sorted(set(index["weight_map"].values()))
-        missing = [name for name in names if not (root / name).is_file()]
-        if missing:
-            raise CheckpointError(f"{root}: shards listed in the index are missing: {missing}")
-        return tuple(root / name for name in names)
+    indexed = _indexed_shards(root, "model.safetensors.index.json")
+    if indexed is not None:
+        return indexed
     if (root / "model.safetensors").is_file():
         return (root / "model.safetensors",)
     found = tuple(sorted(root.glob("*.safetensors")))
     return found or find_pytorch_weight_files(root)
 
 
+def _indexed_shards(root: Path, index_name: str) -> Optional[Tuple[Path, ...]]:
+    """The shards an index file names (None without the index); CheckpointError
+    for shards it names that are missing."""
+    index = _read_json(root / index_name)
+    if index is None:
+        return None
+    names = sorted(set(index["weight_map"].values()))
+    missing = [name for name in names if not (root / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{root}: shards listed in the index are missing: {missing}")
+    return tuple(root / name for name in names)
+
+
 def find_pytorch_weight_files(root: Path) -> Tuple[Path, ...]:
     """PyTorch pickles (pytorch_model*.bin), as older checkpoints such as
     liuhaotian/llava-v1.5-7b ship them; read with torch.load(weights_only)."""
-    index = _read_json(root / "pytorch_model.bin.index.json")
-    if index is not None:
-        names = sorted(set(index["weight_map"].values()))
-        missing = [name for name in names if not (root / name).is_file()]
-        if missing:
-            raise CheckpointError(f"{root}: shards listed in the index are missing: {missing}")
-        return tuple(root / name for name in names)
+    indexed = _indexed_shards(root, "pytorch_model.bin.index.json")
+    if indexed is not None:
+        return indexed
     found = tuple(sorted(root.glob("pytorch_model*.bin")))
     if not found:
         raise CheckpointError(f"{root} has no weights (model*.safetensors or pytorch_model*.bin)")

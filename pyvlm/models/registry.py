@@ -39,8 +39,27 @@ FAMILIES = {
 }
 
 
+# Checkpoint layouts read as one of the families above, by architecture:
+# "module:function" under pyvlm.conversions, taking (files, tokenizer,
+# vision_tower_path) and returning the files in the family's layout.
+LAYOUT_CONVERSIONS = {
+    architecture: "llava_original:to_transformers_layout"
+    for architecture in ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM",
+                         "LlavaQwenForCausalLM")
+}
+
+
 def supported_architectures() -> List[str]:
-    return sorted(FAMILIES)
+    return sorted(set(FAMILIES) | set(LAYOUT_CONVERSIONS))
+
+
+def layout_conversion_for(architectures: Sequence[str]) -> Optional[Any]:
+    """The function reading a checkpoint of another layout as a family's
+    (LAYOUT_CONVERSIONS), or None for a family's own layout."""
+    for architecture in architectures or ():
+        if architecture in LAYOUT_CONVERSIONS:
+            return _imported("pyvlm.conversions", LAYOUT_CONVERSIONS[architecture])
+    return None
 
 
 def family_for(architectures: Sequence[str]) -> Tuple[str, Family]:

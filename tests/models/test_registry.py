@@ -37,3 +37,13 @@ def test_every_family_resolves_its_processor_and_model():
         assert model_class_for([architecture]).__name__ == family.model.split(":")[1]
         processor = image_processor_for([architecture], {}, {})
         assert type(processor).__name__ == family.processor.split(":")[1]
+
+
+def test_other_layouts_resolve_to_a_conversion_not_a_family():
+    from pyvlm.models.registry import (LAYOUT_CONVERSIONS, layout_conversion_for,
+                                       supported_architectures)
+
+    for architecture in LAYOUT_CONVERSIONS:
+        assert callable(layout_conversion_for([architecture]))
+        assert architecture in supported_architectures()
+    assert layout_conversion_for(["Qwen2VLForConditionalGeneration"]) is None
