@@ -78,15 +78,31 @@ class MediaConfig:
 
 
 @dataclass(frozen=True)
+class RunnerConfig:
+    """How steps run on the device (SGLang's flag names)."""
+
+    # CUDA graphs of decode steps for batch sizes up to this (padded to the
+    # next captured size); larger decode batches run eagerly.
+    cuda_graph_max_bs: int = 256
+    disable_cuda_graph: bool = False
+    # Where the scheduler and the model run: "process" (their own process,
+    # as vLLM's EngineCore and SGLang's scheduler process), "thread" (a
+    # thread of the caller's process), or "auto" (process on CUDA, thread
+    # on CPU).
+    engine_process: str = "auto"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
+    runner: RunnerConfig = field(default_factory=RunnerConfig)
 
 
 _GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-           "media": MediaConfig}
+           "media": MediaConfig, "runner": RunnerConfig}
 _ALIASES = {"model_path": "model"}
 
 

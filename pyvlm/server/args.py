@@ -59,6 +59,9 @@ class ServerArgs:
     # without end (memory, and latency no client waits for).
     max_queued_requests: Optional[int] = 1024
     shutdown_grace_s: float = 10.0
+    cuda_graph_max_bs: int = 256
+    disable_cuda_graph: bool = False
+    engine_process: str = "auto"
 
     @property
     def model_name(self) -> str:
@@ -77,7 +80,8 @@ class ServerArgs:
                  "enable_cache_report", "disable_radix_cache", "encoder_cache_bytes",
                  "decode_log_interval", "chat_template", "served_model_name",
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
-                 "max_pending_image_bytes", "mm_processor_kwargs")
+                 "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
+                 "disable_cuda_graph", "engine_process")
         return {name: getattr(self, name) for name in names}
 
     def public_dict(self) -> Dict[str, Any]:
@@ -156,6 +160,12 @@ _FLAGS = [
     (("--max-queued-requests",), int,
      "most requests waiting beyond --max-running-requests; more get 429 with Retry-After "
      "(default 1024)"),
+    (("--cuda-graph-max-bs",), int,
+     "CUDA: largest decode batch run through a captured CUDA graph (default 256)"),
+    (("--disable-cuda-graph",), "store_true", "CUDA: run every step eagerly (no CUDA graphs)"),
+    (("--engine-process",), str,
+     "auto|process|thread: run the scheduler and model in their own process or in a thread "
+     "of the server's (default auto: a process on CUDA, a thread on CPU)"),
 ]
 
 
@@ -197,6 +207,9 @@ def _check(args: ServerArgs) -> None:
         (args.mm_processor_kwargs is None or isinstance(args.mm_processor_kwargs, dict),
          "--mm-processor-kwargs must be a JSON object"),
         (args.load_format in ("auto", "dummy"), "--load-format must be auto or dummy"),
+        (args.cuda_graph_max_bs >= 0, "--cuda-graph-max-bs must be >= 0"),
+        (args.engine_process in ("auto", "process", "thread"),
+         "--engine-process must be auto, process or thread"),
         (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),
          "--log-level must be debug, info, warning, error or critical"),
     ]
