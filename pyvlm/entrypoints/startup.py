@@ -215,6 +215,14 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, mo
     return model, ModelRunner(model, pool, device, vision, index_checks_for(config, device))
 
 
+def decode_graph_batch_limit(config: EngineConfig, device: torch.device) -> int:
+    """The largest decode batch captured in a CUDA graph; 0: none (CPU,
+    --disable-cuda-graph)."""
+    if device.type != "cuda" or config.runner.disable_cuda_graph:
+        return 0
+    return min(config.runner.cuda_graph_max_bs, config.scheduler.max_running_requests)
+
+
 def index_checks_for(config: EngineConfig, device: torch.device) -> bool:
     """The engine thread's index-check setting (ModelConfig.check_indices;
     None: on for CPU, off for CUDA)."""
@@ -236,6 +244,7 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     files = in_family_layout(files, tokenizer, config.model.vision_tower_path)
     model, runner = build_runner(config, files, device, dtype, loaded_model)
     context_length = context_length_of(config, files)
+    runner.capture_decode_graphs(decode_graph_batch_limit(config, device), context_length)
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,
                           detokenizer_factory(tokenizer), runner.image_rows_per_page)
     images = image_inputs_for(model, tokenizer, files, dtype, config.media.mm_processor_kwargs)

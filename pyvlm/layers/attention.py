@@ -7,12 +7,13 @@ prefill, or one decode token per sequence).
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from pyvlm import ops
+from pyvlm.ops.host_upload import HostUpload
 
 # (start_pos, num_new_tokens, page_table) of one sequence in the step.
 ChunkSpan = Tuple[int, int, Sequence[int]]
@@ -65,24 +66,38 @@ class AttentionMetadata:
               device=None) -> "AttentionMetadata":
         """Builds the tensors of a step from each sequence's (start_pos,
         num_new_tokens, page_table); decode steps take one token each."""
+        upload = HostUpload()
+        make = cls.stage(chunks, page_size, is_decode, upload)
+        upload.to(device if device is not None else "cpu")
+        return make()
+
+    @classmethod
+    def stage(cls, chunks: List[ChunkSpan], page_size: int, is_decode: bool,
+              upload: HostUpload) -> Callable[[], "AttentionMetadata"]:
+        """Adds the step's index lists to `upload` (the runner moves a whole
+        step's lists in one copy); the returned callable builds the metadata
+        once upload.to() has run."""
         if is_decode and any(num_new != 1 for _, num_new, _ in chunks):
             raise ValueError("a decode step runs exactly one new token per sequence")
         slots = [slot for start, num_new, table in chunks
                  for slot in slots_of(start, num_new, table, page_size)]
-
-        def as_tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        common = dict(is_decode=is_decode, slot_mapping=as_tensor(slots, torch.int64),
-                      block_tables=as_tensor(padded_block_tables([c[2] for c in chunks]),
-                                             torch.int32))
+        common = dict(slot_mapping=upload.add(slots, torch.int64),
+                      block_tables=upload.add(padded_block_tables([c[2] for c in chunks]),
+                                              torch.int32))
         if is_decode:
-            return cls(**common, seq_lens=as_tensor([start + 1 for start, _, _ in chunks],
-                                                    torch.int32))
-        num_new_tokens = [num_new for _, num_new, _ in chunks]
-        return cls(**common, cu_seqlens_q=as_tensor(cumulative(num_new_tokens), torch.int32),
-                   prefix_lens=as_tensor([start for start, _, _ in chunks], torch.int32),
-                   max_seqlen_q=max(num_new_tokens + [0]))
+            extra = dict(seq_lens=upload.add([start + 1 for start, _, _ in chunks], torch.int32))
+            max_seqlen_q = 0
+        else:
+            num_new_tokens = [num_new for _, num_new, _ in chunks]
+            extra = dict(cu_seqlens_q=upload.add(cumulative(num_new_tokens), torch.int32),
+                         prefix_lens=upload.add([start for start, _, _ in chunks], torch.int32))
+            max_seqlen_q = max(num_new_tokens + [0])
+
+        def make() -> "AttentionMetadata":
+            tensors = {name: pending.tensor for name, pending in {**common, **extra}.items()}
+            return cls(is_decode=is_decode, max_seqlen_q=max_seqlen_q, **tensors)
+
+        return make
 
 
 class PagedAttention(nn.Module):

@@ -7,7 +7,7 @@ the device itself no longer works afterwards (a CUDA sticky error).
 """
 
 import logging
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -16,6 +16,8 @@ from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.scheduling.types import ForwardBatch, SampleResult, SequenceChunk
 from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.runner import sampler
+from pyvlm.ops.host_upload import HostUpload
+from pyvlm.runner.cuda_graphs import DecodeGraphs
 from pyvlm.runner.encoder_cache import VisionBatcher
 from pyvlm.runner.kv_pool import KVPool
 
@@ -45,6 +47,7 @@ class ModelRunner:
         self._cross_attention_inputs = getattr(model, "cross_attention_inputs", None)
         self.check_indices = check_indices
         self.fault_hook: Optional[FaultHook] = None
+        self.graphs: Optional[DecodeGraphs] = None  # capture_decode_graphs
 
     def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
         try:
@@ -71,9 +74,48 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
-        if not batch.chunks:
+        chunks = batch.chunks
+        if not chunks:
             return []
-        return self._sample(self._hidden_states(batch), batch.chunks)
+        upload = HostUpload()  # every list of the step goes to the device in one copy per dtype
+        sampled = [i for i, c in enumerate(chunks) if c.sample]
+        draw = sampler.stage([chunks[i] for i in sampled], upload)
+        if self._graph_runs(batch, sampled):
+            replay = self.graphs.stage(chunks, upload)
+            upload.to(self.device)
+            self._at("decode", chunks)
+            logits = replay()
+        else:
+            forward = self._stage_forward(batch, upload)
+            last_rows = upload.add(_last_rows(chunks, sampled), torch.int64)
+            upload.to(self.device)
+            hidden = forward()
+            if not sampled:
+                return [None] * len(chunks)
+            logits = self.model.compute_logits(hidden.index_select(0, last_rows.tensor)).float()
+        self._at("sampling", [chunks[i] for i in sampled])
+        results: List[Optional[SampleResult]] = [None] * len(chunks)
+        for i, result in zip(sampled, draw(logits)):
+            results[i] = result
+        return results
+
+    def capture_decode_graphs(self, max_bs: int, max_seq_len: int, emulate: bool = False) -> None:
+        """Captures CUDA graphs of decode steps of up to max_bs sequences of
+        up to max_seq_len tokens (emulate: the same static-buffer path run
+        eagerly, for CPU tests). Cross-attention families run eagerly: their
+        per-step image inputs are built in Python and vary in shape."""
+        if self._cross_attention_inputs is not None or max_bs <= 0:
+            logger.info("decode steps run without CUDA graphs%s", " (cross-attention model)"
+                        if self._cross_attention_inputs is not None else "")
+            return
+        max_pages = -(-max_seq_len // self.page_size)
+        self.graphs = DecodeGraphs(self.model, self.pool.caches, self.page_size, max_bs,
+                                   max_pages, self.device, emulate)
+        self.graphs.capture()
+
+    def _graph_runs(self, batch: ForwardBatch, sampled: List[int]) -> bool:
+        return (self.graphs is not None and batch.is_decode and len(sampled) == len(batch.chunks)
+                and self.graphs.can_run(batch.chunks))
 
     @torch.inference_mode()
     def token_logits(self, batch: ForwardBatch) -> torch.Tensor:
@@ -81,21 +123,35 @@ class ModelRunner:
         returns float32 logits of every new token [T, vocab], chunk after
         chunk: prompt logprobs, and the parity tests' view of a step."""
         with ops.index_checks(self.check_indices):
-            return self.model.compute_logits(self._hidden_states(batch)).float()
+            upload = HostUpload()
+            forward = self._stage_forward(batch, upload)
+            upload.to(self.device)
+            return self.model.compute_logits(forward()).float()
 
-    def _hidden_states(self, batch: ForwardBatch) -> torch.Tensor:
+    def _stage_forward(self, batch: ForwardBatch, upload: HostUpload) -> Callable[[], torch.Tensor]:
+        """Adds the step's token and attention lists to `upload`; the returned
+        callable (after upload.to()) runs the model and returns the hidden
+        states of every new token."""
         chunks = batch.chunks
-        input_ids, positions = self._token_tensors(chunks)
-        attn = AttentionMetadata.build(
+        ids = upload.add([t for c in chunks for t in c.token_ids], torch.int64)
+        positions = upload.add(_position_rows(chunks), torch.int64)
+        make_attn = AttentionMetadata.stage(
             [(c.start_pos, c.num_new_tokens, c.page_table) for c in chunks],
-            self.page_size, batch.is_decode, self.device)
-        if self._cross_attention_inputs is None:
-            embeds = self._input_embeddings(input_ids, chunks)
-        else:
-            embeds = None
-            attn.cross_attention = self._cross_images(chunks, batch.is_decode)
-        self._at("decode" if batch.is_decode else "prefill", chunks)
-        return self.model.forward(input_ids, positions, attn, self.pool.caches, embeds)
+            self.page_size, batch.is_decode, upload)
+
+        def run() -> torch.Tensor:
+            input_ids, rows = ids.tensor, positions.tensor
+            attn = make_attn()
+            if self._cross_attention_inputs is None:
+                embeds = self._input_embeddings(input_ids, chunks)
+            else:
+                embeds = None
+                attn.cross_attention = self._cross_images(chunks, batch.is_decode)
+            self._at("decode" if batch.is_decode else "prefill", chunks)
+            return self.model.forward(input_ids, rows[0] if len(rows) == 1 else rows, attn,
+                                      self.pool.caches, embeds)
+
+        return run
 
     def _at(self, stage: str, chunks: Sequence[SequenceChunk]) -> None:
         if self.fault_hook is not None:
@@ -104,21 +160,6 @@ class ModelRunner:
     def free_encoder_cache(self) -> None:
         if self.vision is not None:
             self.vision.cache.clear()
-
-    def _token_tensors(self, chunks: Sequence[SequenceChunk]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """input_ids int64 [T] and the chunks' positions int64 [T] (one row)
-        or [rows, T] (M-RoPE), as the request builder computed them."""
-        ids: List[int] = []
-        rows: List[List[int]] = [[] for _ in chunks[0].positions]
-        for c in chunks:
-            ids.extend(c.token_ids)
-            if len(c.positions) != len(rows):
-                raise ValueError("every chunk of a step needs the same number of position rows")
-            for row, values in zip(rows, c.positions):
-                row.extend(values)
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64, device=self.device)  # noqa: E731
-        positions = as_tensor(rows)
-        return as_tensor(ids), positions[0] if len(rows) == 1 else positions
 
     def _input_embeddings(self, input_ids: torch.Tensor,
                           chunks: Sequence[SequenceChunk]) -> Optional[torch.Tensor]:
@@ -148,24 +189,27 @@ class ModelRunner:
             self._at("vision", [c for c in chunks if c.cross_images])
         return self._cross_attention_inputs(chunks, self.pool, self.vision.embed, is_decode)
 
-    def _sample(self, hidden: torch.Tensor, chunks: Sequence[SequenceChunk]):
-        last_rows, sampled = [], []
-        end = 0
-        for i, c in enumerate(chunks):
-            end += c.num_new_tokens
-            if c.sample:
-                last_rows.append(end - 1)
-                sampled.append(i)
-        results: List[Optional[SampleResult]] = [None] * len(chunks)
-        if not sampled:
-            return results
-        self._at("sampling", [chunks[i] for i in sampled])
-        rows = torch.tensor(last_rows, dtype=torch.int64, device=hidden.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows)).float()
-        drawn = sampler.sample(logits, [chunks[i] for i in sampled])
-        for i, result in zip(sampled, drawn):
-            results[i] = result
-        return results
+
+
+def _position_rows(chunks: Sequence[SequenceChunk]) -> List[List[int]]:
+    """The step's rotary positions, one list per row (1: 1-D; 3: M-RoPE),
+    as the request builder computed them."""
+    rows: List[List[int]] = [[] for _ in chunks[0].positions]
+    for c in chunks:
+        if len(c.positions) != len(rows):
+            raise ValueError("every chunk of a step needs the same number of position rows")
+        for row, values in zip(rows, c.positions):
+            row.extend(values)
+    return rows
+
+
+def _last_rows(chunks: Sequence[SequenceChunk], sampled: List[int]) -> List[int]:
+    """The packed row of each sampled chunk's last new token."""
+    ends, end = [], 0
+    for c in chunks:
+        end += c.num_new_tokens
+        ends.append(end - 1)
+    return [ends[i] for i in sampled]
 
 
 def _image_rows(chunks: Sequence[SequenceChunk], by_hash):

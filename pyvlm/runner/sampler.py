@@ -3,11 +3,12 @@ penalty and sampling kernels (seeded per request: the token drawn at output
 step n depends only on the seed, n and the logits)."""
 
 from collections import Counter
-from typing import List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
 from pyvlm import ops
+from pyvlm.ops.host_upload import HostUpload, to_host
 from pyvlm.scheduling.types import SampleResult, SequenceChunk
 
 
@@ -66,24 +67,40 @@ def apply_penalties(logits: torch.Tensor, chunks: Sequence[SequenceChunk]) -> No
 
 def sample(logits: torch.Tensor, chunks: Sequence[SequenceChunk]) -> List[SampleResult]:
     """One SampleResult per row of logits [len(chunks), vocab] (float32)."""
-    apply_penalties(logits, chunks)
-    dev = logits.device
+    upload = HostUpload()
+    draw = stage(chunks, upload)
+    upload.to(logits.device)
+    return draw(logits)
+
+
+def stage(chunks: Sequence[SequenceChunk],
+          upload: HostUpload) -> Callable[[torch.Tensor], List[SampleResult]]:
+    """Adds the chunks' sampling parameters to `upload` (moved with the rest
+    of the step); the returned callable samples float32 logits [len(chunks),
+    vocab] after upload.to(), reading the results back with one wait."""
     num_top = max((c.sampling.top_logprobs for c in chunks), default=0)
-    temperatures = [0.0 if c.sampling.is_greedy else c.sampling.temperature for c in chunks]
-    tokens, logprobs, top_ids, top_lps = ops.sample(
-        logits,
-        torch.tensor(temperatures, dtype=torch.float32, device=dev),
+    params = [
+        upload.add([0.0 if c.sampling.is_greedy else c.sampling.temperature for c in chunks],
+                   torch.float32),
         # top_k beyond the vocabulary keeps every token; capped, it fits the kernel's int32.
-        torch.tensor([min(max(c.sampling.top_k, 0), logits.shape[1]) for c in chunks],
-                     dtype=torch.int32, device=dev),
-        torch.tensor([c.sampling.top_p for c in chunks], dtype=torch.float32, device=dev),
-        torch.tensor([c.sampling.min_p for c in chunks], dtype=torch.float32, device=dev),
-        torch.tensor([c.seed for c in chunks], dtype=torch.int64, device=dev),
-        torch.tensor([c.step for c in chunks], dtype=torch.int64, device=dev),
-        num_top=num_top,
-    )
-    return _to_results(chunks, tokens.tolist(), logprobs.tolist(), top_ids.tolist(),
-                       top_lps.tolist())
+        upload.add([min(max(c.sampling.top_k, 0), 1 << 30) for c in chunks], torch.int32),
+        upload.add([c.sampling.top_p for c in chunks], torch.float32),
+        upload.add([c.sampling.min_p for c in chunks], torch.float32),
+        upload.add([c.seed for c in chunks], torch.int64),
+        upload.add([c.step for c in chunks], torch.int64),
+    ]
+
+    def draw(logits: torch.Tensor) -> List[SampleResult]:
+        apply_penalties(logits, chunks)
+        tokens, logprobs, top_ids, top_lps = ops.sample(
+            logits, *(p.tensor for p in params), num_top=num_top)
+        wanted = [tokens, logprobs] + ([top_ids, top_lps] if num_top else [])
+        host = [t.tolist() for t in to_host(wanted)]
+        if not num_top:
+            host += [[[]] * len(chunks)] * 2
+        return _to_results(chunks, *host)
+
+    return draw
 
 
 def _to_results(chunks, tokens, logprobs, top_ids, top_lps) -> List[SampleResult]:

@@ -1,0 +1,90 @@
+"""A step's host-side index and parameter lists, moved to the device in one
+copy per dtype.
+
+`torch.tensor(list, device="cuda")` copies from pageable memory, which
+blocks the host until the GPU has finished every earlier kernel: a dozen of
+them per step serialise the CPU and the GPU. A `HostUpload` gathers the
+lists of a step (token ids, positions, slots, block tables, sampling
+parameters), packs them per dtype into one pinned buffer and starts one
+asynchronous copy per dtype; the CUDA caching host allocator keeps a pinned
+block alive until its copy has run, so nothing waits.
+
+    upload = HostUpload()
+    ids = upload.add([1, 2, 3], torch.int64)
+    table = upload.add([[4, 5], [6, 0]], torch.int32)   # rows of equal length
+    upload.to(device)
+    ids.tensor, table.tensor                              # device tensors
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+
+class Pending:
+    """A tensor of a HostUpload; `tensor` is set by HostUpload.to()."""
+
+    __slots__ = ("shape", "offset", "tensor")
+
+    def __init__(self, shape: Tuple[int, ...], offset: int):
+        self.shape, self.offset = shape, offset
+        self.tensor: Optional[torch.Tensor] = None
+
+
+class HostUpload:
+    """Collects lists (flat, or rows of equal length) per dtype; to(device)
+    uploads each dtype's values with one copy and resolves every Pending."""
+
+    def __init__(self):
+        self._values: Dict[torch.dtype, List] = {}
+        self._pending: Dict[torch.dtype, List[Pending]] = {}
+
+    def add(self, values: Sequence, dtype: torch.dtype) -> Pending:
+        """values: numbers, or a list of equal-length lists (a 2-D tensor)."""
+        flat = self._values.setdefault(dtype, [])
+        if values and isinstance(values[0], (list, tuple)):
+            shape = (len(values), len(values[0]))
+            for row in values:
+                if len(row) != shape[1]:
+                    raise ValueError("the rows of a 2-D upload must have equal lengths")
+                flat.extend(row)
+        else:
+            shape = (len(values),)
+            flat.extend(values)
+        pending = Pending(shape, len(flat) - _numel(shape))
+        self._pending.setdefault(dtype, []).append(pending)
+        return pending
+
+    def to(self, device: torch.device) -> None:
+        """One host-to-device copy per dtype, asynchronous on CUDA."""
+        device = torch.device(device)
+        for dtype, values in self._values.items():
+            flat = _to_device(torch.tensor(values, dtype=dtype), device)
+            for pending in self._pending[dtype]:
+                n = _numel(pending.shape)
+                pending.tensor = flat[pending.offset:pending.offset + n].view(pending.shape)
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def to_host(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Copies device tensors to the host with a single wait (one stream
+    synchronisation for all of them, not one per .tolist())."""
+    if not tensors or tensors[0].device.type != "cuda":
+        return [t.cpu() for t in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(hosts, tensors):
+        host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return hosts

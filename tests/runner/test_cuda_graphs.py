@@ -1,0 +1,143 @@
+"""Decode steps through the static buffers of pyvlm.runner.cuda_graphs: on
+the CPU with emulate=True (the graph's padding and buffer logic, run
+eagerly), on CUDA with real graphs (marked cuda): the same greedy tokens as
+transformers and as eager steps, padding rows writing no KV."""
+
+import random
+
+import pytest
+import torch
+
+from pyvlm.ops.host_upload import HostUpload
+from pyvlm.runner.cuda_graphs import PAD_SLOT, graph_batch_sizes
+from pyvlm.scheduling.types import SamplingParams, SequenceChunk
+from tests.entrypoints.test_engine_parity import Reference, engine_for, make_prompts
+
+
+def test_graph_batch_sizes_cover_every_batch_up_to_the_limit():
+    for max_bs in [1, 3, 8, 17, 64, 100, 256]:
+        sizes = graph_batch_sizes(max_bs)
+        assert sizes == sorted(set(sizes)) and sizes[0] == 1 and sizes[-1] == max_bs
+        for n in range(1, max_bs + 1):
+            padded = next(s for s in sizes if s >= n)
+            assert padded - n <= max(16, n // 4), (max_bs, n, padded)
+
+
+@pytest.fixture(scope="module", params=["qwen2", "qwen2_vl"])  # 1-D rotary and M-RoPE
+def checkpoint(request):
+    return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+def count_replays(graphs) -> list:
+    """Wraps graphs.stage to record each staged batch size."""
+    sizes, stage = [], graphs.stage
+
+    def counting(chunks, upload):
+        sizes.append(len(chunks))
+        return stage(chunks, upload)
+
+    graphs.stage = counting
+    return sizes
+
+
+def test_emulated_graph_steps_match_transformers(checkpoint, hf_model):
+    """8 requests, graphs up to 4: the first decode steps run eagerly (8 >
+    4), later ones through padded buffers as requests finish at different
+    lengths; every token equals transformers'."""
+    with engine_for(checkpoint) as engine:
+        runner = engine.state.runner
+        runner.capture_decode_graphs(4, engine.state.context_length, emulate=True)
+        staged = count_replays(runner.graphs)
+        reference = Reference(hf_model, engine)
+        prompts = make_prompts(seed=4, image=engine.builder.image_token)
+        results = generate_staggered(engine, prompts)
+    assert {1, 2, 3, 4} <= set(staged), staged  # padded sizes 3 -> 4 among them
+    assert_prefixes_of_reference(results, prompts, reference)
+
+
+def generate_staggered(engine, prompts):
+    """Greedy, request i stopping after 4 (i + 1) tokens: the decode batch
+    shrinks one request at a time."""
+    params = [{"temperature": 0.0, "max_new_tokens": 4 * (i + 1), "ignore_eos": True}
+              for i in range(len(prompts))]
+    return engine.generate([p for p, _ in prompts], params, image_data=[ims for _, ims in prompts])
+
+
+def assert_prefixes_of_reference(results, prompts, reference):
+    for i, ((prompt, images), result) in enumerate(zip(prompts, results)):
+        assert result["output_ids"] == reference.tokens(prompt, images)[:4 * (i + 1)], prompt
+
+
+def decode_chunk(rid, start_pos, page_table, token, rows) -> SequenceChunk:
+    return SequenceChunk(rid=rid, token_ids=[token], start_pos=start_pos,
+                         positions=[[start_pos]] * rows, page_table=page_table, mm_items=[],
+                         sample=True, sampling=SamplingParams(temperature=0.0), seed=0, step=0)
+
+
+def test_padding_rows_write_no_kv_and_stale_rows_are_overwritten(checkpoint):
+    """A batch of 3 in the size-4 buffers after a batch of 4: only the 3
+    new slots of the pool change (the 4th row's old slot is not rewritten)
+    and the logits equal an eager step's."""
+    with engine_for(checkpoint, max_total_tokens=512) as engine:
+        runner = engine.state.runner
+        runner.capture_decode_graphs(4, 64, emulate=True)
+        graphs, page_size = runner.graphs, runner.page_size
+        rows = graphs.num_rows
+        pages = random.Random(0).sample(range(runner.num_pages), 16)
+        tables = [pages[4 * i:4 * i + 4] for i in range(4)]
+        upload = HostUpload()
+        run = graphs.stage([decode_chunk(f"r{i}", 5 + i, tables[i], 7 + i, rows)
+                            for i in range(4)], upload)
+        upload.to(runner.device)
+        run()
+        runner.pool.storage.normal_()  # poison: every slot a fresh value
+        before = runner.pool.storage.clone()
+        chunks = [decode_chunk(f"s{i}", 9 + i, tables[i], 3 + i, rows) for i in range(3)]
+        upload = HostUpload()
+        run = graphs.stage(chunks, upload)
+        upload.to(runner.device)
+        logits = run().clone()
+        assert int(graphs.slot_mapping[3]) == PAD_SLOT
+        changed = (runner.pool.storage != before).flatten(start_dim=4).any(dim=-1)  # per slot
+        written = {(int(p), int(s)) for p, s in changed.nonzero()[:, 2:4].tolist()}
+        expected = {(tables[i][(9 + i) // page_size], (9 + i) % page_size) for i in range(3)}
+        assert written == expected
+        runner.pool.storage.copy_(before)
+        eager = runner.token_logits(_decode_batch(chunks))
+    torch.testing.assert_close(logits, eager, rtol=1e-5, atol=1e-5)
+
+
+def _decode_batch(chunks):
+    from pyvlm.scheduling.types import ForwardBatch
+
+    return ForwardBatch(is_decode=True, chunks=chunks)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_steps_match_eager_steps_and_transformers(checkpoint, hf_model):
+    """Real graphs (up to 4, so 8 requests start eagerly) against
+    --disable-cuda-graph and transformers, float32."""
+    hf_cuda = hf_model.to("cuda")
+    args = dict(device="cuda", max_total_tokens=8192, cuda_graph_max_bs=4)
+    try:
+        with engine_for(checkpoint, **args) as engine:
+            assert engine.state.runner.graphs is not None
+            staged = count_replays(engine.state.runner.graphs)
+            reference = Reference(hf_cuda, engine)
+            prompts = make_prompts(seed=5, image=engine.builder.image_token)
+            graphed = generate_staggered(engine, prompts)
+        with engine_for(checkpoint, disable_cuda_graph=True, **args) as engine:
+            assert engine.state.runner.graphs is None
+            eager = generate_staggered(engine, prompts)
+    finally:
+        hf_model.to("cpu")
+    assert {1, 2, 3, 4} <= set(staged), staged
+    assert [r["output_ids"] for r in graphed] == [r["output_ids"] for r in eager]
+    assert_prefixes_of_reference(graphed, prompts, reference)
