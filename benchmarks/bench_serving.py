@@ -47,15 +47,17 @@ def image_data_uri(image) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-async def one_request(target, model: str, uri: str, max_tokens: int, index: int) -> RequestTiming:
-    """One streamed chat with one image (benchmarks/load/client.py, no openai)."""
+async def one_request(target, model: str, uri: str, max_tokens: int, index: int,
+                      extra_text: str = "") -> RequestTiming:
+    """One streamed chat with one image (benchmarks/load/client.py, no openai);
+    extra_text follows PROMPT (a longer prompt)."""
     server, path, headers, timeout = target
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
             "ignore_eos": True,  # fixed output length (SGLang and vLLM accept it)
             "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": uri}},
-                {"type": "text", "text": PROMPT.format(index=index)}]}]}
+                {"type": "text", "text": PROMPT.format(index=index) + extra_text}]}]}
     timing = RequestTiming(time.perf_counter())
     try:
         reply = await client.post_json(server, path, body, timeout=timeout, headers=headers)
@@ -90,13 +92,13 @@ def chat_target(base_url: str, api_key: str = "EMPTY", timeout: float = 600.0):
 
 
 async def run_requests(target, model: str, uris: List[str], max_tokens: int,
-                       concurrency: int) -> List[RequestTiming]:
+                       concurrency: int, extra_text: str = "") -> List[RequestTiming]:
     """One request per image URI, at most `concurrency` in flight."""
     semaphore = asyncio.Semaphore(concurrency)
 
     async def limited(i):
         async with semaphore:
-            return await one_request(target, model, uris[i], max_tokens, i)
+            return await one_request(target, model, uris[i], max_tokens, i, extra_text)
 
     return await asyncio.gather(*(limited(i) for i in range(len(uris))))
 

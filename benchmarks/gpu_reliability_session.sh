@@ -8,16 +8,25 @@
 #   bash benchmarks/gpu_reliability_session.sh build-soak [s]  # the build, then the soak
 #   bash benchmarks/gpu_reliability_session.sh latency [MODEL...]  # bench_latency_vs_transformers
 #   bash benchmarks/gpu_reliability_session.sh build-latency [MODEL...]  # the build, then latency
+#   bash benchmarks/gpu_reliability_session.sh e2e [MODEL...]    # bench_e2e_gpu, then host overhead
 # latency: MODEL qwen2-vl-7b (default), llava-onevision-7b, llama-3.2-11b-vision, llava-1.5-7b
-# and/or llava-next-7b, ~3 min each for the 7Bs (two 8B builds, transformers, then pyvlm's
-# server), ~4-5 min estimated for the 11B (21 GB of bf16 weights twice while copied;
-# transformers' batch 64 runs 64 x 4 tiles through its tower at once, or is reported OOM).
+# and/or llava-next-7b (bench_latency_vs_transformers.py is bench_e2e_gpu.py without its step
+# phase, 64 throughput requests: transformers' random model, then pyvlm's server on
+# --load-format dummy), ~3 min each for the 7Bs, ~4-5 min estimated for the 11B
+# (transformers' batch 64 runs 64 x 4 tiles through its tower at once, or is reported OOM).
 # Estimated, not yet run on a GPU: llava-1.5-7b ~2-3 min (Vicuna-7B, 13.2 GB of decoder
 # weights, a 607-token prompt, one 577-row CLIP tile per image; its 32 K/V heads make 512 KiB
 # of KV per token, 25 GB at transformers' batch 64), llava-next-7b ~3-4 min (Mistral-7B, a
 # 2348-token prompt, 5 CLIP tiles per 644x476 image: transformers' batch 64 runs 320 tiles and
 # 150k prompt tokens at once, or is reported OOM). One model per device call, after `build`
 # when the build is not already there; $LATENCY_FLAGS adds flags (e.g. "--num-requests 256").
+# e2e: benchmarks/bench_e2e_gpu.py (issue 12 item 9: TTFT, batch-1 decode, the decode step at 64 x
+# ~3k context, 256 requests @ 64 against transformers and the floors, with the issue's targets), one
+# MODEL per device call after `build`: estimated ~4 min for qwen2-vl-7b, ~5 for llava-onevision-7b,
+# ~6-7 for llama-3.2-11b-vision (killed at $E2E_TIMEOUT, 510 s: the rows print as phases end, so
+# e2e_MODEL.md keeps those done; $E2E_FLAGS adds flags, e.g. "--skip transformers" or
+# "--hf-batch-sizes 32"). Then, when the e2e JSON was written and $HOST_OVERHEAD is not 0,
+# benchmarks/bench_host_overhead.py on MODEL-narrow (CPU, instant runner, ~40 s) against its rates.
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -76,7 +85,21 @@ case "${1:-}" in
       tail -5 "$OUT/latency_$model.log"
     done
     ;;
+  e2e)
+    shift
+    for model in "${@:-qwen2-vl-7b}"; do
+      timeout ${E2E_TIMEOUT:-510} python3 benchmarks/bench_e2e_gpu.py --model "$model" \
+        --device cuda --photos .device_photos --json-out "$OUT/e2e_$model.json" ${E2E_FLAGS:-} \
+        2> "$OUT/e2e_$model.log" | tee "$OUT/e2e_$model.md"
+      tail -5 "$OUT/e2e_$model.log"
+      if [ -s "$OUT/e2e_$model.json" ] && [ "${HOST_OVERHEAD:-1}" != 0 ]; then
+        timeout ${HOST_TIMEOUT:-75} python3 benchmarks/bench_host_overhead.py \
+          --model "$model-narrow" --photos .device_photos --gpu-json "$OUT/e2e_$model.json" \
+          --json-out "$OUT/host_$model.json" 2> "$OUT/host_$model.log" | tee "$OUT/host_$model.md"
+      fi
+    done
+    ;;
   *) echo "usage: $0 build|build-test|bench|soak|build-soak [seconds]" \
-       "| latency|build-latency [MODEL...]"
+       "| latency|build-latency|e2e [MODEL...]"
      exit 2 ;;
 esac

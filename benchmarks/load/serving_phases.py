@@ -1,32 +1,40 @@
-"""The serving measurements of benchmarks/bench_latency_vs_transformers.py,
-against any OpenAI-compatible server (streamed chat completions with one
-image each, through benchmarks/bench_serving.py's client), in phases:
+"""The serving measurements of benchmarks/bench_e2e_gpu.py, against any
+OpenAI-compatible server (streamed chat completions with one image each,
+through benchmarks/bench_serving.py's client), in phases:
 
-1. warm-up: a few concurrent short requests;
-2. TTFT on an idle server: sequential single requests, each a fresh image
-   (one the server has never seen, so no encoder-cache hit), max_tokens 1;
-3. batch-1 decode: one streamed request, tokens/s after its first token;
-4. throughput: num_requests requests with distinct images, concurrency at a
-   time, output_tokens each (ignore_eos): output tokens / wall time.
+1. warmup: a few concurrent short requests;
+2. ttft: TTFT on an idle server: sequential single requests, each a fresh
+   image (one the server has never seen, so no encoder-cache hit), max_tokens 1;
+3. decode: batch-1 decode: one streamed request, tokens/s after its first token;
+4. step: step_concurrency requests at once whose prompts are padded with
+   words to ~step_context tokens, step_output_tokens each (ignore_eos): the
+   mean time between tokens while all of them decode (full_batch_steps);
+5. throughput: num_requests requests with distinct images, concurrency at a
+   time, output_tokens each (ignore_eos): output tokens / wall time, and the
+   inter-token latency (p50, p99) of all their streams.
 
-Every request of every phase carries its own picture (all of one size), so
-the phases never share cache entries but for the chat template's text.
+A phase asked for 0 requests or tokens is skipped. Every request of every
+phase carries its own picture (all of one size), so the phases never share
+cache entries but for the chat template's text.
 
   python -m benchmarks.load.serving_phases --base-url http://127.0.0.1:30000/v1 \\
       --model qwen2-vl-7b --json-out phases.json
 
-It runs in its own process, so the client never competes with the server
-for the interpreter lock.
+After each phase it prints everything measured so far as one JSON line
+(PhaseResults) on stdout. It runs in its own process, so the client never
+competes with the server for the interpreter lock.
 """
 
 import argparse
 import asyncio
 import json
+import random
+import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -34,6 +42,8 @@ from benchmarks.bench_serving import (RequestTiming, chat_target, image_data_uri
                                       one_request, run_requests)
 from benchmarks.load import client  # noqa: E402
 from benchmarks.load.images import distinct_pictures  # noqa: E402
+from benchmarks.load.report import percentile  # noqa: E402
+from benchmarks.load.workload import WORDS  # noqa: E402
 
 IMAGE_SIZE = (644, 476)  # width, height: 17 x 23 Qwen2-VL merged blocks, no resize
 # Per model (by name, "-narrow" or not) where the default is a poor probe:
@@ -41,6 +51,11 @@ IMAGE_SIZE = (644, 476)  # width, height: 17 x 23 Qwen2-VL merged blocks, no res
 # fills the 2x2 canvas (4 tiles, the most it takes) at scale 1, padded below.
 IMAGE_SIZES = {"llama-3.2-11b-vision": (1120, 840)}
 WARMUP_TOKENS = 4
+# Each phase, in the order they run, and the Plan field whose 0 skips it.
+PHASE_FIELDS = {"ttft": "num_ttft", "decode": "decode_tokens", "step": "step_concurrency",
+                "throughput": "num_requests"}
+PHASES = tuple(PHASE_FIELDS)
+MIN_WINDOW_STEPS = 4  # fewer steps with every stream running: no step time
 
 
 def image_size_for(model: str) -> Tuple[int, int]:
@@ -56,29 +71,55 @@ def parse_size(text: str) -> Tuple[int, int]:
 
 @dataclass(frozen=True)
 class Plan:
+    """How many requests and tokens each phase runs (0: the phase is skipped)."""
+
     num_warmup: int = 8
     num_ttft: int = 8
     decode_tokens: int = 128
-    num_requests: int = 64
+    num_requests: int = 256
     concurrency: int = 64
     output_tokens: int = 128
+    step_concurrency: int = 64
+    step_context: int = 3072
+    step_output_tokens: int = 256
 
     @property
     def num_images(self) -> int:
-        return self.num_warmup + self.num_ttft + 1 + self.num_requests
+        """Warm-up, TTFT, decode, the step phase's length probe and requests, throughput."""
+        return self.num_warmup + self.num_ttft + 2 + self.step_concurrency + self.num_requests
+
+    def phases(self) -> List[str]:
+        """The phases this plan runs (those asked for any requests or tokens)."""
+        return [phase for phase, name in PHASE_FIELDS.items() if getattr(self, name) > 0]
+
+    def without(self, phases: Sequence[str]) -> "Plan":
+        """This plan with those phases skipped."""
+        return replace(self, **{PHASE_FIELDS[phase]: 0 for phase in phases})
 
 
 @dataclass
 class PhaseResults:
-    ttft_s: List[float]
-    num_prompt_tokens: int
-    decode_tokens: int
-    decode_s: float  # from the first streamed token to the last
-    num_requests: int
-    num_ok: int
-    output_tokens: int  # of the throughput phase, all requests
-    wall_s: float
-    errors: List[str]
+    """What the phases measured so far (phases: those done, in order); a
+    phase not run leaves its fields at their defaults."""
+
+    phases: List[str] = field(default_factory=list)
+    num_prompt_tokens: int = 0  # of a one-image prompt, the server's usage
+    ttft_s: List[float] = field(default_factory=list)
+    decode_tokens: int = 0
+    decode_s: float = 0.0  # from the first streamed token to the last
+    step_num_requests: int = 0
+    step_num_ok: int = 0
+    step_prompt_tokens: float = 0.0  # mean of the step phase's prompts
+    step_s: Optional[float] = None  # None: never every stream decoding at once
+    step_num_steps: float = 0.0  # steps seen while every stream decoded
+    step_context: float = 0.0  # mean context (prompt + generated) in those steps
+    num_requests: int = 0
+    num_ok: int = 0
+    output_tokens: int = 0  # of the throughput phase, all requests
+    wall_s: float = 0.0
+    itl_p50_s: Optional[float] = None  # inter-token latency over every stream
+    itl_p99_s: Optional[float] = None
+    errors: List[str] = field(default_factory=list)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -88,11 +129,61 @@ class PhaseResults:
     def output_tokens_per_s(self) -> float:
         return self.output_tokens / self.wall_s
 
+    @property
+    def step_tokens_per_s(self) -> Optional[float]:
+        """Output tokens/s of the step phase's full batch."""
+        return None if self.step_s is None else self.step_num_requests / self.step_s
+
+
+@dataclass(frozen=True)
+class FullBatchSteps:
+    """Decode steps while every stream of a batch was decoding."""
+
+    step_s: float  # mean time between two tokens of one stream
+    num_steps: float  # tokens per stream in the window
+    mean_index: float  # mean output index of those tokens (context past the prompt)
+
+
+def full_batch_steps(streams: Sequence[Sequence[float]]) -> Optional[FullBatchSteps]:
+    """Token arrival times of each stream -> the steps of the window in
+    which all of them were decoding: from the last stream's first token to
+    the first stream's last one. The step time is the window over the mean
+    number of tokens a stream received in it (robust to a token delivered
+    late and the next early); None when the window holds fewer than
+    MIN_WINDOW_STEPS."""
+    if not streams or not all(streams):
+        return None
+    start, end = max(s[0] for s in streams), min(s[-1] for s in streams)
+    inside = [[i for i, t in enumerate(s) if start < t <= end] for s in streams]
+    num_steps = statistics.mean(len(indices) for indices in inside)
+    if end <= start or num_steps < MIN_WINDOW_STEPS:
+        return None
+    mean_index = statistics.mean(i for indices in inside for i in indices)
+    return FullBatchSteps((end - start) / num_steps, num_steps, mean_index)
+
+
+def inter_token_gaps(timings: Sequence[RequestTiming]) -> List[float]:
+    return [b - a for t in timings for a, b in zip(t.chunk_times, t.chunk_times[1:])]
+
+
+def filler_text(num_words: int, seed: int = 0) -> str:
+    """num_words common words after a space (about a token each)."""
+    rng = random.Random(seed)
+    return "".join(" " + rng.choice(WORDS) for _ in range(num_words))
+
 
 def _checked(timing: RequestTiming, what: str) -> RequestTiming:
     if timing.error or not timing.chunk_times:
         raise RuntimeError(f"{what}: {timing.error or 'no text streamed'}")
     return timing
+
+
+def _ok(timings: Sequence[RequestTiming]) -> List[RequestTiming]:
+    return [t for t in timings if not t.error and t.chunk_times]
+
+
+def _errors(timings: Sequence[RequestTiming]) -> List[str]:
+    return [t.error for t in timings if t.error][:3]
 
 
 async def wait_ready(base_url: str, timeout: float) -> None:
@@ -109,36 +200,103 @@ async def wait_ready(base_url: str, timeout: float) -> None:
         await asyncio.sleep(0.5)
 
 
+class Phases:
+    """Runs the phases of a plan in order, each on its own images."""
+
+    def __init__(self, base_url: str, model: str, plan: Plan, uris: List[str]):
+        self.target, self.model, self.plan = chat_target(base_url), model, plan
+        self._uris: Iterator[str] = iter(uris)
+        self.results = PhaseResults()
+
+    def _take(self, count: int) -> List[str]:
+        return [next(self._uris) for _ in range(count)]
+
+    def _done(self, phase: str) -> PhaseResults:
+        self.results.phases.append(phase)
+        return self.results
+
+    async def warmup(self) -> None:
+        uris = self._take(self.plan.num_warmup)
+        for timing in await run_requests(self.target, self.model, uris, WARMUP_TOKENS,
+                                         len(uris) or 1):
+            _checked(timing, "warm-up")
+
+    async def ttft(self) -> PhaseResults:
+        for i, uri in enumerate(self._take(self.plan.num_ttft)):
+            timing = _checked(await one_request(self.target, self.model, uri, 1, i),
+                              "TTFT request")
+            self.results.ttft_s.append(timing.chunk_times[0] - timing.start)
+            self.results.num_prompt_tokens = timing.num_prompt_tokens
+        return self._done("ttft")
+
+    async def decode(self) -> PhaseResults:
+        uri, = self._take(1)
+        timing = _checked(await one_request(self.target, self.model, uri,
+                                            self.plan.decode_tokens, 0), "decode request")
+        r = self.results
+        r.num_prompt_tokens = timing.num_prompt_tokens
+        r.decode_tokens = timing.num_output_tokens
+        r.decode_s = timing.chunk_times[-1] - timing.chunk_times[0]
+        return self._done("decode")
+
+    async def step(self) -> PhaseResults:
+        """A probe learns the one-image prompt's length; the batch's prompts
+        are padded with words up to step_context tokens."""
+        plan, r = self.plan, self.results
+        probe_uri, = self._take(1)
+        probe = _checked(await one_request(self.target, self.model, probe_uri, 1, 0),
+                         "step-phase probe")
+        filler = filler_text(max(0, plan.step_context - probe.num_prompt_tokens))
+        timings = await run_requests(self.target, self.model, self._take(plan.step_concurrency),
+                                     plan.step_output_tokens, plan.step_concurrency, filler)
+        ok = _ok(timings)
+        r.step_num_requests, r.step_num_ok = len(timings), len(ok)
+        r.step_prompt_tokens = statistics.mean(t.num_prompt_tokens for t in ok) if ok else 0.0
+        steps = full_batch_steps([t.chunk_times for t in timings]) if len(ok) == len(timings) \
+            else None
+        if steps is not None:
+            r.step_s, r.step_num_steps = steps.step_s, steps.num_steps
+            r.step_context = r.step_prompt_tokens + steps.mean_index
+        r.errors += _errors(timings)
+        return self._done("step")
+
+    async def throughput(self) -> PhaseResults:
+        plan, r = self.plan, self.results
+        start = time.perf_counter()
+        timings = await run_requests(self.target, self.model, self._take(plan.num_requests),
+                                     plan.output_tokens, plan.concurrency)
+        r.wall_s = time.perf_counter() - start
+        ok = _ok(timings)
+        r.num_requests, r.num_ok = len(timings), len(ok)
+        r.output_tokens = sum(t.num_output_tokens for t in ok)
+        gaps = inter_token_gaps(ok)
+        r.itl_p50_s, r.itl_p99_s = percentile(gaps, 0.5), percentile(gaps, 0.99)
+        r.errors += _errors(timings)
+        return self._done("throughput")
+
+
 async def run_phases(base_url: str, model: str, plan: Plan, photos=None,
-                     image_size: Tuple[int, int] = IMAGE_SIZE) -> PhaseResults:
-    target = chat_target(base_url)
+                     image_size: Tuple[int, int] = IMAGE_SIZE, on_phase=None) -> PhaseResults:
+    """Every planned phase; on_phase(results) after each."""
     uris = [image_data_uri(p) for p in distinct_pictures(plan.num_images, image_size, photos)]
-    warmup, rest = uris[:plan.num_warmup], uris[plan.num_warmup:]
-    ttft_uris, decode_uri, load_uris = rest[:plan.num_ttft], rest[plan.num_ttft], \
-        rest[plan.num_ttft + 1:]
-    for timing in await run_requests(target, model, warmup, WARMUP_TOKENS, len(warmup) or 1):
-        _checked(timing, "warm-up")
-    ttft = []
-    for i, uri in enumerate(ttft_uris):
-        timing = _checked(await one_request(target, model, uri, 1, i), "TTFT request")
-        ttft.append(timing.chunk_times[0] - timing.start)
-    decode = _checked(await one_request(target, model, decode_uri, plan.decode_tokens, 0),
-                      "decode request")
-    start = time.perf_counter()
-    loaded = await run_requests(target, model, load_uris, plan.output_tokens, plan.concurrency)
-    wall = time.perf_counter() - start
-    ok = [t for t in loaded if not t.error and t.chunk_times]
-    return PhaseResults(ttft, decode.num_prompt_tokens, decode.num_output_tokens,
-                        decode.chunk_times[-1] - decode.chunk_times[0], len(loaded), len(ok),
-                        sum(t.num_output_tokens for t in ok), wall,
-                        [t.error for t in loaded if t.error][:3])
+    phases = Phases(base_url, model, plan, uris)
+    await phases.warmup()
+    for name in plan.phases():
+        results = await getattr(phases, name)()
+        if on_phase is not None:
+            on_phase(results)
+    return phases.results
+
+
+def print_results(results: PhaseResults) -> None:
+    print(json.dumps(asdict(results)), flush=True)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base-url", required=True)
     parser.add_argument("--model", default="default")
-    parser.add_argument("--json-out", type=Path, required=True)
+    parser.add_argument("--json-out", type=Path, default=None)
     parser.add_argument("--photos", type=Path, default=None)
     parser.add_argument("--image-size", type=parse_size, default=None,
                         help="WIDTHxHEIGHT of every picture (default: image_size_for(--model))")
@@ -151,10 +309,11 @@ def main(argv=None) -> None:
     async def go():
         await wait_ready(args.base_url, args.ready_timeout)
         return await run_phases(args.base_url, args.model, plan, args.photos,
-                                args.image_size or image_size_for(args.model))
+                                args.image_size or image_size_for(args.model), print_results)
 
     results = asyncio.run(go())
-    args.json_out.write_text(json.dumps(asdict(results)))
+    if args.json_out is not None:
+        args.json_out.write_text(json.dumps(asdict(results)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""transformers' side of benchmarks/bench_latency_vs_transformers.py: the
+"""transformers' side of benchmarks/bench_e2e_gpu.py: the
 same prompts the pyvlm server builds, through transformers' own processor,
 and `generate` timed three ways (TTFT of one image, batch-1 decode, batched
 throughput with distinct images).
@@ -136,14 +136,38 @@ def llava_processor(preprocessor: dict, tokenizer, config):
                            num_additional_image_tokens=1)
 
 
+@dataclass(frozen=True)
+class PromptShape:
+    """What prompts cost the model: tokens (of the longest row), the patch
+    rows the vision tower runs over and the cross-attention K/V rows of the
+    images (mllama; 0 for the others), all rows together."""
+
+    num_prompt_tokens: int
+    num_tower_tokens: int
+    num_image_rows: int = 0
+
+
+def shape_of(features, config) -> PromptShape:
+    """The PromptShape of a processor's output."""
+    return PromptShape(features["input_ids"].shape[1], tower_tokens(features, config),
+                       image_rows(features, config))
+
+
+def prompt_shape(folder: Path, config, image) -> PromptShape:
+    """The shape of the benchmark's prompt with one image, by transformers'
+    processor alone (no model needed)."""
+    processor = hf_processor(folder, config)
+    features = processor(text=server_prompt_texts(folder, 1), images=[image], padding=True,
+                         return_tensors="pt")
+    return shape_of(features, config)
+
+
 @dataclass
 class Batch:
     """generate's keyword inputs of some prompts, already on the device."""
 
     inputs: Dict[str, torch.Tensor]
-    num_prompt_tokens: int  # of the longest row
-    num_tower_tokens: int  # patch rows the vision tower runs over, all rows together
-    num_image_rows: int = 0  # cross-attention K/V rows of the images (mllama), all together
+    shape: PromptShape
 
     @property
     def size(self) -> int:
@@ -158,8 +182,7 @@ def make_batch(processor, texts: Sequence[str], images: Sequence, model) -> Batc
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     for key, value in features.items():
         inputs.setdefault(key, value)  # e.g. batch_num_images, a list
-    return Batch(inputs, inputs["input_ids"].shape[1], tower_tokens(features, model.config),
-                 image_rows(features, model.config))
+    return Batch(inputs, shape_of(features, model.config))
 
 
 def tower_tokens(features, config) -> int:
@@ -248,8 +271,9 @@ def timed_generate(model, batch: Batch, num_new_tokens: int, pad_token_id: int,
     out = model.generate(**batch.inputs, generation_config=config, streamer=streamer)
     _sync(model)
     seconds = time.perf_counter() - start
-    if out.shape[1] != batch.num_prompt_tokens + num_new_tokens:
-        raise RuntimeError(f"generate made {out.shape[1] - batch.num_prompt_tokens} tokens, "
+    num_prompt_tokens = batch.shape.num_prompt_tokens
+    if out.shape[1] != num_prompt_tokens + num_new_tokens:
+        raise RuntimeError(f"generate made {out.shape[1] - num_prompt_tokens} tokens, "
                            f"not {num_new_tokens}")
     return seconds
 
@@ -259,10 +283,8 @@ class TransformersResults:
     ttft_s: List[float]
     decode_tokens_per_s: float
     batched_tokens_per_s: Dict[int, Optional[float]]  # batch -> output tok/s (None: OOM)
-    num_prompt_tokens: int
-    num_tower_tokens: int  # of one image
     preprocess_s: List[float]  # processor + copy to the device of each TTFT input (not timed)
-    num_image_rows: int = 0  # of one image: cross-attention K/V rows (mllama), else 0
+    shape: PromptShape  # of one prompt with its image
 
     @property
     def best_batch(self) -> Optional[int]:
@@ -293,9 +315,8 @@ def measure(model, folder: Path, images: Sequence, num_ttft: int, decode_tokens:
     timed_generate(model, singles[0], decode_tokens, pad, clock)
     batched = {b: batched_tokens_per_s(model, processor, texts[:b], images[:b], output_tokens, pad)
                for b in batch_sizes}
-    return TransformersResults(ttft, clock.tokens_per_s_after_first, batched,
-                               singles[0].num_prompt_tokens, singles[0].num_tower_tokens,
-                               preprocess, singles[0].num_image_rows)
+    return TransformersResults(ttft, clock.tokens_per_s_after_first, batched, preprocess,
+                               singles[0].shape)
 
 
 def batched_tokens_per_s(model, processor, texts, images, output_tokens: int,

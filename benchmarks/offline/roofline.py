@@ -154,6 +154,16 @@ def cost_for(model, config) -> ModelCost:
     return model_cost(model)
 
 
+def config_cost(config, dtype: torch.dtype) -> ModelCost:
+    """cost_for pyvlm's model of a transformers config in dtype, built on
+    the meta device (no memory, no weights: the server loads its own)."""
+    from pyvlm.models.registry import model_class_for
+
+    with torch.device("meta"):
+        model = model_class_for(config.architectures)(config).to(dtype)
+    return cost_for(model, config)
+
+
 def _matmul_params(module: nn.Module, skip=()) -> int:
     """Weights (2-D and up) of the module's linear and conv layers, outside
     embedding tables, projectors and the submodules named in skip."""
