@@ -178,9 +178,11 @@ def _inputs_of(image_inputs, prompt_ids, images, device, dtype) -> dict:
 
 @torch.inference_mode()
 def greedy_tokens(model, image_inputs, prompt_ids: List[int], images: Sequence,
-                  max_new_tokens: int, eos_token_id: Optional[int] = None) -> List[int]:
+                  max_new_tokens: int, eos_token_id: Optional[int] = None,
+                  **generation_settings) -> List[int]:
     """transformers generate (greedy); eos None generates exactly max_new_tokens.
-    image_inputs: reference_inputs_for(files), or a LLaVA-OneVision image processor."""
+    image_inputs: reference_inputs_for(files), or a LLaVA-OneVision image processor.
+    generation_settings: more GenerationConfig fields (e.g. repetition_penalty)."""
     from transformers import GenerationConfig
 
     device, dtype = model.device, model.dtype
@@ -190,7 +192,7 @@ def greedy_tokens(model, image_inputs, prompt_ids: List[int], images: Sequence,
         # config; an id past the LM head's rows is one it never samples.
         eos_token_id = model.get_output_embeddings().weight.shape[0]
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False,
-                              eos_token_id=eos_token_id, pad_token_id=0)
+                              eos_token_id=eos_token_id, pad_token_id=0, **generation_settings)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                          generation_config=config,
                          **_inputs_of(image_inputs, prompt_ids, images, device, dtype))

@@ -20,6 +20,7 @@ from pyvlm.ops.host_upload import HostUpload
 from pyvlm.runner.cuda_graphs import DecodeGraphs
 from pyvlm.runner.encoder_cache import VisionBatcher
 from pyvlm.runner.kv_pool import KVPool
+from pyvlm.runner.penalty_state import PenaltyState
 
 
 logger = logging.getLogger("pyvlm.runner")
@@ -48,6 +49,7 @@ class ModelRunner:
         self.check_indices = check_indices
         self.fault_hook: Optional[FaultHook] = None
         self.graphs: Optional[DecodeGraphs] = None  # capture_decode_graphs
+        self.penalties = PenaltyState()  # penalized requests' token counts, on the device
 
     def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
         try:
@@ -79,7 +81,7 @@ class ModelRunner:
             return []
         upload = HostUpload()  # every list of the step goes to the device in one copy per dtype
         sampled = [i for i, c in enumerate(chunks) if c.sample]
-        draw = sampler.stage([chunks[i] for i in sampled], upload)
+        draw = sampler.stage([chunks[i] for i in sampled], upload, self.penalties)
         if self._graph_runs(batch, sampled):
             replay = self.graphs.stage(chunks, upload)
             upload.to(self.device)

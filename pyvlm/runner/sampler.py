@@ -1,33 +1,16 @@
-"""Turns a batch's last-token logits into SampleResults with the extension's
-penalty and sampling kernels (seeded per request: the token drawn at output
-step n depends only on the seed, n and the logits)."""
+"""Turns a batch's last-token logits into SampleResults: penalties from the
+runner's device state (pyvlm.runner.penalty_state), the logit bias and the
+sampling kernel of the extension (seeded per request: the token drawn at
+output step n depends only on the seed, n and the logits)."""
 
-from collections import Counter
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
 from pyvlm import ops
 from pyvlm.ops.host_upload import HostUpload, to_host
+from pyvlm.runner.penalty_state import PenaltyState, StagedPenalties, needs_penalties
 from pyvlm.scheduling.types import SampleResult, SequenceChunk
-
-
-def _needs_penalties(chunk: SequenceChunk) -> bool:
-    s = chunk.sampling
-    return (s.presence_penalty != 0.0 or s.frequency_penalty != 0.0
-            or s.repetition_penalty != 1.0 or bool(s.logit_bias))
-
-
-def _penalty_rows(chunks: Sequence[SequenceChunk]):
-    """CSR rows of (distinct token ids, output counts) per chunk."""
-    ids, counts, offsets = [], [], [0]
-    for chunk in chunks:
-        out_counts = Counter(chunk.output_ids)
-        row = dict.fromkeys(list(chunk.prompt_ids) + list(chunk.output_ids))
-        ids.extend(row)
-        counts.extend(out_counts.get(t, 0) for t in row)
-        offsets.append(len(ids))
-    return ids, counts, offsets
 
 
 def _bias_rows(chunks: Sequence[SequenceChunk]):
@@ -41,43 +24,55 @@ def _bias_rows(chunks: Sequence[SequenceChunk]):
 
 
 def apply_penalties(logits: torch.Tensor, chunks: Sequence[SequenceChunk]) -> None:
-    """Repetition/presence/frequency penalties and logit bias, in place."""
-    if not any(_needs_penalties(c) for c in chunks):
-        return
-    dev = logits.device
-    ids, counts, offsets = _penalty_rows(chunks)
-    bias_ids, bias_values, bias_offsets = _bias_rows(chunks)
+    """Repetition/presence/frequency penalties and logit bias, in place
+    (from scratch: the runner keeps a PenaltyState across steps instead)."""
+    upload = HostUpload()
+    penalize = _stage_penalties(chunks, upload, PenaltyState())
+    upload.to(logits.device)
+    penalize(logits)
 
-    def f32(values):
-        return torch.tensor(values, dtype=torch.float32, device=dev)
 
-    ops.apply_penalties(
-        logits,
-        torch.tensor(ids, dtype=torch.int64, device=dev),
-        torch.tensor(counts, dtype=torch.int32, device=dev),
-        torch.tensor(offsets, dtype=torch.int32, device=dev),
-        f32([c.sampling.presence_penalty for c in chunks]),
-        f32([c.sampling.frequency_penalty for c in chunks]),
-        f32([c.sampling.repetition_penalty for c in chunks]),
-        torch.tensor(bias_ids, dtype=torch.int64, device=dev),
-        f32(bias_values),
-        torch.tensor(bias_offsets, dtype=torch.int32, device=dev),
-    )
+def _stage_penalties(chunks: Sequence[SequenceChunk], upload: HostUpload,
+                     state: PenaltyState) -> Callable[[torch.Tensor], Optional[StagedPenalties]]:
+    """Adds the penalty and bias lists of the step to upload; the callable
+    applies them to the logits and returns what must record the sampled tokens."""
+    penalized = [i for i, c in enumerate(chunks) if needs_penalties(c)]
+    staged = state.stage([chunks[i] for i in penalized], penalized, upload) if penalized else None
+    bias = None
+    if any(c.sampling.logit_bias for c in chunks):
+        ids, values, offsets = _bias_rows(chunks)
+        bias = (upload.add(ids, torch.int64), upload.add(values, torch.float32),
+                upload.add(offsets, torch.int32), upload.add([0] * len(offsets), torch.int32),
+                upload.add([0.0] * len(chunks), torch.float32))
+
+    def penalize(logits: torch.Tensor) -> Optional[StagedPenalties]:
+        if staged is not None:
+            staged.apply(logits)
+        if bias is not None:  # the extension's op with no penalized tokens: bias alone
+            ids, values, offsets, no_rows, zeros = (p.tensor for p in bias)
+            empty = ids[:0]
+            ops.apply_penalties(logits, empty, no_rows[:0], no_rows, zeros, zeros,
+                                zeros + 1.0, ids, values, offsets)
+        return staged
+
+    return penalize
 
 
 def sample(logits: torch.Tensor, chunks: Sequence[SequenceChunk]) -> List[SampleResult]:
     """One SampleResult per row of logits [len(chunks), vocab] (float32)."""
     upload = HostUpload()
-    draw = stage(chunks, upload)
+    draw = stage(chunks, upload, PenaltyState())
     upload.to(logits.device)
     return draw(logits)
 
 
-def stage(chunks: Sequence[SequenceChunk],
-          upload: HostUpload) -> Callable[[torch.Tensor], List[SampleResult]]:
+def stage(chunks: Sequence[SequenceChunk], upload: HostUpload,
+          penalties: PenaltyState) -> Callable[[torch.Tensor], List[SampleResult]]:
     """Adds the chunks' sampling parameters to `upload` (moved with the rest
     of the step); the returned callable samples float32 logits [len(chunks),
-    vocab] after upload.to(), reading the results back with one wait."""
+    vocab] after upload.to(), reading the results back with one wait.
+    penalties: the runner's device state of penalized requests."""
+    penalize = _stage_penalties(chunks, upload, penalties)
     num_top = max((c.sampling.top_logprobs for c in chunks), default=0)
     params = [
         upload.add([0.0 if c.sampling.is_greedy else c.sampling.temperature for c in chunks],
@@ -91,9 +86,11 @@ def stage(chunks: Sequence[SequenceChunk],
     ]
 
     def draw(logits: torch.Tensor) -> List[SampleResult]:
-        apply_penalties(logits, chunks)
+        staged_penalties = penalize(logits)
         tokens, logprobs, top_ids, top_lps = ops.sample(
             logits, *(p.tensor for p in params), num_top=num_top)
+        if staged_penalties is not None:
+            staged_penalties.record(tokens)
         wanted = [tokens, logprobs] + ([top_ids, top_lps] if num_top else [])
         host = [t.tolist() for t in to_host(wanted)]
         if not num_top:

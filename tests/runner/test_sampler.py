@@ -1,14 +1,19 @@
 """The runner's sampler: SequenceChunks -> extension op arguments."""
 
+import itertools
+
 import torch
 
 from pyvlm.scheduling.types import SamplingParams, SequenceChunk
 from pyvlm.ops.reference import apply_penalties as apply_penalties_reference
 from pyvlm.runner import sampler
 
+_rids = itertools.count()
 
-def _chunk(sampling: SamplingParams, prompt=(), output=(), seed=0, step=0) -> SequenceChunk:
-    return SequenceChunk(rid="r", token_ids=[1], start_pos=0, positions=[[0]], page_table=[0],
+
+def _chunk(sampling: SamplingParams, prompt=(), output=(), seed=0, step=0,
+           rid=None) -> SequenceChunk:
+    return SequenceChunk(rid=rid or f"r{next(_rids)}", token_ids=[1], start_pos=0, positions=[[0]], page_table=[0],
                          mm_items=[], sample=True, sampling=sampling, seed=seed, step=step,
                          prompt_ids=list(prompt), output_ids=list(output))
 
@@ -42,6 +47,17 @@ def test_seeded_draws_depend_on_seed_and_step_only():
     assert sampler.sample(batch, chunks)[2].token_id == alone
 
 
+def penalty_rows(chunks):
+    """The extension op's CSR rows: distinct prompt/output ids, output counts."""
+    ids, counts, offsets = [], [], [0]
+    for chunk in chunks:
+        row = dict.fromkeys(list(chunk.prompt_ids) + list(chunk.output_ids))
+        ids.extend(row)
+        counts.extend(list(chunk.output_ids).count(t) for t in row)
+        offsets.append(len(ids))
+    return ids, counts, offsets
+
+
 def test_penalties_match_the_reference():
     vocab = 64
     logits = torch.randn(2, vocab)
@@ -53,7 +69,7 @@ def test_penalties_match_the_reference():
     chunks = [_chunk(p, prompt, out) for p, prompt, out in zip(params, prompts, outputs)]
     got = logits.clone()
     sampler.apply_penalties(got, chunks)
-    ids, counts, offsets = sampler._penalty_rows(chunks)
+    ids, counts, offsets = penalty_rows(chunks)
     bias_ids, bias_values, bias_offsets = sampler._bias_rows(chunks)
     expected = apply_penalties_reference(
         logits.clone(), torch.tensor(ids), torch.tensor(counts, dtype=torch.int32),
