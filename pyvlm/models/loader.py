@@ -124,9 +124,13 @@ def load_model(files: CheckpointFiles, dtype: torch.dtype, device: Union[str, to
 @torch.no_grad()
 def dummy_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Every parameter drawn from U(-1e-3, 1e-3), seeded (vLLM's dummy
-    format): outputs stay finite at any depth and are the same every run."""
-    generator = torch.Generator().manual_seed(seed)
+    format): outputs stay finite at any depth and are the same every run on
+    one device. Drawn where the parameters live, in their own dtype (a 7B
+    model's 7e9 float32 draws on the CPU would take minutes)."""
+    generators = {}
     for param in model.parameters():
-        values = torch.rand(param.shape, generator=generator, dtype=torch.float32)
-        param.copy_((values * 2e-3 - 1e-3).to(param.dtype))
+        device = param.device
+        if device not in generators:
+            generators[device] = torch.Generator(device=device).manual_seed(seed)
+        param.uniform_(-1e-3, 1e-3, generator=generators[device])
     return model
