@@ -78,13 +78,28 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+class HostCopies:
+    """Device tensors on their way to the host: the copies are queued on the
+    stream behind the work that makes them; wait() blocks once, for all."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor]):
+        self._on_cuda = bool(tensors) and tensors[0].device.type == "cuda"
+        if not self._on_cuda:
+            self._hosts = [t.cpu() for t in tensors]
+            return
+        self._hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+        for host, t in zip(self._hosts, tensors):
+            host.copy_(t, non_blocking=True)
+        self._done = torch.cuda.Event()
+        self._done.record(torch.cuda.current_stream(tensors[0].device))
+
+    def wait(self) -> List[torch.Tensor]:
+        if self._on_cuda:
+            self._done.synchronize()
+        return self._hosts
+
+
 def to_host(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     """Copies device tensors to the host with a single wait (one stream
     synchronisation for all of them, not one per .tolist())."""
-    if not tensors or tensors[0].device.type != "cuda":
-        return [t.cpu() for t in tensors]
-    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-    for host, t in zip(hosts, tensors):
-        host.copy_(t, non_blocking=True)
-    torch.cuda.current_stream(tensors[0].device).synchronize()
-    return hosts
+    return HostCopies(tensors).wait()

@@ -129,14 +129,14 @@ class DecodeGraphs:
     def stage(self, chunks: Sequence[SequenceChunk],
               upload: HostUpload) -> Callable[[], torch.Tensor]:
         """Adds the batch's padded inputs to `upload`; the returned callable
-        (after upload.to()) fills the static buffers, replays the graph and
-        returns the float32 logits [len(chunks), vocab] (valid until the
-        next replay)."""
+        (after upload.to(); given what patches future tokens into the input
+        ids) fills the static buffers, replays the graph and returns the
+        float32 logits [len(chunks), vocab] (valid until the next replay)."""
         n = len(chunks)
         size = next(s for s in self.sizes if s >= n)
         pad = size - n
         last = [c.start_pos for c in chunks]
-        ids = upload.add([c.token_ids[0] for c in chunks] + [0] * pad, torch.int64)
+        ids = upload.add([max(c.token_ids[0], 0) for c in chunks] + [0] * pad, torch.int64)
         rows = [[c.positions[r][0] for c in chunks] + [0] * pad for r in range(self.num_rows)]
         positions = upload.add(rows, torch.int64)
         slots = upload.add([c.page_table[p // self.page_size] * self.page_size + p % self.page_size
@@ -146,8 +146,9 @@ class DecodeGraphs:
         tables = upload.add([list(c.page_table) + [0] * (width - len(c.page_table))
                              for c in chunks], torch.int32)
 
-        def replay() -> torch.Tensor:
+        def replay(patch_ids: Callable[[torch.Tensor], None] = lambda ids: None) -> torch.Tensor:
             self.input_ids[:size].copy_(ids.tensor)
+            patch_ids(self.input_ids[:size])
             self.positions[:self.num_rows * size].copy_(positions.tensor.view(-1))
             self.slot_mapping[:size].copy_(slots.tensor)
             self.seq_lens[:size].copy_(seq_lens.tensor)

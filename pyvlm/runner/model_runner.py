@@ -7,12 +7,13 @@ the device itself no longer works afterwards (a CUDA sticky error).
 """
 
 import logging
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from pyvlm import ops
 from pyvlm.scheduling.errors import DeviceFailure
+from pyvlm.scheduling.future_tokens import FUTURE_TOKEN
 from pyvlm.scheduling.types import ForwardBatch, SampleResult, SequenceChunk
 from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.runner import sampler
@@ -21,6 +22,7 @@ from pyvlm.runner.cuda_graphs import DecodeGraphs
 from pyvlm.runner.encoder_cache import VisionBatcher
 from pyvlm.runner.kv_pool import KVPool
 from pyvlm.runner.penalty_state import PenaltyState
+from pyvlm.runner.sampler import DrawnSamples
 
 
 logger = logging.getLogger("pyvlm.runner")
@@ -50,17 +52,30 @@ class ModelRunner:
         self.fault_hook: Optional[FaultHook] = None
         self.graphs: Optional[DecodeGraphs] = None  # capture_decode_graphs
         self.penalties = PenaltyState()  # penalized requests' token counts, on the device
+        # The last launched step's sampled tokens (device) and each request's row.
+        self._previous: Optional[Tuple[torch.Tensor, Dict[str, int]]] = None
 
     def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
+        return self.launch(batch).wait()
+
+    def launch(self, batch: ForwardBatch) -> "LaunchedStep":
+        """Starts the batch on the device and returns at once; wait() gives
+        its results. A chunk may feed FUTURE_TOKEN: the token its request
+        sampled in the previous launched step, read on the device (overlap
+        scheduling launches step N+1 before reading step N's tokens)."""
         try:
             with ops.index_checks(self.check_indices):
-                return self._forward(batch)
-        except DeviceFailure:
-            raise
+                return LaunchedStep(self, batch, self._launch(batch))
         except Exception as exc:
-            if not self.device_is_usable():
-                raise DeviceFailure(f"{type(exc).__name__}: {str(exc)[:500]}") from exc
-            raise
+            failure = self._as_device_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+
+    def _as_device_failure(self, exc: Exception) -> Exception:
+        if isinstance(exc, DeviceFailure) or self.device_is_usable():
+            return exc
+        return DeviceFailure(f"{type(exc).__name__}: {str(exc)[:500]}")
 
     def device_is_usable(self) -> bool:
         """Whether the device still computes after an error: a CUDA sticky
@@ -75,31 +90,57 @@ class ModelRunner:
             return False
 
     @torch.inference_mode()
-    def _forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
+    def _launch(self, batch: ForwardBatch) -> Optional[DrawnSamples]:
+        """Queues the step's work; the drawn samples (None: nothing sampled)."""
         chunks = batch.chunks
         if not chunks:
-            return []
+            return None
         upload = HostUpload()  # every list of the step goes to the device in one copy per dtype
         sampled = [i for i, c in enumerate(chunks) if c.sample]
         draw = sampler.stage([chunks[i] for i in sampled], upload, self.penalties)
+        future = self._stage_future_tokens(chunks, upload)
         if self._graph_runs(batch, sampled):
             replay = self.graphs.stage(chunks, upload)
             upload.to(self.device)
             self._at("decode", chunks)
-            logits = replay()
+            logits = replay(future)
         else:
             forward = self._stage_forward(batch, upload)
             last_rows = upload.add(_last_rows(chunks, sampled), torch.int64)
             upload.to(self.device)
-            hidden = forward()
+            hidden = forward(future)
             if not sampled:
-                return [None] * len(chunks)
+                self._previous = None
+                return None
             logits = self.model.compute_logits(hidden.index_select(0, last_rows.tensor)).float()
         self._at("sampling", [chunks[i] for i in sampled])
-        results: List[Optional[SampleResult]] = [None] * len(chunks)
-        for i, result in zip(sampled, draw(logits)):
-            results[i] = result
-        return results
+        drawn = draw(logits)
+        self._previous = (drawn.tokens, {chunks[i].rid: row for row, i in enumerate(sampled)})
+        return drawn
+
+    def _stage_future_tokens(self, chunks: Sequence[SequenceChunk],
+                             upload: HostUpload) -> Callable[[torch.Tensor], None]:
+        """Plans the replacement of FUTURE_TOKEN inputs by the previous
+        launch's samples; the callable patches the step's input ids."""
+        where, rows = [], []
+        position = 0
+        for c in chunks:
+            for offset, token in enumerate(c.token_ids):
+                if token == FUTURE_TOKEN:
+                    if self._previous is None or c.rid not in self._previous[1]:
+                        raise RuntimeError(f"request {c.rid} feeds a token no launched step drew")
+                    where.append(position + offset)
+                    rows.append(self._previous[1][c.rid])
+            position += c.num_new_tokens
+        if not where:
+            return lambda input_ids: None
+        targets, sources = upload.add(where, torch.int64), upload.add(rows, torch.int64)
+        previous_tokens = self._previous[0]
+
+        def patch(input_ids: torch.Tensor) -> None:
+            input_ids.index_copy_(0, targets.tensor, previous_tokens.index_select(0, sources.tensor))
+
+        return patch
 
     def capture_decode_graphs(self, max_bs: int, max_seq_len: int, emulate: bool = False) -> None:
         """Captures CUDA graphs of decode steps of up to max_bs sequences of
@@ -130,19 +171,22 @@ class ModelRunner:
             upload.to(self.device)
             return self.model.compute_logits(forward()).float()
 
-    def _stage_forward(self, batch: ForwardBatch, upload: HostUpload) -> Callable[[], torch.Tensor]:
+    def _stage_forward(self, batch: ForwardBatch,
+                       upload: HostUpload) -> Callable[..., torch.Tensor]:
         """Adds the step's token and attention lists to `upload`; the returned
-        callable (after upload.to()) runs the model and returns the hidden
-        states of every new token."""
+        callable (after upload.to(); given what patches future tokens into
+        the input ids) runs the model and returns the hidden states of every
+        new token."""
         chunks = batch.chunks
-        ids = upload.add([t for c in chunks for t in c.token_ids], torch.int64)
+        ids = upload.add([max(t, 0) for c in chunks for t in c.token_ids], torch.int64)
         positions = upload.add(_position_rows(chunks), torch.int64)
         make_attn = AttentionMetadata.stage(
             [(c.start_pos, c.num_new_tokens, c.page_table) for c in chunks],
             self.page_size, batch.is_decode, upload)
 
-        def run() -> torch.Tensor:
+        def run(patch_ids: Callable[[torch.Tensor], None] = lambda ids: None) -> torch.Tensor:
             input_ids, rows = ids.tensor, positions.tensor
+            patch_ids(input_ids)
             attn = make_attn()
             if self._cross_attention_inputs is None:
                 embeds = self._input_embeddings(input_ids, chunks)
@@ -228,3 +272,27 @@ def _image_rows(chunks: Sequence[SequenceChunk], by_hash):
                 targets.extend(range(base + lo - start, base + hi - start))
         base += c.num_new_tokens
     return rows, targets
+
+
+class LaunchedStep:
+    """A step queued on the device; wait() reads its samples (the step's one
+    host sync) and returns per chunk its SampleResult (None: not sampled)."""
+
+    def __init__(self, runner: ModelRunner, batch: ForwardBatch, drawn: Optional[DrawnSamples]):
+        self._runner, self._batch, self._drawn = runner, batch, drawn
+
+    def wait(self) -> List[Optional[SampleResult]]:
+        chunks = self._batch.chunks
+        results: List[Optional[SampleResult]] = [None] * len(chunks)
+        if self._drawn is None:
+            return results
+        try:
+            drawn = self._drawn.results()
+        except Exception as exc:  # an asynchronous device error surfaces here
+            failure = self._runner._as_device_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
+        for i, result in zip([i for i, c in enumerate(chunks) if c.sample], drawn):
+            results[i] = result
+        return results

@@ -8,7 +8,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 
 from pyvlm import ops
-from pyvlm.ops.host_upload import HostUpload, to_host
+from pyvlm.ops.host_upload import HostCopies, HostUpload
 from pyvlm.runner.penalty_state import PenaltyState, StagedPenalties, needs_penalties
 from pyvlm.scheduling.types import SampleResult, SequenceChunk
 
@@ -63,14 +63,14 @@ def sample(logits: torch.Tensor, chunks: Sequence[SequenceChunk]) -> List[Sample
     upload = HostUpload()
     draw = stage(chunks, upload, PenaltyState())
     upload.to(logits.device)
-    return draw(logits)
+    return draw(logits).results()
 
 
 def stage(chunks: Sequence[SequenceChunk], upload: HostUpload,
-          penalties: PenaltyState) -> Callable[[torch.Tensor], List[SampleResult]]:
+          penalties: PenaltyState) -> Callable[[torch.Tensor], "DrawnSamples"]:
     """Adds the chunks' sampling parameters to `upload` (moved with the rest
     of the step); the returned callable samples float32 logits [len(chunks),
-    vocab] after upload.to(), reading the results back with one wait.
+    vocab] after upload.to() and starts copying the results to the host.
     penalties: the runner's device state of penalized requests."""
     penalize = _stage_penalties(chunks, upload, penalties)
     num_top = max((c.sampling.top_logprobs for c in chunks), default=0)
@@ -85,19 +85,32 @@ def stage(chunks: Sequence[SequenceChunk], upload: HostUpload,
         upload.add([c.step for c in chunks], torch.int64),
     ]
 
-    def draw(logits: torch.Tensor) -> List[SampleResult]:
+    def draw(logits: torch.Tensor) -> DrawnSamples:
         staged_penalties = penalize(logits)
         tokens, logprobs, top_ids, top_lps = ops.sample(
             logits, *(p.tensor for p in params), num_top=num_top)
         if staged_penalties is not None:
             staged_penalties.record(tokens)
-        wanted = [tokens, logprobs] + ([top_ids, top_lps] if num_top else [])
-        host = [t.tolist() for t in to_host(wanted)]
-        if not num_top:
-            host += [[[]] * len(chunks)] * 2
-        return _to_results(chunks, *host)
+        return DrawnSamples(chunks, tokens, HostCopies(
+            [tokens, logprobs] + ([top_ids, top_lps] if num_top else [])))
 
     return draw
+
+
+class DrawnSamples:
+    """A step's sampled tokens: on the device (`tokens`, what the next
+    launched step may feed back) and on their way to the host (results())."""
+
+    def __init__(self, chunks: Sequence[SequenceChunk], tokens: torch.Tensor,
+                 copies: HostCopies):
+        self.chunks, self.tokens, self._copies = chunks, tokens, copies
+
+    def results(self) -> List[SampleResult]:
+        """Waits for the copies (the step's one host sync) and builds results."""
+        host = [t.tolist() for t in self._copies.wait()]
+        if len(host) == 2:  # no top logprobs asked for
+            host += [[[]] * len(self.chunks)] * 2
+        return _to_results(self.chunks, *host)
 
 
 def _to_results(chunks, tokens, logprobs, top_ids, top_lps) -> List[SampleResult]:
