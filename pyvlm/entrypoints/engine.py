@@ -1,6 +1,7 @@
 """pyvlm.Engine: offline generation without HTTP (the server drives the same
-engine). The model runs on its own thread; generate() blocks the caller,
-async_generate() yields deltas without blocking the event loop."""
+engine). The model runs on its own thread, or in an engine process of its
+own (engine_process; pyvlm/entrypoints/engine_core.py); generate() blocks
+the caller, async_generate() yields deltas without blocking the event loop."""
 
 import asyncio
 import functools
@@ -41,6 +42,13 @@ class Engine:
     paths and file:// URLs are read only under allowed_local_media_path.
     A refusal is a ValueError (MediaError) naming the image, with the
     server's text for the same image.
+
+    engine_process: "thread" runs the scheduler and the model on a thread
+    of this process; "process" in a process of its own, started with the
+    spawn method (a script doing so needs an `if __name__ == "__main__":`
+    guard), while tokenization and images stay here; "auto" (default):
+    process on CUDA, thread on CPU. If that process dies, requests fail
+    with EngineDeadError and health() says why. loaded_model needs "thread".
     """
 
     def __init__(self, model: Optional[str] = None, loaded_model=None, **server_args):
@@ -172,10 +180,17 @@ class Engine:
 
     def flush_cache(self) -> bool:
         """Empties the prefix and encoder caches when no request is running."""
-        return bool(self.step_loop.call(self.state.flush_cache))
+        return bool(self._core_command("flush_cache"))
 
     def get_stats(self) -> Dict[str, float]:
-        return dict(self.step_loop.call(self.state.scheduler.stats))
+        return dict(self._core_command("stats"))
+
+    def dump_engine_stacks(self) -> None:
+        """Writes the engine process's thread stacks to its stderr (the
+        server's watchdog, on a hung step); with the engine on a thread of
+        this process, this process's own dump shows it and nothing is done."""
+        if self.state.core is None:
+            self.step_loop.dump_stacks()
 
     def shutdown(self) -> None:
         self.step_loop.stop()
@@ -187,8 +202,29 @@ class Engine:
         self.shutdown()
 
     # -- helpers ---------------------------------------------------------
+    def _core_command(self, name: str):
+        """Runs the core's command `name` (startup.CORE_COMMANDS) between
+        steps, in whichever process the core is."""
+        if self.state.core is None:
+            return self.step_loop.command(name)
+        return self.step_loop.call(getattr(self.state.core, name))
+
     def _build_one(self, prompt, sampling_params, image_data, messages, rid=None,
                    add_special_tokens=False, wait=True, mm_processor_kwargs=None) -> Request:
+        request = self._build_request(prompt, sampling_params, image_data, messages, rid,
+                                      add_special_tokens, wait, mm_processor_kwargs)
+        if self.state.core is None:  # its pixels will go to the engine process
+            from pyvlm.entrypoints.core_messages import move_to_shared_memory
+
+            try:
+                move_to_shared_memory(request)
+            except BaseException:
+                self.builder.release(request)
+                raise
+        return request
+
+    def _build_request(self, prompt, sampling_params, image_data, messages, rid,
+                       add_special_tokens, wait, mm_processor_kwargs) -> Request:
         sampling = sampling_params_from(sampling_params, self.state.sampling_defaults)
         if messages is not None:
             return self.builder.from_messages(messages, sampling, rid, wait=wait,

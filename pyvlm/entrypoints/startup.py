@@ -1,9 +1,13 @@
-"""Brings an engine up: checkpoint -> model -> KV pool -> runner ->
-scheduler -> engine thread, and the request builder that feeds it."""
+"""Brings an engine up in two parts. The front (the caller's process):
+checkpoint files, tokenizer, context length, chat template and the request
+builder, and no weights. The core: model -> KV pool -> runner -> scheduler,
+run by a StepLoop on a thread of the caller's process (engine_process
+"thread"), or in an engine process of its own ("process", the default on
+CUDA; pyvlm/entrypoints/engine_core.py), which a CoreClient drives."""
 
 import logging
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -28,26 +32,78 @@ logger = logging.getLogger("pyvlm.engine")
 
 
 @dataclass
-class EngineState:
-    """Everything a running engine holds."""
+class CoreState:
+    """The engine core: what runs steps (on the engine thread of the
+    caller's process, or in the engine process). Its methods named in
+    CORE_COMMANDS run between steps, wherever the core is."""
 
-    files: CheckpointFiles
-    tokenizer: object
     model: torch.nn.Module
     runner: ModelRunner
     scheduler: Scheduler
-    builder: RequestBuilder
-    step_loop: StepLoop
-    context_length: int
-    is_demo: bool
-    sampling_defaults: Dict[str, Any]  # from generation_config.json, for unset request fields
-    chat_template: ChatTemplate  # the one template Engine messages and the server render with
 
     def flush_cache(self) -> bool:
         if not self.scheduler.flush_cache():
             return False
         self.runner.free_encoder_cache()
         return True
+
+    def stats(self) -> Dict[str, float]:
+        return dict(self.scheduler.stats())
+
+
+CORE_COMMANDS = ("flush_cache", "stats")
+
+
+@dataclass(frozen=True)
+class CoreSpec:
+    """What the core is built from (plain data: the engine process gets it
+    pickled): the checkpoint in its family's layout and the tokenizer the
+    front loaded (a layout conversion may have extended it), so both
+    processes see the same files and tokens."""
+
+    config: EngineConfig
+    files: CheckpointFiles
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+
+
+@dataclass
+class EngineState:
+    """Everything the caller's process holds of a running engine. core is
+    None when the core runs in the engine process: step_loop is then its
+    CoreClient (the StepLoop interface), and model, runner and scheduler
+    are out of reach."""
+
+    files: CheckpointFiles
+    tokenizer: object
+    builder: RequestBuilder
+    step_loop: Union[StepLoop, Any]
+    context_length: int
+    is_demo: bool
+    sampling_defaults: Dict[str, Any]  # from generation_config.json, for unset request fields
+    chat_template: ChatTemplate  # the one template Engine messages and the server render with
+    core: Optional[CoreState] = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self._in_process_core().model
+
+    @property
+    def runner(self) -> ModelRunner:
+        return self._in_process_core().runner
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._in_process_core().scheduler
+
+    def _in_process_core(self) -> CoreState:
+        if self.core is None:
+            raise AttributeError("the model, runner and scheduler live in the engine process "
+                                 "(engine_process='process'); start the engine with "
+                                 "engine_process='thread' to reach them")
+        return self.core
 
 
 def checkpoint_for(config: EngineConfig) -> CheckpointFiles:
@@ -231,39 +287,105 @@ def index_checks_for(config: EngineConfig, device: torch.device) -> bool:
     return device.type != "cuda"
 
 
+def uses_engine_process(config: EngineConfig, device: torch.device,
+                        has_loaded_model: bool = False) -> bool:
+    """Whether the core runs in its own process (RunnerConfig.engine_process;
+    "auto": on CUDA, where the step's host work then never shares a GIL
+    with the HTTP front, tokenization and image preprocessing, unless a
+    model loaded in this process is given). A loaded model with "process"
+    is a ValueError: its weights cannot move to another process."""
+    mode = config.runner.engine_process
+    if mode not in ("auto", "process", "thread"):
+        raise ValueError(f"engine_process must be auto, process or thread, not {mode!r}")
+    if has_loaded_model and mode == "process":
+        raise ValueError("a loaded_model runs in this process: engine_process='process' "
+                         "cannot take one (use engine_process='thread' or 'auto')")
+    if has_loaded_model:
+        return False
+    return mode == "process" or (mode == "auto" and device.type == "cuda")
+
+
 def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     """loaded_model: a pyvlm model already on the device (benchmarks build
     random-weight models in memory); the checkpoint folder still supplies the
-    config, tokenizer and processor settings."""
-    files = checkpoint_for(config)
+    config, tokenizer and processor settings. Its core runs on a thread of
+    this process."""
     device = torch.device(resolve_device(config.model.device))
+    own_process = uses_engine_process(config, device, loaded_model is not None)
+    spec = core_spec_for(config, device, loaded_model)
+    if not own_process:
+        core = start_core(spec, loaded_model)
+        return front_state(spec, core.model, StepLoop(core.scheduler, core.runner), core)
+    from pyvlm.entrypoints.core_client import CoreClient
+
+    client = CoreClient(spec)  # the engine process loads the weights meanwhile
+    try:
+        state = front_state(spec, image_model_of(spec.files, spec.dtype), client)
+        client.wait_ready()
+    except BaseException:
+        client.stop()
+        raise
+    return state
+
+
+def core_spec_for(config: EngineConfig, device: torch.device, loaded_model=None) -> CoreSpec:
+    """The checkpoint files (in their family's layout), tokenizer, dtype
+    and context length: what both parts are built from."""
+    files = checkpoint_for(config)
     dtype = resolve_dtype(config.model.dtype, files.config, device.type)
     if loaded_model is not None:
         dtype = next(loaded_model.parameters()).dtype
     tokenizer = load_tokenizer(files)
     files = in_family_layout(files, tokenizer, config.model.vision_tower_path)
-    model, runner = build_runner(config, files, device, dtype, loaded_model)
-    context_length = context_length_of(config, files)
-    runner.capture_decode_graphs(decode_graph_batch_limit(config, device), context_length)
-    scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, context_length,
-                          detokenizer_factory(tokenizer), runner.image_rows_per_page)
-    images = image_inputs_for(model, tokenizer, files, dtype, config.media.mm_processor_kwargs)
+    return CoreSpec(config, files, tokenizer, device, dtype, context_length_of(config, files))
+
+
+def start_core(spec: CoreSpec, loaded_model=None) -> CoreState:
+    """Model (loaded_model, or the checkpoint's weights), KV pool, runner
+    and scheduler on spec.device."""
+    config, device = spec.config, spec.device
+    model, runner = build_runner(config, spec.files, device, spec.dtype, loaded_model)
+    runner.capture_decode_graphs(decode_graph_batch_limit(config, device), spec.context_length)
+    scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, spec.context_length,
+                          detokenizer_factory(spec.tokenizer), runner.image_rows_per_page)
+    logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens",
+                spec.files.root.name, device, str(spec.dtype).replace("torch.", ""),
+                spec.context_length, runner.num_pages * runner.page_size)
+    return CoreState(model, runner, scheduler)
+
+
+def image_model_of(files: CheckpointFiles, dtype: torch.dtype) -> torch.nn.Module:
+    """The checkpoint's model class built on the meta device (no memory, no
+    weights): what the front needs of the model (image_token_id,
+    prepare_images, which run on the CPU) when the weights live in the
+    engine process."""
+    from pyvlm.models.loader import build_hf_config, construct_model, set_config_dtype
+    from pyvlm.models.registry import model_class_for
+
+    hf_config = build_hf_config(files.config)
+    set_config_dtype(hf_config, dtype)
+    return construct_model(model_class_for(files.architectures), hf_config, dtype, "meta")
+
+
+def front_state(spec: CoreSpec, image_model, step_loop, core: Optional[CoreState] = None
+                ) -> EngineState:
+    """The caller's part of the engine: image inputs (from image_model),
+    chat template and request builder over step_loop."""
+    config, files, tokenizer = spec.config, spec.files, spec.tokenizer
+    images = image_inputs_for(image_model, tokenizer, files, spec.dtype,
+                              config.media.mm_processor_kwargs)
     chat_template = chat_template_for(config, files, tokenizer,
                                       images.placeholder if images else None)
     builder = RequestBuilder(tokenizer, chat_template, eos_token_ids(tokenizer, files),
-                             images, media_policy_of(config), context_length,
+                             images, media_policy_of(config), spec.context_length,
                              config.scheduler.random_seed,
                              ImageBudget(config.media.max_pending_image_bytes),
                              prompt_vocab_size(files, images))
-    logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens",
-                files.root.name, device, str(dtype).replace("torch.", ""), context_length,
-                runner.num_pages * runner.page_size)
     if config.model.model is None:
         from pyvlm.conversions.demo import DEMO_BANNER
 
         logger.info(DEMO_BANNER)
-    return EngineState(files, tokenizer, model, runner, scheduler, builder,
-                       StepLoop(scheduler, runner), context_length,
+    return EngineState(files, tokenizer, builder, step_loop, spec.context_length,
                        is_demo=config.model.model is None,
                        sampling_defaults=generation_defaults(files.generation_config),
-                       chat_template=chat_template)
+                       chat_template=chat_template, core=core)

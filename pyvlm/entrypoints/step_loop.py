@@ -9,13 +9,20 @@ it, see pyvlm.scheduling.isolation) with RequestFailedError. A DeviceFailure
 every later one gets EngineDeadError, and `failure` says why, so the server
 can turn unhealthy and exit for its supervisor to restart it. Once the loop
 has stopped, for whatever reason, no submitted request is left waiting.
+
+The same loop runs in the engine process (pyvlm/entrypoints/engine_core.py):
+there its sinks buffer outputs and its `flush` sends each step's as one
+message, and its StepClock lives in shared memory, so the caller's process
+sees a hung step without asking the engine.
 """
 
 import logging
+import math
 import queue
 import threading
 import time
-from typing import Callable, Dict, Optional
+from types import SimpleNamespace
+from typing import Any, Callable, Dict, Optional
 
 from pyvlm.scheduling.errors import DeviceFailure, EngineDeadError, RequestFailedError
 from pyvlm.scheduling.request import Request, RequestOutput
@@ -28,13 +35,43 @@ Sink = Callable[[Optional[RequestOutput], Optional[BaseException]], None]
 SHUT_DOWN = "the engine is not running (it was shut down)"
 
 
-class StepLoop:
-    """Runs scheduler steps in a background thread (see the module docstring)."""
+class StepClock:
+    """When the running step started, as time.monotonic() (one clock for
+    every process of the machine), NaN between steps. cell: an object with
+    a float `value` (a multiprocessing RawValue("d") shares the clock with
+    another process); default: a plain one."""
 
-    def __init__(self, scheduler, runner):
+    def __init__(self, cell: Any = None):
+        self.cell = cell if cell is not None else SimpleNamespace(value=math.nan)
+        self.cell.value = math.nan
+
+    def start(self) -> None:
+        self.cell.value = time.monotonic()
+
+    def stop(self) -> None:
+        self.cell.value = math.nan
+
+    def running_for(self) -> Optional[float]:
+        """Seconds the current step has been running, None between steps."""
+        started = self.cell.value
+        return None if math.isnan(started) else time.monotonic() - started
+
+
+class StepLoop:
+    """Runs scheduler steps in a background thread (see the module docstring).
+
+    clock: where step start times go (default: a clock of this process).
+    flush: called on the engine thread after each round of deliveries (a
+    step's outputs, a batch of commands, the close), so sinks that buffer
+    can send one message per step.
+    """
+
+    def __init__(self, scheduler, runner, clock: Optional[StepClock] = None,
+                 flush: Callable[[], None] = lambda: None):
         self.scheduler, self.runner = scheduler, runner
         self.failure: Optional[str] = None  # set when a fatal error stopped the loop
-        self.step_started_at: Optional[float] = None  # time.monotonic() of the running step
+        self.clock = clock or StepClock()
+        self._flush = flush
         self._commands: "queue.Queue" = queue.Queue()
         self._sinks: Dict[str, Sink] = {}
         self._closed = False  # no command is taken any more
@@ -52,19 +89,24 @@ class StepLoop:
     def call(self, fn: Callable[[], object]) -> object:
         """Runs fn on the engine thread (between steps) and returns its result."""
         done: "queue.Queue" = queue.Queue(maxsize=1)
-        self._put(("call", fn, done))
+        self.call_async(fn, done)
         ok, value = self.wait(done)
         if not ok:
             raise value
         return value
+
+    def call_async(self, fn: Callable[[], object], done) -> None:
+        """Runs fn on the engine thread (between steps) without waiting:
+        done.put((True, result)) or done.put((False, error)), from the
+        engine thread, or at once from this one if the loop has stopped."""
+        self._put(("call", fn, done))
 
     def is_alive(self) -> bool:
         return self._thread.is_alive() and not self._closed
 
     def step_running_for(self) -> Optional[float]:
         """Seconds the current step has been running, None between steps."""
-        started = self.step_started_at
-        return None if started is None else time.monotonic() - started
+        return self.clock.running_for()
 
     def wait(self, results: "queue.Queue"):
         """results.get(), but raises if the engine thread is gone (never hangs)."""
@@ -85,18 +127,20 @@ class StepLoop:
         try:
             while not self._stopping:
                 self._drain_commands(block=not self.scheduler.has_work())
+                self._flush()
                 if self._stopping or not self.scheduler.has_work():
                     continue
                 outputs = self._step()
                 if outputs is None:
                     break
                 self._deliver(outputs)
+                self._flush()
         finally:
             self._close()
 
     def _step(self) -> Optional[list]:
         """One scheduler step's outputs; None when the loop must stop."""
-        self.step_started_at = time.monotonic()
+        self.clock.start()
         try:
             return self.scheduler.step(self.runner)
         except DeviceFailure as exc:
@@ -108,7 +152,7 @@ class StepLoop:
             self._fail_all(RequestFailedError(f"the engine failed ({type(exc).__name__})"))
             return []
         finally:
-            self.step_started_at = None
+            self.clock.stop()
 
     def _put(self, command) -> None:
         with self._lock:
@@ -127,12 +171,13 @@ class StepLoop:
             try:
                 self._refuse(self._commands.get_nowait())
             except queue.Empty:
-                return
+                break
+        self._flush()
 
     def _refuse(self, command) -> None:
         kind, arg, extra = command
         if kind == "add":
-            _send(extra, None, self._dead_error())
+            send_to_sink(extra, None, self._dead_error())
         elif kind == "call":
             extra.put((False, self._dead_error()))
 
@@ -166,7 +211,7 @@ class StepLoop:
         try:
             self.scheduler.add_request(request)
         except ValueError as exc:  # refused (e.g. longer than the context)
-            _send(sink, None, exc)
+            send_to_sink(sink, None, exc)
             return
         self._sinks[request.rid] = sink
 
@@ -184,8 +229,8 @@ class StepLoop:
             if out.finished:
                 del self._sinks[out.rid]
             if out.error is not None:
-                _send(sink, None, RequestFailedError(out.error))
-            elif not _send(sink, out, None) and not out.finished:
+                send_to_sink(sink, None, RequestFailedError(out.error))
+            elif not send_to_sink(sink, out, None) and not out.finished:
                 # The receiver is gone (e.g. its event loop closed): stop the work.
                 del self._sinks[out.rid]
                 self.scheduler.abort(out.rid)
@@ -197,10 +242,10 @@ class StepLoop:
                 self.scheduler.abort(rid)
             except Exception:  # the scheduler may be what failed
                 logger.exception("abort after a failed step")
-            _send(sink, None, exc)
+            send_to_sink(sink, None, exc)
 
 
-def _send(sink: Sink, out: Optional[RequestOutput], err: Optional[BaseException]) -> bool:
+def send_to_sink(sink: Sink, out: Optional[RequestOutput], err: Optional[BaseException]) -> bool:
     """Calls a sink; a failing receiver must never take the engine thread down."""
     try:
         sink(out, err)

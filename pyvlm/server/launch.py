@@ -7,8 +7,11 @@ serving ..." is logged once, when requests succeed. On a
 signal: /health turns 503, the listener stops accepting, in-flight requests
 get `shutdown_grace_s` to finish (then the engine aborts them), the engine
 stops, and the process exits 0. A watchdog exits non-zero if the engine
-stops after a device failure (4) or one step outlasts --watchdog-timeout
-(3, with every thread's stack on stderr)."""
+stops after a device failure or its engine process dies (4), or one step
+outlasts --watchdog-timeout (3, with every thread's stack on stderr, the
+engine process's too). The engine process (--engine-process) is stopped
+with the engine on every way out but exit 3, where it exits by itself when
+this process's end of its connection closes."""
 
 import asyncio
 import errno
@@ -123,6 +126,9 @@ class Launcher:
                 return
             running_for = self.engine.step_running_for()
             if running_for is not None and running_for > self.args.watchdog_timeout:
+                dump_engine_stacks = getattr(self.engine, "dump_engine_stacks", None)
+                if dump_engine_stacks is not None:
+                    dump_engine_stacks()
                 exit_hung(running_for, self.args.watchdog_timeout)
 
     async def _stop_engine(self) -> None:

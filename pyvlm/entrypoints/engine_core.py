@@ -1,0 +1,167 @@
+"""The engine process (vLLM V1's EngineCore, SGLang's scheduler process):
+the scheduler and the model runner in a process of their own, started with
+the spawn method (CUDA-safe) by a CoreClient in the caller's process, which
+keeps the HTTP front, the chat template, tokenization and image
+preprocessing.
+
+Inside, the usual StepLoop runs the steps on its thread; this process's
+main thread reads the caller's messages (pyvlm/entrypoints/core_messages.py)
+and hands them to the loop. The loop's sinks put outputs in an Outbox,
+which the loop flushes once per step: one message per step, whatever the
+batch size. Step start times go to a float shared with the caller (the
+server's watchdog reads it without asking this process).
+
+Detokenization stays here, in the scheduler: stop strings are matched on
+the decoded text, and the step that produces a stop string must finish the
+request (free its pages, stop sampling it, report "stop") in that same
+step. Detokenizing in the caller's process would let a stopped request run
+on for a round trip, and would split one request's ending between two
+processes. The incremental detokenizer is cheap (a window of a few tokens
+per new token) and sends only text deltas back.
+
+Ends: a Stop message (the loop fails what is left as shut down), the
+caller's end of the connection closing (the caller died: stop and exit
+within seconds, even if a step hangs), or a fatal device error (the loop's
+failure is reported, then the process exits). Ctrl-C at a terminal reaches
+the whole process group: SIGINT is ignored here, the caller's process
+decides when to stop. SIGUSR1 writes every thread's stack to stderr (the
+server's watchdog asks for it before exiting on a hung step).
+"""
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+from typing import Callable, List, Optional, Tuple
+
+from pyvlm.entrypoints.core_messages import (Abort, Add, Call, Closed, Outputs, Ready, Reply,
+                                             StartFailed, Stop, encode, portable_error)
+
+logger = logging.getLogger("pyvlm.engine")
+
+LogSettings = Tuple[int, Optional[str]]  # the caller's root log level and format
+POLL_S = 0.25  # how often the main thread checks that the step loop still runs
+PARENT_GONE_STOP_S = 5.0  # a hung step cannot delay the exit longer than this
+
+
+class Sender:
+    """Sends messages to the caller from any thread; a caller that is gone
+    is not an error here (the main thread sees the connection close)."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        self._lock = threading.Lock()
+
+    def send(self, message) -> None:
+        payload = encode(message)
+        try:
+            with self._lock:
+                self.conn.send_bytes(payload)
+        except OSError:
+            logger.debug("the caller's process is gone; dropping a message")
+
+
+class Outbox:
+    """Outputs the loop's sinks produced since the last flush."""
+
+    def __init__(self, sender: Sender):
+        self.sender = sender
+        self._items: List[tuple] = []
+        self._lock = threading.Lock()
+
+    def sink_for(self, rid: str) -> Callable:
+        def sink(out, err) -> None:
+            with self._lock:
+                self._items.append((rid, out, None if err is None else portable_error(err)))
+        return sink
+
+    def flush(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        if items:
+            self.sender.send(Outputs(items))
+
+
+class CallReply:
+    """The `done` of StepLoop.call_async: sends the command's result back."""
+
+    def __init__(self, sender: Sender, call_id: int):
+        self.sender, self.call_id = sender, call_id
+
+    def put(self, result) -> None:
+        ok, value = result
+        self.sender.send(Reply(self.call_id, ok, value if ok else portable_error(value)))
+
+
+def run_engine_core(spec, conn, clock_cell, log_settings: LogSettings) -> None:
+    """The engine process's entry point: builds the core from spec (a
+    startup.CoreSpec), says Ready (or StartFailed), then serves conn until
+    the end (module docstring)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    _configure_logging(log_settings)
+    from pyvlm.entrypoints.startup import CORE_COMMANDS, start_core
+    from pyvlm.entrypoints.step_loop import StepClock, StepLoop
+
+    sender = Sender(conn)
+    try:
+        core = start_core(spec)
+    except BaseException as exc:  # the caller raises it from its Engine(...)
+        logger.debug("the engine core could not start", exc_info=True)
+        sender.send(StartFailed(portable_error(exc)))
+        return
+    outbox = Outbox(sender)
+    loop = StepLoop(core.scheduler, core.runner, StepClock(clock_cell), outbox.flush)
+    sender.send(Ready(os.getpid()))
+    commands = {name: getattr(core, name) for name in CORE_COMMANDS}
+    if _serve(conn, loop, outbox, sender, commands):
+        sender.send(Closed(loop.failure))
+        return
+    _exit_now()  # the caller is gone: nobody reads what a hung step might still say
+
+
+def _serve(conn, loop, outbox: Outbox, sender: Sender, commands) -> bool:
+    """Hands the caller's messages to the loop while it runs; False when
+    the caller's process went away."""
+    while loop.is_alive():
+        if not conn.poll(POLL_S):
+            continue
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            loop.stop(PARENT_GONE_STOP_S)
+            return False
+        if isinstance(message, Add):
+            loop.submit(message.request, outbox.sink_for(message.request.rid))
+        elif isinstance(message, Abort):
+            loop.abort(message.rid)
+        elif isinstance(message, Call):
+            _call(loop, commands.get(message.name), CallReply(sender, message.call_id))
+        elif isinstance(message, Stop):
+            loop.stop()
+    outbox.flush()  # refusals of messages that came after the loop closed
+    return True
+
+
+def _call(loop, command: Optional[Callable], reply: CallReply) -> None:
+    if command is None:
+        reply.put((False, ValueError("the engine core has no such command")))
+    else:
+        loop.call_async(command, reply)
+
+
+def _configure_logging(settings: LogSettings) -> None:
+    level, fmt = settings
+    if fmt is not None:  # the caller logs to a handler: so does this process, alike
+        logging.basicConfig(level=level, format=fmt)
+    else:
+        logging.getLogger().setLevel(level)
+
+
+def _exit_now() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(0)
