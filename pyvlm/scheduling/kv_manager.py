@@ -8,11 +8,11 @@ taken at admission, kept alive by the radix nodes of the image tokens,
 dropped on release.
 """
 
-from typing import List
+from typing import Iterator, List, Optional
 
 from pyvlm.scheduling.image_kv import ImageKVTable
 from pyvlm.scheduling.page_allocator import PageAllocator
-from pyvlm.scheduling.radix_cache import PrefixMatch, RadixCache, RadixNode
+from pyvlm.scheduling.radix_cache import PageKey, PrefixMatch, RadixCache, RadixNode
 from pyvlm.scheduling.request import Request
 from pyvlm.scheduling.types import MultimodalItem
 
@@ -64,22 +64,45 @@ class KVManager:
         """Pages admitting the request would newly allocate for its images."""
         return self.images.num_missing_pages(request.mm_items) if not request.image_kv else 0
 
-    def match(self, request: Request, touch: bool = True) -> PrefixMatch:
+    def match(self, request: Request) -> PrefixMatch:
         """The cached prefix a (re)admission can reuse: whole pages, and never
         the whole sequence (the last token must run to produce logits).
-        touch False: a look only (the LRU order is left as it is)."""
+
+        A look only: the LRU order is left as it is (admit touches the
+        prefix it takes), so ordering the queue ages nothing. The look is
+        kept on the request: while the tree's shape is unchanged it is the
+        answer; while its deepest node is still in the tree the walk goes on
+        from there (only new pages are looked at); else it starts over.
+        Keys are built page by page as the walk needs them."""
         limit = (request.num_tokens - 1) // self.page_size * self.page_size
-        return self.cache.match_prefix(request.position_keys(0, limit), touch)
+        cache, memo = self.cache, request.prefix_match
+        start: Optional[PrefixMatch] = None
+        if memo is not None:
+            version, memo_limit, match = memo
+            if version == cache.version and memo_limit == limit:
+                return match
+            if match.num_tokens <= limit and cache.is_live(match.node):
+                start = match
+        begin = start.num_tokens if start is not None else 0
+        match = cache.look(self._page_keys(request, begin, limit), start)
+        request.prefix_match = (cache.version, limit, match)
+        return match
+
+    def _page_keys(self, request: Request, start: int, end: int) -> Iterator[PageKey]:
+        for page_start in range(start, end, self.page_size):
+            yield tuple(request.position_keys(page_start, page_start + self.page_size))
 
     def admit(self, request: Request, match: PrefixMatch, num_new_tokens: int) -> bool:
-        """Attaches the matched prefix and allocates pages for num_new_tokens
-        after it; on failure the request is left holding nothing."""
+        """Attaches the matched prefix (marking it recently used) and
+        allocates pages for num_new_tokens after it; on failure the request
+        is left holding nothing."""
         request.page_table = list(match.pages)
         request.num_shared_pages = len(match.pages)
         request.num_computed_tokens = match.num_tokens
         request.cache_node = match.node
         self.cache.lock(match.node)
         if self.reserve(request, match.num_tokens + num_new_tokens) and self._take_images(request):
+            self.cache.touch(match.node)
             return True
         self.release(request)
         return False

@@ -7,11 +7,14 @@ Nodes on a path locked by a live request (reference counts) are never
 evicted; unlocked leaves are evicted least recently used first, from a heap
 kept as nodes become (or are touched as) evictable leaves, so an eviction
 never walks the whole tree (stale heap entries are skipped when popped).
+`version` counts the changes of the tree's shape, so a look taken earlier
+is known to still hold (and one whose deepest node is still in the tree
+can be continued from there instead of walked again).
 """
 
 import heapq
 import itertools
-from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from pyvlm.scheduling.page_allocator import PageAllocator
 from pyvlm.scheduling.request import PositionKey
@@ -69,6 +72,8 @@ class RadixCache:
         self.num_protected_pages = 0
         self._leaf_heap: List[Tuple[int, int, RadixNode]] = []  # (last_access, seq, node)
         self._heap_seq = itertools.count()
+        self.version = 0  # bumped whenever a node joins or leaves the tree
+
 
     @property
     def num_evictable_pages(self) -> int:
@@ -78,20 +83,46 @@ class RadixCache:
         """The longest cached prefix of keys, in whole pages; touch marks
         the path recently used (not for a look that admits nothing, such as
         ordering the queue)."""
-        node, pages, now = self.root, [], next(self._clock)
+        match = self.look(self._page_keys(keys))
+        if touch:
+            self.touch(match.node)
+        return match
+
+    def look(self, page_keys: Iterable[PageKey], start: Optional[PrefixMatch] = None) -> PrefixMatch:
+        """The longest cached prefix of page_keys (one tuple of page_size
+        keys per page, consumed only as far as they match), leaving the LRU
+        order as it is. start: an earlier look at the same keys whose node
+        is_live; page_keys then begin after it and the walk goes on from
+        there. The returned pages may be start's list: never mutate them."""
         if not self.enabled:
-            return PrefixMatch(pages, 0, node)
-        for page_key in self._page_keys(keys):
+            return PrefixMatch([], 0, self.root)
+        node, pages = (self.root, []) if start is None else (start.node, start.pages)
+        new_pages = []
+        for page_key in page_keys:
             child = node.children.get(page_key)
             if child is None:
                 break
             node = child
-            if touch:
-                node.last_access = now
-            pages.append(node.page)
-        if touch:
-            self._offer(node)  # only the deepest node of a path can be a leaf
+            new_pages.append(node.page)
+        if new_pages:
+            pages = pages + new_pages
         return PrefixMatch(pages, len(pages) * self.page_size, node)
+
+    def touch(self, node: RadixNode) -> None:
+        """Marks node and its ancestors recently used (a match admitted)."""
+        now = next(self._clock)
+        for path_node in self._path_to_root(node):
+            path_node.last_access = now
+        self._offer(node)  # only the deepest node of a path can be a leaf
+
+    def is_live(self, node: RadixNode) -> bool:
+        """Whether node is (still) in the tree; its path and pages are then
+        those it had when matched (only leaves leave, and a key's node is
+        never replaced while it stays)."""
+        if node is self.root:
+            return True
+        parent = node.parent
+        return parent is not None and parent.children.get(node.key) is node
 
     def insert(self, keys: Sequence[PositionKey], pages: Sequence[int]) -> PrefixMatch:
         """Caches the full pages of keys (pages[i] holds page i's KV).
@@ -152,8 +183,11 @@ class RadixCache:
             for node in nodes:
                 self.on_remove(node)
         self.allocator.free(node.page for node in nodes)
+        for node in nodes:
+            node.parent = None  # out of the tree: is_live must say so
         self.root = RadixNode(None, (), -1, 0)
         self.num_pages = 0
+        self.version += 1
         self._leaf_heap.clear()
 
     def nodes(self) -> Iterator[RadixNode]:
@@ -173,11 +207,13 @@ class RadixCache:
         child = RadixNode(parent, page_key, page, 0)
         parent.children[page_key] = child
         self.num_pages += 1
+        self.version += 1
         return child
 
     def _remove_leaf(self, leaf: RadixNode) -> RadixNode:
         parent = leaf.parent
         del parent.children[leaf.key]
+        self.version += 1
         if self.on_remove is not None:
             self.on_remove(leaf)
         self.allocator.free([leaf.page])
@@ -197,7 +233,7 @@ class RadixCache:
         return not node.is_root and not node.children and node.lock_ref == 0
 
     def _is_in_tree(self, node: RadixNode) -> bool:
-        return node.parent is not None and node.parent.children.get(node.key) is node
+        return not node.is_root and self.is_live(node)
 
     def _offer(self, node: RadixNode) -> None:
         """Queues node for eviction if it is (now) an evictable leaf. The heap

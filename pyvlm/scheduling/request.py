@@ -68,11 +68,26 @@ class Request:
     num_preemptions: int = 0
     error: Optional[str] = None  # why the engine failed it (finish_reason "error")
     image_kv: List[Any] = field(default_factory=list)  # its images' K/V page references
+    # The last look at the prefix cache (KVManager.match): (cache version,
+    # key limit, PrefixMatch), so ordering the queue re-walks nothing.
+    prefix_match: Any = field(default=None, init=False, repr=False)
+    _stop_ids: Any = field(default=None, init=False, repr=False)  # (sampling, eos ids, their stop set)
 
     @property
     def all_ids(self) -> List[int]:
-        """Prompt followed by the generated tokens."""
+        """Prompt followed by the generated tokens (a new list: O(context);
+        token_ids(start, end) takes a span without building it)."""
         return self.prompt_ids + self.output_ids
+
+    def token_ids(self, start: int, end: int) -> List[int]:
+        """Tokens [start, end) of prompt + output, as a new list, in time
+        proportional to the span (not to the context)."""
+        num_prompt = len(self.prompt_ids)
+        if end <= num_prompt:
+            return self.prompt_ids[start:end]
+        if start >= num_prompt:
+            return self.output_ids[start - num_prompt:end - num_prompt]
+        return self.prompt_ids[start:] + self.output_ids[:end - num_prompt]
 
     @property
     def num_tokens(self) -> int:
@@ -89,9 +104,14 @@ class Request:
 
     @property
     def stop_token_ids(self) -> FrozenSet[int]:
-        """Token ids that end generation with finish_reason "stop"."""
-        extra = frozenset(self.sampling.stop_token_ids)
-        return extra if self.sampling.ignore_eos else extra | self.eos_token_ids
+        """Token ids that end generation with finish_reason "stop" (built
+        once per sampling/eos pair: it is asked for every sampled token)."""
+        memo = self._stop_ids
+        if memo is None or memo[0] is not self.sampling or memo[1] is not self.eos_token_ids:
+            extra = frozenset(self.sampling.stop_token_ids)
+            stop_ids = extra if self.sampling.ignore_eos else extra | self.eos_token_ids
+            memo = self._stop_ids = (self.sampling, self.eos_token_ids, stop_ids)
+        return memo[2]
 
     def position_keys(self, start: int = 0, end: Optional[int] = None) -> List[PositionKey]:
         """The radix-cache key of each position in [start, end) of all_ids.
@@ -101,7 +121,7 @@ class Request:
         placeholder ids) does not.
         """
         end = self.num_tokens if end is None else end
-        keys: List[PositionKey] = list(self.all_ids[start:end])
+        keys: List[PositionKey] = self.token_ids(start, end)
         if self.pre_image_key is not None and self.mm_items:
             first_image = min(item.offset for item in self.mm_items)
             for pos in range(start, min(end, first_image)):

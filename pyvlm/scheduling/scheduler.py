@@ -233,9 +233,8 @@ class Scheduler:
         return len(self.running) + len(plan.items) < self.config.max_running_requests
 
     def _num_matched(self, request: Request) -> int:
-        # ordering the queue (lpm) admits nothing: it must not refresh the
-        # LRU age of prefixes whose requests keep waiting
-        return self.kv.match(request, touch=False).num_tokens
+        # a look (kv.match never touches the LRU order; admission does)
+        return self.kv.match(request).num_tokens
 
     # ---- decode and preemption --------------------------------------------
 
@@ -284,20 +283,23 @@ class Scheduler:
     # ---- running a batch and its results ----------------------------------
 
     def _chunk(self, request: Request, num_tokens: int) -> SequenceChunk:
+        """The chunk of the request's next num_tokens; its page_table,
+        prompt_ids and output_ids are the request's own lists (read-only for
+        the runner), so a step costs time in its new tokens, not the context."""
         start, end = request.num_computed_tokens, request.num_computed_tokens + num_tokens
         return SequenceChunk(
             rid=request.rid,
-            token_ids=request.all_ids[start:end],
+            token_ids=request.token_ids(start, end),
             start_pos=start,
             positions=request.positions(start, end),
-            page_table=list(request.page_table),
+            page_table=request.page_table,
             mm_items=request.mm_items_overlapping(start, end),
             sample=end == request.num_tokens,
             sampling=request.sampling,
             seed=request.seed,
             step=len(request.output_ids),
             prompt_ids=request.prompt_ids,
-            output_ids=list(request.output_ids),
+            output_ids=request.output_ids,
             cross_images=[CrossImage(item, tuple(entry.pages), not entry.is_written)
                           for item, entry in self._cross_images(request)],
         )

@@ -109,6 +109,13 @@ class SequenceChunk:
     logits are sampled (last prompt chunk, or decode). cross_images lists
     every image of a cross-attention request (not only the overlapping
     ones: a token may attend to an image placed before its chunk).
+
+    page_table, prompt_ids and output_ids are the request's own lists, not
+    copies (so a step costs the scheduler time in its new tokens, not in
+    the context). The runner reads them only while the call that runs the
+    step (forward, or launch) builds its inputs: it must not mutate them,
+    nor read them afterwards (the scheduler grows and rewrites them
+    between steps); whatever it needs later it copies then.
     """
 
     rid: str
