@@ -112,7 +112,8 @@ def test_engine_thread_index_setting_stays_on_the_engine_thread(tiny_checkpoint_
     caller's thread still gets an IndexError for a bad index (this failed
     tests/ops/test_attention.py after an engine test, when the setting was a
     process-wide environment variable)."""
-    with engine_for(tiny_checkpoint_qwen2, device="cuda", max_total_tokens=8192) as engine:
+    with engine_for(tiny_checkpoint_qwen2, device="cuda", max_total_tokens=8192,
+                    engine_process="thread") as engine:  # it reads the runner
         assert engine.state.runner.check_indices is False  # the CUDA default
         result = engine.generate("the cat sat", GREEDY)
         assert len(result["output_ids"]) == NUM_NEW_TOKENS

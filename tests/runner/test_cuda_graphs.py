@@ -126,7 +126,8 @@ def test_cuda_graph_steps_match_eager_steps(checkpoint):
     through padded sizes) give --disable-cuda-graph's tokens, float32.
     (tests/entrypoints/test_engine_cuda.py compares the default engine,
     graphs on, with transformers.)"""
-    args = dict(device="cuda", max_total_tokens=8192, cuda_graph_max_bs=4)
+    args = dict(device="cuda", max_total_tokens=8192, cuda_graph_max_bs=4,
+                engine_process="thread")  # the test reads the runner
     with engine_for(checkpoint, **args) as engine:
         assert engine.state.runner.graphs is not None
         staged = count_replays(engine.state.runner.graphs)
