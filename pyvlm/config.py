@@ -61,6 +61,11 @@ class SchedulerConfig:
     # Scales the decode room admission reserves for running requests (SGLang's
     # --schedule-conservativeness): 0 reserves none (more preemption), >1 more.
     schedule_conservativeness: float = 1.0
+    # Runs prefill chunks in the same step as one decode token of every running
+    # request (SGLang's --enable-mixed-chunk, on here by default), so arrivals
+    # never pause the streams; the decode tokens count against the step's
+    # prefill budget. False: a step is all prefill or all decode.
+    enable_mixed_chunk: bool = True
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 SGLang's PrefillAdder in small pieces: a token budget per batch
 (max_prefill_tokens) and per chunk (chunked_prefill_size), the schedule
-policy's order, and at most one request left mid-chunk.
+policy's order, and at most one request left mid-chunk. In a mixed step the
+decode tokens that run alongside count against both budgets first, as in
+SGLang (its mixed_with_decode_tokens).
 """
 
 from typing import Callable, List, Optional, Sequence
@@ -11,12 +13,14 @@ from pyvlm.scheduling.request import Request
 
 
 class PrefillBudget:
-    """Tokens one prefill batch may still take."""
+    """Tokens one prefill batch may still take; num_decode_tokens: tokens of
+    the decodes mixed into the same step, taken off both limits."""
 
-    def __init__(self, max_prefill_tokens: int, chunked_prefill_size: Optional[int]):
-        self.num_tokens_left = max_prefill_tokens
+    def __init__(self, max_prefill_tokens: int, chunked_prefill_size: Optional[int],
+                 num_decode_tokens: int = 0):
+        self.num_tokens_left = max_prefill_tokens - num_decode_tokens
         is_chunked = chunked_prefill_size is not None and chunked_prefill_size > 0
-        self.num_chunk_tokens_left = chunked_prefill_size if is_chunked else None
+        self.num_chunk_tokens_left = chunked_prefill_size - num_decode_tokens if is_chunked else None
 
     @property
     def can_chunk(self) -> bool:

@@ -74,7 +74,6 @@ class RadixCache:
         self._heap_seq = itertools.count()
         self.version = 0  # bumped whenever a node joins or leaves the tree
 
-
     @property
     def num_evictable_pages(self) -> int:
         return self.num_pages - self.num_protected_pages

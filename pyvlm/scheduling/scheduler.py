@@ -1,10 +1,14 @@
 """The continuous-batching scheduler (SGLang style), free of torch.
 
-Each step is a prefill batch when waiting requests (or the one request
-mid-chunk) fit, otherwise a decode batch of every running request. Prefixes
-are shared through the radix cache; when decode runs out of pages the most
-recently arrived request is preempted and later recomputed (its cached full
-pages make that cheap), so clients never see an error.
+Each step runs the waiting requests that fit (or the one request
+mid-chunk) as prefill chunks, and one decode token of every running
+request. With enable_mixed_chunk (SGLang's mixed chunk) both go into one
+step, the decode tokens counted against the prefill budget, so arrivals
+never pause the streams; without it, or when the decodes' pages could only
+come from preemption, a step is prefill alone when any fits, else decode
+alone. Prefixes are shared through the radix cache; when decode runs out of
+pages the most recently arrived request is preempted and later recomputed
+(its cached full pages make that cheap), so clients never see an error.
 """
 
 import itertools
@@ -42,6 +46,24 @@ class PrefillPlan:
     def has_partial(self) -> bool:
         """Whether the last request stops mid-prompt (then nothing may follow)."""
         return bool(self.items) and self.items[-1][1] < self.items[-1][0].num_uncomputed_tokens
+
+
+@dataclass
+class StepPlan:
+    """One step: its prefill chunks first, then the decodes (one token
+    each). is_decode: no prefill, so the runner's decode path."""
+
+    prefill: PrefillPlan
+    decodes: List[Request]
+    num_running: int  # requests running when it was planned (the log's #running-req)
+
+    @property
+    def is_decode(self) -> bool:
+        return not self.prefill.items
+
+    @property
+    def items(self) -> List[Planned]:
+        return self.prefill.items + [(request, 1) for request in self.decodes]
 
 
 class Scheduler:
@@ -119,16 +141,15 @@ class Scheduler:
 
     def step(self, runner: ModelRunner) -> List[RequestOutput]:
         """Schedules one batch, runs it and returns the outputs due."""
-        plan = self._schedule_prefill()
-        is_decode = not plan.items
-        items = self._schedule_decode() if is_decode else plan.items
+        step = self._schedule()
+        items = step.items
         outputs, self._pending_outputs = self._pending_outputs, []
         if not items:
             return outputs
-        batch = ForwardBatch(is_decode, [self._chunk(request, n) for request, n in items])
+        batch = ForwardBatch(step.is_decode, [self._chunk(request, n) for request, n in items])
         results = forward_isolated(runner, batch)
-        outputs.extend(self._process(items, results, is_decode))
-        self._after_step(plan, is_decode)
+        outputs.extend(self._process(items, results, len(step.prefill.items)))
+        self._after_step(step)
         return outputs
 
     def flush_cache(self) -> bool:
@@ -151,11 +172,37 @@ class Scheduler:
             "num_failed_requests": self.metrics.num_failed_requests,
         }
 
+    # ---- what a step runs ---------------------------------------------------
+
+    def _schedule(self) -> StepPlan:
+        """Mixed: pages for the decodes first (free list, then cache
+        eviction), then prefill in what the decodes leave of the budget.
+        Otherwise today's rule: prefill alone if any fits, else decode alone
+        (which may preempt)."""
+        num_running = len(self.running)
+        if self._can_mix() and self._reserve_decode_pages():
+            return StepPlan(self._schedule_prefill(num_running), list(self.running), num_running)
+        plan = self._schedule_prefill()
+        decodes = [] if plan.items else self._schedule_decode()
+        return StepPlan(plan, decodes, num_running)
+
+    def _can_mix(self) -> bool:
+        """Mixing is on, something runs, and its decode tokens leave room in
+        the prefill budget (else prefill would starve behind the decodes, as
+        in SGLang; a step of prefill alone is the better fallback)."""
+        num_decodes, config = len(self.running), self.config
+        if not config.enable_mixed_chunk or not self.running:
+            return False
+        chunk_size = config.chunked_prefill_size
+        is_chunked = chunk_size is not None and chunk_size > 0
+        return num_decodes < config.max_prefill_tokens and (not is_chunked or num_decodes < chunk_size)
+
     # ---- prefill ----------------------------------------------------------
 
-    def _schedule_prefill(self) -> PrefillPlan:
+    def _schedule_prefill(self, num_decode_tokens: int = 0) -> PrefillPlan:
         plan = PrefillPlan()
-        budget = PrefillBudget(self.config.max_prefill_tokens, self.config.chunked_prefill_size)
+        budget = PrefillBudget(self.config.max_prefill_tokens, self.config.chunked_prefill_size,
+                               num_decode_tokens)
         if self.chunked is not None and not self._continue_chunk(self.chunked, budget, plan):
             return plan
         for request in order_waiting(self.waiting, self.config.schedule_policy, self._num_matched):
@@ -238,17 +285,24 @@ class Scheduler:
 
     # ---- decode and preemption --------------------------------------------
 
-    def _schedule_decode(self) -> List[Planned]:
+    def _schedule_decode(self) -> List[Request]:
         """Every running request feeds its last token; pages for the new slots
         come from the free list, then the cache, then preemption."""
         while self.running:
-            needy = [r for r in self.running if self._needs_page(r)]
-            if self.kv.make_free(len(needy)):
-                for request in needy:
-                    self.kv.reserve(request, request.num_computed_tokens + 1)
-                return [(request, 1) for request in self.running]
+            if self._reserve_decode_pages():
+                return list(self.running)
             self._preempt_latest()
         return []
+
+    def _reserve_decode_pages(self) -> bool:
+        """A slot for one more token of every running request, from the free
+        list and then the cache; False (no page taken) if too few."""
+        needy = [r for r in self.running if self._needs_page(r)]
+        if not self.kv.make_free(len(needy)):
+            return False
+        for request in needy:
+            self.kv.reserve(request, request.num_computed_tokens + 1)
+        return True
 
     def _needs_page(self, request: Request) -> bool:
         return self.kv.num_pages_for(request.num_computed_tokens + 1) > len(request.page_table)
@@ -312,9 +366,11 @@ class Scheduler:
         by_hash = {entry.key: entry for entry in request.image_kv}
         return [(item, by_hash[item.hash]) for item in request.mm_items if item.hash in by_hash]
 
-    def _process(self, items: List[Planned], results, is_decode: bool) -> List[RequestOutput]:
+    def _process(self, items: List[Planned], results, num_prefills: int) -> List[RequestOutput]:
+        """Results of the step's items: the first num_prefills are prefill
+        chunks, the rest decodes of requests already running."""
         outputs = []
-        for (request, num_tokens), result in zip(items, results):
+        for index, ((request, num_tokens), result) in enumerate(zip(items, results)):
             if isinstance(result, ChunkFailure):
                 outputs.append(self._fail(request, result.message))
                 continue
@@ -322,7 +378,7 @@ class Scheduler:
             request.num_computed_tokens += num_tokens
             if request.num_uncomputed_tokens > 0:
                 continue  # mid-chunk: nothing sampled
-            if not is_decode:
+            if index < num_prefills:
                 self._on_prefill_done(request)
             output = self._on_sample(request, result)
             if output is not None:
@@ -367,16 +423,20 @@ class Scheduler:
         elif request in self.waiting:
             self.waiting.remove(request)
 
-    def _after_step(self, plan: PrefillPlan, is_decode: bool) -> None:
-        if is_decode:
+    def _after_step(self, step: StepPlan) -> None:
+        if step.decodes:
+            # every step that decoded ages the reserve's estimate, mixed or not
             self.reserve.on_decode_step()
-            self.metrics.on_decode_step(len(self.running), self.kv.num_used_pages * self.page_size,
+        if step.is_decode:
+            self.metrics.on_decode_step(len(step.decodes), self.kv.num_used_pages * self.page_size,
                                         self._token_usage(), len(self.waiting))
             return
+        plan = step.prefill
+        self.metrics.on_mixed_decodes(len(step.decodes))
         num_new_tokens = sum(n for _, n in plan.items) + plan.num_new_image_rows
         self.metrics.log_prefill(plan.num_new_seqs, num_new_tokens,
                                  plan.num_cached_tokens + plan.num_cached_image_rows,
-                                 self._token_usage(), len(self.running), len(self.waiting))
+                                 self._token_usage(), step.num_running, len(self.waiting))
 
     def _token_usage(self) -> float:
         return self.kv.num_used_pages / max(self.kv.num_total_pages, 1)

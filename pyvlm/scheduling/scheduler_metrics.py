@@ -30,12 +30,20 @@ class SchedulerMetrics:
 
     def log_prefill(self, num_new_seqs: int, num_new_tokens: int, num_cached_tokens: int,
                     token_usage: float, num_running: int, num_queued: int) -> None:
+        """num_running: requests running when the batch was planned, not
+        those it admits (SGLang's #running-req); in a mixed step, the
+        decodes that ran with the prefill."""
         hit_rate = 100.0 * num_cached_tokens / max(num_new_tokens + num_cached_tokens, 1)
         logger.info(
             f"Prefill batch. #new-seq: {num_new_seqs}, #new-token: {num_new_tokens}, "
             f"#cached-token: {num_cached_tokens}, cache hit rate: {hit_rate:.2f}%, "
             f"token usage: {token_usage:.2f}, #running-req: {num_running}, "
             f"#queue-req: {num_queued}")
+
+    def on_mixed_decodes(self, num_decodes: int) -> None:
+        """Counts the tokens decoded alongside a prefill (a mixed step) in
+        the generation throughput; the step logs as a prefill batch."""
+        self._num_generated_since_log += num_decodes
 
     def on_decode_step(self, num_running: int, num_used_tokens: int, token_usage: float,
                        num_queued: int) -> None:

@@ -110,6 +110,10 @@ class SequenceChunk:
     every image of a cross-attention request (not only the overlapping
     ones: a token may attend to an image placed before its chunk).
 
+    A decode is a chunk of one token at start_pos = the tokens already
+    computed, with sample True; it may come in a decode batch or, mixed
+    with prefill chunks, in a prefill batch (is_decode False).
+
     page_table, prompt_ids and output_ids are the request's own lists, not
     copies (so a step costs the scheduler time in its new tokens, not in
     the context). The runner reads them only while the call that runs the
@@ -139,7 +143,10 @@ class SequenceChunk:
 
 @dataclass
 class ForwardBatch:
-    """One model step: prefill chunks (is_decode False) or one token each."""
+    """One model step: is_decode True: one decode token of each request
+    (the decode path); False: prefill chunks, possibly with decodes of
+    running requests mixed in (1-token chunks, run as prefill chunks with
+    their prefix; SequenceChunk)."""
 
     is_decode: bool
     chunks: List[SequenceChunk] = field(default_factory=list)

@@ -40,6 +40,7 @@ class ServerArgs:
     stream_interval: int = 1
     random_seed: Optional[int] = None  # None: a random base per process
     schedule_conservativeness: float = 1.0
+    disable_mixed_chunk: bool = False
     enable_cache_report: bool = False
     disable_radix_cache: bool = False
     log_requests: bool = False
@@ -64,6 +65,11 @@ class ServerArgs:
     engine_process: str = "auto"
 
     @property
+    def enable_mixed_chunk(self) -> bool:
+        """The engine's name for the opposite of --disable-mixed-chunk."""
+        return not self.disable_mixed_chunk
+
+    @property
     def model_name(self) -> str:
         """The name clients send as `model` (besides "default")."""
         if self.served_model_name:
@@ -76,7 +82,7 @@ class ServerArgs:
                  "context_length", "rope_scaling",
                  "mem_fraction_static", "max_running_requests", "max_total_tokens",
                  "chunked_prefill_size", "max_prefill_tokens", "schedule_policy", "page_size",
-                 "stream_interval", "random_seed", "schedule_conservativeness",
+                 "stream_interval", "random_seed", "schedule_conservativeness", "enable_mixed_chunk",
                  "enable_cache_report", "disable_radix_cache", "encoder_cache_bytes",
                  "decode_log_interval", "chat_template", "served_model_name",
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
@@ -131,6 +137,9 @@ _FLAGS = [
     (("--schedule-conservativeness",), float,
      "scales the decode room reserved for running requests before admitting more; "
      "0 reserves none (default 1.0)"),
+    (("--disable-mixed-chunk",), "store_true",
+     "run prefill and decode in separate steps (default: prefill chunks run in the same step "
+     "as one token of every running request, so new requests never pause the streams)"),
     (("--enable-cache-report",), "store_true",
      "report usage.prompt_tokens_details.cached_tokens in every response"),
     (("--disable-radix-cache",), "store_true", "turn the prefix cache off"),

@@ -41,6 +41,13 @@ def reference_generate(prompt_ids, mm_items, seed, max_new_tokens, stop_token_id
     return output
 
 
+def stage_of(chunk: SequenceChunk) -> str:
+    """"decode": one token fed after the prompt (in a decode batch, or mixed
+    into a prefill batch); "prefill" otherwise."""
+    is_decode = chunk.num_new_tokens == 1 and chunk.start_pos >= len(chunk.prompt_ids)
+    return "decode" if is_decode else "prefill"
+
+
 class FakeRunner:
     """A ModelRunner whose 'KV cache' is a dict slot -> (key, position).
 

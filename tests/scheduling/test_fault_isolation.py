@@ -8,7 +8,7 @@ import pytest
 from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.scheduling.types import ForwardBatch
 
-from tests.scheduling.fakes import FakeRunner
+from tests.scheduling.fakes import FakeRunner, stage_of
 from tests.scheduling.test_scheduler_parity import assert_all_pages_back
 from tests.scheduling.workload import random_specs, run_specs
 
@@ -24,8 +24,7 @@ class FailingRunner(FakeRunner):
         self.num_faults = 0
 
     def forward(self, batch: ForwardBatch):
-        stage = "decode" if batch.is_decode else "prefill"
-        if stage == self.stage and any(c.rid == self.bad_rid for c in batch.chunks):
+        if any(c.rid == self.bad_rid and stage_of(c) == self.stage for c in batch.chunks):
             self.num_faults += 1
             raise self.error
         return super().forward(batch)

@@ -25,10 +25,12 @@ def assert_all_pages_back(result):
 @pytest.mark.parametrize("page_size", [1, 4, 16])
 @pytest.mark.parametrize("chunked_prefill_size", [None, 3, 8, 64])
 @pytest.mark.parametrize("disable_radix_cache", [False, True])
-def test_outputs_match_sequential_generation(rng, page_size, chunked_prefill_size, disable_radix_cache):
+@pytest.mark.parametrize("enable_mixed_chunk", [True, False])
+def test_outputs_match_sequential_generation(rng, page_size, chunked_prefill_size, disable_radix_cache,
+                                             enable_mixed_chunk):
     specs = random_specs(rng, 12)
     result = run_specs(specs, page_size=page_size, chunked_prefill_size=chunked_prefill_size,
-                       disable_radix_cache=disable_radix_cache)
+                       disable_radix_cache=disable_radix_cache, enable_mixed_chunk=enable_mixed_chunk)
     assert_matches_reference(specs, result)
     assert_all_pages_back(result)
 
@@ -54,7 +56,8 @@ def contending_specs(rng, num_requests, max_new_tokens):
 
 @pytest.mark.parametrize("chunked_prefill_size", [None, 5])
 @pytest.mark.parametrize("disable_radix_cache", [False, True])
-def test_outputs_survive_preemption(rng, chunked_prefill_size, disable_radix_cache):
+@pytest.mark.parametrize("enable_mixed_chunk", [True, False])
+def test_outputs_survive_preemption(rng, chunked_prefill_size, disable_radix_cache, enable_mixed_chunk):
     specs = contending_specs(rng, 10, max_new_tokens=40)
     page_size = 4
     largest = max(len(spec.prompt_ids) + spec.max_new_tokens for spec in specs)
@@ -62,7 +65,7 @@ def test_outputs_survive_preemption(rng, chunked_prefill_size, disable_radix_cac
     # No decode reserve (conservativeness 0): admission packs the pool, so decode must preempt.
     result = run_specs(specs, page_size=page_size, num_pages=num_pages,
                        chunked_prefill_size=chunked_prefill_size, disable_radix_cache=disable_radix_cache,
-                       schedule_conservativeness=0.0)
+                       schedule_conservativeness=0.0, enable_mixed_chunk=enable_mixed_chunk)
     assert result.scheduler.metrics.num_preemptions > 0
     assert_matches_reference(specs, result)
     for spec in specs:
