@@ -40,7 +40,10 @@ class CacheConfig:
     """The paged KV pool and the prefix/encoder caches."""
 
     page_size: int = 16
-    mem_fraction_static: float = 0.85  # GPU: fraction of free memory for weights + KV
+    # GPU: the fraction of the card's memory for the weights, the KV pool and
+    # what steps need beside them (measured at start-up: activations of the
+    # largest prefill, the decode CUDA graphs, the encoder cache).
+    mem_fraction_static: float = 0.85
     max_total_tokens: Optional[int] = None  # CPU: KV pool size; None = from available RAM
     disable_radix_cache: bool = False
     encoder_cache_bytes: int = 1 << 30  # vision-tower outputs kept (LRU), in bytes

@@ -25,6 +25,7 @@ from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, load_chec
                                      resolve_device, resolve_dtype)
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
+from pyvlm.runner.memory_profile import measure_step_memory
 from pyvlm.runner.model_runner import ModelRunner
 
 logger = logging.getLogger("pyvlm.engine")
@@ -254,21 +255,30 @@ def media_policy_of(config: EngineConfig) -> MediaPolicy:
                        max_pixels=media.max_image_pixels)
 
 
-def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype, model=None):
+def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
+                 context_length: int, model=None):
+    """The model (loaded unless given), its KV pool sized to what the card
+    leaves once a step's own needs are measured, and the runner over both."""
     if model is None:
         from pyvlm.models.loader import load_model
 
         model = load_model(files, dtype, device, load_format=config.model.load_format)
     shape = KVShape(model.num_layers, model.num_kv_heads, model.head_dim, dtype,
                     tuple(getattr(model, "cross_attention_layers", ())))
+    step_memory = measure_step_memory(
+        model, shape, config.cache.page_size, device, config.scheduler.max_prefill_tokens,
+        context_length, decode_graph_batch_limit(config, device), config.cache.encoder_cache_bytes)
     num_pages = pool_num_pages(shape, config.cache.page_size, device,
-                               config.cache.max_total_tokens, config.cache.mem_fraction_static)
+                               config.cache.max_total_tokens, config.cache.mem_fraction_static,
+                               step_memory.total)
     pool = KVPool(shape, num_pages, config.cache.page_size, device)
     vision = None
     if getattr(model, "image_token_id", None) is not None:
         vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes),
                                getattr(model, "encoder_rows_of", None))
-    return model, ModelRunner(model, pool, device, vision, index_checks_for(config, device))
+    runner = ModelRunner(model, pool, device, vision, index_checks_for(config, device))
+    runner.step_memory = step_memory
+    return model, runner
 
 
 def decode_graph_batch_limit(config: EngineConfig, device: torch.device) -> int:
@@ -344,7 +354,8 @@ def start_core(spec: CoreSpec, loaded_model=None) -> CoreState:
     """Model (loaded_model, or the checkpoint's weights), KV pool, runner
     and scheduler on spec.device."""
     config, device = spec.config, spec.device
-    model, runner = build_runner(config, spec.files, device, spec.dtype, loaded_model)
+    model, runner = build_runner(config, spec.files, device, spec.dtype, spec.context_length,
+                                 loaded_model)
     runner.capture_decode_graphs(decode_graph_batch_limit(config, device), spec.context_length)
     scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, spec.context_length,
                           detokenizer_factory(spec.tokenizer), runner.image_rows_per_page)

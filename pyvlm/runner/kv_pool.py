@@ -76,17 +76,27 @@ def cpu_token_budget(shape: KVShape, max_total_tokens: Optional[int]) -> int:
     return int(min(by_ram, MAX_DEFAULT_CPU_TOKENS))
 
 
-def gpu_token_budget(shape: KVShape, mem_fraction_static: float, device: torch.device) -> int:
+def gpu_token_budget(shape: KVShape, mem_fraction_static: float, device: torch.device,
+                     reserved_bytes: int = 0) -> int:
     """Tokens that fit in mem_fraction_static of the card, minus what is
-    already used (the weights, loaded before the pool)."""
+    already used (the weights, loaded before the pool) and reserved_bytes
+    (what steps need beside the pool: pyvlm.runner.memory_profile)."""
     free, total = torch.cuda.mem_get_info(device)
-    used = total - free
-    budget = int(total * mem_fraction_static) - used
-    if budget <= 0:
+    return token_budget(total, total - free, mem_fraction_static, reserved_bytes,
+                        shape.bytes_per_token)
+
+
+def token_budget(total: int, used: int, mem_fraction_static: float, reserved_bytes: int,
+                 bytes_per_token: int) -> int:
+    """The KV pool's tokens: mem_fraction_static of `total` bytes, less the
+    bytes `used` and `reserved_bytes`; a RuntimeError when nothing is left."""
+    budget = int(total * mem_fraction_static) - used - reserved_bytes
+    if budget < bytes_per_token:
         raise RuntimeError(
             f"--mem-fraction-static {mem_fraction_static} leaves no room for the KV cache: "
-            f"{used / 2**30:.1f} GiB of {total / 2**30:.1f} GiB is already in use")
-    return budget // shape.bytes_per_token
+            f"{used / 2**30:.1f} GiB of {total / 2**30:.1f} GiB is in use and steps need "
+            f"{reserved_bytes / 2**30:.1f} GiB more (activations, CUDA graphs, encoder cache)")
+    return budget // bytes_per_token
 
 
 class KVPool:
@@ -138,9 +148,10 @@ class KVPool:
 
 
 def pool_num_pages(shape: KVShape, page_size: int, device: torch.device,
-                   max_total_tokens: Optional[int], mem_fraction_static: float) -> int:
+                   max_total_tokens: Optional[int], mem_fraction_static: float,
+                   reserved_bytes: int = 0) -> int:
     if device.type == "cuda" and not max_total_tokens:
-        tokens = gpu_token_budget(shape, mem_fraction_static, device)
+        tokens = gpu_token_budget(shape, mem_fraction_static, device, reserved_bytes)
     else:
         tokens = cpu_token_budget(shape, max_total_tokens)
     return max(1, tokens // page_size)

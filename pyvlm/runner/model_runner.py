@@ -51,6 +51,7 @@ class ModelRunner:
         self.check_indices = check_indices
         self.fault_hook: Optional[FaultHook] = None
         self.graphs: Optional[DecodeGraphs] = None  # capture_decode_graphs
+        self.step_memory = None  # what start-up reserved beside the pool (memory_profile)
         self.penalties = PenaltyState()  # penalized requests' token counts, on the device
         # The last launched step's sampled tokens (device) and each request's row.
         self._previous: Optional[Tuple[torch.Tensor, Dict[str, int]]] = None

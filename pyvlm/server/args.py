@@ -123,7 +123,8 @@ _FLAGS = [
      "JSON rope scaling for the text model, e.g. '{\"rope_type\": \"linear\", \"factor\": 4}': "
      "multiplies the positions the model supports (and allowed --context-length) by factor"),
     (("--mem-fraction-static",), float,
-     "GPU: fraction of free memory for weights and KV cache (default 0.85)"),
+     "GPU: fraction of the card's memory for the weights, the KV cache and what steps need "
+     "beside them, measured at start-up (default 0.85)"),
     (("--max-running-requests",), int, "most requests decoding at once (default 256)"),
     (("--max-total-tokens",), int, "KV pool size in tokens (default: from free memory)"),
     (("--chunked-prefill-size",), int,
