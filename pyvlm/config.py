@@ -69,6 +69,10 @@ class SchedulerConfig:
     # never pause the streams; the decode tokens count against the step's
     # prefill budget. False: a step is all prefill or all decode.
     enable_mixed_chunk: bool = True
+    # Launch decode step N+1 before reading step N's tokens (SGLang's overlap
+    # scheduler; pyvlm.scheduling.overlap). None: on with CUDA (the host's
+    # work hides behind the device's), off on the CPU (nothing to hide).
+    overlap_schedule: Optional[bool] = None
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 
 from pyvlm.chat import ChatTemplate, resolve_template
-from pyvlm.config import EngineConfig
+from pyvlm.config import EngineConfig, SchedulerConfig
 from pyvlm.scheduling.detokenizer import detokenizer_factory
 from pyvlm.scheduling.scheduler import Scheduler
 from pyvlm.entrypoints.image_budget import ImageBudget
@@ -281,6 +281,14 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
     return model, runner
 
 
+def scheduler_config_for(config: EngineConfig, device: torch.device) -> SchedulerConfig:
+    """The scheduler's settings with overlap scheduling resolved: unset, it
+    is on for CUDA, where the host's work then hides behind the device's."""
+    if config.scheduler.overlap_schedule is not None:
+        return config.scheduler
+    return replace(config.scheduler, overlap_schedule=device.type == "cuda")
+
+
 def decode_graph_batch_limit(config: EngineConfig, device: torch.device) -> int:
     """The largest decode batch captured in a CUDA graph; 0: none (CPU,
     --disable-cuda-graph)."""
@@ -357,7 +365,8 @@ def start_core(spec: CoreSpec, loaded_model=None) -> CoreState:
     model, runner = build_runner(config, spec.files, device, spec.dtype, spec.context_length,
                                  loaded_model)
     runner.capture_decode_graphs(decode_graph_batch_limit(config, device), spec.context_length)
-    scheduler = Scheduler(config.scheduler, config.cache, runner.num_pages, spec.context_length,
+    scheduler = Scheduler(scheduler_config_for(config, device), config.cache, runner.num_pages,
+                          spec.context_length,
                           detokenizer_factory(spec.tokenizer), runner.image_rows_per_page)
     logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens",
                 spec.files.root.name, device, str(spec.dtype).replace("torch.", ""),

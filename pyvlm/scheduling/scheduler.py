@@ -19,9 +19,11 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 from pyvlm.config import CacheConfig, SchedulerConfig
 from pyvlm.scheduling.decode_reserve import DecodeReserve
 from pyvlm.scheduling.detokenizer import detokenizer_factory as default_detokenizer_factory
+from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.scheduling.isolation import ChunkFailure, forward_isolated
 from pyvlm.scheduling.kv_manager import KVManager
 from pyvlm.scheduling.output_processor import record_sample, take_output
+from pyvlm.scheduling.overlap import InFlight, continuing, is_still_running, next_decode_chunk
 from pyvlm.scheduling.prefill_planner import PrefillBudget, order_waiting
 from pyvlm.scheduling.radix_cache import PrefixMatch
 from pyvlm.scheduling.request import Request, RequestOutput, RequestStatus
@@ -90,6 +92,7 @@ class Scheduler:
         self.reserve = DecodeReserve(sched.schedule_conservativeness)
         self._arrivals = itertools.count()
         self._pending_outputs: List[RequestOutput] = []
+        self._launched: Optional[InFlight] = None  # a decode step launched, not read (overlap)
 
     # ---- public API -------------------------------------------------------
 
@@ -137,20 +140,85 @@ class Scheduler:
         return self._retire(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running or self.chunked or self._pending_outputs)
+        return bool(self.waiting or self.running or self.chunked or self._pending_outputs
+                    or self._launched)
 
     def step(self, runner: ModelRunner) -> List[RequestOutput]:
-        """Schedules one batch, runs it and returns the outputs due."""
+        """Schedules one batch, runs it and returns the outputs due. With
+        overlap scheduling a decode step is only launched here, and its
+        outputs come from the next call (which launches the one after it
+        first: pyvlm.scheduling.overlap)."""
+        if self._launched is not None:
+            outputs, self._pending_outputs = self._pending_outputs, []
+            return outputs + self._step_overlapped(runner)
         step = self._schedule()
         items = step.items
         outputs, self._pending_outputs = self._pending_outputs, []
         if not items:
             return outputs
         batch = ForwardBatch(step.is_decode, [self._chunk(request, n) for request, n in items])
+        if step.is_decode and self._may_overlap(runner):
+            self._launched = self._launch(runner, step, batch)
+            if self._launched is not None:
+                return outputs
         results = forward_isolated(runner, batch)
         outputs.extend(self._process(items, results, len(step.prefill.items)))
         self._after_step(step)
         return outputs
+
+    # ---- overlap scheduling (pyvlm/scheduling/overlap.py) -------------------
+
+    def _may_overlap(self, runner: ModelRunner) -> bool:
+        """Whether the next decode step may be launched before this one is
+        read: overlap is on, nothing waits for admission or is mid-chunk."""
+        return (bool(self.config.overlap_schedule) and hasattr(runner, "launch")
+                and not self.waiting and self.chunked is None)
+
+    def _launch(self, runner: ModelRunner, step: StepPlan,
+                batch: ForwardBatch) -> Optional[InFlight]:
+        """Launches a decode step; None when launching raised (the caller
+        then runs the batch the plain way, which isolates the failure)."""
+        try:
+            launched = runner.launch(batch)
+        except DeviceFailure:
+            raise
+        except Exception:  # noqa: BLE001 - forward_isolated reruns it and blames one request
+            return None
+        return InFlight(step, batch, launched)
+
+    def _step_overlapped(self, runner: ModelRunner) -> List[RequestOutput]:
+        """Launches the decode step after the one in flight when it can,
+        then reads and processes the one in flight."""
+        flight, self._launched = self._launched, None
+        following = self._plan_following(flight) if self._may_overlap(runner) else None
+        if following is not None:
+            batch = ForwardBatch(True, [next_decode_chunk(r, self._cross_image_refs(r))
+                                        for r in following.decodes])
+            self._launched = self._launch(runner, following, batch)
+        try:
+            results = flight.launched.wait()
+        except DeviceFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 - no chunk to blame: the step's requests fail
+            results = [ChunkFailure(exc)] * len(flight.batch.chunks)
+        items = [(item, result) for item, result in zip(flight.step.items, results)
+                 if is_still_running(item[0])]  # aborted or ended meanwhile: result dropped
+        outputs = self._process([item for item, _ in items], [r for _, r in items], 0)
+        self._after_step(flight.step)
+        return outputs
+
+    def _plan_following(self, flight: InFlight) -> Optional[StepPlan]:
+        """The decode step after the one in flight: its requests that it
+        cannot end by length, each with a slot for one more token, taken
+        without preemption (None: none, or too few pages)."""
+        requests = continuing(flight.step.decodes, self.context_length)
+        needy = [r for r in requests
+                 if self.kv.num_pages_for(r.num_computed_tokens + 2) > len(r.page_table)]
+        if not requests or not self.kv.make_free(len(needy)):
+            return None
+        for request in needy:
+            self.kv.reserve(request, request.num_computed_tokens + 2)
+        return StepPlan(PrefillPlan(), requests, len(self.running))
 
     def flush_cache(self) -> bool:
         """Empties the prefix cache; only when idle (returns False otherwise).
@@ -354,9 +422,12 @@ class Scheduler:
             step=len(request.output_ids),
             prompt_ids=request.prompt_ids,
             output_ids=request.output_ids,
-            cross_images=[CrossImage(item, tuple(entry.pages), not entry.is_written)
-                          for item, entry in self._cross_images(request)],
+            cross_images=self._cross_image_refs(request),
         )
+
+    def _cross_image_refs(self, request: Request) -> List[CrossImage]:
+        return [CrossImage(item, tuple(entry.pages), not entry.is_written)
+                for item, entry in self._cross_images(request)]
 
     @staticmethod
     def _cross_images(request: Request):

@@ -63,6 +63,7 @@ class ServerArgs:
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
     engine_process: str = "auto"
+    disable_overlap_schedule: bool = False
 
     @property
     def enable_mixed_chunk(self) -> bool:
@@ -88,7 +89,9 @@ class ServerArgs:
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
                  "disable_cuda_graph", "engine_process")
-        return {name: getattr(self, name) for name in names}
+        kwargs = {name: getattr(self, name) for name in names}
+        kwargs["overlap_schedule"] = False if self.disable_overlap_schedule else None
+        return kwargs
 
     def public_dict(self) -> Dict[str, Any]:
         """The arguments without secrets (for /get_server_info)."""
@@ -173,6 +176,9 @@ _FLAGS = [
     (("--cuda-graph-max-bs",), int,
      "CUDA: largest decode batch run through a captured CUDA graph (default 256)"),
     (("--disable-cuda-graph",), "store_true", "CUDA: run every step eagerly (no CUDA graphs)"),
+    (("--disable-overlap-schedule",), "store_true",
+     "CUDA: read each decode step's tokens before launching the next (no overlap of the "
+     "host's scheduling with the device's step)"),
     (("--engine-process",), str,
      "auto|process|thread: run the scheduler and model in their own process or in a thread "
      "of the server's (default auto: a process on CUDA, a thread on CPU)"),
