@@ -272,6 +272,8 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
                                config.cache.max_total_tokens, config.cache.mem_fraction_static,
                                step_memory.total)
     pool = KVPool(shape, num_pages, config.cache.page_size, device)
+    logger.info("KV cache: %d pages x %d tokens, %.2f GiB", num_pages, config.cache.page_size,
+                num_pages * config.cache.page_size * shape.bytes_per_token / 2**30)
     vision = None
     if getattr(model, "image_token_id", None) is not None:
         vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes),

@@ -14,14 +14,12 @@ cross-attention layer: one allocator and one budget serve both, and an
 image costs its rows x the cross-attention layers, not x every layer.
 """
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
-logger = logging.getLogger("pyvlm.runner")
 
 # CPU default: a quarter of the available RAM, at most this many tokens.
 MAX_DEFAULT_CPU_TOKENS = 1 << 17
@@ -115,8 +113,6 @@ class KVPool:
                                    dtype=shape.dtype, device=device)
         self.caches: List[Tuple[torch.Tensor, torch.Tensor]] = [
             self._layer_cache(index) for index in range(shape.num_layers)]
-        logger.info("KV cache: %d pages x %d tokens, %.2f GiB", num_pages, page_size,
-                    num_pages * page_size * shape.bytes_per_token / 2**30)
 
     def _layer_cache(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         """Layer index's (key, value) caches, views of the storage."""
