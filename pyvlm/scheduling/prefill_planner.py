@@ -14,13 +14,22 @@ from pyvlm.scheduling.request import Request
 
 class PrefillBudget:
     """Tokens one prefill batch may still take; num_decode_tokens: tokens of
-    the decodes mixed into the same step, taken off both limits."""
+    the decodes mixed into the same step, taken off both limits.
+    max_mixed_prefill_tokens (> 0): the most prefill tokens of a step that
+    also decodes, so the running streams' inter-token time stays near a
+    decode step's (a lone prompt too long for it still runs whole when
+    chunking is off)."""
 
     def __init__(self, max_prefill_tokens: int, chunked_prefill_size: Optional[int],
-                 num_decode_tokens: int = 0):
+                 num_decode_tokens: int = 0, max_mixed_prefill_tokens: Optional[int] = None):
         self.num_tokens_left = max_prefill_tokens - num_decode_tokens
         is_chunked = chunked_prefill_size is not None and chunked_prefill_size > 0
         self.num_chunk_tokens_left = chunked_prefill_size - num_decode_tokens if is_chunked else None
+        if num_decode_tokens > 0 and max_mixed_prefill_tokens and max_mixed_prefill_tokens > 0:
+            self.num_tokens_left = min(self.num_tokens_left, max_mixed_prefill_tokens)
+            if is_chunked:
+                self.num_chunk_tokens_left = min(self.num_chunk_tokens_left,
+                                                 max_mixed_prefill_tokens)
 
     @property
     def can_chunk(self) -> bool:

@@ -270,7 +270,7 @@ class Scheduler:
     def _schedule_prefill(self, num_decode_tokens: int = 0) -> PrefillPlan:
         plan = PrefillPlan()
         budget = PrefillBudget(self.config.max_prefill_tokens, self.config.chunked_prefill_size,
-                               num_decode_tokens)
+                               num_decode_tokens, self.config.max_mixed_prefill_tokens)
         if self.chunked is not None and not self._continue_chunk(self.chunked, budget, plan):
             return plan
         for request in order_waiting(self.waiting, self.config.schedule_policy, self._num_matched):

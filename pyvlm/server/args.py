@@ -64,6 +64,7 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     engine_process: str = "auto"
     disable_overlap_schedule: bool = False
+    max_mixed_prefill_tokens: Optional[int] = 512
 
     @property
     def enable_mixed_chunk(self) -> bool:
@@ -88,7 +89,7 @@ class ServerArgs:
                  "decode_log_interval", "chat_template", "served_model_name",
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
-                 "disable_cuda_graph", "engine_process")
+                 "disable_cuda_graph", "engine_process", "max_mixed_prefill_tokens")
         kwargs = {name: getattr(self, name) for name in names}
         kwargs["overlap_schedule"] = False if self.disable_overlap_schedule else None
         return kwargs
@@ -176,6 +177,10 @@ _FLAGS = [
     (("--cuda-graph-max-bs",), int,
      "CUDA: largest decode batch run through a captured CUDA graph (default 256)"),
     (("--disable-cuda-graph",), "store_true", "CUDA: run every step eagerly (no CUDA graphs)"),
+    (("--max-mixed-prefill-tokens",), int,
+     "most prefill tokens in a step that also decodes the running requests (default 512; "
+     "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "
+     "requests are prefilled"),
     (("--disable-overlap-schedule",), "store_true",
      "CUDA: read each decode step's tokens before launching the next (no overlap of the "
      "host's scheduling with the device's step)"),

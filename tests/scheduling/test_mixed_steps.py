@@ -83,7 +83,8 @@ class MixChecks:
         num_tokens = sum(chunk.num_new_tokens for chunk in batch.chunks)
         if prefills and decodes:
             self.num_mixed += 1
-            self._check_budget(config, num_tokens, len(prefills))
+            self._check_budget(config, num_tokens, len(prefills),
+                               sum(chunk.num_new_tokens for chunk in prefills))
         if not config.enable_mixed_chunk or not can_mix(before, config):
             assert batch.is_decode or not decodes, "a step mixed that must not"
         elif before.has_decode_pages:
@@ -96,12 +97,16 @@ class MixChecks:
                 or before.scheduler.metrics.num_preemptions > before.num_preemptions
 
     @staticmethod
-    def _check_budget(config, num_tokens, num_prefills):
+    def _check_budget(config, num_tokens, num_prefills, num_prefill_tokens):
         chunk = config.chunked_prefill_size
         if chunk is not None and chunk > 0:
             assert num_tokens <= min(chunk, config.max_prefill_tokens)
         else:
             assert num_tokens <= config.max_prefill_tokens or num_prefills == 1
+        cap = config.max_mixed_prefill_tokens
+        if cap and cap > 0:
+            assert num_prefill_tokens <= cap or (num_prefills == 1 and not chunk), \
+                "a mixed step took more prefill than max_mixed_prefill_tokens"
 
 
 def assert_reference(specs, outputs):
@@ -116,6 +121,27 @@ def test_mixed_steps_carry_every_decode_within_the_budget(rng, chunked_prefill_s
     outputs, _ = drive(specs, checks, chunked_prefill_size=chunked_prefill_size,
                        max_prefill_tokens=max_prefill_tokens)
     assert checks.num_mixed > 0
+    assert_reference(specs, outputs)
+
+
+@pytest.mark.parametrize("chunked_prefill_size", [None, 64])
+def test_mixed_steps_take_at_most_the_mixed_prefill_cap(rng, chunked_prefill_size):
+    """A cap of 5 prefill tokens while requests decode: mixed steps stay
+    under it (a lone whole prompt excepted when chunking is off), steps
+    without decodes still take the full budget, outputs stay exact."""
+    specs = random_specs(rng, 24, max_new_tokens=30)
+    checks = MixChecks()
+    big_steps = []
+
+    def check(before, batch, config):
+        checks(before, batch, config)
+        if batch is not None and not before.computed:
+            big_steps.append(sum(c.num_new_tokens for c in batch.chunks))
+
+    outputs, _ = drive(specs, check, chunked_prefill_size=chunked_prefill_size,
+                       max_prefill_tokens=64, max_mixed_prefill_tokens=5)
+    assert checks.num_mixed > 0
+    assert max(big_steps) > 5  # the cap applies only while requests decode
     assert_reference(specs, outputs)
 
 
