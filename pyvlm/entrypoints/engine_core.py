@@ -140,7 +140,10 @@ def _serve(conn, loop, outbox: Outbox, sender: Sender, commands) -> bool:
         elif isinstance(message, Call):
             _call(loop, commands.get(message.name), CallReply(sender, message.call_id))
         elif isinstance(message, Stop):
-            loop.stop()
+            # Not waiting here: this thread must go on reading, or a caller
+            # blocked sending to us (an abort from its reader thread) stops
+            # reading our outputs, and the engine thread blocks sending them.
+            loop.stop(timeout=0)
     outbox.flush()  # refusals of messages that came after the loop closed
     return True
 
