@@ -23,6 +23,7 @@ class IncrementalDetokenizer:
                  stop: Sequence[str] = ()):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self._decode_ids = direct_decode(tokenizer)
         self.stop = tuple(s for s in stop if s)
         self.ids: List[int] = []
         self.text = ""  # stable decoded text (cut at a matched stop string)
@@ -59,7 +60,7 @@ class IncrementalDetokenizer:
         return piece
 
     def _decode(self, ids: List[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _window_delta(self) -> str:
         prefix = self._decode(self.ids[self._surr_offset:self._read_offset])
@@ -88,6 +89,27 @@ def _longest_suffix_prefix(text: str, stop: str) -> int:
         if text.endswith(stop[:length]):
             return length
     return 0
+
+
+# What a transformers fast tokenizer's decode runs when it only hands the ids
+# to its Rust tokenizer (transformers 5 names, then 4's).
+_PLAIN_DECODES = {("PreTrainedTokenizerBase.decode", "TokenizersBackend._decode"),
+                  ("PreTrainedTokenizerBase.decode", "PreTrainedTokenizerFast._decode")}
+
+
+def direct_decode(tokenizer: Tokenizer) -> Callable[..., str]:
+    """tokenizer.decode, or the same decode without its Python wrapper: for
+    a transformers fast tokenizer whose decode is the library's own and
+    cleans up no spaces, decode(ids) is exactly its Rust tokenizer's
+    decode(ids), and the wrapper (converting every id, checking for a
+    batch) cost more than the decoding itself, twice per token."""
+    cls, backend = type(tokenizer), getattr(tokenizer, "_tokenizer", None)
+    names = (getattr(getattr(cls, "decode", None), "__qualname__", None),
+             getattr(getattr(cls, "_decode", None), "__qualname__", None))
+    if (backend is None or names not in _PLAIN_DECODES
+            or getattr(tokenizer, "clean_up_tokenization_spaces", True)):
+        return tokenizer.decode
+    return backend.decode
 
 
 class NullDetokenizer:

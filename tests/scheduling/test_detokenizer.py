@@ -4,7 +4,7 @@ trained here (multi-byte characters split across tokens)."""
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from pyvlm.scheduling.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer
+from pyvlm.scheduling.detokenizer import REPLACEMENT_CHAR, IncrementalDetokenizer, direct_decode
 
 CORPUS = [
     "Hello world, the quick brown fox jumps over the lazy dog.",
@@ -110,3 +110,25 @@ def test_holds_back_possible_stop_prefix(tokenizer):
         assert emitted == text[:len(text) - held]
     assert emitted + detok.take_text(finished=True) == "Hello world, hell"
     assert detok.matched_stop == stop
+
+
+def test_direct_decode_skips_the_wrapper_only_when_it_decodes_alike(tokenizer):
+    """The Rust decode stands in for tokenizer.decode only where they agree:
+    the library's own decode without space clean-up; otherwise decode."""
+    assert direct_decode(tokenizer) == tokenizer.backend_tokenizer.decode
+    ids = tokenizer.encode(" ".join(CORPUS), add_special_tokens=False) + [tokenizer.eos_token_id]
+    for skip in (True, False):
+        assert (direct_decode(tokenizer)(ids, skip_special_tokens=skip)
+                == tokenizer.decode(ids, skip_special_tokens=skip))
+
+    class Custom(type(tokenizer)):
+        def _decode(self, token_ids, **kwargs):
+            return "custom"
+
+    custom = Custom(tokenizer_object=tokenizer.backend_tokenizer, clean_up_tokenization_spaces=False)
+    assert direct_decode(custom)([1, 2]) == "custom"
+    tokenizer.clean_up_tokenization_spaces = True
+    try:
+        assert direct_decode(tokenizer) == tokenizer.decode
+    finally:
+        tokenizer.clean_up_tokenization_spaces = False
