@@ -13,6 +13,7 @@ from pyvlm.chat import ChatTemplate
 from pyvlm.config import EngineConfig, engine_config
 from pyvlm.scheduling.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pyvlm.scheduling.request import Request, RequestOutput
+from pyvlm.entrypoints.loop_deliveries import deliveries_for
 from pyvlm.entrypoints.outputs import OutputAccumulator
 from pyvlm.entrypoints.sampling import sampling_params_from
 
@@ -286,16 +287,14 @@ class DeltaStream:
 
     def __init__(self, engine: Engine, request: Request):
         self._engine, self._request = engine, request
-        self._loop = asyncio.get_running_loop()
+        self._deliveries = deliveries_for(asyncio.get_running_loop())
         self._deltas: asyncio.Queue = asyncio.Queue()
         self._accumulator = OutputAccumulator(request)
         self._finished = False
         engine._submit(request, self._sink)
 
     def _sink(self, out, err) -> None:
-        if self._loop.is_closed():
-            raise RuntimeError("the caller's event loop is closed")
-        self._loop.call_soon_threadsafe(self._deltas.put_nowait, (out, err))
+        self._deliveries.put(self._deltas.put_nowait, (out, err))
 
     def __aiter__(self) -> "DeltaStream":
         return self
