@@ -188,6 +188,15 @@ async def merged_deltas(engine, inputs: Sequence[EngineInput], params: Sequence[
     """Every choice's deltas, interleaved as they arrive (streaming). An
     error in any choice is raised here; closing this iterator aborts all."""
     streams = await submitted_choices(engine, inputs, params, prefix)
+    if len(streams) == 1:  # nothing to merge: no task and queue hop per delta
+        deltas = choice_deltas(streams[0], 0, timings[0])
+        try:
+            async for delta in deltas:
+                yield delta
+        finally:
+            await deltas.aclose()
+            await streams[0].aclose()
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int) -> None:
