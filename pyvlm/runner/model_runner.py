@@ -237,7 +237,6 @@ class ModelRunner:
         return self._cross_attention_inputs(chunks, self.pool, self.vision.embed, is_decode)
 
 
-
 def _position_rows(chunks: Sequence[SequenceChunk]) -> List[List[int]]:
     """The step's rotary positions, one list per row (1: 1-D; 3: M-RoPE),
     as the request builder computed them."""
