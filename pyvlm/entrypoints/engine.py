@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, 
 from pyvlm.chat import ChatTemplate
 from pyvlm.config import EngineConfig, engine_config
 from pyvlm.scheduling.errors import EngineBusyError, EngineDeadError, RequestFailedError
-from pyvlm.scheduling.request import Request, RequestOutput
+from pyvlm.scheduling.request import Request
 from pyvlm.entrypoints.loop_deliveries import deliveries_for
 from pyvlm.entrypoints.outputs import OutputAccumulator
 from pyvlm.entrypoints.sampling import sampling_params_from
