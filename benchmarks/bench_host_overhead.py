@@ -9,9 +9,11 @@ produces at 64 concurrent (target: >= 5x).
 The server is `python -m pyvlm`'s, served in this process
 (benchmarks/load/local_server.py) over a narrow shape's checkpoint (the real
 vocabulary, tokenizer, chat template and image preprocessing; tiny widths;
---load-format dummy, on the CPU) with `--engine-process thread`, so the
-engine starts here, where startup.build_runner is wrapped: the real runner
-is built, then replaced by InstantRunner. All the rest is the server's own:
+--load-format dummy, on the CPU). startup.build_runner is wrapped where the
+engine starts: the real runner is built, then replaced by InstantRunner.
+With `--engine-process process` (the GPU's default, and this script's) that
+is the spawned engine process, whose entry point is swapped for one that
+wraps it there first; with `thread`, this process. All the rest is the server's own:
 HTTP, request building (tokenizing; decoding and preprocessing every image),
 scheduling, the prefix cache, detokenizing, SSE. Two phases of
 benchmarks/load/serving_phases.py: the step phase (64 requests of ~3k-token
@@ -73,13 +75,45 @@ class InstantRunner:
         return [SampleResult(FIRST_TOKEN + chunk.step % NUM_TOKENS) if chunk.sample else None
                 for chunk in batch.chunks]
 
+    def launch(self, batch: ForwardBatch) -> "Launched":
+        """As forward (overlap scheduling launches; FUTURE_TOKEN inputs
+        need nothing: the instant tokens depend on the step alone)."""
+        return Launched(self.forward(batch))
+
     def free_encoder_cache(self) -> None:
         pass
 
 
+class Launched:
+    def __init__(self, results):
+        self._results = results
+
+    def wait(self):
+        return self._results
+
+
+# The engine process touches this file at its first instant step (its
+# InstantRunner.forwards is not this process's).
+MARK_ENV = "PYVLM_BENCH_INSTANT_MARK"
+
+
 @contextlib.contextmanager
 def instant_runners():
-    """Engines started inside get an InstantRunner (in this process)."""
+    """Engines started inside get an InstantRunner: here, and in engine
+    processes started meanwhile (their entry point wraps it there)."""
+    from pyvlm.entrypoints import core_client
+
+    restore_build = _wrap_build_runner()
+    real_entry = core_client.run_engine_core
+    core_client.run_engine_core = run_instant_engine_core
+    try:
+        yield
+    finally:
+        core_client.run_engine_core = real_entry
+        restore_build()
+
+
+def _wrap_build_runner():
     from pyvlm.entrypoints import startup
 
     real_build = startup.build_runner
@@ -89,10 +123,26 @@ def instant_runners():
         return model, InstantRunner(runner)
 
     startup.build_runner = build_runner
-    try:
-        yield
-    finally:
-        startup.build_runner = real_build
+    return lambda: setattr(startup, "build_runner", real_build)
+
+
+def run_instant_engine_core(*args, **kwargs):
+    """The engine process's entry point with InstantRunner in place (spawn
+    imports this module by name in the child, then calls this)."""
+    from pyvlm.entrypoints.engine_core import run_engine_core
+
+    _wrap_build_runner()
+    mark = os.environ.get(MARK_ENV)
+    if mark:
+        real_forward = InstantRunner.forward
+
+        def forward(self, batch):
+            if not os.path.exists(mark):
+                Path(mark).touch()
+            return real_forward(self, batch)
+
+        InstantRunner.forward = forward
+    return run_engine_core(*args, **kwargs)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -112,6 +162,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--step-output-tokens", type=int, default=1024,
                         help="long: requests are built (3k words, an image) slower than "
                         "instant steps finish them, and all 64 must decode at once")
+    parser.add_argument("--engine-process", choices=["process", "thread"], default="process",
+                        help="where the engine runs (default process: the GPU's default)")
     parser.add_argument("--server-log-level", default="warning")
     parser.add_argument("--json-out", type=Path, default=None)
     return parser.parse_args(argv)
@@ -154,12 +206,15 @@ def measure_host(args, plan: Plan) -> PhaseResults:
     pool_tokens = args.concurrency * max(args.step_context + args.step_output_tokens, 8192) * 2
     with tempfile.TemporaryDirectory(prefix="pyvlm-host-") as scratch, instant_runners():
         write_checkpoint_metadata(Path(scratch), config)
+        mark = Path(scratch) / "instant-runner-ran"
+        os.environ[MARK_ENV] = str(mark)
         flags = ["--model", scratch, "--load-format", "dummy", "--device", "cpu",
-                 "--engine-process", "thread", "--max-total-tokens", str(pool_tokens),
+                 "--engine-process", args.engine_process, "--max-total-tokens", str(pool_tokens),
                  "--log-level", args.server_log_level]
         results = measure_server(flags, plan, args.model, image_size_for(args.model),
                                  args.photos)
-    if not InstantRunner.forwards:
+        ran = InstantRunner.forwards > 0 or mark.exists()
+    if not ran:
         raise SystemExit("the engine never ran an InstantRunner step: has "
                          "pyvlm.entrypoints.startup.build_runner changed?")
     return results
@@ -214,8 +269,14 @@ def report(args, host: Rates, gpu: Rates, results: PhaseResults, cpu: CpuSeconds
             f"{results.num_ok}/{results.num_requests} ok in {results.wall_s:.2f} s, inter-token "
             f"p50 {_ms(results.itl_p50_s)} / p99 {_ms(results.itl_p99_s)} ms. CPU time over "
             f"the {cpu.wall:.1f} s run (start-up included): server process {cpu.server:.1f} s, "
-            f"client {cpu.client:.1f} s; {os.cpu_count()} cores."
+            f"{_children(args)} {cpu.client:.1f} s; engine in a {args.engine_process}; "
+            f"{os.cpu_count()} cores."
             + (f" Errors: {'; '.join(results.errors)}." if results.errors else ""))
+
+
+def _children(args) -> str:
+    """What the child processes' CPU time covers."""
+    return "client and engine process" if args.engine_process == "process" else "client"
 
 
 def _ms(seconds: Optional[float]) -> str:

@@ -133,9 +133,11 @@ def test_the_latency_wrapper_keeps_its_settings():
         "ttft", "decode", "throughput"]
 
 
-def test_the_instant_runner_stands_in_for_the_model(tmp_path):
+@pytest.mark.parametrize("engine_process", ["thread", "process"])
+def test_the_instant_runner_stands_in_for_the_model(tmp_path, engine_process):
     """Engines started inside instant_runners() sample its tokens (so the
-    host benchmark measures no model work); outside, the real runner."""
+    host benchmark measures no model work), in this process or in the
+    engine process; outside, the real runner."""
     from benchmarks.bench_host_overhead import FIRST_TOKEN, InstantRunner, instant_runners
     from benchmarks.load.serve_random import config_for
     from benchmarks.offline.random_models import write_checkpoint_metadata
@@ -146,8 +148,9 @@ def test_the_instant_runner_stands_in_for_the_model(tmp_path):
     real_build = startup.build_runner
     with instant_runners():
         with Engine(model=str(tmp_path), load_format="dummy", device="cpu",
-                    engine_process="thread", max_total_tokens=4096) as engine:
+                    engine_process=engine_process, max_total_tokens=4096) as engine:
             out = engine.generate("w1 w2 w3", {"max_new_tokens": 5, "ignore_eos": True})
     assert out["output_ids"] == [FIRST_TOKEN + step for step in range(5)]
-    assert InstantRunner.forwards >= 5
+    if engine_process == "thread":
+        assert InstantRunner.forwards >= 5
     assert startup.build_runner is real_build
