@@ -184,13 +184,16 @@ class ModelRunner:
         make_attn = AttentionMetadata.stage(
             [(c.start_pos, c.num_new_tokens, c.page_table) for c in chunks],
             self.page_size, batch.is_decode, upload)
+        has_images = self._cross_attention_inputs is None and any(c.mm_items for c in chunks)
+        targets = upload.add(_image_targets(chunks), torch.int64) if has_images else None
 
         def run(patch_ids: Callable[[torch.Tensor], None] = lambda ids: None) -> torch.Tensor:
             input_ids, rows = ids.tensor, positions.tensor
             patch_ids(input_ids)
             attn = make_attn()
             if self._cross_attention_inputs is None:
-                embeds = self._input_embeddings(input_ids, chunks)
+                embeds = self._input_embeddings(input_ids, chunks,
+                                                targets.tensor if targets is not None else None)
             else:
                 embeds = None
                 attn.cross_attention = self._cross_images(chunks, batch.is_decode)
@@ -208,9 +211,11 @@ class ModelRunner:
         if self.vision is not None:
             self.vision.cache.clear()
 
-    def _input_embeddings(self, input_ids: torch.Tensor,
-                          chunks: Sequence[SequenceChunk]) -> Optional[torch.Tensor]:
-        """Token embeddings with image rows merged in, or None (text only)."""
+    def _input_embeddings(self, input_ids: torch.Tensor, chunks: Sequence[SequenceChunk],
+                          targets: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Token embeddings with image rows merged in at `targets` (the
+        packed positions of _image_spans, already on the device), or None
+        (text only)."""
         items = [item for c in chunks for item in c.mm_items]
         if not items:
             return None
@@ -218,12 +223,10 @@ class ModelRunner:
             raise ValueError("this model takes no images")
         self._at("vision", [c for c in chunks if c.mm_items])
         by_hash = self.vision.embed(items)
-        rows, targets = _image_rows(chunks, by_hash)
+        rows = [by_hash[item.hash][lo:hi] for item, lo, hi, _ in _image_spans(chunks)]
         embeds = self.model.embed_tokens(input_ids)
         if rows:
-            ops.merge_multimodal_embeddings(
-                embeds, torch.cat(rows).to(embeds.dtype),
-                torch.tensor(targets, dtype=torch.int64, device=self.device))
+            ops.merge_multimodal_embeddings(embeds, torch.cat(rows).to(embeds.dtype), targets)
         return embeds
 
     def _cross_images(self, chunks: Sequence[SequenceChunk], is_decode: bool):
@@ -258,20 +261,24 @@ def _last_rows(chunks: Sequence[SequenceChunk], sampled: List[int]) -> List[int]
     return [ends[i] for i in sampled]
 
 
-def _image_rows(chunks: Sequence[SequenceChunk], by_hash):
-    """The embedding rows of each image span that overlaps a chunk's new
-    tokens (a span may be split across chunks) and their flat positions."""
-    rows, targets = [], []
-    base = 0
+def _image_spans(chunks: Sequence[SequenceChunk]):
+    """(item, lo, hi, packed start) of each image span that overlaps a
+    chunk's new tokens (a span may be split across chunks): rows lo..hi of
+    the item's embedding go to packed positions start..start + hi - lo."""
+    spans, base = [], 0
     for c in chunks:
         start, end = c.start_pos, c.start_pos + c.num_new_tokens
         for item in c.mm_items:
             lo, hi = max(start, item.offset), min(end, item.offset + item.length)
             if lo < hi:
-                rows.append(by_hash[item.hash][lo - item.offset:hi - item.offset])
-                targets.extend(range(base + lo - start, base + hi - start))
+                spans.append((item, lo - item.offset, hi - item.offset, base + lo - start))
         base += c.num_new_tokens
-    return rows, targets
+    return spans
+
+
+def _image_targets(chunks: Sequence[SequenceChunk]) -> List[int]:
+    return [position for _, lo, hi, start in _image_spans(chunks)
+            for position in range(start, start + hi - lo)]
 
 
 class LaunchedStep:
