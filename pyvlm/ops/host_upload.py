@@ -97,9 +97,3 @@ class HostCopies:
         if self._on_cuda:
             self._done.synchronize()
         return self._hosts
-
-
-def to_host(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
-    """Copies device tensors to the host with a single wait (one stream
-    synchronisation for all of them, not one per .tolist())."""
-    return HostCopies(tensors).wait()

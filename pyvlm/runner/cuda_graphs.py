@@ -23,7 +23,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 from pyvlm import ops
-from pyvlm.layers.attention import AttentionMetadata
+from pyvlm.layers.attention import AttentionMetadata, padded_block_tables, slots_of
 from pyvlm.layers.rotary import MRotaryEmbedding
 from pyvlm.ops.host_upload import HostUpload
 from pyvlm.scheduling.types import SequenceChunk
@@ -139,12 +139,12 @@ class DecodeGraphs:
         ids = upload.add([max(c.token_ids[0], 0) for c in chunks] + [0] * pad, torch.int64)
         rows = [[c.positions[r][0] for c in chunks] + [0] * pad for r in range(self.num_rows)]
         positions = upload.add(rows, torch.int64)
-        slots = upload.add([c.page_table[p // self.page_size] * self.page_size + p % self.page_size
+        slots = upload.add([slots_of(p, 1, c.page_table, self.page_size)[0]
                             for c, p in zip(chunks, last)] + [PAD_SLOT] * pad, torch.int64)
         seq_lens = upload.add([p + 1 for p in last] + [1] * pad, torch.int32)
-        width = max(len(c.page_table) for c in chunks)
-        tables = upload.add([list(c.page_table) + [0] * (width - len(c.page_table))
-                             for c in chunks], torch.int32)
+        rows_of_pages = padded_block_tables([c.page_table for c in chunks])
+        width = len(rows_of_pages[0])
+        tables = upload.add(rows_of_pages, torch.int32)
 
         def replay(patch_ids: Callable[[torch.Tensor], None] = lambda ids: None) -> torch.Tensor:
             self.input_ids[:size].copy_(ids.tensor)

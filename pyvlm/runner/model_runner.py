@@ -125,13 +125,12 @@ class ModelRunner:
         launch's samples; the callable patches the step's input ids."""
         where, rows = [], []
         position = 0
-        for c in chunks:
-            for offset, token in enumerate(c.token_ids):
-                if token == FUTURE_TOKEN:
-                    if self._previous is None or c.rid not in self._previous[1]:
-                        raise RuntimeError(f"request {c.rid} feeds a token no launched step drew")
-                    where.append(position + offset)
-                    rows.append(self._previous[1][c.rid])
+        for c in chunks:  # only a decode chunk (one token) feeds a future token
+            if c.num_new_tokens == 1 and c.token_ids[0] == FUTURE_TOKEN:
+                if self._previous is None or c.rid not in self._previous[1]:
+                    raise RuntimeError(f"request {c.rid} feeds a token no launched step drew")
+                where.append(position)
+                rows.append(self._previous[1][c.rid])
             position += c.num_new_tokens
         if not where:
             return lambda input_ids: None
