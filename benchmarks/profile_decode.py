@@ -1,0 +1,156 @@
+"""Where a decode step's time goes: torch.profiler over steady decode steps
+of a random-weight model of a real shape (`--load-format dummy`), the
+engine on a thread of this process with its default flags (CUDA graphs,
+overlap). Prints, per batch size, the wall time per step against the device
+time its kernels took (the gap is the host's, or idle device time) and the
+kernels by total time, next to the step's bandwidth floor from the same
+run's copy rate.
+
+    python benchmarks/profile_decode.py --model qwen2-vl-7b --batches 1,64 --context 3072
+    python benchmarks/profile_decode.py --model qwen2-vl-7b-narrow --device cpu --batches 1,4 \\
+        --context 128 --steps 4
+
+Graph replays show as their kernels when the profiler's CUPTI sees them
+(CUDA 12+); a row named "cudaGraphLaunch" is the host side only.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+
+from benchmarks.load.serve_random import SHAPES, config_for  # noqa: E402
+from benchmarks.offline.roofline import Roofline, config_cost, measure_rates  # noqa: E402
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, choices=SHAPES)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batches", default="1,64", help="running requests, comma-separated")
+    parser.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
+    parser.add_argument("--steps", type=int, default=8, help="decode steps profiled per batch")
+    parser.add_argument("--top", type=int, default=25, help="kernels listed per batch")
+    parser.add_argument("--server-args", nargs="*", default=[],
+                        help="more engine arguments as name=value (e.g. disable_cuda_graph=1)")
+    return parser.parse_args(argv)
+
+
+def engine_for(folder: Path, args, dtype: torch.dtype, max_batch: int):
+    from pyvlm import Engine
+
+    extra = {}
+    for item in args.server_args:
+        name, _, value = item.partition("=")
+        extra[name] = int(value) if value.isdigit() else value
+    return Engine(str(folder), load_format="dummy", device=args.device,
+                  dtype=str(dtype).replace("torch.", ""), engine_process="thread",
+                  max_running_requests=max(max_batch, 1), **extra)
+
+
+class StepProfiler:
+    """Counts the runner's steps; profiles steps [first, first + count)."""
+
+    def __init__(self, runner, first: int, count: int, device: str):
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.startswith("cuda"):
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.steps, self.first, self.count = 0, first, count
+        self.marks = []
+        self.prof = torch.profiler.profile(
+            activities=activities,
+            schedule=torch.profiler.schedule(wait=max(first - 1, 0), warmup=1, active=count,
+                                             repeat=1))
+        self._wrap(runner)
+
+    def _wrap(self, runner) -> None:
+        inner = runner.launch  # forward() goes through launch() too
+
+        def counted(batch):
+            self.prof.step()
+            self.steps += 1
+            if self.first <= self.steps <= self.first + self.count:
+                self.marks.append(time.perf_counter())
+            return inner(batch)
+
+        runner.launch = counted
+
+
+def kernel_rows(prof, device: str):
+    """(name, total us, calls) of device kernels; on a CPU, of operators by
+    their self time."""
+    if not device.startswith("cuda"):
+        rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()
+                if not e.key.startswith("ProfilerStep")]
+        return sorted(rows, key=lambda r: -r[1])
+    totals, calls = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.name] += event.device_time
+            calls[event.name] += 1
+    return sorted(((n, totals[n], calls[n]) for n in totals), key=lambda r: -r[1])
+
+
+def profile_batch(engine, runner, batch: int, args, roofline) -> None:
+    vocab = 1000
+    prompts = [[(17 * i + 31 * j) % vocab + 10 for j in range(args.context)] for i in range(batch)]
+    steps_needed = 4 + args.steps
+    params = {"max_new_tokens": steps_needed + 4, "ignore_eos": True, "temperature": 0.0}
+    engine.generate(prompts, params)  # warm: same shapes, caches filled then flushed
+    engine.flush_cache()
+    # Prefill takes ceil(batch * context / chunk) steps; start after them.
+    prefill_steps = -(-batch * args.context // 512) + 2
+    profiler = StepProfiler(runner, prefill_steps + 2, args.steps, args.device)
+    with profiler.prof:
+        engine.generate(prompts, {**params, "max_new_tokens": prefill_steps + steps_needed + 4})
+    marks = profiler.marks
+    wall_us = (marks[-1] - marks[0]) / max(len(marks) - 1, 1) * 1e6
+    rows = kernel_rows(profiler.prof, args.device)
+    busy = sum(us for _, us, _ in rows) / args.steps
+    floor_us = roofline.decode_step_s(batch, args.context) * 1e6
+    print(f"\n### batch {batch}, context {args.context}: {wall_us:,.0f} us per step (wall), "
+          f"{busy:,.0f} us of kernels per step, floor {floor_us:,.0f} us "
+          f"({floor_us / wall_us:.0%} of floor at the wall, {floor_us / max(busy, 1e-9):.0%} "
+          f"on the device)\n")
+    print("| kernel | us per step | calls per step | share |")
+    print("|---|---|---|---|")
+    total = sum(us for _, us, _ in rows) or 1.0
+    for name, us, count in rows[:args.top]:
+        print(f"| {name[:110]} | {us / args.steps:,.1f} | {count / args.steps:.1f} | "
+              f"{us / total:.1%} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from benchmarks.offline.random_models import write_checkpoint_metadata
+
+    batches = [int(b) for b in args.batches.split(",") if b]
+    config = config_for(args.model)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    rates = measure_rates(args.device)
+    roofline = Roofline(config_cost(config, dtype), rates)
+    print(f"## {args.model} decode profile · {torch.cuda.get_device_name() if args.device.startswith('cuda') else 'cpu'}"
+          f" · copy {rates.copy_bytes_per_s / 1e12:.2f} TB/s")
+    with tempfile.TemporaryDirectory(prefix="pyvlm-profile-") as scratch:
+        folder = Path(scratch)
+        write_checkpoint_metadata(folder, config)
+        engine = engine_for(folder, args, dtype, max(batches))
+        try:
+            runner = engine.state.runner
+            for batch in batches:
+                profile_batch(engine, runner, batch, args, roofline)
+        finally:
+            engine.shutdown()
+    os._exit(0)  # the profiler's threads may linger
+
+
+if __name__ == "__main__":
+    main()
