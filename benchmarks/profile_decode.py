@@ -39,6 +39,10 @@ def parse_args(argv=None):
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled per batch")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per batch")
+    parser.add_argument("--ttft", action="store_true",
+                        help="also profile one fresh image's first token (the engine's whole "
+                             "path: image preprocessing, tower, prefill)")
+    parser.add_argument("--photos", type=Path, default=None, help="photos for --ttft's images")
     parser.add_argument("--server-args", nargs="*", default=[],
                         help="more engine arguments as name=value (e.g. disable_cuda_graph=1)")
     return parser.parse_args(argv)
@@ -120,12 +124,50 @@ def profile_batch(engine, runner, batch: int, args, roofline) -> None:
           f"{busy:,.0f} us of kernels per step, floor {floor_us:,.0f} us "
           f"({floor_us / wall_us:.0%} of floor at the wall, {floor_us / max(busy, 1e-9):.0%} "
           f"on the device)\n")
-    print("| kernel | us per step | calls per step | share |")
+    print_rows(rows, args.top, args.steps, "kernel (per step)")
+
+
+def print_rows(rows, count: int, per: int, label: str) -> None:
+    print(f"| {label} | us | calls | share |")
     print("|---|---|---|---|")
     total = sum(us for _, us, _ in rows) or 1.0
-    for name, us, count in rows[:args.top]:
-        print(f"| {name[:110]} | {us / args.steps:,.1f} | {count / args.steps:.1f} | "
-              f"{us / total:.1%} |")
+    for name, us, calls in rows[:count]:
+        print(f"| {name[:110]} | {us / per:,.1f} | {calls / per:.1f} | {us / total:.1%} |")
+
+
+def profile_ttft(engine, args) -> None:
+    """One fresh image's first token, timed without and then with the
+    profiler (a third image, so neither hits the caches)."""
+    from benchmarks.load.images import distinct_pictures
+    from benchmarks.load.serving_phases import image_size_for
+
+    images = distinct_pictures(3, image_size_for(args.model), args.photos)
+    params = {"max_new_tokens": 1, "temperature": 0.0}
+
+    def first_token(image) -> float:
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": "Describe this image."}]}]
+        start = time.perf_counter()
+        engine.generate(messages=messages, sampling_params=params)
+        return time.perf_counter() - start
+
+    first_token(images[0])
+    plain_ms = first_token(images[1]) * 1e3
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        profiled_ms = first_token(images[2]) * 1e3
+    print(f"\n### TTFT, one fresh image: {plain_ms:,.1f} ms (engine API, no HTTP); "
+          f"{profiled_ms:,.1f} ms under the profiler\n")
+    if args.device.startswith("cuda"):
+        rows = kernel_rows(prof, args.device)
+        print(f"device kernels: {sum(us for _, us, _ in rows) / 1e3:,.1f} ms in all\n")
+        print_rows(rows, args.top, 1, "kernel")
+        print()
+    cpu = sorted(((e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()),
+                 key=lambda r: -r[1])
+    print_rows(cpu, args.top, 1, "host op (self time)")
 
 
 def main(argv=None):
@@ -147,6 +189,8 @@ def main(argv=None):
             runner = engine.state.runner
             for batch in batches:
                 profile_batch(engine, runner, batch, args, roofline)
+            if args.ttft:
+                profile_ttft(engine, args)
         finally:
             engine.shutdown()
     os._exit(0)  # the profiler's threads may linger
