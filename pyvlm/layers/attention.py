@@ -114,7 +114,9 @@ class PagedAttention(nn.Module):
         """query [T, num_heads * head_dim], key/value [T, num_kv_heads * head_dim]
         (views of a fused projection are fine); returns [T, num_heads * head_dim]."""
         num_tokens = query.shape[0]
-        query = query.reshape(num_tokens, self.num_heads, self.head_dim).contiguous()
+        # A view: both kernels take the query's token and head strides, so the
+        # fused projection's slice is read in place (no copy kernel per layer).
+        query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
         key_cache, value_cache = kv_cache
