@@ -14,7 +14,8 @@ engine starts: the real runner is built, then replaced by InstantRunner.
 With `--engine-process process` (the GPU's default, and this script's) that
 is the spawned engine process, whose entry point is swapped for one that
 wraps it there first; with `thread`, this process. All the rest is the server's own:
-HTTP, request building (tokenizing; decoding and preprocessing every image),
+HTTP, request building (tokenizing; decoding every image, which a GPU engine's
+front then leaves to the step to preprocess on the device),
 scheduling, the prefix cache, detokenizing, SSE. Two phases of
 benchmarks/load/serving_phases.py: the step phase (64 requests of ~3k-token
 prompts decoding at once: 64 / the time between tokens) and the throughput
@@ -101,14 +102,19 @@ MARK_ENV = "PYVLM_BENCH_INSTANT_MARK"
 def instant_runners():
     """Engines started inside get an InstantRunner: here, and in engine
     processes started meanwhile (their entry point wraps it there)."""
-    from pyvlm.entrypoints import core_client
+    from pyvlm.entrypoints import core_client, startup
 
     restore_build = _wrap_build_runner()
     real_entry = core_client.run_engine_core
     core_client.run_engine_core = run_instant_engine_core
+    # The front as a GPU engine's: images are decoded here and preprocessed
+    # in the step, on the device (here: by the instant runner, at no cost).
+    real_in_step = startup.prepares_images_in_step
+    startup.prepares_images_in_step = lambda device: True
     try:
         yield
     finally:
+        startup.prepares_images_in_step = real_in_step
         core_client.run_engine_core = real_entry
         restore_build()
 

@@ -23,6 +23,7 @@ from pyvlm.models.registry import image_processor_for, layout_conversion_for
 from pyvlm.multimodal.media import MediaPolicy
 from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, load_checkpoint_files,
                                      resolve_device, resolve_dtype)
+from pyvlm.runner.deferred_images import defer_images
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
 from pyvlm.runner.memory_profile import measure_step_memory
@@ -215,19 +216,31 @@ def load_tokenizer(files: CheckpointFiles):
 
 
 def image_inputs_for(model, tokenizer, files: CheckpointFiles, dtype,
-                     mm_processor_kwargs=None) -> Optional[ImageInputs]:
+                     mm_processor_kwargs=None, device=torch.device("cpu")
+                     ) -> Optional[ImageInputs]:
     """The model's image token, its family's image processor (launch
     overrides applied) and preprocessing; None for a text-only model. A
     model taking images has image_token_id, prepare_images and
-    encode_prepared (pyvlm/models/README.md)."""
+    encode_prepared (pyvlm/models/README.md). On a GPU (device) the
+    request keeps the decoded pixels and the step preprocesses them there
+    (pyvlm/runner/deferred_images.py); on a CPU the request is built with
+    the tower's inputs, off the engine's thread."""
     token_id = getattr(model, "image_token_id", None)
     if token_id is None:
         return None
     processor = image_processor_for(files.architectures, files.processor_config, files.config)
     processor = processor.with_overrides(mm_processor_kwargs)
+    prepare = defer_images if prepares_images_in_step(device) else model.prepare_images
     return ImageInputs(processor.placeholder_text(tokenizer.convert_ids_to_tokens(token_id)),
-                       token_id, processor, model.prepare_images,
+                       token_id, processor, prepare,
                        bytes_per_value=torch.empty((), dtype=dtype).element_size())
+
+
+def prepares_images_in_step(device) -> bool:
+    """Whether the step preprocesses images (on the model's device) rather
+    than the request builder: on a GPU, where it is faster and frees the
+    front's threads."""
+    return torch.device(device).type == "cuda"
 
 
 def chat_template_for(config: EngineConfig, files: CheckpointFiles, tokenizer,
@@ -277,7 +290,8 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
     vision = None
     if getattr(model, "image_token_id", None) is not None:
         vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes),
-                               getattr(model, "encoder_rows_of", None))
+                               getattr(model, "encoder_rows_of", None),
+                               model.prepare_images, device)
     runner = ModelRunner(model, pool, device, vision, index_checks_for(config, device))
     runner.step_memory = step_memory
     return model, runner
@@ -395,7 +409,7 @@ def front_state(spec: CoreSpec, image_model, step_loop, core: Optional[CoreState
     chat template and request builder over step_loop."""
     config, files, tokenizer = spec.config, spec.files, spec.tokenizer
     images = image_inputs_for(image_model, tokenizer, files, spec.dtype,
-                              config.media.mm_processor_kwargs)
+                              config.media.mm_processor_kwargs, spec.device)
     chat_template = chat_template_for(config, files, tokenizer,
                                       images.placeholder if images else None)
     builder = RequestBuilder(tokenizer, chat_template, eos_token_ids(tokenizer, files),

@@ -105,9 +105,10 @@ class LlavaFamilyModel(VisionLanguageModel):
 
     # --- images: the engine's contract --------------------------------------
 
-    def prepare_images(self, images, plans) -> list:
-        """Tower inputs of one prompt's images, on the CPU (request build time)."""
-        return prepare_images(images, plans, self.image_dtype)
+    def prepare_images(self, images, plans, device="cpu") -> list:
+        """Tower inputs of one prompt's images, on device (the CPU when the
+        request is built; the model's device in the step on a GPU)."""
+        return prepare_images(images, plans, self.image_dtype, device)
 
     def encode_prepared(self, items) -> List[torch.Tensor]:
         """Token rows of multimodal items carrying prepare_images' payloads (in the step)."""

@@ -49,14 +49,14 @@ class PreparedImage:
 
 
 def prepare_images(images: Sequence[Image.Image], plans: Sequence[ImagePlan],
-                   dtype: torch.dtype) -> List[PreparedImage]:
-    """One PreparedImage per image of a prompt.
+                   dtype: torch.dtype, device="cpu") -> List[PreparedImage]:
+    """One PreparedImage per image of a prompt, its tiles on device.
 
-    The tiles stay in pageable memory: pinned ones would make the copy to
-    the GPU asynchronous, but CUDA's caching host allocator never gives
-    pinned blocks back, so queued requests' tiles would grow the server's
-    resident memory to its high-water mark (seen in the H200 soak)."""
-    tiles = llava_pixel_values(images, plans, "cpu", dtype)
+    Tiles made on the CPU stay in pageable memory: pinned ones would make
+    the copy to the GPU asynchronous, but CUDA's caching host allocator
+    never gives pinned blocks back, so queued requests' tiles would grow the
+    server's resident memory to its high-water mark (seen in the H200 soak)."""
+    tiles = llava_pixel_values(images, plans, device, dtype)
     return [PreparedImage(t, tuple(plan.image_size), len(plans), plan.grid_shape,
                           plan.feature_crop) for t, plan in zip(tiles, plans)]
 

@@ -15,7 +15,7 @@ from typing import List, Sequence
 import torch
 from PIL import Image
 
-from pyvlm.models.image_batches import image_to_tensor, run_grouped
+from pyvlm.models.image_batches import image_hw, image_to_tensor, run_grouped
 from pyvlm.multimodal.tile_plans import ImagePlan, SquareCanvas
 from pyvlm.ops.preprocess import preprocess_images
 
@@ -30,9 +30,9 @@ def paste_on_canvas(pixels: torch.Tensor, canvas: SquareCanvas) -> torch.Tensor:
 
 
 def _source_pixels(image: Image.Image, plan: ImagePlan) -> torch.Tensor:
-    if (image.height, image.width) != tuple(plan.image_size):
-        raise ValueError(f"image is {image.height}x{image.width} but its plan is for "
-                         f"{plan.image_size}")
+    if image_hw(image) != tuple(plan.image_size):
+        raise ValueError(f"image is {'x'.join(map(str, image_hw(image)))} but its plan is "
+                         f"for {plan.image_size}")
     pixels = image_to_tensor(image)
     return pixels if plan.canvas is None else paste_on_canvas(pixels, plan.canvas)
 

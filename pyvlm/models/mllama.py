@@ -88,9 +88,10 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
 
     # --- images: the engine's contract --------------------------------------
 
-    def prepare_images(self, images, plans) -> List[PreparedTiles]:
-        """Real tiles of one prompt's images, on the CPU (request build time)."""
-        tiles = mllama_pixel_values(images, plans, "cpu", self.lm_head.weight.dtype)
+    def prepare_images(self, images, plans, device="cpu") -> List[PreparedTiles]:
+        """Real tiles of one prompt's images, on device (the CPU when the
+        request is built; the model's device in the step on a GPU)."""
+        tiles = mllama_pixel_values(images, plans, device, self.lm_head.weight.dtype)
         return [PreparedTiles(t, plan.aspect_ratio_id) for t, plan in zip(tiles, plans)]
 
     def encoder_rows_of(self, item: MultimodalItem) -> int:

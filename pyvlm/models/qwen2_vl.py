@@ -53,9 +53,10 @@ class Qwen2VLForConditionalGeneration(VisionLanguageModel):
         self.image_token_id = config.image_token_id
         self.merge_size = config.vision_config.spatial_merge_size
 
-    def prepare_images(self, images, plans) -> List[PreparedPatches]:
-        """Patch rows of one prompt's images, on the CPU (request build time)."""
-        pixels = qwen2_vl_pixel_values(images, plans, "cpu", self.lm_head.weight.dtype)
+    def prepare_images(self, images, plans, device="cpu") -> List[PreparedPatches]:
+        """Patch rows of one prompt's images, on device (the CPU when the
+        request is built; the model's device in the step on a GPU)."""
+        pixels = qwen2_vl_pixel_values(images, plans, device, self.lm_head.weight.dtype)
         return [PreparedPatches(p, tuple(plan.grid_thw)) for p, plan in zip(pixels, plans)]
 
     def encode_prepared(self, items: Sequence[MultimodalItem]) -> List[torch.Tensor]:

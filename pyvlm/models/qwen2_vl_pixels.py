@@ -12,7 +12,7 @@ from typing import List, Sequence
 import torch
 from PIL import Image
 
-from pyvlm.models.image_batches import image_to_tensor, run_grouped
+from pyvlm.models.image_batches import image_hw, image_to_tensor, run_grouped
 from pyvlm.multimodal.qwen2_vl import Qwen2VLImagePlan
 from pyvlm.ops.preprocess import preprocess_images_patchify
 
@@ -35,9 +35,9 @@ def _batch_key(plan: Qwen2VLImagePlan) -> tuple:
 
 
 def _source_pixels(image: Image.Image, plan: Qwen2VLImagePlan) -> torch.Tensor:
-    if (image.height, image.width) != tuple(plan.image_size):
-        raise ValueError(f"image is {image.height}x{image.width} but its plan is for "
-                         f"{plan.image_size}")
+    if image_hw(image) != tuple(plan.image_size):
+        raise ValueError(f"image is {'x'.join(map(str, image_hw(image)))} but its plan is "
+                         f"for {plan.image_size}")
     return image_to_tensor(image)
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from pyvlm.runner.deferred_images import PrepareFn, prepare_deferred
 from pyvlm.scheduling.types import MultimodalItem
 
 # (items missing from the cache) -> their packed embeddings, in order
@@ -64,9 +65,13 @@ class VisionBatcher:
     placeholder span; cross-attention families give their tower rows)."""
 
     def __init__(self, encode_fn: EncodeFn, cache: EncoderCache,
-                 rows_of: Optional[Callable[[MultimodalItem], int]] = None):
+                 rows_of: Optional[Callable[[MultimodalItem], int]] = None,
+                 prepare: Optional[PrepareFn] = None, device: Optional[torch.device] = None):
+        """prepare/device: the family's prepare_images and where it runs for
+        items whose images the front left to the step (DeferredImage)."""
         self.encode_fn, self.cache = encode_fn, cache
         self.rows_of = rows_of or (lambda item: item.length)
+        self.prepare, self.device = prepare, device
 
     def embed(self, items: Sequence[MultimodalItem]) -> Dict[int, torch.Tensor]:
         found: Dict[int, torch.Tensor] = {}
@@ -84,6 +89,8 @@ class VisionBatcher:
         return found
 
     def _encode(self, items: List[MultimodalItem]) -> Dict[int, torch.Tensor]:
+        if self.prepare is not None:
+            items = prepare_deferred(items, self.prepare, self.device)
         embeddings = self.encode_fn(items)
         for item, emb in zip(items, embeddings):
             if emb.shape[0] != self.rows_of(item):
