@@ -70,12 +70,13 @@ class IncrementalDetokenizer:
     def _cut_at_stop(self, text: str, num_checked_chars: int) -> None:
         """Ends the text at the earliest stop string occurring in it (only
         occurrences reaching past num_checked_chars are new)."""
-        found = [(position, stop) for stop in self.stop
-                 for position in [text.find(stop, max(0, num_checked_chars - len(stop) + 1))]
-                 if position >= 0]
-        if found:
-            position, self.matched_stop = min(found)
-            self.text = text[:position]
+        first, matched = -1, None
+        for stop in self.stop:  # a plain loop: this runs for every token
+            position = text.find(stop, max(0, num_checked_chars - len(stop) + 1))
+            if position >= 0 and (matched is None or (position, stop) < (first, matched)):
+                first, matched = position, stop
+        if matched is not None:
+            self.matched_stop, self.text = matched, text[:first]
 
     def _num_held_chars(self) -> int:
         """Length of the longest tail of text that begins some stop string."""
@@ -85,9 +86,15 @@ class IncrementalDetokenizer:
 
 
 def _longest_suffix_prefix(text: str, stop: str) -> int:
-    for length in range(min(len(text), len(stop) - 1), 0, -1):
-        if text.endswith(stop[:length]):
-            return length
+    """Length of the longest tail of text (shorter than stop) that begins
+    stop. Such a tail starts with stop[0] within the last len(stop) - 1
+    characters, which str.find looks for in C: usually there is none."""
+    start = max(0, len(text) - len(stop) + 1)
+    position = text.find(stop[0], start)
+    while position >= 0:
+        if stop.startswith(text[position:]):
+            return len(text) - position
+        position = text.find(stop[0], position + 1)
     return 0
 
 
