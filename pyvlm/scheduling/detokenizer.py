@@ -9,7 +9,7 @@ concatenation of all emitted text equals tokenizer.decode(ids), truncated
 at the first stop string.
 """
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pyvlm.scheduling.types import Tokenizer
 
@@ -20,10 +20,12 @@ class IncrementalDetokenizer:
     """Turns one request's generated ids into text deltas."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
-                 stop: Sequence[str] = ()):
+                 stop: Sequence[str] = (), token_texts: Optional["TokenTexts"] = None):
+        """token_texts: the engine's shared TokenTexts of this tokenizer (a
+        private one when None)."""
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self._decode_ids = direct_decode(tokenizer)
+        self._decode_ids = token_texts or TokenTexts(tokenizer)
         self.stop = tuple(s for s in stop if s)
         self.ids: List[int] = []
         self.text = ""  # stable decoded text (cut at a matched stop string)
@@ -63,6 +65,7 @@ class IncrementalDetokenizer:
         return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _window_delta(self) -> str:
+        # The prefix is usually the one token emitted last: TokenTexts has it.
         prefix = self._decode(self.ids[self._surr_offset:self._read_offset])
         full = self._decode(self.ids[self._surr_offset:])
         return full[len(prefix):] if len(full) > len(prefix) else ""
@@ -119,6 +122,28 @@ def direct_decode(tokenizer: Tokenizer) -> Callable[..., str]:
     return backend.decode
 
 
+class TokenTexts:
+    """decode(ids, skip_special_tokens) with the text of single tokens
+    memoized (at most two entries per vocabulary id): the window prefix an
+    incremental decode subtracts is nearly always the one token emitted
+    last, so this halves the tokenizer calls per generated token. Shared by
+    an engine's detokenizers (entries are only ever added, each the same
+    text whoever adds it)."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._decode = direct_decode(tokenizer)
+        self._single: Dict[Tuple[int, bool], str] = {}
+
+    def __call__(self, ids: List[int], skip_special_tokens: bool) -> str:
+        if len(ids) != 1:
+            return self._decode(ids, skip_special_tokens=skip_special_tokens)
+        key = (ids[0], skip_special_tokens)
+        text = self._single.get(key)
+        if text is None:
+            text = self._single[key] = self._decode(ids, skip_special_tokens=skip_special_tokens)
+        return text
+
+
 class NullDetokenizer:
     """For engines without a tokenizer: ids only, no text, no stop strings."""
 
@@ -133,9 +158,12 @@ class NullDetokenizer:
 
 def detokenizer_factory(tokenizer: Optional[Tokenizer]) -> Callable[[object], object]:
     """The Scheduler's detokenizer_factory: request -> its detokenizer."""
+    token_texts = TokenTexts(tokenizer) if tokenizer is not None else None
+
     def make(request) -> object:
         if tokenizer is None:
             return NullDetokenizer()
         sampling = request.sampling
-        return IncrementalDetokenizer(tokenizer, sampling.skip_special_tokens, sampling.stop)
+        return IncrementalDetokenizer(tokenizer, sampling.skip_special_tokens, sampling.stop,
+                                      token_texts)
     return make

@@ -132,3 +132,21 @@ def test_direct_decode_skips_the_wrapper_only_when_it_decodes_alike(tokenizer):
         assert direct_decode(tokenizer) == tokenizer.decode
     finally:
         tokenizer.clean_up_tokenization_spaces = False
+
+
+def test_shared_token_texts_give_the_decodes_text(tokenizer):
+    from pyvlm.scheduling.detokenizer import TokenTexts
+
+    texts = TokenTexts(tokenizer)
+    ids = tokenizer.encode("".join(CORPUS), add_special_tokens=False) + [0, 1]  # + specials
+    for skip in (True, False):
+        for token_id in ids:
+            want = tokenizer.decode([token_id], skip_special_tokens=skip)
+            assert texts([token_id], skip) == want and texts([token_id], skip) == want
+        assert texts(ids[:7], skip) == tokenizer.decode(ids[:7], skip_special_tokens=skip)
+    # Streams sharing it (as an engine's requests do) each decode exactly.
+    for text in CORPUS:
+        token_ids = tokenizer.encode(text, add_special_tokens=False)
+        detok = IncrementalDetokenizer(tokenizer, True, (), texts)
+        pieces = [detok.take_text() for t in token_ids if detok.add_token(t) is None]
+        assert "".join(pieces) + detok.take_text(finished=True) == tokenizer.decode(token_ids)
