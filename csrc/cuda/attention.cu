@@ -58,12 +58,18 @@ void check_decode_indices_cuda(const at::Tensor& block_tables, const at::Tensor&
                            key_cache.size(0));
 }
 
-// Multiprocessor count, which sizes the split-K decision (cheap to query).
-int attention_sm_count(int device) {
-  int num_sms = 0;
-  const cudaError_t err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+int attention_device_attribute(cudaDeviceAttr attr, int device) {
+  int value = 0;
+  const cudaError_t err = cudaDeviceGetAttribute(&value, attr, device);
   TORCH_CHECK(err == cudaSuccess, "cudaDeviceGetAttribute failed: ", cudaGetErrorString(err));
-  return num_sms;
+  return value;
+}
+
+// What the decode planner sizes its splits and launches from (cheap to query).
+cuda::DecodeDevice decode_device(int device) {
+  return {attention_device_attribute(cudaDevAttrMultiProcessorCount, device),
+          attention_device_attribute(cudaDevAttrMaxSharedMemoryPerMultiprocessor, device),
+          attention_device_attribute(cudaDevAttrComputeCapabilityMajor, device)};
 }
 
 void paged_attention_decode_cuda(at::Tensor& out, const at::Tensor& query,
@@ -76,11 +82,11 @@ void paged_attention_decode_cuda(at::Tensor& out, const at::Tensor& query,
   const c10::cuda::CUDAGuard guard(query.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (index_checks_enabled()) check_decode_indices_cuda(block_tables, seq_lens, key_cache, stream);
-  const int num_sms = attention_sm_count(query.get_device());
+  const cuda::DecodeDevice dev = decode_device(query.get_device());
   PYVLM_CUDA_DISPATCH_FLOAT(query.scalar_type(), "paged_attention_decode", [&] {
     const auto args = make_paged_decode_args<scalar_t>(out, query, key_cache, value_cache,
                                                  block_tables, seq_lens, scale);
-    const cuda::DecodePlan plan = cuda::plan_paged_decode(args, num_sms);
+    const cuda::DecodePlan plan = cuda::plan_paged_decode(args, dev);
     // Split-K partials live in the caching allocator: no sync, no cudaMalloc.
     at::Tensor part_out, part_lse;
     if (plan.num_splits > 1) {

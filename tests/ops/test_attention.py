@@ -343,13 +343,77 @@ def test_cuda_decode_long_context_batch_one_split_k():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [1, 16])
-def test_cuda_decode_split_k_with_ragged_and_empty(page_size):
-    """Few sequences (so the context splits) where some partitions are empty."""
-    out, cpu, ref = decode_on_both(4, 8, 2, 128, page_size, torch.float32, [0, 5, 3001, 70])
+def test_cuda_decode_split_k_with_ragged_and_empty(page_size, dtype):
+    """Few sequences (so the context splits) where some partitions are empty;
+    float32 runs the SIMT kernel, bfloat16 the tensor-core one."""
+    out, cpu, ref = decode_on_both(4, 8, 2, 128, page_size, dtype, [0, 5, 3001, 70])
     assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
-    assert_close(out, ref, torch.float32)
-    assert_close(out, cpu.double(), torch.float32)
+    assert_close(out, ref, dtype)
+    assert_close(out, cpu.double(), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_decode_graph_replays_follow_device_lengths(dtype):
+    """Captured once at the block tables' full width (so the context splits and
+    the merge kernel, on sm_90 a programmatic dependent launch, is in the
+    graph), then replayed after seq_lens and the query change in place: the
+    kernels size their work from the lengths on the device."""
+    num_seqs, num_heads, num_kv_heads, head_dim, page_size, max_pages = 2, 8, 2, 128, 16, 64
+    key_cache, value_cache = random_cache(num_seqs * max_pages, page_size, num_kv_heads,
+                                          head_dim, dtype, "cuda")
+    table = torch.randperm(num_seqs * max_pages, device="cuda").to(torch.int32)
+    table = table.view(num_seqs, max_pages)
+    query = torch.randn(num_seqs, num_heads, head_dim, device="cuda").to(dtype)
+    lens = torch.ones(num_seqs, dtype=torch.int32, device="cuda")
+    out = torch.empty_like(query)
+
+    def decode():
+        ops.paged_attention_decode(query, key_cache, value_cache, table, lens, out=out)
+
+    graph = torch.cuda.CUDAGraph()
+    with ops.index_checks(False):  # a check's copy to the host cannot be captured
+        warmup = torch.cuda.Stream()
+        warmup.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(warmup):
+            decode()
+        torch.cuda.current_stream().wait_stream(warmup)
+        with torch.cuda.graph(graph):
+            decode()
+    for seq_lens in ([0, 17], [1000, 3], [max_pages * page_size, 1]):
+        lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+        query.copy_(torch.randn(query.shape).to(dtype))
+        out.fill_(float("nan"))
+        graph.replay()
+        ref = reference.paged_attention_decode(query.double(), key_cache.double(),
+                                               value_cache.double(), table, lens,
+                                               1 / math.sqrt(head_dim))
+        assert_close(out, ref, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [1, 8, 32, 48])
+@pytest.mark.parametrize("num_heads, num_kv_heads, head_dim", [
+    (32, 8, 128),   # Llama-3.2-11B
+    (28, 4, 128),   # Qwen2-VL-7B, LLaVA-OneVision-7B: group of 7
+    (32, 32, 128),  # LLaVA-1.5/NeXT-7B: no GQA
+    (64, 1, 64),    # MQA group of 64: four head chunks of 16, head_dim bucket 64
+    (12, 2, 80),    # head_dim between the buckets: padded k-steps
+])
+def test_cuda_tensor_core_decode_pages_and_groups(num_heads, num_kv_heads, head_dim, page_size,
+                                                  dtype):
+    """The tensor-core kernel's warp chunks against pages smaller than a chunk,
+    larger, and of a size that is not a power of two, with lengths that end
+    mid-chunk, on a chunk boundary, and zero."""
+    seq_lens = [0, 1, 15, 16, 17, 700, 2049]
+    out, cpu, ref = decode_on_both(len(seq_lens), num_heads, num_kv_heads, head_dim, page_size,
+                                   dtype, seq_lens)
+    assert torch.equal(out[0].cpu(), torch.zeros_like(out[0].cpu()))
+    assert_close(out, ref, dtype)
+    assert_close(out, cpu.double(), dtype)
 
 
 @pytest.mark.cuda
@@ -433,6 +497,8 @@ with ops.index_checks(False):
     torch.cuda.synchronize()
     assert torch.equal(cache, before), "out-of-range slots must be skipped"
     ops.paged_attention_decode(query, cache, cache, table, lens)
+    half = cache.bfloat16()  # the tensor-core kernel
+    ops.paged_attention_decode(query.bfloat16(), half, half, table, lens)
     torch.cuda.synchronize()
 # Out of the scope this thread checks again, before any launch.
 assert_checked_again((lambda: ops.reshape_and_cache(key, key, cache, cache.clone(), slots),
