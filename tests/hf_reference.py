@@ -277,6 +277,20 @@ class LlavaNextInputs(ReferenceInputs):
                 "image_sizes": features["image_sizes"].to(device)}
 
 
+def cpu_prepare_of(engine):
+    """The engine family's prepare_images on the CPU, in the engine's dtype:
+    what its request builder runs, or (a GPU engine, which leaves it to the
+    step) what the step runs, with the same pixels either way."""
+    from pyvlm.entrypoints.startup import image_model_of, resolve_dtype
+    from pyvlm.runner.deferred_images import defer_images
+
+    if engine.builder.images.prepare is not defer_images:
+        return engine.builder.images.prepare
+    files = engine.state.files
+    dtype = resolve_dtype(engine.config.model.dtype, files.config, "cuda")
+    return image_model_of(files, dtype).prepare_images
+
+
 class PyvlmLlavaPixels(ReferenceInputs):
     """LLaVA-1.5 / LLaVA-NeXT inputs for transformers made by pyvlm's
     processor of an engine's checkpoint on the CPU: the authors' pad and
@@ -285,7 +299,7 @@ class PyvlmLlavaPixels(ReferenceInputs):
 
     def __init__(self, engine):
         self.processor = engine.builder.images.processor
-        self.prepare = engine.builder.images.prepare
+        self.prepare = cpu_prepare_of(engine)
 
     def __call__(self, prompt_ids, images, device, dtype) -> dict:
         if not images:

@@ -96,10 +96,15 @@ def authors_prompts(image: str):
     ]
 
 
+@pytest.mark.parametrize("defer", [False, True], ids=["cpu-engine", "gpu-like-engine"])
 @pytest.mark.parametrize("name", ["llava", "llava_next_mistral"])
-def test_pyvlm_pixels_stand_in_equals_transformers_processor(request, name):
+def test_pyvlm_pixels_stand_in_equals_transformers_processor(request, name, defer, monkeypatch):
     """PyvlmLlavaPixels (what the CUDA parity test feeds transformers, whose
-    GPU machine has another Pillow) is the checkpoint's own processor here."""
+    GPU machine has another Pillow) is the checkpoint's own processor here,
+    also for an engine whose step preprocesses the images (a GPU's)."""
+    from pyvlm.entrypoints import startup
+
+    monkeypatch.setattr(startup, "prepares_images_in_step", lambda device: defer)
     checkpoint = request.getfixturevalue(f"tiny_checkpoint_{name}")
     gen = torch.Generator().manual_seed(5)
     images = [random_image(h, w, gen) for h, w in ((60, 170), (120, 100), (33, 33))]
