@@ -6,7 +6,9 @@ from pyvlm.ops import reference
 
 from .conftest import assert_close, poisoned
 
-SHAPES = [(0, 64), (1, 2), (7, 128), (33, 11008 // 8), (3, 5, 96)]
+# (1, 18944): one decode token's row spread over many CUDA blocks; (2, 1001):
+# rows that are not whole 16-byte vectors (the scalar path).
+SHAPES = [(0, 64), (1, 2), (7, 128), (33, 11008 // 8), (3, 5, 96), (1, 18944), (2, 1001)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -56,3 +58,17 @@ def test_cuda_matches_cpu():
     cpu = ops.silu_and_mul(x)
     gpu = ops.silu_and_mul(x.cuda())
     assert_close(gpu, cpu.double(), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_misaligned_rows_take_the_scalar_path(dtype):
+    """A contiguous input that starts off a 16-byte boundary (a slice of a
+    larger buffer) is read element by element, with the same results."""
+    d = 4096
+    flat = torch.randn(3 * 2 * d + 1, dtype=dtype, device="cuda") * 3
+    x = flat[1:].view(3, 2 * d)
+    out = poisoned(3, d, dtype=dtype, device="cuda")
+    ops.silu_and_mul(x, out=out)
+    assert_close(out, reference.silu_and_mul(x.double()), dtype)
+

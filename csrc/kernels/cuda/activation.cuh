@@ -25,33 +25,65 @@ __device__ __forceinline__ float activate(float x) {
   }
 }
 
-// One block per token; threads stride over the d outputs.
-template <typename T, Activation A>
-__global__ void act_and_mul_kernel(T* __restrict__ out,
-                                   const T* __restrict__ in, int64_t d) {
-  const int64_t t = blockIdx.x;
-  const T* x = in + t * 2 * d;
-  T* y = out + t * d;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+constexpr int kActThreads = 256;
+
+// out[t, i] for one element; V is how many consecutive outputs one thread
+// makes (16-byte loads and stores when the rows allow it).
+template <typename T, Activation A, int V>
+__device__ __forceinline__ void act_and_mul_at(T* __restrict__ y, const T* __restrict__ x,
+                                               int64_t d, int64_t i) {
+  if constexpr (V == 1) {
     y[i] = from_float<T>(activate<A>(to_float(x[i])) * to_float(x[d + i]));
+  } else {
+    const uint4 a = *reinterpret_cast<const uint4*>(x + i);
+    const uint4 b = *reinterpret_cast<const uint4*>(x + d + i);
+    const T* av = reinterpret_cast<const T*>(&a);
+    const T* bv = reinterpret_cast<const T*>(&b);
+    uint4 r;
+    T* rv = reinterpret_cast<T*>(&r);
+#pragma unroll
+    for (int e = 0; e < V; ++e) rv[e] = from_float<T>(activate<A>(to_float(av[e])) * to_float(bv[e]));
+    *reinterpret_cast<uint4*>(y + i) = r;
+  }
+}
+
+// Grid (tokens, blocks per row): a token's row is spread over several
+// blocks, so one decode token still fills many SMs (one block per token
+// left a batch-1 step's 18,944-wide row to a single SM: 9.5 us on an H100).
+template <typename T, Activation A, int V>
+__global__ void act_and_mul_kernel(T* __restrict__ out, const T* __restrict__ in, int64_t d) {
+  const int64_t t = blockIdx.x;
+  const int64_t i = (int64_t(blockIdx.y) * kActThreads + threadIdx.x) * V;
+  if (i < d) act_and_mul_at<T, A, V>(out + t * d, in + t * 2 * d, d, i);
+}
+
+template <typename T, Activation A>
+void launch_act_and_mul_as(T* out, const T* in, int64_t num_tokens, int64_t d,
+                           cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = d % kVec == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const int64_t per_block = int64_t(kActThreads) * (vec ? kVec : 1);
+  const dim3 grid(static_cast<unsigned>(num_tokens),
+                  static_cast<unsigned>((d + per_block - 1) / per_block));
+  if (vec) {
+    act_and_mul_kernel<T, A, kVec><<<grid, kActThreads, 0, stream>>>(out, in, d);
+  } else {
+    act_and_mul_kernel<T, A, 1><<<grid, kActThreads, 0, stream>>>(out, in, d);
+  }
 }
 
 template <typename T>
 void launch_act_and_mul(T* out, const T* in, int64_t num_tokens, int64_t d,
                         Activation act, cudaStream_t stream) {
   if (num_tokens == 0 || d == 0) return;
-  const dim3 grid(static_cast<unsigned>(num_tokens));
-  const dim3 block(static_cast<unsigned>(d < 1024 ? ((d + 31) / 32) * 32 : 1024));
   switch (act) {
     case Activation::kSilu:
-      act_and_mul_kernel<T, Activation::kSilu><<<grid, block, 0, stream>>>(out, in, d);
-      break;
+      return launch_act_and_mul_as<T, Activation::kSilu>(out, in, num_tokens, d, stream);
     case Activation::kGelu:
-      act_and_mul_kernel<T, Activation::kGelu><<<grid, block, 0, stream>>>(out, in, d);
-      break;
+      return launch_act_and_mul_as<T, Activation::kGelu>(out, in, num_tokens, d, stream);
     case Activation::kGeluTanh:
-      act_and_mul_kernel<T, Activation::kGeluTanh><<<grid, block, 0, stream>>>(out, in, d);
-      break;
+      return launch_act_and_mul_as<T, Activation::kGeluTanh>(out, in, num_tokens, d, stream);
   }
 }
 
