@@ -97,7 +97,9 @@ def kernel_rows(prof, device: str):
         return sorted(rows, key=lambda r: -r[1])
     totals, calls = defaultdict(float), defaultdict(int)
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # ProfilerStep ranges also show on the device's timeline: not kernels.
+        if (event.device_type == torch.autograd.DeviceType.CUDA
+                and not event.name.startswith("ProfilerStep")):
             totals[event.name] += event.device_time
             calls[event.name] += 1
     return sorted(((n, totals[n], calls[n]) for n in totals), key=lambda r: -r[1])
