@@ -543,6 +543,10 @@ void launch_attention(const AttentionParams<T>& p, int64_t max_seqlen_q, cudaStr
                   static_cast<unsigned>(std::min<int64_t>(p.num_seqs, 65535)));
   if (p.head_dim <= 64) {
     launch_attention_dmax<T, PAGED, 64>(p, grid, stream);
+  } else if (p.head_dim <= 96) {
+    // The vision towers' 80 (Qwen2-VL) and 72 (SigLIP): a 96-wide tile
+    // holds fewer accumulators than the 128 one (occupancy).
+    launch_attention_dmax<T, PAGED, 96>(p, grid, stream);
   } else if (p.head_dim <= 128) {
     launch_attention_dmax<T, PAGED, 128>(p, grid, stream);
   } else {
