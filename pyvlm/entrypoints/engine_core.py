@@ -118,8 +118,12 @@ def run_engine_core(spec, conn, clock_cell, log_settings: LogSettings) -> None:
     commands = {name: getattr(core, name) for name in CORE_COMMANDS}
     if _serve(conn, loop, outbox, sender, commands):
         sender.send(Closed(loop.failure))
-        return
-    _exit_now()  # the caller is gone: nobody reads what a hung step might still say
+    # Closed is sent (synchronously) or the caller is gone: nothing is left
+    # to do that the interpreter's teardown would add. On CUDA the process
+    # outlived the caller's 30 s stop timeout after a Stop (H100 runs of
+    # 8e5136e and 22ae614); that teardown (allocators, graphs, library
+    # threads) is the suspect, and it is skipped here.
+    _exit_now()
 
 
 def _serve(conn, loop, outbox: Outbox, sender: Sender, commands) -> bool:
