@@ -40,6 +40,14 @@ def run(device: str):
     base = time_us(lambda: reference.sample(logits, t, top_ks=ks, top_ps=ps), device)
     rows.append(Row("sample top-p 0.9 + top-k 50", case, device, ours,
                     "sort + cumsum + multinomial", base, nbytes))
+    # A flat row: the kept set is most of the vocabulary (the CUDA kernel's third pass).
+    flat = torch.randn(batch, vocab, device=device) * 0.3
+    t_flat = torch.full((batch,), 1.5, device=device)
+    ps_flat = torch.full((batch,), 0.95, device=device)
+    ours = time_us(lambda: ops.sample(flat, t_flat, top_ps=ps_flat, seeds=seeds), device)
+    base = time_us(lambda: reference.sample(flat, t_flat, top_ps=ps_flat), device)
+    rows.append(Row("sample top-p 0.95, flat row", case, device, ours,
+                    "sort + cumsum + multinomial", base, nbytes))
     ours = time_us(lambda: ops.sample(logits, 0.0), device)
     base = time_us(lambda: logits.argmax(-1), device)
     rows.append(Row("sample greedy", case, device, ours, "torch.argmax", base, nbytes))

@@ -326,3 +326,67 @@ def test_cuda_penalties_identical_to_cpu():
         cpu = ops.apply_penalties(logits.clone(), *args)
         gpu = ops.apply_penalties(logits.cuda(), *(a.cuda() for a in args))
         assert torch.equal(cpu, gpu.cpu())
+
+
+def route_rows(route, batch, vocab):
+    """Rows that take each route of the CUDA sampler (csrc/kernels/cuda/sampling.cuh)."""
+    if route == "gathered":  # the thread maxima bound the cut: a few hundred candidates
+        return torch.randn(batch, vocab) * 3, dict(temperatures=0.8, top_ks=50, top_ps=0.9)
+    if route == "peaked":  # the 50th logit lies far below the first: still a few candidates
+        logits = torch.randn(batch, vocab) * 3
+        logits[torch.arange(batch), torch.randint(0, vocab, (batch,))] = 60.0
+        return logits, dict(temperatures=1.0, top_ks=50)
+    if route == "bin_pass":  # flat: the maxima carry too little mass to bound top-p
+        return torch.randn(batch, vocab) * 0.3, dict(temperatures=1.5, top_ps=0.95)
+    # Five values: the threshold bin (a fifth of the row, all tied) overflows
+    # shared memory, so the radix selects run.
+    params = dict(temperatures=1.0, top_ks=50, top_ps=0.5)
+    return torch.randint(-2, 3, (batch, vocab)).float(), params
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("vocab", [152064, 100003])  # 100003: unaligned rows, a partial chunk
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("route", ["gathered", "peaked", "bin_pass", "radix"])
+def test_cuda_sampling_routes_agree_with_cpu(route, dtype, vocab):
+    batch = 32
+    logits, params = route_rows(route, batch, vocab)
+    logits = logits.to(dtype)
+    seeds, steps = torch.randint(0, 2**62, (batch,)), torch.randint(0, 1000, (batch,))
+    cpu = ops.sample(logits, num_top=20, seeds=seeds, steps=steps, **params)
+    def on_gpu():
+        out = ops.sample(logits.cuda(), num_top=20, seeds=seeds.cuda(), steps=steps.cuda(), **params)
+        return [t.cpu() for t in out]
+
+    gpu = on_gpu()
+    assert torch.equal(gpu[0], on_gpu()[0])  # fixed-point masses: the cut ignores atomic order
+    kept = reference.kept_distribution(logits, **params)
+    assert (kept.gather(-1, gpu[0][:, None]) > 0).all(), "sampled a token outside the kept set"
+    # Same Philox stream and cut; only float rounding near a tie may flip a row.
+    same = gpu[0] == cpu[0]
+    assert (~same).sum() <= 1
+    assert_close(gpu[1][same], cpu[1][same].double(), torch.float32)
+    assert torch.equal(gpu[2], cpu[2])
+    assert_close(gpu[3], cpu[3].double(), torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_masked_rows_identical_to_cpu(dtype):
+    # Constrained decoding leaves a few finite logits: fewer than num_top, so
+    # the top list goes on with the lowest-index -inf tokens.
+    batch, vocab = 8, 152064
+    logits = torch.full((batch, vocab), float("-inf"))
+    for r in range(batch):
+        logits[r, torch.randperm(vocab)[:7]] = torch.randn(7) * 2
+    logits = logits.to(dtype)
+    params = dict(temperatures=torch.tensor([0.0, 1.0] * 4), top_ks=50, seeds=torch.arange(batch))
+    cpu = ops.sample(logits, num_top=20, **params)
+    gpu = [t.cpu() for t in ops.sample(logits.cuda(), num_top=20,
+                                       **{k: v.cuda() if isinstance(v, torch.Tensor) else v
+                                          for k, v in params.items()})]
+    assert torch.equal(gpu[0], cpu[0]) and torch.equal(gpu[2], cpu[2])
+    assert_close(gpu[1], cpu[1].double(), torch.float32)
+    finite = torch.isfinite(cpu[3])
+    assert torch.equal(torch.isfinite(gpu[3]), finite) and finite.sum(-1).eq(7).all()
+    assert_close(gpu[3][finite], cpu[3][finite].double(), torch.float32)

@@ -1,15 +1,25 @@
 // CUDA token sampling and logit penalties. Framework-free: plain pointers,
 // sizes and a stream. Semantics are in ../sampling.h.
 //
-// sample: one block per row, no host sync, no sort. Passes over the row:
-//   1. max, softmax normalisers (T = 1 and T) and first argmax (greedy),
-//   2-5. only if top-k/top-p or top logprobs are asked: an 8-bit radix select
-//      per pass, count (and mass) histograms privatised per lane in shared
-//      memory (bin * 32 + lane: no same-address atomics inside a warp, no
-//      bank conflicts), for the sampling threshold and the num_top-th logit,
-//   6. Gumbel-max over the kept tokens (Philox only for groups of 4 holding
-//      a kept token) and the top-logprob gather.
-// Each pass issues two independent 16-byte loads per thread per iteration.
+// sample: one block per row, no host sync, no sort of the row. Passes:
+//   1. max, softmax normalisers and first argmax: all a greedy row needs.
+//      Each thread's own maximum is a token of the row, so the histogram of
+//      those 512 values over the row's bins (sampling_bins.cuh) bounds the
+//      cuts: once the maxima in the bins before a bin alone number top_k or
+//      weigh top_p, no token from that bin on is kept (likewise for the
+//      num_top-th logit).
+//   2. Gumbel-max over the kept tokens when there is no top-k / top-p cut,
+//      and the gather of every token within the bound into shared memory,
+//      with count and mass per bin. When they fit, the cut, the draw and the
+//      top log-probs are settled there exactly (sort, prefix sums, the
+//      predicate of radix_step): two passes in all.
+//   3. Otherwise the bins give the threshold bin and the bins of the top
+//      list: a third pass draws over the bins above the threshold bin and
+//      gathers the tokens to settle as in 2.
+// When even those do not fit, the row takes the radix selects of
+// sampling_radix.cuh (five more passes). Masses on the candidate path are
+// fixed-point integers, so the cut does not depend on the order of the
+// atomics: a seeded draw is deterministic.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -17,367 +27,406 @@
 
 #include "../sampling.h"
 #include "common.cuh"
+#include "sampling_bins.cuh"
+#include "sampling_block.cuh"
+#include "sampling_radix.cuh"
 
 namespace pyvlm {
 namespace cuda {
 namespace sampling {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 2;
-constexpr int kCopies = 32;  // one histogram copy per lane
-constexpr size_t kHistBytes = size_t(3) * kRadixBins * kCopies * sizeof(int32_t);
+constexpr int kCapacity = 4096;  // candidates settled in shared memory
+constexpr int kBinsPerThread = kNumBins / kThreads;
+constexpr int kCandidatesPerThread = kCapacity / kThreads;
+static_assert(kNumBins % kThreads == 0 && kCapacity % kThreads == 0, "whole items per thread");
+static_assert((kCapacity & (kCapacity - 1)) == 0, "the sort pads to a power of two in place");
 
-template <typename T>
-struct VecWidth {
-  static constexpr int value = 16 / sizeof(T);
+struct CandidateShared {
+  uint64_t candidates[kCapacity];  // pack_candidate
+  unsigned long long bin_mass[kNumBins];
+  int32_t bin_count[kNumBins];
 };
 
-// Loads elements [chunk * N, chunk * N + N) of the row as floats; indices past
-// the row read as -inf (callers also skip them by index).
+// The candidate path and the radix fallback never run at once.
+union DynamicShared {
+  CandidateShared cand;
+  int32_t radix_hist[kRadixHistWords];
+};
+
+struct BlockShared {
+  Stats stats[kWarps];
+  Best best[kWarps];
+  Tally tallies[kWarps];
+  float floats[kWarps];
+  int ints[kWarps];
+  uint32_t keys[kWarps];
+  int num_gathered;
+  TopList list;
+  RadixShared radix;
+};
+
+// What a row asks for, and what its passes share.
+struct RowPlan {
+  RowFilter f;
+  int num_top;
+  bool with_mass;  // a top-p cut: masses count
+  RowBins bins;
+  SelectLimits sample, top;
+  GumbelRow gumbel;
+
+  __device__ bool gathers() const { return f.select || num_top > 0; }
+};
+
+// Pass 1; also returns this thread's own maximum.
 template <int N, typename T>
-__device__ __forceinline__ void load_chunk(const T* __restrict__ row, int64_t vocab,
-                                           int64_t chunk, bool aligned, float (&v)[N]) {
-  const int64_t base = chunk * N;
-  if (aligned && base + N <= vocab) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(row) + chunk);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = to_float(e[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) v[i] = base + i < vocab ? to_float(row[base + i]) : -INFINITY;
-  }
+__device__ Stats row_stats(const RowView<T>& row, const RowFilter& f, bool with_sum_t,
+                           float& thread_max, Stats* scratch) {
+  Stats s = kNoStats;
+  for_each_chunk<N>(row, [&](int c, const float (&v)[N]) {
+    stats_add_chunk<N>(s, v, c * N, f.inv_temp, with_sum_t);
+  });
+  thread_max = s.max;
+  return block_stats(s, f.inv_temp, with_sum_t, scratch);
 }
 
-// Calls f(chunk, values) for every chunk of the row this thread owns, in
-// increasing index order, with kUnroll loads in flight.
-template <int N, typename T, typename F>
-__device__ __forceinline__ void for_each_chunk(const T* __restrict__ row, int64_t vocab,
-                                               bool aligned, F&& f) {
-  const int64_t num_chunks = (vocab + N - 1) / N;
-  for (int64_t c0 = threadIdx.x; c0 < num_chunks; c0 += int64_t(kThreads) * kUnroll) {
-    float v[kUnroll][N];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + int64_t(u) * kThreads;
-      if (c < num_chunks) load_chunk<N>(row, vocab, c, aligned, v[u]);
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t c = c0 + int64_t(u) * kThreads;
-      if (c < num_chunks) f(c, v[u]);
-    }
-  }
+__device__ __forceinline__ void clear_bins(CandidateShared& cs) {
+  for (int b = threadIdx.x; b < kNumBins; b += kThreads) cs.bin_count[b] = 0, cs.bin_mass[b] = 0;
 }
 
-struct Stats {
-  float max, sum1, sumT;
-  int64_t argmax;  // INT64_MAX: none yet
+__device__ __forceinline__ void add_to_bin(CandidateShared& cs, const RowPlan& plan, float l,
+                                           float position) {
+  const int b = bin_of(position);
+  atomicAdd(&cs.bin_count[b], 1);
+  if (plan.with_mass)
+    atomicAdd(&cs.bin_mass[b], (unsigned long long)fixed_mass(
+                                   relative_prob(l, plan.bins.max, plan.f.inv_temp)));
+}
+
+// This thread's bins after scan_bins.
+struct BinSlice {
+  int first;  // its first bin
+  int32_t count[kBinsPerThread];
+  Tally above[kBinsPerThread];  // the tokens of all bins before
 };
 
-__device__ __forceinline__ void stats_add(Stats& s, float l, int64_t i, float inv_temp,
-                                          bool greedy) {
-  if (l > s.max) {
-    s.sum1 = s.sum1 * __expf(s.max - l) + 1.f;
-    if (!greedy) s.sumT = s.sumT * __expf((s.max - l) * inv_temp) + 1.f;
-    s.max = l;
-    s.argmax = i;
-  } else if (l > -INFINITY) {
-    s.sum1 += __expf(l - s.max);
-    if (!greedy) s.sumT += __expf((l - s.max) * inv_temp);
+// Turns the histogram into exclusive prefix sums in place (so that any bin's
+// tally_before can be read after the next barrier); returns this thread's
+// bins and sets `total`.
+__device__ __forceinline__ BinSlice scan_bins(CandidateShared& cs, Tally& total,
+                                              Tally* scratch) {
+  BinSlice s;
+  s.first = threadIdx.x * kBinsPerThread;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) {
+    s.count[i] = cs.bin_count[s.first + i];
+    s.above[i] = Tally{s.count[i], cs.bin_mass[s.first + i]};
   }
-}
-
-__device__ __forceinline__ Stats stats_merge(const Stats& a, const Stats& b, float inv_temp,
-                                             bool greedy) {
-  Stats r;
-  r.max = fmaxf(a.max, b.max);
-  if (r.max == -INFINITY) return Stats{-INFINITY, 0.f, 0.f, a.argmax < b.argmax ? a.argmax : b.argmax};
-  r.sum1 = a.sum1 * __expf(a.max - r.max) + b.sum1 * __expf(b.max - r.max);
-  r.sumT = greedy ? 0.f
-                  : a.sumT * __expf((a.max - r.max) * inv_temp) +
-                        b.sumT * __expf((b.max - r.max) * inv_temp);
-  r.argmax = a.max > b.max ? a.argmax : b.max > a.max ? b.argmax
-                                     : (a.argmax < b.argmax ? a.argmax : b.argmax);
-  return r;
-}
-
-__device__ __forceinline__ Stats stats_shfl(const Stats& s, int offset) {
-  return Stats{__shfl_xor_sync(0xffffffffu, s.max, offset),
-               __shfl_xor_sync(0xffffffffu, s.sum1, offset),
-               __shfl_xor_sync(0xffffffffu, s.sumT, offset),
-               __shfl_xor_sync(0xffffffffu, s.argmax, offset)};
-}
-
-// Block-wide merge; every thread gets the result.
-__device__ __forceinline__ Stats block_stats(Stats s, float inv_temp, bool greedy,
-                                             Stats* scratch) {
+  total = block_exclusive_scan(s.above, scratch);
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s = stats_merge(s, stats_shfl(s, o), inv_temp, greedy);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) scratch[warp] = s;
-  __syncthreads();
-  // Lanes past the warp count take the identity (sums must not double count).
-  s = lane < kWarps ? scratch[lane] : Stats{-INFINITY, 0.f, 0.f, INT64_MAX};
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) s = stats_merge(s, stats_shfl(s, o), inv_temp, greedy);
-  __syncthreads();  // scratch may be reused
+  for (int i = 0; i < kBinsPerThread; ++i)
+    cs.bin_count[s.first + i] = s.above[i].count, cs.bin_mass[s.first + i] = s.above[i].mass;
   return s;
 }
 
-// Pass 1.
-template <int N, typename T>
-__device__ Stats row_stats(const T* row, int64_t vocab, bool aligned, const RowFilter& f,
-                           Stats* scratch) {
-  Stats s{-INFINITY, 0.f, 0.f, INT64_MAX};
-  for_each_chunk<N>(row, vocab, aligned, [&](int64_t c, const float (&v)[N]) {
-#pragma unroll
-    for (int e = 0; e < N; ++e)
-      if (c * N + e < vocab) stats_add(s, v[e], c * N + e, f.inv_temp, f.greedy);
-  });
-  return block_stats(s, f.inv_temp, f.greedy, scratch);
+__device__ __forceinline__ Tally tally_before(const CandidateShared& cs, int b, Tally total) {
+  return b < kNumBins ? Tally{cs.bin_count[b], cs.bin_mass[b]} : total;
 }
 
-struct SelectShared {
-  int32_t bin_count[kRadixBins];
-  float bin_mass[kRadixBins];
-  int32_t top_bin_count[kRadixBins];
-  RadixState sample, top;
-};
-
-// Passes 2-5: radix selects for the sampling threshold (if f.select) and the
-// num_top-th largest logit (if num_top > 0), sharing the loads.
-template <int N, typename T>
-__device__ void radix_selects(const T* row, int64_t vocab, bool aligned, const RowFilter& f,
-                              const Stats& st, int num_top, int32_t* hist, SelectShared& sh) {
-  int32_t* h_count = hist;
-  float* h_mass = reinterpret_cast<float*>(hist + kRadixBins * kCopies);
-  int32_t* h_top = hist + 2 * kRadixBins * kCopies;
-  const bool do_sample = f.select, do_top = num_top > 0, use_mass = f.top_p < 1.f;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (threadIdx.x == 0) sh.sample = sh.top = RadixState{0u, 0, 0.f, 0};
-  for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int i = threadIdx.x; i < 3 * kRadixBins * kCopies; i += kThreads) hist[i] = 0;
-    __syncthreads();
-    const uint32_t mask = radix_mask(shift);
-    const uint32_t sample_prefix = sh.sample.prefix, top_prefix = sh.top.prefix;
-    for_each_chunk<N>(row, vocab, aligned, [&](int64_t c, const float (&v)[N]) {
+// The first bin whose tokens fail the limits for certain (kNumBins: none).
+__device__ __forceinline__ int first_failing_bin(const BinSlice& s, const SelectLimits& lim,
+                                                 int* scratch) {
+  int first = kNumBins;
 #pragma unroll
-      for (int e = 0; e < N; ++e) {
-        if (c * N + e >= vocab) continue;
-        const uint32_t key = float_key(v[e]);
-        const int slot = int((key >> shift) & 0xFFu) * kCopies + lane;
-        if (do_sample && (key & mask) == sample_prefix) {
-          atomicAdd(&h_count[slot], 1);
-          if (use_mass) atomicAdd(&h_mass[slot], __expf((v[e] - st.max) * f.inv_temp));
-        }
-        if (do_top && (key & mask) == top_prefix) atomicAdd(&h_top[slot], 1);
-      }
-    });
-    __syncthreads();
-    for (int b = warp; b < kRadixBins; b += kWarps) {
-      const int32_t c = __reduce_add_sync(0xffffffffu, h_count[b * kCopies + lane]);
-      const float m = warp_sum(h_mass[b * kCopies + lane]);
-      const int32_t t = __reduce_add_sync(0xffffffffu, h_top[b * kCopies + lane]);
-      if (lane == 0) sh.bin_count[b] = c, sh.bin_mass[b] = m, sh.top_bin_count[b] = t;
-    }
-    __syncthreads();
-    if (do_sample && threadIdx.x == 0)
-      radix_step(sh.sample, sh.bin_count, use_mass ? sh.bin_mass : nullptr, shift,
-                 f.top_k > 0 ? f.top_k : INT32_MAX, use_mass ? f.top_p * st.sumT : INFINITY);
-    if (do_top && threadIdx.x == 32)
-      radix_step(sh.top, sh.top_bin_count, nullptr, shift, num_top, INFINITY);
-    __syncthreads();
+  for (int i = kBinsPerThread - 1; i >= 0; --i)
+    if (!lim.ok(s.above[i].count, s.above[i].mass)) first = s.first + i;
+  return block_reduce(first, MinOp{}, kNumBins, scratch);
+}
+
+// The bin radix_step settles in: the last non-empty bin before the first
+// failing one or, when even the first non-empty bin fails, that one.
+__device__ __forceinline__ int threshold_bin(const BinSlice& s, int failing, int* scratch) {
+  int last_open = -1, first_filled = kNumBins;
+#pragma unroll
+  for (int i = 0; i < kBinsPerThread; ++i) {
+    if (s.count[i] == 0) continue;
+    const int b = s.first + i;
+    if (b < failing) last_open = b;
+    first_filled = min(first_filled, b);
   }
+  last_open = block_reduce(last_open, MaxOp{}, -1, scratch);
+  first_filled = block_reduce(first_filled, MinOp{}, kNumBins, scratch);
+  return last_open >= 0 ? last_open : first_filled;
 }
 
-struct Best {
-  float score;
-  int64_t index;  // INT64_MAX: none
-};
-
-__device__ __forceinline__ bool better(const Best& a, const Best& b) {
-  return a.score > b.score || (a.score == b.score && a.index < b.index);
-}
-
-__device__ __forceinline__ Best block_best(Best b, Best* scratch) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const Best other{__shfl_xor_sync(0xffffffffu, b.score, o),
-                     __shfl_xor_sync(0xffffffffu, b.index, o)};
-    if (better(other, b)) b = other;
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) scratch[warp] = b;
+// The end (a position) of the range pass 2 gathers, from the histogram of the
+// thread maxima: tokens from the first bin that fails by the maxima alone on
+// cannot be kept or listed (+inf: no bound).
+__device__ float gather_end_from_maxima(float thread_max, const RowPlan& plan,
+                                        CandidateShared& cs, BlockShared& sh) {
+  clear_bins(cs);
   __syncthreads();
-  b = scratch[lane < kWarps ? lane : 0];
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const Best other{__shfl_xor_sync(0xffffffffu, b.score, o),
-                     __shfl_xor_sync(0xffffffffu, b.index, o)};
-    if (better(other, b)) b = other;
-  }
-  return b;
+  const float x = plan.bins.position(thread_max);
+  if (x < INFINITY) add_to_bin(cs, plan, thread_max, x);
+  __syncthreads();
+  Tally total;
+  const BinSlice s = scan_bins(cs, total, sh.tallies);
+  int end = 0;
+  // With top_p = 0 the first bin fails, yet it holds the maximum, always kept.
+  if (plan.f.select) end = max(first_failing_bin(s, plan.sample, sh.ints), 1);
+  if (plan.num_top > 0) end = max(end, first_failing_bin(s, plan.top, sh.ints));
+  return bin_start(end, INFINITY);
 }
 
-struct TopList {
-  int count;
-  int64_t index[kSampleMaxTop];
-  float value[kSampleMaxTop];
+// What a candidate pass does with each token, by its position.
+struct PassPlan {
+  float draw_below;              // Gumbel-max over tokens before this (kept for sure)
+  float gather_below;            // gather the tokens before this,
+  float gather_from, gather_to;  // and those in [gather_from, gather_to)
+  bool histogram;                // count and weigh the gathered tokens per bin
+
+  // Every token with work lies before this (the ranges all start at 0 but
+  // [gather_from, gather_to), whose few extra marks are re-checked).
+  __device__ float mark_below() const { return fmaxf(draw_below, fmaxf(gather_below, gather_to)); }
 };
 
-__device__ __forceinline__ void top_push(TopList& list, int64_t i, float l) {
-  const int pos = atomicAdd(&list.count, 1);
-  if (pos < kSampleMaxTop) list.index[pos] = i, list.value[pos] = l;
+__device__ __forceinline__ void gather_token(CandidateShared& cs, int& num_gathered,
+                                             const RowPlan& plan, bool histogram, float l, int i,
+                                             float x) {
+  if (histogram) add_to_bin(cs, plan, l, x);
+  // Once full, stop taking slots: past the capacity the count only has to
+  // show the overflow, and a hot counter would serialise dense rows.
+  if (*reinterpret_cast<volatile int*>(&num_gathered) > kCapacity) return;
+  const int slot = atomicAdd(&num_gathered, 1);
+  if (slot < kCapacity) cs.candidates[slot] = pack_candidate(l, i);
 }
 
-// Pass 6: Gumbel-max over the kept tokens of a sampled row, and the top-N
-// gather (tokens above the N-th key, plus its ties when they all fit).
+// Passes 2 and 3; returns this thread's best draw.
 template <int N, typename T>
-__device__ Best sample_pass(const T* row, int64_t vocab, bool aligned, const RowFilter& f,
-                            const Stats& st, uint32_t threshold, bool do_top, uint32_t top_key,
-                            bool all_ties_fit, int64_t seed, int64_t step, TopList& list) {
-  Best best{-INFINITY, INT64_MAX};
-  for_each_chunk<N>(row, vocab, aligned, [&](int64_t c, const float (&v)[N]) {
-    bool kept[N];
+__device__ Best candidate_pass(const RowView<T>& row, const RowPlan& plan, const PassPlan& pass,
+                               CandidateShared& cs, int& num_gathered) {
+  const auto drawn = [&](float x) { return x < pass.draw_below; };
+  const auto gathered = [&](float x) {
+    return x < pass.gather_below || (x >= pass.gather_from && x < pass.gather_to);
+  };
+  const float mark_below = pass.mark_below();
+  Best best = kNoBest;
+  for_each_marked_group<N>(
+      row,
+      [&](int c, const float (&v)[N]) {
+        uint32_t bits = 0;
 #pragma unroll
-    for (int e = 0; e < N; ++e) {
-      const int64_t i = c * N + e;
-      const uint32_t key = float_key(v[e]);
-      if (do_top && i < vocab && (key > top_key || (key == top_key && all_ties_fit)))
-        top_push(list, i, v[e]);
-      kept[e] = !f.greedy && i < vocab && key >= threshold &&
-                (f.min_p == 0.f || __expf((v[e] - st.max) * f.inv_temp) >= f.min_p);
-    }
+        for (int e = 0; e < N; ++e) bits |= uint32_t(plan.bins.position(v[e]) < mark_below) << e;
+        return bits;
+      },
+      [&](int first, const float (&v)[kGroup], uint32_t bits) {
+        uint32_t kept = 0;
 #pragma unroll
-    for (int q = 0; q < N / 4; ++q) {
-      if (!(kept[4 * q] || kept[4 * q + 1] || kept[4 * q + 2] || kept[4 * q + 3])) continue;
-      const philox::Uint4 r = philox::random_block(seed, step, uint32_t((c * N) / 4 + q));
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int e = 4 * q + j;
-        if (!kept[e]) continue;
-        const float g = gumbel_from_uniform(philox::uniform_open(philox::lane(r, j)));
-        const Best cand{(v[e] - st.max) * f.inv_temp + g, c * N + e};
-        if (better(cand, best)) best = cand;
-      }
-    }
-  });
+        for (int j = 0; j < kGroup; ++j) {
+          if (!(bits >> j & 1)) continue;
+          const float x = plan.bins.position(v[j]);
+          if (drawn(x) && min_p_keeps(plan.f, v[j], plan.bins.max)) kept |= 1u << j;
+          if (gathered(x)) gather_token(cs, num_gathered, plan, pass.histogram, v[j], first + j, x);
+        }
+        gumbel_group(best, plan.gumbel, v, kept, first);
+      });
   return best;
 }
 
-// When the N-th largest key has more ties than fit, take the lowest-index
-// ones: an ordered pass with a block-wide exclusive scan per iteration.
-template <int N, typename T>
-__device__ void gather_top_ties(const T* row, int64_t vocab, bool aligned, uint32_t top_key,
-                                int need, TopList& list, int* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t num_chunks = (vocab + N - 1) / N;
-  const int first = list.count;
-  int base = 0;
-  for (int64_t c0 = 0; c0 < num_chunks && base < need; c0 += kThreads) {
-    const int64_t c = c0 + threadIdx.x;
-    float v[N];
-    int mine = 0;
-    if (c < num_chunks) {
-      load_chunk<N>(row, vocab, c, aligned, v);
-#pragma unroll
-      for (int e = 0; e < N; ++e) mine += (c * N + e < vocab && float_key(v[e]) == top_key);
-    }
-    int incl = mine;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int up = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += up;
-    }
-    if (lane == 31) scratch[warp] = incl;
-    __syncthreads();
-    int warp_base = 0, total = 0;
-    for (int w = 0; w < kWarps; ++w) {
-      warp_base += w < warp ? scratch[w] : 0;
-      total += scratch[w];
-    }
-    int pos = base + warp_base + incl - mine;
-    if (mine > 0) {
-#pragma unroll
-      for (int e = 0; e < N; ++e) {
-        if (c * N + e < vocab && float_key(v[e]) == top_key) {
-          if (pos < need && first + pos < kSampleMaxTop)
-            list.index[first + pos] = c * N + e, list.value[first + pos] = v[e];
-          ++pos;
-        }
-      }
-    }
-    base += total;
-    __syncthreads();  // scratch is rewritten next iteration
+// Where the exact cut is looked for among the sorted candidates: those with
+// position in [from, to), after `above` tokens of the bins before.
+struct Cut {
+  float from, to;
+  Tally above;
+
+  __device__ bool holds(const RowBins& bins, uint64_t c) const {
+    const float x = bins.position(candidate_logit(c));
+    return x >= from && x < to;
   }
-  if (threadIdx.x == 0) list.count = first + (need < base ? need : base);
+};
+
+// A candidate's share of the tallies: one token and its mass.
+__device__ __forceinline__ Tally candidate_tally(const RowPlan& plan, uint64_t c) {
+  const uint32_t mass =
+      plan.with_mass
+          ? fixed_mass(relative_prob(candidate_logit(c), plan.bins.max, plan.f.inv_temp))
+          : 0u;
+  return Tally{1, mass};
+}
+
+// The smallest key in the cut that passes the limits, counting the cut's
+// larger keys (a running tally over the sorted candidates, each thread
+// starting from the scan of those before its own); the largest key in the
+// cut when none passes (top_p = 0 keeps the maximum and its ties).
+__device__ uint32_t exact_threshold(const uint64_t* cands, int n, const Cut& cut,
+                                    const RowPlan& plan, BlockShared& sh) {
+  const int first = threadIdx.x * kCandidatesPerThread;
+  const int last = min(first + kCandidatesPerThread, n);
+  Tally before[1] = {Tally{0, 0}};
+  for (int j = first; j < last; ++j)
+    if (cut.holds(plan.bins, cands[j])) before[0] = before[0] + candidate_tally(plan, cands[j]);
+  block_exclusive_scan(before, sh.tallies);
+  Tally above = cut.above + before[0];
+  uint32_t min_passing = UINT32_MAX, max_in_cut = 0;
+  for (int j = first; j < last; ++j) {
+    if (!cut.holds(plan.bins, cands[j])) continue;
+    const uint32_t key = candidate_key(cands[j]);
+    max_in_cut = max(max_in_cut, key);
+    // Equal keys are adjacent; the first of a run sees the tally above them all.
+    const bool first_of_key = j == 0 || candidate_key(cands[j - 1]) != key;
+    if (first_of_key && plan.sample.ok(above.count, above.mass))
+      min_passing = min(min_passing, key);
+    above = above + candidate_tally(plan, cands[j]);
+  }
+  min_passing = block_reduce(min_passing, MinOp{}, UINT32_MAX, sh.keys);
+  max_in_cut = block_reduce(max_in_cut, MaxOp{}, 0u, sh.keys);
+  return min_passing != UINT32_MAX ? min_passing : max_in_cut;
+}
+
+__device__ void draw_candidates(Best& best, const uint64_t* cands, int n, const Cut& cut,
+                                uint32_t threshold, const RowPlan& plan) {
+  for (int j = threadIdx.x; j < n; j += kThreads) {
+    const uint64_t c = cands[j];
+    const float l = candidate_logit(c);
+    if (candidate_key(c) >= threshold && cut.holds(plan.bins, c) &&
+        min_p_keeps(plan.f, l, plan.bins.max))
+      gumbel_token(best, plan.gumbel, l, candidate_index(c));
+  }
+}
+
+// Sorts the gathered candidates and settles the row from them: the exact
+// cut, the draw over the kept ones in the cut, and the first num_top as the
+// top list (all of the top range was gathered).
+template <int N, typename T>
+__device__ void settle_candidates(const RowView<T>& row, const RowPlan& plan, const Cut& cut,
+                                  int n, CandidateShared& cs, BlockShared& sh, Best& best) {
+  sort_descending(cs.candidates, n);
+  if (plan.f.select)
+    draw_candidates(best, cs.candidates, n, cut, exact_threshold(cs.candidates, n, cut, plan, sh),
+                    plan);
+  if (plan.num_top == 0) return;
+  const int filled = min(n, plan.num_top);
+  if (threadIdx.x < filled) {
+    sh.list.index[threadIdx.x] = candidate_index(cs.candidates[threadIdx.x]);
+    sh.list.value[threadIdx.x] = candidate_logit(cs.candidates[threadIdx.x]);
+  }
+  if (threadIdx.x == 0) sh.list.count = filled;
+  __syncthreads();
+  // Fewer finite logits than num_top: the list goes on with -inf ones.
+  if (filled < plan.num_top)
+    gather_top_ties<N>(row, float_key(-INFINITY), plan.num_top - filled, sh.list, sh.ints);
+}
+
+// The third pass, from the histogram of pass 2.
+struct BinPass {
+  PassPlan pass;
+  Cut cut;
+  bool fits;  // what it gathers fits in shared memory
+};
+
+__device__ BinPass plan_bin_pass(const RowPlan& plan, float gather_end, CandidateShared& cs,
+                                 BlockShared& sh) {
+  Tally total;
+  const BinSlice s = scan_bins(cs, total, sh.tallies);
+  BinPass bp{PassPlan{0.f, 0.f, 0.f, 0.f, false}, Cut{0.f, 0.f, Tally{0, 0}}, true};
+  int threshold = kNumBins, in_threshold_bin = 0, needed = 0;
+  if (plan.f.select) {
+    threshold = threshold_bin(s, first_failing_bin(s, plan.sample, sh.ints), sh.ints);
+    const Tally above = tally_before(cs, threshold, total);
+    in_threshold_bin = tally_before(cs, threshold + 1, total).count - above.count;
+    bp.cut = Cut{float(threshold), bin_start(threshold + 1, gather_end), above};
+    bp.pass.draw_below = bp.cut.from;
+    bp.pass.gather_from = bp.cut.from;
+    bp.pass.gather_to = bp.cut.to;
+    needed = in_threshold_bin;
+  }
+  if (plan.num_top > 0) {
+    const int top_end = first_failing_bin(s, plan.top, sh.ints);
+    bp.pass.gather_below = bin_start(top_end, gather_end);
+    needed += tally_before(cs, top_end, total).count - (threshold < top_end ? in_threshold_bin : 0);
+  }
+  bp.fits = needed <= kCapacity;
+  __syncthreads();  // the radix fallback's histograms overlay the bins read above
+  return bp;
+}
+
+__device__ __forceinline__ void reset_gather(int& num_gathered) {
+  if (threadIdx.x == 0) num_gathered = 0;
   __syncthreads();
 }
 
-// Writes the gathered top list sorted (value descending, index ascending).
-__device__ __forceinline__ void write_top(const TopList& list, int num_top, float log_norm,
-                                          int64_t* ids, float* values) {
-  const int filled = list.count < num_top ? list.count : num_top;
-  const int t = threadIdx.x;
-  if (t >= num_top) return;
-  if (t >= filled) {  // only for rows with NaN/+inf logits
-    ids[t] = 0;
-    values[t] = -INFINITY;
-    return;
+// Passes 2 and on for a row that draws or lists top log-probs; returns this
+// thread's best draw and leaves the top list in sh.list.
+template <int N, typename T>
+__device__ Best sample_row(const RowView<T>& row, const RowPlan& plan, const Stats& st,
+                           float thread_max, DynamicShared& dyn, BlockShared& sh) {
+  CandidateShared& cs = dyn.cand;
+  const bool draws_all = !plan.f.greedy && !plan.f.select;
+  if (!plan.gathers())
+    return candidate_pass<N>(row, plan, PassPlan{INFINITY, 0.f, 0.f, 0.f, false}, cs,
+                             sh.num_gathered);
+  const float gather_end = gather_end_from_maxima(thread_max, plan, cs, sh);
+  clear_bins(cs);
+  reset_gather(sh.num_gathered);
+  Best best = candidate_pass<N>(
+      row, plan, PassPlan{draws_all ? INFINITY : 0.f, gather_end, 0.f, 0.f, true}, cs,
+      sh.num_gathered);
+  __syncthreads();
+  const int n = sh.num_gathered;
+  if (n <= kCapacity) {
+    settle_candidates<N>(row, plan, Cut{0.f, INFINITY, Tally{0, 0}}, n, cs, sh, best);
+    return best;
   }
-  int rank = 0;
-  for (int j = 0; j < filled; ++j)
-    rank += list.value[j] > list.value[t] ||
-            (list.value[j] == list.value[t] && list.index[j] < list.index[t]);
-  ids[rank] = list.index[t];
-  values[rank] = list.value[t] - log_norm;
+  const BinPass bp = plan_bin_pass(plan, gather_end, cs, sh);
+  if (!bp.fits)
+    return sample_by_radix<N>(row, plan.f, st, plan.gumbel, plan.num_top, dyn.radix_hist,
+                              sh.radix, sh.list, sh.ints);
+  reset_gather(sh.num_gathered);
+  const Best drawn = candidate_pass<N>(row, plan, bp.pass, cs, sh.num_gathered);
+  if (better(drawn, best)) best = drawn;
+  __syncthreads();
+  settle_candidates<N>(row, plan, bp.cut, min(sh.num_gathered, kCapacity), cs, sh, best);
+  return best;
 }
 
-// Two blocks per SM (about 100 KB of shared memory each) keep up to 264 rows
-// in flight on an H100.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2)
     sample_kernel(const T* __restrict__ logits, int64_t vocab, SamplingParams p,
                   SampleOutputs out) {
   constexpr int N = VecWidth<T>::value;
-  extern __shared__ int32_t hist[];
-  __shared__ SelectShared sh;
-  __shared__ Stats stats_scratch[kWarps];
-  __shared__ Best best_scratch[kWarps];
-  __shared__ int scan_scratch[kWarps];
-  __shared__ TopList list;
+  extern __shared__ uint4 dynamic_smem[];
+  DynamicShared& dyn = *reinterpret_cast<DynamicShared*>(dynamic_smem);
+  __shared__ BlockShared sh;
   const int64_t r = blockIdx.x;
-  const T* row = logits + r * vocab;
-  const bool aligned = reinterpret_cast<uintptr_t>(row) % 16 == 0;
-  const RowFilter f = make_row_filter(p.temperatures[r], p.top_ks[r], p.top_ps[r], p.min_ps[r], vocab);
-  const int num_top = int(out.num_top);
-  if (threadIdx.x == 0) list.count = 0;
+  const T* data = logits + r * vocab;
+  const RowView<T> row{data, int(vocab), reinterpret_cast<uintptr_t>(data) % 16 == 0};
+  RowPlan plan;
+  plan.f = make_row_filter(p.temperatures[r], p.top_ks[r], p.top_ps[r], p.min_ps[r], vocab);
+  plan.num_top = int(out.num_top);
+  plan.with_mass = plan.f.select && plan.f.top_p < 1.f;
+  float thread_max;
+  const Stats st = row_stats<N>(row, plan.f, plan.with_mass, thread_max, sh.stats);
+  plan.sample = sample_limits(plan.f, st.sumT);
+  plan.top = top_limits(plan.num_top);
+  plan.gumbel = GumbelRow{st.max, plan.f.inv_temp, p.seeds[r], p.steps[r]};
 
-  const Stats st = row_stats<N>(row, vocab, aligned, f, stats_scratch);
-  if (f.select || num_top > 0) radix_selects<N>(row, vocab, aligned, f, st, num_top, hist, sh);
-  const uint32_t threshold = f.select ? sh.sample.prefix : 0u;
-  const bool all_ties_fit = sh.top.count_above + sh.top.count_at <= num_top;
-  Best best{-INFINITY, INT64_MAX};
-  if (!f.greedy || num_top > 0) {
-    best = sample_pass<N>(row, vocab, aligned, f, st, threshold, num_top > 0, sh.top.prefix,
-                          all_ties_fit, p.seeds[r], p.steps[r], list);
-    best = block_best(best, best_scratch);
+  Best best = kNoBest;
+  if (!plan.f.greedy || plan.num_top > 0) {
+    const float finite_max = thread_max > -INFINITY ? thread_max : INFINITY;
+    plan.bins = make_row_bins(st.max, block_reduce(finite_max, MinOp{}, INFINITY, sh.floats),
+                              plan.f);
+    best = sample_row<N>(row, plan, st, thread_max, dyn, sh);
   }
-  __syncthreads();
-  if (num_top > 0 && !all_ties_fit)
-    gather_top_ties<N>(row, vocab, aligned, sh.top.prefix, num_top - list.count, list,
-                       scan_scratch);
+  best = block_best(best, sh.best);  // ends with a barrier: sh.list is complete
   const float log_norm = st.max + __logf(st.sum1);
   if (threadIdx.x == 0) {
-    const int64_t greedy_token = st.argmax < vocab ? st.argmax : 0;
-    const int64_t token = !f.greedy && best.index < vocab ? best.index : greedy_token;
+    const int greedy_token = st.argmax < vocab ? st.argmax : 0;
+    const int token = !plan.f.greedy && best.index < vocab ? best.index : greedy_token;
     out.tokens[r] = token;
-    out.logprobs[r] = to_float(row[token]) - log_norm;
+    out.logprobs[r] = to_float(data[token]) - log_norm;
   }
-  if (num_top > 0)
-    write_top(list, num_top, log_norm, out.top_ids + r * num_top, out.top_logprobs + r * num_top);
+  if (plan.num_top > 0)
+    write_top(sh.list, plan.num_top, log_norm, out.top_ids + r * plan.num_top,
+              out.top_logprobs + r * plan.num_top);
 }
 
 template <typename T>
@@ -385,11 +434,12 @@ cudaError_t launch_sample(const T* logits, int64_t batch, int64_t vocab,
                           const SamplingParams& params, const SampleOutputs& out,
                           cudaStream_t stream) {
   if (batch == 0) return cudaSuccess;
+  constexpr size_t kDynamicBytes = sizeof(DynamicShared);
   const cudaError_t err = cudaFuncSetAttribute(
-      sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kHistBytes));
+      sample_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kDynamicBytes));
   if (err != cudaSuccess) return err;
-  sample_kernel<T><<<dim3(unsigned(batch)), kThreads, kHistBytes, stream>>>(logits, vocab,
-                                                                            params, out);
+  sample_kernel<T><<<dim3(unsigned(batch)), kThreads, kDynamicBytes, stream>>>(logits, vocab,
+                                                                               params, out);
   return cudaGetLastError();
 }
 
