@@ -146,8 +146,8 @@ def main(argv=None, defaults=None) -> E2ERun:
         measured = measure_transformers_and_floors(args, config, dtype, folder, plan, rates)
         run = E2ERun(args, rates, measured)
         print("\n".join([title(run), ""] + table.head_lines()), flush=True)
-        if plan.without(args.skip).phases():
-            measured.ours = measure_pyvlm(args, folder, plan.without(args.skip), dtype,
+        if plan.without(tuple(p for p in args.skip if p in PHASES)).phases():
+            measured.ours = measure_pyvlm(args, folder, plan.without(tuple(p for p in args.skip if p in PHASES)), dtype,
                                           measured)
     for phase in PHASES:
         if phase not in measured.ours.phases:
