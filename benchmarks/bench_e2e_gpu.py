@@ -146,8 +146,9 @@ def main(argv=None, defaults=None) -> E2ERun:
         measured = measure_transformers_and_floors(args, config, dtype, folder, plan, rates)
         run = E2ERun(args, rates, measured)
         print("\n".join([title(run), ""] + table.head_lines()), flush=True)
-        if plan.without(tuple(p for p in args.skip if p in PHASES)).phases():
-            measured.ours = measure_pyvlm(args, folder, plan.without(tuple(p for p in args.skip if p in PHASES)), dtype,
+        client_plan = plan.without(tuple(p for p in args.skip if p in PHASES))
+        if client_plan.phases():
+            measured.ours = measure_pyvlm(args, folder, client_plan, dtype,
                                           measured)
     for phase in PHASES:
         if phase not in measured.ours.phases:
