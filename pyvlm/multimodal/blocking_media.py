@@ -19,7 +19,7 @@ from PIL import Image
 
 from .image_sources import ImageError
 from .image_io import check_pixels, decode_image, to_rgb
-from .media import MediaError, MediaPolicy, load_images
+from .media import MediaError, MediaPolicy, is_network_source, load_images, load_local_image
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,18 @@ def load_refs_blocking(refs: Sequence[Any], policy: MediaPolicy) -> List[Image.I
             fetched.append((index, _Ref(os.fspath(ref.source), ref.param)))
         else:
             images[index] = _decoded(ref.source, policy, ref.param)
-    if fetched:
-        try:
+    try:
+        if len(fetched) == 1 and not is_network_source(fetched[0][1].source):
+            # The common one-image request (a data URI or a path): decoded
+            # here, without an event loop and an executor thread of its own.
+            index, ref = fetched[0]
+            images[index] = load_local_image(ref.source, policy, ref.param)
+        elif fetched:
             loaded = run_blocking(load_images([ref for _, ref in fetched], policy))
-        except MediaError as exc:
-            raise _named(exc.message, exc.param) from None
-        for (index, _), image in zip(fetched, loaded):
-            images[index] = image
+            for (index, _), image in zip(fetched, loaded):
+                images[index] = image
+    except MediaError as exc:
+        raise _named(exc.message, exc.param) from None
     return images
 
 

@@ -144,6 +144,23 @@ async def load_image_source(source, policy: MediaPolicy) -> Image.Image:
     return await _off_loop(_read_and_decode, source, policy)
 
 
+def is_network_source(source) -> bool:
+    """Whether loading source needs the network (an http(s) URL)."""
+    return isinstance(source, str) and url_scheme(source) in ("http", "https")
+
+
+def load_local_image(source: str, policy: MediaPolicy, param: str) -> Image.Image:
+    """Blocking load_image_source for a source that needs no network (a data
+    URI, file:// URL or local path), on the calling thread; a refusal is a
+    MediaError for param, as load_images raises it."""
+    if not isinstance(source, str) or not source:
+        raise MediaError("image URL must be a non-empty string", param)
+    try:
+        return _read_and_decode(source, policy)
+    except _CLIENT_ERRORS as exc:
+        raise MediaError(str(exc), param) from None
+
+
 def _read_and_decode(source: str, policy: MediaPolicy) -> Image.Image:
     """Blocking: the bytes of a data URI or local file, decoded."""
     return decode_image(_read_non_url(source, policy), policy.image_limits)

@@ -73,7 +73,8 @@ def server_message(source, policy) -> str:
 
 @pytest.mark.parametrize("source", ["http://127.0.0.1:9/x.png", "http://[::1]/x.png",
                                     "http://10.1.2.3/x.png", "/etc/passwd", "../x.png",
-                                    "file:///etc/passwd", "htp:/x.png"])
+                                    "file:///etc/passwd", "htp:/x.png", "",
+                                    "data:image/png;base64,!!!", "data:text/plain,hello"])
 def test_refusals_name_the_field_with_the_servers_text(tmp_path, source):
     policy = MediaPolicy(allowed_local_media_path=str(tmp_path))
     field = "messages[2].content[1].image_url"
@@ -94,3 +95,26 @@ def test_it_loads_from_inside_a_running_event_loop():
 
     [image] = asyncio.run(inside())
     np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+def test_one_local_source_is_decoded_on_the_calling_thread(monkeypatch, tmp_path):
+    """The one-image request with a data URI or path (the common case) needs
+    no event loop or executor thread; several sources still load together."""
+    from pyvlm.multimodal import blocking_media
+
+    pixels = random_pixels()
+    data = png_bytes(pixels)
+    (tmp_path / "x.png").write_bytes(data)
+    uri = "data:image/png;base64," + base64.b64encode(data).decode()
+    policy = MediaPolicy(allowed_local_media_path=str(tmp_path))
+    real_run_blocking = blocking_media.run_blocking
+    runs = []
+    monkeypatch.setattr(blocking_media, "run_blocking",
+                        lambda coroutine: runs.append(1) or real_run_blocking(coroutine))
+    for source in (uri, str(tmp_path / "x.png")):
+        [image] = load_images_blocking([source], policy)
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+    assert runs == []
+    assert len(load_images_blocking([uri, str(tmp_path / "x.png")], policy)) == 2
+    assert runs == [1]
+
