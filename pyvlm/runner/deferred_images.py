@@ -11,8 +11,8 @@ The pixels are bit-identical either way (the CUDA preprocessing ops equal
 the CPU's: tests/ops/test_preprocess.py).
 
 A prompt's images are prepared together, as on the host, because a family
-may read the whole prompt (LLaVA-OneVision tiles one image differently from
-several); every item of a prompt refers to the same PromptImages.
+may prepare one image differently depending on the others of its prompt;
+every item of a prompt refers to the same PromptImages.
 """
 
 import dataclasses
