@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernels.harness import format_table, measure_copy_bandwidth  # noqa: E402
 
-GROUPS = ["activation", "layers", "attention", "prefill", "sampling", "preprocess"]
+GROUPS = ["activation", "layers", "linear", "attention", "prefill", "sampling", "preprocess"]
 
 
 def describe(device: str) -> str:

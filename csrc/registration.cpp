@@ -104,6 +104,16 @@ TORCH_LIBRARY(pyvlm, m) {
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("gelu_and_mul(Tensor(a!) out, Tensor input, str approximate) -> ()");
 
+  // ---- Linear layers for a few tokens ---------------------------------------
+  // out [num_tokens, out_features] (input's dtype, or float32 for logits) =
+  // input [num_tokens, in_features] (each row contiguous) x weight^T + bias
+  // (weight contiguous [out_features, in_features]). Bound by reading the
+  // weight once; for decode steps of up to a few tokens (see
+  // pyvlm.layers.linear for where the engine prefers it to the BLAS).
+  m.def(
+      "skinny_gemm(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias) "
+      "-> ()");
+
   // ---- Settings ---------------------------------------------------------------
   // Whether the CUDA adapters range-check index tensors on the calling thread
   // (one device-to-host sync per check; CPU adapters always check). Each

@@ -21,6 +21,7 @@ default group (rank 0 of 1) every layer computes exactly what nn.Linear does.
 """
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
@@ -28,7 +29,35 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .. import ops
 from .tensor_parallel import SINGLE_RANK, TensorParallelGroup, divide
+
+# Up to this many token rows, a CUDA linear layer with 16-bit weights runs
+# pyvlm's skinny GEMM instead of cuBLAS: a decode step reads every weight
+# once, and cuBLAS's split-K GEMV adds a reduction kernel per layer (see
+# benchmarks/RESULTS.md, "Skinny GEMM"). PYVLM_SKINNY_GEMM_MAX_TOKENS
+# overrides it for A/B runs (0: always cuBLAS).
+MAX_SKINNY_GEMM_TOKENS = int(os.environ.get("PYVLM_SKINNY_GEMM_MAX_TOKENS", "8"))
+_SKINNY_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def takes_skinny_gemm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether linear() runs x @ weight^T as the skinny GEMM."""
+    return (x.is_cuda and x.dtype in _SKINNY_DTYPES and weight.dtype == x.dtype
+            and x.shape[-1] > 0 and x.numel() // x.shape[-1] <= MAX_SKINNY_GEMM_TOKENS
+            and x.stride(-1) == 1 and weight.is_contiguous())
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """F.linear(x, weight, bias), by the skinny GEMM for a few tokens on CUDA.
+
+    Both accumulate in float32 and round once, so they differ only in the
+    order of the sums.
+    """
+    if takes_skinny_gemm(x, weight):
+        return ops.skinny_gemm(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _copy_slice(target: torch.Tensor, loaded: torch.Tensor, dim: int, start: int,
@@ -127,7 +156,7 @@ class ColumnParallelLinear(ParallelLinear):
         self.output_shards = shards
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_name: Optional[str] = None) -> None:
@@ -214,7 +243,7 @@ class RowParallelLinear(ParallelLinear):
         self.reduce_results = reduce_results
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        partial = linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
         return self.tp.all_reduce(partial) if self.reduce_results else partial
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,

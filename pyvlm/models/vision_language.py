@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from pyvlm.layers.attention import AttentionMetadata
+from pyvlm.layers.linear import linear
 from .decoders import decoder_for
 from .llama import KVCache, LayerFactory, self_attention_layer
 from .weight_loading import load_weights as load_named_weights
@@ -85,4 +86,5 @@ class VisionLanguageModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> float32 logits [N, vocab]."""
-        return self.lm_head(hidden).float()
+        # Rounded to the weights' dtype first, as transformers' logits are.
+        return linear(hidden, self.lm_head.weight).float()

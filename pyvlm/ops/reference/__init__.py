@@ -7,6 +7,7 @@ output tensor. They define what the kernels must compute.
 
 from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
 from .sampling import apply_penalties, kept_distribution, logprobs, sample  # noqa: F401
+from .linear import skinny_gemm  # noqa: F401
 from .prefill import paged_attention_prefill, varlen_attention  # noqa: F401
 from .preprocess import preprocess_images, preprocess_images_patchify  # noqa: F401
 from .layers import (  # noqa: F401
