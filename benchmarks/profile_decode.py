@@ -9,6 +9,7 @@ run's copy rate.
     python benchmarks/profile_decode.py --model qwen2-vl-7b --batches 1,64 --context 3072
     python benchmarks/profile_decode.py --model qwen2-vl-7b-narrow --device cpu --batches 1,4 \\
         --context 128 --steps 4
+    python benchmarks/profile_decode.py --model qwen2-vl-7b --batches "" --throughput 128
 
 Graph replays show as their kernels when the profiler's CUPTI sees them
 (CUDA 12+); a row named "cudaGraphLaunch" is the host side only.
@@ -42,7 +43,14 @@ def parse_args(argv=None):
     parser.add_argument("--ttft", action="store_true",
                         help="also profile one fresh image's first token (the engine's whole "
                              "path: image preprocessing, tower, prefill)")
-    parser.add_argument("--photos", type=Path, default=None, help="photos for --ttft's images")
+    parser.add_argument("--throughput", type=int, default=0, metavar="N",
+                        help="also profile N requests with distinct images, --output-len tokens "
+                             "each, submitted at once to an engine that runs --max-running of "
+                             "them at a time (the serving benchmark's throughput phase without "
+                             "HTTP): device busy time, kernels, and the steps by kind")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--max-running", type=int, default=64)
+    parser.add_argument("--photos", type=Path, default=None, help="photos for the images")
     parser.add_argument("--server-args", nargs="*", default=[],
                         help="more engine arguments as name=value (e.g. disable_cuda_graph=1)")
     return parser.parse_args(argv)
@@ -55,9 +63,10 @@ def engine_for(folder: Path, args, dtype: torch.dtype, max_batch: int):
     for item in args.server_args:
         name, _, value = item.partition("=")
         extra[name] = int(value) if value.isdigit() else value
+    running = max(max_batch, args.max_running if args.throughput else 1, 1)
     return Engine(str(folder), load_format="dummy", device=args.device,
                   dtype=str(dtype).replace("torch.", ""), engine_process="thread",
-                  max_running_requests=max(max_batch, 1), **extra)
+                  max_running_requests=running, **extra)
 
 
 class StepProfiler:
@@ -172,6 +181,80 @@ def profile_ttft(engine, args) -> None:
     print_rows(cpu, args.top, 1, "host op (self time)")
 
 
+class StepLog:
+    """Wraps runner.launch: per step, when it was launched, whether it was
+    the decode path, its prefill tokens and its decodes (1-token chunks)."""
+
+    def __init__(self, runner):
+        self.steps = []
+        inner = runner.launch
+
+        def logged(batch):
+            prefill = sum(len(c.token_ids) for c in batch.chunks if len(c.token_ids) > 1)
+            decodes = sum(1 for c in batch.chunks if len(c.token_ids) == 1)
+            self.steps.append((time.perf_counter(), batch.is_decode, prefill, decodes))
+            return inner(batch)
+
+        runner.launch = logged
+
+    def summary(self, end: float):
+        """{kind: (steps, wall seconds, prefill tokens, decodes)}; a step's
+        wall time runs to the next launch (the last one's to `end`)."""
+        kinds = defaultdict(lambda: [0, 0.0, 0, 0])
+        for i, (start, is_decode, prefill, decodes) in enumerate(self.steps):
+            until = self.steps[i + 1][0] if i + 1 < len(self.steps) else end
+            kind = "decode path" if is_decode else ("prefill + decodes" if decodes else "prefill only")
+            row = kinds[kind]
+            row[0] += 1
+            row[1] += until - start
+            row[2] += prefill
+            row[3] += decodes
+        return dict(kinds)
+
+
+def profile_throughput(engine, runner, args, roofline) -> None:
+    """N image requests at once, profiled whole: wall time against the
+    device's busy time and the workload floor, the kernels by time, and
+    the steps by kind (decode path, prefill + decodes, prefill only)."""
+    from benchmarks.load.images import distinct_pictures
+    from benchmarks.load.serving_phases import image_size_for
+
+    n = args.throughput
+    images = distinct_pictures(2 * n, image_size_for(args.model), args.photos)
+    params = {"max_new_tokens": args.output_len, "ignore_eos": True, "temperature": 0.0}
+
+    def chats(pictures):
+        return [[{"role": "user", "content": [{"type": "image", "image": image},
+                                              {"type": "text", "text": "Describe this image."}]}]
+                for image in pictures]
+
+    engine.generate(messages=chats(images[:n]), sampling_params=[params] * n)  # warm-up
+    engine.flush_cache()
+    log = StepLog(runner)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device.startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        start = time.perf_counter()
+        outs = engine.generate(messages=chats(images[n:]), sampling_params=[params] * n)
+        wall = time.perf_counter() - start
+    prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in outs) / n
+    output_tokens = sum(len(o["output_ids"]) for o in outs)
+    rows = kernel_rows(prof, args.device)
+    busy = sum(us for _, us, _ in rows) / 1e6
+    print(f"\n### throughput: {n} requests with distinct images, {args.output_len} tokens each, "
+          f"{args.max_running} running at most ({prompt_tokens:.0f} prompt tokens each)\n")
+    print(f"wall {wall:.2f} s under the profiler = {output_tokens / wall:,.0f} output tok/s; "
+          f"device kernels {busy:.2f} s ({busy / wall:.0%} of the wall)\n")
+    print("| step kind | steps | wall s | wall ms per step | prefill tokens | decodes |")
+    print("|---|---|---|---|---|---|")
+    for kind, (count, seconds, prefill, decodes) in sorted(log.summary(start + wall).items()):
+        print(f"| {kind} | {count} | {seconds:.2f} | {seconds / count * 1e3:.1f} | {prefill:,} | "
+              f"{decodes:,} |")
+    print()
+    print_rows(rows, args.top, 1, "kernel (whole run)")
+
+
 def main(argv=None):
     args = parse_args(argv)
     from benchmarks.offline.random_models import write_checkpoint_metadata
@@ -186,13 +269,15 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="pyvlm-profile-") as scratch:
         folder = Path(scratch)
         write_checkpoint_metadata(folder, config)
-        engine = engine_for(folder, args, dtype, max(batches))
+        engine = engine_for(folder, args, dtype, max(batches, default=1))
         try:
             runner = engine.state.runner
             for batch in batches:
                 profile_batch(engine, runner, batch, args, roofline)
             if args.ttft:
                 profile_ttft(engine, args)
+            if args.throughput:
+                profile_throughput(engine, runner, args, roofline)
         finally:
             engine.shutdown()
     os._exit(0)  # the profiler's threads may linger

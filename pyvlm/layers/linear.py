@@ -34,10 +34,12 @@ from .tensor_parallel import SINGLE_RANK, TensorParallelGroup, divide
 
 # Up to this many token rows, a CUDA linear layer with 16-bit weights runs
 # pyvlm's skinny GEMM instead of cuBLAS: a decode step reads every weight
-# once, and cuBLAS's split-K GEMV adds a reduction kernel per layer (see
+# once, and cuBLAS's split-K GEMV adds a reduction kernel per layer. On an
+# H100 it is 4-15% faster than cuBLAS at 1 and 2 tokens for every Qwen2-VL-7B
+# decode matrix, and slower from 4 (its CUDA-core FMAs grow with the tokens;
 # benchmarks/RESULTS.md, "Skinny GEMM"). PYVLM_SKINNY_GEMM_MAX_TOKENS
 # overrides it for A/B runs (0: always cuBLAS).
-MAX_SKINNY_GEMM_TOKENS = int(os.environ.get("PYVLM_SKINNY_GEMM_MAX_TOKENS", "8"))
+MAX_SKINNY_GEMM_TOKENS = int(os.environ.get("PYVLM_SKINNY_GEMM_MAX_TOKENS", "2"))
 _SKINNY_DTYPES = (torch.float16, torch.bfloat16)
 
 
