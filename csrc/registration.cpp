@@ -103,6 +103,9 @@ TORCH_LIBRARY(pyvlm, m) {
   // input: [..., 2 * d] -> out: [..., d] = act(input[..., :d]) * input[..., d:].
   m.def("silu_and_mul(Tensor(a!) out, Tensor input) -> ()");
   m.def("gelu_and_mul(Tensor(a!) out, Tensor input, str approximate) -> ()");
+  // out = input * sigmoid(1.702 * input) (QuickGELU), each step rounded to the
+  // dtype as transformers' eager QuickGELUActivation; out has input's shape.
+  m.def("quick_gelu(Tensor(a!) out, Tensor input) -> ()");
 
   // ---- Linear layers for a few tokens ---------------------------------------
   // out [num_tokens, out_features] (input's dtype, or float32 for logits) =

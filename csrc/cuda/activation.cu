@@ -30,10 +30,22 @@ void gelu_and_mul(at::Tensor& out, const at::Tensor& input,
   act_and_mul_cuda(out, input, parse_gelu_approximate(approximate));
 }
 
+void quick_gelu_cuda(at::Tensor& out, const at::Tensor& input) {
+  const int64_t n = check_quick_gelu(out, input);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  PYVLM_CUDA_DISPATCH_FLOAT(input.scalar_type(), "quick_gelu", [&] {
+    cuda::launch_quick_gelu(cuda_data_as<scalar_t>(out), cuda_data_as<scalar_t>(input), n,
+                            stream);
+  });
+  PYVLM_CHECK_LAUNCH("quick_gelu");
+}
+
 }  // namespace
 }  // namespace pyvlm
 
 TORCH_LIBRARY_IMPL(pyvlm, CUDA, m) {
   m.impl("silu_and_mul", &pyvlm::silu_and_mul);
   m.impl("gelu_and_mul", &pyvlm::gelu_and_mul);
+  m.impl("quick_gelu", &pyvlm::quick_gelu_cuda);
 }

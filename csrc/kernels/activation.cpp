@@ -91,7 +91,31 @@ PYVLM_VECTOR_CLONES void gated_rows(T* out, const T* in, int64_t d, int64_t begi
   }
 }
 
+template <typename T>
+inline float rounded_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
+template <typename T>
+PYVLM_VECTOR_CLONES void quick_gelu_range(T* out, const T* in, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float x = to_float(in[i]);
+    const float scaled = rounded_to<T>(1.702f * x);
+    const float gate = rounded_to<T>(1.f / (1.f + exp_approx(-scaled)));
+    out[i] = from_float<T>(x * gate);
+  }
+}
+
 }  // namespace
+
+template <typename T>
+void quick_gelu(T* out, const T* in, int64_t begin, int64_t end) {
+  quick_gelu_range<T>(out, in, begin, end);
+}
+
+template void quick_gelu<float>(float*, const float*, int64_t, int64_t);
+template void quick_gelu<half_t>(half_t*, const half_t*, int64_t, int64_t);
+template void quick_gelu<bf16_t>(bf16_t*, const bf16_t*, int64_t, int64_t);
 
 template <typename T>
 void act_and_mul(T* out, const T* in, int64_t d, int64_t token_begin,

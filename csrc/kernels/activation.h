@@ -12,4 +12,10 @@ template <typename T>
 void act_and_mul(T* out, const T* in, int64_t d, int64_t token_begin,
                  int64_t token_end, Activation act);
 
+// QuickGELU (CLIP's and Qwen2-VL's vision MLPs) over elements [begin, end):
+// out = x * sigmoid(1.702 x), each step rounded to T as transformers' eager
+// QuickGELUActivation rounds it (the scaled input, the sigmoid, the product).
+template <typename T>
+void quick_gelu(T* out, const T* in, int64_t begin, int64_t end);
+
 }  // namespace pyvlm

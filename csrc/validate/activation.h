@@ -32,4 +32,16 @@ inline int64_t check_act_and_mul(const at::Tensor& out, const at::Tensor& input)
   return d == 0 ? 0 : out.numel() / d;
 }
 
+// Returns the number of elements.
+inline int64_t check_quick_gelu(const at::Tensor& out, const at::Tensor& input) {
+  check_float_dtype(input, "input");
+  check_dtype(out, input.scalar_type(), "out");
+  check_device(out, input, "out");
+  check_contiguous(input, "input");
+  check_contiguous(out, "out");
+  TORCH_CHECK_VALUE(out.sizes() == input.sizes(), "out must have shape ", input.sizes(),
+                    ", got ", out.sizes());
+  return input.numel();
+}
+
 }  // namespace pyvlm

@@ -6,7 +6,7 @@ preallocated outputs first (see csrc/registration.cpp for the schemas).
 
 from ._library import has_cuda_kernels, ops  # noqa: F401
 from .index_checks import index_checks, index_checks_enabled  # noqa: F401
-from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
+from .activation import gelu_and_mul, quick_gelu, silu_and_mul  # noqa: F401
 from .sampling import apply_penalties, sample  # noqa: F401
 from .linear import skinny_gemm  # noqa: F401
 from .prefill import paged_attention_prefill, varlen_attention  # noqa: F401

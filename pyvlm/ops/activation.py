@@ -1,4 +1,5 @@
-"""Gated activations of the MLP blocks (LLaMA/Qwen2 SwiGLU, GeGLU)."""
+"""Activations of the MLP blocks: gated (LLaMA/Qwen2 SwiGLU, GeGLU) and the
+vision towers' QuickGELU."""
 
 from typing import Optional
 
@@ -29,6 +30,15 @@ def gelu_and_mul(
     return out
 
 
+def quick_gelu(x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """x * sigmoid(1.702 x) for a contiguous x, rounded step by step to x's
+    dtype as transformers' eager QuickGELUActivation (one kernel, not three)."""
+    if out is None:
+        out = torch.empty_like(x)
+    ops.quick_gelu(out, x)
+    return out
+
+
 @torch.library.register_fake("pyvlm::silu_and_mul")
 def _silu_and_mul_fake(out, input):
     return None
@@ -36,4 +46,9 @@ def _silu_and_mul_fake(out, input):
 
 @torch.library.register_fake("pyvlm::gelu_and_mul")
 def _gelu_and_mul_fake(out, input, approximate):
+    return None
+
+
+@torch.library.register_fake("pyvlm::quick_gelu")
+def _quick_gelu_fake(out, input):
     return None

@@ -72,3 +72,34 @@ def test_cuda_misaligned_rows_take_the_scalar_path(dtype):
     ops.silu_and_mul(x, out=out)
     assert_close(out, reference.silu_and_mul(x.double()), dtype)
 
+
+
+@pytest.mark.parametrize("shape", [(0,), (5,), (7, 128), (3, 1001), (1564, 40)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quick_gelu_matches_reference(device, shape, dtype):
+    x = torch.randn(*shape, device=device).to(dtype) * 4
+    out = poisoned(*shape, dtype=dtype, device=device)
+    ops.quick_gelu(x, out=out)
+    assert_close(out, reference.quick_gelu(x.double()), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quick_gelu_rounds_as_transformers_eager(device, dtype):
+    """Each step rounds to the dtype as transformers' eager QuickGELU
+    (1.702 x, the sigmoid, the product): at most one unit in the last place
+    apart, from the float32 sigmoid's own rounding."""
+    x = torch.randn(4096, device=device).to(dtype) * 4
+    eager = x * torch.sigmoid(1.702 * x)
+    ours = ops.quick_gelu(x)
+    ulp = torch.finfo(dtype).eps * eager.abs().double().clamp(min=torch.finfo(dtype).tiny)
+    assert ((ours.double() - eager.double()).abs() <= ulp).all()
+    assert (ours == eager).double().mean() > 0.99
+
+
+def test_quick_gelu_opcheck_and_bad_inputs(device):
+    x = torch.randn(6, 10, device=device)
+    torch.library.opcheck(torch.ops.pyvlm.quick_gelu.default, (torch.empty_like(x), x))
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.quick_gelu(x, out=torch.empty(6, 9, device=device))
+    with pytest.raises(ValueError, match="input must be contiguous"):
+        ops.quick_gelu(x.t())

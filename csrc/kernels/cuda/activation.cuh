@@ -87,5 +87,52 @@ void launch_act_and_mul(T* out, const T* in, int64_t num_tokens, int64_t d,
   }
 }
 
+template <typename T>
+__device__ __forceinline__ float rounded_to(float x) {
+  return to_float(from_float<T>(x));
+}
+
+template <typename T>
+__device__ __forceinline__ T quick_gelu_of(T v) {
+  const float x = to_float(v);
+  const float scaled = rounded_to<T>(1.702f * x);
+  const float gate = rounded_to<T>(1.f / (1.f + __expf(-scaled)));
+  return from_float<T>(x * gate);
+}
+
+// V consecutive elements per thread (16-byte vectors when aligned).
+template <typename T, int V>
+__global__ void quick_gelu_kernel(T* __restrict__ out, const T* __restrict__ in, int64_t n) {
+  const int64_t i = (int64_t(blockIdx.x) * kActThreads + threadIdx.x) * V;
+  if (i >= n) return;
+  if constexpr (V == 1) {
+    out[i] = quick_gelu_of(in[i]);
+  } else {
+    const uint4 a = *reinterpret_cast<const uint4*>(in + i);
+    const T* av = reinterpret_cast<const T*>(&a);
+    uint4 r;
+    T* rv = reinterpret_cast<T*>(&r);
+#pragma unroll
+    for (int e = 0; e < V; ++e) rv[e] = quick_gelu_of(av[e]);
+    *reinterpret_cast<uint4*>(out + i) = r;
+  }
+}
+
+// out[i] = QuickGELU(in[i]) for n elements, rounded as transformers' eager op.
+template <typename T>
+void launch_quick_gelu(T* out, const T* in, int64_t n, cudaStream_t stream) {
+  if (n == 0) return;
+  constexpr int kVec = 16 / sizeof(T);
+  const bool vec = n % kVec == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const int64_t per_block = int64_t(kActThreads) * (vec ? kVec : 1);
+  const auto blocks = static_cast<unsigned>((n + per_block - 1) / per_block);
+  if (vec) {
+    quick_gelu_kernel<T, kVec><<<blocks, kActThreads, 0, stream>>>(out, in, n);
+  } else {
+    quick_gelu_kernel<T, 1><<<blocks, kActThreads, 0, stream>>>(out, in, n);
+  }
+}
+
 }  // namespace cuda
 }  // namespace pyvlm

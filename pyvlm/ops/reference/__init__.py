@@ -5,7 +5,7 @@ is given; tests pass float64) and returns the result instead of writing an
 output tensor. They define what the kernels must compute.
 """
 
-from .activation import gelu_and_mul, silu_and_mul  # noqa: F401
+from .activation import gelu_and_mul, quick_gelu, silu_and_mul  # noqa: F401
 from .sampling import apply_penalties, kept_distribution, logprobs, sample  # noqa: F401
 from .linear import skinny_gemm  # noqa: F401
 from .prefill import paged_attention_prefill, varlen_attention  # noqa: F401
