@@ -20,7 +20,8 @@ from torch import nn
 from pyvlm.scheduling.types import MultimodalItem, SequenceChunk
 from .llama import LlamaDecoderLayer
 from .mllama_cross_attention import MllamaCrossAttentionDecoderLayer
-from .mllama_cross_inputs import CrossAttentionInputs, EncodeFn, build_cross_attention_inputs
+from .mllama_cross_inputs import (CrossAttentionInputs, EncodeFn, GraphCrossInputs,
+                                  build_cross_attention_inputs)
 from .mllama_pixels import mllama_pixel_values
 from .vision.mllama import MllamaVisionModel
 from .vision_language import VisionLanguageModel
@@ -121,6 +122,14 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
             mask[0, index, :image.num_tiles] = 1
         ids = torch.tensor([[image.aspect_ratio_id for image in prepared]], dtype=torch.long)
         return pixels, ids.to(device), mask.to(device)
+
+    def graph_cross_attention_inputs(self, max_bs: int, pool) -> GraphCrossInputs:
+        """Static cross-attention inputs for captured decode graphs of up to
+        max_bs tokens, each reading one stored image of up to max_num_tiles
+        tiles (pyvlm.runner.cuda_graphs)."""
+        weight = self.multi_modal_projector.weight
+        max_blocks = -(-self.max_num_tiles * self.num_patches // pool.page_size)
+        return GraphCrossInputs(max_bs, max_blocks, pool, weight.dtype, weight.device)
 
     def cross_attention_inputs(self, chunks: Sequence[SequenceChunk], pool, encode: EncodeFn,
                                is_decode: bool) -> CrossAttentionInputs:

@@ -247,3 +247,82 @@ def _gathered(plan: _Plan, device) -> Optional[GatheredCrossAttention]:
         max(len(t) for t, _ in plan.groups), max(len(i) for _, (_, i) in plan.groups),
         as_long(cache_positions), as_long(cache_slots), as_long(state_positions),
         as_long(state_rows))
+
+
+class GraphCrossInputs:
+    """Cross-attention inputs of captured decode graphs: static buffers for
+    up to max_bs decode tokens, each reading at most one stored image
+    through the paged decode kernel (tokens of text-only requests and the
+    graph's padding rows read none: zero rows, output zero, MLP kept 0).
+
+    A token of a text-only request then computes what skipping the layer
+    computes (the residual sum, plus exact zeros), so one graph serves
+    batches with and without images. Batches whose tokens need the eager
+    path (an image to encode and write, several images attended at once:
+    varlen over gathered keys) do not fit (can_run False).
+    """
+
+    def __init__(self, max_bs: int, max_blocks: int, pool, dtype, device):
+        self.pool, self.max_blocks = pool, max_blocks
+        make = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)  # noqa: E731
+        self.mlp_kept = make(max_bs, dtype=dtype)
+        self.tokens = torch.arange(max_bs, dtype=torch.int64, device=device)
+        self.block_tables = make(max_bs, max(1, max_blocks), dtype=torch.int32)
+        self.seq_lens = make(max_bs, dtype=torch.int32)
+
+    def inputs(self, size: int) -> CrossAttentionInputs:
+        """The captured step's inputs over the first `size` rows."""
+        paged = PagedCrossAttention(self.tokens[:size], self.block_tables[:size],
+                                    self.seq_lens[:size])
+        return CrossAttentionInputs(size, self.mlp_kept[:size], paged=paged)
+
+    def reset_padding(self, size: int) -> None:
+        self.mlp_kept[:size].zero_()
+        self.seq_lens[:size].zero_()
+        self.block_tables[:size].zero_()
+
+    def rows(self, chunks: Sequence[SequenceChunk]
+             ) -> Optional[Tuple[List[float], List[List[int]], List[int]]]:
+        """Per decode token (mlp kept, image blocks, image rows), or None
+        when the batch does not fit the captured inputs."""
+        kept, blocks, lens = [], [], []
+        for chunk in chunks:
+            if any(image.needs_write for image in chunk.cross_images):
+                return None
+            (cls,) = _token_classes(chunk)
+            if cls is None or cls == ():  # no images / none attended here: nothing to read
+                kept.append(0.0 if cls is None else 1.0)
+                blocks.append([0])
+                lens.append(0)
+                continue
+            if cls == "pre" or len(cls) != 1:
+                return None
+            image = chunk.cross_images[cls[0]]
+            image_blocks = self.pool.image_blocks(image.pages)
+            if len(image_blocks) > self.max_blocks:
+                return None
+            kept.append(1.0)
+            blocks.append(image_blocks)
+            lens.append(image.item.num_cross_rows)
+        return kept, blocks, lens
+
+    def can_run(self, chunks: Sequence[SequenceChunk]) -> bool:
+        return all(c.num_new_tokens == 1 for c in chunks) and self.rows(chunks) is not None
+
+    def stage(self, chunks: Sequence[SequenceChunk], size: int, upload) -> Callable[[], None]:
+        """Adds the batch's padded rows to `upload` (a pyvlm.ops.host_upload
+        HostUpload); the callable (after upload.to()) fills the buffers."""
+        kept, blocks, lens = self.rows(chunks)
+        pad = size - len(chunks)
+        width = max(len(b) for b in blocks)
+        kept_rows = upload.add(kept + [0.0] * pad, torch.float32)
+        len_rows = upload.add(lens + [0] * pad, torch.int32)
+        table = upload.add([b + [0] * (width - len(b)) for b in blocks], torch.int32)
+        n = len(chunks)
+
+        def fill() -> None:
+            self.mlp_kept[:size].copy_(kept_rows.tensor)
+            self.seq_lens[:size].copy_(len_rows.tensor)
+            self.block_tables[:n, :width].copy_(table.tensor)
+
+        return fill

@@ -12,13 +12,19 @@ one graph serves every context length; the decode kernel reads only the
 pages a sequence's length covers and sizes its context splits on the
 device.
 
+A cross-attention family (mllama) adds its static image inputs (`cross`:
+the object its graph_cross_attention_inputs returns, with inputs(size),
+reset_padding(size), can_run(chunks) and stage(chunks, size, upload)):
+each decode token reads at most one stored image through the paged decode
+kernel; batches that need more run eagerly.
+
 `emulate=True` runs the same static buffers eagerly instead of a graph
 (CPU tests check the padding and buffer logic with it; it is never faster).
 """
 
 import logging
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -54,9 +60,10 @@ class DecodeGraphs:
     graph_batch_sizes(max_bs), for sequences of up to max_pages pages."""
 
     def __init__(self, model: torch.nn.Module, kv_caches, page_size: int, max_bs: int,
-                 max_pages: int, device: torch.device, emulate: bool = False):
+                 max_pages: int, device: torch.device, emulate: bool = False,
+                 cross: Optional[Any] = None):
         self.model, self.kv_caches, self.page_size = model, kv_caches, page_size
-        self.device, self.emulate = device, emulate
+        self.device, self.emulate, self.cross = device, emulate, cross
         self.sizes = graph_batch_sizes(max_bs)
         self.max_bs, self.max_pages = self.sizes[-1], max(1, max_pages)
         self.num_rows = position_rows_of(model)
@@ -108,6 +115,8 @@ class DecodeGraphs:
         attn = AttentionMetadata(is_decode=True, slot_mapping=self.slot_mapping[:size],
                                  block_tables=self.block_tables[:size],
                                  seq_lens=self.seq_lens[:size])
+        if self.cross is not None:
+            attn.cross_attention = self.cross.inputs(size)
         hidden = self.model.forward(self.input_ids[:size], positions, attn, self.kv_caches, None)
         return self.model.compute_logits(hidden).float()
 
@@ -117,6 +126,8 @@ class DecodeGraphs:
         self.slot_mapping[:size].fill_(PAD_SLOT)
         self.seq_lens[:size].fill_(1)
         self.block_tables[:size].zero_()
+        if self.cross is not None:
+            self.cross.reset_padding(size)
 
     # ---- replay ----------------------------------------------------------
 
@@ -124,7 +135,8 @@ class DecodeGraphs:
         """Whether a decode batch fits the captured shapes."""
         return (0 < len(chunks) <= self.max_bs
                 and all(len(c.page_table) <= self.max_pages for c in chunks)
-                and all(len(c.positions) == self.num_rows for c in chunks))
+                and all(len(c.positions) == self.num_rows for c in chunks)
+                and (self.cross is None or self.cross.can_run(chunks)))
 
     def stage(self, chunks: Sequence[SequenceChunk],
               upload: HostUpload) -> Callable[[], torch.Tensor]:
@@ -145,6 +157,7 @@ class DecodeGraphs:
         rows_of_pages = padded_block_tables([c.page_table for c in chunks])
         width = len(rows_of_pages[0])
         tables = upload.add(rows_of_pages, torch.int32)
+        fill_cross = self.cross.stage(chunks, size, upload) if self.cross is not None else None
 
         def replay(patch_ids: Callable[[torch.Tensor], None] = lambda ids: None) -> torch.Tensor:
             self.input_ids[:size].copy_(ids.tensor)
@@ -153,6 +166,8 @@ class DecodeGraphs:
             self.slot_mapping[:size].copy_(slots.tensor)
             self.seq_lens[:size].copy_(seq_lens.tensor)
             self.block_tables[:n, :width].copy_(tables.tensor)
+            if fill_cross is not None:
+                fill_cross()
             if self.emulate:
                 with torch.inference_mode():
                     return self._run_static(size)[:n]

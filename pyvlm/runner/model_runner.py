@@ -18,7 +18,7 @@ from pyvlm.scheduling.types import ForwardBatch, SampleResult, SequenceChunk
 from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.runner import sampler
 from pyvlm.ops.host_upload import HostUpload
-from pyvlm.runner.cuda_graphs import DecodeGraphs
+from pyvlm.runner.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from pyvlm.runner.encoder_cache import VisionBatcher
 from pyvlm.runner.kv_pool import KVPool
 from pyvlm.runner.penalty_state import PenaltyState
@@ -145,15 +145,21 @@ class ModelRunner:
     def capture_decode_graphs(self, max_bs: int, max_seq_len: int, emulate: bool = False) -> None:
         """Captures CUDA graphs of decode steps of up to max_bs sequences of
         up to max_seq_len tokens (emulate: the same static-buffer path run
-        eagerly, for CPU tests). Cross-attention families run eagerly: their
-        per-step image inputs are built in Python and vary in shape."""
-        if self._cross_attention_inputs is not None or max_bs <= 0:
-            logger.info("decode steps run without CUDA graphs%s", " (cross-attention model)"
-                        if self._cross_attention_inputs is not None else "")
+        eagerly, for CPU tests). A cross-attention family joins through its
+        static image inputs (graph_cross_attention_inputs); one without
+        them decodes eagerly."""
+        cross_inputs = getattr(self.model, "graph_cross_attention_inputs", None)
+        cross_unsupported = self._cross_attention_inputs is not None and cross_inputs is None
+        if cross_unsupported or max_bs <= 0:
+            logger.info("decode steps run without CUDA graphs%s",
+                        " (cross-attention model)" if cross_unsupported else "")
             return
         max_pages = -(-max_seq_len // self.page_size)
+        cross = None
+        if self._cross_attention_inputs is not None:
+            cross = cross_inputs(graph_batch_sizes(max_bs)[-1], self.pool)
         self.graphs = DecodeGraphs(self.model, self.pool.caches, self.page_size, max_bs,
-                                   max_pages, self.device, emulate)
+                                   max_pages, self.device, emulate, cross)
         self.graphs.capture()
 
     def _graph_runs(self, batch: ForwardBatch, sampled: List[int]) -> bool:

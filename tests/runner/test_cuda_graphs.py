@@ -138,3 +138,90 @@ def test_cuda_graph_steps_match_eager_steps(checkpoint):
         eager = generate_staggered(engine, prompts)
     assert {1, 2, 3, 4} <= set(staged), staged
     assert [r["output_ids"] for r in graphed] == [r["output_ids"] for r in eager]
+
+
+# Llama-3.2-Vision (mllama): decode tokens read their image's K/V through the
+# graph's static cross-attention inputs. Request 6 of the mllama prompts
+# attends to a run of two images (the eager varlen path): it stops first, so
+# the later, shrinking batches fit the graphs.
+MLLAMA_BUDGETS = [8, 12, 16, 20, 24, 28, 4, 32]
+
+
+def generate_mllama_staggered(engine, prompts):
+    params = [{"temperature": 0.0, "max_new_tokens": n, "ignore_eos": True}
+              for n in MLLAMA_BUDGETS]
+    return engine.generate([p for p, _ in prompts], params, image_data=[ims for _, ims in prompts])
+
+
+@pytest.fixture(scope="module")
+def mllama_hf_model(tiny_checkpoint_mllama):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(tiny_checkpoint_mllama,
+                                                       dtype=torch.float32).eval()
+
+
+def test_emulated_graph_steps_of_a_cross_attention_model_match_transformers(
+        tiny_checkpoint_mllama, mllama_hf_model):
+    """Text-only requests and requests reading one stored image share the
+    graph buffers (padding and text-only rows read no image); every token
+    equals transformers'."""
+    from tests.entrypoints.test_engine_parity_mllama import make_prompts as mllama_prompts
+
+    with engine_for(tiny_checkpoint_mllama) as engine:
+        runner = engine.state.runner
+        runner.capture_decode_graphs(4, engine.state.context_length, emulate=True)
+        assert runner.graphs is not None and runner.graphs.cross is not None
+        staged = count_replays(runner.graphs)
+        reference = Reference(mllama_hf_model, engine)
+        prompts = mllama_prompts(seed=3)
+        results = generate_mllama_staggered(engine, prompts)
+    assert {1, 2, 3, 4} <= set(staged), staged
+    for (prompt, images), result, budget in zip(prompts, results, MLLAMA_BUDGETS):
+        assert result["output_ids"] == reference.tokens(prompt, images)[:budget], prompt
+
+
+def test_a_batch_reading_two_images_at_once_runs_eagerly(tiny_checkpoint_mllama):
+    """can_run is False while a decode token attends to a run of two images
+    (gathered keys) or an image must still be written; True for one image."""
+    from tests.entrypoints.test_engine_parity_mllama import make_prompts as mllama_prompts
+
+    prompts = mllama_prompts(seed=3)
+    with engine_for(tiny_checkpoint_mllama) as engine:
+        runner = engine.state.runner
+        runner.capture_decode_graphs(8, engine.state.context_length, emulate=True)
+        seen = []
+        can_run = runner.graphs.can_run
+
+        def recording(chunks):
+            result = can_run(chunks)
+            seen.append(({c.rid for c in chunks}, result))
+            return result
+
+        runner.graphs.can_run = recording
+        params = [{"temperature": 0.0, "max_new_tokens": 3, "ignore_eos": True}] * 2
+        engine.generate([prompts[6][0], prompts[3][0]], params,
+                        image_data=[prompts[6][1], prompts[3][1]])
+        engine.generate([prompts[3][0]], params[:1], image_data=[prompts[3][1]])
+    two_images = [ok for rids, ok in seen if len(rids) == 2]
+    one_image = [ok for rids, ok in seen if len(rids) == 1]
+    assert two_images and not any(two_images)
+    assert one_image and all(one_image)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_steps_of_a_cross_attention_model_match_eager_steps(tiny_checkpoint_mllama):
+    """Real graphs for mllama give --disable-cuda-graph's tokens."""
+    from tests.entrypoints.test_engine_parity_mllama import make_prompts as mllama_prompts
+
+    args = dict(device="cuda", max_total_tokens=8192, cuda_graph_max_bs=4,
+                engine_process="thread")
+    prompts = mllama_prompts(seed=5)
+    with engine_for(tiny_checkpoint_mllama, **args) as engine:
+        assert engine.state.runner.graphs is not None
+        staged = count_replays(engine.state.runner.graphs)
+        graphed = generate_mllama_staggered(engine, prompts)
+    with engine_for(tiny_checkpoint_mllama, disable_cuda_graph=True, **args) as engine:
+        eager = generate_mllama_staggered(engine, prompts)
+    assert {1, 2, 3, 4} <= set(staged), staged
+    assert [r["output_ids"] for r in graphed] == [r["output_ids"] for r in eager]
