@@ -86,7 +86,7 @@ def parse_args(argv=None, defaults=None) -> argparse.Namespace:
                         help="requests decoding at once in the step phase")
     parser.add_argument("--step-context", type=int, default=3072,
                         help="prompt tokens of each step-phase request (padded with words)")
-    parser.add_argument("--step-output-tokens", type=int, default=256)
+    parser.add_argument("--step-output-tokens", type=int, default=Plan.step_output_tokens)
     parser.add_argument("--num-requests", type=int, default=256,
                         help="throughput phase requests (0: --concurrency)")
     parser.add_argument("--concurrency", type=int, default=64)

@@ -81,7 +81,10 @@ class Plan:
     output_tokens: int = 128
     step_concurrency: int = 64
     step_context: int = 3072
-    step_output_tokens: int = 256
+    # Long enough that the first requests still decode once the last prompt is
+    # in: with --max-mixed-prefill-tokens 512, 64 x 3k prompts take ~440 mixed
+    # steps to prefill while the earlier ones decode.
+    step_output_tokens: int = 768
 
     @property
     def num_images(self) -> int:

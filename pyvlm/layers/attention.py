@@ -48,6 +48,15 @@ class AttentionMetadata:
     max_pages]. Decode: seq_lens int32 [num_seqs], each context length
     including the new token. Prefill: cu_seqlens_q int32 [num_seqs + 1],
     prefix_lens int32 [num_seqs] (tokens already cached), max_seqlen_q.
+
+    A prefill step whose last chunks are single tokens (the running
+    requests' decodes in a mixed step) gives them to the decode kernel:
+    block_tables, cu_seqlens_q and prefix_lens then cover the first
+    num_prefill_tokens rows' sequences only, and decode_block_tables /
+    decode_seq_lens the single tokens after them. The prefill kernel tiles
+    its queries by 64-128 rows per sequence and reads K/V per query head; a
+    lone decode query would waste its tile and re-read the context for
+    every head of a GQA group.
     """
 
     is_decode: bool
@@ -57,6 +66,9 @@ class AttentionMetadata:
     cu_seqlens_q: Optional[torch.Tensor] = None
     prefix_lens: Optional[torch.Tensor] = None
     max_seqlen_q: int = 0
+    num_prefill_tokens: Optional[int] = None  # None: every row is prefill (or decode)
+    decode_block_tables: Optional[torch.Tensor] = None
+    decode_seq_lens: Optional[torch.Tensor] = None
     # A cross-attention family's per-step image inputs (the model builds
     # them: pyvlm.models.mllama_cross_inputs); None for every other step.
     cross_attention: Optional[object] = None
@@ -86,18 +98,42 @@ class AttentionMetadata:
                                               torch.int32))
         if is_decode:
             extra = dict(seq_lens=upload.add([start + 1 for start, _, _ in chunks], torch.int32))
-            max_seqlen_q = 0
+            max_seqlen_q, num_prefill_tokens = 0, None
         else:
-            num_new_tokens = [num_new for _, num_new, _ in chunks]
+            prefill, tail = _split_single_token_tail(chunks)
+            num_new_tokens = [num_new for _, num_new, _ in prefill]
             extra = dict(cu_seqlens_q=upload.add(cumulative(num_new_tokens), torch.int32),
-                         prefix_lens=upload.add([start for start, _, _ in chunks], torch.int32))
+                         prefix_lens=upload.add([start for start, _, _ in prefill], torch.int32))
             max_seqlen_q = max(num_new_tokens + [0])
+            num_prefill_tokens = None
+            if tail:
+                num_prefill_tokens = sum(num_new_tokens)
+                common["block_tables"] = upload.add(
+                    padded_block_tables([c[2] for c in prefill]), torch.int32)
+                extra["decode_block_tables"] = upload.add(
+                    padded_block_tables([c[2] for c in tail]), torch.int32)
+                extra["decode_seq_lens"] = upload.add([start + 1 for start, _, _ in tail],
+                                                      torch.int32)
 
         def make() -> "AttentionMetadata":
             tensors = {name: pending.tensor for name, pending in {**common, **extra}.items()}
-            return cls(is_decode=is_decode, max_seqlen_q=max_seqlen_q, **tensors)
+            return cls(is_decode=is_decode, max_seqlen_q=max_seqlen_q,
+                       num_prefill_tokens=num_prefill_tokens, **tensors)
 
         return make
+
+
+def _split_single_token_tail(chunks: List[ChunkSpan]) -> Tuple[List[ChunkSpan], List[ChunkSpan]]:
+    """(leading chunks, the single-token chunks after them). A single token
+    attending to its cached prefix and itself is a decode, whatever its
+    request's phase, so the decode kernel computes exactly what the prefill
+    kernel would."""
+    first = len(chunks)
+    while first > 0 and chunks[first - 1][1] == 1:
+        first -= 1
+    if first == 0:  # no prefill chunk to split from: the prefill kernel takes them all
+        return list(chunks), []
+    return list(chunks[:first]), list(chunks[first:])
 
 
 class PagedAttention(nn.Module):
@@ -124,8 +160,24 @@ class PagedAttention(nn.Module):
         if attn.is_decode:
             out = ops.paged_attention_decode(query, key_cache, value_cache, attn.block_tables,
                                              attn.seq_lens, self.scale)
-        else:
+        elif attn.num_prefill_tokens is None:
             out = ops.paged_attention_prefill(query, key_cache, value_cache, attn.block_tables,
                                               attn.cu_seqlens_q, attn.prefix_lens,
                                               attn.max_seqlen_q, self.scale)
+        else:
+            out = self._prefill_then_decodes(query, key_cache, value_cache, attn)
         return out.view(num_tokens, self.num_heads * self.head_dim)
+
+    def _prefill_then_decodes(self, query: torch.Tensor, key_cache: torch.Tensor,
+                              value_cache: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
+        """A mixed step: the prefill kernel over the first num_prefill_tokens
+        rows, the decode kernel over the single tokens after them."""
+        split = attn.num_prefill_tokens
+        out = query.new_empty(query.shape)
+        ops.paged_attention_prefill(query[:split], key_cache, value_cache, attn.block_tables,
+                                    attn.cu_seqlens_q, attn.prefix_lens, attn.max_seqlen_q,
+                                    self.scale, out=out[:split])
+        ops.paged_attention_decode(query[split:], key_cache, value_cache,
+                                   attn.decode_block_tables, attn.decode_seq_lens, self.scale,
+                                   out=out[split:])
+        return out

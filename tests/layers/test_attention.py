@@ -29,6 +29,24 @@ def test_build_decode_metadata():
     assert attn.is_decode and attn.cu_seqlens_q is None
 
 
+def test_mixed_step_gives_its_single_token_tail_to_the_decode_kernel():
+    """A prefill step ending in single-token chunks (a mixed step's decodes)
+    keeps prefill metadata for the leading chunks only; the tail gets decode
+    metadata. A single token before a longer chunk stays a prefill row."""
+    chunks = [(6, 1, [4, 3, 8, 9]), (0, 3, [5, 2]), (4, 1, [1, 7, 3]), (2, 1, [6, 8])]
+    attn = AttentionMetadata.build(chunks, page_size=2, is_decode=False)
+    assert attn.slot_mapping.tolist() == [18, 10, 11, 4, 6, 16]  # every token's slot
+    assert attn.num_prefill_tokens == 4
+    assert attn.block_tables.tolist() == [[4, 3, 8, 9], [5, 2, 0, 0]]
+    assert attn.cu_seqlens_q.tolist() == [0, 1, 4] and attn.prefix_lens.tolist() == [6, 0]
+    assert attn.decode_block_tables.tolist() == [[1, 7, 3], [6, 8, 0]]
+    assert attn.decode_seq_lens.tolist() == [5, 3]
+    only_singles = AttentionMetadata.build([(4, 1, [1, 7, 3]), (2, 1, [6, 8])], 2,
+                                           is_decode=False)
+    assert only_singles.num_prefill_tokens is None and only_singles.decode_seq_lens is None
+    assert only_singles.cu_seqlens_q.tolist() == [0, 1, 2]
+
+
 def test_decode_rejects_more_than_one_token():
     with pytest.raises(ValueError, match="one new token"):
         AttentionMetadata.build([(3, 2, [0])], page_size=4, is_decode=True)
@@ -45,8 +63,18 @@ def reference_attention(q, k, v, num_kv_heads):
     return torch.einsum("hqk,khd->qhd", probs, v).float()
 
 
+# step 1: seq 0 tokens [0, 4), seq 1 tokens [0, 5); step 2: seq 0 [4, 10);
+# then one decode step for both. MIXED: step 2 also runs seq 1's token 5 as a
+# single-token tail (the decode kernel inside a prefill step).
+STEPS = {"separate": [([(0, 0, 4), (1, 0, 5)], False), ([(0, 4, 6)], False),
+                      ([(0, 10, 1), (1, 5, 1)], True)],
+         "mixed": [([(0, 0, 4), (1, 0, 5)], False), ([(0, 4, 6), (1, 5, 1)], False),
+                   ([(0, 10, 1)], True)]}
+
+
+@pytest.mark.parametrize("schedule", list(STEPS))
 @pytest.mark.parametrize("page_size", [1, 3, 16])
-def test_chunks_then_decode_match_whole_sequence_attention(page_size):
+def test_chunks_then_decode_match_whole_sequence_attention(page_size, schedule):
     num_heads, num_kv_heads, head_dim = 4, 2, 8
     layer = PagedAttention(num_heads, num_kv_heads, head_dim, scale=head_dim ** -0.5)
     lengths, num_pages = [11, 6], 64
@@ -56,10 +84,7 @@ def test_chunks_then_decode_match_whole_sequence_attention(page_size):
     cache = (torch.full(shape, float("nan")), torch.full(shape, float("nan")))
     free = random.sample(range(num_pages), num_pages)
     tables = [[free.pop() for _ in range(-(-n // page_size))] for n in lengths]
-    # step 1: seq 0 tokens [0, 4), seq 1 tokens [0, 5); step 2: seq 0 [4, 10);
-    # then one decode step for both.
-    steps = [([(0, 0, 4), (1, 0, 5)], False), ([(0, 4, 6)], False),
-             ([(0, 10, 1), (1, 5, 1)], True)]
+    steps = STEPS[schedule]
     outs = [[None] * n for n in lengths]
     for spans, is_decode in steps:
         attn = AttentionMetadata.build([(start, n, tables[s]) for s, start, n in spans],
