@@ -15,13 +15,18 @@ inline Activation parse_gelu_approximate(c10::string_view approximate) {
                     std::string(approximate), "'");
 }
 
-// Returns the number of tokens (rows of 2 * d inputs).
-inline int64_t check_act_and_mul(const at::Tensor& out, const at::Tensor& input) {
+// A contiguous float input and a contiguous out of its dtype and device.
+inline void check_elementwise_io(const at::Tensor& out, const at::Tensor& input) {
   check_float_dtype(input, "input");
   check_dtype(out, input.scalar_type(), "out");
   check_device(out, input, "out");
   check_contiguous(input, "input");
   check_contiguous(out, "out");
+}
+
+// Returns the number of tokens (rows of 2 * d inputs).
+inline int64_t check_act_and_mul(const at::Tensor& out, const at::Tensor& input) {
+  check_elementwise_io(out, input);
   TORCH_CHECK_VALUE(input.dim() >= 1 && input.size(-1) % 2 == 0,
                     "input's last dimension must be even, got shape ", input.sizes());
   auto expected = input.sizes().vec();
@@ -34,11 +39,7 @@ inline int64_t check_act_and_mul(const at::Tensor& out, const at::Tensor& input)
 
 // Returns the number of elements.
 inline int64_t check_quick_gelu(const at::Tensor& out, const at::Tensor& input) {
-  check_float_dtype(input, "input");
-  check_dtype(out, input.scalar_type(), "out");
-  check_device(out, input, "out");
-  check_contiguous(input, "input");
-  check_contiguous(out, "out");
+  check_elementwise_io(out, input);
   TORCH_CHECK_VALUE(out.sizes() == input.sizes(), "out must have shape ", input.sizes(),
                     ", got ", out.sizes());
   return input.numel();
