@@ -4,7 +4,9 @@ The format is sniffed from the bytes (never from a file name or a
 Content-Type), the size is checked against a pixel cap from the header
 before any pixel is decoded, the EXIF orientation is applied, animations
 give their first frame, and every mode becomes 8-bit RGB (alpha composited
-on white, 16-bit samples scaled rather than clipped).
+on white, 16-bit samples scaled rather than clipped). The pixels depend on
+the bytes alone, so a decoded image is keyed by its bytes for the caches
+(pyvlm.multimodal.hashing).
 """
 
 import io
@@ -12,6 +14,7 @@ import warnings
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .hashing import keep_encoded_key
 from .image_sources import DEFAULT_LIMITS, ImageError, ImageLimits
 
 __all__ = ["ImageError", "ImageLimits", "DEFAULT_LIMITS", "decode_image", "check_pixels", "to_rgb"]
@@ -22,7 +25,8 @@ _WIDE_GRAY_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 
 
 def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
-    """Decodes encoded image bytes into an upright RGB image (first frame)."""
+    """Decodes encoded image bytes into an upright RGB image (first frame),
+    read-only and keyed by data (hashing.keep_encoded_key)."""
     with warnings.catch_warnings():
         # pyvlm's own pixel cap replaces Pillow's global bomb check and warning.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -34,7 +38,7 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Ima
             image = ImageOps.exif_transpose(image)
         except (OSError, ValueError, SyntaxError, EOFError) as exc:
             raise ImageError(f"cannot decode {image.format} image: {exc}") from None
-    return to_rgb(image)
+    return keep_encoded_key(to_rgb(image), data)
 
 
 def _open(data: bytes) -> Image.Image:

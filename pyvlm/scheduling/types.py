@@ -50,8 +50,9 @@ class SamplingParams:
 class MultimodalItem:
     """One image of a prompt, already expanded into placeholder tokens.
 
-    hash: 64-bit hash of the decoded pixels, size and mode combined with
-    the plan's processing variant; it keys the radix cache (placeholder
+    hash: 64-bit content key of the image (its encoded bytes, or the
+    pixels, size and mode of an in-process PIL image: pyvlm.multimodal.
+    hashing) combined with the plan's processing variant; it keys the radix cache (placeholder
     positions) and the encoder cache, so different images, or one image
     processed two ways, never share entries.
     offset/length: the span of its placeholder tokens in the prompt ids.

@@ -1,11 +1,16 @@
 """The request builder: per-process seeds for unseeded requests, the
-context check before any preprocessing, and the media policy of the
+context check before any preprocessing, the media policy of the
 offline Engine (the server's: no private URLs, local files only under an
-allowed folder, unless opted out)."""
+allowed folder, unless opted out), and the images' cache keys (their
+encoded bytes', also for an image the server decoded)."""
 
+import asyncio
+import base64
 import dataclasses
+import io
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -13,7 +18,8 @@ from PIL import Image
 import pyvlm
 from pyvlm.scheduling.types import SamplingParams
 from pyvlm.entrypoints.request_builder import RequestBuilder
-from pyvlm.multimodal.media import MediaError, MediaPolicy
+from pyvlm.multimodal.hashing import combine_hash, encoded_bytes_key
+from pyvlm.multimodal.media import MediaError, MediaPolicy, load_images
 
 GREEDY = {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}
 
@@ -101,3 +107,35 @@ def test_token_ids_outside_the_vocabulary_are_refused(engine):
 def test_a_text_prompt_too_long_is_refused_when_built(engine):
     with pytest.raises(ValueError, match="exceeds the context length of 512"):
         engine.builder.from_prompt("the cat sat " * 400, [], SamplingParams())
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def image_keys(engine, sources) -> list:
+    request = engine.builder.from_prompt("<image> what", sources, SamplingParams())
+    engine.builder.release(request)
+    return [item.hash for item in request.mm_items]
+
+
+def test_image_keys_follow_the_encoded_bytes_as_the_server_sends_them(engine):
+    # The server decodes with media.load_images and builds from the decoded
+    # image; the key made from its bytes must survive the trip.
+    picture = Image.frombytes("RGB", (30, 20), bytes(range(256)) * 7 + bytes(8))
+    png, other = encoded(picture, "PNG"), encoded(picture.rotate(90), "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(png).decode()
+    [decoded] = asyncio.run(load_images([SimpleNamespace(source=uri, param="p")], MediaPolicy()))
+    [key] = image_keys(engine, [decoded])
+    assert image_keys(engine, [uri]) == image_keys(engine, [png]) == [key]
+    assert key == combine_hash(encoded_bytes_key(png), request_variant(engine, picture))
+    # Another picture, or the same pixels in other bytes: another key.
+    assert image_keys(engine, [other]) != [key]
+    assert image_keys(engine, [encoded(picture, "BMP")]) != [key]
+
+
+def request_variant(engine, picture: Image.Image) -> str:
+    [plan] = engine.builder.images.processor.plan_prompt([(picture.height, picture.width)])
+    return plan.variant

@@ -7,13 +7,16 @@ engine process (the pixels as shared memory)."""
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from pyvlm.entrypoints import startup
-from pyvlm.runner.deferred_images import DeferredImage, defer_images, prepare_deferred
-from pyvlm.scheduling.types import MultimodalItem
+from pyvlm.entrypoints.core_messages import move_to_shared_memory
+from pyvlm.runner.deferred_images import (DeferredImage, defer_images, prepare_deferred,
+                                          shared_pixels)
+from pyvlm.scheduling.types import MultimodalItem, SamplingParams
 from tests.entrypoints.test_engine_parity import engine_for, make_prompts
 
 FAMILIES = ["qwen2_vl", "mllama", "llava", "llava_next_mistral"]
@@ -66,6 +69,36 @@ def test_payloads_equal_the_builders_one_prepare_per_prompt(checkpoint):
 def test_items_prepared_already_pass_through():
     item = MultimodalItem(hash=1, offset=0, length=4, prepared=torch.zeros(3))
     assert prepare_deferred([item], lambda *a: pytest.fail("prepare called"), "cpu") == [item]
+
+
+@pytest.fixture(params=["file_descriptor", "file_system"])
+def sharing_strategy(request):
+    before = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy(request.param)
+    yield request.param
+    torch.multiprocessing.set_sharing_strategy(before)
+
+
+def test_shared_pixels_are_the_images_in_shared_memory(sharing_strategy):
+    image = random_picture(37, 61)
+    pixels = shared_pixels(image)
+    assert pixels.is_shared() and pixels.dtype == torch.uint8 and pixels.shape == (37, 61, 3)
+    assert np.array_equal(pixels.numpy(), np.asarray(image))
+    with pytest.raises(ValueError, match="RGB image, got mode L"):
+        shared_pixels(image.convert("L"))
+
+
+def test_a_deferring_builders_request_has_nothing_left_to_move(tiny_checkpoint_qwen2_vl,
+                                                                monkeypatch):
+    monkeypatch.setattr(startup, "prepares_images_in_step", lambda device: True)
+    with engine_for(tiny_checkpoint_qwen2_vl) as engine:
+        request = engine.builder.from_prompt("describe", [random_picture(40, 50)],
+                                             SamplingParams(max_new_tokens=1))
+        [pixels] = request.mm_items[0].prepared.prompt.pixels
+        address = pixels.data_ptr()
+        move_to_shared_memory(request)
+        assert pixels.is_shared() and pixels.data_ptr() == address  # no second copy
+        engine.builder.release(request)
 
 
 def test_defer_images_refuses_mismatched_plans():

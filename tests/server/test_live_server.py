@@ -108,7 +108,7 @@ def test_base64_and_url_give_the_same_answer_and_the_image_is_cached(server, ima
     by_url = chat(base, image_message(f"{img_base}/b.png")).json()
     by_data = chat(base, image_message(uri)).json()
     assert by_url["choices"][0]["message"]["content"] == by_data["choices"][0]["message"]["content"]
-    assert by_data["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # same pixels hit
+    assert by_data["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # the same bytes hit
 
 
 def test_multi_image_and_multi_turn_with_requests(server, image_server):
