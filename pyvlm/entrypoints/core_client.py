@@ -30,6 +30,7 @@ import itertools
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import queue
 import resource
@@ -38,7 +39,7 @@ import threading
 from typing import Dict, Optional
 
 from pyvlm.entrypoints.core_messages import (Abort, Add, Call, Closed, Outputs, Reply,
-                                             StartFailed, Stop, encode)
+                                             StartFailed, Stop, encode, output_from_row)
 from pyvlm.entrypoints.engine_core import run_engine_core
 from pyvlm.entrypoints.step_loop import SHUT_DOWN, Sink, StepClock, send_to_sink
 from pyvlm.scheduling.errors import EngineDeadError, RequestFailedError
@@ -61,6 +62,7 @@ class CoreClient:
         self.clock = StepClock(context.RawValue("d", math.nan))
         self.failure: Optional[str] = None
         self.pid: Optional[int] = None
+        self._reap_lock = threading.Lock()  # one thread at a time reaps (_has_exited)
         self._process = context.Process(
             target=run_engine_core, args=(spec, child_conn, self.clock.cell, _log_settings()),
             name="pyvlm-engine", daemon=True)
@@ -92,13 +94,13 @@ class CoreClient:
 
     def _first_message(self):
         """Ready or StartFailed; EngineDeadError if the process ended first."""
-        while not self._conn.poll(0.5) and self._process.is_alive():
+        while not self._conn.poll(0.5) and not self._has_exited():
             pass
         try:
             return self._conn.recv()
         except (EOFError, OSError):
-            self._process.join(KILL_WAIT_S)
-            raise EngineDeadError(f"the engine process {_exit_reason(self._process.exitcode)} "
+            self._has_exited(KILL_WAIT_S)
+            raise EngineDeadError(f"the engine process {_exit_reason(self._exit_code())} "
                                   "while starting (see its log above)") from None
 
     # ---- the StepLoop interface ----------------------------------------------
@@ -160,20 +162,19 @@ class CoreClient:
         """Shuts the engine process down (what is in flight fails as shut
         down); kills it if it has not exited within `timeout` seconds."""
         self._stop_requested = True
-        if self._process.is_alive():
+        if not self._has_exited():
             self._send_bytes(encode(Stop()))
-            self._process.join(timeout)
-        if self._process.is_alive():
-            logger.warning("the engine process did not stop within %.0f s; killing it", timeout)
-            self._process.kill()
-            self._process.join(KILL_WAIT_S)
+            if not self._has_exited(timeout):
+                logger.warning("the engine process did not stop within %.0f s; killing it",
+                               timeout)
+                self._kill()
         if self._reader is not None:
             self._reader.join(KILL_WAIT_S)
         self._conn.close()
 
     def dump_stacks(self) -> None:
         """Asks the engine process to write its threads' stacks to stderr."""
-        if self._process.is_alive():
+        if not self._has_exited():
             os.kill(self._process.pid, signal.SIGUSR1)
 
     # ---- the reader thread ---------------------------------------------------
@@ -191,8 +192,8 @@ class CoreClient:
 
     def _dispatch(self, message) -> None:
         if isinstance(message, Outputs):
-            for rid, out, err in message.items:
-                self._deliver(rid, out, err)
+            for rid, row, err in message.items:
+                self._deliver(rid, None if row is None else output_from_row(row), err)
         elif isinstance(message, Reply):
             done = self._calls.pop(message.call_id, None)
             if done is not None:
@@ -214,12 +215,10 @@ class CoreClient:
     def _close(self) -> None:
         """The engine process has ended: reap it, say why, fail every
         request and call still waiting, refuse what comes later."""
-        self._process.join(KILL_WAIT_S)
-        if self._process.is_alive():  # closed its end but did not exit
-            self._process.kill()
-            self._process.join(KILL_WAIT_S)
+        if not self._has_exited(KILL_WAIT_S):  # closed its end but did not exit
+            self._kill()
         if self.failure is None and not self._stop_requested:
-            self.failure = f"the engine process {_exit_reason(self._process.exitcode)}"
+            self.failure = f"the engine process {_exit_reason(self._exit_code())}"
             logger.critical("engine stopped: %s", self.failure)
         with self._lock:
             self._closed = True
@@ -230,6 +229,33 @@ class CoreClient:
             send_to_sink(sink, None, error)
         for done in calls.values():
             done.put((False, error))
+
+    # ---- the process's end ---------------------------------------------------
+
+    def _has_exited(self, timeout: float = 0.0) -> bool:
+        """Whether the engine process has exited, waiting up to timeout
+        seconds; an exited process is reaped. The exit is read from the
+        process's sentinel, never from waitpid: the reader thread (on EOF)
+        and stop() wait for the same exit, and of two threads reaping one
+        child the loser's waitpid fails (ECHILD), which multiprocessing's
+        join() and is_alive() report as a process still running (stop()
+        then logged that it did not stop within its timeout, at once, and
+        killed a process that had exited)."""
+        if not multiprocessing.connection.wait([self._process.sentinel], timeout):
+            return False
+        with self._reap_lock:
+            self._process.join()  # it has exited: at most a zombie to reap
+        return True
+
+    def _exit_code(self) -> Optional[int]:
+        with self._reap_lock:  # exitcode may reap (waitpid) too
+            return self._process.exitcode
+
+    def _kill(self) -> None:
+        """SIGKILL, then reaping (KILL_WAIT_S at most)."""
+        with self._reap_lock:
+            self._process.kill()
+        self._has_exited(KILL_WAIT_S)
 
     def _send_bytes(self, payload: bytes) -> None:
         try:

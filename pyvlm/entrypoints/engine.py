@@ -4,6 +4,7 @@ own (engine_process; pyvlm/entrypoints/engine_core.py); generate() blocks
 the caller, async_generate() yields deltas without blocking the event loop."""
 
 import asyncio
+import collections
 import functools
 import logging
 import queue
@@ -12,7 +13,7 @@ from typing import Any, AsyncIterator, Dict, List, Mapping, Optional, Sequence, 
 from pyvlm.chat import ChatTemplate
 from pyvlm.config import EngineConfig, engine_config
 from pyvlm.scheduling.errors import EngineBusyError, EngineDeadError, RequestFailedError
-from pyvlm.scheduling.request import Request
+from pyvlm.scheduling.request import Request, RequestOutput
 from pyvlm.entrypoints.loop_deliveries import deliveries_for
 from pyvlm.entrypoints.outputs import OutputAccumulator
 from pyvlm.entrypoints.sampling import sampling_params_from
@@ -283,31 +284,57 @@ class Engine:
 class DeltaStream:
     """A submitted request's deltas, as async_generate yields them. aclose()
     aborts the request unless it has finished (the engine then sends its
-    final output, which gives its image budget back)."""
+    final output, which gives its image budget back).
+
+    next_output() gives the engine's RequestOutput deltas themselves (the
+    server formats its own answers from them). Outputs wait in a deque,
+    and a future exists only while the consumer waits: an asyncio.Queue's
+    bookkeeping cost more than the rest of a delta's way here."""
 
     def __init__(self, engine: Engine, request: Request):
         self._engine, self._request = engine, request
-        self._deliveries = deliveries_for(asyncio.get_running_loop())
-        self._deltas: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._deliveries = deliveries_for(self._loop)
+        self._outputs: collections.deque = collections.deque()  # (output, error), not taken
+        self._waiter: Optional[asyncio.Future] = None
         self._accumulator = OutputAccumulator(request)
         self._finished = False
         engine._submit(request, self._sink)
 
+    @property
+    def rid(self) -> str:
+        return self._request.rid
+
     def _sink(self, out, err) -> None:
-        self._deliveries.put(self._deltas.put_nowait, (out, err))
+        self._deliveries.put(self._put, (out, err))
+
+    def _put(self, item) -> None:
+        """On the loop's thread (LoopDeliveries)."""
+        self._outputs.append(item)
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def __aiter__(self) -> "DeltaStream":
         return self
 
     async def __anext__(self) -> dict:
+        return self._accumulator.delta(await self.next_output())
+
+    async def next_output(self) -> RequestOutput:
+        """The next RequestOutput delta; the engine's error is raised as
+        __anext__ raises it; StopAsyncIteration after the last."""
         if self._finished:
             raise StopAsyncIteration
-        out, err = await self._deltas.get()
+        while not self._outputs:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        out, err = self._outputs.popleft()
         if err is not None:
             self._finished = True  # the engine is done with it
             raise _user_error(err)
         self._finished = out.finished
-        return self._accumulator.delta(out)
+        return out
 
     async def aclose(self) -> None:
         if not self._finished:

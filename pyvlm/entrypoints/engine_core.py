@@ -8,8 +8,10 @@ Inside, the usual StepLoop runs the steps on its thread; this process's
 main thread reads the caller's messages (pyvlm/entrypoints/core_messages.py)
 and hands them to the loop. The loop's sinks put outputs in an Outbox,
 which the loop flushes once per step: one message per step, whatever the
-batch size. Step start times go to a float shared with the caller (the
-server's watchdog reads it without asking this process).
+batch size, each output a row of plain values (core_messages.Outputs).
+Step start times go to a float shared with the caller (the server's
+watchdog reads it without asking this process). Once built, the process
+freezes its start-up heap out of the cycle collector's way (pyvlm/heap.py).
 
 Detokenization stays here, in the scheduler: stop strings are matched on
 the decoded text, and the step that produces a stop string must finish the
@@ -37,7 +39,9 @@ import threading
 from typing import Callable, List, Optional, Tuple
 
 from pyvlm.entrypoints.core_messages import (Abort, Add, Call, Closed, Outputs, Ready, Reply,
-                                             StartFailed, Stop, encode, portable_error)
+                                             StartFailed, Stop, encode, output_row,
+                                             portable_error)
+from pyvlm.heap import tune_for_serving
 
 logger = logging.getLogger("pyvlm.engine")
 
@@ -73,8 +77,10 @@ class Outbox:
 
     def sink_for(self, rid: str) -> Callable:
         def sink(out, err) -> None:
+            item = ((rid, output_row(out), None) if err is None else
+                    (rid, None, portable_error(err)))
             with self._lock:
-                self._items.append((rid, out, None if err is None else portable_error(err)))
+                self._items.append(item)
         return sink
 
     def flush(self) -> None:
@@ -113,6 +119,7 @@ def run_engine_core(spec, conn, clock_cell, log_settings: LogSettings) -> None:
         sender.send(StartFailed(portable_error(exc)))
         return
     outbox = Outbox(sender)
+    tune_for_serving()  # (the process ends with os._exit: nothing to restore)
     loop = StepLoop(core.scheduler, core.runner, StepClock(clock_cell), outbox.flush)
     sender.send(Ready(os.getpid()))
     commands = {name: getattr(core, name) for name in CORE_COMMANDS}

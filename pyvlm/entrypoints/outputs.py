@@ -3,7 +3,7 @@
 A delta's meta_info lists the logprobs of its new tokens only (so a long
 stream costs linear time); the final result's lists cover every token."""
 
-from typing import List
+from typing import List, Optional
 
 from pyvlm.scheduling.request import Request, RequestOutput
 
@@ -31,13 +31,19 @@ class OutputAccumulator:
                 "meta_info": self._meta(self.last, self.logprobs)}
 
     def _meta(self, out: RequestOutput, logprobs: list) -> dict:
-        finish = None
-        if out.finished:
-            finish = {"type": out.finish_reason, "matched": out.matched_stop}
-        meta = {"id": self.rid, "prompt_tokens": out.prompt_tokens,
-                "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
-                "finish_reason": finish}
-        if self.logprobs:
-            meta["output_token_logprobs"] = [(lp, tid) for tid, lp, _ in logprobs]
-            meta["output_top_logprobs"] = [list(top) for _, _, top in logprobs]
-        return meta
+        return output_meta(self.rid, out, logprobs if self.logprobs else None)
+
+
+def output_meta(rid: str, out: RequestOutput, logprobs: Optional[list]) -> dict:
+    """SGLang's meta_info of an output; logprobs (the tokens' (id, logprob,
+    top-N) to list) None leaves the logprob keys out (no logprob yet)."""
+    finish = None
+    if out.finished:
+        finish = {"type": out.finish_reason, "matched": out.matched_stop}
+    meta = {"id": rid, "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens, "cached_tokens": out.cached_tokens,
+            "finish_reason": finish}
+    if logprobs is not None:
+        meta["output_token_logprobs"] = [(lp, tid) for tid, lp, _ in logprobs]
+        meta["output_top_logprobs"] = [list(top) for _, _, top in logprobs]
+    return meta

@@ -15,16 +15,22 @@ class WriteFlow:
         self._can_write = asyncio.Event()
         self._can_write.set()
         self.is_closed = False
+        # Neither paused nor closed: drain() would return at once (writers
+        # check this first; a coroutine per chunk costs more than the check).
+        self.is_writable = True
 
     def pause(self) -> None:
         self._can_write.clear()
+        self.is_writable = False
 
     def resume(self) -> None:
         self._can_write.set()
+        self.is_writable = not self.is_closed
 
     def close(self) -> None:
         """The connection is gone: wake every waiter."""
         self.is_closed = True
+        self.is_writable = False
         self._can_write.set()
 
     @property

@@ -18,6 +18,7 @@ from collections import deque
 from typing import Deque, List, NamedTuple, Optional, Set
 from urllib.parse import unquote
 
+from pyvlm.http.coalesced_writes import CoalescedWrites
 from pyvlm.http.errors import ProtocolError
 from pyvlm.http.events import NEED_DATA, BodyData, ConnectionClosed, EndOfRequest, RequestHead
 from pyvlm.http.flow import ConnectionGone, WriteFlow
@@ -245,26 +246,32 @@ class HttpProtocol(asyncio.Protocol):
     async def _write_stream(self, head: bytes, response: StreamingResponse, request: Request, keep_alive: bool) -> bool:
         is_chunked = request.http_version == "1.1"  # HTTP/1.0: the body ends when the connection closes
         keep_alive = keep_alive and is_chunked
-        self.transport.write(head)
         if request.method == "HEAD":
+            self.transport.write(head)
             await _close_iterator(response.body)
             return keep_alive
+        flow, writes = self.flow, CoalescedWrites(self.transport, self._loop)
+        writes.write(head)
         try:
             async for chunk in response.body:
-                await self.flow.drain()
+                if not flow.is_writable:
+                    writes.flush()
+                    await flow.drain()
                 if chunk:
-                    self.transport.write(encode_chunk(chunk) if is_chunked else chunk)
+                    writes.write(encode_chunk(chunk) if is_chunked else chunk)
         except (asyncio.CancelledError, ConnectionGone):
             raise
         except Exception:
             # The status line is out: all we can do is end the connection
             # without the last chunk, so the client sees a truncated body.
             logger.exception("streaming body failed for %s %s", request.method, request.path)
+            writes.flush()
             return False
         finally:
             await _close_iterator(response.body)
         if is_chunked:
-            self.transport.write(LAST_CHUNK)
+            writes.write(LAST_CHUNK)
+        writes.flush()
         return keep_alive
 
     # -- closing and timers ------------------------------------------------

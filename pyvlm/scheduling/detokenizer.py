@@ -17,7 +17,12 @@ REPLACEMENT_CHAR = "\ufffd"
 
 
 class IncrementalDetokenizer:
-    """Turns one request's generated ids into text deltas."""
+    """Turns one request's generated ids into text deltas.
+
+    Only the text not emitted yet is kept (`pending`): a stop string never
+    begins in emitted text (the tail that could begin one is held back), so
+    matching and holding look at the pending text alone, and a token costs
+    time in its own text, not in the length of the output."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
                  stop: Sequence[str] = (), token_texts: Optional["TokenTexts"] = None):
@@ -28,11 +33,10 @@ class IncrementalDetokenizer:
         self._decode_ids = token_texts or TokenTexts(tokenizer)
         self.stop = tuple(s for s in stop if s)
         self.ids: List[int] = []
-        self.text = ""  # stable decoded text (cut at a matched stop string)
+        self.pending = ""  # stable decoded text not emitted yet (cut at a matched stop string)
         self.matched_stop: Optional[str] = None
         self._surr_offset = 0
         self._read_offset = 0
-        self._num_emitted_chars = 0
 
     def add_token(self, token_id: int) -> Optional[str]:
         """Decodes one more token; returns the stop string it completed, if any."""
@@ -40,52 +44,60 @@ class IncrementalDetokenizer:
             return self.matched_stop
         self.ids.append(token_id)
         new_text = self._window_delta()
-        if new_text.endswith(REPLACEMENT_CHAR):
+        if not new_text:
+            return None
+        if new_text[-1] == REPLACEMENT_CHAR:
             # Not stable yet, but a stop string may already be complete before the split character.
-            self._cut_at_stop(self.text + new_text.rstrip(REPLACEMENT_CHAR), len(self.text))
-        elif new_text:
-            self._surr_offset, self._read_offset = self._read_offset, len(self.ids)
-            old_len, self.text = len(self.text), self.text + new_text
-            self._cut_at_stop(self.text, old_len)
+            stable = new_text.rstrip(REPLACEMENT_CHAR)
+            if stable and self.stop:
+                self._cut_at_stop(self.pending + stable, len(self.pending))
+            return self.matched_stop
+        self._surr_offset, self._read_offset = self._read_offset, len(self.ids)
+        num_checked_chars = len(self.pending)
+        self.pending += new_text
+        if self.stop:
+            self._cut_at_stop(self.pending, num_checked_chars)
         return self.matched_stop
 
     def take_text(self, finished: bool = False) -> str:
         """The text not emitted yet that no stop string can still remove; at
         finish (flush) everything up to the stop string."""
         if finished and self.matched_stop is None and self._read_offset < len(self.ids):
-            self.text += self._window_delta()
+            self.pending += self._window_delta()
             self._surr_offset = self._read_offset = len(self.ids)
-        end = len(self.text) if finished else len(self.text) - self._num_held_chars()
-        end = max(end, self._num_emitted_chars)
-        piece = self.text[self._num_emitted_chars:end]
-        self._num_emitted_chars = end
+        piece = self.pending
+        if piece and not finished and self.stop and self.matched_stop is None:
+            end = len(piece) - self._num_held_chars()
+            piece, self.pending = piece[:end], piece[end:]
+        else:
+            self.pending = ""
         return piece
-
-    def _decode(self, ids: List[int]) -> str:
-        return self._decode_ids(ids, skip_special_tokens=self.skip_special_tokens)
 
     def _window_delta(self) -> str:
         # The prefix is usually the one token emitted last: TokenTexts has it.
-        prefix = self._decode(self.ids[self._surr_offset:self._read_offset])
-        full = self._decode(self.ids[self._surr_offset:])
+        ids, surr = self.ids, self._surr_offset
+        decode, skip = self._decode_ids, self.skip_special_tokens
+        prefix = decode(ids[surr:self._read_offset], skip)
+        full = decode(ids[surr:], skip)
         return full[len(prefix):] if len(full) > len(prefix) else ""
 
     def _cut_at_stop(self, text: str, num_checked_chars: int) -> None:
-        """Ends the text at the earliest stop string occurring in it (only
-        occurrences reaching past num_checked_chars are new)."""
+        """Ends the pending text at the earliest stop string occurring in
+        text (the pending text and what may follow it; only occurrences
+        reaching past num_checked_chars are new)."""
         first, matched = -1, None
         for stop in self.stop:  # a plain loop: this runs for every token
             position = text.find(stop, max(0, num_checked_chars - len(stop) + 1))
             if position >= 0 and (matched is None or (position, stop) < (first, matched)):
                 first, matched = position, stop
         if matched is not None:
-            self.matched_stop, self.text = matched, text[:first]
+            self.matched_stop, self.pending = matched, text[:first]
 
     def _num_held_chars(self) -> int:
-        """Length of the longest tail of text that begins some stop string."""
-        if self.matched_stop is not None:
-            return 0
-        return max((_longest_suffix_prefix(self.text, stop) for stop in self.stop), default=0)
+        """Length of the longest tail of the pending text that begins some
+        stop string."""
+        text = self.pending
+        return max(_longest_suffix_prefix(text, stop) for stop in self.stop)
 
 
 def _longest_suffix_prefix(text: str, stop: str) -> int:

@@ -38,6 +38,11 @@ class MropePositions:
 
     def rows_for(self, start: int, count: int) -> List[List[int]]:
         """Positions of tokens start .. start + count - 1, one list per row."""
+        if start >= self.num_prompt_tokens:  # generated tokens (every decode step)
+            first = start + self.delta
+            if count == 1:
+                return [[first] for _ in self.rows]
+            return [list(range(first, first + count)) for _ in self.rows]
         prompt_end = min(start + count, self.num_prompt_tokens)
         generated = range(max(start, prompt_end) + self.delta, start + count + self.delta)
         return [list(row[start:prompt_end]) + list(generated) for row in self.rows]

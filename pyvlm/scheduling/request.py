@@ -138,6 +138,8 @@ class Request:
 
     def mm_items_overlapping(self, start: int, end: int) -> List[MultimodalItem]:
         """The images whose placeholder span overlaps positions [start, end)."""
+        if start >= len(self.prompt_ids):  # spans lie in the prompt: none (every decode step)
+            return []
         return [item for item in self.mm_items
                 if item.offset < end and start < item.offset + item.length]
 

@@ -426,6 +426,8 @@ class Scheduler:
         )
 
     def _cross_image_refs(self, request: Request) -> List[CrossImage]:
+        if not request.image_kv:  # not a cross-attention family's request
+            return []
         return [CrossImage(item, tuple(entry.pages), not entry.is_written)
                 for item, entry in self._cross_images(request)]
 
@@ -445,7 +447,8 @@ class Scheduler:
             if isinstance(result, ChunkFailure):
                 outputs.append(self._fail(request, result.message))
                 continue
-            self.kv.mark_images_written(request)
+            if request.image_kv:
+                self.kv.mark_images_written(request)
             request.num_computed_tokens += num_tokens
             if request.num_uncomputed_tokens > 0:
                 continue  # mid-chunk: nothing sampled

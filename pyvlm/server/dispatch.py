@@ -89,15 +89,17 @@ class Dispatcher:
         ticket = self.admit(run)
         run.timings = [Timing() for _ in range(run.num_choices)]
         metas = {}
-        deltas = merged_deltas(self.engine, run.choice_inputs(), run.choice_params(),
-                               run.rid_prefix, run.timings)
+        deltas = None
         try:
+            deltas = await merged_deltas(self.engine, run.choice_inputs(), run.choice_params(),
+                                         run.rid_prefix, run.timings)
             async for delta in deltas:
                 if delta.finish_reason is not None:
                     metas[delta.index] = delta.meta
                 yield delta
         finally:
-            await deltas.aclose()
+            if deltas is not None:
+                await deltas.aclose()
             ticket.release()
             self._record(run, metas)
 

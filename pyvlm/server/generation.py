@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, List, Mapping, Optional, Sequence, Tuple, Union
 
+from pyvlm.entrypoints.outputs import output_meta
 from pyvlm.scheduling.errors import EngineBusyError, EngineDeadError, RequestFailedError
 from pyvlm.server.errors import ApiError, internal_error, invalid, too_busy, unavailable
 
@@ -103,45 +104,93 @@ async def build_choices(engine, inputs: Sequence[EngineInput], params: Sequence[
         raise
 
 
-async def choice_deltas(stream, index: int,
-                        timing: Optional[Timing] = None) -> AsyncIterator[ChoiceDelta]:
-    """One submitted choice's deltas (an Engine.async_stream); engine errors
-    become ApiErrors; leaving early aborts it."""
-    try:
-        with engine_errors_mapped():
-            async for delta in stream:
-                yield _choice_delta(delta, index, timing)
-    finally:
-        await stream.aclose()
-        if timing is not None:
-            timing.end = time.perf_counter()
+class ChoiceDeltas:
+    """One submitted choice's deltas (from an Engine.async_stream), as
+    ChoiceDeltas; engine errors become ApiErrors; aclose() aborts the
+    choice unless it has finished, and may come before the first delta.
+    Built from the engine's RequestOutputs directly: meta is their
+    meta_info as the engine's SGLang-style deltas carry it."""
+
+    def __init__(self, stream, index: int, timing: Optional[Timing] = None):
+        self._stream, self._index, self._timing = stream, index, timing
+        self._has_logprobs = False  # a logprob came: every meta lists the delta's
+        self._is_closed = False
+
+    def __aiter__(self) -> "ChoiceDeltas":
+        return self
+
+    async def __anext__(self) -> ChoiceDelta:
+        if self._is_closed:
+            raise StopAsyncIteration
+        try:
+            out = await self._stream.next_output()
+            finish = _finish_reason(out.finish_reason) if out.finished else None
+        except BaseException as exc:  # the end, an error, or the caller cancelled
+            await self.aclose()
+            mapped = api_error(exc) if isinstance(exc, Exception) else exc
+            if mapped is exc:
+                raise
+            raise mapped from None
+        timing = self._timing
+        if timing is not None and out.new_token_ids and timing.first_token is None:
+            timing.first_token = time.perf_counter()
+        logprobs = out.new_logprobs
+        self._has_logprobs = self._has_logprobs or bool(logprobs)
+        meta = output_meta(self._stream.rid, out, logprobs if self._has_logprobs else None)
+        return ChoiceDelta(self._index, out.new_text, out.new_token_ids,
+                           [(int(tid), float(lp), [(int(t), float(v)) for t, v in top])
+                            for tid, lp, top in logprobs] if logprobs else [],
+                           finish, meta)
+
+    async def aclose(self) -> None:
+        """Aborts the choice unless it has finished; stamps timing.end (once)."""
+        if self._is_closed:
+            return
+        self._is_closed = True
+        try:
+            await self._stream.aclose()
+        finally:
+            if self._timing is not None:
+                self._timing.end = time.perf_counter()
 
 
-def _choice_delta(delta: dict, index: int, timing: Optional[Timing]) -> ChoiceDelta:
-    meta = delta["meta_info"]
-    if timing is not None and delta["token_ids"] and timing.first_token is None:
-        timing.first_token = time.perf_counter()
-    finish = meta["finish_reason"]["type"] if delta["finished"] else None
-    return ChoiceDelta(index, delta["text"], delta["token_ids"], _new_logprobs(meta),
-                       _finish_reason(finish), meta)
+def choice_deltas(stream, index: int, timing: Optional[Timing] = None) -> ChoiceDeltas:
+    """One submitted choice's deltas (ChoiceDeltas)."""
+    return ChoiceDeltas(stream, index, timing)
 
 
 @contextlib.contextmanager
 def engine_errors_mapped():
-    """The engine's errors as API errors (their statuses below)."""
+    """The engine's errors as API errors (api_error)."""
     try:
         yield
-    except ValueError as exc:  # the engine refused the request (too long, bad image ...)
-        raise invalid(_client_message(exc)) from None
-    except EngineBusyError as exc:  # its budget for queued images is full: shed
-        raise too_busy(str(exc)) from None
-    except EngineDeadError as exc:  # shut down, or stopped by a device failure
-        raise unavailable(f"The engine is not running: {exc}") from None
-    except RequestFailedError as exc:  # this request alone failed; the engine logged why
-        raise ApiError(500, f"Internal server error: {exc}", None, "internal_error") from None
-    except RuntimeError:
-        logger.exception("generation failed")
-        raise internal_error() from None
+    except Exception as exc:
+        mapped = api_error(exc)
+        if mapped is exc:
+            raise
+        raise mapped from None
+
+
+def api_error(exc: Exception) -> Exception:
+    """An engine error as the API error it answers with: ValueError (the
+    engine refused the request: too long, bad image ...) 400; EngineBusyError
+    (its budget for queued images is full: shed) 429; EngineDeadError (shut
+    down, or stopped by a device failure) 503; RequestFailedError (this
+    request alone failed; the engine logged why) 500; a RuntimeError is
+    logged here and is a 500. Any other error (an ApiError already,
+    StopAsyncIteration) is returned as it is."""
+    if isinstance(exc, ValueError):
+        return invalid(_client_message(exc))
+    if isinstance(exc, EngineBusyError):
+        return too_busy(str(exc))
+    if isinstance(exc, EngineDeadError):
+        return unavailable(f"The engine is not running: {exc}")
+    if isinstance(exc, RequestFailedError):
+        return ApiError(500, f"Internal server error: {exc}", None, "internal_error")
+    if isinstance(exc, RuntimeError):
+        logger.error("generation failed", exc_info=exc)
+        return internal_error()
+    return exc
 
 
 def _client_message(exc: ValueError) -> str:
@@ -155,14 +204,6 @@ def _finish_reason(engine_reason: Optional[str]) -> Optional[str]:
     if engine_reason == "abort":
         raise unavailable("The request was aborted (the server is shutting down)")
     return engine_reason
-
-
-def _new_logprobs(meta: dict) -> List[TokenLogprob]:
-    """The logprobs of a delta's new tokens (the engine's delta meta lists only those)."""
-    chosen = meta.get("output_token_logprobs") or []
-    tops = meta.get("output_top_logprobs") or []
-    return [(int(tid), float(lp), [(int(t), float(v)) for t, v in top])
-            for (lp, tid), top in zip(chosen, tops)]
 
 
 async def collect_choices(engine, inputs: Sequence[EngineInput], params: Sequence[dict],
@@ -184,39 +225,57 @@ async def collect_choices(engine, inputs: Sequence[EngineInput], params: Sequenc
 
 
 async def merged_deltas(engine, inputs: Sequence[EngineInput], params: Sequence[dict],
-                        prefix: str, timings: Sequence[Timing]) -> AsyncIterator[ChoiceDelta]:
-    """Every choice's deltas, interleaved as they arrive (streaming). An
-    error in any choice is raised here; closing this iterator aborts all."""
+                        prefix: str, timings: Sequence[Timing]):
+    """Submits every choice and returns their deltas, interleaved as they
+    arrive (streaming): an async iterator whose aclose() aborts every
+    choice still running; an error in any choice is raised from it. One
+    choice's are its ChoiceDeltas (nothing to merge: no task and queue
+    hop per delta)."""
     streams = await submitted_choices(engine, inputs, params, prefix)
-    if len(streams) == 1:  # nothing to merge: no task and queue hop per delta
-        deltas = choice_deltas(streams[0], 0, timings[0])
+    if len(streams) == 1:
+        return choice_deltas(streams[0], 0, timings[0])
+    return MergedDeltas(streams, timings)
+
+
+class MergedDeltas:
+    """Several choices' deltas in arrival order: a task per choice pumps
+    its ChoiceDeltas into one queue. The first error ends it (and is
+    raised); so does its end, its caller's cancellation and aclose(),
+    each of which cancels the tasks and aborts the choices still running."""
+
+    def __init__(self, streams, timings: Sequence[Timing]):
+        self._streams = streams
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks = [asyncio.ensure_future(self._pump(choice_deltas(stream, i, timings[i])))
+                       for i, stream in enumerate(streams)]
+        self._num_open = len(streams)
+
+    async def _pump(self, deltas: ChoiceDeltas) -> None:
         try:
             async for delta in deltas:
-                yield delta
-        finally:
-            await deltas.aclose()
-            await streams[0].aclose()
-        return
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(index: int) -> None:
-        try:
-            async for delta in choice_deltas(streams[index], index, timings[index]):
-                queue.put_nowait(delta)
+                self._queue.put_nowait(delta)
         except Exception as exc:
-            queue.put_nowait(exc)
+            self._queue.put_nowait(exc)
 
-    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(inputs))]
-    try:
-        num_open = len(tasks)
-        while num_open:
-            item = await queue.get()
+    def __aiter__(self) -> "MergedDeltas":
+        return self
+
+    async def __anext__(self) -> ChoiceDelta:
+        try:
+            if not self._num_open:
+                raise StopAsyncIteration
+            item = await self._queue.get()
             if isinstance(item, Exception):
                 raise item
-            num_open -= item.finish_reason is not None
-            yield item
-    finally:
-        await _stop(tasks, streams)
+        except BaseException:
+            await self.aclose()
+            raise
+        self._num_open -= item.finish_reason is not None
+        return item
+
+    async def aclose(self) -> None:
+        self._num_open = 0
+        await _stop(self._tasks, self._streams)
 
 
 async def submitted_choices(engine, inputs, params, prefix: str) -> list:

@@ -22,6 +22,7 @@ import signal
 import sys
 from typing import Callable, List, Optional, Tuple
 
+from pyvlm.heap import tune_for_serving
 from pyvlm.server.args import ServerArgs
 from pyvlm.server.errors import unavailable
 
@@ -37,6 +38,7 @@ class Launcher:
         self.engine = None
         self.stop = asyncio.Event()
         self.exit_code = 0
+        self._restore_gc: Callable[[], None] = lambda: None
 
     async def handle(self, request):
         if self.app is None:
@@ -59,6 +61,7 @@ class Launcher:
             await server.shutdown()
         finally:
             await self._stop_engine()
+            self._restore_gc()
         return self.exit_code
 
     async def _listen(self):
@@ -90,6 +93,7 @@ class Launcher:
             logger.error("cannot start: %s", exc)
             self.exit_code = 2
             return
+        self._restore_gc = tune_for_serving()  # (pyvlm/heap.py)
         if self.stop.is_set():
             return  # a signal came during the load: shutting down, never ready
         # Logged after self.app is set: from here on every request is served.

@@ -57,17 +57,21 @@ async def chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     """chat.completion.chunk events: role first, content, one finish per choice."""
     started, metas = set(), []
     with_usage = run.spec.include_usage
+    with_logprobs = run.spec.num_top_logprobs is not None
+    text_events = responses.TextEvents(lambda index, text: responses.chat_chunk(
+        ids, index, {"content": text}, include_usage=with_usage))
     async for delta in deltas:
         if delta.index not in started:
             started.add(delta.index)
             yield sse_json(responses.chat_chunk(ids, delta.index, {"role": "assistant",
                                                                    "content": ""},
                                                 include_usage=with_usage))
-        if delta.text or delta.logprobs:
-            logprobs = (responses.chat_logprobs(delta.logprobs, app.token_texts)
-                        if run.spec.num_top_logprobs is not None else None)
+        if with_logprobs and (delta.text or delta.logprobs):
+            logprobs = responses.chat_logprobs(delta.logprobs, app.token_texts)
             yield sse_json(responses.chat_chunk(ids, delta.index, {"content": delta.text},
                                                 logprobs=logprobs, include_usage=with_usage))
+        elif delta.text:
+            yield text_events.event(delta.index, delta.text)
         if delta.finish_reason is not None:
             metas.append((run.prompt_index(delta.index), delta.meta))
             yield sse_json(responses.chat_chunk(ids, delta.index, {}, delta.finish_reason,
@@ -123,12 +127,18 @@ async def completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
     """text_completion chunks, the finish_reason on each choice's last one."""
     metas, offsets = [], {}
     with_usage = run.spec.include_usage
+    with_logprobs = run.spec.num_top_logprobs is not None
+    text_events = responses.TextEvents(lambda index, text: responses.completion_text_chunk(
+        ids, index, text, None, None, with_usage))
     async for delta in deltas:
+        if not with_logprobs and delta.finish_reason is None:
+            yield text_events.event(delta.index, delta.text)
+            continue
         logprobs = None
-        if run.spec.num_top_logprobs is not None:
+        if with_logprobs:
             logprobs = responses.completion_logprobs(delta.logprobs, app.token_texts,
                                                      offsets.get(delta.index, 0))
-        offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
+            offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
         if delta.finish_reason is not None:
             metas.append((run.prompt_index(delta.index), delta.meta))
         yield sse_json(responses.completion_chunk(ids, delta, logprobs, with_usage))
@@ -174,50 +184,47 @@ class PrimedDeltas:
 
 
 class EventStream:
-    """A StreamingResponse body: the events, then `data: [DONE]`; closing
-    it (client gone) aborts the engine requests even before the first read."""
+    """A StreamingResponse body: the events, then `data: [DONE]`; a failure
+    mid-stream becomes an `error` event and the stream ends there. When the
+    events end, fail or are closed (client gone, even before the first
+    read), the deltas close too, which aborts the engine requests at once
+    (before an error event goes out). One object, not a generator per
+    duty: every event of every stream passes through it."""
 
     def __init__(self, events: AsyncIterator[bytes], deltas: PrimedDeltas):
-        self._events, self._deltas = _terminated(_closing_deltas(events, deltas)), deltas
+        self._events, self._deltas = events, deltas
+        self._is_done = False
 
     def __aiter__(self) -> "EventStream":
         return self
 
     async def __anext__(self) -> bytes:
-        return await self._events.__anext__()
+        if self._is_done:
+            raise StopAsyncIteration
+        try:
+            return await self._events.__anext__()
+        except StopAsyncIteration:
+            await self.aclose()
+            return SSE_DONE
+        except ApiError as exc:
+            await self.aclose()
+            return sse_json(exc.body(), event="error")
+        except Exception:
+            await self.aclose()
+            logger.exception("stream failed")
+            return sse_json(internal_error().body(), event="error")
+        except BaseException:  # cancelled: the protocol closes the body next
+            await self.aclose()
+            raise
 
     async def aclose(self) -> None:
-        await self._events.aclose()
-        await self._deltas.aclose()
+        self._is_done = True
+        try:
+            await self._events.aclose()
+        finally:
+            await self._deltas.aclose()
 
 
 def event_stream(events: AsyncIterator[bytes], deltas: PrimedDeltas) -> StreamingResponse:
     return StreamingResponse(200, EventStream(events, deltas),
                              headers=[("cache-control", "no-cache"), ("x-accel-buffering", "no")])
-
-
-async def _closing_deltas(events: AsyncIterator[bytes],
-                          deltas: PrimedDeltas) -> AsyncIterator[bytes]:
-    """The events; when they end, fail or are closed, the deltas close too,
-    which aborts the engine requests at once (before an error event goes out)."""
-    try:
-        async for event in events:
-            yield event
-    finally:
-        await deltas.aclose()
-
-
-async def _terminated(events: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The events, then `data: [DONE]`; a failure mid-stream becomes an
-    `error` event and the stream ends there."""
-    try:
-        async for event in events:
-            yield event
-        yield SSE_DONE
-    except ApiError as exc:
-        yield sse_json(exc.body(), event="error")
-    except Exception:
-        logger.exception("stream failed")
-        yield sse_json(internal_error().body(), event="error")
-    finally:
-        await events.aclose()

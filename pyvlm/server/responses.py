@@ -5,6 +5,9 @@ import time
 import uuid
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import orjson
+
+from pyvlm.http.sse import sse_json
 from pyvlm.server.generation import ChoiceDelta, ChoiceResult, TokenLogprob
 
 TokenTexts = Callable[[Sequence[int]], List[str]]
@@ -108,9 +111,41 @@ def completion(ids: ResponseIds, results: Sequence[ChoiceResult], usage_: dict,
 
 def completion_chunk(ids: ResponseIds, delta: ChoiceDelta, logprobs: Optional[dict],
                      include_usage: bool) -> dict:
+    return completion_text_chunk(ids, delta.index, delta.text, logprobs, delta.finish_reason,
+                                 include_usage)
+
+
+def completion_text_chunk(ids: ResponseIds, index: int, text: str, logprobs: Optional[dict],
+                          finish_reason: Optional[str], include_usage: bool) -> dict:
     chunk = dict(ids.header("text_completion"), choices=[
-        {"index": delta.index, "text": delta.text, "logprobs": logprobs,
-         "finish_reason": delta.finish_reason}])
+        {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}])
     if include_usage:
         chunk["usage"] = None
     return chunk
+
+
+_TEXT_SLOT = "\x00pyvlm text slot\x00"  # JSON-escaped, it cannot occur in a header
+
+
+class TextEvents:
+    """The SSE events of the chunks that carry text alone (no logprobs, no
+    finish reason: nearly every chunk of a stream), byte for byte as
+    sse_json(make_chunk(index, text)) writes them, from a template made
+    once per choice: an event serializes its text, nothing else."""
+
+    def __init__(self, make_chunk: Callable[[int, str], dict]):
+        self._make_chunk = make_chunk
+        self._templates: Dict[int, Optional[Tuple[bytes, bytes]]] = {}
+
+    def event(self, index: int, text: str) -> bytes:
+        template = self._templates.get(index, False)
+        if template is False:
+            template = self._templates[index] = self._template(index)
+        if template is None:  # (never: the slot's JSON would occur twice)
+            return sse_json(self._make_chunk(index, text))
+        head, tail = template
+        return head + orjson.dumps(text) + tail
+
+    def _template(self, index: int) -> Optional[Tuple[bytes, bytes]]:
+        parts = sse_json(self._make_chunk(index, _TEXT_SLOT)).split(orjson.dumps(_TEXT_SLOT))
+        return (parts[0], parts[1]) if len(parts) == 2 else None

@@ -352,3 +352,65 @@ async def test_a_stream_that_fails_midway_is_truncated_and_the_connection_closed
     await settle()
     assert transport.written.endswith(b"9\r\ndata: 1\n\n\r\n")  # no terminating 0-chunk
     assert transport.has_sent_eof and b"engine exploded" not in transport.written
+
+
+class WriteLog(list):
+    """The transport's writes, one entry per write call."""
+
+
+def logging_writes(transport) -> WriteLog:
+    log, write = WriteLog(), transport.write
+
+    def logged(data):
+        log.append(bytes(data))
+        write(data)
+
+    transport.write = logged
+    return log
+
+
+@run_async
+async def test_chunks_ready_together_go_out_in_one_write_and_unchanged():
+    """A producer that ran ahead (chunks ready without waiting) costs one
+    send per loop iteration, not one per chunk; the bytes are those of
+    writing each chunk alone."""
+    release = asyncio.Event()
+
+    async def stream(request):
+        async def body():
+            yield b"data: 0\n\n"
+            await release.wait()  # the engine: deltas 1-3 arrive together
+            for i in (1, 2, 3):
+                yield b"data: %d\n\n" % i
+
+        return StreamingResponse(200, body())
+
+    protocol, transport = connect(stream)
+    writes = logging_writes(transport)
+    protocol.data_received(get("/s"))
+    await settle()
+    assert len(writes) == 1 and writes[0].endswith(b"9\r\ndata: 0\n\n\r\n")  # head + first chunk
+    release.set()
+    await settle()
+    assert writes[1:] == [b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n9\r\ndata: 3\n\n\r\n0\r\n\r\n"]
+    [response] = read_responses(transport.written)
+    assert response.body == b"data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\n"
+
+
+@run_async
+async def test_a_chunk_is_written_before_writing_pauses_it():
+    async def stream(request):
+        async def body():
+            yield b"data: 0\n\n"
+            protocol.pause_writing()  # the transport's buffer filled up
+            yield b"data: 1\n\n"
+
+        return StreamingResponse(200, body())
+
+    protocol, transport = connect(stream)
+    protocol.data_received(get("/s"))
+    await settle()
+    assert transport.written.endswith(b"9\r\ndata: 0\n\n\r\n")  # not held back while waiting
+    protocol.resume_writing()
+    await settle()
+    assert read_responses(transport.written)[0].body == b"data: 0\n\ndata: 1\n\n"

@@ -150,3 +150,72 @@ def test_shared_token_texts_give_the_decodes_text(tokenizer):
         detok = IncrementalDetokenizer(tokenizer, True, (), texts)
         pieces = [detok.take_text() for t in token_ids if detok.add_token(t) is None]
         assert "".join(pieces) + detok.take_text(finished=True) == tokenizer.decode(token_ids)
+
+
+class WholeTextDetokenizer:
+    """The detokenizer as it was before it kept only the pending text: the
+    whole decoded text, an emitted-length offset into it (the reference
+    of the parity test below)."""
+
+    def __init__(self, tokenizer, skip_special_tokens, stop):
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        self.stop = tuple(s for s in stop if s)
+        self.ids, self.text, self.matched_stop = [], "", None
+        self.surr = self.read = self.num_emitted = 0
+
+    def add_token(self, token_id):
+        if self.matched_stop is not None:
+            return self.matched_stop
+        self.ids.append(token_id)
+        new_text = self._delta()
+        if new_text.endswith(REPLACEMENT_CHAR):
+            self._cut(self.text + new_text.rstrip(REPLACEMENT_CHAR), len(self.text))
+        elif new_text:
+            self.surr, self.read = self.read, len(self.ids)
+            old_len, self.text = len(self.text), self.text + new_text
+            self._cut(self.text, old_len)
+        return self.matched_stop
+
+    def take_text(self, finished=False):
+        if finished and self.matched_stop is None and self.read < len(self.ids):
+            self.text += self._delta()
+            self.surr = self.read = len(self.ids)
+        held = 0 if self.matched_stop is not None else max(
+            (n for stop in self.stop for n in range(len(stop)) if n and self.text.endswith(stop[:n])),
+            default=0)
+        end = max(len(self.text) if finished else len(self.text) - held, self.num_emitted)
+        piece, self.num_emitted = self.text[self.num_emitted:end], end
+        return piece
+
+    def _delta(self):
+        prefix, full = self.decode(self.ids[self.surr:self.read]), self.decode(self.ids[self.surr:])
+        return full[len(prefix):] if len(full) > len(prefix) else ""
+
+    def _cut(self, text, num_checked):
+        hits = [(text.find(s, max(0, num_checked - len(s) + 1)), s) for s in self.stop]
+        hits = [hit for hit in hits if hit[0] >= 0]
+        if hits:
+            first, self.matched_stop = min(hits)
+            self.text = text[:first]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_pieces_equal_the_whole_text_detokenizers(tokenizer, data):
+    """Token by token, with text taken after some tokens only (as with
+    stream_interval > 1), the same pieces and stop as the reference."""
+    ids = data.draw(st.lists(st.integers(0, len(tokenizer) - 1), max_size=40))
+    full = tokenizer.decode(ids, skip_special_tokens=True)
+    substrings = st.builds(lambda a, n: full[a:a + n], st.integers(0, max(len(full) - 1, 0)),
+                           st.integers(1, 5))
+    stop = tuple(data.draw(st.lists(substrings | st.text(min_size=1, max_size=3), max_size=3)))
+    skip = data.draw(st.booleans())
+    takes = data.draw(st.lists(st.booleans(), min_size=len(ids), max_size=len(ids)))
+    fast, reference = IncrementalDetokenizer(tokenizer, skip, stop), WholeTextDetokenizer(
+        tokenizer, skip, stop)
+    for token_id, take in zip(ids, takes):
+        assert fast.add_token(token_id) == reference.add_token(token_id)
+        if take:
+            assert fast.take_text() == reference.take_text()
+    assert fast.take_text(finished=True) == reference.take_text(finished=True)
+    assert fast.matched_stop == reference.matched_stop
