@@ -12,7 +12,7 @@ one graph serves every context length; the decode kernel reads only the
 pages a sequence's length covers and sizes its context splits on the
 device.
 
-A cross-attention family (mllama) adds its static image inputs (`cross`:
+A cross-attention family adds its static image inputs (`cross`:
 the object its graph_cross_attention_inputs returns, with inputs(size),
 reset_padding(size), can_run(chunks) and stage(chunks, size, upload)):
 each decode token reads at most one stored image through the paged decode
