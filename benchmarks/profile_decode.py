@@ -163,22 +163,74 @@ def profile_ttft(engine, args) -> None:
         return time.perf_counter() - start
 
     first_token(images[0])
+    launches = []
+    runner = engine.state.runner
+    inner = runner.launch
+
+    def timed_launch(batch):
+        launches.append(time.perf_counter())
+        return inner(batch)
+
+    runner.launch = timed_launch
+    start = time.perf_counter()
     plain_ms = first_token(images[1]) * 1e3
+    runner.launch = inner
+    if launches:
+        print(f"\nhost: the request's first step launched {(launches[0] - start) * 1e3:.2f} ms "
+              f"after generate() was called (front, submit, scheduling), {len(launches)} step(s)")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
-        profiled_ms = first_token(images[2]) * 1e3
+        with torch.profiler.record_function("ttft_request"):
+            profiled_ms = first_token(images[2]) * 1e3
     print(f"\n### TTFT, one fresh image: {plain_ms:,.1f} ms (engine API, no HTTP); "
           f"{profiled_ms:,.1f} ms under the profiler\n")
     if args.device.startswith("cuda"):
         rows = kernel_rows(prof, args.device)
         print(f"device kernels: {sum(us for _, us, _ in rows) / 1e3:,.1f} ms in all\n")
+        print_device_timeline(prof.events())
         print_rows(rows, args.top, 1, "kernel")
         print()
     cpu = sorted(((e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()),
                  key=lambda r: -r[1])
     print_rows(cpu, args.top, 1, "host op (self time)")
+
+
+def print_device_timeline(events, min_gap_us: float = 20.0, top: int = 8) -> None:
+    """Where one request's wall time went: host time before its first
+    kernel, device idle gaps between its kernels (with the host calls made
+    during each of the largest), and time after its last kernel."""
+    request = next((e for e in events if e.name == "ttft_request"), None)
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
+                     if e.device_type == torch.autograd.DeviceType.CUDA
+                     and not e.name.startswith("ProfilerStep"))
+    if request is None or not kernels:
+        return
+    t0, t1 = request.time_range.start, request.time_range.end
+    gaps, busy_end = [], kernels[0][1]
+    for start, end in kernels[1:]:
+        if start - busy_end > min_gap_us:
+            gaps.append((start - busy_end, busy_end, start))
+        busy_end = max(busy_end, end)
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU
+            and e.name != "ttft_request"]
+    print(f"timeline (ms from the request's start): first kernel at "
+          f"{(kernels[0][0] - t0) / 1e3:.2f}, last kernel ends at {(busy_end - t0) / 1e3:.2f}, "
+          f"request returns at {(t1 - t0) / 1e3:.2f}; device idle in gaps > {min_gap_us:.0f} us "
+          f"between them: {sum(g for g, _, _ in gaps) / 1e3:.2f} ms in {len(gaps)} gaps\n")
+    print("| idle gap (us) | at (ms) | host calls during it |")
+    print("|---|---|---|")
+    for gap, start, end in sorted(gaps, reverse=True)[:top]:
+        during = defaultdict(float)
+        for e in host:
+            overlap = min(e.time_range.end, end) - max(e.time_range.start, start)
+            if overlap > 0:
+                during[e.name] += overlap
+        names = ", ".join(f"{n[:40]} {us:.0f}" for n, us in
+                          sorted(during.items(), key=lambda kv: -kv[1])[:4])
+        print(f"| {gap:,.0f} | {(start - t0) / 1e3:.2f} | {names} |")
+    print()
 
 
 class StepLog:

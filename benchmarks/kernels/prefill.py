@@ -3,8 +3,13 @@
 Prefill baseline: gather each sequence's pages, then SDPA with a causal mask
 (is_causal when there is no prefix, else a bottom-right aligned attn_mask) and
 enable_gqa. Varlen baselines: SDPA per image in a loop, and one SDPA call over
-all images with a block-diagonal mask.
+all images with a block-diagonal mask. On CUDA both also run against
+torch's bundled FlashAttention (torch.nn.attention.varlen.varlen_attn, paged
+through its block_table where this torch has it), the fastest library kernel a
+user of torch has at hand.
 """
+
+import inspect
 
 import math
 
@@ -14,6 +19,37 @@ import torch.nn.functional as F
 from pyvlm import ops
 
 from .harness import Row, time_us
+
+
+def _torch_varlen_attn():
+    """torch's FlashAttention varlen entry point, or None where this torch lacks it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _flash_prefill_row(c, prefix, new, case, ours, nbytes, device):
+    """The same paged prefill through torch's FlashAttention with a block table."""
+    varlen_attn = _torch_varlen_attn()
+    if varlen_attn is None or "block_table" not in inspect.signature(varlen_attn).parameters:
+        return []
+    num_seqs = c["block_tables"].shape[0]
+    cu_k = torch.arange(num_seqs + 1, device=device, dtype=torch.int32) * (prefix + new)
+    seqused = torch.full((num_seqs,), prefix + new, device=device, dtype=torch.int32)
+
+    def flash():
+        return varlen_attn(c["query"], c["key_cache"], c["value_cache"], c["cu_seqlens_q"], cu_k,
+                           new, prefix + new, scale=c["scale"], window_size=(-1, 0),
+                           enable_gqa=True, seqused_k=seqused, block_table=c["block_tables"])
+    try:
+        base = time_us(flash, device)
+    except (RuntimeError, ValueError, TypeError) as e:  # e.g. a page size it does not take
+        print(f"torch varlen_attn with block_table: {type(e).__name__}: {str(e)[:200]}")
+        return []
+    return [Row("paged_attention_prefill", case, device, ours, "torch varlen_attn (flash, paged)",
+                base, nbytes)]
 
 
 def _paged_inputs(num_seqs, prefix, new, heads, kv_heads, head_dim, page_size, dtype, device):
@@ -64,12 +100,21 @@ def _prefill_rows(device, dtype):
         case = f"b={num_seqs} new={new} prefix={prefix} h={heads}/{kv_heads} d={head_dim} {str(dtype)[6:]}"
         rows.append(Row("paged_attention_prefill", case, device, ours,
                         "gather + SDPA causal (enable_gqa)", base, nbytes))
+        if cuda:
+            rows += _flash_prefill_row(c, prefix, new, case, ours, nbytes, device)
     return rows
 
 
 def _varlen_rows(device, dtype):
     cuda = device.startswith("cuda")
-    images, tokens, heads, head_dim = (8, 1024, 16, 80) if cuda else (4, 256, 8, 80)
+    rows = []
+    # 8 x 1024: a batch of tower tiles; 1 x 1564: Qwen2-VL's tower on one 644x476 photo.
+    for images, tokens in ((8, 1024), (1, 1564)) if cuda else ((4, 256),):
+        rows += _varlen_case(images, tokens, 16, 80, device, dtype)
+    return rows
+
+
+def _varlen_case(images, tokens, heads, head_dim, device, dtype):
     total = images * tokens
     qkv = torch.randn(total, 3, heads, head_dim, device=device, dtype=dtype)
     q, k, v = qkv.unbind(1)
@@ -96,12 +141,21 @@ def _varlen_rows(device, dtype):
 
     case = f"{images} imgs x {tokens} h={heads} d={head_dim} {str(dtype)[6:]}"
     nbytes = 4 * q.numel() * q.element_size()
-    return [
+    rows = [
         Row("varlen_attention", case, device, ours, "SDPA per image (loop)",
             time_us(per_image, device), nbytes),
         Row("varlen_attention", case, device, ours, "SDPA block-diagonal mask",
             time_us(block_diagonal, device), nbytes),
     ]
+    varlen_attn = _torch_varlen_attn()
+    if device.startswith("cuda") and varlen_attn is not None:
+        flash = time_us(lambda: varlen_attn(q, k, v, cu, cu, tokens, tokens, scale=scale), device)
+        rows.append(Row("varlen_attention", case, device, ours, "torch varlen_attn (flash)", flash,
+                        nbytes))
+    flops = 4 * images * tokens * tokens * heads * head_dim
+    print(f"varlen_attention {case}: pyvlm {flops / (rows[0].ours_us * 1e-6) / 1e12:.0f} TFLOP/s"
+          + "".join(f", {r.baseline} {flops / (r.baseline_us * 1e-6) / 1e12:.0f}" for r in rows))
+    return rows
 
 
 def _demo_prefill_rows(device, dtype):

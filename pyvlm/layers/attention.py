@@ -15,6 +15,8 @@ from torch import nn
 from pyvlm import ops
 from pyvlm.ops.host_upload import HostUpload
 
+from .packed_attention import fresh_causal_attention, takes_torch_flash
+
 # (start_pos, num_new_tokens, page_table) of one sequence in the step.
 ChunkSpan = Tuple[int, int, Sequence[int]]
 
@@ -57,6 +59,10 @@ class AttentionMetadata:
     its queries by 64-128 rows per sequence and reads K/V per query head; a
     lone decode query would waste its tile and re-read the context for
     every head of a GQA group.
+
+    fresh_prefill: every prefill sequence starts at position 0 (nothing of
+    it cached), so its keys are exactly the step's own key rows and its
+    attention needs no cache read (pyvlm.layers.packed_attention).
     """
 
     is_decode: bool
@@ -69,6 +75,7 @@ class AttentionMetadata:
     num_prefill_tokens: Optional[int] = None  # None: every row is prefill (or decode)
     decode_block_tables: Optional[torch.Tensor] = None
     decode_seq_lens: Optional[torch.Tensor] = None
+    fresh_prefill: bool = False
     # A cross-attention family's per-step image inputs (the model builds
     # them: pyvlm.models.mllama_cross_inputs); None for every other step.
     cross_attention: Optional[object] = None
@@ -98,13 +105,14 @@ class AttentionMetadata:
                                               torch.int32))
         if is_decode:
             extra = dict(seq_lens=upload.add([start + 1 for start, _, _ in chunks], torch.int32))
-            max_seqlen_q, num_prefill_tokens = 0, None
+            max_seqlen_q, num_prefill_tokens, fresh_prefill = 0, None, False
         else:
             prefill, tail = _split_single_token_tail(chunks)
             num_new_tokens = [num_new for _, num_new, _ in prefill]
             extra = dict(cu_seqlens_q=upload.add(cumulative(num_new_tokens), torch.int32),
                          prefix_lens=upload.add([start for start, _, _ in prefill], torch.int32))
             max_seqlen_q = max(num_new_tokens + [0])
+            fresh_prefill = all(start == 0 for start, _, _ in prefill)
             num_prefill_tokens = None
             if tail:
                 num_prefill_tokens = sum(num_new_tokens)
@@ -118,7 +126,8 @@ class AttentionMetadata:
         def make() -> "AttentionMetadata":
             tensors = {name: pending.tensor for name, pending in {**common, **extra}.items()}
             return cls(is_decode=is_decode, max_seqlen_q=max_seqlen_q,
-                       num_prefill_tokens=num_prefill_tokens, **tensors)
+                       num_prefill_tokens=num_prefill_tokens, fresh_prefill=fresh_prefill,
+                       **tensors)
 
         return make
 
@@ -161,22 +170,36 @@ class PagedAttention(nn.Module):
             out = ops.paged_attention_decode(query, key_cache, value_cache, attn.block_tables,
                                              attn.seq_lens, self.scale)
         elif attn.num_prefill_tokens is None:
-            out = ops.paged_attention_prefill(query, key_cache, value_cache, attn.block_tables,
-                                              attn.cu_seqlens_q, attn.prefix_lens,
-                                              attn.max_seqlen_q, self.scale)
+            out = self._prefill(query, key, value, kv_cache, attn)
         else:
-            out = self._prefill_then_decodes(query, key_cache, value_cache, attn)
+            out = self._prefill_then_decodes(query, key, value, kv_cache, attn)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
-    def _prefill_then_decodes(self, query: torch.Tensor, key_cache: torch.Tensor,
-                              value_cache: torch.Tensor, attn: AttentionMetadata) -> torch.Tensor:
-        """A mixed step: the prefill kernel over the first num_prefill_tokens
+    def _prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 kv_cache: Tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
+                 out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Causal attention of the prefill rows: whole fresh prompts over
+        their own key rows by FlashAttention where torch has it (they need no
+        cache read), else pyvlm's paged prefill kernel (which also reads
+        cached prefixes)."""
+        if attn.fresh_prefill and takes_torch_flash(query, key, value, causal=True):
+            flash = fresh_causal_attention(query, key, value, attn.cu_seqlens_q,
+                                           attn.max_seqlen_q, self.scale)
+            return flash if out is None else out.copy_(flash)
+        key_cache, value_cache = kv_cache
+        return ops.paged_attention_prefill(query, key_cache, value_cache, attn.block_tables,
+                                           attn.cu_seqlens_q, attn.prefix_lens,
+                                           attn.max_seqlen_q, self.scale, out=out)
+
+    def _prefill_then_decodes(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              kv_cache: Tuple[torch.Tensor, torch.Tensor],
+                              attn: AttentionMetadata) -> torch.Tensor:
+        """A mixed step: prefill attention over the first num_prefill_tokens
         rows, the decode kernel over the single tokens after them."""
         split = attn.num_prefill_tokens
         out = query.new_empty(query.shape)
-        ops.paged_attention_prefill(query[:split], key_cache, value_cache, attn.block_tables,
-                                    attn.cu_seqlens_q, attn.prefix_lens, attn.max_seqlen_q,
-                                    self.scale, out=out[:split])
+        self._prefill(query[:split], key[:split], value[:split], kv_cache, attn, out=out[:split])
+        key_cache, value_cache = kv_cache
         ops.paged_attention_decode(query[split:], key_cache, value_cache,
                                    attn.decode_block_tables, attn.decode_seq_lens, self.scale,
                                    out=out[split:])

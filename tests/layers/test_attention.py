@@ -72,28 +72,62 @@ STEPS = {"separate": [([(0, 0, 4), (1, 0, 5)], False), ([(0, 4, 6)], False),
                    ([(0, 10, 1)], True)]}
 
 
-@pytest.mark.parametrize("schedule", list(STEPS))
-@pytest.mark.parametrize("page_size", [1, 3, 16])
-def test_chunks_then_decode_match_whole_sequence_attention(page_size, schedule):
-    num_heads, num_kv_heads, head_dim = 4, 2, 8
+# FRESH_MIXED: step 2 runs seq 0's whole prompt (nothing cached: the
+# fresh-prefill path) with seq 1's token 5 as its single-token tail.
+STEPS["fresh_mixed"] = [([(1, 0, 5)], False), ([(0, 0, 10), (1, 5, 1)], False),
+                        ([(0, 10, 1)], True)]
+
+
+def run_schedule(schedule, page_size, heads, head_dim, dtype=torch.float32, device="cpu"):
+    """Runs STEPS[schedule] through PagedAttention; returns (per-sequence
+    outputs, float64 references)."""
+    num_heads, num_kv_heads = heads
     layer = PagedAttention(num_heads, num_kv_heads, head_dim, scale=head_dim ** -0.5)
-    lengths, num_pages = [11, 6], 64
-    q, k, v = ([torch.randn(n, h, head_dim) for n in lengths]
+    lengths, num_pages = (11, 6), 64
+    q, k, v = ([torch.randn(n, h, head_dim).to(device, dtype) for n in lengths]
                for h in (num_heads, num_kv_heads, num_kv_heads))
     shape = (num_pages, page_size, num_kv_heads, head_dim)
-    cache = (torch.full(shape, float("nan")), torch.full(shape, float("nan")))
+    cache = tuple(torch.full(shape, float("nan"), dtype=dtype, device=device) for _ in range(2))
     free = random.sample(range(num_pages), num_pages)
     tables = [[free.pop() for _ in range(-(-n // page_size))] for n in lengths]
-    steps = STEPS[schedule]
     outs = [[None] * n for n in lengths]
-    for spans, is_decode in steps:
+    for spans, is_decode in STEPS[schedule]:
         attn = AttentionMetadata.build([(start, n, tables[s]) for s, start, n in spans],
-                                       page_size, is_decode)
+                                       page_size, is_decode, device=device)
         cat = [torch.cat([t[s][start:start + n] for s, start, n in spans]) for t in (q, k, v)]
         flat = [t.reshape(t.shape[0], -1) for t in cat]
         out = layer(*flat, cache, attn).view(-1, num_heads, head_dim)
         for (s, start, n), rows in zip(spans, out.split([n for _, _, n in spans])):
             outs[s][start:start + n] = list(rows)
-    for s in range(len(lengths)):
-        ref = reference_attention(q[s], k[s], v[s], num_kv_heads)
-        torch.testing.assert_close(torch.stack(outs[s]), ref, atol=1e-5, rtol=1e-5)
+    refs = [reference_attention(q[s].cpu(), k[s].cpu(), v[s].cpu(), num_kv_heads)
+            for s in range(len(lengths))]
+    return [torch.stack(o).cpu().float() for o in outs], refs
+
+
+@pytest.mark.parametrize("schedule", list(STEPS))
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_chunks_then_decode_match_whole_sequence_attention(page_size, schedule):
+    outs, refs = run_schedule(schedule, page_size, (4, 2), 8)
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_prefill_marks_steps_with_no_cached_prefix():
+    """fresh_prefill: every prefill chunk starts at 0 (a decode tail may follow)."""
+    build = AttentionMetadata.build
+    assert build([(0, 3, [5, 2]), (0, 2, [1])], 2, is_decode=False).fresh_prefill
+    assert build([(0, 3, [5, 2]), (4, 1, [1, 7, 3])], 2, is_decode=False).fresh_prefill
+    assert not build([(0, 3, [5, 2]), (4, 2, [1, 7, 3])], 2, is_decode=False).fresh_prefill
+    assert not build([(4, 1, [1, 7, 3])], 2, is_decode=True).fresh_prefill
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("schedule", list(STEPS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_16bit_schedules_match_whole_sequence_attention(schedule, dtype):
+    """On CUDA with 16-bit K/V, fresh prefills take torch's FlashAttention
+    (where it has causal GQA), the rest pyvlm's paged kernels: every row
+    still equals whole-sequence attention."""
+    outs, refs = run_schedule(schedule, 16, (8, 2), 64, dtype, "cuda")
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

@@ -25,7 +25,10 @@ def test_gated_activation_matches_reference(device, shape, dtype, name):
         approximate = "tanh" if name == "gelu_tanh" else "none"
         ops.gelu_and_mul(x, approximate, out=out)
         ref = reference.gelu_and_mul(x.double(), approximate)
-    assert_close(out, ref, dtype)
+    # Against the reference rounded to the output's dtype: a product far
+    # below float16's smallest subnormal (gelu of a very negative input)
+    # must come out as 0, which is a relative error of 1 for a row of two.
+    assert_close(out, ref.to(dtype), dtype)
 
 
 def test_opcheck(device):

@@ -190,6 +190,16 @@ def test_varlen_head_dims(device, head_dim, dtype):
     check_varlen(varlen_case(q_lens, k_lens, (16, 16), head_dim, dtype, device), dtype)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_varlen_long_images_on_cuda(head_dim, dtype):
+    """Many whole key tiles (the unmasked path) and a ragged last one: a
+    Qwen2-VL 644x476 image's 1,564 rows next to a 300-row one."""
+    lens = [1564, 300]
+    check_varlen(varlen_case(lens, lens, (16, 16), head_dim, dtype, "cuda"), dtype)
+
+
 def test_varlen_contiguous_and_odd_head_dim_on_cpu():
     q_lens, k_lens = VARLEN_LENS["cross"]
     check_varlen(varlen_case(q_lens, k_lens, (6, 3), 20, torch.float32, "cpu", fused=False),

@@ -59,6 +59,13 @@ __device__ __forceinline__ uint32_t ld_shared_u32(const void* p) {
   return *reinterpret_cast<const uint32_t*>(p);
 }
 
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
   const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -151,15 +158,18 @@ __device__ __forceinline__ void key_offsets(const AttentionParams<T>& p, int64_t
   }
 }
 
-// Copies ROWS rows of `padded` columns into shared memory (row stride LDS);
-// rows with offset < 0 and columns >= head_dim become zeros.
-template <typename T, int ROWS, int LDS, int NT>
+// Copies ROWS rows of `padded` (<= DMAX) columns into shared memory (row
+// stride LDS); rows with offset < 0 and columns >= head_dim become zeros.
+// The row/column split uses the compile-time DMAX (a multiply, not a
+// division, per 16-byte chunk: this loop runs for every key tile).
+template <typename T, int ROWS, int LDS, int NT, int DMAX>
 __device__ __forceinline__ void load_rows(T* smem, const T* base, const int64_t* offs, int padded, int head_dim,
                           bool vec_ok) {
   constexpr int VEC = 16 / sizeof(T);
-  const int chunks = padded / VEC;
-  for (int i = threadIdx.x; i < ROWS * chunks; i += NT) {
-    const int r = i / chunks, c = (i % chunks) * VEC;
+  constexpr int CHUNKS = (DMAX + VEC - 1) / VEC;
+  for (int i = threadIdx.x; i < ROWS * CHUNKS; i += NT) {
+    const int r = i / CHUNKS, c = (i % CHUNKS) * VEC;
+    if (c >= padded) continue;
     T* dst = smem + r * LDS + c;
     const int64_t off = offs[r];
     const bool ok = off >= 0 && c < head_dim;
@@ -191,7 +201,7 @@ __device__ __forceinline__ int keys_for_block(const SeqView& v, int q0) {
 // The key-tile pipeline shared by both kernels: tile t + 1 streams into one
 // buffer (cp.async) while tile t is consumed from the other. consume(t, buf)
 // runs with tile t visible in buffer `buf`.
-template <bool PAGED, typename T, int BN, int LDS, int NT, typename Consume>
+template <bool PAGED, typename T, int BN, int LDS, int NT, int DMAX, typename Consume>
 __device__ __forceinline__ void stream_kv_tiles(const AttentionParams<T>& p, int64_t s, const SeqView& v,
                                 int kvh, int keys_needed, int padded, T* Ks, T* Vs,
                                 int64_t* koff, int64_t* voff, const Consume& consume) {
@@ -203,10 +213,10 @@ __device__ __forceinline__ void stream_kv_tiles(const AttentionParams<T>& p, int
   };
   auto issue = [&](int t) {
     const int b = t & 1;
-    load_rows<T, BN, LDS, NT>(Ks + b * BN * LDS, p.key, koff + b * BN, padded, p.head_dim,
-                              p.vec_ok);
-    load_rows<T, BN, LDS, NT>(Vs + b * BN * LDS, p.value, voff + b * BN, padded, p.head_dim,
-                              p.vec_ok);
+    load_rows<T, BN, LDS, NT, DMAX>(Ks + b * BN * LDS, p.key, koff + b * BN, padded, p.head_dim,
+                                    p.vec_ok);
+    load_rows<T, BN, LDS, NT, DMAX>(Vs + b * BN * LDS, p.value, voff + b * BN, padded, p.head_dim,
+                                    p.vec_ok);
     cp_async_commit();
   };
   if (num_tiles == 0) return;
@@ -272,7 +282,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     if (!seq_view<PAGED>(p, s, v) || q0 >= v.q_len) continue;
     query_offsets<BM>(p, v, q0, h, qoff);
     __syncthreads();
-    load_rows<T, BM, LDS, NT>(Qs, p.query, qoff, padded, D, p.vec_ok);
+    load_rows<T, BM, LDS, NT, DMAX>(Qs, p.query, qoff, padded, D, p.vec_ok);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -292,6 +302,9 @@ __global__ void __launch_bounds__(kMmaThreads)
         if (ks * 16 < D) q_frag(ks, qf[ks]);
     }
 
+    // Lanes 0-7 / 8-15 address keys 0-7 at columns +0 / +8, lanes 16-31 keys
+    // 8-15 (the x4 ldmatrix of two 8-key groups of one 16-column step).
+    const T* const krow0 = Ks + ((lane >> 4) * 8 + (lane & 7)) * LDS + ((lane >> 3) & 1) * 8;
     float o[DMAX / 8][4];
 #pragma unroll
     for (int n = 0; n < DMAX / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
@@ -300,7 +313,7 @@ __global__ void __launch_bounds__(kMmaThreads)
     const int lim[2] = {v.row_limit(qi0), v.row_limit(qi0 + 8)};
 
     auto consume = [&](int t, int buf) {
-      const T* Kt = Ks + buf * BN * LDS;
+      const T* krow = krow0 + buf * BN * LDS;
       const T* Vt = Vs + buf * BN * LDS;
       float sc[BN / 8][4];
 #pragma unroll
@@ -315,23 +328,37 @@ __global__ void __launch_bounds__(kMmaThreads)
         } else {
           q_frag(ks, a);
         }
+        // One ldmatrix.x4 gives the B fragments of two 8-key groups.
 #pragma unroll
-        for (int n = 0; n < BN / 8; ++n) {
-          const T* k = Kt + (n * 8 + g) * LDS + ks * 16 + c0;
-          mma_16816<T>(sc[n], a, ld_shared_u32(k), ld_shared_u32(k + 8));
+        for (int n = 0; n < BN / 8; n += 2) {
+          uint32_t b[4];
+          ldmatrix_x4(b, krow + n * 8 * LDS + ks * 16);
+          mma_16816<T>(sc[n], a, b[0], b[1]);
+          mma_16816<T>(sc[n + 1], a, b[2], b[3]);
         }
       }
-      // Mask, then the online softmax of this thread's rows g and g + 8.
+      // Mask (only a tile that reaches past a row's last key), then the
+      // online softmax of this thread's rows g and g + 8.
       const int j0 = t * BN;
       float mx[2] = {m[0], m[1]};
+      if (j0 + BN <= min(lim[0], lim[1])) {
 #pragma unroll
-      for (int n = 0; n < BN / 8; ++n)
+        for (int n = 0; n < BN / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int key = j0 + n * 8 + c0 + (e & 1);
-          sc[n][e] = key < lim[e >> 1] ? sc[n][e] * p.scale_log2 : -INFINITY;
-          mx[e >> 1] = fmaxf(mx[e >> 1], sc[n][e]);
-        }
+          for (int e = 0; e < 4; ++e) {
+            sc[n][e] *= p.scale_log2;
+            mx[e >> 1] = fmaxf(mx[e >> 1], sc[n][e]);
+          }
+      } else {
+#pragma unroll
+        for (int n = 0; n < BN / 8; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int key = j0 + n * 8 + c0 + (e & 1);
+            sc[n][e] = key < lim[e >> 1] ? sc[n][e] * p.scale_log2 : -INFINITY;
+            mx[e >> 1] = fmaxf(mx[e >> 1], sc[n][e]);
+          }
+      }
       float alpha[2], base[2], sum[2] = {0.f, 0.f};
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -352,6 +379,7 @@ __global__ void __launch_bounds__(kMmaThreads)
       for (int r = 0; r < 2; ++r) l[r] = l[r] * alpha[r] + sum[r];
 #pragma unroll
       for (int n = 0; n < DMAX / 8; ++n) {
+        if (n * 8 >= D) break;
         o[n][0] *= alpha[0];
         o[n][1] *= alpha[0];
         o[n][2] *= alpha[1];
@@ -375,8 +403,8 @@ __global__ void __launch_bounds__(kMmaThreads)
         }
       }
     };
-    stream_kv_tiles<PAGED, T, BN, LDS, NT>(p, s, v, kvh, keys_for_block<BM>(v, q0), padded, Ks,
-                                           Vs, koff, voff, consume);
+    stream_kv_tiles<PAGED, T, BN, LDS, NT, DMAX>(p, s, v, kvh, keys_for_block<BM>(v, q0), padded,
+                                                 Ks, Vs, koff, voff, consume);
 
     // Normalize and store rows g and g + 8 of this warp.
 #pragma unroll
@@ -435,7 +463,7 @@ __global__ void __launch_bounds__(kSimtThreads)
     if (!seq_view<PAGED>(p, s, v) || q0 >= v.q_len) continue;
     query_offsets<BM>(p, v, q0, h, qoff);
     __syncthreads();
-    load_rows<float, BM, LDS, NT>(Qs, p.query, qoff, D, D, p.vec_ok);
+    load_rows<float, BM, LDS, NT, DMAX>(Qs, p.query, qoff, D, D, p.vec_ok);
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
@@ -487,8 +515,8 @@ __global__ void __launch_bounds__(kSimtThreads)
         }
       }
     };
-    stream_kv_tiles<PAGED, float, BN, LDS, NT>(p, s, v, kvh, keys_for_block<BM>(v, q0), D, Ks,
-                                               Vs, koff, voff, consume);
+    stream_kv_tiles<PAGED, float, BN, LDS, NT, DMAX>(p, s, v, kvh, keys_for_block<BM>(v, q0), D,
+                                                     Ks, Vs, koff, voff, consume);
 #pragma unroll
     for (int r = 0; r < RPW; ++r) {
       const int qi = q0 + warp * RPW + r;

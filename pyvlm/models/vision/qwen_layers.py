@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyvlm import ops
+from pyvlm.layers.packed_attention import packed_attention
 
 from .qwen_grid import AttentionSpans
 
@@ -141,8 +142,8 @@ class VisionAttention(nn.Module):
         qkv = self.qkv(hidden).view(num_tokens, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.unbind(1)  # strided views; the ops take them as they are
         rotary.rotate_(query, key)
-        out = ops.varlen_attention(query, key, value, spans.cu_seqlens, spans.cu_seqlens,
-                                   spans.max_seqlen, spans.max_seqlen, self.head_dim ** -0.5)
+        out = packed_attention(query, key, value, spans.cu_seqlens, spans.cu_seqlens,
+                               spans.max_seqlen, spans.max_seqlen, self.head_dim ** -0.5)
         return self.proj(out.view(num_tokens, -1))
 
 

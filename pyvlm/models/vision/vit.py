@@ -2,7 +2,7 @@
 square tiles, read at the selected feature layers.
 
 Every tile of every image runs in one call; attention is block-diagonal per
-tile (ops.varlen_attention), so tiles of different images never mix. Only
+tile (pyvlm.layers.packed_attention), so tiles of different images never mix. Only
 the layers up to the deepest selected feature layer are built, as later
 layers cannot change the selected hidden states. Module names are
 transformers' (layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2,
@@ -15,8 +15,8 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from pyvlm import ops
 from pyvlm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pyvlm.layers.packed_attention import packed_attention
 
 from .qwen_layers import vision_activation
 
@@ -58,8 +58,8 @@ class VitAttention(nn.Module):
         qkv = self.qkv_proj(hidden.reshape(num_tiles * num_patches, hidden_size))
         query, key, value = (t.view(-1, self.num_heads, self.head_dim)
                              for t in qkv.split(hidden_size, dim=-1))
-        out = ops.varlen_attention(query, key, value, cu_seqlens, cu_seqlens, num_patches,
-                                   num_patches, self.head_dim ** -0.5)
+        out = packed_attention(query, key, value, cu_seqlens, cu_seqlens, num_patches,
+                               num_patches, self.head_dim ** -0.5)
         return self.out_proj(out.view(num_tiles, num_patches, hidden_size))
 
 

@@ -1,0 +1,93 @@
+"""packed_attention (the vision towers' attention) against the float64
+reference: pyvlm's kernel on the CPU and for float32, torch's FlashAttention
+for 16-bit CUDA inputs where this torch has it, on views into a fused QKV
+projection as the towers pass them."""
+
+import pytest
+import torch
+
+from pyvlm.layers import packed_attention as packed
+from pyvlm.ops import reference
+from tests.ops.conftest import assert_close
+
+# Two small images and one of Qwen2-VL's 644x476 photo (1,564 patch rows).
+IMAGE_ROWS = [37, 256, 1564]
+
+
+def fused_case(rows, heads, head_dim, dtype, device):
+    total = sum(rows)
+    qkv = torch.randn(total, 3, heads, head_dim, device=device).to(dtype)
+    query, key, value = qkv.unbind(1)
+    cu = torch.tensor([0] + torch.tensor(rows).cumsum(0).tolist(), dtype=torch.int32,
+                      device=device)
+    return (query, key, value, cu, cu, max(rows), max(rows), 0.9 * head_dim ** -0.5)
+
+
+def as_double(case):
+    return tuple(t.double() if torch.is_tensor(t) and t.is_floating_point() else t for t in case)
+
+
+def check(case, dtype):
+    out = packed.packed_attention(*case)
+    assert out.shape == case[0].shape and out.dtype == dtype
+    assert_close(out, reference.varlen_attention(*as_double(case)), dtype)
+
+
+def test_cpu_runs_pyvlm_kernel():
+    case = fused_case([5, 40], 4, 80, torch.float32, "cpu")
+    assert not packed.takes_torch_flash(*case[:3])
+    check(case, torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [64, 72, 80])
+def test_cpu_bfloat16(head_dim):
+    check(fused_case([9, 70], 4, head_dim, torch.bfloat16, "cpu"), torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 72, 80])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_16bit_matches_reference(head_dim, dtype):
+    case = fused_case(IMAGE_ROWS, 16, head_dim, dtype, "cuda")
+    if packed._FLASH_VARLEN is not None:  # this torch has FlashAttention varlen with a scale
+        assert packed.takes_torch_flash(*case[:3])
+    check(case, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_float32_runs_pyvlm_kernel():
+    case = fused_case(IMAGE_ROWS, 16, 80, torch.float32, "cuda")
+    assert not packed.takes_torch_flash(*case[:3])
+    check(case, torch.float32)
+
+
+def causal_reference(query, key, value, lens, scale):
+    """Causal GQA attention of each packed prompt over its own rows, float64."""
+    outs, start = [], 0
+    group = query.shape[1] // key.shape[1]
+    for n in lens:
+        q, k, v = (t[start:start + n].double() for t in (query, key, value))
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        outs.append(torch.einsum("hqk,khd->qhd", scores.masked_fill(~mask, float("-inf"))
+                                 .softmax(-1), v))
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_fresh_causal_attention_with_gqa(dtype):
+    """Qwen2-7B's heads (28 query, 4 key/value, d 128) over prompts of 450
+    and 1,100 rows, key/value as views into a fused projection."""
+    if not packed._FLASH_CAUSAL_GQA:
+        pytest.skip("this torch has no FlashAttention varlen (CUDA build without it, or < 2.9)")
+    lens, heads, kv_heads, head_dim = [450, 1100], 28, 4, 128
+    qkv = torch.randn(sum(lens), heads + 2 * kv_heads, head_dim, device="cuda").to(dtype)
+    query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=1)
+    assert packed.takes_torch_flash(query, key, value, causal=True)
+    cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device="cuda")
+    scale = head_dim ** -0.5
+    out = packed.fresh_causal_attention(query, key, value, cu, max(lens), scale)
+    assert_close(out, causal_reference(query, key, value, lens, scale), dtype)
