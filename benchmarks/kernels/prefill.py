@@ -4,12 +4,10 @@ Prefill baseline: gather each sequence's pages, then SDPA with a causal mask
 (is_causal when there is no prefix, else a bottom-right aligned attn_mask) and
 enable_gqa. Varlen baselines: SDPA per image in a loop, and one SDPA call over
 all images with a block-diagonal mask. On CUDA both also run against
-torch's bundled FlashAttention (torch.nn.attention.varlen.varlen_attn, paged
-through its block_table where this torch has it), the fastest library kernel a
-user of torch has at hand.
+torch's bundled FlashAttention, the path the engine takes for 16-bit inputs:
+varlen_attn for the towers; for prefill each sequence's keys gathered from
+the cache (PrefillKeys), then causal FlashAttention.
 """
-
-import inspect
 
 import math
 
@@ -31,25 +29,33 @@ def _torch_varlen_attn():
 
 
 def _flash_prefill_row(c, prefix, new, case, ours, nbytes, device):
-    """The same paged prefill through torch's FlashAttention with a block table."""
-    varlen_attn = _torch_varlen_attn()
-    if varlen_attn is None or "block_table" not in inspect.signature(varlen_attn).parameters:
+    """The engine's CUDA 16-bit path: each sequence's keys gathered from the
+    cache (PrefillKeys), then torch's FlashAttention, causal bottom-right."""
+    from pyvlm.layers.attention import AttentionMetadata
+    from pyvlm.layers.packed_attention import causal_attention, takes_torch_flash
+
+    q, kc, vc = c["query"], c["key_cache"], c["value_cache"]
+    num_seqs, page_size = c["block_tables"].shape[0], kc.shape[1]
+    if not takes_torch_flash(q, kc[0], vc[0], causal=True):
         return []
-    num_seqs = c["block_tables"].shape[0]
-    cu_k = torch.arange(num_seqs + 1, device=device, dtype=torch.int32) * (prefix + new)
-    seqused = torch.full((num_seqs,), prefix + new, device=device, dtype=torch.int32)
+    attn = AttentionMetadata(False, torch.zeros(0, device=device), c["block_tables"],
+                             cu_seqlens_q=c["cu_seqlens_q"], prefix_lens=c["prefix_lens"],
+                             max_seqlen_q=new, page_size=page_size,
+                             num_prefill_keys=num_seqs * (prefix + new),
+                             max_seqlen_k=prefix + new)
 
     def flash():
-        return varlen_attn(c["query"], c["key_cache"], c["value_cache"], c["cu_seqlens_q"], cu_k,
-                           new, prefix + new, scale=c["scale"], window_size=(-1, 0),
-                           enable_gqa=True, seqused_k=seqused, block_table=c["block_tables"])
-    try:
-        base = time_us(flash, device)
-    except (RuntimeError, ValueError, TypeError) as e:  # e.g. a page size it does not take
-        print(f"torch varlen_attn with block_table: {type(e).__name__}: {str(e)[:200]}")
-        return []
-    return [Row("paged_attention_prefill", case, device, ours, "torch varlen_attn (flash, paged)",
-                base, nbytes)]
+        keys = AttentionMetadata.prefill_keys(attn) if prefix else None
+        if keys is None:  # a fresh prompt: the engine attends over its own rows
+            k = kc.flatten(0, 1)[: num_seqs * new]
+            return causal_attention(q, k, vc.flatten(0, 1)[: num_seqs * new], c["cu_seqlens_q"],
+                                    c["cu_seqlens_q"], new, new, c["scale"])
+        attn.__dict__.pop("_prefill_keys", None)  # rebuilt per step, as in the engine
+        return causal_attention(q, keys.gather(kc), keys.gather(vc), c["cu_seqlens_q"],
+                                keys.cu_seqlens_k, new, prefix + new, c["scale"])
+    base = time_us(flash, device)
+    return [Row("paged_attention_prefill", case, device, ours,
+                "engine path: gather + torch flash", base, nbytes)]
 
 
 def _paged_inputs(num_seqs, prefix, new, heads, kv_heads, head_dim, page_size, dtype, device):

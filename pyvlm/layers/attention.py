@@ -15,7 +15,7 @@ from torch import nn
 from pyvlm import ops
 from pyvlm.ops.host_upload import HostUpload
 
-from .packed_attention import fresh_causal_attention, takes_torch_flash
+from .packed_attention import causal_attention, takes_torch_flash
 
 # (start_pos, num_new_tokens, page_table) of one sequence in the step.
 ChunkSpan = Tuple[int, int, Sequence[int]]
@@ -63,6 +63,10 @@ class AttentionMetadata:
     fresh_prefill: every prefill sequence starts at position 0 (nothing of
     it cached), so its keys are exactly the step's own key rows and its
     attention needs no cache read (pyvlm.layers.packed_attention).
+    page_size, num_prefill_keys and max_seqlen_k (host-known) size the
+    gather of the prefill sequences' whole keys from the cache for
+    FlashAttention otherwise (PrefillKeys, built once per step on the
+    device).
     """
 
     is_decode: bool
@@ -76,9 +80,19 @@ class AttentionMetadata:
     decode_block_tables: Optional[torch.Tensor] = None
     decode_seq_lens: Optional[torch.Tensor] = None
     fresh_prefill: bool = False
+    page_size: int = 0
+    num_prefill_keys: int = 0
+    max_seqlen_k: int = 0
     # A cross-attention family's per-step image inputs (the model builds
     # them: pyvlm.models.mllama_cross_inputs); None for every other step.
     cross_attention: Optional[object] = None
+
+    def prefill_keys(self) -> "PrefillKeys":
+        """The step's PrefillKeys, built on first use."""
+        keys = self.__dict__.get("_prefill_keys")
+        if keys is None:
+            keys = self.__dict__["_prefill_keys"] = PrefillKeys(self)
+        return keys
 
     @classmethod
     def build(cls, chunks: List[ChunkSpan], page_size: int, is_decode: bool,
@@ -106,6 +120,7 @@ class AttentionMetadata:
         if is_decode:
             extra = dict(seq_lens=upload.add([start + 1 for start, _, _ in chunks], torch.int32))
             max_seqlen_q, num_prefill_tokens, fresh_prefill = 0, None, False
+            key_lens = []
         else:
             prefill, tail = _split_single_token_tail(chunks)
             num_new_tokens = [num_new for _, num_new, _ in prefill]
@@ -113,6 +128,7 @@ class AttentionMetadata:
                          prefix_lens=upload.add([start for start, _, _ in prefill], torch.int32))
             max_seqlen_q = max(num_new_tokens + [0])
             fresh_prefill = all(start == 0 for start, _, _ in prefill)
+            key_lens = [start + num_new for start, num_new, _ in prefill]
             num_prefill_tokens = None
             if tail:
                 num_prefill_tokens = sum(num_new_tokens)
@@ -127,9 +143,34 @@ class AttentionMetadata:
             tensors = {name: pending.tensor for name, pending in {**common, **extra}.items()}
             return cls(is_decode=is_decode, max_seqlen_q=max_seqlen_q,
                        num_prefill_tokens=num_prefill_tokens, fresh_prefill=fresh_prefill,
-                       **tensors)
+                       page_size=page_size, num_prefill_keys=sum(key_lens),
+                       max_seqlen_k=max(key_lens + [0]), **tensors)
 
         return make
+
+
+class PrefillKeys:
+    """Where the prefill sequences' whole keys (cached prefix and new rows)
+    lie in the cache, built on the device from the block tables without a
+    host sync: slots int64 [num_prefill_keys] and cu_seqlens_k int32
+    [num_seqs + 1]. One per step, shared by every layer (AttentionMetadata
+    caches it)."""
+
+    def __init__(self, attn: "AttentionMetadata"):
+        q_lens = attn.cu_seqlens_q[1:] - attn.cu_seqlens_q[:-1]
+        key_lens = attn.prefix_lens + q_lens
+        device = key_lens.device
+        self.cu_seqlens_k = torch.zeros(key_lens.shape[0] + 1, dtype=torch.int32, device=device)
+        torch.cumsum(key_lens, 0, out=self.cu_seqlens_k[1:])
+        seq = torch.repeat_interleave(torch.arange(key_lens.shape[0], device=device), key_lens,
+                                      output_size=attn.num_prefill_keys)
+        position = torch.arange(attn.num_prefill_keys, device=device) - self.cu_seqlens_k[seq]
+        pages = attn.block_tables[seq, position // attn.page_size].long()
+        self.slots = pages * attn.page_size + position % attn.page_size
+
+    def gather(self, cache: torch.Tensor) -> torch.Tensor:
+        """[num_prefill_keys, kv_heads, head_dim] rows of one layer's cache."""
+        return cache.flatten(0, 1).index_select(0, self.slots)
 
 
 def _split_single_token_tail(chunks: List[ChunkSpan]) -> Tuple[List[ChunkSpan], List[ChunkSpan]]:
@@ -178,13 +219,19 @@ class PagedAttention(nn.Module):
     def _prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  kv_cache: Tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Causal attention of the prefill rows: whole fresh prompts over
-        their own key rows by FlashAttention where torch has it (they need no
-        cache read), else pyvlm's paged prefill kernel (which also reads
-        cached prefixes)."""
-        if attn.fresh_prefill and takes_torch_flash(query, key, value, causal=True):
-            flash = fresh_causal_attention(query, key, value, attn.cu_seqlens_q,
-                                           attn.max_seqlen_q, self.scale)
+        """Causal attention of the prefill rows, by FlashAttention where torch
+        has it: whole fresh prompts over their own key rows, prompts with a
+        cached prefix over their keys gathered from the cache (bottom-right
+        causal alignment); else pyvlm's paged prefill kernel."""
+        if takes_torch_flash(query, key, value, causal=True):
+            if attn.fresh_prefill:
+                flash = causal_attention(query, key, value, attn.cu_seqlens_q, attn.cu_seqlens_q,
+                                         attn.max_seqlen_q, attn.max_seqlen_q, self.scale)
+            else:
+                keys = attn.prefill_keys()
+                flash = causal_attention(query, keys.gather(kv_cache[0]), keys.gather(kv_cache[1]),
+                                         attn.cu_seqlens_q, keys.cu_seqlens_k, attn.max_seqlen_q,
+                                         attn.max_seqlen_k, self.scale)
             return flash if out is None else out.copy_(flash)
         key_cache, value_cache = kv_cache
         return ops.paged_attention_prefill(query, key_cache, value_cache, attn.block_tables,

@@ -85,11 +85,13 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                 max_seqlen_k, scale)
 
 
-def fresh_causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                           cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
-    """Causal attention of whole prompts over their own rows (a prefill with
-    no cached prefix: key/value hold every key), by torch's FlashAttention;
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
+                     max_seqlen_k: int, scale: float) -> torch.Tensor:
+    """Causal attention of packed prompt rows over their sequences' keys,
+    aligned bottom-right (a sequence's last query sees all of its keys: the
+    new rows of a prompt whose prefix is cached), by torch's FlashAttention;
     only where takes_torch_flash(query, key, value, causal=True). Returns
     [rows, heads, head_dim]."""
-    return _flash(query, key, value, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, scale,
-                  causal=True)
+    return _flash(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  scale, causal=True)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from pyvlm.layers.attention import AttentionMetadata, PagedAttention
+from pyvlm.layers.attention import AttentionMetadata, PagedAttention, slots_of
 
 
 def test_build_prefill_metadata():
@@ -72,6 +72,10 @@ STEPS = {"separate": [([(0, 0, 4), (1, 0, 5)], False), ([(0, 4, 6)], False),
                    ([(0, 10, 1)], True)]}
 
 
+# LONG: a 1,000-token prompt in two chunks, the second (700 rows over a
+# 300-row cached prefix) with the other sequence's decode as its tail.
+STEPS["long"] = [([(0, 0, 300), (1, 0, 40)], False), ([(0, 300, 700), (1, 40, 1)], False),
+                 ([(0, 1000, 1), (1, 41, 1)], True)]
 # FRESH_MIXED: step 2 runs seq 0's whole prompt (nothing cached: the
 # fresh-prefill path) with seq 1's token 5 as its single-token tail.
 STEPS["fresh_mixed"] = [([(1, 0, 5)], False), ([(0, 0, 10), (1, 5, 1)], False),
@@ -83,7 +87,10 @@ def run_schedule(schedule, page_size, heads, head_dim, dtype=torch.float32, devi
     outputs, float64 references)."""
     num_heads, num_kv_heads = heads
     layer = PagedAttention(num_heads, num_kv_heads, head_dim, scale=head_dim ** -0.5)
-    lengths, num_pages = (11, 6), 64
+    steps = STEPS[schedule]
+    lengths = [max(start + n for spans, _ in steps for s, start, n in spans if s == seq)
+               for seq in range(2)]
+    num_pages = 2 * -(-max(lengths) // page_size) + 2
     q, k, v = ([torch.randn(n, h, head_dim).to(device, dtype) for n in lengths]
                for h in (num_heads, num_kv_heads, num_kv_heads))
     shape = (num_pages, page_size, num_kv_heads, head_dim)
@@ -91,7 +98,7 @@ def run_schedule(schedule, page_size, heads, head_dim, dtype=torch.float32, devi
     free = random.sample(range(num_pages), num_pages)
     tables = [[free.pop() for _ in range(-(-n // page_size))] for n in lengths]
     outs = [[None] * n for n in lengths]
-    for spans, is_decode in STEPS[schedule]:
+    for spans, is_decode in steps:
         attn = AttentionMetadata.build([(start, n, tables[s]) for s, start, n in spans],
                                        page_size, is_decode, device=device)
         cat = [torch.cat([t[s][start:start + n] for s, start, n in spans]) for t in (q, k, v)]
@@ -121,13 +128,37 @@ def test_fresh_prefill_marks_steps_with_no_cached_prefix():
     assert not build([(4, 1, [1, 7, 3])], 2, is_decode=True).fresh_prefill
 
 
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_prefill_keys_gather_every_key_of_the_prefill_sequences(page_size):
+    """PrefillKeys (built on the device from the block tables) lists each
+    prefill sequence's whole keys, cached prefix first, as slots_of does on
+    the host; a mixed step's decode tail is not among them."""
+    num_pages = 40
+    pages = random.sample(range(num_pages), num_pages)
+    spans = [(0, 5), (2 * page_size + 1, 4), (7, 2 * page_size), (9, 1)]  # last: decode tail
+    tables = [[pages.pop() for _ in range(-(-(start + n) // page_size))] for start, n in spans]
+    attn = AttentionMetadata.build([(start, n, table) for (start, n), table in zip(spans, tables)],
+                                   page_size, is_decode=False)
+    assert attn.num_prefill_tokens == sum(n for _, n in spans[:3]) and not attn.fresh_prefill
+    keys = attn.prefill_keys()
+    expected = [slot for (start, n), table in zip(spans[:3], tables)
+                for slot in slots_of(0, start + n, table, page_size)]
+    assert keys.slots.tolist() == expected
+    assert keys.cu_seqlens_k.tolist() == [0, 5, 5 + 2 * page_size + 5, len(expected)]
+    assert attn.max_seqlen_k == max(start + n for start, n in spans[:3])
+    assert attn.prefill_keys() is keys  # built once per step
+    cache = torch.randn(num_pages, page_size, 2, 4)
+    assert torch.equal(keys.gather(cache), cache.flatten(0, 1)[expected])
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("schedule", list(STEPS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_16bit_schedules_match_whole_sequence_attention(schedule, dtype):
-    """On CUDA with 16-bit K/V, fresh prefills take torch's FlashAttention
-    (where it has causal GQA), the rest pyvlm's paged kernels: every row
-    still equals whole-sequence attention."""
+    """On CUDA with 16-bit K/V, prefills take torch's FlashAttention (fresh
+    ones over their own rows, the rest over keys gathered from the cache)
+    and decodes pyvlm's paged kernel: every row still equals whole-sequence
+    attention."""
     outs, refs = run_schedule(schedule, 16, (8, 2), 64, dtype, "cuda")
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)

@@ -89,5 +89,5 @@ def test_cuda_fresh_causal_attention_with_gqa(dtype):
     assert packed.takes_torch_flash(query, key, value, causal=True)
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device="cuda")
     scale = head_dim ** -0.5
-    out = packed.fresh_causal_attention(query, key, value, cu, max(lens), scale)
+    out = packed.causal_attention(query, key, value, cu, cu, max(lens), max(lens), scale)
     assert_close(out, causal_reference(query, key, value, lens, scale), dtype)
