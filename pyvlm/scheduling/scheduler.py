@@ -9,21 +9,25 @@ come from preemption, a step is prefill alone when any fits, else decode
 alone. Prefixes are shared through the radix cache; when decode runs out of
 pages the most recently arrived request is preempted and later recomputed
 (its cached full pages make that cheap), so clients never see an error.
+With overlap scheduling each step is planned and launched while the one
+before it still runs (pyvlm.scheduling.overlap).
 """
 
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from types import MappingProxyType
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
 from pyvlm.config import CacheConfig, SchedulerConfig
 from pyvlm.scheduling.decode_reserve import DecodeReserve
 from pyvlm.scheduling.detokenizer import detokenizer_factory as default_detokenizer_factory
 from pyvlm.scheduling.errors import DeviceFailure
+from pyvlm.scheduling.future_tokens import FUTURE_TOKEN
 from pyvlm.scheduling.isolation import ChunkFailure, forward_isolated
 from pyvlm.scheduling.kv_manager import KVManager
 from pyvlm.scheduling.output_processor import record_sample, take_output
-from pyvlm.scheduling.overlap import InFlight, continuing, is_still_running, next_decode_chunk
+from pyvlm.scheduling.overlap import Frontier, InFlight, frontier_after, is_still_running
 from pyvlm.scheduling.prefill_planner import PrefillBudget, order_waiting
 from pyvlm.scheduling.radix_cache import PrefixMatch
 from pyvlm.scheduling.request import Request, RequestOutput, RequestStatus
@@ -32,10 +36,14 @@ from pyvlm.scheduling.types import (CrossImage, ForwardBatch, ModelRunner, Sched
                                     SequenceChunk)
 
 Planned = Tuple[Request, int]  # a request and how many of its tokens run this step
+NOTHING_UNREAD: Mapping[Request, int] = MappingProxyType({})  # no step in flight
 
 
 @dataclass
 class PrefillPlan:
+    """The prefill chunks of a step, planned from `frontier`."""
+
+    frontier: Optional[Frontier] = None
     items: List[Planned] = field(default_factory=list)
     num_cached_tokens: int = 0  # prefix-cache hits of the newly admitted requests
     # image K/V rows (cross-attention families) computed this step or found
@@ -43,11 +51,7 @@ class PrefillPlan:
     num_new_image_rows: int = 0
     num_cached_image_rows: int = 0
     num_new_seqs: int = 0
-
-    @property
-    def has_partial(self) -> bool:
-        """Whether the last request stops mid-prompt (then nothing may follow)."""
-        return bool(self.items) and self.items[-1][1] < self.items[-1][0].num_uncomputed_tokens
+    has_partial: bool = False  # the last request stops mid-prompt (then nothing may follow)
 
 
 @dataclass
@@ -145,39 +149,32 @@ class Scheduler:
 
     def step(self, runner: ModelRunner) -> List[RequestOutput]:
         """Schedules one batch, runs it and returns the outputs due. With
-        overlap scheduling a decode step is only launched here, and its
-        outputs come from the next call (which launches the one after it
-        first: pyvlm.scheduling.overlap)."""
+        overlap scheduling a step is only launched here, and its outputs
+        come from the next call, which launches the step after it first
+        (pyvlm.scheduling.overlap)."""
         if self._launched is not None:
             outputs, self._pending_outputs = self._pending_outputs, []
             return outputs + self._step_overlapped(runner)
         step = self._schedule()
-        items = step.items
         outputs, self._pending_outputs = self._pending_outputs, []
-        if not items:
+        if not step.items:
             return outputs
-        batch = ForwardBatch(step.is_decode, [self._chunk(request, n) for request, n in items])
-        if step.is_decode and self._may_overlap(runner):
-            self._launched = self._launch(runner, step, batch)
+        if self._may_overlap(runner):
+            self._launched = self._launch(runner, step, self._batch(step))
             if self._launched is not None:
                 return outputs
-        results = forward_isolated(runner, batch)
-        outputs.extend(self._process(items, results, len(step.prefill.items)))
-        self._after_step(step)
-        return outputs
+        return outputs + self._run_plainly(runner, step)
 
     # ---- overlap scheduling (pyvlm/scheduling/overlap.py) -------------------
 
     def _may_overlap(self, runner: ModelRunner) -> bool:
-        """Whether the next decode step may be launched before this one is
-        read: overlap is on, nothing waits for admission or is mid-chunk."""
-        return (bool(self.config.overlap_schedule) and hasattr(runner, "launch")
-                and not self.waiting and self.chunked is None)
+        """Whether a step may be launched before the one in flight is read."""
+        return bool(self.config.overlap_schedule) and hasattr(runner, "launch")
 
     def _launch(self, runner: ModelRunner, step: StepPlan,
                 batch: ForwardBatch) -> Optional[InFlight]:
-        """Launches a decode step; None when launching raised (the caller
-        then runs the batch the plain way, which isolates the failure)."""
+        """Launches a step; None when launching raised (the caller then runs
+        the step the plain way, which isolates the failure)."""
         try:
             launched = runner.launch(batch)
         except DeviceFailure:
@@ -187,38 +184,66 @@ class Scheduler:
         return InFlight(step, batch, launched)
 
     def _step_overlapped(self, runner: ModelRunner) -> List[RequestOutput]:
-        """Launches the decode step after the one in flight when it can,
-        then reads and processes the one in flight."""
+        """Launches the step after the one in flight when it can, then reads
+        and processes the one in flight; a following step whose launch
+        raised runs plainly after that."""
         flight, self._launched = self._launched, None
         following = self._plan_following(flight) if self._may_overlap(runner) else None
         if following is not None:
-            batch = ForwardBatch(True, [next_decode_chunk(r, self._cross_image_refs(r))
-                                        for r in following.decodes])
+            batch = self._batch(following, flight.num_tokens)
             self._launched = self._launch(runner, following, batch)
+        outputs = self._read(flight)
+        if following is not None and self._launched is None:
+            outputs += self._run_plainly(runner, following)
+        return outputs
+
+    def _plan_following(self, flight: InFlight) -> Optional[StepPlan]:
+        """The step after the one in flight, planned as a plain step is but
+        from what the flight leaves (overlap.frontier_after) and without
+        preemption; None when nothing can run without reading it first."""
+        frontier = frontier_after(flight, self.running, self.chunked, self.context_length)
+        step = self._plan(frontier, self._decode_without_preemption)
+        return step if step.items else None
+
+    def _decode_without_preemption(self, frontier: Frontier) -> List[Request]:
+        if frontier.running and self._reserve_decode_pages(frontier):
+            return list(frontier.running)
+        return []
+
+    def _read(self, flight: InFlight) -> List[RequestOutput]:
+        """Waits for the step in flight and processes the results of its
+        requests still running (a result of a request that ended or was
+        aborted meanwhile is dropped)."""
         try:
             results = flight.launched.wait()
         except DeviceFailure:
             raise
         except Exception as exc:  # noqa: BLE001 - no chunk to blame: the step's requests fail
             results = [ChunkFailure(exc)] * len(flight.batch.chunks)
-        items = [(item, result) for item, result in zip(flight.step.items, results)
-                 if is_still_running(item[0])]  # aborted or ended meanwhile: result dropped
-        outputs = self._process([item for item, _ in items], [r for _, r in items], 0)
-        self._after_step(flight.step)
-        return outputs
+        live = self._live_indices(flight.step.items)
+        return self._finish(flight.step, live, [results[i] for i in live])
 
-    def _plan_following(self, flight: InFlight) -> Optional[StepPlan]:
-        """The decode step after the one in flight: its requests that it
-        cannot end by length, each with a slot for one more token, taken
-        without preemption (None: none, or too few pages)."""
-        requests = continuing(flight.step.decodes, self.context_length)
-        needy = [r for r in requests
-                 if self.kv.num_pages_for(r.num_computed_tokens + 2) > len(r.page_table)]
-        if not requests or not self.kv.make_free(len(needy)):
-            return None
-        for request in needy:
-            self.kv.reserve(request, request.num_computed_tokens + 2)
-        return StepPlan(PrefillPlan(), requests, len(self.running))
+    def _run_plainly(self, runner: ModelRunner, step: StepPlan) -> List[RequestOutput]:
+        """Runs the step and processes its results (nothing in flight); a
+        request that ended since it was planned is left out."""
+        items = step.items
+        live = self._live_indices(items)
+        is_decode = all(i >= len(step.prefill.items) for i in live)
+        batch = ForwardBatch(is_decode, [self._chunk(*items[i]) for i in live])
+        results = forward_isolated(runner, batch) if live else []
+        return self._finish(step, live, results)
+
+    @staticmethod
+    def _live_indices(items: List[Planned]) -> List[int]:
+        return [i for i, (request, _) in enumerate(items) if is_still_running(request)]
+
+    def _finish(self, step: StepPlan, live: List[int], results) -> List[RequestOutput]:
+        """Processes the results of the step's items at indices `live`."""
+        items, num_prefills = step.items, len(step.prefill.items)
+        outputs = self._process([items[i] for i in live], results,
+                                sum(i < num_prefills for i in live))
+        self._after_step(step)
+        return outputs
 
     def flush_cache(self) -> bool:
         """Empties the prefix cache; only when idle (returns False otherwise).
@@ -243,23 +268,31 @@ class Scheduler:
     # ---- what a step runs ---------------------------------------------------
 
     def _schedule(self) -> StepPlan:
+        """The next step with nothing in flight; decode alone may preempt."""
+        return self._plan(Frontier(self.running, self.chunked),
+                          lambda frontier: self._schedule_decode())
+
+    def _plan(self, frontier: Frontier,
+              schedule_decode: Callable[[Frontier], List[Request]]) -> StepPlan:
         """Mixed: pages for the decodes first (free list, then cache
         eviction), then prefill in what the decodes leave of the budget.
         Otherwise today's rule: prefill alone if any fits, else decode alone
-        (which may preempt)."""
-        num_running = len(self.running)
-        if self._can_mix() and self._reserve_decode_pages():
-            return StepPlan(self._schedule_prefill(num_running), list(self.running), num_running)
-        plan = self._schedule_prefill()
-        decodes = [] if plan.items else self._schedule_decode()
+        (schedule_decode: the running requests that decode, their pages
+        taken)."""
+        num_running = len(frontier.running)
+        if self._can_mix(frontier) and self._reserve_decode_pages(frontier):
+            plan = self._schedule_prefill(frontier, num_running)
+            return StepPlan(plan, list(frontier.running), num_running)
+        plan = self._schedule_prefill(frontier)
+        decodes = [] if plan.items else schedule_decode(frontier)
         return StepPlan(plan, decodes, num_running)
 
-    def _can_mix(self) -> bool:
+    def _can_mix(self, frontier: Frontier) -> bool:
         """Mixing is on, something runs, and its decode tokens leave room in
         the prefill budget (else prefill would starve behind the decodes, as
         in SGLang; a step of prefill alone is the better fallback)."""
-        num_decodes, config = len(self.running), self.config
-        if not config.enable_mixed_chunk or not self.running:
+        num_decodes, config = len(frontier.running), self.config
+        if not config.enable_mixed_chunk or not frontier.running:
             return False
         chunk_size = config.chunked_prefill_size
         is_chunked = chunk_size is not None and chunk_size > 0
@@ -267,22 +300,27 @@ class Scheduler:
 
     # ---- prefill ----------------------------------------------------------
 
-    def _schedule_prefill(self, num_decode_tokens: int = 0) -> PrefillPlan:
-        plan = PrefillPlan()
+    def _schedule_prefill(self, frontier: Frontier, num_decode_tokens: int = 0) -> PrefillPlan:
+        plan = PrefillPlan(frontier)
         budget = PrefillBudget(self.config.max_prefill_tokens, self.config.chunked_prefill_size,
                                num_decode_tokens, self.config.max_mixed_prefill_tokens)
-        if self.chunked is not None and not self._continue_chunk(self.chunked, budget, plan):
+        chunked = frontier.chunked
+        if chunked is not None and not self._continue_chunk(chunked, frontier.start_of(chunked),
+                                                            budget, plan):
             return plan
         for request in order_waiting(self.waiting, self.config.schedule_policy, self._num_matched):
             if plan.has_partial or not self._has_running_slot(plan) or not self._admit(request, budget, plan):
                 break
         return plan
 
-    def _continue_chunk(self, request: Request, budget: PrefillBudget, plan: PrefillPlan) -> bool:
-        num_tokens = budget.take(request.num_uncomputed_tokens, is_first=True)
-        if num_tokens == 0 or not self.kv.reserve(request, request.num_computed_tokens + num_tokens):
+    def _continue_chunk(self, request: Request, start: int, budget: PrefillBudget,
+                        plan: PrefillPlan) -> bool:
+        """The next chunk of the request mid-prompt, from position start."""
+        num_tokens = budget.take(request.num_tokens - start, is_first=True)
+        if num_tokens == 0 or not self.kv.reserve(request, start + num_tokens):
             return False
         plan.items.append((request, num_tokens))
+        plan.has_partial = start + num_tokens < request.num_tokens
         return True
 
     def _admit(self, request: Request, budget: PrefillBudget, plan: PrefillPlan) -> bool:
@@ -305,7 +343,16 @@ class Scheduler:
         if request.num_preemptions == 0:
             request.num_cached_tokens = match.num_tokens
             self.metrics.on_first_admission(len(request.prompt_ids), match.num_tokens)
+        self._add_admitted(plan, request, num_tokens, match)
+        if plan.has_partial:
+            self.chunked = request
+        return True
+
+    @staticmethod
+    def _add_admitted(plan: PrefillPlan, request: Request, num_tokens: int,
+                      match: PrefixMatch) -> None:
         plan.items.append((request, num_tokens))
+        plan.has_partial = num_tokens < request.num_uncomputed_tokens
         plan.num_cached_tokens += match.num_tokens
         plan.num_new_seqs += 1
         for entry in request.image_kv:
@@ -313,9 +360,6 @@ class Scheduler:
                 plan.num_cached_image_rows += entry.num_rows
             else:
                 plan.num_new_image_rows += entry.num_rows
-        if num_tokens < request.num_uncomputed_tokens:
-            self.chunked = request
-        return True
 
     def _has_room(self, request: Request, match: PrefixMatch, plan: PrefillPlan) -> bool:
         """Whether the pool, after this request's whole prompt and its decode
@@ -331,10 +375,12 @@ class Scheduler:
                      - self.kv.cache.num_unprotected_on_path(match.node))
         return needed <= available
 
-    def _in_flight(self, plan: PrefillPlan) -> List[Request]:
+    @staticmethod
+    def _in_flight(plan: PrefillPlan) -> List[Request]:
+        frontier = plan.frontier
         admitted = [request for request, _ in plan.items]
-        chunked = [self.chunked] if self.chunked is not None and self.chunked not in admitted else []
-        return self.running + admitted + chunked
+        is_extra = frontier.chunked is not None and frontier.chunked not in admitted
+        return frontier.running + admitted + ([frontier.chunked] if is_extra else [])
 
     def _reserved_pages(self, request: Request) -> int:
         """Pages request still needs for its prompt and its decode reserve,
@@ -345,7 +391,7 @@ class Scheduler:
 
     def _has_running_slot(self, plan: PrefillPlan) -> bool:
         # A continuing chunked request is already among plan.items.
-        return len(self.running) + len(plan.items) < self.config.max_running_requests
+        return len(plan.frontier.running) + len(plan.items) < self.config.max_running_requests
 
     def _num_matched(self, request: Request) -> int:
         # a look (kv.match never touches the LRU order; admission does)
@@ -357,23 +403,25 @@ class Scheduler:
         """Every running request feeds its last token; pages for the new slots
         come from the free list, then the cache, then preemption."""
         while self.running:
-            if self._reserve_decode_pages():
+            if self._reserve_decode_pages(Frontier(self.running, self.chunked)):
                 return list(self.running)
             self._preempt_latest()
         return []
 
-    def _reserve_decode_pages(self) -> bool:
-        """A slot for one more token of every running request, from the free
-        list and then the cache; False (no page taken) if too few."""
-        needy = [r for r in self.running if self._needs_page(r)]
+    def _reserve_decode_pages(self, frontier: Frontier) -> bool:
+        """A slot for the decode token of every request of the frontier,
+        from the free list and then the cache; False (no page taken) if too
+        few."""
+        needy = [r for r in frontier.running if self._needs_page(r, frontier.start_of(r))]
         if not self.kv.make_free(len(needy)):
             return False
         for request in needy:
-            self.kv.reserve(request, request.num_computed_tokens + 1)
+            self.kv.reserve(request, frontier.start_of(request) + 1)
         return True
 
-    def _needs_page(self, request: Request) -> bool:
-        return self.kv.num_pages_for(request.num_computed_tokens + 1) > len(request.page_table)
+    def _needs_page(self, request: Request, position: int) -> bool:
+        """Whether the request's token at position lies past its pages."""
+        return self.kv.num_pages_for(position + 1) > len(request.page_table)
 
     def _preempt_latest(self) -> None:
         candidates = self.running + ([self.chunked] if self.chunked is not None else [])
@@ -404,31 +452,46 @@ class Scheduler:
 
     # ---- running a batch and its results ----------------------------------
 
-    def _chunk(self, request: Request, num_tokens: int) -> SequenceChunk:
-        """The chunk of the request's next num_tokens; its page_table,
-        prompt_ids and output_ids are the request's own lists (read-only for
-        the runner), so a step costs time in its new tokens, not the context."""
-        start, end = request.num_computed_tokens, request.num_computed_tokens + num_tokens
+    def _batch(self, step: StepPlan,
+               num_unread: Mapping[Request, int] = NOTHING_UNREAD) -> ForwardBatch:
+        """The step's chunks, each after its request's tokens in a launched
+        step not read yet (num_unread: overlap.InFlight.num_tokens)."""
+        return ForwardBatch(step.is_decode, [self._chunk(request, n, num_unread.get(request, 0))
+                                             for request, n in step.items])
+
+    def _chunk(self, request: Request, num_tokens: int, num_unread: int = 0) -> SequenceChunk:
+        """The chunk of the request's next num_tokens after its computed and
+        its num_unread tokens; its page_table, prompt_ids and output_ids are
+        the request's own lists (read-only for the runner), so a step costs
+        time in its new tokens, not the context. A chunk that starts at
+        num_tokens feeds the token the step in flight samples: FUTURE_TOKEN."""
+        start = request.num_computed_tokens + num_unread
+        end = start + num_tokens
+        feeds_future = start == request.num_tokens
         return SequenceChunk(
             rid=request.rid,
-            token_ids=request.token_ids(start, end),
+            token_ids=[FUTURE_TOKEN] if feeds_future else request.token_ids(start, end),
             start_pos=start,
             positions=request.positions(start, end),
             page_table=request.page_table,
             mm_items=request.mm_items_overlapping(start, end),
-            sample=end == request.num_tokens,
+            sample=end >= request.num_tokens,
             sampling=request.sampling,
             seed=request.seed,
-            step=len(request.output_ids),
+            step=len(request.output_ids) + feeds_future,
             prompt_ids=request.prompt_ids,
             output_ids=request.output_ids,
-            cross_images=self._cross_image_refs(request),
+            cross_images=self._cross_image_refs(request, is_written_in_flight=num_unread > 0),
         )
 
-    def _cross_image_refs(self, request: Request) -> List[CrossImage]:
+    def _cross_image_refs(self, request: Request,
+                          is_written_in_flight: bool = False) -> List[CrossImage]:
+        """is_written_in_flight: the request's chunk in the step in flight
+        writes whatever of its images' K/V is not written yet (a chunk asks
+        for every unwritten image), so this one needs not."""
         if not request.image_kv:  # not a cross-attention family's request
             return []
-        return [CrossImage(item, tuple(entry.pages), not entry.is_written)
+        return [CrossImage(item, tuple(entry.pages), not (entry.is_written or is_written_in_flight))
                 for item, entry in self._cross_images(request)]
 
     @staticmethod
