@@ -74,8 +74,8 @@ class SchedulerConfig:
     # stream for the time of a long prefill; a few hundred keep the streams'
     # inter-token time within a small multiple of a decode step's.
     max_mixed_prefill_tokens: Optional[int] = 512
-    # Launch decode step N+1 before reading step N's tokens (SGLang's overlap
-    # scheduler; pyvlm.scheduling.overlap). None: on with CUDA (the host's
+    # Launch step N+1 (decode, prefill or mixed) before reading step N's tokens
+    # (SGLang's overlap scheduler; pyvlm.scheduling.overlap). None: on with CUDA (the host's
     # work hides behind the device's), off on the CPU (nothing to hide).
     overlap_schedule: Optional[bool] = None
 

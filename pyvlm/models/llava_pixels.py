@@ -23,7 +23,8 @@ from pyvlm.ops.preprocess import preprocess_images
 def paste_on_canvas(pixels: torch.Tensor, canvas: SquareCanvas) -> torch.Tensor:
     """transformers' pad_to_square: the image centered on a fill-colored square."""
     out = torch.empty(canvas.side, canvas.side, 3, dtype=torch.uint8, device=pixels.device)
-    out[:] = torch.tensor(canvas.fill, dtype=torch.uint8, device=pixels.device)
+    for channel, value in enumerate(canvas.fill):  # fills, not a blocking host copy
+        out[..., channel].fill_(value)
     height, width = pixels.shape[:2]
     out[canvas.top:canvas.top + height, canvas.left:canvas.left + width] = pixels
     return out

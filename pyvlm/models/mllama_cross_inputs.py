@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from pyvlm.ops.host_upload import upload
 from pyvlm.scheduling.types import CrossImage, MultimodalItem, SequenceChunk
 
 # items -> {hash: the image's full tower rows [max_tiles * patches, hidden]}
@@ -150,7 +151,7 @@ def build_cross_attention_inputs(chunks: Sequence[SequenceChunk], pool, encode: 
     for chunk, chunk_classes in zip(chunks, classes):
         _plan_chunk(plan, chunk, chunk_classes, base, pool, offsets, rows_of, is_decode)
         base += chunk.num_new_tokens
-    inputs = CrossAttentionInputs(base, torch.tensor(plan.mlp_kept, dtype=dtype, device=device))
+    inputs = CrossAttentionInputs(base, upload(plan.mlp_kept, dtype, device))
     if wanted:
         inputs.image_states = torch.cat([states[key] for key in wanted]).to(dtype)
         inputs.write_rows, inputs.write_slots = _writes(chunks, pool, offsets, device)
@@ -208,7 +209,7 @@ def _writes(chunks, pool, offsets, device):
             slots.extend(_image_slots(pool, image))
     if not rows:
         return None, None
-    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
+    as_long = lambda v: upload(v, torch.int64, device)  # noqa: E731
     return as_long(rows), as_long(slots)
 
 
@@ -218,9 +219,9 @@ def _paged(plan: _Plan, device) -> Optional[PagedCrossAttention]:
     width = max(len(blocks) for blocks in plan.paged_blocks)
     table = [blocks + [0] * (width - len(blocks)) for blocks in plan.paged_blocks]
     return PagedCrossAttention(
-        torch.tensor(plan.paged_tokens, dtype=torch.int64, device=device),
-        torch.tensor(table, dtype=torch.int32, device=device),
-        torch.tensor(plan.paged_lens, dtype=torch.int32, device=device))
+        upload(plan.paged_tokens, torch.int64, device),
+        upload(table, torch.int32, device),
+        upload(plan.paged_lens, torch.int32, device))
 
 
 def _gathered(plan: _Plan, device) -> Optional[GatheredCrossAttention]:
@@ -240,8 +241,8 @@ def _gathered(plan: _Plan, device) -> Optional[GatheredCrossAttention]:
             state_rows.extend(indices)
         cu_q.append(cu_q[-1] + len(group_tokens))
         cu_k.append(start + len(indices))
-    as_long = lambda v: torch.tensor(v, dtype=torch.int64, device=device)  # noqa: E731
-    as_int = lambda v: torch.tensor(v, dtype=torch.int32, device=device)  # noqa: E731
+    as_long = lambda v: upload(v, torch.int64, device)  # noqa: E731
+    as_int = lambda v: upload(v, torch.int32, device)  # noqa: E731
     return GatheredCrossAttention(
         as_long(tokens), as_int(cu_q), as_int(cu_k),
         max(len(t) for t, _ in plan.groups), max(len(i) for _, (_, i) in plan.groups),

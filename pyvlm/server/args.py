@@ -182,7 +182,7 @@ _FLAGS = [
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "
      "requests are prefilled"),
     (("--disable-overlap-schedule",), "store_true",
-     "CUDA: read each decode step's tokens before launching the next (no overlap of the "
+     "CUDA: read each step's tokens before launching the next (no overlap of the "
      "host's scheduling with the device's step)"),
     (("--engine-process",), str,
      "auto|process|thread: run the scheduler and model in their own process or in a thread "
