@@ -162,3 +162,44 @@ def test_cuda_16bit_schedules_match_whole_sequence_attention(schedule, dtype):
     outs, refs = run_schedule(schedule, 16, (8, 2), 64, dtype, "cuda")
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+
+
+def bottom_right_causal(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, scale):
+    """FlashAttention's causal contract in float64: query row i of a
+    sequence with q rows and k keys sees keys [0, k - q + i] (GQA)."""
+    out = torch.empty_like(query)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    group = query.shape[1] // key.shape[1]
+    for s in range(len(cq) - 1):
+        q = query[cq[s]:cq[s + 1]].double()
+        k = key[ck[s]:ck[s + 1]].double().repeat_interleave(group, 1)
+        v = value[ck[s]:ck[s + 1]].double().repeat_interleave(group, 1)
+        assert q.shape[0] <= max_seqlen_q and k.shape[0] <= max_seqlen_k
+        mask = torch.ones(q.shape[0], k.shape[0], dtype=torch.bool).tril(k.shape[0] - q.shape[0])
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out[cq[s]:cq[s + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+    return out
+
+
+@pytest.mark.parametrize("schedule", list(STEPS))
+@pytest.mark.parametrize("page_size", [1, 3, 16])
+def test_flash_route_feeds_whole_keys_in_order(monkeypatch, page_size, schedule):
+    """The FlashAttention route's plumbing on the CPU: with FlashAttention
+    stood in for by its contract (bottom-right causal over packed keys), the
+    fresh rows or the keys PrefillKeys gathers give whole-sequence attention."""
+    import pyvlm.layers.attention as attention
+
+    calls = []
+
+    def flash_contract(*args):
+        calls.append(args[4].shape[0] - 1)
+        return bottom_right_causal(*args)
+
+    monkeypatch.setattr(attention, "takes_torch_flash", lambda *a, **k: True)
+    monkeypatch.setattr(attention, "causal_attention", flash_contract)
+    outs, refs = run_schedule(schedule, page_size, (4, 2), 8)
+    assert calls  # every schedule has a prefill step
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
