@@ -1,10 +1,10 @@
 """Attention within packed sequences by the fastest kernel at hand: the
 vision towers' non-causal attention (every image or tile attends only to
-itself), and the causal attention of whole fresh prompts over their own rows.
+itself), and the causal attention of prompts over their keys.
 
-On CUDA with 16-bit inputs that is torch's bundled FlashAttention-2
-(torch.nn.attention.varlen.varlen_attn, and the ATen op under it) where this
-torch has it: on an H100 it runs the Qwen2-VL tower's 1,564-row attention
+On CUDA with 16-bit inputs that is torch's bundled FlashAttention-2 (the
+ATen op under torch.nn.attention.varlen.varlen_attn) where this torch has
+it: on an H100 it runs the Qwen2-VL tower's 1,564-row attention
 2.7x faster than pyvlm's mma.sync kernel (benchmarks/RESULTS.md,
 "Vision-tower attention"), as vLLM also runs its towers on FlashAttention.
 Everywhere else (CPU, float32, an older torch, a head size FlashAttention
@@ -14,9 +14,8 @@ order of the sums. PYVLM_PACKED_ATTENTION=pyvlm forces pyvlm's kernels
 (for A/B runs).
 """
 
-import inspect
+import importlib.util
 import os
-from typing import Callable, Optional
 
 import torch
 
@@ -26,34 +25,36 @@ _FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _FLASH_MAX_HEAD_DIM = 256
 
 
-def _torch_flash_varlen() -> Optional[Callable]:
+def _torch_ships_flash_varlen() -> bool:
+    """Whether this torch has FlashAttention varlen (torch.nn.attention.varlen,
+    torch >= 2.9) and the ATen op under it, unless PYVLM_PACKED_ATTENTION=pyvlm."""
     if os.environ.get("PYVLM_PACKED_ATTENTION", "") == "pyvlm":
-        return None
+        return False
     try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:  # torch < 2.9
-        return None
-    if "scale" not in inspect.signature(varlen_attn).parameters:  # torch 2.9's first form
-        return None
-    return varlen_attn
+        has_varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
+    except ImportError:
+        return False
+    return has_varlen and _FLASH_FORWARD is not None
 
 
-_FLASH_VARLEN = _torch_flash_varlen()
-# Causal masks and fewer key/value heads (GQA): varlen_attn's keywords for
-# them changed between torch releases (is_causal; window_size, enable_gqa),
-# so those calls go to the ATen op under every form of it, which has taken
-# (..., dropout_p, is_causal, return_debug_mask, *, scale) since torch 2.2
-# and GQA natively (FlashAttention-2).
+# Calls go to the ATen op under varlen_attn rather than to varlen_attn, a
+# Python custom op that also allocates and zeroes an RNG state per call: on
+# an H200 its host time per call left the device idle between the towers'
+# short attention kernels (16.9 ms of gaps in LLaVA-OneVision-7B's TTFT
+# step). The ATen op has taken (..., dropout_p, is_causal,
+# return_debug_mask, *, scale) since torch 2.2, and fewer key/value heads
+# natively (FlashAttention-2).
 _FLASH_FORWARD = getattr(torch.ops.aten, "_flash_attention_forward", None)
-_FLASH_CAUSAL_GQA = _FLASH_VARLEN is not None and _FLASH_FORWARD is not None
+_FLASH_AVAILABLE = _torch_ships_flash_varlen()
 
 
 def takes_torch_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       causal: bool = False) -> bool:
     """Whether torch's FlashAttention takes these inputs ([rows, heads,
-    head_dim] each): CUDA, 16-bit, a head size it supports, unit-stride rows."""
+    head_dim] each, causal or not): CUDA, 16-bit, a head size it supports,
+    unit-stride rows."""
     head_dim, num_heads, num_kv_heads = query.shape[-1], query.shape[1], key.shape[1]
-    if _FLASH_VARLEN is None or ((causal or num_kv_heads != num_heads) and not _FLASH_CAUSAL_GQA):
+    if not _FLASH_AVAILABLE:
         return False
     return (query.is_cuda and query.dtype in _FLASH_DTYPES
             and key.dtype == value.dtype == query.dtype and head_dim % 8 == 0
@@ -65,9 +66,6 @@ def takes_torch_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
 
 def _flash(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
            causal):
-    if not causal and key.shape[1] == query.shape[1]:
-        return _FLASH_VARLEN(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                             max_seqlen_k, scale=scale)
     return _FLASH_FORWARD(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                           max_seqlen_k, 0.0, causal, False, scale=scale)[0]
 

@@ -49,7 +49,7 @@ def test_cpu_bfloat16(head_dim):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_16bit_matches_reference(head_dim, dtype):
     case = fused_case(IMAGE_ROWS, 16, head_dim, dtype, "cuda")
-    if packed._FLASH_VARLEN is not None:  # this torch has FlashAttention varlen with a scale
+    if packed._FLASH_AVAILABLE:  # this torch has FlashAttention varlen with a scale
         assert packed.takes_torch_flash(*case[:3])
     check(case, dtype)
 
@@ -81,7 +81,7 @@ def causal_reference(query, key, value, lens, scale):
 def test_cuda_fresh_causal_attention_with_gqa(dtype):
     """Qwen2-7B's heads (28 query, 4 key/value, d 128) over prompts of 450
     and 1,100 rows, key/value as views into a fused projection."""
-    if not packed._FLASH_CAUSAL_GQA:
+    if not packed._FLASH_AVAILABLE:
         pytest.skip("this torch has no FlashAttention varlen (CUDA build without it, or < 2.9)")
     lens, heads, kv_heads, head_dim = [450, 1100], 28, 4, 128
     qkv = torch.randn(sum(lens), heads + 2 * kv_heads, head_dim, device="cuda").to(dtype)
