@@ -31,12 +31,12 @@ def _torch_varlen_attn():
 def _flash_prefill_row(c, prefix, new, case, ours, nbytes, device):
     """The engine's CUDA 16-bit path: each sequence's keys gathered from the
     cache (PrefillKeys), then torch's FlashAttention, causal bottom-right."""
-    from pyvlm.layers.attention import AttentionMetadata
+    from pyvlm.layers.attention import AttentionMetadata, PrefillKeys
     from pyvlm.layers.packed_attention import causal_attention, takes_torch_flash
 
     q, kc, vc = c["query"], c["key_cache"], c["value_cache"]
     num_seqs, page_size = c["block_tables"].shape[0], kc.shape[1]
-    if not takes_torch_flash(q, kc[0], vc[0], causal=True):
+    if not takes_torch_flash(q, kc[0], vc[0]):
         return []
     attn = AttentionMetadata(False, torch.zeros(0, device=device), c["block_tables"],
                              cu_seqlens_q=c["cu_seqlens_q"], prefix_lens=c["prefix_lens"],
@@ -45,12 +45,11 @@ def _flash_prefill_row(c, prefix, new, case, ours, nbytes, device):
                              max_seqlen_k=prefix + new)
 
     def flash():
-        keys = AttentionMetadata.prefill_keys(attn) if prefix else None
-        if keys is None:  # a fresh prompt: the engine attends over its own rows
+        if not prefix:  # a fresh prompt: the engine attends over its own rows
             k = kc.flatten(0, 1)[: num_seqs * new]
             return causal_attention(q, k, vc.flatten(0, 1)[: num_seqs * new], c["cu_seqlens_q"],
                                     c["cu_seqlens_q"], new, new, c["scale"])
-        attn.__dict__.pop("_prefill_keys", None)  # rebuilt per step, as in the engine
+        keys = PrefillKeys(attn)  # built once per step in the engine, timed here with the layer
         return causal_attention(q, keys.gather(kc), keys.gather(vc), c["cu_seqlens_q"],
                                 keys.cu_seqlens_k, new, prefix + new, c["scale"])
     base = time_us(flash, device)

@@ -6,7 +6,7 @@ cache pages and attends over the cached context (prefill/extend/chunked
 prefill, or one decode token per sequence).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -86,13 +86,14 @@ class AttentionMetadata:
     # A cross-attention family's per-step image inputs (the model builds
     # them: pyvlm.models.mllama_cross_inputs); None for every other step.
     cross_attention: Optional[object] = None
+    _prefill_keys: Optional["PrefillKeys"] = field(default=None, init=False, repr=False,
+                                                   compare=False)
 
     def prefill_keys(self) -> "PrefillKeys":
         """The step's PrefillKeys, built on first use."""
-        keys = self.__dict__.get("_prefill_keys")
-        if keys is None:
-            keys = self.__dict__["_prefill_keys"] = PrefillKeys(self)
-        return keys
+        if self._prefill_keys is None:
+            self._prefill_keys = PrefillKeys(self)
+        return self._prefill_keys
 
     @classmethod
     def build(cls, chunks: List[ChunkSpan], page_size: int, is_decode: bool,
@@ -223,7 +224,7 @@ class PagedAttention(nn.Module):
         has it: whole fresh prompts over their own key rows, prompts with a
         cached prefix over their keys gathered from the cache (bottom-right
         causal alignment); else pyvlm's paged prefill kernel."""
-        if takes_torch_flash(query, key, value, causal=True):
+        if takes_torch_flash(query, key, value):
             if attn.fresh_prefill:
                 flash = causal_attention(query, key, value, attn.cu_seqlens_q, attn.cu_seqlens_q,
                                          attn.max_seqlen_q, attn.max_seqlen_q, self.scale)

@@ -48,15 +48,12 @@ _FLASH_FORWARD = getattr(torch.ops.aten, "_flash_attention_forward", None)
 _FLASH_AVAILABLE = _torch_ships_flash_varlen()
 
 
-def takes_torch_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                      causal: bool = False) -> bool:
+def takes_torch_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether torch's FlashAttention takes these inputs ([rows, heads,
-    head_dim] each, causal or not): CUDA, 16-bit, a head size it supports,
-    unit-stride rows."""
+    head_dim] each; causal or not, fewer key/value heads or not): CUDA,
+    16-bit, a head size it supports, unit-stride rows."""
     head_dim, num_heads, num_kv_heads = query.shape[-1], query.shape[1], key.shape[1]
-    if not _FLASH_AVAILABLE:
-        return False
-    return (query.is_cuda and query.dtype in _FLASH_DTYPES
+    return (_FLASH_AVAILABLE and query.is_cuda and query.dtype in _FLASH_DTYPES
             and key.dtype == value.dtype == query.dtype and head_dim % 8 == 0
             and head_dim <= _FLASH_MAX_HEAD_DIM and key.shape[-1] == value.shape[-1] == head_dim
             and value.shape[1] == num_kv_heads and num_heads % num_kv_heads == 0
@@ -89,7 +86,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """Causal attention of packed prompt rows over their sequences' keys,
     aligned bottom-right (a sequence's last query sees all of its keys: the
     new rows of a prompt whose prefix is cached), by torch's FlashAttention;
-    only where takes_torch_flash(query, key, value, causal=True). Returns
+    only where takes_torch_flash(query, key, value). Returns
     [rows, heads, head_dim]."""
     return _flash(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                   scale, causal=True)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from pyvlm.ops.host_upload import upload
+from pyvlm.ops.host_upload import HostUpload
 from pyvlm.scheduling.types import CrossImage, MultimodalItem, SequenceChunk
 
 # items -> {hash: the image's full tower rows [max_tiles * patches, hidden]}
@@ -151,12 +151,18 @@ def build_cross_attention_inputs(chunks: Sequence[SequenceChunk], pool, encode: 
     for chunk, chunk_classes in zip(chunks, classes):
         _plan_chunk(plan, chunk, chunk_classes, base, pool, offsets, rows_of, is_decode)
         base += chunk.num_new_tokens
-    inputs = CrossAttentionInputs(base, upload(plan.mlp_kept, dtype, device))
+    # Every index list of the step reaches the device in one asynchronous
+    # copy per dtype (a pageable copy would wait for the step in flight).
+    staged = HostUpload()
+    mlp_kept = staged.add(plan.mlp_kept, dtype)
+    writes = _writes(chunks, pool, offsets, staged) if wanted else lambda: (None, None)
+    paged, gathered = _paged(plan, staged), _gathered(plan, staged)
+    staged.to(device)
+    inputs = CrossAttentionInputs(base, mlp_kept.tensor)
     if wanted:
         inputs.image_states = torch.cat([states[key] for key in wanted]).to(dtype)
-        inputs.write_rows, inputs.write_slots = _writes(chunks, pool, offsets, device)
-    inputs.paged = _paged(plan, device)
-    inputs.gathered = _gathered(plan, device)
+    inputs.write_rows, inputs.write_slots = writes()
+    inputs.paged, inputs.gathered = paged(), gathered()
     return inputs
 
 
@@ -196,8 +202,9 @@ def _key_sources(images: Sequence[CrossImage], cls, pool, offsets, rows_of):
     return ("cache", [slot for i in cls for slot in _image_slots(pool, images[i])])
 
 
-def _writes(chunks, pool, offsets, device):
-    """(rows of image_states, cache-view slots) of the images to store."""
+def _writes(chunks, pool, offsets, staged: HostUpload):
+    """Stages the (rows of image_states, cache-view slots) of the images to
+    store; returns what gives them once staged.to() has run."""
     rows, slots, done = [], [], set()
     for chunk in chunks:
         for image in chunk.cross_images:
@@ -208,25 +215,24 @@ def _writes(chunks, pool, offsets, device):
             rows.extend(range(offsets[key], offsets[key] + image.item.num_cross_rows))
             slots.extend(_image_slots(pool, image))
     if not rows:
-        return None, None
-    as_long = lambda v: upload(v, torch.int64, device)  # noqa: E731
-    return as_long(rows), as_long(slots)
+        return lambda: (None, None)
+    pending = staged.add(rows, torch.int64), staged.add(slots, torch.int64)
+    return lambda: tuple(p.tensor for p in pending)
 
 
-def _paged(plan: _Plan, device) -> Optional[PagedCrossAttention]:
+def _paged(plan: _Plan, staged: HostUpload) -> Callable[[], Optional[PagedCrossAttention]]:
     if not plan.paged_tokens:
-        return None
+        return lambda: None
     width = max(len(blocks) for blocks in plan.paged_blocks)
     table = [blocks + [0] * (width - len(blocks)) for blocks in plan.paged_blocks]
-    return PagedCrossAttention(
-        upload(plan.paged_tokens, torch.int64, device),
-        upload(table, torch.int32, device),
-        upload(plan.paged_lens, torch.int32, device))
+    pending = (staged.add(plan.paged_tokens, torch.int64), staged.add(table, torch.int32),
+               staged.add(plan.paged_lens, torch.int32))
+    return lambda: PagedCrossAttention(*(p.tensor for p in pending))
 
 
-def _gathered(plan: _Plan, device) -> Optional[GatheredCrossAttention]:
+def _gathered(plan: _Plan, staged: HostUpload) -> Callable[[], Optional[GatheredCrossAttention]]:
     if not plan.groups:
-        return None
+        return lambda: None
     tokens, cu_q, cu_k = [], [0], [0]
     cache_positions, cache_slots, state_positions, state_rows = [], [], [], []
     for group_tokens, (source, indices) in plan.groups:
@@ -241,13 +247,18 @@ def _gathered(plan: _Plan, device) -> Optional[GatheredCrossAttention]:
             state_rows.extend(indices)
         cu_q.append(cu_q[-1] + len(group_tokens))
         cu_k.append(start + len(indices))
-    as_long = lambda v: upload(v, torch.int64, device)  # noqa: E731
-    as_int = lambda v: upload(v, torch.int32, device)  # noqa: E731
-    return GatheredCrossAttention(
-        as_long(tokens), as_int(cu_q), as_int(cu_k),
-        max(len(t) for t, _ in plan.groups), max(len(i) for _, (_, i) in plan.groups),
-        as_long(cache_positions), as_long(cache_slots), as_long(state_positions),
-        as_long(state_rows))
+    longs = [staged.add(v, torch.int64)
+             for v in (tokens, cache_positions, cache_slots, state_positions, state_rows)]
+    ints = [staged.add(v, torch.int32) for v in (cu_q, cu_k)]
+    max_q = max(len(t) for t, _ in plan.groups)
+    max_k = max(len(i) for _, (_, i) in plan.groups)
+
+    def make() -> GatheredCrossAttention:
+        tokens_t, *positions = (p.tensor for p in longs)
+        return GatheredCrossAttention(tokens_t, ints[0].tensor, ints[1].tensor, max_q, max_k,
+                                      *positions)
+
+    return make
 
 
 class GraphCrossInputs:

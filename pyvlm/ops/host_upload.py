@@ -65,15 +65,6 @@ class HostUpload:
                 pending.tensor = flat[pending.offset:pending.offset + n].view(pending.shape)
 
 
-def upload(values: Sequence, dtype: torch.dtype, device) -> torch.Tensor:
-    """One list (or rows of equal length) on the device without blocking
-    the host (a HostUpload of a single list)."""
-    staged = HostUpload()
-    pending = staged.add(values, dtype)
-    staged.to(device)
-    return pending.tensor
-
-
 def _numel(shape: Tuple[int, ...]) -> int:
     n = 1
     for size in shape:

@@ -86,7 +86,7 @@ def test_cuda_fresh_causal_attention_with_gqa(dtype):
     lens, heads, kv_heads, head_dim = [450, 1100], 28, 4, 128
     qkv = torch.randn(sum(lens), heads + 2 * kv_heads, head_dim, device="cuda").to(dtype)
     query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=1)
-    assert packed.takes_torch_flash(query, key, value, causal=True)
+    assert packed.takes_torch_flash(query, key, value)
     cu = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device="cuda")
     scale = head_dim ** -0.5
     out = packed.causal_attention(query, key, value, cu, cu, max(lens), max(lens), scale)

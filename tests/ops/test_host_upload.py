@@ -1,9 +1,9 @@
-"""HostUpload and upload(): the lists of a step reach the device unchanged,
-packed per dtype."""
+"""HostUpload: the lists of a step reach the device unchanged, packed per
+dtype."""
 
 import torch
 
-from pyvlm.ops.host_upload import HostUpload, upload
+from pyvlm.ops.host_upload import HostUpload
 
 
 def test_host_upload_packs_lists_per_dtype(device):
@@ -17,8 +17,11 @@ def test_host_upload_packs_lists_per_dtype(device):
     assert empty.tensor.shape == (0,)
 
 
-def test_upload_one_list(device):
+def test_host_upload_floats_and_one_row(device):
     values = torch.randn(7).tolist()
-    out = upload(values, torch.float32, device)
-    assert out.device.type == device and torch.equal(out.cpu(), torch.tensor(values))
-    assert upload([[1, 2, 3]], torch.int32, device).tolist() == [[1, 2, 3]]
+    staged = HostUpload()
+    floats, row = staged.add(values, torch.float32), staged.add([[1, 2, 3]], torch.int32)
+    staged.to(device)
+    assert floats.tensor.device.type == device
+    assert torch.equal(floats.tensor.cpu(), torch.tensor(values))
+    assert row.tensor.tolist() == [[1, 2, 3]]
