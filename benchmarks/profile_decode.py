@@ -148,11 +148,14 @@ def print_rows(rows, count: int, per: int, label: str) -> None:
 
 def profile_ttft(engine, args) -> None:
     """One fresh image's first token, timed without and then with the
-    profiler (a third image, so neither hits the caches)."""
+    profiler (a fourth image, so neither hits the caches), after two
+    warm-up images of the same size (the second one captures the vision
+    tower's CUDA graph for that size, as a server's warm-up does)."""
     from benchmarks.load.images import distinct_pictures
     from benchmarks.load.serving_phases import image_size_for
 
-    images = distinct_pictures(3, image_size_for(args.model), args.photos)
+    pictures = distinct_pictures(4, image_size_for(args.model), args.photos)
+    warm_ups, plain, profiled = pictures[:2], pictures[2], pictures[3]
     params = {"max_new_tokens": 1, "temperature": 0.0}
 
     def first_token(image) -> float:
@@ -162,7 +165,8 @@ def profile_ttft(engine, args) -> None:
         engine.generate(messages=messages, sampling_params=params)
         return time.perf_counter() - start
 
-    first_token(images[0])
+    for image in warm_ups:
+        first_token(image)
     launches = []
     runner = engine.state.runner
     inner = runner.launch
@@ -173,7 +177,7 @@ def profile_ttft(engine, args) -> None:
 
     runner.launch = timed_launch
     start = time.perf_counter()
-    plain_ms = first_token(images[1]) * 1e3
+    plain_ms = first_token(plain) * 1e3
     runner.launch = inner
     if launches:
         print(f"\nhost: the request's first step launched {(launches[0] - start) * 1e3:.2f} ms "
@@ -183,7 +187,7 @@ def profile_ttft(engine, args) -> None:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     with torch.profiler.profile(activities=activities) as prof:
         with torch.profiler.record_function("ttft_request"):
-            profiled_ms = first_token(images[2]) * 1e3
+            profiled_ms = first_token(profiled) * 1e3
     print(f"\n### TTFT, one fresh image: {plain_ms:,.1f} ms (engine API, no HTTP); "
           f"{profiled_ms:,.1f} ms under the profiler\n")
     if args.device.startswith("cuda"):

@@ -19,6 +19,7 @@ from pyvlm.entrypoints.image_budget import ImageBudget
 from pyvlm.entrypoints.request_builder import ImageInputs, RequestBuilder
 from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.step_loop import StepLoop
+from pyvlm.layers.shape_graphs import enable_shape_graphs
 from pyvlm.models.registry import image_processor_for, layout_conversion_for
 from pyvlm.multimodal.media import MediaPolicy
 from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, load_checkpoint_files,
@@ -313,6 +314,20 @@ def decode_graph_batch_limit(config: EngineConfig, device: torch.device) -> int:
     return min(config.runner.cuda_graph_max_bs, config.scheduler.max_running_requests)
 
 
+# The largest vision-tower call (patch rows) kept as a CUDA graph: a graph's
+# activations stay in the graphs' shared memory pool, about 25 MB per 1,000
+# rows for the Qwen2-VL tower's widest layer, outside the KV pool's budget.
+VISION_GRAPH_MAX_ROWS = 8192
+
+
+def vision_graph_count(config: EngineConfig, device: torch.device) -> int:
+    """How many vision-tower CUDA graphs to keep; 0: none (CPU,
+    --disable-cuda-graph, --vision-cuda-graphs 0)."""
+    if device.type != "cuda" or config.runner.disable_cuda_graph:
+        return 0
+    return config.runner.vision_cuda_graphs
+
+
 def index_checks_for(config: EngineConfig, device: torch.device) -> bool:
     """The engine thread's index-check setting (ModelConfig.check_indices;
     None: on for CPU, off for CUDA)."""
@@ -381,6 +396,7 @@ def start_core(spec: CoreSpec, loaded_model=None) -> CoreState:
     model, runner = build_runner(config, spec.files, device, spec.dtype, spec.context_length,
                                  loaded_model)
     runner.capture_decode_graphs(decode_graph_batch_limit(config, device), spec.context_length)
+    enable_shape_graphs(model, vision_graph_count(config, device), VISION_GRAPH_MAX_ROWS)
     scheduler = Scheduler(scheduler_config_for(config, device), config.cache, runner.num_pages,
                           spec.context_length,
                           detokenizer_factory(spec.tokenizer), runner.image_rows_per_page)

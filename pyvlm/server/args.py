@@ -62,6 +62,7 @@ class ServerArgs:
     shutdown_grace_s: float = 10.0
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    vision_cuda_graphs: int = 8
     engine_process: str = "auto"
     disable_overlap_schedule: bool = False
     max_mixed_prefill_tokens: Optional[int] = 512
@@ -89,7 +90,8 @@ class ServerArgs:
                  "decode_log_interval", "chat_template", "served_model_name",
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
-                 "disable_cuda_graph", "engine_process", "max_mixed_prefill_tokens")
+                 "disable_cuda_graph", "vision_cuda_graphs", "engine_process",
+                 "max_mixed_prefill_tokens")
         kwargs = {name: getattr(self, name) for name in names}
         kwargs["overlap_schedule"] = False if self.disable_overlap_schedule else None
         return kwargs
@@ -177,6 +179,9 @@ _FLAGS = [
     (("--cuda-graph-max-bs",), int,
      "CUDA: largest decode batch run through a captured CUDA graph (default 256)"),
     (("--disable-cuda-graph",), "store_true", "CUDA: run every step eagerly (no CUDA graphs)"),
+    (("--vision-cuda-graphs",), int,
+     "CUDA: vision-tower CUDA graphs kept, one per combination of image sizes in a step, "
+     "captured the second time it is seen (default 8; 0: the tower runs eagerly)"),
     (("--max-mixed-prefill-tokens",), int,
      "most prefill tokens in a step that also decodes the running requests (default 512; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "
@@ -229,6 +234,7 @@ def _check(args: ServerArgs) -> None:
          "--mm-processor-kwargs must be a JSON object"),
         (args.load_format in ("auto", "dummy"), "--load-format must be auto or dummy"),
         (args.cuda_graph_max_bs >= 0, "--cuda-graph-max-bs must be >= 0"),
+        (args.vision_cuda_graphs >= 0, "--vision-cuda-graphs must be >= 0"),
         (args.engine_process in ("auto", "process", "thread"),
          "--engine-process must be auto, process or thread"),
         (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),

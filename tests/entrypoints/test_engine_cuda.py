@@ -124,3 +124,21 @@ def test_engine_thread_index_setting_stays_on_the_engine_thread(tiny_checkpoint_
         with pytest.raises(IndexError, match="seq_lens values must be in"):
             ops.paged_attention_decode(torch.randn(1, 2, 16, device="cuda"), cache, cache, table,
                                        too_long)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
+def test_vision_tower_graphs_give_the_eager_tokens(family, request):
+    """The same prompts three times, the caches flushed between: the first
+    run's tower calls are eager, the second's capture their keys' graphs,
+    the third's replay them; the tokens never change."""
+    checkpoint = request.getfixturevalue(f"tiny_checkpoint_{family}")
+    with engine_for(checkpoint, device="cuda", max_total_tokens=8192,
+                    engine_process="thread") as engine:
+        prompts = make_prompts(seed=2, image=engine.builder.image_token)
+        runs = []
+        for _ in range(3):
+            runs.append([r["output_ids"] for r in generate_all(engine, prompts)])
+            assert engine.flush_cache()
+        graphs = engine.state.runner.model.visual.shape_graphs
+        assert graphs.enabled and graphs.num_captures >= 1 and graphs.num_replays >= 1
+    assert runs[1] == runs[0] and runs[2] == runs[0]

@@ -10,17 +10,19 @@ block, and the merged tokens are put back in image order after the merger,
 exactly as transformers does.
 """
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from pyvlm.layers.norm import RMSNorm
+from pyvlm.layers.shape_graphs import ShapeGraphs
 
-from .qwen_grid import (AttentionSpans, check_grids, expand_units, frame_lengths, num_patches,
-                        rotary_positions, window_order)
+from .qwen_grid import (AttentionSpans, GridTHW, check_grids, expand_units, frame_lengths,
+                        num_patches, rotary_positions, window_order)
 from .qwen_layers import (PatchMerger, VisionAttention, VisionBlock, VisionPatchEmbed,
-                          VisionRotaryEmbedding, check_pixel_rows, rope_theta_of,
+                          VisionRotary, VisionRotaryEmbedding, check_pixel_rows, rope_theta_of,
                           vision_activation)
 
 
@@ -73,6 +75,7 @@ class Qwen2_5_VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(qwen2_5_vision_block(config) for _ in range(config.depth))
         self.merger = PatchMerger(config.hidden_size, config.out_hidden_size,
                                   config.spatial_merge_size, RMSNorm(config.hidden_size, eps=1e-6))
+        self.shape_graphs = ShapeGraphs()  # off until the runner enables it (CUDA graphs)
 
     def forward(self, pixel_values: torch.Tensor,
                 grid_thw: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -80,21 +83,43 @@ class Qwen2_5_VisionTransformer(nn.Module):
         image, concatenated in grid order; grid_thw: each image's (t, h, w)
         patch grid as Python ints. Returns the merged token rows
         [sum(t * h * w) / merge^2, out_hidden_size], image after image."""
-        merge = self.spatial_merge_size
-        grids = check_grids(grid_thw, merge)
+        grids = check_grids(grid_thw, self.spatial_merge_size)
         check_pixel_rows(pixel_values, num_patches(grids))
         device = pixel_values.device
+        return self.shape_graphs.run(tuple(grids), pixel_values,
+                                     lambda: self._metadata(grids, device), self._encode)
+
+    def _metadata(self, grids: Sequence[GridTHW], device: torch.device) -> "WindowedMetadata":
+        merge = self.spatial_merge_size
         window_index, window_sizes = window_order(grids, merge, self.window_units)
         patch_order = expand_units(window_index, merge * merge)
         rotary = self.rotary_pos_emb.for_positions(
             rotary_positions(grids, merge)[patch_order], device)
         # Both segmentations hold in the window order: windows never cross
         # frames, so each frame's patches stay one consecutive run.
-        frames = AttentionSpans.of(frame_lengths(grids), device)
-        windows = AttentionSpans.of([size * merge * merge for size in window_sizes], device)
-        hidden = self.patch_embed(pixel_values)[patch_order.to(device, non_blocking=True)]
+        return WindowedMetadata(
+            rotary=rotary,
+            frames=AttentionSpans.of(frame_lengths(grids), device),
+            windows=AttentionSpans.of([size * merge * merge for size in window_sizes], device),
+            patch_order=patch_order.to(device, non_blocking=True),
+            image_order=torch.argsort(window_index).to(device, non_blocking=True))
+
+    def _encode(self, pixel_values: torch.Tensor, meta: "WindowedMetadata") -> torch.Tensor:
+        hidden = self.patch_embed(pixel_values)[meta.patch_order]
         for index, block in enumerate(self.blocks):
-            hidden = block(hidden, rotary, frames if index in self.fullatt_block_indexes
-                           else windows)
-        image_order = torch.argsort(window_index).to(device, non_blocking=True)
-        return self.merger(hidden)[image_order]
+            hidden = block(hidden, meta.rotary, meta.frames if index in self.fullatt_block_indexes
+                           else meta.windows)
+        return self.merger(hidden)[meta.image_order]
+
+
+@dataclass(frozen=True)
+class WindowedMetadata:
+    """What the blocks read besides the pixels, built from the grids alone:
+    the rotary, the frame and window segments, the window order of the
+    patches and the image order of the merged rows."""
+
+    rotary: VisionRotary
+    frames: AttentionSpans
+    windows: AttentionSpans
+    patch_order: torch.Tensor
+    image_order: torch.Tensor

@@ -3,17 +3,23 @@
 A ViT over native-resolution patch grids: LayerNorm blocks with a fc1/fc2
 MLP (QuickGELU in the released models), full attention within each frame,
 a 2-D rotary on q/k, and a merger folding 2 x 2 patches into one language
-token. All images of a step run in one call, packed along the patch rows.
+token. All images of a step run in one call, packed along the patch rows;
+on CUDA a call whose grids were seen before replays a CUDA graph
+(pyvlm/layers/shape_graphs.py).
 """
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from .qwen_grid import AttentionSpans, check_grids, frame_lengths, num_patches, rotary_positions
+from pyvlm.layers.shape_graphs import ShapeGraphs
+
+from .qwen_grid import (AttentionSpans, GridTHW, check_grids, frame_lengths, num_patches,
+                        rotary_positions)
 from .qwen_layers import (PatchMerger, VisionAttention, VisionBlock, VisionPatchEmbed,
-                          VisionRotaryEmbedding, check_pixel_rows, rope_theta_of,
+                          VisionRotary, VisionRotaryEmbedding, check_pixel_rows, rope_theta_of,
                           vision_activation)
 
 
@@ -54,6 +60,7 @@ class Qwen2VisionTransformer(nn.Module):
         self.blocks = nn.ModuleList(qwen2_vision_block(config) for _ in range(config.depth))
         self.merger = PatchMerger(config.embed_dim, config.hidden_size, config.spatial_merge_size,
                                   nn.LayerNorm(config.embed_dim, eps=1e-6))
+        self.shape_graphs = ShapeGraphs()  # off until the runner enables it (CUDA graphs)
 
     def forward(self, pixel_values: torch.Tensor,
                 grid_thw: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -64,10 +71,24 @@ class Qwen2VisionTransformer(nn.Module):
         grids = check_grids(grid_thw, self.spatial_merge_size)
         check_pixel_rows(pixel_values, num_patches(grids))
         device = pixel_values.device
+        return self.shape_graphs.run(tuple(grids), pixel_values,
+                                     lambda: self._metadata(grids, device), self._encode)
+
+    def _metadata(self, grids: Sequence[GridTHW], device: torch.device) -> "TowerMetadata":
         rotary = self.rotary_pos_emb.for_positions(
             rotary_positions(grids, self.spatial_merge_size), device)
-        spans = AttentionSpans.of(frame_lengths(grids), device)
+        return TowerMetadata(rotary, AttentionSpans.of(frame_lengths(grids), device))
+
+    def _encode(self, pixel_values: torch.Tensor, meta: "TowerMetadata") -> torch.Tensor:
         hidden = self.patch_embed(pixel_values)
         for block in self.blocks:
-            hidden = block(hidden, rotary, spans)
+            hidden = block(hidden, meta.rotary, meta.spans)
         return self.merger(hidden)
+
+
+@dataclass(frozen=True)
+class TowerMetadata:
+    """What the blocks read besides the pixels, built from the grids alone."""
+
+    rotary: VisionRotary
+    spans: AttentionSpans

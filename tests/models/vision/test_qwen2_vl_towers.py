@@ -10,6 +10,7 @@ partial windows).
 import pytest
 import torch
 
+from pyvlm.layers.shape_graphs import ShapeGraphs
 from pyvlm.models.vision.qwen2_5_vl import Qwen2_5_VisionTransformer
 from pyvlm.models.vision.qwen2_vl import Qwen2VisionTransformer
 from pyvlm.models.vision.qwen_grid import frame_lengths, rotary_positions, window_order
@@ -152,6 +153,56 @@ def test_cuda_matches_the_cpu_float32_tower(towers, dtype, limit):
             tower.to("cpu", torch.float32)
     assert got.device.type == "cuda" and got.dtype == dtype
     assert rel_l2(got, want) < limit
+
+
+def graphed(tower, emulate: bool) -> ShapeGraphs:
+    """A fresh ShapeGraphs for tower (the caller puts it in place)."""
+    graphs = ShapeGraphs()
+    graphs.enable(max_graphs=4, max_rows=1 << 16, emulate=emulate)
+    return graphs
+
+
+def test_graphed_calls_equal_eager_calls(towers, monkeypatch):
+    """Emulated graphs on the CPU: the metadata kept from the capture and
+    the static pixel buffer give what an eager call gives, call after call
+    with fresh pixels, alternating two keys."""
+    _, _, tower = towers
+    keys = [several_grids(), [(1, MERGE_SIZE * 3, MERGE_SIZE * 5)]]
+    graphs = graphed(tower, emulate=True)
+    for grids in keys * 3:
+        pixels = random_pixels(grids)
+        with torch.no_grad():
+            want = tower(pixels, grids)
+            monkeypatch.setattr(tower, "shape_graphs", graphs)
+            got = tower(pixels, grids)
+            monkeypatch.undo()
+        assert torch.equal(got, want)
+    assert (graphs.num_captures, graphs.num_replays) == (2, 4)
+
+
+@pytest.mark.cuda
+def test_cuda_graph_replays_equal_eager_calls(towers):
+    """Real CUDA graphs (bf16): replays with fresh pixels give the eager
+    tower's tokens, for two keys alternating."""
+    _, _, tower = towers
+    keys = [several_grids(), [(1, MERGE_SIZE * 3, MERGE_SIZE * 5)]]
+    graphs = graphed(tower, emulate=False)
+    eager = tower.shape_graphs
+    tower.to("cuda", torch.bfloat16)
+    try:
+        for grids in keys * 3:
+            pixels = random_pixels(grids).to("cuda", torch.bfloat16)
+            with torch.no_grad():
+                want = tower(pixels, grids)
+                tower.shape_graphs = graphs
+                try:
+                    got = tower(pixels, grids)
+                finally:
+                    tower.shape_graphs = eager
+            torch.testing.assert_close(got, want)
+    finally:
+        tower.to("cpu", torch.float32)
+    assert graphs.enabled and (graphs.num_captures, graphs.num_replays) == (2, 4)
 
 
 def test_built_under_a_bfloat16_default_equals_the_converted_tower(towers):

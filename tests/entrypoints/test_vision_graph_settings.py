@@ -1,0 +1,29 @@
+"""How many vision-tower CUDA graphs the engine keeps (--vision-cuda-graphs),
+resolved per device and flag; the graphs themselves: tests/layers/
+test_shape_graphs.py, and on a GPU tests/entrypoints/test_engine_cuda.py."""
+
+import pytest
+import torch
+
+from pyvlm.config import engine_config
+from pyvlm.entrypoints.startup import vision_graph_count
+
+
+@pytest.mark.parametrize("settings, device, expected", [
+    ({}, "cuda", 8),
+    ({"vision_cuda_graphs": 3}, "cuda", 3),
+    ({"vision_cuda_graphs": 0}, "cuda", 0),
+    ({"disable_cuda_graph": True}, "cuda", 0),
+    ({}, "cpu", 0),
+    ({"vision_cuda_graphs": 3}, "cpu", 0),
+])
+def test_count_resolves_per_device_and_flags(settings, device, expected):
+    assert vision_graph_count(engine_config(**settings), torch.device(device)) == expected
+
+
+def test_a_cpu_engine_runs_its_tower_eagerly(tiny_checkpoint_qwen2_vl):
+    import pyvlm
+
+    with pyvlm.Engine(model=str(tiny_checkpoint_qwen2_vl), device="cpu", page_size=4,
+                      max_total_tokens=1024) as engine:
+        assert not engine.state.runner.model.visual.shape_graphs.enabled
