@@ -105,7 +105,8 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
         prepared = [item.prepared for item in items]
         weight = self.multi_modal_projector.weight
         pixels, ids, mask = self._tower_inputs(prepared, weight.device, weight.dtype)
-        states = self.vision_model(pixels, ids, mask)  # [1, images, tiles, patches, dim]
+        states = self.vision_model(pixels, ids, mask,  # [1, images, tiles, patches, dim]
+                                   [image.num_tiles for image in prepared])
         rows = self.multi_modal_projector(states.reshape(len(items), -1, states.shape[-1]))
         return list(rows.unbind(0))
 

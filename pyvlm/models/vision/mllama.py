@@ -6,18 +6,28 @@ state_dict. Each image's tiles (padded tiles included) run as one
 sequence: every tile is padded to a multiple of 8 patches, and the local
 and the global transformer both attend over all tiles of an image.
 
-Attention is plain torch (scaled_dot_product_attention) with the additive
-mask transformers builds: it masks only the pairs in which *both* tokens
+Transformers' attention mask masks only the pairs in which *both* tokens
 are padding (a padded patch or a tile of a padded tile), so real tokens
-still attend to padding, exactly as the reference does.
+still attend to padding. That is two varlen attentions without a mask
+(PaddedTileAttention): every query over all of its image's keys, then the
+padding queries again over their image's real keys alone, written over
+their rows. On CUDA with 16-bit weights both run on FlashAttention
+(pyvlm/layers/packed_attention.py): a dense masked attention over an
+image's 6,432 rows (4 tiles of 1,601 patches, padded to 1,608) was most of
+Llama-3.2-Vision's time to first token. An image without a real tile
+(transformers' padding image, which pyvlm never builds) keeps the dense
+masked attention: all of its pairs are masked alike.
 """
 
 import math
-from typing import List
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pyvlm.layers.packed_attention import packed_attention
 
 PAD_MULTIPLE = 8
 
@@ -40,6 +50,76 @@ def aspect_ratio_attention_mask(aspect_ratio_mask: torch.Tensor, num_patches: in
     is_padding = (1 - is_real).reshape(num_images, max_tiles * target_length, 1)
     mask = is_padding @ is_padding.transpose(-1, -2) * torch.finfo(dtype).min
     return mask.unsqueeze(1)
+
+
+class MaskedAttention:
+    """Attention under transformers' dense additive mask [images, 1, L, L]."""
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """[images, L, heads, head_dim] each -> the same shape."""
+        query, key, value = (t.transpose(1, 2) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=self.mask, scale=scale)
+        return out.transpose(1, 2)
+
+
+@dataclass(frozen=True)
+class PaddedTileAttention:
+    """The same attention as the mask's, without the mask (module
+    docstring): rows are an image's tiles, tile after tile, each padded to
+    padded_len. int64 row indices and int32 cu_seqlens on the tower's device."""
+
+    cu_images: torch.Tensor
+    pad_rows: torch.Tensor
+    cu_pad: torch.Tensor
+    max_pad: int
+    real_rows: torch.Tensor
+    cu_real: torch.Tensor
+    max_real: int
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+        """[images, L, heads, head_dim] each -> the same shape."""
+        images, length = query.shape[:2]
+        query, key, value = (t.reshape(images * length, *t.shape[2:]) for t in (query, key, value))
+        out = packed_attention(query, key, value, self.cu_images, self.cu_images, length, length,
+                               scale)
+        if self.max_pad:
+            pad = packed_attention(query[self.pad_rows], key[self.real_rows],
+                                   value[self.real_rows], self.cu_pad, self.cu_real,
+                                   self.max_pad, self.max_real, scale)
+            out.index_copy_(0, self.pad_rows, pad)
+        return out.view(images, length, *out.shape[1:])
+
+
+def padded_tile_attention(tile_is_real: torch.Tensor, num_patches: int, padded_len: int,
+                          device: torch.device) -> Optional[PaddedTileAttention]:
+    """The plan for a CPU bool [images, tiles] tile mask; None when an image
+    has no real tile."""
+    if not bool(tile_is_real.any(dim=1).all()):
+        return None
+    is_patch = torch.arange(padded_len, device="cpu") < num_patches
+    is_real = (tile_is_real[:, :, None] & is_patch).flatten(1)  # [images, L]
+    num_real = is_real.sum(dim=1)
+    num_pad = is_real.shape[1] - num_real
+
+    def cu(lengths: torch.Tensor) -> torch.Tensor:
+        bounds = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        return bounds.to(torch.int32).to(device, non_blocking=True)
+
+    def rows(mask: torch.Tensor) -> torch.Tensor:
+        return mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+
+    images, length = is_real.shape
+    return PaddedTileAttention(cu(torch.full((images,), length)), rows(~is_real), cu(num_pad),
+                               int(num_pad.max()), rows(is_real), cu(num_real),
+                               int(num_real.max()))
+
+
+Attention = Union[MaskedAttention, PaddedTileAttention]
 
 
 class MllamaPrecomputedAspectRatioEmbedding(nn.Module):
@@ -114,15 +194,14 @@ class MllamaVisionAttention(nn.Module):
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = projected.shape
-        return projected.view(batch, seq_len, self.num_heads, self.head_dim).transpose(1, 2)
+        return projected.view(batch, seq_len, self.num_heads, self.head_dim)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """hidden [images, seq, hidden]; attention_mask additive [images, 1, seq, seq]."""
+    def forward(self, hidden: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """hidden [images, seq, hidden]."""
         query, key, value = (self._heads(proj(hidden))
                              for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                             scale=self.head_dim ** -0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(hidden.shape))
+        out = attention(query, key, value, self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(hidden.shape))
 
 
 class MllamaVisionEncoderLayer(nn.Module):
@@ -140,8 +219,8 @@ class MllamaVisionEncoderLayer(nn.Module):
             self.gate_attn = nn.Parameter(torch.ones(1) * math.pi / 4)
             self.gate_ffn = nn.Parameter(torch.ones(1) * math.pi / 4)
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(hidden), attention_mask)
+    def forward(self, hidden: torch.Tensor, attention: Attention) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(hidden), attention)
         if self.is_gated:
             attn = self.gate_attn.tanh() * attn
         hidden = hidden + attn
@@ -157,11 +236,11 @@ class MllamaVisionEncoder(nn.Module):
         self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, is_gated)
                                     for _ in range(num_layers))
 
-    def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, attention: Attention):
         """Returns the final hidden states and the output of every layer."""
         layer_outputs: List[torch.Tensor] = []
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask)
+            hidden = layer(hidden, attention)
             layer_outputs.append(hidden)
         return hidden, layer_outputs
 
@@ -204,10 +283,13 @@ class MllamaVisionModel(nn.Module):
         return self.layernorm_pre(hidden)
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+                aspect_ratio_mask: torch.Tensor,
+                tiles_per_image: Optional[Sequence[int]] = None) -> torch.Tensor:
         """pixel_values [B, max_num_images, max_tiles, 3, H, W], aspect_ratio_ids
         [B, max_num_images], aspect_ratio_mask [B, max_num_images, max_tiles]
-        (1 = real tile) -> transformers' last_hidden_state,
+        (1 = real tile; tiles_per_image: the same as host ints, each image's
+        real tiles first, which spares reading a device mask back) ->
+        transformers' last_hidden_state,
         [B, max_num_images, max_tiles, num_patches,
          hidden * (1 + len(intermediate_layers_indices))]: the global
         transformer's output, then the selected local-layer outputs
@@ -220,14 +302,15 @@ class MllamaVisionModel(nn.Module):
         num_pad = num_padding_patches(self.num_patches)
         padded_len = self.num_patches + num_pad
         hidden = F.pad(hidden, (0, 0, 0, num_pad))
-        mask = aspect_ratio_attention_mask(aspect_ratio_mask.reshape(num_images, num_tiles),
-                                           self.num_patches, padded_len, hidden.dtype)
+        attention = self._attention(aspect_ratio_mask.reshape(num_images, num_tiles),
+                                    tiles_per_image, padded_len, hidden.dtype)
 
         hidden, local_outputs = self.transformer(hidden.view(num_images, -1, self.hidden_size),
-                                                 mask)
+                                                 attention)
         hidden = self.layernorm_post(hidden).view(num_images, num_tiles, padded_len, -1)
         hidden = self.post_tile_positional_embedding(hidden, aspect_ratio_ids)
-        hidden, _ = self.global_transformer(hidden.view(num_images, -1, self.hidden_size), mask)
+        hidden, _ = self.global_transformer(hidden.view(num_images, -1, self.hidden_size),
+                                            attention)
 
         intermediate = torch.stack([local_outputs[i] for i in self.intermediate_layers_indices],
                                    dim=-1)
@@ -236,3 +319,24 @@ class MllamaVisionModel(nn.Module):
         intermediate = intermediate.reshape(num_images, num_tiles, padded_len, -1)
         intermediate = intermediate[:, :, :self.num_patches]
         return torch.cat([hidden.reshape(out_shape), intermediate.reshape(out_shape)], dim=-1)
+
+    def _attention(self, tile_mask: torch.Tensor, tiles_per_image: Optional[Sequence[int]],
+                   padded_len: int, dtype: torch.dtype) -> Attention:
+        """The unmasked varlen plan where every image has a real tile (and
+        the tile mask is known on the host), else transformers' dense mask."""
+        num_images, num_tiles = tile_mask.shape
+        if tiles_per_image is not None:
+            tile_is_real = (torch.arange(num_tiles, device="cpu")[None, :]
+                            < torch.tensor(list(tiles_per_image), device="cpu")[:, None])
+        elif tile_mask.device.type == "cpu":
+            tile_is_real = tile_mask.bool()
+        else:
+            tile_is_real = None
+        plan = None
+        if tile_is_real is not None:
+            plan = padded_tile_attention(tile_is_real, self.num_patches, padded_len,
+                                         tile_mask.device)
+        if plan is not None:
+            return plan
+        return MaskedAttention(aspect_ratio_attention_mask(tile_mask, self.num_patches,
+                                                           padded_len, dtype))

@@ -5,7 +5,9 @@ images per sample, tiles padded from 17 to 24 patches."""
 import pytest
 import torch
 
-from pyvlm.models.vision.mllama import MllamaVisionModel, aspect_ratio_attention_mask
+from pyvlm.models.vision import mllama as mllama_tower
+from pyvlm.models.vision.mllama import (MaskedAttention, MllamaVisionModel, PaddedTileAttention,
+                                        aspect_ratio_attention_mask)
 from tests.tiny_models import perturb_
 
 # images per sample, as real tile counts; 0 is a padding image (a sample
@@ -74,6 +76,41 @@ def test_matches_transformers(layout):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def tile_counts(layout):
+    return [n for sample in LAYOUTS[layout] for n in sample]
+
+
+@pytest.mark.parametrize("layout", ["one_and_four", "two_and_two"])
+def test_unmasked_varlen_plan_equals_the_dense_mask(layout, monkeypatch):
+    """The two varlen attentions (all queries over all keys, then padding
+    queries over real keys) give what transformers' dense mask gives, with
+    the tiles given as host ints or read from a CPU mask."""
+    hf_model = tiny_hf_vision_model()
+    model = MllamaVisionModel(hf_model.config).eval()
+    model.load_state_dict(hf_model.state_dict(), strict=True)
+    pixel_values, ids, mask = random_inputs(hf_model.config, LAYOUTS[layout])
+    plans = []
+    plan_for = mllama_tower.padded_tile_attention
+    monkeypatch.setattr(mllama_tower, "padded_tile_attention",
+                        lambda *args: plans.append(plan_for(*args)) or plans[-1])
+    with torch.no_grad():
+        from_ints = model(pixel_values, ids, mask, tile_counts(layout))
+        from_mask = model(pixel_values, ids, mask)
+        monkeypatch.setattr(mllama_tower, "padded_tile_attention", lambda *args: None)
+        dense = model(pixel_values, ids, mask)
+    assert len(plans) == 2 and all(isinstance(p, PaddedTileAttention) for p in plans)
+    torch.testing.assert_close(from_ints, from_mask, rtol=0, atol=0)
+    torch.testing.assert_close(from_ints, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_an_image_without_a_real_tile_keeps_the_dense_mask():
+    tile_is_real = torch.tensor([[True, True, False, False], [False, False, False, False]])
+    assert mllama_tower.padded_tile_attention(tile_is_real, 17, 24, torch.device("cpu")) is None
+    model = MllamaVisionModel(tiny_hf_vision_model().config)
+    attention = model._attention(tile_is_real.long(), None, 24, torch.float32)
+    assert isinstance(attention, MaskedAttention)
+
+
 def test_padding_tiles_change_the_output_as_in_transformers():
     """Real tokens attend to padding (only padding-padding pairs are masked),
     so the mask must be transformers' and not a plain key-padding mask."""
@@ -106,8 +143,9 @@ def test_cuda_tower_matches_transformers(layout):
     try:
         for dtype, tolerance in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
             on_gpu = model.to("cuda", dtype)
-            with torch.no_grad():
-                got = on_gpu(pixel_values.to("cuda", dtype), ids.cuda(), mask.cuda()).float().cpu()
+            with torch.no_grad():  # host tile counts: the varlen plan (FlashAttention in bf16)
+                got = on_gpu(pixel_values.to("cuda", dtype), ids.cuda(), mask.cuda(),
+                             tile_counts(layout)).float().cpu()
             error = (got - expected).norm() / expected.norm()
             assert error < tolerance, (dtype, error)
     finally:
