@@ -103,8 +103,10 @@ class RunnerConfig:
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
     # CUDA graphs of the vision tower (pyvlm/layers/shape_graphs.py): how many
-    # image-size combinations keep one; 0: the tower runs eagerly.
-    vision_cuda_graphs: int = 8
+    # image-size combinations keep one; 0: the tower runs eagerly. Off by
+    # default until its CUDA tests have run on a GPU (none was lent when it
+    # was written).
+    vision_cuda_graphs: int = 0
     # Where the scheduler and the model run: "process" (their own process,
     # as vLLM's EngineCore and SGLang's scheduler process), "thread" (a
     # thread of the caller's process), or "auto" (process on CUDA, thread

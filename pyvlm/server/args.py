@@ -62,7 +62,7 @@ class ServerArgs:
     shutdown_grace_s: float = 10.0
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
-    vision_cuda_graphs: int = 8
+    vision_cuda_graphs: int = 0
     engine_process: str = "auto"
     disable_overlap_schedule: bool = False
     max_mixed_prefill_tokens: Optional[int] = 512
@@ -180,8 +180,9 @@ _FLAGS = [
      "CUDA: largest decode batch run through a captured CUDA graph (default 256)"),
     (("--disable-cuda-graph",), "store_true", "CUDA: run every step eagerly (no CUDA graphs)"),
     (("--vision-cuda-graphs",), int,
-     "CUDA: vision-tower CUDA graphs kept, one per combination of image sizes in a step, "
-     "captured the second time it is seen (default 8; 0: the tower runs eagerly)"),
+     "CUDA: Qwen2-VL/Qwen2.5-VL vision-tower CUDA graphs kept, one per combination of image "
+     "sizes in a step, captured the second time it is seen (default 0: the tower runs "
+     "eagerly; e.g. 8)"),
     (("--max-mixed-prefill-tokens",), int,
      "most prefill tokens in a step that also decodes the running requests (default 512; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "

@@ -133,7 +133,7 @@ def test_vision_tower_graphs_give_the_eager_tokens(family, request):
     the third's replay them; the tokens never change."""
     checkpoint = request.getfixturevalue(f"tiny_checkpoint_{family}")
     with engine_for(checkpoint, device="cuda", max_total_tokens=8192,
-                    engine_process="thread") as engine:
+                    engine_process="thread", vision_cuda_graphs=8) as engine:
         prompts = make_prompts(seed=2, image=engine.builder.image_token)
         runs = []
         for _ in range(3):
