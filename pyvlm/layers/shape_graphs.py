@@ -6,11 +6,11 @@ their device time for an image of ordinary size, so the device idles
 between them and the time to first token grows. The tower's shapes depend
 only on its images' patch grids, and images of one size recur (a camera's,
 a client's resize), so a graph captured for a key (the grids) replays every
-later call with that key in one launch. vLLM and SGLang capture the decoder
-only; their towers run eagerly.
+later call with that key in one launch.
 
 ShapeGraphs.run(key, inputs, prepare, body) computes body(inputs, prepare()):
-- eagerly while graphs are off (CPU, --disable-cuda-graph), for inputs
+- eagerly while graphs are off (CPU, --disable-cuda-graph, and by default:
+  --vision-cuda-graphs 0), for inputs
   above max_rows, and the first time a key is seen (a size seen once is
   not worth a capture);
 - the second time, it captures body over a static copy of the inputs and
