@@ -140,15 +140,22 @@ def run_instant_engine_core(*args, **kwargs):
     _wrap_build_runner()
     mark = os.environ.get(MARK_ENV)
     if mark:
-        real_forward = InstantRunner.forward
-
-        def forward(self, batch):
-            if not os.path.exists(mark):
-                Path(mark).touch()
-            return real_forward(self, batch)
-
-        InstantRunner.forward = forward
+        _mark_first_forward(Path(mark))
     return run_engine_core(*args, **kwargs)
+
+
+def _mark_first_forward(mark: Path) -> None:
+    """Touches mark at this process's first InstantRunner forward, then
+    takes itself out of the way: a check per forward (a stat system call)
+    was 6% of the engine process's time, none of it pyvlm's."""
+    real_forward = InstantRunner.forward
+
+    def forward(self, batch):
+        InstantRunner.forward = real_forward
+        mark.touch()
+        return real_forward(self, batch)
+
+    InstantRunner.forward = forward
 
 
 def parse_args(argv=None) -> argparse.Namespace:

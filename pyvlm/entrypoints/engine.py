@@ -324,11 +324,30 @@ class DeltaStream:
     async def next_output(self) -> RequestOutput:
         """The next RequestOutput delta; the engine's error is raised as
         __anext__ raises it; StopAsyncIteration after the last."""
+        await self._wait_for_output()
+        return self._take_output()
+
+    async def next_outputs(self) -> List[RequestOutput]:
+        """The RequestOutput deltas waiting (at least one, in order): a
+        consumer that fell behind the engine (a step of 64 streams hands
+        the loop 64 outputs at once) takes them in one call, not one await
+        each. An error is raised as next_output raises it, once the
+        outputs before it are taken; StopAsyncIteration after the last."""
+        await self._wait_for_output()
+        outputs = [self._take_output()]
+        waiting = self._outputs
+        while waiting and waiting[0][1] is None and not self._finished:
+            outputs.append(self._take_output())
+        return outputs
+
+    async def _wait_for_output(self) -> None:
         if self._finished:
             raise StopAsyncIteration
         while not self._outputs:
             self._waiter = self._loop.create_future()
             await self._waiter
+
+    def _take_output(self) -> RequestOutput:
         out, err = self._outputs.popleft()
         if err is not None:
             self._finished = True  # the engine is done with it

@@ -38,6 +38,7 @@ import sys
 import threading
 from typing import Callable, List, Optional, Tuple
 
+from pyvlm.entrypoints import core_channel
 from pyvlm.entrypoints.core_messages import (Abort, Add, Call, Closed, Outputs, Ready, Reply,
                                              StartFailed, Stop, encode, output_row,
                                              portable_error)
@@ -140,7 +141,7 @@ def _serve(conn, loop, outbox: Outbox, sender: Sender, commands) -> bool:
         if not conn.poll(POLL_S):
             continue
         try:
-            message = conn.recv()
+            message = core_channel.receive(conn)
         except (EOFError, OSError):
             loop.stop(PARENT_GONE_STOP_S)
             return False

@@ -96,4 +96,4 @@ def ends_by_length(request: Request, context_length: int) -> bool:
 def is_still_running(request: Request) -> bool:
     """Whether a request of a launched step is still running when its
     results come (not finished, failed or aborted in between)."""
-    return request.status == RequestStatus.RUNNING
+    return request.status is RequestStatus.RUNNING

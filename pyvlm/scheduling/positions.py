@@ -11,7 +11,7 @@ chunk boundary inside an image, or a preempted and recomputed request all
 see exactly the same positions.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Sequence, Tuple
 
 
@@ -23,18 +23,17 @@ class MropePositions:
 
     rows: Tuple[Tuple[int, ...], ...]
     delta: int
+    # len(rows[0]), kept: every decode step asks (rows_for)
+    num_prompt_tokens: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if len({len(row) for row in self.rows}) > 1:
             raise ValueError("every position row must cover the whole prompt")
+        object.__setattr__(self, "num_prompt_tokens", len(self.rows[0]) if self.rows else 0)
 
     @property
     def num_rows(self) -> int:
         return len(self.rows)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.rows[0]) if self.rows else 0
 
     def rows_for(self, start: int, count: int) -> List[List[int]]:
         """Positions of tokens start .. start + count - 1, one list per row."""

@@ -9,6 +9,7 @@ request alone and are freed when it finishes.
 
 import enum
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, FrozenSet, List, Optional, Tuple, Union
 
 from pyvlm.scheduling.types import MultimodalItem, SamplingParams
@@ -72,6 +73,8 @@ class Request:
     # key limit, PrefixMatch), so ordering the queue re-walks nothing.
     prefix_match: Any = field(default=None, init=False, repr=False)
     _stop_ids: Any = field(default=None, init=False, repr=False)  # (sampling, eos ids, their stop set)
+    # (prompt ids, images, pre_image_key, the prompt's position keys)
+    _prompt_key_memo: Any = field(default=None, init=False, repr=False)
 
     @property
     def all_ids(self) -> List[int]:
@@ -118,17 +121,39 @@ class Request:
 
         Inside an image span the key names the image's content, so the same
         image shares cached KV and a different image of the same size (same
-        placeholder ids) does not.
+        placeholder ids) does not. Generated tokens are their own keys.
         """
         end = self.num_tokens if end is None else end
-        keys: List[PositionKey] = self.token_ids(start, end)
-        if self.pre_image_key is not None and self.mm_items:
+        num_prompt = len(self.prompt_ids)
+        if not self.mm_items or start >= num_prompt:
+            return self.token_ids(start, end)
+        keys = self._prompt_keys()[start:end]
+        if end > num_prompt:
+            keys += self.output_ids[:end - num_prompt]
+        return keys
+
+    def _prompt_keys(self) -> List[PositionKey]:
+        """position_keys of the whole prompt, built once per prompt and
+        images: the walk at admission and the inserts after prefill and at
+        the end read them (a few hundred image keys each)."""
+        memo = self._prompt_key_memo
+        if (memo is None or memo[0] is not self.prompt_ids or memo[1] is not self.mm_items
+                or memo[2] != self.pre_image_key):
+            memo = (self.prompt_ids, self.mm_items, self.pre_image_key, self._build_prompt_keys())
+            self._prompt_key_memo = memo
+        return memo[3]
+
+    def _build_prompt_keys(self) -> List[PositionKey]:
+        # zip builds the key tuples in C (an image is hundreds of positions)
+        keys: List[PositionKey] = list(self.prompt_ids)
+        if self.pre_image_key is not None:
             first_image = min(item.offset for item in self.mm_items)
-            for pos in range(start, min(end, first_image)):
-                keys[pos - start] = ("pre", self.pre_image_key, keys[pos - start])
+            keys[:first_image] = zip(repeat("pre"), repeat(self.pre_image_key),
+                                     keys[:first_image])
         for item in self.mm_items:
-            for pos in range(max(start, item.offset), min(end, item.offset + item.length)):
-                keys[pos - start] = ("img", item.hash, pos - item.offset)
+            end = min(len(keys), item.offset + item.length)
+            keys[item.offset:end] = zip(repeat("img"), repeat(item.hash),
+                                        range(end - item.offset))
         return keys
 
     def positions(self, start: int, end: int) -> List[List[int]]:

@@ -13,9 +13,11 @@ With overlap scheduling each step is planned and launched while the one
 before it still runs (pyvlm.scheduling.overlap).
 """
 
+import bisect
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
 from types import MappingProxyType
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Tuple
 
@@ -52,6 +54,8 @@ class PrefillPlan:
     num_cached_image_rows: int = 0
     num_new_seqs: int = 0
     has_partial: bool = False  # the last request stops mid-prompt (then nothing may follow)
+    # the running requests' reserved pages, summed once per plan (_has_room)
+    num_running_reserved: Optional[int] = None
 
 
 @dataclass
@@ -67,8 +71,10 @@ class StepPlan:
     def is_decode(self) -> bool:
         return not self.prefill.items
 
-    @property
+    @cached_property
     def items(self) -> List[Planned]:
+        # Built once: a step reads it several times, and neither part
+        # changes once the plan is made.
         return self.prefill.items + [(request, 1) for request in self.decodes]
 
 
@@ -228,7 +234,7 @@ class Scheduler:
         request that ended since it was planned is left out."""
         items = step.items
         live = self._live_indices(items)
-        is_decode = all(i >= len(step.prefill.items) for i in live)
+        is_decode = not live or live[0] >= len(step.prefill.items)  # (live ascends)
         batch = ForwardBatch(is_decode, [self._chunk(*items[i]) for i in live])
         results = forward_isolated(runner, batch) if live else []
         return self._finish(step, live, results)
@@ -241,7 +247,7 @@ class Scheduler:
         """Processes the results of the step's items at indices `live`."""
         items, num_prefills = step.items, len(step.prefill.items)
         outputs = self._process([items[i] for i in live], results,
-                                sum(i < num_prefills for i in live))
+                                bisect.bisect_left(live, num_prefills))  # (live ascends)
         self._after_step(step)
         return outputs
 
@@ -366,21 +372,29 @@ class Scheduler:
         reserve, still holds the reserve of every request already running,
         mid-chunk or admitted this step. A request with nothing else in
         flight is always admitted (it fits: validate checked its prompt)."""
-        others = self._in_flight(plan)
-        if self.reserve.is_off or not others:
+        others = self._planned_or_chunked(plan)
+        if self.reserve.is_off or not (plan.frontier.running or others):
             return True
-        needed = sum(self._reserved_pages(other) for other in others)
+        needed = self._running_reserved(plan) + sum(self._reserved_pages(o) for o in others)
         needed += self._reserved_pages(request) - len(match.pages)
         available = (self.kv.allocator.num_free + self.kv.num_evictable_pages
                      - self.kv.cache.num_unprotected_on_path(match.node))
         return needed <= available
 
+    def _running_reserved(self, plan: PrefillPlan) -> int:
+        """_reserved_pages summed over the running requests: fixed while a
+        step's prefill is planned, so summed once, not per admission."""
+        if plan.num_running_reserved is None:
+            plan.num_running_reserved = sum(self._reserved_pages(r) for r in plan.frontier.running)
+        return plan.num_running_reserved
+
     @staticmethod
-    def _in_flight(plan: PrefillPlan) -> List[Request]:
+    def _planned_or_chunked(plan: PrefillPlan) -> List[Request]:
+        """The plan's requests and the one mid-prompt (running ones aside)."""
         frontier = plan.frontier
         admitted = [request for request, _ in plan.items]
         is_extra = frontier.chunked is not None and frontier.chunked not in admitted
-        return frontier.running + admitted + ([frontier.chunked] if is_extra else [])
+        return admitted + ([frontier.chunked] if is_extra else [])
 
     def _reserved_pages(self, request: Request) -> int:
         """Pages request still needs for its prompt and its decode reserve,
@@ -412,16 +426,15 @@ class Scheduler:
         """A slot for the decode token of every request of the frontier,
         from the free list and then the cache; False (no page taken) if too
         few."""
-        needy = [r for r in frontier.running if self._needs_page(r, frontier.start_of(r))]
+        # A token at position p lies past a request's pages when
+        # p >= len(page_table) * page_size (inline: a call per request adds up).
+        page_size, start_of = self.page_size, frontier.start_of
+        needy = [r for r in frontier.running if start_of(r) >= len(r.page_table) * page_size]
         if not self.kv.make_free(len(needy)):
             return False
         for request in needy:
             self.kv.reserve(request, frontier.start_of(request) + 1)
         return True
-
-    def _needs_page(self, request: Request, position: int) -> bool:
-        """Whether the request's token at position lies past its pages."""
-        return self.kv.num_pages_for(position + 1) > len(request.page_table)
 
     def _preempt_latest(self) -> None:
         candidates = self.running + ([self.chunked] if self.chunked is not None else [])
@@ -465,9 +478,9 @@ class Scheduler:
         the request's own lists (read-only for the runner), so a step costs
         time in its new tokens, not the context. A chunk that starts at
         num_tokens feeds the token the step in flight samples: FUTURE_TOKEN."""
-        start = request.num_computed_tokens + num_unread
+        start, num_total = request.num_computed_tokens + num_unread, request.num_tokens
         end = start + num_tokens
-        feeds_future = start == request.num_tokens
+        feeds_future = start == num_total
         return SequenceChunk(
             rid=request.rid,
             token_ids=[FUTURE_TOKEN] if feeds_future else request.token_ids(start, end),
@@ -475,7 +488,7 @@ class Scheduler:
             positions=request.positions(start, end),
             page_table=request.page_table,
             mm_items=request.mm_items_overlapping(start, end),
-            sample=end >= request.num_tokens,
+            sample=end >= num_total,
             sampling=request.sampling,
             seed=request.seed,
             step=len(request.output_ids) + feeds_future,

@@ -84,8 +84,9 @@ class Dispatcher:
             ticket.release()
             self._record(run, {r.index: r.meta for r in results})
 
-    async def stream(self, run: Run) -> AsyncIterator[ChoiceDelta]:
-        """Deltas of every choice; closing the iterator aborts the rest."""
+    async def stream(self, run: Run) -> AsyncIterator[List[ChoiceDelta]]:
+        """Deltas of every choice, in batches of one choice's (ChoiceDeltas);
+        closing the iterator aborts the rest."""
         ticket = self.admit(run)
         run.timings = [Timing() for _ in range(run.num_choices)]
         metas = {}
@@ -93,10 +94,11 @@ class Dispatcher:
         try:
             deltas = await merged_deltas(self.engine, run.choice_inputs(), run.choice_params(),
                                          run.rid_prefix, run.timings)
-            async for delta in deltas:
-                if delta.finish_reason is not None:
-                    metas[delta.index] = delta.meta
-                yield delta
+            async for batch in deltas:
+                last = batch[-1]  # (a choice's end ends its batch)
+                if last.finish_reason is not None:
+                    metas[last.index] = last.meta
+                yield batch
         finally:
             if deltas is not None:
                 await deltas.aclose()

@@ -7,11 +7,12 @@ stream is closed)."""
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, AsyncIterator, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from pyvlm.entrypoints.outputs import output_meta
 from pyvlm.scheduling.errors import EngineBusyError, EngineDeadError, RequestFailedError
@@ -35,14 +36,22 @@ class EngineInput:
 
 @dataclass
 class ChoiceDelta:
-    """What one choice produced since its last delta."""
+    """What one choice produced since its last delta. meta (the engine's
+    meta_info of it) may be given as a function that makes it, called on
+    first read: the OpenAI streams read only their last delta's."""
 
     index: int
     text: str
     token_ids: List[int]
     logprobs: List[TokenLogprob]
     finish_reason: Optional[str]  # "stop" | "length" on the last delta
-    meta: dict
+    _meta: Union[dict, Callable[[], dict]] = field(repr=False, compare=False)
+
+    @property
+    def meta(self) -> dict:
+        if callable(self._meta):
+            self._meta = self._meta()
+        return self._meta
 
 
 @dataclass
@@ -60,7 +69,8 @@ class ChoiceResult:
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         self.logprobs.extend(delta.logprobs)
-        self.finish_reason, self.meta = delta.finish_reason or self.finish_reason, delta.meta
+        if delta.finish_reason is not None:  # the last delta: its meta holds the totals
+            self.finish_reason, self.meta = delta.finish_reason, delta.meta
 
 
 class Timing:
@@ -105,38 +115,60 @@ async def build_choices(engine, inputs: Sequence[EngineInput], params: Sequence[
 
 
 class ChoiceDeltas:
-    """One submitted choice's deltas (from an Engine.async_stream), as
-    ChoiceDeltas; engine errors become ApiErrors; aclose() aborts the
-    choice unless it has finished, and may come before the first delta.
-    Built from the engine's RequestOutputs directly: meta is their
-    meta_info as the engine's SGLang-style deltas carry it."""
+    """One submitted choice's deltas (from an Engine.async_stream), in
+    batches: each step of the iteration gives the ChoiceDeltas of every
+    output that waited (a list of at least one, in order), so a consumer
+    that fell behind the engine pays one pass through its stream's
+    generators per batch, not per token. Engine errors become ApiErrors;
+    aclose() aborts the choice unless it has finished, and may come
+    before the first batch. Built from the engine's RequestOutputs
+    directly: meta is their meta_info as the engine's SGLang-style deltas
+    carry it."""
 
     def __init__(self, stream, index: int, timing: Optional[Timing] = None):
         self._stream, self._index, self._timing = stream, index, timing
         self._has_logprobs = False  # a logprob came: every meta lists the delta's
         self._is_closed = False
+        self._held: list = []  # an aborted end, taken after the outputs before it
 
     def __aiter__(self) -> "ChoiceDeltas":
         return self
 
-    async def __anext__(self) -> ChoiceDelta:
+    async def __anext__(self) -> List[ChoiceDelta]:
         if self._is_closed:
             raise StopAsyncIteration
         try:
-            out = await self._stream.next_output()
-            finish = _finish_reason(out.finish_reason) if out.finished else None
+            outputs = await self._take_outputs()
+            finishes = [_finish_reason(out.finish_reason) if out.finished else None
+                        for out in outputs]
         except BaseException as exc:  # the end, an error, or the caller cancelled
             await self.aclose()
             mapped = api_error(exc) if isinstance(exc, Exception) else exc
             if mapped is exc:
                 raise
             raise mapped from None
+        self._stamp_first_token(outputs)
+        return [self._delta(out, finish) for out, finish in zip(outputs, finishes)]
+
+    async def _take_outputs(self) -> list:
+        """The outputs waiting; an aborted end (an error for the client)
+        waits for the next call when text came before it."""
+        outputs, self._held = self._held or await self._stream.next_outputs(), []
+        if len(outputs) > 1 and outputs[-1].finish_reason == "abort":
+            outputs, self._held = outputs[:-1], outputs[-1:]
+        return outputs
+
+    def _stamp_first_token(self, outputs) -> None:
         timing = self._timing
-        if timing is not None and out.new_token_ids and timing.first_token is None:
+        if timing is not None and timing.first_token is None and any(
+                out.new_token_ids for out in outputs):
             timing.first_token = time.perf_counter()
+
+    def _delta(self, out, finish: Optional[str]) -> ChoiceDelta:
         logprobs = out.new_logprobs
         self._has_logprobs = self._has_logprobs or bool(logprobs)
-        meta = output_meta(self._stream.rid, out, logprobs if self._has_logprobs else None)
+        meta = functools.partial(output_meta, self._stream.rid, out,
+                                 logprobs if self._has_logprobs else None)
         return ChoiceDelta(self._index, out.new_text, out.new_token_ids,
                            [(int(tid), float(lp), [(int(t), float(v)) for t, v in top])
                             for tid, lp, top in logprobs] if logprobs else [],
@@ -155,7 +187,7 @@ class ChoiceDeltas:
 
 
 def choice_deltas(stream, index: int, timing: Optional[Timing] = None) -> ChoiceDeltas:
-    """One submitted choice's deltas (ChoiceDeltas)."""
+    """One submitted choice's deltas, in batches (ChoiceDeltas)."""
     return ChoiceDeltas(stream, index, timing)
 
 
@@ -213,8 +245,9 @@ async def collect_choices(engine, inputs: Sequence[EngineInput], params: Sequenc
 
     async def run(index: int) -> ChoiceResult:
         result = ChoiceResult(index)
-        async for delta in choice_deltas(streams[index], index, timings[index]):
-            result.add(delta)
+        async for batch in choice_deltas(streams[index], index, timings[index]):
+            for delta in batch:
+                result.add(delta)
         return result
 
     tasks = [asyncio.ensure_future(run(i)) for i in range(len(inputs))]
@@ -226,11 +259,11 @@ async def collect_choices(engine, inputs: Sequence[EngineInput], params: Sequenc
 
 async def merged_deltas(engine, inputs: Sequence[EngineInput], params: Sequence[dict],
                         prefix: str, timings: Sequence[Timing]):
-    """Submits every choice and returns their deltas, interleaved as they
-    arrive (streaming): an async iterator whose aclose() aborts every
-    choice still running; an error in any choice is raised from it. One
-    choice's are its ChoiceDeltas (nothing to merge: no task and queue
-    hop per delta)."""
+    """Submits every choice and returns their deltas, in batches of one
+    choice's (ChoiceDeltas), interleaved as they arrive (streaming): an
+    async iterator whose aclose() aborts every choice still running; an
+    error in any choice is raised from it. One choice's are its
+    ChoiceDeltas (nothing to merge: no task and queue hop per batch)."""
     streams = await submitted_choices(engine, inputs, params, prefix)
     if len(streams) == 1:
         return choice_deltas(streams[0], 0, timings[0])
@@ -238,8 +271,8 @@ async def merged_deltas(engine, inputs: Sequence[EngineInput], params: Sequence[
 
 
 class MergedDeltas:
-    """Several choices' deltas in arrival order: a task per choice pumps
-    its ChoiceDeltas into one queue. The first error ends it (and is
+    """Several choices' batches of deltas in arrival order: a task per
+    choice pumps its ChoiceDeltas into one queue. The first error ends it (and is
     raised); so does its end, its caller's cancellation and aclose(),
     each of which cancels the tasks and aborts the choices still running."""
 
@@ -252,15 +285,15 @@ class MergedDeltas:
 
     async def _pump(self, deltas: ChoiceDeltas) -> None:
         try:
-            async for delta in deltas:
-                self._queue.put_nowait(delta)
+            async for batch in deltas:
+                self._queue.put_nowait(batch)
         except Exception as exc:
             self._queue.put_nowait(exc)
 
     def __aiter__(self) -> "MergedDeltas":
         return self
 
-    async def __anext__(self) -> ChoiceDelta:
+    async def __anext__(self) -> List[ChoiceDelta]:
         try:
             if not self._num_open:
                 raise StopAsyncIteration
@@ -270,7 +303,7 @@ class MergedDeltas:
         except BaseException:
             await self.aclose()
             raise
-        self._num_open -= item.finish_reason is not None
+        self._num_open -= item[-1].finish_reason is not None  # (a choice's end ends its batch)
         return item
 
     async def aclose(self) -> None:

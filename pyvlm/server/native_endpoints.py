@@ -99,13 +99,16 @@ def _with_logprobs(meta: dict, logprobs: list) -> dict:
 
 async def _cumulative(deltas) -> AsyncIterator[bytes]:
     """SGLang's /generate stream: each event holds the text, ids and
-    logprobs so far."""
+    logprobs so far (a batch of deltas' events in one body chunk)."""
     text, ids, logprobs = "", [], []
-    async for delta in deltas:
-        text, ids = text + delta.text, ids + delta.token_ids
-        logprobs.extend(delta.logprobs)
-        yield sse_json({"text": text, "output_ids": ids,
-                        "meta_info": _with_logprobs(delta.meta, logprobs)})
+    async for batch in deltas:
+        events = []
+        for delta in batch:
+            text, ids = text + delta.text, ids + delta.token_ids
+            logprobs.extend(delta.logprobs)
+            events.append(sse_json({"text": text, "output_ids": ids,
+                                    "meta_info": _with_logprobs(delta.meta, logprobs)}))
+        yield b"".join(events)
 
 
 # ---- info, health, cache --------------------------------------------------

@@ -53,32 +53,72 @@ async def respond(app, run: Run, spec, ids, make_events, make_body):
                                    spec.num_top_logprobs is not None))
 
 
-async def chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
-    """chat.completion.chunk events: role first, content, one finish per choice."""
-    started, metas = set(), []
-    with_usage = run.spec.include_usage
-    with_logprobs = run.spec.num_top_logprobs is not None
-    text_events = responses.TextEvents(lambda index, text: responses.chat_chunk(
-        ids, index, {"content": text}, include_usage=with_usage))
-    async for delta in deltas:
-        if delta.index not in started:
-            started.add(delta.index)
-            yield sse_json(responses.chat_chunk(ids, delta.index, {"role": "assistant",
-                                                                   "content": ""},
-                                                include_usage=with_usage))
-        if with_logprobs and (delta.text or delta.logprobs):
-            logprobs = responses.chat_logprobs(delta.logprobs, app.token_texts)
-            yield sse_json(responses.chat_chunk(ids, delta.index, {"content": delta.text},
-                                                logprobs=logprobs, include_usage=with_usage))
+def chat_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
+    """chat.completion.chunk events: role first, content, one finish per
+    choice; the events of a batch of deltas (Dispatcher.stream) go out as
+    one body chunk."""
+    return ChatEvents(app, run, ids).of_stream(deltas)
+
+
+class StreamEvents:
+    """The SSE events of one OpenAI stream's deltas: each batch of deltas
+    as one body chunk, then the usage chunk when asked for. Subclasses
+    give the events of one delta (_add) and the chunks' object name."""
+
+    OBJECT = ""
+
+    def __init__(self, app, run: Run, ids):
+        self.app, self.run, self.ids = app, run, ids
+        self.with_usage = run.spec.include_usage
+        self.with_logprobs = run.spec.num_top_logprobs is not None
+        self.metas = []  # (prompt index, meta) of each finished choice
+
+    async def of_stream(self, deltas) -> AsyncIterator[bytes]:
+        async for batch in deltas:
+            yield self.of_batch(batch)
+        if self.with_usage:
+            usage = responses.usage_of(self.metas, self.app.args.enable_cache_report)
+            yield sse_json(responses.usage_chunk(self.ids, self.OBJECT, usage))
+
+    def of_batch(self, batch: List[ChoiceDelta]) -> bytes:
+        events: List[bytes] = []
+        for delta in batch:
+            if delta.finish_reason is not None:
+                self.metas.append((self.run.prompt_index(delta.index), delta.meta))
+            self._add(delta, events)
+        return b"".join(events)
+
+    def _add(self, delta: ChoiceDelta, events: List[bytes]) -> None:
+        raise NotImplementedError
+
+
+class ChatEvents(StreamEvents):
+    """A chat stream's events (see chat_events)."""
+
+    OBJECT = "chat.completion.chunk"
+
+    def __init__(self, app, run: Run, ids):
+        super().__init__(app, run, ids)
+        self.started = set()
+        self.text_events = responses.TextEvents(lambda index, text: responses.chat_chunk(
+            ids, index, {"content": text}, include_usage=self.with_usage))
+
+    def _add(self, delta: ChoiceDelta, events: List[bytes]) -> None:
+        ids, index = self.ids, delta.index
+        if index not in self.started:
+            self.started.add(index)
+            events.append(sse_json(responses.chat_chunk(
+                ids, index, {"role": "assistant", "content": ""}, include_usage=self.with_usage)))
+        if self.with_logprobs and (delta.text or delta.logprobs):
+            logprobs = responses.chat_logprobs(delta.logprobs, self.app.token_texts)
+            events.append(sse_json(responses.chat_chunk(
+                ids, index, {"content": delta.text}, logprobs=logprobs,
+                include_usage=self.with_usage)))
         elif delta.text:
-            yield text_events.event(delta.index, delta.text)
+            events.append(self.text_events.event(index, delta.text))
         if delta.finish_reason is not None:
-            metas.append((run.prompt_index(delta.index), delta.meta))
-            yield sse_json(responses.chat_chunk(ids, delta.index, {}, delta.finish_reason,
-                                                include_usage=with_usage))
-    if with_usage:
-        usage = responses.usage_of(metas, app.args.enable_cache_report)
-        yield sse_json(responses.usage_chunk(ids, "chat.completion.chunk", usage))
+            events.append(sse_json(responses.chat_chunk(
+                ids, index, {}, delta.finish_reason, include_usage=self.with_usage)))
 
 
 # ---- completions ----------------------------------------------------------
@@ -123,35 +163,41 @@ def completion_prompts(prompt, vocab_size: int) -> List[Union[str, List[int]]]:
     return prompts
 
 
-async def completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
-    """text_completion chunks, the finish_reason on each choice's last one."""
-    metas, offsets = [], {}
-    with_usage = run.spec.include_usage
-    with_logprobs = run.spec.num_top_logprobs is not None
-    text_events = responses.TextEvents(lambda index, text: responses.completion_text_chunk(
-        ids, index, text, None, None, with_usage))
-    async for delta in deltas:
-        if not with_logprobs and delta.finish_reason is None:
-            yield text_events.event(delta.index, delta.text)
-            continue
+def completion_events(app, run: Run, ids, deltas) -> AsyncIterator[bytes]:
+    """text_completion chunks, the finish_reason on each choice's last one;
+    the events of a batch of deltas go out as one body chunk."""
+    return CompletionEvents(app, run, ids).of_stream(deltas)
+
+
+class CompletionEvents(StreamEvents):
+    """A completion stream's events (see completion_events)."""
+
+    OBJECT = "text_completion"
+
+    def __init__(self, app, run: Run, ids):
+        super().__init__(app, run, ids)
+        self.offsets = {}  # each choice's text length so far (logprobs' text_offset)
+        self.text_events = responses.TextEvents(lambda index, text: responses.completion_text_chunk(
+            ids, index, text, None, None, self.with_usage))
+
+    def _add(self, delta: ChoiceDelta, events: List[bytes]) -> None:
+        if not self.with_logprobs and delta.finish_reason is None:
+            events.append(self.text_events.event(delta.index, delta.text))
+            return
         logprobs = None
-        if with_logprobs:
-            logprobs = responses.completion_logprobs(delta.logprobs, app.token_texts,
-                                                     offsets.get(delta.index, 0))
-            offsets[delta.index] = offsets.get(delta.index, 0) + len(delta.text)
-        if delta.finish_reason is not None:
-            metas.append((run.prompt_index(delta.index), delta.meta))
-        yield sse_json(responses.completion_chunk(ids, delta, logprobs, with_usage))
-    if with_usage:
-        usage = responses.usage_of(metas, app.args.enable_cache_report)
-        yield sse_json(responses.usage_chunk(ids, "text_completion", usage))
+        if self.with_logprobs:
+            offset = self.offsets.get(delta.index, 0)
+            logprobs = responses.completion_logprobs(delta.logprobs, self.app.token_texts, offset)
+            self.offsets[delta.index] = offset + len(delta.text)
+        events.append(sse_json(responses.completion_chunk(self.ids, delta, logprobs,
+                                                          self.with_usage)))
 
 
 # ---- streaming plumbing ---------------------------------------------------
 
-async def open_stream(deltas: AsyncIterator[ChoiceDelta]) -> "PrimedDeltas":
-    """Waits for the first delta, so refusals (queue full, prompt too long)
-    still get a status code; returns an iterator that replays it."""
+async def open_stream(deltas: AsyncIterator[List[ChoiceDelta]]) -> "PrimedDeltas":
+    """Waits for the first batch of deltas, so refusals (queue full, prompt
+    too long) still get a status code; returns an iterator that replays it."""
     try:
         first = await deltas.__anext__()
     except StopAsyncIteration:
@@ -163,16 +209,16 @@ async def open_stream(deltas: AsyncIterator[ChoiceDelta]) -> "PrimedDeltas":
 
 
 class PrimedDeltas:
-    """The first delta, then the rest; aclose() always closes the source
-    (an async generator never started would skip its finally blocks)."""
+    """The first batch of deltas, then the rest; aclose() always closes the
+    source (an async generator never started would skip its finally blocks)."""
 
-    def __init__(self, first: ChoiceDelta, source):
+    def __init__(self, first: List[ChoiceDelta], source):
         self._first, self._source = first, source
 
     def __aiter__(self) -> "PrimedDeltas":
         return self
 
-    async def __anext__(self) -> ChoiceDelta:
+    async def __anext__(self) -> List[ChoiceDelta]:
         if self._first is not None:
             first, self._first = self._first, None
             return first

@@ -8,6 +8,7 @@ close the files and exit without a word (no Ready)."""
 import os
 import time
 
+from pyvlm.entrypoints import core_channel
 from pyvlm.entrypoints.core_messages import Closed, Ready, Stop, encode
 
 
@@ -23,7 +24,7 @@ def run_stub_engine_core(spec, conn, clock_cell, log_settings) -> None:
 def _serve_until_stop(conn) -> None:
     while True:
         try:
-            message = conn.recv()
+            message = core_channel.receive(conn)
         except (EOFError, OSError):
             return
         if isinstance(message, Stop):

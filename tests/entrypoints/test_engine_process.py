@@ -7,6 +7,7 @@ a hang), health() says why, and the process is reaped."""
 
 import asyncio
 import os
+import queue
 import signal
 import threading
 import time
@@ -16,8 +17,9 @@ import torch
 from PIL import Image
 
 import pyvlm
-from pyvlm.entrypoints.core_messages import Add, Outputs, encode
-from pyvlm.scheduling.errors import EngineDeadError
+from pyvlm.entrypoints import core_channel
+from pyvlm.entrypoints.core_messages import Add, Outputs
+from pyvlm.scheduling.errors import EngineDeadError, RequestFailedError
 
 ENGINE_ARGS = dict(device="cpu", page_size=4, max_total_tokens=4096, context_length=2048)
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -125,10 +127,11 @@ def test_request_pixels_travel_through_shared_memory_not_pickled(process_engine)
         pixels = request.mm_items[0].prepared.pixel_values
         assert pixels.is_shared()  # moved when built (a builder thread), not when sent
         num_pixel_bytes = pixels.numel() * pixels.element_size()
-        payload = encode(Add(request))
+        packet = core_channel.pack(Add(request))
         assert num_pixel_bytes > 500_000
-        assert len(payload) < num_pixel_bytes / 20  # the prompt and a handle, not the pixels
-        assert pixels.flatten()[:64].numpy().tobytes() not in payload
+        assert len(packet.frame) < num_pixel_bytes / 20  # the prompt and a handle, not the pixels
+        assert pixels.flatten()[:64].numpy().tobytes() not in packet.frame
+        assert len(packet.fds) == 1  # the pixels' shared memory, passed beside the frame
     finally:
         process_engine.discard(request)
 
@@ -193,3 +196,14 @@ def test_a_killed_engine_process_fails_in_flight_and_later_requests_at_once(
         engine.shutdown()
     assert not os.path.exists(f"/proc/{pid}")  # reaped: no zombie
     assert not [name for name in os.listdir("/dev/shm") if f"_{pid}_" in name]
+
+
+def test_a_request_that_cannot_be_pickled_fails_alone(process_engine):
+    request = asyncio.run(process_engine.async_build("a story", GREEDY))
+    request.cache_node = threading.Lock()  # (no lock pickles)
+    results: "queue.Queue" = queue.Queue()
+    process_engine.step_loop.submit(request, lambda out, err: results.put((out, err)))
+    out, err = results.get(timeout=10)  # from the sender thread
+    assert out is None and isinstance(err, RequestFailedError)
+    assert "cannot send the request (TypeError)" in str(err)
+    assert len(process_engine.generate("a story", GREEDY)["output_ids"]) == 12

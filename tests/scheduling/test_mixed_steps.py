@@ -27,7 +27,8 @@ class Before:
         kv = scheduler.kv
         self.scheduler, self.num_preemptions = scheduler, scheduler.metrics.num_preemptions
         self.computed = {r.rid: r.num_computed_tokens for r in scheduler.running}
-        num_needy = sum(scheduler._needs_page(r, r.num_computed_tokens)
+        # a decode token past the request's pages needs a new one
+        num_needy = sum(kv.num_pages_for(r.num_computed_tokens + 1) > len(r.page_table)
                         for r in scheduler.running)
         self.has_decode_pages = num_needy <= kv.allocator.num_free + kv.num_evictable_pages
 

@@ -103,3 +103,39 @@ def test_kept_looks_equal_fresh_walks_on_random_workloads(rng):
         assert result.output_ids[spec.rid] == spec.reference(), spec.rid
     assert len(num_checked) > 100 and all(num_checked)
     assert result.scheduler.metrics.cache_hit_rate > 0
+
+
+def reference_keys(request: Request) -> list:
+    """Every position's key, built position by position (the token; its
+    image's content and index inside an image span; the images' hash
+    beside the token before the first image when pre_image_key is set)."""
+    keys, items = [], request.mm_items
+    first_image = min((item.offset for item in items), default=None)
+    for pos, token in enumerate(request.prompt_ids + request.output_ids):
+        key = token
+        if request.pre_image_key is not None and first_image is not None and pos < first_image:
+            key = ("pre", request.pre_image_key, token)
+        for item in items:
+            if item.offset <= pos < item.offset + item.length:
+                key = ("img", item.hash, pos - item.offset)
+        keys.append(key)
+    return keys
+
+
+def test_position_keys_of_any_span_equal_a_position_by_position_build(rng):
+    from pyvlm.scheduling.types import MultimodalItem
+
+    for _ in range(200):
+        prompt = [rng.choice(VOCAB) for _ in range(rng.randint(1, 40))]
+        offsets = sorted(rng.sample(range(len(prompt)), min(len(prompt), rng.randint(0, 2))))
+        items = [MultimodalItem(rng.getrandbits(60), offset, rng.randint(1, len(prompt) - offset))
+                 for offset in offsets]
+        request = Request("r", prompt, mm_items=items,
+                          pre_image_key=rng.choice([None, rng.getrandbits(60)]))
+        request.output_ids = [rng.choice(VOCAB) for _ in range(rng.randint(0, 10))]
+        expected = reference_keys(request)
+        for _ in range(5):  # (the prompt's keys are built once, then sliced)
+            start = rng.randint(0, request.num_tokens)
+            end = rng.randint(start, request.num_tokens)
+            assert request.position_keys(start, end) == expected[start:end]
+        assert request.position_keys() == expected

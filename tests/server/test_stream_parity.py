@@ -1,9 +1,10 @@
 """The streaming hot path against the generic one it replaced:
-ChoiceDeltas built from the engine's RequestOutputs equal those built
-from the engine's SGLang-style delta dicts, and a text-only chunk from a
+ChoiceDeltas built from the engine's RequestOutputs (taken in batches of
+any size) equal those built from the engine's SGLang-style delta dicts, and a text-only chunk from a
 template equals sse_json of the chunk object, byte for byte."""
 
 import asyncio
+from typing import List
 
 from hypothesis import given, settings, strategies as st
 
@@ -28,15 +29,20 @@ def reference_delta(delta: dict, index: int) -> ChoiceDelta:
 
 
 class ScriptedStream:
-    """An Engine.async_stream whose outputs are given."""
+    """An Engine.async_stream whose outputs are given, taken batch_sizes[i]
+    at a time by the i-th next_outputs (1 when not given), as outputs that
+    waited for a late consumer are."""
 
-    def __init__(self, rid: str, outputs):
+    def __init__(self, rid: str, outputs, batch_sizes=()):
         self.rid, self._outputs, self.closed = rid, list(outputs), False
+        self._batch_sizes = list(batch_sizes)
 
-    async def next_output(self) -> RequestOutput:
+    async def next_outputs(self) -> List[RequestOutput]:
         if not self._outputs:
             raise StopAsyncIteration
-        return self._outputs.pop(0)
+        size = self._batch_sizes.pop(0) if self._batch_sizes else 1
+        batch, self._outputs = self._outputs[:size], self._outputs[size:]
+        return batch
 
     async def aclose(self) -> None:
         self.closed = True
@@ -60,16 +66,19 @@ def test_choice_deltas_equal_the_dict_paths(data):
     num = data.draw(st.integers(1, 6))
     with_logprobs = data.draw(st.lists(st.booleans(), min_size=num, max_size=num))
     outputs = outputs_of(with_logprobs, num, data.draw(st.sampled_from(["stop", "length"])))
+    batch_sizes = data.draw(st.lists(st.integers(1, 4), max_size=num))
     accumulator = OutputAccumulator(Request("r", [1]))
     expected = [reference_delta(accumulator.delta(out), 2) for out in outputs]
 
     async def collect():
-        stream, timing = ScriptedStream("r", outputs), Timing()
-        deltas = [delta async for delta in ChoiceDeltas(stream, 2, timing)]
+        stream, timing = ScriptedStream("r", outputs, batch_sizes), Timing()
+        deltas = [delta async for batch in ChoiceDeltas(stream, 2, timing) for delta in batch]
         assert stream.closed and timing.end is not None
         return deltas
 
-    assert asyncio.run(collect()) == expected
+    deltas = asyncio.run(collect())
+    assert deltas == expected
+    assert [d.meta for d in deltas] == [d.meta for d in expected]  # (meta is made when read)
 
 
 def test_an_aborted_choice_raises_the_same_error_and_closes():
@@ -82,6 +91,21 @@ def test_an_aborted_choice_raises_the_same_error_and_closes():
         except ApiError as exc:
             return exc.status, stream.closed
     assert asyncio.run(run()) == (503, True)
+
+
+def test_text_before_an_abort_in_one_batch_comes_out_before_the_error():
+    text = RequestOutput("r", [5], "hi", False, None, None, 3, 1, 0)
+    abort = RequestOutput("r", [], "", True, "abort", None, 3, 1, 0)
+
+    async def run():
+        stream = ScriptedStream("r", [text, abort], [2])
+        deltas = ChoiceDeltas(stream, 0)
+        [first] = await deltas.__anext__()
+        try:
+            await deltas.__anext__()
+        except ApiError as exc:
+            return first.text, exc.status, stream.closed
+    assert asyncio.run(run()) == ("hi", 503, True)
 
 
 texts = st.text(st.characters(codec="utf-8"), max_size=12) | st.sampled_from(
