@@ -115,16 +115,33 @@ class RunnerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """How the model spreads over devices and engines (SGLang's flag names),
+    on torch.distributed: NCCL between GPUs, gloo on the CPU."""
+
+    # Tensor parallelism: one engine process per rank, each holding 1/tp_size
+    # of every large matrix and of the KV cache's heads (Megatron-LM layout).
+    tp_size: int = 1
+    # Data parallelism: dp_size engine replicas (each its own process,
+    # devices and KV cache) behind the one front, routed by load and prefix.
+    dp_size: int = 1
+    # The TCP port of the ranks' rendezvous (torch.distributed's env:// /
+    # tcp:// store) on 127.0.0.1; None: a free port picked at start-up.
+    dist_port: Optional[int] = None
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     media: MediaConfig = field(default_factory=MediaConfig)
     runner: RunnerConfig = field(default_factory=RunnerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 _GROUPS = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig,
-           "media": MediaConfig, "runner": RunnerConfig}
+           "media": MediaConfig, "runner": RunnerConfig, "parallel": ParallelConfig}
 _ALIASES = {"model_path": "model"}
 
 

@@ -28,6 +28,12 @@ failure is reported, then the process exits). Ctrl-C at a terminal reaches
 the whole process group: SIGINT is ignored here, the caller's process
 decides when to stop. SIGUSR1 writes every thread's stack to stderr (the
 server's watchdog asks for it before exiting on a hung step).
+
+With tensor parallelism (tp_size > 1) this process is rank 0: it starts
+the other ranks' processes and drives them through its runner
+(pyvlm/entrypoints/tensor_parallel_ranks.py). A Stop stops them first; a
+rank that dies ends this process with status 1, after a Closed naming the
+rank, so the caller's requests fail with EngineDeadError saying which.
 """
 
 import faulthandler
@@ -108,13 +114,13 @@ def run_engine_core(spec, conn, clock_cell, log_settings: LogSettings) -> None:
     the end (module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    _configure_logging(log_settings)
+    configure_logging(log_settings, 0 if spec.config.parallel.tp_size > 1 else None)
     from pyvlm.entrypoints.startup import CORE_COMMANDS, start_core
     from pyvlm.entrypoints.step_loop import StepClock, StepLoop
 
     sender = Sender(conn)
     try:
-        core = start_core(spec)
+        core = start_core(spec, log_settings=log_settings)
     except BaseException as exc:  # the caller raises it from its Engine(...)
         logger.debug("the engine core could not start", exc_info=True)
         sender.send(StartFailed(portable_error(exc)))
@@ -123,8 +129,11 @@ def run_engine_core(spec, conn, clock_cell, log_settings: LogSettings) -> None:
     tune_for_serving()  # (the process ends with os._exit: nothing to restore)
     loop = StepLoop(core.scheduler, core.runner, StepClock(clock_cell), outbox.flush)
     sender.send(Ready(os.getpid()))
+    _end_with_ranks(core.runner, sender)
     commands = {name: getattr(core, name) for name in CORE_COMMANDS}
-    if _serve(conn, loop, outbox, sender, commands):
+    caller_stays = _serve(conn, loop, outbox, sender, commands)
+    _stop_ranks(core.runner, loop)
+    if caller_stays:
         sender.send(Closed(loop.failure))
     # Closed is sent (synchronously) or the caller is gone: nothing is left
     # to do that the interpreter's teardown would add. On CUDA the process
@@ -167,16 +176,44 @@ def _call(loop, command: Optional[Callable], reply: CallReply) -> None:
         loop.call_async(command, reply)
 
 
-def _configure_logging(settings: LogSettings) -> None:
+def _end_with_ranks(runner, sender: Sender) -> None:
+    """With tensor parallelism, a worker rank that dies ends this process
+    (status 1), after telling the caller which rank died: its requests then
+    fail with EngineDeadError saying so."""
+    ranks = getattr(runner, "ranks", None)
+    if ranks is None:
+        return
+
+    def end(reason: str) -> None:
+        sender.send(Closed(reason))
+        _exit_now(1)
+
+    ranks.on_death = end
+
+
+def _stop_ranks(runner, loop) -> None:
+    """Stops the tensor-parallel workers, if any: asked to leave once no
+    step runs (a step the caller's exit left hanging: killed instead)."""
+    shutdown = getattr(runner, "shutdown", None)
+    if shutdown is not None:
+        shutdown(graceful=not loop.is_alive())
+
+
+def configure_logging(settings: LogSettings, rank: Optional[int] = None) -> None:
+    """This process's logging, like the caller's; a tensor-parallel rank's
+    lines start with it (rank: None without tensor parallelism)."""
     level, fmt = settings
-    if fmt is not None:  # the caller logs to a handler: so does this process, alike
+    if rank is not None:  # every rank logs, to the same terminal: say whose line it is
+        logging.basicConfig(level=level, format=f"[TP{rank}] {fmt or logging.BASIC_FORMAT}",
+                            force=True)  # (over what importing the main module set up)
+    elif fmt is not None:  # the caller logs to a handler: so does this process, alike
         logging.basicConfig(level=level, format=fmt)
     else:
         logging.getLogger().setLevel(level)
 
 
-def _exit_now() -> None:
+def _exit_now(status: int = 0) -> None:
     for handler in logging.getLogger().handlers:
         handler.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

@@ -20,6 +20,8 @@ from pyvlm.entrypoints.request_builder import ImageInputs, RequestBuilder
 from pyvlm.entrypoints.sampling import generation_defaults
 from pyvlm.entrypoints.step_loop import StepLoop
 from pyvlm.layers.shape_graphs import enable_shape_graphs
+from pyvlm.layers.tensor_parallel import (SINGLE_RANK, TensorParallelGroup, building_with,
+                                          current_group)
 from pyvlm.models.registry import image_processor_for, layout_conversion_for
 from pyvlm.multimodal.media import MediaPolicy
 from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, load_checkpoint_files,
@@ -282,9 +284,9 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
     step_memory = measure_step_memory(
         model, shape, config.cache.page_size, device, config.scheduler.max_prefill_tokens,
         context_length, decode_graph_batch_limit(config, device), config.cache.encoder_cache_bytes)
-    num_pages = pool_num_pages(shape, config.cache.page_size, device,
-                               config.cache.max_total_tokens, config.cache.mem_fraction_static,
-                               step_memory.total)
+    num_pages = least_over_ranks(pool_num_pages(
+        shape, config.cache.page_size, device, config.cache.max_total_tokens,
+        config.cache.mem_fraction_static, step_memory.total), device)
     pool = KVPool(shape, num_pages, config.cache.page_size, device)
     logger.info("KV cache: %d pages x %d tokens, %.2f GiB", num_pages, config.cache.page_size,
                 num_pages * config.cache.page_size * shape.bytes_per_token / 2**30)
@@ -296,6 +298,20 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
     runner = ModelRunner(model, pool, device, vision, index_checks_for(config, device))
     runner.step_memory = step_memory
     return model, runner
+
+
+def least_over_ranks(value: int, device: torch.device) -> int:
+    """The smallest of the tensor-parallel ranks' values (value itself on
+    one rank): rank 0 schedules pages that every rank's pool must hold, and
+    free memory differs between GPUs."""
+    group = current_group()
+    if group.size == 1:
+        return value
+    import torch.distributed as dist
+
+    least = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(least, op=dist.ReduceOp.MIN, group=group.process_group)
+    return int(least.item())
 
 
 def scheduler_config_for(config: EngineConfig, device: torch.device) -> SchedulerConfig:
@@ -346,6 +362,8 @@ def uses_engine_process(config: EngineConfig, device: torch.device,
     mode = config.runner.engine_process
     if mode not in ("auto", "process", "thread"):
         raise ValueError(f"engine_process must be auto, process or thread, not {mode!r}")
+    if config.parallel.tp_size > 1:
+        return _tensor_parallel_uses_engine_process(mode, has_loaded_model)
     if has_loaded_model and mode == "process":
         raise ValueError("a loaded_model runs in this process: engine_process='process' "
                          "cannot take one (use engine_process='thread' or 'auto')")
@@ -354,12 +372,28 @@ def uses_engine_process(config: EngineConfig, device: torch.device,
     return mode == "process" or (mode == "auto" and device.type == "cuda")
 
 
+def _tensor_parallel_uses_engine_process(mode: str, has_loaded_model: bool) -> bool:
+    """tp_size > 1: rank 0 is an engine process, which starts the other
+    ranks; neither a thread nor a model loaded in the caller's process can
+    be one."""
+    if mode == "thread":
+        raise ValueError("tensor parallelism (tp_size > 1) runs the engine core in an engine "
+                         "process (rank 0, which starts the other ranks): "
+                         "engine_process='thread' cannot; use 'process' or 'auto'")
+    if has_loaded_model:
+        raise ValueError("a loaded_model lives in this process and cannot be split over "
+                         "tensor-parallel ranks (tp_size > 1): load it from its checkpoint")
+    return True
+
+
 def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
     """loaded_model: a pyvlm model already on the device (benchmarks build
     random-weight models in memory); the checkpoint folder still supplies the
     config, tokenizer and processor settings. Its core runs on a thread of
-    this process."""
+    this process. dp_size > 1: replicas behind a Router (start_replicas)."""
     device = torch.device(resolve_device(config.model.device))
+    if config.parallel.dp_size > 1:
+        return start_replicas(config, device, loaded_model)
     own_process = uses_engine_process(config, device, loaded_model is not None)
     spec = core_spec_for(config, device, loaded_model)
     if not own_process:
@@ -367,12 +401,35 @@ def start_engine(config: EngineConfig, loaded_model=None) -> EngineState:
         return front_state(spec, core.model, StepLoop(core.scheduler, core.runner), core)
     from pyvlm.entrypoints.core_client import CoreClient
 
-    client = CoreClient(spec)  # the engine process loads the weights meanwhile
+    return front_over(spec, CoreClient(spec))  # the engine process loads the weights meanwhile
+
+
+def start_replicas(config: EngineConfig, device: torch.device, loaded_model=None
+                   ) -> EngineState:
+    """dp_size engine replicas, each an engine process with its own device
+    and KV cache, started at once, behind a Router (the step-loop
+    interface: pyvlm/entrypoints/replicas.py). ValueError if they cannot
+    be (replica_spec.check_data_parallel)."""
+    from pyvlm.entrypoints.core_client import CoreClient
+    from pyvlm.entrypoints.replica_spec import check_data_parallel, replica_spec
+    from pyvlm.entrypoints.replicas import Router
+
+    check_data_parallel(config, device, loaded_model is not None)
+    spec = core_spec_for(config, device)
+    router = Router(lambda index: CoreClient(replica_spec(spec, index)),
+                    config.parallel.dp_size)
+    return front_over(spec, router)
+
+
+def front_over(spec: CoreSpec, step_loop) -> EngineState:
+    """The front over a step loop whose engine processes are starting (a
+    CoreClient, or a Router of them), built while they load; waits until
+    they serve, and stops them if anything fails."""
     try:
-        state = front_state(spec, image_model_of(spec.files, spec.dtype), client)
-        client.wait_ready()
+        state = front_state(spec, image_model_of(spec.files, spec.dtype), step_loop)
+        step_loop.wait_ready()
     except BaseException:
-        client.stop()
+        step_loop.stop()
         raise
     return state
 
@@ -389,21 +446,57 @@ def core_spec_for(config: EngineConfig, device: torch.device, loaded_model=None)
     return CoreSpec(config, files, tokenizer, device, dtype, context_length_of(config, files))
 
 
-def start_core(spec: CoreSpec, loaded_model=None) -> CoreState:
+def start_core(spec: CoreSpec, loaded_model=None, log_settings=None) -> CoreState:
     """Model (loaded_model, or the checkpoint's weights), KV pool, runner
-    and scheduler on spec.device."""
-    config, device = spec.config, spec.device
-    model, runner = build_runner(config, spec.files, device, spec.dtype, spec.context_length,
-                                 loaded_model)
-    runner.capture_decode_graphs(decode_graph_batch_limit(config, device), spec.context_length)
-    enable_shape_graphs(model, vision_graph_count(config, device), VISION_GRAPH_MAX_ROWS)
-    scheduler = Scheduler(scheduler_config_for(config, device), config.cache, runner.num_pages,
-                          spec.context_length,
+    and scheduler on spec.device. With tp_size > 1 (in the engine process)
+    this process is rank 0: it starts the other ranks first, each builds
+    its share of the model as this one does, and the runner mirrors every
+    step to them (pyvlm/entrypoints/tensor_parallel_ranks.py; log_settings:
+    the engine process's, for the workers)."""
+    config = spec.config
+    ranks = None
+    if config.parallel.tp_size > 1:
+        from pyvlm.entrypoints.tensor_parallel_ranks import TensorParallelRanks
+
+        ranks = TensorParallelRanks(spec, log_settings)
+        spec = replace(spec, device=ranks.device)
+    try:
+        model, runner = build_rank_runner(spec, ranks.groups.tensor_parallel_group()
+                                          if ranks else SINGLE_RANK, loaded_model)
+    except BaseException:
+        if ranks is not None:
+            ranks.stop()
+        raise
+    if ranks is not None:
+        from pyvlm.entrypoints.tensor_parallel_runner import TensorParallelRunner
+
+        runner = TensorParallelRunner(runner, ranks)
+        logger.info("Engine ranks: %s", ranks.describe())
+    scheduler = Scheduler(scheduler_config_for(config, spec.device), config.cache,
+                          runner.num_pages, spec.context_length,
                           detokenizer_factory(spec.tokenizer), runner.image_rows_per_page)
-    logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens",
-                spec.files.root.name, device, str(spec.dtype).replace("torch.", ""),
-                spec.context_length, runner.num_pages * runner.page_size)
+    logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens%s",
+                spec.files.root.name, spec.device, str(spec.dtype).replace("torch.", ""),
+                spec.context_length, runner.num_pages * runner.page_size,
+                f", tensor parallel over {ranks.size} ranks" if ranks else "")
     return CoreState(model, runner, scheduler)
+
+
+def build_rank_runner(spec: CoreSpec, group: TensorParallelGroup = SINGLE_RANK,
+                      loaded_model=None):
+    """The model built to split over `group` (each tensor-parallel rank
+    calls this with its own), its runner, and the runner's decode CUDA
+    graphs. Every rank must make the same calls in the same order (their
+    collectives meet): the same config gives every rank the same graph
+    sizes, and build_runner agrees on one page count."""
+    config, device = spec.config, spec.device
+    with building_with(group):
+        model, runner = build_runner(config, spec.files, device, spec.dtype,
+                                     spec.context_length, loaded_model)
+        runner.capture_decode_graphs(decode_graph_batch_limit(config, device),
+                                     spec.context_length)
+        enable_shape_graphs(model, vision_graph_count(config, device), VISION_GRAPH_MAX_ROWS)
+    return model, runner
 
 
 def image_model_of(files: CheckpointFiles, dtype: torch.dtype) -> torch.nn.Module:

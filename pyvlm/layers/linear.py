@@ -18,6 +18,10 @@ parameter in place, so loading never keeps a second copy. The same loader
 is the layer's `weight_loader` method; pyvlm's own loader calls that, since
 a parameter rebuilt by deepcopy or to_empty loses its attributes. With the
 default group (rank 0 of 1) every layer computes exactly what nn.Linear does.
+
+A layer's `tp` defaults to the group current when it is built
+(pyvlm.layers.tensor_parallel.current_group): the engine builds the model
+inside `building_with(group)`, so model files pass no group.
 """
 
 import math
@@ -30,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import ops
-from .tensor_parallel import SINGLE_RANK, TensorParallelGroup, divide
+from .tensor_parallel import TensorParallelGroup, current_group, divide
 
 # Up to this many token rows, a CUDA linear layer with 16-bit weights runs
 # pyvlm's skinny GEMM instead of cuBLAS: a decode step reads every weight
@@ -146,11 +150,12 @@ class ColumnParallelLinear(ParallelLinear):
     / tp.size. The output is not gathered."""
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
-                 tp: TensorParallelGroup = SINGLE_RANK):
+                 tp: Optional[TensorParallelGroup] = None):
         self._init_shards(input_size, {None: (output_size, 1)}, bias, tp)
 
     def _init_shards(self, input_size: int, sizes: Mapping[Optional[str], Tuple[int, int]],
-                     bias: bool, tp: TensorParallelGroup) -> None:
+                     bias: bool, tp: Optional[TensorParallelGroup]) -> None:
+        tp = tp or current_group()
         shards = output_shards(sizes, tp)
         out_features = sum(shard.size for shard in shards.values())
         output_size = sum(full_size for full_size, _ in sizes.values())
@@ -178,7 +183,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     rank r's output is [gate_r | up_r], in the order of output_sizes."""
 
     def __init__(self, input_size: int, output_sizes: Mapping[str, int], bias: bool = True,
-                 tp: TensorParallelGroup = SINGLE_RANK):
+                 tp: Optional[TensorParallelGroup] = None):
         self._init_shards(input_size, {name: (size, 1) for name, size in output_sizes.items()},
                           bias, tp)
 
@@ -199,6 +204,30 @@ def _kv_replicas(num_kv_heads: int, tp_size: int) -> int:
     return tp_size // num_kv_heads
 
 
+def num_local_kv_heads(num_kv_heads: int, tp: Optional[TensorParallelGroup] = None) -> int:
+    """Key/value heads each rank holds (of the current group by default):
+    num_kv_heads / tp.size, or 1 when the heads are replicated. The KV
+    cache of a rank holds exactly these heads."""
+    tp = tp or current_group()
+    return num_kv_heads * _kv_replicas(num_kv_heads, tp.size) // tp.size
+
+
+class KVParallelLinear(ColumnParallelLinear):
+    """A key or value projection on its own, heads split over the ranks as
+    QKVParallelLinear splits them (replicated when fewer than the ranks):
+    for attention whose keys come from another input than its queries
+    (mllama's cross-attention reads the image states). num_kv_heads is
+    this rank's."""
+
+    def __init__(self, input_size: int, head_dim: int, num_kv_heads: int, bias: bool = True,
+                 tp: Optional[TensorParallelGroup] = None):
+        tp = tp or current_group()
+        replicas = _kv_replicas(num_kv_heads, tp.size)
+        self._init_shards(input_size, {None: (num_kv_heads * head_dim, replicas)}, bias, tp)
+        self.head_dim = head_dim
+        self.num_kv_heads = self.out_features // head_dim
+
+
 class QKVParallelLinear(MergedColumnParallelLinear):
     """The fused q/k/v projection, attention heads split over the ranks.
 
@@ -210,8 +239,9 @@ class QKVParallelLinear(MergedColumnParallelLinear):
     """
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
-                 bias: bool = True, tp: TensorParallelGroup = SINGLE_RANK,
+                 bias: bool = True, tp: Optional[TensorParallelGroup] = None,
                  shard_names: Sequence[str] = ("q_proj", "k_proj", "v_proj")):
+        tp = tp or current_group()
         num_local_heads = divide(num_heads, tp.size, "num_heads")
         replicas = _kv_replicas(num_kv_heads, tp.size)
         q_name, k_name, v_name = shard_names
@@ -239,7 +269,8 @@ class RowParallelLinear(ParallelLinear):
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = True,
-                 tp: TensorParallelGroup = SINGLE_RANK, reduce_results: bool = True):
+                 tp: Optional[TensorParallelGroup] = None, reduce_results: bool = True):
+        tp = tp or current_group()
         super().__init__(input_size, output_size, divide(input_size, tp.size, "input size"),
                          output_size, bias, tp)
         self.reduce_results = reduce_results

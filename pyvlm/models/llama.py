@@ -3,6 +3,13 @@
 Module names mirror transformers' LlamaModel (embed_tokens, layers.N.
 self_attn / mlp / input_layernorm / post_attention_layernorm, norm) so that
 checkpoint names map one to one; q/k/v and gate/up are fused.
+
+Tensor parallel (Megatron-LM): built inside `building_with(group)` each rank
+holds its attention heads (q/k/v column-parallel by heads, key/value heads
+replicated when fewer than the ranks; o_proj row-parallel), its slice of
+the MLP (gate/up by columns, down by rows) and of the vocabulary-parallel
+embedding; norms and the rotary are whole on every rank. Two all-reduces
+per layer (o_proj, down_proj) keep the residual stream whole everywhere.
 """
 
 from dataclasses import dataclass
@@ -16,6 +23,7 @@ from pyvlm.layers.linear import QKVParallelLinear, RowParallelLinear
 from pyvlm.layers.mlp import GatedMLP
 from pyvlm.layers.norm import RMSNorm
 from pyvlm.layers.rotary import RotaryEmbedding, rope_parameters_of, rotary_for
+from pyvlm.layers.vocab_parallel import VocabParallelEmbedding
 
 KVCache = Tuple[torch.Tensor, torch.Tensor]
 
@@ -53,6 +61,9 @@ class DecoderShape:
 
 
 class LlamaAttention(nn.Module):
+    """Self-attention over the paged KV cache with this rank's heads (all
+    of them at one rank)."""
+
     def __init__(self, shape: DecoderShape, rotary: RotaryEmbedding):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(shape.hidden_size, shape.head_dim, shape.num_heads,
@@ -61,8 +72,9 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(shape.num_heads * shape.head_dim, shape.hidden_size,
                                         shape.o_bias)
         self.rotary = [rotary]  # shared by all layers; a list keeps it out of the module tree
-        self.attn = PagedAttention(shape.num_heads, shape.num_kv_heads, shape.head_dim,
-                                   scale=shape.head_dim ** -0.5)
+        # The rank's query and key/value heads: its KV cache holds only those.
+        self.attn = PagedAttention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads,
+                                   shape.head_dim, scale=shape.head_dim ** -0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
                 attn: AttentionMetadata) -> torch.Tensor:
@@ -120,8 +132,8 @@ class LlamaModel(nn.Module):
         self.shape = shape
         self.rotary_emb = rotary_for(shape.head_dim, shape.max_position,
                                      rope_parameters_of(config))
-        self.embed_tokens = nn.Embedding(shape.vocab_size + num_extra_embeddings,
-                                         shape.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(shape.vocab_size + num_extra_embeddings,
+                                                   shape.hidden_size)
         self.layers = nn.ModuleList(layer_factory(index, shape, self.rotary_emb)
                                     for index in range(shape.num_layers))
         self.norm = RMSNorm(shape.hidden_size, shape.rms_norm_eps)

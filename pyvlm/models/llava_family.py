@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from pyvlm.multimodal.llava_onevision import (anyres_grid_shape, downsampled_feature_grid,
                                               num_anyres_tiles, unpadding_crop)
+from pyvlm.layers.tensor_parallel import replicated
 from .llava_images import Geometry, encode_prepared, prepare_images
 from .vision_language import VisionLanguageModel
 
@@ -79,16 +80,23 @@ class LlavaMultiModalProjector(nn.Module):
 
 class LlavaFamilyModel(VisionLanguageModel):
     """Tower + projector over a Llama / Qwen2 / Mistral decoder; subclasses
-    decide tiles and packing (module docstring)."""
+    decide tiles and packing (module docstring).
+
+    Tensor parallel: the decoder splits over the group it is built in; the
+    tower, projector and image_newline are replicated (every rank holds and
+    runs them whole, so each has the image rows its embeddings need without
+    a collective; the tower is a small part of the model)."""
 
     NAME_PREFIXES = LLAVA_PREFIXES
     HAS_IMAGE_NEWLINE = True
 
     def __init__(self, config):
         super().__init__(config, config.text_config)
-        self.vision_tower = vision_tower_for(config.vision_config, config.vision_feature_layer)
-        self.multi_modal_projector = LlavaMultiModalProjector(
-            config, len(self.vision_tower.feature_layers))
+        with replicated():
+            self.vision_tower = vision_tower_for(config.vision_config,
+                                                 config.vision_feature_layer)
+            self.multi_modal_projector = LlavaMultiModalProjector(
+                config, len(self.vision_tower.feature_layers))
         if self.HAS_IMAGE_NEWLINE:
             self.image_newline = nn.Parameter(torch.zeros(config.text_config.hidden_size))
         self.image_token_id = config.image_token_id

@@ -15,6 +15,7 @@ from typing import Iterator, Optional, Sequence, Tuple, Type, Union
 import torch
 from safetensors import safe_open
 
+from pyvlm.layers.tensor_parallel import current_group
 from pyvlm.models.checkpoint import CheckpointError, CheckpointFiles
 from pyvlm.models.weight_loading import WeightNamesError
 
@@ -48,10 +49,34 @@ def set_config_dtype(hf_config, dtype: torch.dtype) -> None:
             sub_config.dtype = dtype
 
 
-def iter_safetensors(weight_files: Sequence[Path], device: str = "cpu") -> Iterator[Tuple[str, torch.Tensor]]:
+class UnreadTensor:
+    """A safetensors tensor not read yet: its shape, and reads of the part a
+    tensor-parallel rank keeps (`narrow`, through safetensors' get_slice),
+    so a rank reads 1/tp_size of each split matrix from the file, not the
+    whole; `read()` gives the whole tensor (for parameters every rank
+    holds whole). Valid while its shard is open (during the weights loop)."""
+
+    def __init__(self, shard, name: str):
+        self._shard, self.name = shard, name
+        self._slice = shard.get_slice(name)
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        """As torch.Tensor.narrow, reading only those rows (or columns)."""
+        index = (slice(None),) * dim + (slice(start, start + length),)
+        return self._slice[index]
+
+    def read(self) -> torch.Tensor:
+        return self._shard.get_tensor(self.name)
+
+
+def iter_safetensors(weight_files: Sequence[Path], device: str = "cpu", unread: bool = False
+                     ) -> Iterator[Tuple[str, torch.Tensor]]:
     """(name, tensor) for every tensor of every shard, read lazily one at a
     time (safetensors; a .bin shard is memory-mapped with torch.load's
-    weights_only, which unpickles tensors and nothing else)."""
+    weights_only, which unpickles tensors and nothing else). unread: yield
+    safetensors entries as UnreadTensor, for the weight loaders to read
+    only their rank's slice (pyvlm.models.weight_loading)."""
     num_shards = len(weight_files)
     for shard_index, path in enumerate(weight_files, start=1):
         logger.info("Loading weights shard %d/%d (%s)", shard_index, num_shards, Path(path).name)
@@ -61,7 +86,7 @@ def iter_safetensors(weight_files: Sequence[Path], device: str = "cpu") -> Itera
             continue
         with safe_open(str(path), framework="pt", device=_safetensors_device(device)) as shard:
             for name in shard.keys():
-                yield name, shard.get_tensor(name)
+                yield name, UnreadTensor(shard, name) if unread else shard.get_tensor(name)
 
 
 def _safetensors_device(device: str) -> str:
@@ -105,6 +130,11 @@ def load_model(files: CheckpointFiles, dtype: torch.dtype, device: Union[str, to
     tensor filled, is a CheckpointError naming them (a silently random
     weight is worse than no server). load_format "dummy" reads no weights
     (dummy_weights_).
+
+    Tensor parallel: called inside `building_with(group)`
+    (pyvlm.layers.tensor_parallel), the model is built with this rank's
+    slices, and each split parameter reads only its slice from the files;
+    dummy weights are drawn in the local shapes.
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
@@ -115,7 +145,11 @@ def load_model(files: CheckpointFiles, dtype: torch.dtype, device: Union[str, to
     if load_format == "dummy":
         return dummy_weights_(model).eval().requires_grad_(False)
     try:
-        model.load_weights(iter_safetensors(files.weight_files, str(torch.device(device))))
+        # Under several ranks each reads its slices only; one rank reads
+        # whole tensors (the same bytes, fewer calls).
+        unread = current_group().size > 1
+        model.load_weights(iter_safetensors(files.weight_files, str(torch.device(device)),
+                                            unread))
     except WeightNamesError as error:
         raise CheckpointError(f"{files.root.name}: {error}") from None
     return model.eval().requires_grad_(False)

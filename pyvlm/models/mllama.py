@@ -17,6 +17,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
+from pyvlm.layers.tensor_parallel import replicated
 from pyvlm.scheduling.types import MultimodalItem, SequenceChunk
 from .llama import LlamaDecoderLayer
 from .mllama_cross_attention import MllamaCrossAttentionDecoderLayer
@@ -70,7 +71,10 @@ def layer_factory_for(text_config):
 
 class MllamaForConditionalGeneration(VisionLanguageModel):
     """The mllama vision encoder and projector over a Llama decoder with
-    gated cross-attention layers."""
+    gated cross-attention layers. Tensor parallel: the decoder (its
+    cross-attention layers too) splits over the group it is built in; the
+    vision encoder and projector are replicated, every rank running them
+    whole (each rank computes its own image K/V heads from the full rows)."""
 
     NAME_PREFIXES = MLLAMA_PREFIXES
 
@@ -80,9 +84,10 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
                          num_extra_embeddings=NUM_EXTRA_EMBEDDINGS)
         self.cross_attention_layers = tuple(sorted(text.cross_attention_layers))
         vision = config.vision_config
-        self.vision_model = MllamaVisionModel(vision)
-        self.multi_modal_projector = nn.Linear(vision.vision_output_dim, text.hidden_size,
-                                               bias=True)
+        with replicated():
+            self.vision_model = MllamaVisionModel(vision)
+            self.multi_modal_projector = nn.Linear(vision.vision_output_dim, text.hidden_size,
+                                                   bias=True)
         self.image_token_id = config.image_token_id
         self.max_num_tiles = vision.max_num_tiles
         self.num_patches = self.vision_model.num_patches

@@ -11,6 +11,11 @@ The image K/V do not depend on the text: a layer computes them when an
 image is first used (`image_key_value`), stores its real rows in the KV
 pool, and every later step reads them from there. Which rows each token
 sees is the step's CrossAttentionInputs (pyvlm.models.mllama_cross_inputs).
+
+Tensor parallel as self-attention (pyvlm.models.llama): q/k/v split by
+heads (key/value heads replicated when fewer than the ranks), o_proj
+row-parallel, the MLP split; each rank's pool pages hold its own image K/V
+heads. The norms and gates are whole on every rank.
 """
 
 from typing import Optional, Tuple
@@ -20,7 +25,7 @@ from torch import nn
 
 from pyvlm import ops
 from pyvlm.layers.attention import AttentionMetadata
-from pyvlm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pyvlm.layers.linear import ColumnParallelLinear, KVParallelLinear, RowParallelLinear
 from pyvlm.layers.mlp import GatedMLP
 from pyvlm.layers.norm import RMSNorm
 from .mllama_cross_inputs import CrossAttentionInputs
@@ -29,18 +34,20 @@ KVCache = Tuple[torch.Tensor, torch.Tensor]
 
 
 class MllamaTextCrossAttention(nn.Module):
-    """Multi-head (GQA) attention of text queries to image keys/values."""
+    """Multi-head (GQA) attention of text queries to image keys/values;
+    num_heads and num_kv_heads are the whole layer's, self.num_heads and
+    self.num_kv_heads this rank's."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, rms_norm_eps: float):
         super().__init__()
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
         self.head_dim = hidden_size // num_heads
         self.scale = self.head_dim ** -0.5
         self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.head_dim, bias=False)
-        self.k_proj = ColumnParallelLinear(hidden_size, num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = ColumnParallelLinear(hidden_size, num_kv_heads * self.head_dim, bias=False)
+        self.k_proj = KVParallelLinear(hidden_size, self.head_dim, num_kv_heads, bias=False)
+        self.v_proj = KVParallelLinear(hidden_size, self.head_dim, num_kv_heads, bias=False)
         self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden_size, bias=False)
+        self.num_heads = self.q_proj.out_features // self.head_dim
+        self.num_kv_heads = self.k_proj.num_kv_heads
         self.q_norm = RMSNorm(self.head_dim, rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, rms_norm_eps)
 

@@ -2,6 +2,13 @@
 head (tied to the embeddings when the checkpoint ties them), the KV shape
 the runner sizes the pool by, and weight loading by renamed prefixes.
 
+Tensor parallel: built inside `building_with(group)`
+(pyvlm.layers.tensor_parallel), the decoder's layers, its embedding and the
+LM head split over the group's ranks (vocab-parallel embedding and head),
+and the KV shape is the rank's own (num_kv_heads: its local heads).
+Families build their vision towers and projectors inside `replicated()`:
+every rank holds and runs the whole tower.
+
 A family's model subclasses VisionLanguageModel, builds its vision tower
 and projector, and adds the image stages of the engine's contract
 (prepare_images, encode_prepared; see pyvlm/models/README.md).
@@ -13,7 +20,8 @@ import torch
 from torch import nn
 
 from pyvlm.layers.attention import AttentionMetadata
-from pyvlm.layers.linear import linear
+from pyvlm.layers.linear import num_local_kv_heads
+from pyvlm.layers.vocab_parallel import ParallelLMHead
 from .decoders import decoder_for
 from .llama import KVCache, LayerFactory, self_attention_layer
 from .weight_loading import load_weights as load_named_weights
@@ -40,11 +48,18 @@ class VisionLanguageModel(nn.Module):
         self.config = config
         self.language_model = decoder_for(text_config, layer_factory, **decoder_kwargs)
         shape = self.language_model.shape
-        self.lm_head = nn.Linear(shape.hidden_size, shape.vocab_size, bias=False)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        embedding = self.language_model.embed_tokens
+        # Tied, the head splits the embedding's rows (extra rows included,
+        # dropped from the logits), so each rank's head is its embedding slice.
+        self.lm_head = ParallelLMHead(
+            shape.vocab_size, shape.hidden_size,
+            embedding.num_embeddings if self.tie_word_embeddings else None)
         if self.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
-        self.num_layers, self.num_kv_heads = shape.num_layers, shape.num_kv_heads
+            self.lm_head.weight = embedding.weight
+        # The KV pool of this rank holds its own key/value heads only.
+        self.num_layers = shape.num_layers
+        self.num_kv_heads = num_local_kv_heads(shape.num_kv_heads)
         self.head_dim = shape.head_dim
 
     # --- weights -----------------------------------------------------------
@@ -85,6 +100,7 @@ class VisionLanguageModel(nn.Module):
         return self.language_model(input_ids, positions, attn, kv_caches, inputs_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[N, hidden] -> float32 logits [N, vocab]."""
+        """[N, hidden] -> float32 logits [N, vocab], the whole vocabulary on
+        every rank (the head gathers the ranks' slices)."""
         # Rounded to the weights' dtype first, as transformers' logits are.
-        return linear(hidden, self.lm_head.weight).float()
+        return self.lm_head(hidden).float()

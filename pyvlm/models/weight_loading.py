@@ -3,18 +3,25 @@
 Checkpoint names are first mapped to the model's own names (the model
 supplies the rename rules); q/k/v and gate/up matrices land in their rows of
 the fused `MergedColumnParallelLinear` parameters. A parameter of a
-parallel linear layer is loaded through the layer's weight_loader, which
-copies its tensor-parallel rank's slice; any other is copied whole. Every parameter must be
+parallel layer (a parallel linear layer, the vocab-parallel embedding or
+LM head) is loaded through the layer's weight_loader, which copies its
+tensor-parallel rank's slice; any other is copied whole. Every parameter must be
 loaded exactly once and every checkpoint tensor must have a home: both
 failures raise with the names, so a wrong checkpoint never serves silently.
 """
 
-from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
 
 from pyvlm.layers.linear import MergedColumnParallelLinear, ParallelLinear
+from pyvlm.layers.vocab_parallel import VocabParallelEmbedding
+
+# Layers whose parameters hold their rank's slice of a checkpoint tensor,
+# copied by the layer's weight_loader(param, tensor, shard_name).
+PARALLEL_LAYERS = (ParallelLinear, VocabParallelEmbedding)
+ParallelLayer = Union[ParallelLinear, VocabParallelEmbedding]
 
 # Renames a checkpoint name to the model's name; None means "ignore it".
 NameMapper = Callable[[str], Optional[str]]
@@ -38,26 +45,28 @@ def stacked_param_names(model: nn.Module) -> Set[str]:
             if isinstance(module, MergedColumnParallelLinear) for kind, _ in module.named_parameters()}
 
 
-def parallel_layers(model: nn.Module) -> Dict[str, ParallelLinear]:
-    """Name of each parallel linear layer's parameter -> the layer."""
+def parallel_layers(model: nn.Module) -> Dict[str, ParallelLayer]:
+    """Name of each parallel layer's parameter -> the layer."""
     return {f"{module_name}.{kind}" if module_name else kind: module
             for module_name, module in model.named_modules()
-            if isinstance(module, ParallelLinear)
+            if isinstance(module, PARALLEL_LAYERS)
             for kind, _ in module.named_parameters(recurse=False)}
 
 
-def copy_into(param: torch.Tensor, loaded: torch.Tensor, layer: Optional[ParallelLinear] = None,
+def copy_into(param: torch.Tensor, loaded: torch.Tensor, layer: Optional[ParallelLayer] = None,
               shard_name: Optional[str] = None) -> None:
     """Copies loaded into param: this rank's slice through the weight_loader
     of the parallel layer holding it (shard_name: the fused matrix it is, for
-    a merged layer), else whole; a wrong shape raises ValueError."""
+    a merged layer), else whole; a wrong shape raises ValueError. loaded may
+    be a tensor not read yet (pyvlm.models.loader.UnreadTensor: shape,
+    narrow, read), of which the weight_loader reads only its slice."""
     with torch.no_grad():
         if layer is not None:
             layer.weight_loader(param, loaded, shard_name)
         elif param.shape != loaded.shape:
             raise ValueError(f"expected shape {tuple(param.shape)}, got {tuple(loaded.shape)}")
         else:
-            param.copy_(loaded)
+            param.copy_(loaded if isinstance(loaded, torch.Tensor) else loaded.read())
 
 
 class WeightNamesError(ValueError):

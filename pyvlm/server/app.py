@@ -53,7 +53,8 @@ class App:
         self.template = engine.chat_template
         self.load_images = load_images if load_images is not None else default_loader(args)
         self.metrics = ServerMetrics(args.model_name)
-        self.dispatcher = Dispatcher(engine, Admission(args.max_running_requests,
+        # Each data-parallel replica runs up to max_running_requests.
+        self.dispatcher = Dispatcher(engine, Admission(args.max_running_requests * args.dp_size,
                                                        args.max_queued_requests), self.metrics)
         self.created = int(time.time())
         self.is_serving = True  # False once shutdown began: /health is 503, work refused

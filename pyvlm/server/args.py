@@ -64,6 +64,9 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     vision_cuda_graphs: int = 0
     engine_process: str = "auto"
+    tp_size: int = 1
+    dp_size: int = 1
+    dist_port: Optional[int] = None
     disable_overlap_schedule: bool = False
     max_mixed_prefill_tokens: Optional[int] = 512
 
@@ -91,7 +94,7 @@ class ServerArgs:
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
                  "disable_cuda_graph", "vision_cuda_graphs", "engine_process",
-                 "max_mixed_prefill_tokens")
+                 "max_mixed_prefill_tokens", "tp_size", "dp_size", "dist_port")
         kwargs = {name: getattr(self, name) for name in names}
         kwargs["overlap_schedule"] = False if self.disable_overlap_schedule else None
         return kwargs
@@ -193,6 +196,14 @@ _FLAGS = [
     (("--engine-process",), str,
      "auto|process|thread: run the scheduler and model in their own process or in a thread "
      "of the server's (default auto: a process on CUDA, a thread on CPU)"),
+    (("--tp-size",), int,
+     "tensor parallelism: ranks (one engine process and GPU each; gloo on CPU) that each hold "
+     "1/N of the weights and KV heads (default 1)"),
+    (("--dp-size",), int,
+     "data parallelism: engine replicas behind this server, each with its own process, "
+     "device(s) and KV cache, routed by load and cached prefix (default 1)"),
+    (("--dist-port",), int,
+     "TCP port on 127.0.0.1 for the tensor-parallel ranks' rendezvous (default: a free one)"),
 ]
 
 
@@ -236,6 +247,9 @@ def _check(args: ServerArgs) -> None:
         (args.load_format in ("auto", "dummy"), "--load-format must be auto or dummy"),
         (args.cuda_graph_max_bs >= 0, "--cuda-graph-max-bs must be >= 0"),
         (args.vision_cuda_graphs >= 0, "--vision-cuda-graphs must be >= 0"),
+        (args.tp_size >= 1, "--tp-size must be >= 1"),
+        (args.dp_size >= 1, "--dp-size must be >= 1"),
+        (args.dist_port is None or 0 < args.dist_port < 65536, "--dist-port must be in 1..65535"),
         (args.engine_process in ("auto", "process", "thread"),
          "--engine-process must be auto, process or thread"),
         (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),

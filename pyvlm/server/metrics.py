@@ -78,7 +78,7 @@ class ServerMetrics:
                   ("token_usage", "Fraction of KV cache pages in use."),
                   ("cache_hit_rate", "Prompt tokens served by the prefix cache, as a fraction.")]
         for key, help_text in gauges:
-            lines += _sample(f"{PREFIX}:{key}", "gauge", help_text, self.labels, stats.get(key, 0))
+            lines += self._gauge_lines(key, help_text, stats)
         lines += _sample(f"{PREFIX}:prompt_tokens_total", "counter", "Prompt tokens processed.",
                          self.labels, self.num_prompt_tokens)
         lines += _sample(f"{PREFIX}:generation_tokens_total", "counter", "Tokens generated.",
@@ -87,6 +87,19 @@ class ServerMetrics:
         for histogram in (self.ttft, self.tpot, self.e2e):
             lines += histogram.lines(self.labels)
         return "\n".join(lines) + "\n"
+
+    def _gauge_lines(self, key: str, help_text: str, stats: Mapping) -> List[str]:
+        """One sample; with data-parallel replicas (stats["replicas"]), one
+        per replica labelled replica="i" instead, as vLLM labels its
+        engines (an unlabelled total beside them would be counted twice
+        by sum())."""
+        replicas = stats.get("replicas")
+        if not replicas:
+            return _sample(f"{PREFIX}:{key}", "gauge", help_text, self.labels, stats.get(key, 0))
+        name = f"{PREFIX}:{key}"
+        return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"] + [
+            f'{name}{{{self.labels},replica="{r["replica"]}"}} {r.get(key, 0)}'
+            for r in replicas]
 
     def _request_lines(self) -> List[str]:
         name = f"{PREFIX}:http_requests_total"

@@ -1,0 +1,285 @@
+"""The processes of a tensor-parallel engine (--tp-size N, one host): rank 0
+is the engine process (pyvlm/entrypoints/engine_core.py), which starts
+ranks 1..N-1 as worker processes (spawn: CUDA-safe). Every rank joins one
+torch.distributed group (NCCL on CUDA, rank r on cuda:r; gloo on the CPU)
+over a TCP rendezvous on 127.0.0.1, plus a gloo group for pickled Python
+objects (SGLang's cpu_group), and builds its share of the model with the
+same start-up code (startup.build_rank_runner). Rank 0 schedules; the
+workers run what it broadcasts (pyvlm/entrypoints/tensor_parallel_runner.py).
+
+Failures end the whole engine, never a part of it: a watcher thread of
+rank 0 waits on the workers' sentinels, and when one exits unasked it
+logs which rank died, kills and reaps the others and ends the engine
+process with status 1 (the CoreClient then fails what is in flight with
+EngineDeadError). A worker exits as soon as rank 0 is gone (it waits on
+its parent's sentinel, a pipe that closes when the parent dies), so no
+worker outlives its engine. Collectives time out after COLLECTIVE_TIMEOUT.
+"""
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from pyvlm.layers.tensor_parallel import TensorParallelGroup
+
+logger = logging.getLogger("pyvlm.engine")
+
+# Bounds every collective (NCCL's default; gloo's is 30 minutes): ranks that
+# load weights at different speeds wait for each other at start-up within it.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+STOP_TIMEOUT_S = 10.0  # how long workers may take to leave after StopRanks
+KILL_WAIT_S = 5.0
+
+
+@dataclass
+class RankGroups:
+    """This process's torch.distributed groups: `model` (the default group:
+    the model's collectives) and `objects` (gloo: pickled messages)."""
+
+    rank: int
+    size: int
+    backend: str
+    model: Any
+    objects: Any
+
+    def tensor_parallel_group(self) -> TensorParallelGroup:
+        return TensorParallelGroup(self.rank, self.size, self.model)
+
+    def destroy(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()  # the default group and every other one
+
+
+def init_rank_groups(rank: int, size: int, port: int, device: torch.device) -> RankGroups:
+    """Joins the ranks' rendezvous at tcp://127.0.0.1:port (every rank
+    calls it, in the same order of groups)."""
+    import torch.distributed as dist
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    options = {"device_id": device} if device.type == "cuda" else {}
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size, timeout=COLLECTIVE_TIMEOUT, **options)
+    # A group of its own even on the CPU: object broadcasts (from rank 0's
+    # step and heartbeat threads) never interleave with the model's collectives.
+    objects = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return RankGroups(rank, size, backend, dist.group.WORLD, objects)
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r's device, made this process's current one: on CUDA one GPU
+    per rank, the r-th from `device` (cuda:r from cuda:0; a data-parallel
+    replica's ranks start at its first GPU: replica_spec), else `device`."""
+    if device.type != "cuda":
+        return device
+    device = torch.device("cuda", (device.index or 0) + rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def share_cpu_cores(device: torch.device, size: int) -> None:
+    """On the CPU the ranks share the host's cores: each takes its part
+    (N ranks of all cores each would oversubscribe them N times over)."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the rendezvous binds it soon after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def exit_reason(exitcode: Optional[int]) -> str:
+    """How a process ended, from its exit code, for logs and errors."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with status {exitcode}"
+
+
+def exit_process(status: int) -> None:
+    """os._exit after flushing the logs (no interpreter teardown: a thread
+    may be blocked in a collective)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+# ---- rank 0 ------------------------------------------------------------------
+
+class TensorParallelRanks:
+    """Rank 0's hold on the ranks: starts the workers, joins the groups and
+    watches the workers (module docstring). on_death(reason) is called, on
+    the watcher's thread, when a worker exits unasked, after the others
+    were killed; by default it ends this process with status 1."""
+
+    def __init__(self, spec, log_settings):
+        self.size = spec.config.parallel.tp_size
+        self.port = spec.config.parallel.dist_port or free_port()
+        self.device = rank_device(spec.device, 0)
+        share_cpu_cores(self.device, self.size)
+        self.on_death: Callable[[str], None] = lambda reason: exit_process(1)
+        self.groups: Optional[RankGroups] = None
+        # Who ends the workers: stop() or, for a worker that died, the
+        # watcher; decided once, under _ending.
+        self._ending = threading.Lock()
+        self._stopping = False
+        self._death: Optional[str] = None
+        self._died = threading.Event()
+        self._reap_lock = threading.Lock()
+        self.workers = self._start_workers(spec, log_settings)
+        threading.Thread(target=self._watch, name="pyvlm-tp-watcher", daemon=True).start()
+        try:
+            self.groups = init_rank_groups(0, self.size, self.port, self.device)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_workers(self, spec, log_settings) -> List[multiprocessing.Process]:
+        # The engine process is daemonic (CoreClient: multiprocessing ends it
+        # with its caller), and multiprocessing refuses children to daemonic
+        # processes. Its workers are ended here instead (stop, the watcher)
+        # and end themselves with it (run_worker_rank).
+        multiprocessing.current_process().daemon = False
+        context = multiprocessing.get_context("spawn")
+        workers = [context.Process(target=run_worker_rank,
+                                   args=(spec, rank, self.port, log_settings),
+                                   name=f"pyvlm-tp-rank{rank}", daemon=True)
+                   for rank in range(1, self.size)]
+        for worker in workers:
+            worker.start()
+        return workers
+
+    def describe(self) -> str:
+        """The rank layout, for the engine's start-up log line."""
+        ranks = [f"rank 0: pid {os.getpid()} on {self.device} (engine process)"]
+        ranks += [f"rank {r}: pid {w.pid} on {_device_name(self.device, r)}"
+                  for r, w in enumerate(self.workers, 1)]
+        backend = self.groups.backend if self.groups else "?"
+        return (f"tensor parallelism over {self.size} ranks ({backend}, rendezvous "
+                f"127.0.0.1:{self.port}): " + "; ".join(ranks))
+
+    def death(self, timeout: float) -> Optional[str]:
+        """Which worker died unasked and how, waiting up to timeout seconds
+        for the watcher to see it; None if none did. (A collective that
+        failed because a rank died asks this, to report the death, not the
+        broken connection.)"""
+        self._died.wait(timeout)
+        return self._death
+
+    def _watch(self) -> None:
+        by_sentinel = {w.sentinel: (rank, w) for rank, w in enumerate(self.workers, 1)}
+        rank, worker = by_sentinel[multiprocessing.connection.wait(list(by_sentinel))[0]]
+        with self._reap_lock:
+            worker.join()
+        reason = f"tensor-parallel rank {rank} (pid {worker.pid}) {exit_reason(worker.exitcode)}"
+        with self._ending:
+            if self._stopping:
+                return
+            self._death = reason
+        self._died.set()
+        logger.critical("engine stopped: %s", reason)
+        self._kill_workers()
+        self.on_death(reason)
+
+    def stop(self, ask_to_leave: Optional[Callable[[], None]] = None) -> None:
+        """Calls ask_to_leave (sends StopRanks; None: the workers are not
+        asked, e.g. a step may still be running), waits up to STOP_TIMEOUT_S
+        for the workers to leave, kills what is left, reaps them all and
+        destroys this process's groups. After a worker died, the watcher
+        ends them (and, by default, this process) instead: stop() waits."""
+        with self._ending:
+            self._stopping = self._death is None
+        if not self._stopping:
+            time.sleep(2 * KILL_WAIT_S)  # on_death normally exits before this ends
+            return
+        timeout = 0.0
+        if ask_to_leave is not None:
+            try:
+                ask_to_leave()
+                timeout = STOP_TIMEOUT_S
+            except Exception:  # noqa: BLE001 - a rank is gone already: kill the rest
+                logger.debug("the tensor-parallel ranks could not be asked to stop",
+                             exc_info=True)
+        deadline = time.monotonic() + timeout
+        for worker in self.workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        self._kill_workers()
+        if self.groups is not None:
+            self.groups.destroy()
+
+    def _kill_workers(self) -> None:
+        with self._reap_lock:
+            for worker in self.workers:
+                if worker.exitcode is None:
+                    worker.kill()
+            for worker in self.workers:
+                worker.join(KILL_WAIT_S)
+
+
+def _device_name(first: torch.device, rank: int) -> str:
+    """Rank r's device, named from rank 0's (without touching CUDA)."""
+    return f"cuda:{first.index + rank}" if first.type == "cuda" else str(first)
+
+
+# ---- ranks 1..N-1 ------------------------------------------------------------
+
+def run_worker_rank(spec, rank: int, port: int, log_settings) -> None:
+    """A worker process's entry point: joins the groups, builds its share
+    of the model like rank 0 does, then runs what rank 0 broadcasts until
+    StopRanks (exit 0) or a failure (exit 1, after logging it)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's process decides when to stop
+    from pyvlm.entrypoints.engine_core import configure_logging
+    from pyvlm.entrypoints.startup import build_rank_runner
+    from pyvlm.entrypoints.tensor_parallel_runner import serve_steps
+
+    configure_logging(log_settings, rank)
+    _exit_with_parent()
+    size = spec.config.parallel.tp_size
+    try:
+        device = rank_device(spec.device, rank)
+        share_cpu_cores(device, size)
+        groups = init_rank_groups(rank, size, port, device)
+        _, runner = build_rank_runner(replace(spec, device=device),
+                                      groups.tensor_parallel_group())
+    except BaseException:
+        logger.exception("tensor-parallel rank %d could not start", rank)
+        exit_process(1)
+    logger.info("tensor-parallel rank %d ready on %s (pid %d)", rank, device, os.getpid())
+    try:
+        serve_steps(runner, groups.objects, rank)
+    except BaseException:
+        logger.exception("tensor-parallel rank %d stops", rank)
+        exit_process(1)
+    groups.destroy()
+    exit_process(0)
+
+
+def _exit_with_parent() -> None:
+    """Ends this process when rank 0's (its parent's) ends, even while the
+    main thread is blocked in a collective."""
+    parent = multiprocessing.parent_process()
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        logger.error("rank 0 (the engine process) is gone; this rank exits")
+        exit_process(1)
+
+    threading.Thread(target=watch, name="pyvlm-tp-parent-watch", daemon=True).start()
