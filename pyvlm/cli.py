@@ -1,7 +1,8 @@
 """Command line of pyvlm.
 
 `python -m pyvlm [--model ...]` starts the OpenAI-compatible server (SGLang's
-flag names; the demo model when no --model is given); `python -m pyvlm
+flag names; the demo model when no --model is given; with --node-rank N > 0,
+only that node's tensor-parallel ranks, no server); `python -m pyvlm
 generate` runs the offline Engine on one prompt (with images); `python -m
 pyvlm ops` lists the extension's ops.
 """
@@ -18,6 +19,7 @@ DESCRIPTION = (
     "`python -m pyvlm ops` lists the compiled ops."
 )
 SUBCOMMANDS = ("ops", "generate")
+LOG_FORMAT = "[%(asctime)s] %(message)s"
 
 DEMO_NOTICE = (
     "No --model given: using the demo model (SmolLM2-135M-Instruct with a random-weight "
@@ -123,10 +125,23 @@ def serve(argv: List[str]) -> int:
         args = server_args_from(namespace)
     except ValueError as exc:
         parser.error(str(exc))
-    logging.basicConfig(level=args.log_level.upper(), format="[%(asctime)s] %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     if args.model is None:
         print(DEMO_NOTICE, file=sys.stderr, flush=True)
+    if args.node_rank > 0:
+        return serve_node(args)
     return run_server(args)
+
+
+def serve_node(args) -> int:
+    """--node-rank N > 0: no HTTP server, only this node's tensor-parallel
+    ranks, serving node 0's engine until it stops them (exit 0) or a rank
+    fails (exit 1)."""
+    from pyvlm.config import engine_config
+    from pyvlm.entrypoints.tensor_parallel_ranks import serve_node as serve_node_ranks
+
+    return serve_node_ranks(engine_config(**args.engine_kwargs()),
+                            (logging.getLogger().level, LOG_FORMAT))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -4,7 +4,7 @@ ServerArgs-style flags map onto these groups; `EngineConfig` composes them.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,34 @@ class ParallelConfig:
     # The TCP port of the ranks' rendezvous (torch.distributed's env:// /
     # tcp:// store) on 127.0.0.1; None: a free port picked at start-up.
     dist_port: Optional[int] = None
+    # Multi-node tensor parallelism (SGLang's flags): nnodes hosts of
+    # tp_size / nnodes ranks each; node n holds ranks n*k .. n*k+k-1. Node 0
+    # runs the engine (rank 0); the others only serve its steps.
+    nnodes: int = 1
+    node_rank: int = 0
+    # "HOST:PORT" of the rendezvous (rank 0's TCP store, as env://'s
+    # MASTER_ADDR:MASTER_PORT), reachable from every node; None (one node
+    # only): 127.0.0.1 and dist_port.
+    dist_init_addr: Optional[str] = None
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
+
+    def node_ranks(self) -> range:
+        """The global ranks this node holds."""
+        first = self.node_rank * self.ranks_per_node
+        return range(first, first + self.ranks_per_node)
+
+    @staticmethod
+    def split_address(address: str) -> Tuple[str, int]:
+        """("host", port) of "HOST:PORT" ("[v6]:PORT" too); ValueError if
+        it is not one."""
+        host, sep, port = address.rpartition(":")
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{address!r} is not HOST:PORT (a port in 1..65535)")
+        return host, int(port)
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ decides when to stop. SIGUSR1 writes every thread's stack to stderr (the
 server's watchdog asks for it before exiting on a hung step).
 
 With tensor parallelism (tp_size > 1) this process is rank 0: it starts
-the other ranks' processes and drives them through its runner
+this node's other ranks' processes (other nodes start theirs: --node-rank)
+and drives them all through its runner
 (pyvlm/entrypoints/tensor_parallel_ranks.py). A Stop stops them first; a
 rank that dies ends this process with status 1, after a Closed naming the
 rank, so the caller's requests fail with EngineDeadError saying which.

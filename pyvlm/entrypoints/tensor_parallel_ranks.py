@@ -1,19 +1,28 @@
-"""The processes of a tensor-parallel engine (--tp-size N, one host): rank 0
-is the engine process (pyvlm/entrypoints/engine_core.py), which starts
-ranks 1..N-1 as worker processes (spawn: CUDA-safe). Every rank joins one
-torch.distributed group (NCCL on CUDA, rank r on cuda:r; gloo on the CPU)
-over a TCP rendezvous on 127.0.0.1, plus a gloo group for pickled Python
+"""The processes of a tensor-parallel engine (--tp-size N): rank 0 is the
+engine process (pyvlm/entrypoints/engine_core.py), which starts the other
+ranks of its node as worker processes (spawn: CUDA-safe). Every rank joins
+one torch.distributed group (NCCL on CUDA, a rank on its node's GPU of its
+local index; gloo on the CPU) over a TCP rendezvous (rank 0's store at
+--dist-init-addr, else 127.0.0.1), plus a gloo group for pickled Python
 objects (SGLang's cpu_group), and builds its share of the model with the
 same start-up code (startup.build_rank_runner). Rank 0 schedules; the
 workers run what it broadcasts (pyvlm/entrypoints/tensor_parallel_runner.py).
 
+Multi-node (--nnodes M, SGLang's flags): node n holds ranks n*k..n*k+k-1,
+k = N / M. Node 0 is the above; node n > 0 runs serve_node (`python -m
+pyvlm --node-rank n`), which starts its k ranks the same way and waits.
+
 Failures end the whole engine, never a part of it: a watcher thread of
-rank 0 waits on the workers' sentinels, and when one exits unasked it
-logs which rank died, kills and reaps the others and ends the engine
+rank 0 waits on its node's workers' sentinels, and when one exits unasked
+it logs which rank died, kills and reaps the others and ends the engine
 process with status 1 (the CoreClient then fails what is in flight with
-EngineDeadError). A worker exits as soon as rank 0 is gone (it waits on
-its parent's sentinel, a pipe that closes when the parent dies), so no
-worker outlives its engine. Collectives time out after COLLECTIVE_TIMEOUT.
+EngineDeadError). A worker exits as soon as the process that started it
+is gone (it waits on its parent's sentinel, a pipe that closes when the
+parent dies), so no worker outlives its engine. Across nodes a dead peer
+is a broken connection: rank 0's next broadcast fails (DeviceFailure, the
+engine stops) and so does a worker's wait for the next step (it exits;
+its node's serve_node then ends the others). Collectives time out after
+COLLECTIVE_TIMEOUT (a peer that vanishes without closing its connections).
 """
 
 import logging
@@ -63,14 +72,16 @@ class RankGroups:
             dist.destroy_process_group()  # the default group and every other one
 
 
-def init_rank_groups(rank: int, size: int, port: int, device: torch.device) -> RankGroups:
-    """Joins the ranks' rendezvous at tcp://127.0.0.1:port (every rank
-    calls it, in the same order of groups)."""
+def init_rank_groups(rank: int, size: int, address: str, device: torch.device) -> RankGroups:
+    """Joins the ranks' rendezvous at tcp://address ("HOST:PORT": rank 0
+    hosts torch's TCP store there, the one env:// reaches through
+    MASTER_ADDR and MASTER_PORT); every rank calls it, in the same order
+    of groups."""
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     options = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank,
                             world_size=size, timeout=COLLECTIVE_TIMEOUT, **options)
     # A group of its own even on the CPU: object broadcasts (from rank 0's
     # step and heartbeat threads) never interleave with the model's collectives.
@@ -78,13 +89,37 @@ def init_rank_groups(rank: int, size: int, port: int, device: torch.device) -> R
     return RankGroups(rank, size, backend, dist.group.WORLD, objects)
 
 
-def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r's device, made this process's current one: on CUDA one GPU
-    per rank, the r-th from `device` (cuda:r from cuda:0; a data-parallel
-    replica's ranks start at its first GPU: replica_spec), else `device`."""
+def rendezvous_address(parallel) -> str:
+    """"HOST:PORT" of the ranks' rendezvous (a config.ParallelConfig's
+    dist_init_addr; else 127.0.0.1 and dist_port, or a port free now)."""
+    if parallel.dist_init_addr is not None:
+        host, port = parallel.split_address(parallel.dist_init_addr)
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"127.0.0.1:{parallel.dist_port or free_port()}"
+
+
+def check_node_layout(parallel) -> None:
+    """ValueError for a node layout no engine can run (the server's flags
+    are checked alike, with their names: pyvlm/server/args.py)."""
+    if parallel.nnodes < 1 or parallel.tp_size % parallel.nnodes:
+        raise ValueError(f"tp_size {parallel.tp_size} must be a multiple of nnodes "
+                         f"{parallel.nnodes}")
+    if not 0 <= parallel.node_rank < parallel.nnodes:
+        raise ValueError(f"node_rank must be in 0..{parallel.nnodes - 1}, not "
+                         f"{parallel.node_rank}")
+    if parallel.nnodes > 1 and parallel.dist_init_addr is None:
+        raise ValueError("nnodes > 1 needs dist_init_addr: HOST:PORT of node 0, the same "
+                         "on every node")
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """The device of the rank with this index on its node, made this
+    process's current one: on CUDA one GPU per rank, the local_rank-th from
+    `device` (cuda:r from cuda:0; a data-parallel replica's ranks start at
+    its first GPU: replica_spec), else `device`."""
     if device.type != "cuda":
         return device
-    device = torch.device("cuda", (device.index or 0) + rank)
+    device = torch.device("cuda", (device.index or 0) + local_rank)
     torch.cuda.set_device(device)
     return device
 
@@ -131,10 +166,16 @@ class TensorParallelRanks:
     were killed; by default it ends this process with status 1."""
 
     def __init__(self, spec, log_settings):
-        self.size = spec.config.parallel.tp_size
-        self.port = spec.config.parallel.dist_port or free_port()
+        parallel = spec.config.parallel
+        check_node_layout(parallel)
+        if parallel.node_rank != 0:
+            raise ValueError(f"node_rank {parallel.node_rank} runs no engine: only node 0 "
+                             "does; the other nodes run serve_node (python -m pyvlm "
+                             "--node-rank N)")
+        self.size = parallel.tp_size
+        self.address = rendezvous_address(parallel)
         self.device = rank_device(spec.device, 0)
-        share_cpu_cores(self.device, self.size)
+        share_cpu_cores(self.device, parallel.ranks_per_node)
         self.on_death: Callable[[str], None] = lambda reason: exit_process(1)
         self.groups: Optional[RankGroups] = None
         # Who ends the workers: stop() or, for a worker that died, the
@@ -144,37 +185,31 @@ class TensorParallelRanks:
         self._death: Optional[str] = None
         self._died = threading.Event()
         self._reap_lock = threading.Lock()
-        self.workers = self._start_workers(spec, log_settings)
-        threading.Thread(target=self._watch, name="pyvlm-tp-watcher", daemon=True).start()
-        try:
-            self.groups = init_rank_groups(0, self.size, self.port, self.device)
-        except BaseException:
-            self.stop()
-            raise
-
-    def _start_workers(self, spec, log_settings) -> List[multiprocessing.Process]:
         # The engine process is daemonic (CoreClient: multiprocessing ends it
         # with its caller), and multiprocessing refuses children to daemonic
         # processes. Its workers are ended here instead (stop, the watcher)
         # and end themselves with it (run_worker_rank).
         multiprocessing.current_process().daemon = False
-        context = multiprocessing.get_context("spawn")
-        workers = [context.Process(target=run_worker_rank,
-                                   args=(spec, rank, self.port, log_settings),
-                                   name=f"pyvlm-tp-rank{rank}", daemon=True)
-                   for rank in range(1, self.size)]
-        for worker in workers:
-            worker.start()
-        return workers
+        self.workers = start_worker_ranks(spec, parallel.node_ranks()[1:], self.address,
+                                          log_settings)
+        if self.workers:  # (another node's ranks are watched by their node)
+            threading.Thread(target=self._watch, name="pyvlm-tp-watcher", daemon=True).start()
+        try:
+            self.groups = init_rank_groups(0, self.size, self.address, self.device)
+        except BaseException:
+            self.stop()
+            raise
 
     def describe(self) -> str:
         """The rank layout, for the engine's start-up log line."""
         ranks = [f"rank 0: pid {os.getpid()} on {self.device} (engine process)"]
         ranks += [f"rank {r}: pid {w.pid} on {_device_name(self.device, r)}"
                   for r, w in enumerate(self.workers, 1)]
+        if len(self.workers) + 1 < self.size:
+            ranks.append(f"ranks {len(self.workers) + 1}..{self.size - 1} on the other nodes")
         backend = self.groups.backend if self.groups else "?"
         return (f"tensor parallelism over {self.size} ranks ({backend}, rendezvous "
-                f"127.0.0.1:{self.port}): " + "; ".join(ranks))
+                f"{self.address}): " + "; ".join(ranks))
 
     def death(self, timeout: float) -> Optional[str]:
         """Which worker died unasked and how, waiting up to timeout seconds
@@ -241,7 +276,21 @@ def _device_name(first: torch.device, rank: int) -> str:
 
 # ---- ranks 1..N-1 ------------------------------------------------------------
 
-def run_worker_rank(spec, rank: int, port: int, log_settings) -> None:
+def start_worker_ranks(spec, ranks: range, address: str,
+                       log_settings) -> List[multiprocessing.Process]:
+    """Started worker processes (spawn) for these global ranks, each
+    running run_worker_rank; they exit when this process does."""
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=run_worker_rank,
+                               args=(spec, rank, address, log_settings),
+                               name=f"pyvlm-tp-rank{rank}", daemon=True)
+               for rank in ranks]
+    for worker in workers:
+        worker.start()
+    return workers
+
+
+def run_worker_rank(spec, rank: int, address: str, log_settings) -> None:
     """A worker process's entry point: joins the groups, builds its share
     of the model like rank 0 does, then runs what rank 0 broadcasts until
     StopRanks (exit 0) or a failure (exit 1, after logging it)."""
@@ -252,11 +301,11 @@ def run_worker_rank(spec, rank: int, port: int, log_settings) -> None:
 
     configure_logging(log_settings, rank)
     _exit_with_parent()
-    size = spec.config.parallel.tp_size
+    parallel = spec.config.parallel
     try:
-        device = rank_device(spec.device, rank)
-        share_cpu_cores(device, size)
-        groups = init_rank_groups(rank, size, port, device)
+        device = rank_device(spec.device, rank % parallel.ranks_per_node)
+        share_cpu_cores(device, parallel.ranks_per_node)
+        groups = init_rank_groups(rank, parallel.tp_size, address, device)
         _, runner = build_rank_runner(replace(spec, device=device),
                                       groups.tensor_parallel_group())
     except BaseException:
@@ -272,6 +321,50 @@ def run_worker_rank(spec, rank: int, port: int, log_settings) -> None:
     exit_process(0)
 
 
+# ---- nodes 1..M-1 -------------------------------------------------------------
+
+def serve_node(config, log_settings) -> int:
+    """`python -m pyvlm --node-rank N` (N > 0): starts this node's ranks
+    (config.parallel.node_ranks()) as worker processes that join rank 0's
+    rendezvous and serve its steps, and waits for them. Returns 0 once all
+    left at rank 0's StopRanks; 1 as soon as one failed (rank 0 gone, a
+    rank of this node dead), after killing the others. No HTTP server: node
+    0 serves the requests."""
+    from pyvlm.entrypoints.startup import core_spec_for, resolve_device
+
+    parallel = config.parallel
+    check_node_layout(parallel)
+    if parallel.node_rank == 0:
+        raise ValueError("node 0 runs the engine (pyvlm.Engine or the server), not serve_node")
+    spec = core_spec_for(config, torch.device(resolve_device(config.model.device)))
+    address = rendezvous_address(parallel)
+    workers = start_worker_ranks(spec, parallel.node_ranks(), address, log_settings)
+    logger.info("node %d of %d: tensor-parallel ranks %d..%d (pids %s) joining the rendezvous "
+                "at %s", parallel.node_rank, parallel.nnodes, parallel.node_ranks()[0],
+                parallel.node_ranks()[-1], ", ".join(str(w.pid) for w in workers), address)
+    try:
+        return wait_node_workers(workers)
+    finally:
+        for worker in workers:
+            if worker.exitcode is None:
+                worker.kill()
+            worker.join(KILL_WAIT_S)
+
+
+def wait_node_workers(workers: List[multiprocessing.Process]) -> int:
+    """Waits until every worker exited (0) or one failed (1, logged)."""
+    running = {w.sentinel: w for w in workers}
+    while running:
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            worker = running.pop(sentinel)
+            worker.join()
+            if worker.exitcode != 0:
+                logger.error("%s %s: this node stops", worker.name, exit_reason(worker.exitcode))
+                return 1
+    logger.info("rank 0 stopped the ranks; this node stops")
+    return 0
+
+
 def _exit_with_parent() -> None:
     """Ends this process when rank 0's (its parent's) ends, even while the
     main thread is blocked in a collective."""
@@ -279,7 +372,7 @@ def _exit_with_parent() -> None:
 
     def watch() -> None:
         multiprocessing.connection.wait([parent.sentinel])
-        logger.error("rank 0 (the engine process) is gone; this rank exits")
+        logger.error("the process that started this rank is gone; this rank exits")
         exit_process(1)
 
     threading.Thread(target=watch, name="pyvlm-tp-parent-watch", daemon=True).start()

@@ -19,7 +19,11 @@ A step that raises on rank 0 (a bad request) raises the same way on every
 rank (same inputs): a worker logs it and goes on, while rank 0's scheduler
 isolates the request (its reruns, one chunk at a time, are broadcast too).
 A failure of the broadcast itself means a rank is gone: DeviceFailure, the
-engine stops.
+engine stops. So may a step's failure: a collective inside the model fails
+when a rank on another node died (no watcher of rank 0 sees its process),
+so after any failed call rank 0 checks that every rank still answers (a
+round trip, CheckRanks) and raises DeviceFailure if not, the error as it
+is if so (a bad request).
 
 Idle workers wait in a broadcast whose timeout bounds every wait (nothing
 hangs for half an hour): rank 0 sends a Heartbeat when no step went out
@@ -69,8 +73,20 @@ class Heartbeat:
 
 
 @dataclass(frozen=True)
+class CheckRanks:
+    """Answer (a barrier on the object group): does every rank still run?"""
+
+
+@dataclass(frozen=True)
 class StopRanks:
     """Leave the loop (the engine is shutting down)."""
+
+
+def answer_check(group) -> None:
+    """The round trip of CheckRanks: every rank meets in a barrier."""
+    import torch.distributed as dist
+
+    dist.barrier(group=group)
 
 
 def broadcast_message(message: Any, group) -> Any:
@@ -107,14 +123,14 @@ class TensorParallelRunner:
 
     def launch(self, batch: ForwardBatch):
         self._send(RunStep(batch))
-        return self.local.launch(batch)
+        return CheckedStep(self._checked(self.local.launch, batch), self)
 
     def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
         return self.launch(batch).wait()
 
     def token_logits(self, batch: ForwardBatch):
         self._send(RunTokenLogits(batch))
-        return self.local.token_logits(batch)
+        return self._checked(self.local.token_logits, batch)
 
     def free_encoder_cache(self) -> None:
         self._send(FreeEncoderCache())
@@ -128,10 +144,23 @@ class TensorParallelRunner:
         self._heartbeats.join(5.0)  # (one blocked in a broadcast holds the lock: _send waits)
         self.ranks.stop((lambda: self._send(StopRanks())) if graceful else None)
 
-    def _send(self, message) -> None:
+    def _checked(self, call: Callable, *args):
+        """call(*args); an error it raises becomes a DeviceFailure if a rank
+        no longer answers (module docstring), else is raised as it is."""
+        try:
+            return call(*args)
+        except DeviceFailure:
+            raise
+        except Exception:
+            self._send(CheckRanks(), round_trip=True)
+            raise
+
+    def _send(self, message, round_trip: bool = False) -> None:
         with self._lock:
             try:
                 broadcast_message(message, self._group)
+                if round_trip:
+                    answer_check(self._group)
             except Exception as exc:  # a rank is gone or stuck: none can step any more
                 death = self.ranks.death(DEATH_NOTICE_S)
                 raise DeviceFailure(death or f"a tensor-parallel rank stopped answering "
@@ -159,6 +188,7 @@ def serve_steps(runner, object_group, rank: int) -> None:
         RunTokenLogits: lambda m: runner.token_logits(m.batch),
         FreeEncoderCache: lambda m: runner.free_encoder_cache(),
         Heartbeat: lambda m: steps.wait(),
+        CheckRanks: lambda m: answer_check(object_group),
     }
     while not isinstance(message := broadcast_message(None, object_group), StopRanks):
         try:
@@ -169,6 +199,17 @@ def serve_steps(runner, object_group, rank: int) -> None:
             logger.warning("tensor-parallel rank %d: a step failed as on rank 0 (%s: %s)",
                            rank, type(exc).__name__, exc)
     steps.wait()
+
+
+class CheckedStep:
+    """Rank 0's launched step: wait() as the local one's, its error checked
+    like any call's (TensorParallelRunner._checked)."""
+
+    def __init__(self, step, runner: TensorParallelRunner):
+        self._step, self._runner = step, runner
+
+    def wait(self) -> List[Optional[SampleResult]]:
+        return self._runner._checked(self._step.wait)
 
 
 class WorkerSteps:

@@ -8,7 +8,9 @@ the pyvlm.Engine arguments. Building any of these touches no disk or network.
 import argparse
 import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
+
+from pyvlm.config import ParallelConfig
 
 MIB = 1024 * 1024
 
@@ -67,6 +69,9 @@ class ServerArgs:
     tp_size: int = 1
     dp_size: int = 1
     dist_port: Optional[int] = None
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: Optional[str] = None  # HOST:PORT
     disable_overlap_schedule: bool = False
     max_mixed_prefill_tokens: Optional[int] = 512
 
@@ -94,7 +99,8 @@ class ServerArgs:
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
                  "disable_cuda_graph", "vision_cuda_graphs", "engine_process",
-                 "max_mixed_prefill_tokens", "tp_size", "dp_size", "dist_port")
+                 "max_mixed_prefill_tokens", "tp_size", "dp_size", "dist_port", "nnodes",
+                 "node_rank", "dist_init_addr")
         kwargs = {name: getattr(self, name) for name in names}
         kwargs["overlap_schedule"] = False if self.disable_overlap_schedule else None
         return kwargs
@@ -204,6 +210,16 @@ _FLAGS = [
      "device(s) and KV cache, routed by load and cached prefix (default 1)"),
     (("--dist-port",), int,
      "TCP port on 127.0.0.1 for the tensor-parallel ranks' rendezvous (default: a free one)"),
+    (("--nnodes",), int,
+     "hosts the --tp-size ranks spread over, --tp-size / --nnodes each (default 1); run "
+     "the same command on each with its --node-rank and the same --dist-init-addr"),
+    (("--node-rank",), int,
+     "this host's index among --nnodes (default 0): node 0 serves HTTP and runs rank 0; "
+     "the others serve no HTTP, only run their ranks until node 0 stops"),
+    (("--dist-init-addr",), str,
+     "HOST:PORT of the ranks' rendezvous, on node 0 and reachable from every node (as "
+     "torch's MASTER_ADDR:MASTER_PORT); required with --nnodes > 1 (default: "
+     "127.0.0.1:--dist-port)"),
 ]
 
 
@@ -255,6 +271,29 @@ def _check(args: ServerArgs) -> None:
         (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),
          "--log-level must be debug, info, warning, error or critical"),
     ]
-    for ok, message in checks:
+    for ok, message in checks + _node_checks(args):
         if not ok:
             raise ValueError(message)
+
+
+def _node_checks(args: ServerArgs) -> List[Tuple[bool, str]]:
+    """Multi-node tensor parallelism: --nnodes, --node-rank, --dist-init-addr."""
+    checks = [
+        (args.nnodes >= 1, "--nnodes must be >= 1"),
+        (args.nnodes < 1 or args.tp_size % args.nnodes == 0,
+         f"--tp-size ({args.tp_size}) must be a multiple of --nnodes ({args.nnodes})"),
+        (0 <= args.node_rank < max(args.nnodes, 1),
+         f"--node-rank must be in 0..{args.nnodes - 1} (--nnodes {args.nnodes})"),
+        (args.nnodes == 1 or args.dist_init_addr is not None,
+         "--nnodes > 1 needs --dist-init-addr HOST:PORT (node 0's address, the same on "
+         "every node)"),
+        (args.dp_size == 1 or (args.nnodes == 1 and args.dist_init_addr is None),
+         "--dp-size > 1 takes neither --nnodes > 1 nor --dist-init-addr (each replica has "
+         "its own rendezvous, at --dist-port + its index)"),
+    ]
+    if args.dist_init_addr is not None:
+        try:
+            ParallelConfig.split_address(args.dist_init_addr)
+        except ValueError as exc:
+            checks.append((False, f"--dist-init-addr: {exc}"))
+    return checks
