@@ -20,7 +20,6 @@ import time
 
 import pytest
 import torch
-from PIL import Image
 
 import pyvlm
 from pyvlm.entrypoints import replicas as replicas_module
@@ -28,6 +27,7 @@ from pyvlm.entrypoints.replicas import Replica, Router, prefix_hashes
 from pyvlm.scheduling.errors import EngineDeadError
 from pyvlm.scheduling.request import Request, RequestOutput
 from pyvlm.scheduling.types import MultimodalItem
+from tests.entrypoints.engine_kills import random_image
 
 # ---- the routing policy, with fake replicas -----------------------------------
 
@@ -380,12 +380,6 @@ def reference(tiny_checkpoint_qwen2_vl):
     with pyvlm.Engine(model=str(tiny_checkpoint_qwen2_vl), engine_process="thread",
                       **ENGINE_ARGS) as engine:
         yield engine
-
-
-def random_image(height: int, width: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
-    return Image.fromarray(pixels.numpy())
 
 
 async def generate_all(engine, prompts, params, images=None, rids=None):

@@ -8,18 +8,17 @@ a hang), health() says why, and the process is reaped."""
 import asyncio
 import os
 import queue
-import signal
 import threading
 import time
 
 import pytest
 import torch
-from PIL import Image
 
 import pyvlm
 from pyvlm.entrypoints import core_channel
 from pyvlm.entrypoints.core_messages import Add, Outputs
 from pyvlm.scheduling.errors import EngineDeadError, RequestFailedError
+from tests.entrypoints.engine_kills import kill_while_in_flight, random_image, refused_at_once
 
 ENGINE_ARGS = dict(device="cpu", page_size=4, max_total_tokens=4096, context_length=2048)
 GREEDY = {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}
@@ -42,12 +41,6 @@ def thread_engine(tiny_checkpoint_qwen2_vl):
     with pyvlm.Engine(model=str(tiny_checkpoint_qwen2_vl), engine_process="thread",
                       **ENGINE_ARGS) as engine:
         yield engine
-
-
-def random_image(height: int, width: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
-    return Image.fromarray(pixels.numpy())
 
 
 def test_greedy_tokens_equal_thread_modes_for_text_and_images(process_engine, thread_engine):
@@ -160,38 +153,12 @@ def test_a_killed_engine_process_fails_in_flight_and_later_requests_at_once(
     engine = pyvlm.Engine(model=str(tiny_checkpoint_qwen2_vl), engine_process="process",
                           **ENGINE_ARGS)
     pid = engine.step_loop.pid
-    blocking = {}
-
-    def generate_blocking():
-        try:
-            blocking["result"] = engine.generate("a blocking story", LONG)
-        except Exception as exc:
-            blocking["error"] = exc
-
-    async def kill_while_streaming() -> float:
-        stream = engine.async_generate("a long story", LONG)
-        await stream.__anext__()
-        os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
-        with pytest.raises(EngineDeadError, match="killed by SIGKILL"):
-            async for _ in stream:
-                pass
-        return time.monotonic() - killed_at
-
     try:
-        worker = threading.Thread(target=generate_blocking)
-        worker.start()
-        assert asyncio.run(asyncio.wait_for(kill_while_streaming(), 30)) < 5
-        worker.join(10)
-        assert not worker.is_alive() and isinstance(blocking.get("error"), EngineDeadError)
-        assert "killed by SIGKILL" in engine.health()
+        kill_while_in_flight(engine, pid, LONG, "killed by SIGKILL", "killed by SIGKILL")
         assert engine.step_running_for() is None
-        started = time.monotonic()
         with pytest.raises(EngineDeadError, match="killed by SIGKILL"):
             engine.generate("too late", GREEDY)
-        with pytest.raises(EngineDeadError):
-            engine.get_stats()
-        assert time.monotonic() - started < 1  # refused at once
+        refused_at_once(engine.get_stats)
     finally:
         engine.shutdown()
     assert not os.path.exists(f"/proc/{pid}")  # reaped: no zombie

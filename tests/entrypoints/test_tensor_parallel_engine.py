@@ -12,17 +12,14 @@ Until the model families split under building_with, each rank holds the
 whole model: these tests then check the ranks' plumbing (every rank runs
 every step, in lockstep), and the split itself once it lands."""
 
-import asyncio
 import os
 import signal
 import socket
-import threading
 import time
 from types import SimpleNamespace
 
 import pytest
 import torch
-from PIL import Image
 
 import pyvlm
 from pyvlm.entrypoints import tensor_parallel_runner
@@ -31,6 +28,7 @@ from pyvlm.entrypoints.tensor_parallel_runner import (FreeEncoderCache, RunStep,
                                                       serve_steps)
 from pyvlm.scheduling.errors import DeviceFailure, EngineDeadError
 from pyvlm.scheduling.types import ForwardBatch
+from tests.entrypoints.engine_kills import kill_while_in_flight, random_image, refused_at_once
 
 POOL_TOKENS = 320  # the preemption batch needs twice that; any one request fits
 ENGINE_ARGS = dict(device="cpu", dtype="float32", page_size=4, context_length=1024,
@@ -39,12 +37,6 @@ ENGINE_ARGS = dict(device="cpu", dtype="float32", page_size=4, context_length=10
 GREEDY = {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}
 LONG = dict(GREEDY, max_new_tokens=900)
 WORDS = "the cat sat on a mat while seven quick zebras jumped over lazy dogs".split()
-
-
-def random_image(height: int, width: int, seed: int) -> Image.Image:
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
-    return Image.fromarray(pixels.numpy())
 
 
 def words(n: int, seed: int) -> str:
@@ -140,35 +132,10 @@ def test_a_killed_worker_rank_fails_requests_at_once_and_ends_every_rank(
     engine = pyvlm.Engine(model=str(tiny_checkpoint_qwen2_vl), tp_size=2, **ENGINE_ARGS)
     engine_pid = engine.step_loop.pid
     (worker,) = children_of(engine_pid)
-    blocking = {}
-
-    def generate_blocking():
-        try:
-            blocking["result"] = engine.generate("a blocking story", LONG)
-        except Exception as exc:
-            blocking["error"] = exc
-
-    async def kill_while_streaming() -> float:
-        stream = engine.async_generate("a long story", LONG)
-        await stream.__anext__()
-        os.kill(worker, signal.SIGKILL)
-        killed_at = time.monotonic()
-        with pytest.raises(EngineDeadError, match="tensor-parallel rank 1 .* killed by SIGKILL"):
-            async for _ in stream:
-                pass
-        return time.monotonic() - killed_at
-
     try:
-        thread = threading.Thread(target=generate_blocking)
-        thread.start()
-        assert asyncio.run(asyncio.wait_for(kill_while_streaming(), 30)) < 5
-        thread.join(10)
-        assert not thread.is_alive() and isinstance(blocking.get("error"), EngineDeadError)
-        assert "tensor-parallel rank 1" in engine.health()
-        started = time.monotonic()
-        with pytest.raises(EngineDeadError):
-            engine.generate("too late", GREEDY)
-        assert time.monotonic() - started < 1  # refused at once
+        kill_while_in_flight(engine, worker, LONG, "tensor-parallel rank 1 .* killed by SIGKILL",
+                             "tensor-parallel rank 1")
+        refused_at_once(lambda: engine.generate("too late", GREEDY))
     finally:
         engine.shutdown()
     assert engine.step_loop._process.exitcode == 1
