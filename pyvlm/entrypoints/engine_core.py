@@ -115,7 +115,8 @@ def run_engine_core(spec, conn, clock_cell, log_settings: LogSettings) -> None:
     the end (module docstring)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    configure_logging(log_settings, 0 if spec.config.parallel.tp_size > 1 else None)
+    configure_logging(log_settings,
+                      log_marker(spec, 0 if spec.config.parallel.tp_size > 1 else None))
     from pyvlm.entrypoints.startup import CORE_COMMANDS, start_core
     from pyvlm.entrypoints.step_loop import StepClock, StepLoop
 
@@ -200,17 +201,43 @@ def _stop_ranks(runner, loop) -> None:
         shutdown(graceful=not loop.is_alive())
 
 
-def configure_logging(settings: LogSettings, rank: Optional[int] = None) -> None:
-    """This process's logging, like the caller's; a tensor-parallel rank's
-    lines start with it (rank: None without tensor parallelism)."""
+def configure_logging(settings: LogSettings, marker: Optional[str] = None) -> None:
+    """This process's logging, like the caller's; with a marker (log_marker:
+    which replica and rank this process is), every record's message starts
+    with it, whatever handler prints it: replicas and ranks log to the same
+    terminal."""
     level, fmt = settings
-    if rank is not None:  # every rank logs, to the same terminal: say whose line it is
-        logging.basicConfig(level=level, format=f"[TP{rank}] {fmt or logging.BASIC_FORMAT}",
-                            force=True)  # (over what importing the main module set up)
-    elif fmt is not None:  # the caller logs to a handler: so does this process, alike
+    if fmt is not None:  # the caller logs to a handler: so does this process, alike
         logging.basicConfig(level=level, format=fmt)
     else:
         logging.getLogger().setLevel(level)
+    if marker is not None:
+        _mark_log_records(marker)
+
+
+def log_marker(spec, rank: Optional[int] = None) -> Optional[str]:
+    """"[DP i]", "[TP r]" or "[DP i TP r]" for a process of data-parallel
+    replica i (spec.replica, replica_spec.ReplicaSpec) and tensor-parallel
+    rank r; None for the one engine process of a single-rank engine."""
+    parts = []
+    replica = getattr(spec, "replica", None)
+    if replica is not None:
+        parts.append(f"DP {replica}")
+    if rank is not None:
+        parts.append(f"TP{rank}")
+    return f"[{' '.join(parts)}]" if parts else None
+
+
+def _mark_log_records(marker: str) -> None:
+    """Starts every later log record's message of this process with marker."""
+    make_record = logging.getLogRecordFactory()
+
+    def marked(*args, **kwargs) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        record.msg = f"{marker} {record.msg}"
+        return record
+
+    logging.setLogRecordFactory(marked)
 
 
 def _exit_now(status: int = 0) -> None:

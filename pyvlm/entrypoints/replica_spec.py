@@ -1,10 +1,9 @@
 """What makes replica i of a data-parallel engine (--dp-size) differ from
 the others: its device (on CUDA, replica i takes the GPUs after replica
 i-1's: cuda:(base + i x tp_size)) and the "[DP i]" marker on its engine
-process's log lines, so a log that interleaves the replicas says which one
-speaks."""
+process's log lines (engine_core.log_marker), so a log that interleaves
+the replicas says which one speaks."""
 
-import logging
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -15,16 +14,11 @@ from pyvlm.entrypoints.startup import CoreSpec
 
 @dataclass(frozen=True)
 class ReplicaSpec(CoreSpec):
-    """A CoreSpec that knows its replica. The engine process learns it
-    when it unpickles its spec, which it does before its logging is set
-    up: __setstate__ marks the process's log records there (the CoreClient
-    and the engine process then need no replica argument of their own)."""
+    """A CoreSpec that knows its replica: its engine process (and its
+    tensor-parallel ranks) mark their log lines with it
+    (engine_core.log_marker)."""
 
     replica: int = 0
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)  # (frozen: object.__setattr__'s way, as pickle's default)
-        mark_log_records(f"[DP {state['replica']}]")
 
 
 def replica_spec(spec: CoreSpec, index: int) -> ReplicaSpec:
@@ -65,15 +59,3 @@ def check_data_parallel(config: EngineConfig, device: torch.device,
         if needed > torch.cuda.device_count():
             raise ValueError(f"dp_size {dp_size} x tp_size {config.parallel.tp_size} from "
                              f"{device} needs {needed} GPUs; {torch.cuda.device_count()} found")
-
-
-def mark_log_records(marker: str) -> None:
-    """Starts every later log record's message of this process with marker."""
-    make_record = logging.getLogRecordFactory()
-
-    def marked(*args, **kwargs) -> logging.LogRecord:
-        record = make_record(*args, **kwargs)
-        record.msg = f"{marker} {record.msg}"
-        return record
-
-    logging.setLogRecordFactory(marked)

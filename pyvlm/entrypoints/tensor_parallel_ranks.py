@@ -295,11 +295,11 @@ def run_worker_rank(spec, rank: int, address: str, log_settings) -> None:
     of the model like rank 0 does, then runs what rank 0 broadcasts until
     StopRanks (exit 0) or a failure (exit 1, after logging it)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's process decides when to stop
-    from pyvlm.entrypoints.engine_core import configure_logging
+    from pyvlm.entrypoints.engine_core import configure_logging, log_marker
     from pyvlm.entrypoints.startup import build_rank_runner
     from pyvlm.entrypoints.tensor_parallel_runner import serve_steps
 
-    configure_logging(log_settings, rank)
+    configure_logging(log_settings, log_marker(spec, rank))
     _exit_with_parent()
     parallel = spec.config.parallel
     try:

@@ -17,6 +17,7 @@ import pickle
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -315,20 +316,28 @@ def test_stop_stops_every_replica():
     assert all(r.client.stopped for r in router.replicas) and not router.is_alive()
 
 
-def test_engine_process_log_records_say_which_replica_speaks():
+def test_engine_process_log_records_say_which_replica_and_rank_speaks():
+    from pyvlm.entrypoints.engine_core import configure_logging, log_marker
     from pyvlm.entrypoints.replica_spec import ReplicaSpec
 
     spec = ReplicaSpec(None, None, None, torch.device("cpu"), torch.float32, 16, replica=3)
-    make_record = logging.getLogRecordFactory()
+    spec = pickle.loads(pickle.dumps(spec))  # what the engine process gets
+    assert log_marker(spec) == "[DP 3]" and log_marker(spec, 1) == "[DP 3 TP1]"
+    assert log_marker(SimpleNamespace(), 0) == "[TP0]" and log_marker(SimpleNamespace()) is None
+
+    def message() -> str:
+        return logging.getLogger("x").makeRecord("x", logging.INFO, "f", 1, "hello %d", (7,),
+                                                 None).getMessage()
+
+    make_record, level = logging.getLogRecordFactory(), logging.getLogger().level
     try:
-        before = logging.getLogger("x").makeRecord("x", logging.INFO, "f", 1, "hello %d", (7,),
-                                                   None)
-        pickle.loads(pickle.dumps(spec))  # what the engine process does with its spec
-        after = logging.getLogger("x").makeRecord("x", logging.INFO, "f", 1, "hello %d", (7,),
-                                                  None)
+        before = message()
+        configure_logging((level, None), log_marker(spec))  # what the engine process does
+        after = message()
     finally:
         logging.setLogRecordFactory(make_record)  # (this process is no replica)
-    assert before.getMessage() == "hello 7" and after.getMessage() == "[DP 3] hello 7"
+        logging.getLogger().setLevel(level)
+    assert before == "hello 7" and after == "[DP 3] hello 7"
 
 
 def test_each_replica_gets_its_own_gpus_and_rendezvous_port():
