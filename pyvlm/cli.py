@@ -2,7 +2,8 @@
 
 `python -m pyvlm [--model ...]` starts the OpenAI-compatible server (SGLang's
 flag names; the demo model when no --model is given; with --node-rank N > 0,
-only that node's tensor-parallel ranks, no server); `python -m pyvlm
+only that node's tensor-parallel ranks, no server; under torchrun, rank 0
+serves and the others run their rank); `python -m pyvlm
 generate` runs the offline Engine on one prompt (with images); `python -m
 pyvlm ops` lists the extension's ops.
 """
@@ -119,15 +120,22 @@ def serve(argv: List[str]) -> int:
     from pyvlm.server.args import server_args_from
     from pyvlm.server.launch import run_server
 
+    from pyvlm.entrypoints.torchrun import TorchrunWorld, under_torchrun
+
     parser = build_server_parser()
     namespace = parser.parse_args(argv)
     try:
         args = server_args_from(namespace)
+        world = TorchrunWorld.from_environ()
+        if world is not None:
+            args = under_torchrun(args, world)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
-    if args.model is None:
+    if args.model is None and (world is None or world.rank == 0):
         print(DEMO_NOTICE, file=sys.stderr, flush=True)
+    if world is not None and world.rank > 0:
+        return serve_torchrun_rank(args, world.rank)
     if args.node_rank > 0:
         return serve_node(args)
     return run_server(args)
@@ -142,6 +150,16 @@ def serve_node(args) -> int:
 
     return serve_node_ranks(engine_config(**args.engine_kwargs()),
                             (logging.getLogger().level, LOG_FORMAT))
+
+
+def serve_torchrun_rank(args, rank: int) -> int:
+    """Rank > 0 of a torchrun job (pyvlm.entrypoints.torchrun): no HTTP
+    server, only this rank, serving rank 0's engine until it stops."""
+    from pyvlm.config import engine_config
+    from pyvlm.entrypoints.torchrun import serve_torchrun_rank as serve_rank
+
+    return serve_rank(engine_config(**args.engine_kwargs()),
+                      rank, (logging.getLogger().level, LOG_FORMAT))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

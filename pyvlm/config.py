@@ -137,6 +137,19 @@ class ParallelConfig:
     # MASTER_ADDR:MASTER_PORT), reachable from every node; None (one node
     # only): 127.0.0.1 and dist_port.
     dist_init_addr: Optional[str] = None
+    # How the ranks of a tensor-parallel engine share the vision tower
+    # (vLLM's mm_encoder_tp_mode): "data", every rank holds the whole tower
+    # and encodes its share of a step's images, the rows then all-gathered
+    # (the tower's matmuls are too small to gain from splitting, and no
+    # collective runs per layer); "weights", the tower's layers split over the
+    # ranks like the decoder's (1/N of its weights per rank, every rank
+    # encodes every image, an all-reduce per layer).
+    mm_encoder_tp_mode: str = "data"
+    # The ranks are torchrun's processes (`torchrun --nproc-per-node N -m
+    # pyvlm --tp-size N ...`; the command line sets this from torchrun's
+    # environment): rank 0's engine starts no rank of its own, and every
+    # rank meets at env:// (torchrun's MASTER_ADDR:MASTER_PORT store).
+    torchrun: bool = False
 
     @property
     def ranks_per_node(self) -> int:

@@ -28,6 +28,7 @@ from pyvlm.models.checkpoint import (CheckpointError, CheckpointFiles, load_chec
                                      resolve_device, resolve_dtype)
 from pyvlm.runner.deferred_images import defer_images
 from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
+from pyvlm.runner.image_shares import ImageShares
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
 from pyvlm.runner.memory_profile import measure_step_memory
 from pyvlm.runner.model_runner import ModelRunner
@@ -292,12 +293,34 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
                 num_pages * config.cache.page_size * shape.bytes_per_token / 2**30)
     vision = None
     if getattr(model, "image_token_id", None) is not None:
+        rows_of = getattr(model, "encoder_rows_of", None)
         vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes),
-                               getattr(model, "encoder_rows_of", None),
-                               model.prepare_images, device)
+                               rows_of, model.prepare_images, device,
+                               image_shares_for(config, model, rows_of, dtype, device))
     runner = ModelRunner(model, pool, device, vision, index_checks_for(config, device))
     runner.step_memory = step_memory
     return model, runner
+
+
+def image_shares_for(config: EngineConfig, model, rows_of, dtype,
+                     device) -> Optional[ImageShares]:
+    """How the tensor-parallel ranks split a step's images (each encodes its
+    share: mm_encoder_tp_mode "data"); None with one rank or a sharded
+    tower ("weights": every rank runs every image through its slice)."""
+    group = current_group()
+    if group.size == 1 or shards_towers(config):
+        return None
+    return ImageShares(group, rows_of or (lambda item: item.length),
+                       model.language_model.shape.hidden_size, dtype, device)
+
+
+def shards_towers(config: EngineConfig) -> bool:
+    """Whether the ranks split the vision tower's layers (mm_encoder_tp_mode
+    "weights") rather than its images ("data")."""
+    mode = config.parallel.mm_encoder_tp_mode
+    if mode not in ("data", "weights"):
+        raise ValueError(f"mm_encoder_tp_mode must be data or weights, not {mode!r}")
+    return mode == "weights"
 
 
 def least_over_ranks(value: int, device: torch.device) -> int:
@@ -490,12 +513,16 @@ def build_rank_runner(spec: CoreSpec, group: TensorParallelGroup = SINGLE_RANK,
     collectives meet): the same config gives every rank the same graph
     sizes, and build_runner agrees on one page count."""
     config, device = spec.config, spec.device
-    with building_with(group):
+    with building_with(group, shards_towers(config)):
         model, runner = build_runner(config, spec.files, device, spec.dtype,
                                      spec.context_length, loaded_model)
         runner.capture_decode_graphs(decode_graph_batch_limit(config, device),
                                      spec.context_length)
-        enable_shape_graphs(model, vision_graph_count(config, device), VISION_GRAPH_MAX_ROWS)
+        # (A sharded tower's graphs would capture its all-reduces: not yet
+        # run on a GPU, so a sharded tower runs eagerly.)
+        tower_graphs = 0 if group.size > 1 and shards_towers(config) else \
+            vision_graph_count(config, device)
+        enable_shape_graphs(model, tower_graphs, VISION_GRAPH_MAX_ROWS)
     return model, runner
 
 

@@ -54,16 +54,18 @@ KILL_WAIT_S = 5.0
 @dataclass
 class RankGroups:
     """This process's torch.distributed groups: `model` (the default group:
-    the model's collectives) and `objects` (gloo: pickled messages)."""
+    the model's collectives), `objects` (gloo: rank 0's pickled messages)
+    and `host` (gloo: host values the ranks agree on within a step)."""
 
     rank: int
     size: int
     backend: str
     model: Any
     objects: Any
+    host: Any
 
     def tensor_parallel_group(self) -> TensorParallelGroup:
-        return TensorParallelGroup(self.rank, self.size, self.model)
+        return TensorParallelGroup(self.rank, self.size, self.model, self.host)
 
     def destroy(self) -> None:
         import torch.distributed as dist
@@ -72,21 +74,22 @@ class RankGroups:
             dist.destroy_process_group()  # the default group and every other one
 
 
-def init_rank_groups(rank: int, size: int, address: str, device: torch.device) -> RankGroups:
-    """Joins the ranks' rendezvous at tcp://address ("HOST:PORT": rank 0
-    hosts torch's TCP store there, the one env:// reaches through
-    MASTER_ADDR and MASTER_PORT); every rank calls it, in the same order
-    of groups."""
+def init_rank_groups(rank: int, size: int, init_method: str, device: torch.device) -> RankGroups:
+    """Joins the ranks' rendezvous at init_method (rendezvous_method: rank 0
+    hosts torch's TCP store at tcp://HOST:PORT; under torchrun, env:// finds
+    its agent's); every rank calls it, in the same order of groups."""
     import torch.distributed as dist
 
     backend = "nccl" if device.type == "cuda" else "gloo"
     options = {"device_id": device} if device.type == "cuda" else {}
-    dist.init_process_group(backend, init_method=f"tcp://{address}", rank=rank,
+    dist.init_process_group(backend, init_method=init_method, rank=rank,
                             world_size=size, timeout=COLLECTIVE_TIMEOUT, **options)
-    # A group of its own even on the CPU: object broadcasts (from rank 0's
-    # step and heartbeat threads) never interleave with the model's collectives.
+    # Groups of their own even on the CPU: object broadcasts (from rank 0's
+    # step and heartbeat threads) never interleave with the model's
+    # collectives, nor with a step's host agreements.
     objects = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
-    return RankGroups(rank, size, backend, dist.group.WORLD, objects)
+    host = dist.new_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
+    return RankGroups(rank, size, backend, dist.group.WORLD, objects, host)
 
 
 def rendezvous_address(parallel) -> str:
@@ -98,6 +101,13 @@ def rendezvous_address(parallel) -> str:
     return f"127.0.0.1:{parallel.dist_port or free_port()}"
 
 
+def rendezvous_method(parallel) -> str:
+    """torch.distributed's init_method for the ranks: env:// under torchrun
+    (its MASTER_ADDR:MASTER_PORT, the agent's store when it shares one),
+    else tcp://rendezvous_address."""
+    return "env://" if parallel.torchrun else f"tcp://{rendezvous_address(parallel)}"
+
+
 def check_node_layout(parallel) -> None:
     """ValueError for a node layout no engine can run (the server's flags
     are checked alike, with their names: pyvlm/server/args.py)."""
@@ -107,7 +117,7 @@ def check_node_layout(parallel) -> None:
     if not 0 <= parallel.node_rank < parallel.nnodes:
         raise ValueError(f"node_rank must be in 0..{parallel.nnodes - 1}, not "
                          f"{parallel.node_rank}")
-    if parallel.nnodes > 1 and parallel.dist_init_addr is None:
+    if parallel.nnodes > 1 and parallel.dist_init_addr is None and not parallel.torchrun:
         raise ValueError("nnodes > 1 needs dist_init_addr: HOST:PORT of node 0, the same "
                          "on every node")
 
@@ -173,7 +183,7 @@ class TensorParallelRanks:
                              "does; the other nodes run serve_node (python -m pyvlm "
                              "--node-rank N)")
         self.size = parallel.tp_size
-        self.address = rendezvous_address(parallel)
+        self.init_method = rendezvous_method(parallel)
         self.device = rank_device(spec.device, 0)
         share_cpu_cores(self.device, parallel.ranks_per_node)
         self.on_death: Callable[[str], None] = lambda reason: exit_process(1)
@@ -190,12 +200,13 @@ class TensorParallelRanks:
         # processes. Its workers are ended here instead (stop, the watcher)
         # and end themselves with it (run_worker_rank).
         multiprocessing.current_process().daemon = False
-        self.workers = start_worker_ranks(spec, parallel.node_ranks()[1:], self.address,
-                                          log_settings)
+        # torchrun starts and watches the ranks itself.
+        local_ranks = range(0) if parallel.torchrun else parallel.node_ranks()[1:]
+        self.workers = start_worker_ranks(spec, local_ranks, self.init_method, log_settings)
         if self.workers:  # (another node's ranks are watched by their node)
             threading.Thread(target=self._watch, name="pyvlm-tp-watcher", daemon=True).start()
         try:
-            self.groups = init_rank_groups(0, self.size, self.address, self.device)
+            self.groups = init_rank_groups(0, self.size, self.init_method, self.device)
         except BaseException:
             self.stop()
             raise
@@ -206,10 +217,12 @@ class TensorParallelRanks:
         ranks += [f"rank {r}: pid {w.pid} on {_device_name(self.device, r)}"
                   for r, w in enumerate(self.workers, 1)]
         if len(self.workers) + 1 < self.size:
-            ranks.append(f"ranks {len(self.workers) + 1}..{self.size - 1} on the other nodes")
+            ranks.append(f"ranks {len(self.workers) + 1}..{self.size - 1} "
+                         + ("started by torchrun" if self.init_method == "env://"
+                            else "on the other nodes"))
         backend = self.groups.backend if self.groups else "?"
         return (f"tensor parallelism over {self.size} ranks ({backend}, rendezvous "
-                f"{self.address}): " + "; ".join(ranks))
+                f"{self.init_method}): " + "; ".join(ranks))
 
     def death(self, timeout: float) -> Optional[str]:
         """Which worker died unasked and how, waiting up to timeout seconds
@@ -276,13 +289,13 @@ def _device_name(first: torch.device, rank: int) -> str:
 
 # ---- ranks 1..N-1 ------------------------------------------------------------
 
-def start_worker_ranks(spec, ranks: range, address: str,
+def start_worker_ranks(spec, ranks: range, init_method: str,
                        log_settings) -> List[multiprocessing.Process]:
     """Started worker processes (spawn) for these global ranks, each
     running run_worker_rank; they exit when this process does."""
     context = multiprocessing.get_context("spawn")
     workers = [context.Process(target=run_worker_rank,
-                               args=(spec, rank, address, log_settings),
+                               args=(spec, rank, init_method, log_settings),
                                name=f"pyvlm-tp-rank{rank}", daemon=True)
                for rank in ranks]
     for worker in workers:
@@ -290,35 +303,42 @@ def start_worker_ranks(spec, ranks: range, address: str,
     return workers
 
 
-def run_worker_rank(spec, rank: int, address: str, log_settings) -> None:
-    """A worker process's entry point: joins the groups, builds its share
-    of the model like rank 0 does, then runs what rank 0 broadcasts until
-    StopRanks (exit 0) or a failure (exit 1, after logging it)."""
+def run_worker_rank(spec, rank: int, init_method: str, log_settings) -> None:
+    """A spawned worker process's entry point: serve_rank, then exit with
+    its status; it also exits as soon as the process that started it ends."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the caller's process decides when to stop
     from pyvlm.entrypoints.engine_core import configure_logging, log_marker
-    from pyvlm.entrypoints.startup import build_rank_runner
-    from pyvlm.entrypoints.tensor_parallel_runner import serve_steps
 
     configure_logging(log_settings, log_marker(spec, rank))
     _exit_with_parent()
+    exit_process(serve_rank(spec, rank, init_method))
+
+
+def serve_rank(spec, rank: int, init_method: str) -> int:
+    """Worker rank `rank` in this process: joins the groups, builds its
+    share of the model like rank 0 does, then runs what rank 0 broadcasts.
+    Returns 0 after StopRanks, 1 after a failure (logged)."""
+    from pyvlm.entrypoints.startup import build_rank_runner
+    from pyvlm.entrypoints.tensor_parallel_runner import serve_steps
+
     parallel = spec.config.parallel
     try:
         device = rank_device(spec.device, rank % parallel.ranks_per_node)
         share_cpu_cores(device, parallel.ranks_per_node)
-        groups = init_rank_groups(rank, parallel.tp_size, address, device)
+        groups = init_rank_groups(rank, parallel.tp_size, init_method, device)
         _, runner = build_rank_runner(replace(spec, device=device),
                                       groups.tensor_parallel_group())
     except BaseException:
         logger.exception("tensor-parallel rank %d could not start", rank)
-        exit_process(1)
+        return 1
     logger.info("tensor-parallel rank %d ready on %s (pid %d)", rank, device, os.getpid())
     try:
         serve_steps(runner, groups.objects, rank)
     except BaseException:
         logger.exception("tensor-parallel rank %d stops", rank)
-        exit_process(1)
+        return 1
     groups.destroy()
-    exit_process(0)
+    return 0
 
 
 # ---- nodes 1..M-1 -------------------------------------------------------------
@@ -337,11 +357,11 @@ def serve_node(config, log_settings) -> int:
     if parallel.node_rank == 0:
         raise ValueError("node 0 runs the engine (pyvlm.Engine or the server), not serve_node")
     spec = core_spec_for(config, torch.device(resolve_device(config.model.device)))
-    address = rendezvous_address(parallel)
-    workers = start_worker_ranks(spec, parallel.node_ranks(), address, log_settings)
+    init_method = rendezvous_method(parallel)
+    workers = start_worker_ranks(spec, parallel.node_ranks(), init_method, log_settings)
     logger.info("node %d of %d: tensor-parallel ranks %d..%d (pids %s) joining the rendezvous "
                 "at %s", parallel.node_rank, parallel.nnodes, parallel.node_ranks()[0],
-                parallel.node_ranks()[-1], ", ".join(str(w.pid) for w in workers), address)
+                parallel.node_ranks()[-1], ", ".join(str(w.pid) for w in workers), init_method)
     try:
         return wait_node_workers(workers)
     finally:

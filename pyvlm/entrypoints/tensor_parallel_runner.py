@@ -5,7 +5,8 @@ rank runs every step.
 Rank 0's scheduler drives a TensorParallelRunner, which has the
 ModelRunner interface: each call that runs the model (launch, forward,
 token_logits) or changes a runner's state (free_encoder_cache) first
-broadcasts itself, pickled, to the other ranks over a gloo group
+broadcasts itself, pickled (its batch less what no rank reads:
+lean_batches), to the other ranks over a gloo group
 (torch.distributed.broadcast_object_list), then runs on rank 0's own
 runner. The workers (serve_steps) receive each message and make the same
 call on their runners, in the same order, so the collectives inside the
@@ -36,6 +37,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
+from pyvlm.entrypoints.lean_batches import lean_batch
 from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.scheduling.types import ForwardBatch, SampleResult
 
@@ -122,14 +124,14 @@ class TensorParallelRunner:
         return getattr(self.__dict__["local"], name)
 
     def launch(self, batch: ForwardBatch):
-        self._send(RunStep(batch))
+        self._send(RunStep(lean_batch(batch)))
         return CheckedStep(self._checked(self.local.launch, batch), self)
 
     def forward(self, batch: ForwardBatch) -> List[Optional[SampleResult]]:
         return self.launch(batch).wait()
 
     def token_logits(self, batch: ForwardBatch):
-        self._send(RunTokenLogits(batch))
+        self._send(RunTokenLogits(lean_batch(batch)))
         return self._checked(self.local.token_logits, batch)
 
     def free_encoder_cache(self) -> None:

@@ -10,7 +10,9 @@ scheme, with vLLM's names), each parameter carrying its own weight loader.
 - MergedColumnParallelLinear fuses several column-parallel matrices on one
   input into one matmul (gate/up); QKVParallelLinear fuses q/k/v, splitting
   heads over the ranks and replicating key/value heads when there are fewer
-  of them than ranks (GQA).
+  of them than ranks (GQA). FusedQKVParallelLinear splits the same way a
+  q/k/v projection that the checkpoint already stores as one tensor
+  (Qwen2-VL's vision `attn.qkv`).
 
 A checkpoint tensor is always the full, unsplit one: `param.weight_loader(
 param, tensor[, shard_name])` copies this rank's slice into the existing
@@ -252,6 +254,48 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         self.num_heads = num_local_heads
         self.num_kv_heads = self.output_shards[k_name].size // head_dim
         self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+
+
+class FusedQKVParallelLinear(ColumnParallelLinear):
+    """A q/k/v projection stored in the checkpoint as ONE tensor, [q rows;
+    k rows; v rows] (and one bias likewise), split by heads as
+    QKVParallelLinear splits three separate ones: rank r holds
+    [q_r; k_r; v_r], its query heads' rows then its key/value heads' rows
+    (replicated when fewer key/value heads than ranks). The weight loader
+    takes the whole fused tensor and copies the rank's rows of each block.
+    With one rank it is nn.Linear(hidden_size, q + 2 * kv rows).
+    num_heads, num_kv_heads, q_size and kv_size are this rank's.
+    """
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int,
+                 num_kv_heads: Optional[int] = None, bias: bool = True,
+                 tp: Optional[TensorParallelGroup] = None):
+        tp = tp or current_group()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        num_local_heads = divide(num_heads, tp.size, "num_heads")
+        replicas = _kv_replicas(num_kv_heads, tp.size)
+        self._init_shards(hidden_size, {"q": (num_heads * head_dim, 1),
+                                        "k": (num_kv_heads * head_dim, replicas),
+                                        "v": (num_kv_heads * head_dim, replicas)}, bias, tp)
+        self.head_dim = head_dim
+        self.num_heads = num_local_heads
+        self.num_kv_heads = self.output_shards["k"].size // head_dim
+        self.q_size, self.kv_size = self.num_heads * head_dim, self.num_kv_heads * head_dim
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+                      shard_name: Optional[str] = None) -> None:
+        """Copies this rank's rows of each block (q, k, v) of the whole
+        fused checkpoint weight or bias."""
+        if shard_name is not None:
+            raise ValueError(f"a fused q/k/v layer loads one tensor, not shard {shard_name!r}")
+        expected = (self.output_size, *param.shape[1:])
+        if tuple(loaded.shape) != expected:
+            raise ValueError(f"expected shape {expected}, got {tuple(loaded.shape)}")
+        block_start = 0
+        for shard in self.output_shards.values():
+            param.data.narrow(0, shard.offset, shard.size).copy_(
+                loaded.narrow(0, block_start + shard.source_start, shard.size))
+            block_start += shard.source_size
 
 
 class RowParallelLinear(ParallelLinear):

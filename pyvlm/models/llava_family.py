@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from pyvlm.multimodal.llava_onevision import (anyres_grid_shape, downsampled_feature_grid,
                                               num_anyres_tiles, unpadding_crop)
-from pyvlm.layers.tensor_parallel import replicated
+from pyvlm.layers.tensor_parallel import building_tower, replicated
 from .llava_images import Geometry, encode_prepared, prepare_images
 from .vision_language import VisionLanguageModel
 
@@ -83,18 +83,22 @@ class LlavaFamilyModel(VisionLanguageModel):
     decide tiles and packing (module docstring).
 
     Tensor parallel: the decoder splits over the group it is built in; the
-    tower, projector and image_newline are replicated (every rank holds and
-    runs them whole, so each has the image rows its embeddings need without
-    a collective; the tower is a small part of the model)."""
+    tower is built in `building_tower()`: replicated (every rank holds and
+    runs it whole, so each has the image rows its embeddings need without a
+    collective), or split by heads and MLP columns like the decoder when the
+    engine shards towers (--mm-encoder-tp-mode weights; its output is whole
+    on every rank after each layer's all-reduce). The projector and
+    image_newline are always replicated."""
 
     NAME_PREFIXES = LLAVA_PREFIXES
     HAS_IMAGE_NEWLINE = True
 
     def __init__(self, config):
         super().__init__(config, config.text_config)
-        with replicated():
+        with building_tower():
             self.vision_tower = vision_tower_for(config.vision_config,
                                                  config.vision_feature_layer)
+        with replicated():
             self.multi_modal_projector = LlavaMultiModalProjector(
                 config, len(self.vision_tower.feature_layers))
         if self.HAS_IMAGE_NEWLINE:

@@ -17,7 +17,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from pyvlm.layers.tensor_parallel import replicated
+from pyvlm.layers.tensor_parallel import building_tower, replicated
 from pyvlm.scheduling.types import MultimodalItem, SequenceChunk
 from .llama import LlamaDecoderLayer
 from .mllama_cross_attention import MllamaCrossAttentionDecoderLayer
@@ -73,8 +73,11 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
     """The mllama vision encoder and projector over a Llama decoder with
     gated cross-attention layers. Tensor parallel: the decoder (its
     cross-attention layers too) splits over the group it is built in; the
-    vision encoder and projector are replicated, every rank running them
-    whole (each rank computes its own image K/V heads from the full rows)."""
+    vision encoder is built in `building_tower()`: replicated, or, when the
+    engine shards towers (--mm-encoder-tp-mode weights), split by heads and
+    MLP columns (its output rows still whole on every rank); the projector
+    is replicated (each rank computes its own image K/V heads from the full
+    rows)."""
 
     NAME_PREFIXES = MLLAMA_PREFIXES
 
@@ -84,8 +87,9 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
                          num_extra_embeddings=NUM_EXTRA_EMBEDDINGS)
         self.cross_attention_layers = tuple(sorted(text.cross_attention_layers))
         vision = config.vision_config
-        with replicated():
+        with building_tower():
             self.vision_model = MllamaVisionModel(vision)
+        with replicated():
             self.multi_modal_projector = nn.Linear(vision.vision_output_dim, text.hidden_size,
                                                    bias=True)
         self.image_token_id = config.image_token_id

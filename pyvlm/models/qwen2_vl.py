@@ -13,7 +13,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from pyvlm.layers.tensor_parallel import replicated
+from pyvlm.layers.tensor_parallel import building_tower
 from pyvlm.scheduling.types import MultimodalItem
 from .qwen2_vl_pixels import qwen2_vl_pixel_values
 from .vision.qwen2_5_vl import Qwen2_5_VisionTransformer
@@ -45,14 +45,17 @@ class PreparedPatches:
 class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     """Qwen2-VL's vision tower over its M-RoPE Qwen2 decoder. Tensor
     parallel: the decoder splits over the group it is built in; the tower
-    (merger included) is replicated, every rank running it whole."""
+    is built in `building_tower()`: replicated, every rank running it
+    whole, or, when the engine shards towers (--mm-encoder-tp-mode
+    weights), its blocks split by heads and MLP columns (patch embedding and
+    merger whole), every rank still getting the whole output rows."""
 
     NAME_PREFIXES = QWEN2_VL_PREFIXES
     VISION_TOWER = Qwen2VisionTransformer
 
     def __init__(self, config):
         super().__init__(config, config.text_config)
-        with replicated():
+        with building_tower():
             self.visual = self.VISION_TOWER(config.vision_config)
         self.image_token_id = config.image_token_id
         self.merge_size = config.vision_config.spatial_merge_size

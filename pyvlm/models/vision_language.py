@@ -6,8 +6,11 @@ Tensor parallel: built inside `building_with(group)`
 (pyvlm.layers.tensor_parallel), the decoder's layers, its embedding and the
 LM head split over the group's ranks (vocab-parallel embedding and head),
 and the KV shape is the rank's own (num_kv_heads: its local heads).
-Families build their vision towers and projectors inside `replicated()`:
-every rank holds and runs the whole tower.
+Families build their vision towers inside `building_tower()` (replicated,
+every rank holding the whole tower, unless the engine builds
+with shard_towers: its --mm-encoder-tp-mode "weights", when the tower's
+attention and MLPs split over the group like the decoder's) and their
+projectors inside `replicated()`.
 
 A family's model subclasses VisionLanguageModel, builds its vision tower
 and projector, and adds the image stages of the engine's contract

@@ -8,6 +8,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from pyvlm.runner.deferred_images import PrepareFn, prepare_deferred
+from pyvlm.runner.image_shares import ImageShares
 from pyvlm.scheduling.types import MultimodalItem
 
 # (items missing from the cache) -> their packed embeddings, in order
@@ -66,12 +67,17 @@ class VisionBatcher:
 
     def __init__(self, encode_fn: EncodeFn, cache: EncoderCache,
                  rows_of: Optional[Callable[[MultimodalItem], int]] = None,
-                 prepare: Optional[PrepareFn] = None, device: Optional[torch.device] = None):
+                 prepare: Optional[PrepareFn] = None, device: Optional[torch.device] = None,
+                 shares: Optional[ImageShares] = None):
         """prepare/device: the family's prepare_images and where it runs for
-        items whose images the front left to the step (DeferredImage)."""
+        items whose images the front left to the step (DeferredImage);
+        shares: the tensor-parallel ranks' split of the misses (each rank
+        encodes its share, pyvlm.runner.image_shares); None: this process
+        encodes them all."""
         self.encode_fn, self.cache = encode_fn, cache
         self.rows_of = rows_of or (lambda item: item.length)
         self.prepare, self.device = prepare, device
+        self.shares = shares
 
     def embed(self, items: Sequence[MultimodalItem]) -> Dict[int, torch.Tensor]:
         found: Dict[int, torch.Tensor] = {}
@@ -89,12 +95,19 @@ class VisionBatcher:
         return found
 
     def _encode(self, items: List[MultimodalItem]) -> Dict[int, torch.Tensor]:
-        if self.prepare is not None:
-            items = prepare_deferred(items, self.prepare, self.device)
-        embeddings = self.encode_fn(items)
+        if self.shares is None:
+            embeddings = self._encode_here(items)
+        else:
+            embeddings = self.shares.encode(items, self._encode_here)
         for item, emb in zip(items, embeddings):
             if emb.shape[0] != self.rows_of(item):
                 raise RuntimeError(f"image encoder gave {emb.shape[0]} rows for an image "
                                    f"that needs {self.rows_of(item)}")
             self.cache.put(item.hash, emb)
         return {item.hash: emb for item, emb in zip(items, embeddings)}
+
+    def _encode_here(self, items: Sequence[MultimodalItem]) -> List[torch.Tensor]:
+        """items' rows from this process's tower (deferred images prepared first)."""
+        if self.prepare is not None:
+            items = prepare_deferred(items, self.prepare, self.device)
+        return self.encode_fn(items)

@@ -72,6 +72,8 @@ class ServerArgs:
     nnodes: int = 1
     node_rank: int = 0
     dist_init_addr: Optional[str] = None  # HOST:PORT
+    mm_encoder_tp_mode: str = "data"
+    torchrun: bool = False  # no flag: set from torchrun's environment (pyvlm.entrypoints.torchrun)
     disable_overlap_schedule: bool = False
     max_mixed_prefill_tokens: Optional[int] = 512
 
@@ -100,7 +102,7 @@ class ServerArgs:
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
                  "disable_cuda_graph", "vision_cuda_graphs", "engine_process",
                  "max_mixed_prefill_tokens", "tp_size", "dp_size", "dist_port", "nnodes",
-                 "node_rank", "dist_init_addr")
+                 "node_rank", "dist_init_addr", "mm_encoder_tp_mode", "torchrun")
         kwargs = {name: getattr(self, name) for name in names}
         kwargs["overlap_schedule"] = False if self.disable_overlap_schedule else None
         return kwargs
@@ -220,6 +222,10 @@ _FLAGS = [
      "HOST:PORT of the ranks' rendezvous, on node 0 and reachable from every node (as "
      "torch's MASTER_ADDR:MASTER_PORT); required with --nnodes > 1 (default: "
      "127.0.0.1:--dist-port)"),
+    (("--mm-encoder-tp-mode",), str,
+     "data|weights: with --tp-size > 1, every rank holds the whole vision tower and encodes "
+     "its share of each step's images (data, the default), or the tower's layers split over "
+     "the ranks like the decoder's (weights: less memory per rank, an all-reduce per layer)"),
 ]
 
 
@@ -266,6 +272,8 @@ def _check(args: ServerArgs) -> None:
         (args.tp_size >= 1, "--tp-size must be >= 1"),
         (args.dp_size >= 1, "--dp-size must be >= 1"),
         (args.dist_port is None or 0 < args.dist_port < 65536, "--dist-port must be in 1..65535"),
+        (args.mm_encoder_tp_mode in ("data", "weights"),
+         "--mm-encoder-tp-mode must be data or weights"),
         (args.engine_process in ("auto", "process", "thread"),
          "--engine-process must be auto, process or thread"),
         (args.log_level.lower() in ("debug", "info", "warning", "error", "critical"),

@@ -6,11 +6,9 @@ fails in-flight and later requests with EngineDeadError at once and takes
 every process down, and workers exit with a killed engine process; thread
 mode is refused. Rank 0's runner mirrors each call to the workers in
 order, and a worker goes on after a step that failed (as rank 0 isolates
-its request).
-
-Until the model families split under building_with, each rank holds the
-whole model: these tests then check the ranks' plumbing (every rank runs
-every step, in lockstep), and the split itself once it lands."""
+its request). The images of a step are split over the ranks
+(mm_encoder_tp_mode "data", the default) or every rank runs them through
+its slice of the tower ("weights")."""
 
 import os
 import signal
@@ -70,19 +68,23 @@ def wait_gone(pids, timeout: float = 10.0) -> list:
 
 def workload(engine) -> dict:
     """Greedy outputs of: a batch of text and image prompts (chunked: over
-    16 tokens), one prompt twice (the second hits the prefix cache), and a
-    batch the pool cannot hold at once (preemption)."""
+    16 tokens), one prompt twice (the second hits the prefix cache), a batch
+    of which one request has penalties, and a batch the pool cannot hold at
+    once (preemption)."""
     image = engine.builder.image_token
     mixed = engine.generate(
         [words(5, 0), f"{image}\n{words(6, 1)}", f"{words(3, 2)} {image} {words(20, 3)}"],
         GREEDY, image_data=[None, random_image(60, 90, 0), random_image(50, 40, 1)])
     repeated = [engine.generate(f"{image}\n{words(9, 4)}", GREEDY,
                                 image_data=random_image(64, 64, 2)) for _ in range(2)]
+    # Penalties read the ids a step sends only for the requests that have them.
+    penalized = engine.generate([words(7, 5), words(9, 6)], [
+        GREEDY, dict(GREEDY, repetition_penalty=1.3, frequency_penalty=0.4)])
     # Far more than the pool: requests admitted as they come (whenever that
     # is) outgrow it while they decode.
     crowd = engine.generate([words(12 + i, 10 + i) for i in range(8)],
                             dict(GREEDY, max_new_tokens=60))
-    return {"tokens": [r["output_ids"] for r in mixed + repeated + crowd],
+    return {"tokens": [r["output_ids"] for r in mixed + repeated + penalized + crowd],
             "cached": [r["meta_info"]["cached_tokens"] for r in repeated],
             "preemptions": engine.get_stats().get("num_preemptions", 0)}
 
@@ -106,11 +108,16 @@ def assert_all_exited(pids) -> None:
     assert not [name for name in os.listdir("/dev/shm") for pid in pids if f"_{pid}_" in name]
 
 
-@pytest.mark.parametrize("checkpoint, tp_sizes", [("qwen2_vl", [2]), ("llava", [2, 4])],
-                         indirect=["checkpoint"])
-def test_tensor_parallel_outputs_equal_one_ranks(checkpoint, tp_sizes, one_rank):
-    for tp_size in tp_sizes:
-        engine = pyvlm.Engine(model=str(checkpoint), tp_size=tp_size, **ENGINE_ARGS)
+# (tp_size, mm_encoder_tp_mode) runs: the images split over the ranks, or the
+# tower's layers split (the tiny towers' heads divide by 2 and 4).
+@pytest.mark.parametrize("checkpoint, runs", [
+    ("qwen2_vl", [(2, "data"), (2, "weights")]),
+    ("llava", [(2, "data"), (4, "data"), (4, "weights")]),
+    ("mllama", [(2, "data")])], indirect=["checkpoint"])
+def test_tensor_parallel_outputs_equal_one_ranks(checkpoint, runs, one_rank):
+    for tp_size, mode in runs:
+        engine = pyvlm.Engine(model=str(checkpoint), tp_size=tp_size, mm_encoder_tp_mode=mode,
+                              **ENGINE_ARGS)
         try:
             engine_pid = engine.step_loop.pid  # tp_size > 1: an engine process even on the CPU
             workers = children_of(engine_pid)
@@ -119,7 +126,7 @@ def test_tensor_parallel_outputs_equal_one_ranks(checkpoint, tp_sizes, one_rank)
         finally:
             engine.shutdown()
         differ = [i for i, (a, b) in enumerate(zip(got["tokens"], one_rank["tokens"])) if a != b]
-        assert differ == [], (tp_size, differ, got, one_rank)
+        assert differ == [], (tp_size, mode, differ, got, one_rank)
         assert got["cached"] == one_rank["cached"] and got["cached"][1] > 0
         assert got["preemptions"] > 0 and one_rank["preemptions"] > 0  # (how many: timing)
         # Shutdown stopped every rank cleanly and reaped it.

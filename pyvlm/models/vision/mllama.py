@@ -17,6 +17,11 @@ image's 6,432 rows (4 tiles of 1,601 patches, padded to 1,608) was most of
 Llama-3.2-Vision's time to first token. An image without a real tile
 (transformers' padding image, which pyvlm never builds) keeps the dense
 masked attention: all of its pairs are masked alike.
+
+Tensor parallel: built under a group of several ranks (a tower built in
+`building_tower()` with shard_towers), both encoders' attention splits by
+heads and their MLPs by fc1 columns and fc2 rows; the patch, class,
+position and tile embeddings, the layer norms and the gates stay whole.
 """
 
 import math
@@ -27,7 +32,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pyvlm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pyvlm.layers.packed_attention import packed_attention
+from pyvlm.layers.tensor_parallel import current_group, divide
 
 PAD_MULTIPLE = 8
 
@@ -170,27 +177,34 @@ class MllamaPrecomputedPositionEmbedding(nn.Module):
 
 
 class MllamaVisionMLP(nn.Module):
+    """fc2(gelu(fc1(x))); fc1 column-parallel, fc2 row-parallel."""
+
     def __init__(self, config):
         super().__init__()
         if config.hidden_act != "gelu":
             raise ValueError(f"mllama vision hidden_act {config.hidden_act!r} is not supported")
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = ColumnParallelLinear(config.hidden_size, config.intermediate_size)
+        self.fc2 = RowParallelLinear(config.intermediate_size, config.hidden_size)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(hidden)))
 
 
 class MllamaVisionAttention(nn.Module):
+    """Self-attention without biases; q/k/v column-parallel by heads (three
+    layers, as the checkpoint's three tensors), o_proj row-parallel.
+    num_heads is the rank's."""
+
     def __init__(self, config):
         super().__init__()
-        self.num_heads = config.attention_heads
+        self.num_heads = divide(config.attention_heads, current_group().size,
+                                "vision attention_heads")
         self.head_dim = config.hidden_size // config.attention_heads
-        inner = self.num_heads * self.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
-        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        inner = config.attention_heads * self.head_dim
+        self.q_proj = ColumnParallelLinear(config.hidden_size, inner, bias=False)
+        self.k_proj = ColumnParallelLinear(config.hidden_size, inner, bias=False)
+        self.v_proj = ColumnParallelLinear(config.hidden_size, inner, bias=False)
+        self.o_proj = RowParallelLinear(inner, config.hidden_size, bias=False)
 
     def _heads(self, projected: torch.Tensor) -> torch.Tensor:
         batch, seq_len, _ = projected.shape
@@ -201,7 +215,7 @@ class MllamaVisionAttention(nn.Module):
         query, key, value = (self._heads(proj(hidden))
                              for proj in (self.q_proj, self.k_proj, self.v_proj))
         out = attention(query, key, value, self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(hidden.shape))
+        return self.o_proj(out.reshape(*hidden.shape[:2], -1))
 
 
 class MllamaVisionEncoderLayer(nn.Module):

@@ -7,7 +7,8 @@ fullatt_block_indexes within whole frames. To make every window a run of
 consecutive rows, the patches are reordered window by window (whole merge
 units, so the merger still sees each 2 x 2 block together) before the first
 block, and the merged tokens are put back in image order after the merger,
-exactly as transformers does.
+exactly as transformers does. Built under several ranks, the blocks split
+by heads and MLP columns (qwen_layers.py); the rest stays whole.
 """
 
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from pyvlm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pyvlm.layers.norm import RMSNorm
 from pyvlm.layers.shape_graphs import ShapeGraphs
 
@@ -27,13 +29,15 @@ from .qwen_layers import (PatchMerger, VisionAttention, VisionBlock, VisionPatch
 
 
 class Qwen2_5_VisionMLP(nn.Module):
-    """down(act(gate(x)) * up(x)), every projection with a bias."""
+    """down(act(gate(x)) * up(x)), every projection with a bias; gate and up
+    column-parallel (two layers, as the checkpoint's two tensors and
+    nn.Linear's initialisation order), down row-parallel."""
 
     def __init__(self, dim: int, hidden_dim: int, hidden_act: str):
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden_dim)
-        self.up_proj = nn.Linear(dim, hidden_dim)
-        self.down_proj = nn.Linear(hidden_dim, dim)
+        self.gate_proj = ColumnParallelLinear(dim, hidden_dim)
+        self.up_proj = ColumnParallelLinear(dim, hidden_dim)
+        self.down_proj = RowParallelLinear(hidden_dim, dim)
         self.act = vision_activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

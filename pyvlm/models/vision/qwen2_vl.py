@@ -5,7 +5,8 @@ MLP (QuickGELU in the released models), full attention within each frame,
 a 2-D rotary on q/k, and a merger folding 2 x 2 patches into one language
 token. All images of a step run in one call, packed along the patch rows;
 on CUDA a call whose grids were seen before replays a CUDA graph
-(pyvlm/layers/shape_graphs.py).
+(pyvlm/layers/shape_graphs.py). Built under several ranks, the blocks split
+by heads and MLP columns (qwen_layers.py); the rest stays whole.
 """
 
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from pyvlm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from pyvlm.layers.shape_graphs import ShapeGraphs
 
 from .qwen_grid import (AttentionSpans, GridTHW, check_grids, frame_lengths, num_patches,
@@ -24,12 +26,12 @@ from .qwen_layers import (PatchMerger, VisionAttention, VisionBlock, VisionPatch
 
 
 class Qwen2VisionMLP(nn.Module):
-    """fc2(act(fc1(x)))."""
+    """fc2(act(fc1(x))); fc1 column-parallel, fc2 row-parallel."""
 
     def __init__(self, dim: int, hidden_dim: int, hidden_act: str):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc1 = ColumnParallelLinear(dim, hidden_dim)
+        self.fc2 = RowParallelLinear(hidden_dim, dim)
         self.act = vision_activation(hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

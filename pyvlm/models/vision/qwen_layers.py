@@ -4,6 +4,12 @@ Module and parameter names are transformers' (patch_embed.proj, attn.qkv,
 attn.proj, merger.ln_q, merger.mlp.0/2), so checkpoint tensors load one to
 one. The two families differ only in the norms and MLP of their blocks and
 in the attention segments each block uses; everything else lives here.
+
+Tensor parallel: built under a group of several ranks (a tower built in
+`building_tower()` with shard_towers), a block's attention splits by heads
+(the fused qkv column-parallel, proj row-parallel) and its MLP by columns
+then rows, as the decoder's; the patch embedding, the rotary, the norms and
+the merger stay whole on every rank.
 """
 
 from dataclasses import dataclass
@@ -14,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyvlm import ops
+from pyvlm.layers.linear import FusedQKVParallelLinear, RowParallelLinear
 from pyvlm.layers.packed_attention import packed_attention
 
 from .qwen_grid import AttentionSpans
@@ -126,15 +133,20 @@ class VisionRotaryEmbedding(nn.Module):
 
 class VisionAttention(nn.Module):
     """Non-causal multi-head attention within segments (images, frames or
-    windows) of the packed patches, with the 2-D rotary on q and k."""
+    windows) of the packed patches, with the 2-D rotary on q and k.
+
+    The checkpoint's qkv is one [3 * dim, dim] tensor; under several ranks
+    each holds its heads' rows of q, k and v (FusedQKVParallelLinear) and
+    proj sums the ranks' heads (row-parallel). num_heads is the rank's."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"vision width {dim} is not a multiple of {num_heads} heads")
-        self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
-        self.proj = nn.Linear(dim, dim)
+        self.head_dim = dim // num_heads
+        self.qkv = FusedQKVParallelLinear(dim, self.head_dim, num_heads, bias=True)
+        self.proj = RowParallelLinear(dim, dim)
+        self.num_heads = self.qkv.num_heads
 
     def forward(self, hidden: torch.Tensor, rotary: VisionRotary,
                 spans: AttentionSpans) -> torch.Tensor:

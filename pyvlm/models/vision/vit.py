@@ -8,6 +8,11 @@ layers cannot change the selected hidden states. Module names are
 transformers' (layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2,
 mlp.fc1/fc2; q/k/v fused into self_attn.qkv_proj), so checkpoint tensors
 load one to one.
+
+Tensor parallel: built under a group of several ranks (a tower built in
+`building_tower()` with shard_towers), attention splits by heads and the
+MLP by fc1 columns and fc2 rows, as the decoder's; embeddings and layer
+norms stay whole on every rank.
 """
 
 from typing import List, Sequence, Tuple, Union
@@ -42,25 +47,29 @@ def tile_cu_seqlens(num_tiles: int, num_patches: int, device: torch.device) -> t
 
 
 class VitAttention(nn.Module):
-    """Multi-head self-attention with biased q/k/v/out projections."""
+    """Multi-head self-attention with biased q/k/v/out projections; under
+    several ranks each holds its heads (num_heads is the rank's) and
+    out_proj sums the ranks' heads."""
 
     def __init__(self, config):
         super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.num_heads
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, self.num_heads,
-                                          self.num_heads, bias=True)
+        num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // num_heads
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, self.head_dim, num_heads,
+                                          num_heads, bias=True)
         self.out_proj = RowParallelLinear(config.hidden_size, config.hidden_size)
+        self.num_heads = self.qkv_proj.num_heads
 
     def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """hidden [num_tiles, num_patches, hidden]: attention within each tile."""
         num_tiles, num_patches, hidden_size = hidden.shape
         qkv = self.qkv_proj(hidden.reshape(num_tiles * num_patches, hidden_size))
+        q_size = self.qkv_proj.q_size
         query, key, value = (t.view(-1, self.num_heads, self.head_dim)
-                             for t in qkv.split(hidden_size, dim=-1))
+                             for t in qkv.split(q_size, dim=-1))
         out = packed_attention(query, key, value, cu_seqlens, cu_seqlens, num_patches,
                                num_patches, self.head_dim ** -0.5)
-        return self.out_proj(out.view(num_tiles, num_patches, hidden_size))
+        return self.out_proj(out.view(num_tiles, num_patches, q_size))
 
 
 class VitMLP(nn.Module):
