@@ -42,7 +42,7 @@ from typing import Dict, Optional
 from pyvlm.entrypoints import core_channel
 from pyvlm.entrypoints.core_messages import (Abort, Add, Call, Closed, Outputs, Reply,
                                              StartFailed, Stop, output_from_row)
-from pyvlm.entrypoints.engine_core import run_engine_core
+from pyvlm.entrypoints.engine_core import log_marker, run_engine_core
 from pyvlm.entrypoints.step_loop import SHUT_DOWN, Sink, StepClock, send_to_sink
 from pyvlm.scheduling.errors import EngineDeadError, RequestFailedError
 from pyvlm.scheduling.request import Request
@@ -70,6 +70,8 @@ class CoreClient:
             name="pyvlm-engine", daemon=True)
         self._process.start()
         child_conn.close()  # only the child holds its end: its exit closes the connection
+        marker = log_marker(spec)  # "[DP i]" for a data-parallel replica's client
+        self._log_prefix = f"{marker} " if marker else ""
         self._sinks: Dict[str, Sink] = {}
         self._calls: Dict[int, "queue.Queue"] = {}
         self._call_ids = itertools.count()
@@ -90,7 +92,7 @@ class CoreClient:
             self.stop()
             raise message.error
         self.pid = message.pid
-        logger.info("Engine process started (pid %d)", self.pid)
+        logger.info("%sEngine process started (pid %d)", self._log_prefix, self.pid)
         self._reader = threading.Thread(target=self._read, name="pyvlm-engine-reader",
                                         daemon=True)
         self._sender = threading.Thread(target=self._send_queued, name="pyvlm-engine-sender",
@@ -166,8 +168,8 @@ class CoreClient:
         if not self._has_exited():
             self._post_last(Stop())
             if not self._has_exited(timeout):
-                logger.warning("the engine process did not stop within %.0f s; killing it",
-                               timeout)
+                logger.warning("%sthe engine process did not stop within %.0f s; killing it",
+                               self._log_prefix, timeout)
                 self._kill()
         self._outgoing.put(None)  # (a sender still running ends after what is queued)
         for thread in (self._sender, self._reader):
@@ -222,7 +224,7 @@ class CoreClient:
             self._kill()
         if self.failure is None and not self._stop_requested:
             self.failure = f"the engine process {_exit_reason(self._exit_code())}"
-            logger.critical("engine stopped: %s", self.failure)
+            logger.critical("%sengine stopped: %s", self._log_prefix, self.failure)
         with self._lock:
             self._closed = True
             sinks, self._sinks = self._sinks, {}

@@ -508,8 +508,10 @@ def test_a_killed_replica_fails_only_its_requests_and_is_restarted(dp_engine, re
 
 
 def test_with_every_replica_killed_health_is_503_and_nothing_hangs(dp_engine,
-                                                                  tiny_checkpoint_qwen2_vl):
-    """Runs last: it ends the module's engine."""
+                                                                  tiny_checkpoint_qwen2_vl,
+                                                                  caplog):
+    """Runs last: it ends the module's engine. The front's log says which
+    replica's engine process stopped."""
     from pyvlm.server.app import App
     from pyvlm.server.args import ServerArgs
     from tests.server.conftest import call
@@ -521,6 +523,9 @@ def test_with_every_replica_killed_health_is_503_and_nothing_hangs(dp_engine,
         os.kill(pid, signal.SIGKILL)
     wait_for(lambda: dp_engine.health() is not None, timeout=10)
     assert "[DP 0]" in dp_engine.health() and "[DP 1]" in dp_engine.health()
+    for index in (0, 1):
+        assert (f"[DP {index}] engine stopped: the engine process was killed by SIGKILL"
+                in caplog.text)
     app = App(dp_engine, ServerArgs(model=str(tiny_checkpoint_qwen2_vl), served_model_name="tiny"))
     assert call(app, "GET", "/health")[0] == 503
     started = time.monotonic()
