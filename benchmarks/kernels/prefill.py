@@ -5,8 +5,10 @@ Prefill baseline: gather each sequence's pages, then SDPA with a causal mask
 enable_gqa. Varlen baselines: SDPA per image in a loop, and one SDPA call over
 all images with a block-diagonal mask. On CUDA both also run against
 torch's bundled FlashAttention, the path the engine takes for 16-bit inputs:
-varlen_attn for the towers; for prefill each sequence's keys gathered from
-the cache (PrefillKeys), then causal FlashAttention.
+varlen_attn for the towers (and, for segments of one length, cuDNN's
+attention as a dense batch, packed_attention's equal_lengths path); for
+prefill each sequence's keys gathered from the cache (PrefillKeys), then
+causal FlashAttention.
 """
 
 import math
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from pyvlm import ops
+from pyvlm.layers import packed_attention
 
 from .harness import Row, time_us
 
@@ -113,8 +116,9 @@ def _prefill_rows(device, dtype):
 def _varlen_rows(device, dtype):
     cuda = device.startswith("cuda")
     rows = []
-    # 8 x 1024: a batch of tower tiles; 1 x 1564: Qwen2-VL's tower on one 644x476 photo.
-    for images, tokens in ((8, 1024), (1, 1564)) if cuda else ((4, 256),):
+    # 8 x 1024: a batch of tower tiles; 1 x 1564: Qwen2-VL's tower on one 644x476 photo;
+    # 1 x 6432: one Llama-3.2-Vision image (4 tiles of 1,608 rows, attended jointly).
+    for images, tokens in ((8, 1024), (1, 1564), (1, 6432)) if cuda else ((4, 256),):
         rows += _varlen_case(images, tokens, 16, 80, device, dtype)
     return rows
 
@@ -157,6 +161,13 @@ def _varlen_case(images, tokens, heads, head_dim, device, dtype):
         flash = time_us(lambda: varlen_attn(q, k, v, cu, cu, tokens, tokens, scale=scale), device)
         rows.append(Row("varlen_attention", case, device, ours, "torch varlen_attn (flash)", flash,
                         nbytes))
+        if packed_attention.takes_cudnn(q, k, v):
+            # The towers' path for segments of one length: cuDNN as a dense
+            # batch (packed_attention with equal_lengths), against FlashAttention.
+            dense = time_us(lambda: packed_attention.packed_attention(
+                q, k, v, cu, cu, tokens, tokens, scale, equal_lengths=True), device)
+            rows.append(Row("packed_attention equal lengths (cuDNN)", case, device, dense,
+                            "torch varlen_attn (flash)", flash, nbytes))
     flops = 4 * images * tokens * tokens * heads * head_dim
     print(f"varlen_attention {case}: pyvlm {flops / (rows[0].ours_us * 1e-6) / 1e12:.0f} TFLOP/s"
           + "".join(f", {r.baseline} {flops / (r.baseline_us * 1e-6) / 1e12:.0f}" for r in rows))

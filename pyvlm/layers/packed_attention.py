@@ -10,14 +10,29 @@ it: on an H100 it runs the Qwen2-VL tower's 1,564-row attention
 Everywhere else (CPU, float32, an older torch, a head size FlashAttention
 does not take) the towers run ops.varlen_attention and prompts pyvlm's
 paged prefill kernel. Both accumulate in float32; they differ only in the
-order of the sums. PYVLM_PACKED_ATTENTION=pyvlm forces pyvlm's kernels
-(for A/B runs).
+order of the sums.
+
+Segments of one length (a tower's tiles, one image's frames, mllama's
+images padded alike) are a dense batch: there cuDNN's fused attention
+(torch's, Hopper and later) runs 1.35-1.5x faster than FlashAttention-2
+at the towers' head size of 80 on an H100 (benchmarks/RESULTS.md, "SDPA
+backends"), where a caller says equal_lengths. cuDNN may refuse a shape
+(its version, the card): the first call of each head size and dtype
+finds out, and a refusal sends that kind back to FlashAttention for good.
+
+PYVLM_PACKED_ATTENTION=pyvlm forces pyvlm's kernels, =flash FlashAttention
+without cuDNN (for A/B runs).
 """
 
 import importlib.util
+import logging
 import os
+from typing import Dict, Optional, Tuple
 
 import torch
+
+logger = logging.getLogger(__name__)
+_FORCED = os.environ.get("PYVLM_PACKED_ATTENTION", "")
 
 from .. import ops
 
@@ -28,7 +43,7 @@ _FLASH_MAX_HEAD_DIM = 256
 def _torch_ships_flash_varlen() -> bool:
     """Whether this torch has FlashAttention varlen (torch.nn.attention.varlen,
     torch >= 2.9) and the ATen op under it, unless PYVLM_PACKED_ATTENTION=pyvlm."""
-    if os.environ.get("PYVLM_PACKED_ATTENTION", "") == "pyvlm":
+    if _FORCED == "pyvlm":
         return False
     try:
         has_varlen = importlib.util.find_spec("torch.nn.attention.varlen") is not None
@@ -61,6 +76,47 @@ def takes_torch_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             and all(t.stride(-1) == 1 for t in (query, key, value)))
 
 
+# The ATen op under scaled_dot_product_attention's cuDNN backend, called
+# directly for the same reason as FlashAttention's (no per-call backend
+# selection on the host).
+_CUDNN_FORWARD = getattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention", None)
+_CUDNN_MAX_HEAD_DIM = 128
+# (device index, dtype, head_dim) -> whether cuDNN ran it (module docstring)
+_cudnn_runs: Dict[Tuple[Optional[int], torch.dtype, int], bool] = {}
+
+
+def takes_cudnn(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether cuDNN's attention may take these packed rows as a dense
+    batch: FlashAttention's conditions, as many key/value heads as query
+    heads, a head size cuDNN takes, and no refusal of this kind before."""
+    head_dim = query.shape[-1]
+    return (_FORCED not in ("pyvlm", "flash") and _CUDNN_FORWARD is not None
+            and takes_torch_flash(query, key, value) and key.shape[1] == query.shape[1]
+            and head_dim <= _CUDNN_MAX_HEAD_DIM and torch.backends.cudnn.is_available()
+            and _cudnn_runs.get((query.device.index, query.dtype, head_dim), True))
+
+
+def _cudnn_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, seq_len: int,
+                 scale: float) -> Optional[torch.Tensor]:
+    """Attention within consecutive segments of seq_len rows, as one dense
+    [segments, heads, seq_len, head_dim] batch through cuDNN (the rows'
+    layout as it is: a transposed view); None when cuDNN refuses it."""
+    segments = query.shape[0] // seq_len
+    q, k, v = (t.unflatten(0, (segments, seq_len)).transpose(1, 2) for t in (query, key, value))
+    kind = (query.device.index, query.dtype, query.shape[-1])
+    try:
+        out = _CUDNN_FORWARD(q, k, v, None, False, 0.0, False, False, scale=scale)[0]
+    except RuntimeError as exc:
+        if _cudnn_runs.get(kind):
+            raise  # it ran this kind before: a real error
+        _cudnn_runs[kind] = False
+        logger.warning("cuDNN attention refused %s head size %d (%s); FlashAttention runs it",
+                       query.dtype, query.shape[-1], str(exc).splitlines()[0][:200])
+        return None
+    _cudnn_runs[kind] = True
+    return out.transpose(1, 2).reshape(query.shape[0], *out.shape[1:2], out.shape[-1])
+
+
 def _flash(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
            causal):
     return _FLASH_FORWARD(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -69,10 +125,18 @@ def _flash(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
-                     max_seqlen_k: int, scale: float) -> torch.Tensor:
+                     max_seqlen_k: int, scale: float, equal_lengths: bool = False
+                     ) -> torch.Tensor:
     """ops.varlen_attention's contract (query [total_q, heads, head_dim],
     key/value [total_k, kv_heads, head_dim], int32 cu_seqlens; returns
-    [total_q, heads, head_dim]), by torch's FlashAttention where it applies."""
+    [total_q, heads, head_dim]), by cuDNN or torch's FlashAttention where
+    they apply. equal_lengths: the caller knows every segment is
+    max_seqlen_q == max_seqlen_k rows long (a dense batch for cuDNN)."""
+    if (equal_lengths and max_seqlen_q == max_seqlen_k and query.shape[0] == key.shape[0]
+            and query.shape[0] % max(max_seqlen_q, 1) == 0 and takes_cudnn(query, key, value)):
+        out = _cudnn_dense(query, key, value, max_seqlen_q, scale)
+        if out is not None:
+            return out
     if takes_torch_flash(query, key, value):
         return _flash(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                       scale, causal=False)

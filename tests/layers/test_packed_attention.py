@@ -1,7 +1,7 @@
 """packed_attention (the vision towers' attention) against the float64
 reference: pyvlm's kernel on the CPU and for float32, torch's FlashAttention
-for 16-bit CUDA inputs where this torch has it, on views into a fused QKV
-projection as the towers pass them."""
+for 16-bit CUDA inputs where this torch has it, cuDNN for segments of one
+length, on views into a fused QKV projection as the towers pass them."""
 
 import pytest
 import torch
@@ -52,6 +52,32 @@ def test_cuda_16bit_matches_reference(head_dim, dtype):
     if packed._FLASH_AVAILABLE:  # this torch has FlashAttention varlen with a scale
         assert packed.takes_torch_flash(*case[:3])
     check(case, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("segments, rows", [(1, 1564), (4, 1608), (3, 729), (1, 6432)])
+@pytest.mark.parametrize("head_dim", [64, 80])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_equal_lengths_run_cudnn_as_a_dense_batch(segments, rows, head_dim, dtype):
+    case = fused_case([rows] * segments, 16, head_dim, dtype, "cuda")
+    expected = reference.varlen_attention(*as_double(case))
+    out = packed.packed_attention(*case, equal_lengths=True)
+    assert out.shape == case[0].shape and out.dtype == dtype
+    assert_close(out, expected, dtype)
+    kind = (case[0].device.index, dtype, head_dim)
+    if packed.takes_cudnn(*case[:3]) or packed._cudnn_runs.get(kind) is False:
+        # cuDNN ran it, or refused once and the kind went back to FlashAttention
+        assert kind in packed._cudnn_runs
+    # The same call without the promise runs FlashAttention (varlen).
+    assert_close(packed.packed_attention(*case), expected, dtype)
+
+
+def test_cpu_never_takes_cudnn_and_unequal_lengths_stay_varlen():
+    case = fused_case([5, 5], 4, 80, torch.float32, "cpu")
+    assert not packed.takes_cudnn(*case[:3])
+    check(case, torch.float32)
+    torch.testing.assert_close(packed.packed_attention(*case, equal_lengths=True),
+                               packed.packed_attention(*case), rtol=0, atol=0)
 
 
 @pytest.mark.cuda

@@ -93,7 +93,7 @@ class PaddedTileAttention:
         images, length = query.shape[:2]
         query, key, value = (t.reshape(images * length, *t.shape[2:]) for t in (query, key, value))
         out = packed_attention(query, key, value, self.cu_images, self.cu_images, length, length,
-                               scale)
+                               scale, equal_lengths=True)  # every image padded to max tiles
         if self.max_pad:
             pad = packed_attention(query[self.pad_rows], key[self.real_rows],
                                    value[self.real_rows], self.cu_pad, self.cu_real,

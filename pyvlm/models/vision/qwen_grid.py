@@ -97,10 +97,12 @@ def expand_units(unit_index: torch.Tensor, unit_size: int) -> torch.Tensor:
 class AttentionSpans:
     """Segments of a block-diagonal attention: cu_seqlens (int32 [n + 1], on
     the tower's device) and the longest segment, as ops.varlen_attention
-    takes them."""
+    takes them; equal_lengths: every segment is max_seqlen long (one
+    image's frames: a dense batch)."""
 
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    equal_lengths: bool = False
 
     @classmethod
     def of(cls, lengths: Sequence[int], device: torch.device) -> "AttentionSpans":
@@ -108,4 +110,5 @@ class AttentionSpans:
         for length in lengths:
             bounds.append(bounds[-1] + length)
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device="cpu")
-        return cls(cu_seqlens.to(device, non_blocking=True), max(lengths))
+        return cls(cu_seqlens.to(device, non_blocking=True), max(lengths),
+                   min(lengths) == max(lengths))

@@ -155,7 +155,8 @@ class VisionAttention(nn.Module):
         query, key, value = qkv.unbind(1)  # strided views; the ops take them as they are
         rotary.rotate_(query, key)
         out = packed_attention(query, key, value, spans.cu_seqlens, spans.cu_seqlens,
-                               spans.max_seqlen, spans.max_seqlen, self.head_dim ** -0.5)
+                               spans.max_seqlen, spans.max_seqlen, self.head_dim ** -0.5,
+                               equal_lengths=spans.equal_lengths)
         return self.proj(out.view(num_tokens, -1))
 
 

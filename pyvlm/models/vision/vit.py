@@ -68,7 +68,7 @@ class VitAttention(nn.Module):
         query, key, value = (t.view(-1, self.num_heads, self.head_dim)
                              for t in qkv.split(q_size, dim=-1))
         out = packed_attention(query, key, value, cu_seqlens, cu_seqlens, num_patches,
-                               num_patches, self.head_dim ** -0.5)
+                               num_patches, self.head_dim ** -0.5, equal_lengths=True)
         return self.out_proj(out.view(num_tiles, num_patches, q_size))
 
 
