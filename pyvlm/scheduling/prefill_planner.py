@@ -35,19 +35,29 @@ class PrefillBudget:
     def can_chunk(self) -> bool:
         return self.num_chunk_tokens_left is not None
 
+    def grant(self, num_wanted: int, is_first: bool) -> int:
+        """How many of num_wanted tokens may run now (nothing is taken): all
+        if they fit; else, with chunking, what is left of the budget;
+        without chunking, all of them only for the batch's first request (a
+        prompt must run somehow)."""
+        return self._num_granted(num_wanted, is_first)
+
     def take(self, num_wanted: int, is_first: bool) -> int:
-        """How many of num_wanted tokens run now: all if they fit; else, with
-        chunking, what is left of the budget; without chunking, all of them
-        only for the batch's first request (a prompt must run somehow)."""
+        """grant(num_wanted, is_first), taken from the budget."""
         num_tokens = self._num_granted(num_wanted, is_first)
+        self.spend(num_tokens)
+        return num_tokens
+
+    def spend(self, num_tokens: int) -> None:
+        """Takes num_tokens (granted) from the batch's and the chunk's budget."""
         self.num_tokens_left -= num_tokens
         if self.can_chunk:
             self.num_chunk_tokens_left -= num_tokens
-        return num_tokens
 
     def charge(self, num_tokens: int) -> None:
-        """Counts work that is not chunked (an image's K/V rows) against the
-        batch's budget; it may go below zero, and then nothing else joins."""
+        """Counts work that is not chunked (an image's K/V rows, an image's
+        tokens past its chunk: encoder_budget) against the batch's budget;
+        it may go below zero, and then nothing else joins."""
         self.num_tokens_left -= num_tokens
 
     def _num_granted(self, num_wanted: int, is_first: bool) -> int:

@@ -9,12 +9,13 @@ from collections import defaultdict
 import pytest
 
 from pyvlm.config import CacheConfig, SchedulerConfig
+from pyvlm.scheduling.encoder_budget import tokens_past_chunk
 from pyvlm.scheduling.request import Request
 from pyvlm.scheduling.scheduler import Scheduler
-from pyvlm.scheduling.types import SamplingParams
+from pyvlm.scheduling.types import MultimodalItem, SamplingParams
 
 from tests.scheduling.fakes import VOCAB, FakeRunner, check_invariants, reference_generate, stage_of
-from tests.scheduling.workload import random_specs
+from tests.scheduling.workload import IMAGE_TOKEN, random_specs
 
 PAGE = 4
 
@@ -253,3 +254,61 @@ def test_the_server_flag_turns_mixing_off():
     for flags, enabled in (([], True), (["--disable-mixed-chunk"], False)):
         kwargs = server_args_from(parser.parse_args(flags)).engine_kwargs()
         assert engine_config(**kwargs).scheduler.enable_mixed_chunk is enabled
+
+
+@pytest.mark.parametrize("chunked_prefill_size", [5, 7])
+def test_a_mixed_step_pays_for_the_images_it_starts(rng, chunked_prefill_size):
+    """While requests decode, a step's prefill chunks plus the tokens past
+    their ends of the images they start stay within the mixed cap, unless
+    the step holds one prefill chunk (it must progress); images still get
+    started (the cap delays them, never forever) and outputs stay exact."""
+    specs = random_specs(rng, 24, max_new_tokens=30)
+    cap = 12
+    checks = MixChecks()
+    charged_steps = []
+
+    def check(before, batch, config):
+        checks(before, batch, config)
+        if batch is None or batch.is_decode or not before.computed:
+            return
+        prefills = [c for c in batch.chunks if c.rid not in before.computed]
+        charge = sum(c.num_new_tokens + tokens_past_chunk(c.mm_items, c.start_pos,
+                                                          c.start_pos + c.num_new_tokens)
+                     for c in prefills)
+        assert charge <= cap or len(prefills) == 1, (charge, prefills)
+        charged_steps.append(charge > sum(c.num_new_tokens for c in prefills))
+
+    outputs, _ = drive(specs, check, chunked_prefill_size=chunked_prefill_size,
+                       max_prefill_tokens=64, max_mixed_prefill_tokens=cap)
+    assert any(charged_steps)  # some mixed steps started an image
+    assert_reference(specs, outputs)
+
+
+def test_a_mixed_step_does_not_start_an_image_it_cannot_pay_for():
+    """A decoding request, then two arrivals that start with images of 12
+    tokens: a step of 19 prefill tokens takes the first whole (17 tokens)
+    and does not start the second's image for its 2 tokens left (that
+    would encode all 12 in this step); the next step does."""
+    runner = FakeRunner(PAGE, 512)
+    config = SchedulerConfig(chunked_prefill_size=64, max_mixed_prefill_tokens=20)
+    scheduler = Scheduler(config, CacheConfig(page_size=PAGE), 512, 100000)
+    chat = Request("chat", [11, 12, 13], SamplingParams(max_new_tokens=40), seed=1)
+    scheduler.add_request(runner.register(chat))
+    scheduler.step(runner)  # chat decodes from now on
+    images = {}
+    for rid, text_before in (("a", 3), ("b", 0)):
+        image = MultimodalItem(hash(rid) & (2**60 - 1), text_before, 12)
+        prompt = VOCAB[:text_before] + [IMAGE_TOKEN] * 12 + VOCAB[:2]
+        images[rid] = image
+        scheduler.add_request(runner.register(Request(
+            rid, prompt, SamplingParams(max_new_tokens=3), [image], seed=len(rid))))
+    scheduler.step(runner)
+    prefills = {c.rid: c.num_new_tokens for c in runner.batches[-1].chunks if c.rid != "chat"}
+    assert prefills == {"a": 17}
+    scheduler.step(runner)
+    # b's whole prompt, beside the decodes of chat and a
+    assert {c.rid: c.num_new_tokens for c in runner.batches[-1].chunks} == {
+        "chat": 1, "a": 1, "b": 14}
+    while scheduler.has_work():
+        scheduler.step(runner)
+    check_invariants(scheduler)

@@ -1,0 +1,266 @@
+"""Scheduling on a modeled GPU: the real engine (request builder, scheduler,
+overlap) over a narrow checkpoint of a real shape (its tokenizer, image
+tokens and preprocessing), its runner replaced by a device model that
+takes the time a step of that composition takes on the card, without
+computing anything. Launch returns at once and the step's wait sleeps
+until the modeled device is done, so overlap scheduling behaves as on a
+GPU. It measures what scheduling decides: inter-token latency, TTFT and
+throughput at 64 concurrent streams with distinct images.
+
+  python benchmarks/simulate_steps.py [--model qwen2-vl-7b-narrow] [--num-requests 256]
+
+Step time = decode_ms + decode_ms_per_request x chunks + prefill_ms_per_token x
+prompt tokens + tower_ms_per_image_token x placeholder tokens of the images the
+step encodes first (an encoder-cache hit costs nothing). The defaults are
+Qwen2-VL-7B on an H100 (benchmarks/RESULTS.md: a 64-request decode step of
+~6.3 ms, prefill at ~700 TFLOP/s, the tower's 1,564 rows of a 644x476 photo
+in ~4.7 ms). The baseline, run in the same process, charges a chunk only
+its own tokens when it starts an image (the policy before
+pyvlm/scheduling/encoder_budget.py); the floor of the inter-token time is
+the modeled decode step of all the streams.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+from unittest import mock
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:] = [str(REPO)] + [p for p in sys.path if Path(p or ".").resolve() != REPO / "benchmarks"]
+
+from benchmarks.load.report import markdown  # noqa: E402
+from benchmarks.load.serve_random import SHAPES, config_for  # noqa: E402
+from pyvlm.scheduling.types import ForwardBatch, SampleResult  # noqa: E402
+
+FIRST_TOKEN, NUM_TOKENS = 1000, 100  # ordinary words of every shape's vocabulary
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """The device model's costs, in milliseconds."""
+
+    decode_ms: float = 5.0
+    decode_ms_per_request: float = 0.02
+    prefill_ms_per_token: float = 0.02
+    tower_ms_per_image_token: float = 0.012
+
+    def of(self, batch: ForwardBatch, encoded: set) -> float:
+        """This step's time; encoded: image hashes already encoded (updated)."""
+        num_decodes = sum(1 for c in batch.chunks if c.num_new_tokens == 1 and c.step > 0)
+        num_prefill = sum(c.num_new_tokens for c in batch.chunks) - num_decodes
+        new_images = {item.hash: item.length for c in batch.chunks for item in c.mm_items
+                      if item.hash not in encoded}
+        encoded.update(new_images)
+        return (self.decode_ms + self.decode_ms_per_request * len(batch.chunks)
+                + self.prefill_ms_per_token * num_prefill
+                + self.tower_ms_per_image_token * sum(new_images.values()))
+
+
+@dataclass
+class ModeledDevice:
+    """One device: steps run one after another, each for its modeled time."""
+
+    costs: StepCosts
+    free_at: float = 0.0
+    encoded: set = field(default_factory=set)
+    step_ms: List[float] = field(default_factory=list)
+    mixed_ms: List[float] = field(default_factory=list)
+
+    def run(self, batch: ForwardBatch) -> float:
+        """Queues the step; returns when (perf_counter) it ends."""
+        cost = self.costs.of(batch, self.encoded)
+        self.free_at = max(time.perf_counter(), self.free_at) + cost / 1e3
+        self.step_ms.append(cost)
+        if not batch.is_decode and any(c.step > 0 for c in batch.chunks):
+            self.mixed_ms.append(cost)
+        return self.free_at
+
+
+class ModeledRunner:
+    """A runner whose steps take the device model's time and compute
+    nothing: every sampled chunk gets FIRST_TOKEN + its step % NUM_TOKENS;
+    everything else (the pool geometry) is the real runner's."""
+
+    def __init__(self, real, device: ModeledDevice):
+        self.real, self.device = real, device
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def launch(self, batch: ForwardBatch) -> "Launched":
+        done = self.device.run(batch)
+        return Launched(done, [SampleResult(FIRST_TOKEN + c.step % NUM_TOKENS) if c.sample
+                               else None for c in batch.chunks])
+
+    def forward(self, batch: ForwardBatch):
+        return self.launch(batch).wait()
+
+    def free_encoder_cache(self) -> None:
+        pass
+
+
+class Launched:
+    def __init__(self, done: float, results):
+        self._done, self._results = done, results
+
+    def wait(self):
+        delay = self._done - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        return self._results
+
+
+@contextlib.contextmanager
+def modeled_runners(device: ModeledDevice):
+    """Engines built inside get a ModeledRunner; images are prepared in the
+    step, as on a GPU (where the model makes them free)."""
+    from pyvlm.entrypoints import startup
+
+    real_build = startup.build_runner
+
+    def build_runner(*args, **kwargs):
+        model, runner = real_build(*args, **kwargs)
+        return model, ModeledRunner(runner, device)
+
+    with mock.patch.object(startup, "build_runner", build_runner), \
+            mock.patch.object(startup, "prepares_images_in_step", lambda device: True):
+        yield
+
+
+@contextlib.contextmanager
+def tokens_only_charging():
+    """The baseline policy: a chunk that starts an image pays only its own
+    tokens (no charge for the rest of the image, never cut before it)."""
+    from pyvlm.scheduling import scheduler
+
+    with mock.patch.object(scheduler, "fit_chunk", lambda items, start, n, left, can_cut: (n, 0)), \
+            mock.patch.object(scheduler, "tokens_past_chunk", lambda items, start, end: 0):
+        yield
+
+
+@dataclass
+class Run:
+    policy: str
+    tok_s: float
+    gaps: List[float]
+    ttfts: List[float]
+    device: ModeledDevice
+
+    def gap_ms(self, q: float) -> float:
+        return self.gaps[min(len(self.gaps) - 1, int(q * len(self.gaps)))] * 1e3
+
+
+def run_once(args, policy: str, scratch: str, images) -> Run:
+    import pyvlm
+
+    device = ModeledDevice(StepCosts(args.decode_ms, args.decode_ms_per_request,
+                                     args.prefill_ms_per_token, args.tower_ms_per_image_token))
+    baseline = tokens_only_charging() if policy != "pyvlm" else contextlib.nullcontext()
+    with modeled_runners(device), baseline:
+        engine = pyvlm.Engine(model=scratch, load_format="dummy", device="cpu",
+                              engine_process="thread", overlap_schedule=True,
+                              max_total_tokens=args.concurrency * 8192,
+                              max_mixed_prefill_tokens=args.max_mixed_prefill_tokens)
+        try:
+            gaps, ttfts, wall = asyncio.run(stream_all(engine, args, images))
+        finally:
+            engine.shutdown()
+    gaps.sort()
+    return Run(policy, args.num_requests * args.output_tokens / wall, gaps, ttfts, device)
+
+
+async def stream_all(engine, args, images):
+    """Every request streamed, args.concurrency at a time: (inter-token
+    gaps, TTFTs, wall seconds)."""
+    gaps, ttfts = [], []
+    prompt = f"{engine.builder.image_token}\n" + " ".join(["describe this photo"] * 6)
+    params = {"max_new_tokens": args.output_tokens, "temperature": 0, "ignore_eos": True}
+    slots = asyncio.Semaphore(args.concurrency)
+
+    async def one(index: int):
+        async with slots:
+            started, last = time.perf_counter(), None
+            async for delta in engine.async_generate(prompt, params, image_data=images[index]):
+                now = time.perf_counter()
+                if last is None:
+                    ttfts.append(now - started)
+                else:  # a delta of n tokens: one gap, then n - 1 that arrived with it
+                    gaps.extend([now - last] + [0.0] * (len(delta["token_ids"]) - 1))
+                last = now
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one(i) for i in range(args.num_requests)))
+    return gaps, ttfts, time.perf_counter() - started
+
+
+def distinct_images(count: int, size):
+    """count images that differ (their content keys differ), of one size."""
+    import torch
+    from PIL import Image
+
+    base = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8)
+    images = []
+    for index in range(count):
+        pixels = base.clone()
+        pixels[0, :4, 0] = torch.tensor([index & 255, index >> 8, 1, 2], dtype=torch.uint8)
+        images.append(Image.fromarray(pixels.numpy()))
+    return images
+
+
+def report(args, runs: List[Run]) -> str:
+    floor_ms = args.decode_ms + args.decode_ms_per_request * args.concurrency
+    rows = []
+    for run in runs:
+        p50, p99 = run.gap_ms(0.5), run.gap_ms(0.99)
+        rows.append([run.policy, f"{run.tok_s:,.0f}", f"{p50:.1f}", f"{run.gap_ms(0.9):.1f}",
+                     f"{p99:.1f}", f"{p99 / p50:.2f}x", f"{floor_ms / p50:.0%}",
+                     f"{statistics.median(run.ttfts) * 1e3:.0f}",
+                     f"{max(run.device.mixed_ms, default=0):.1f}", str(len(run.device.mixed_ms))])
+    table = markdown(["policy", "output tok/s", "ITL p50 ms", "p90", "p99", "p99 / p50",
+                      "floor / p50", "TTFT p50 ms", "largest mixed step ms", "mixed steps"], rows)
+    return (f"**{args.model}**, modeled device: decode {args.decode_ms} ms + "
+            f"{args.decode_ms_per_request} ms/request, prefill {args.prefill_ms_per_token} "
+            f"ms/token, tower {args.tower_ms_per_image_token} ms/image token; "
+            f"{args.num_requests} requests x {args.output_tokens} tokens, {args.concurrency} "
+            f"concurrent, distinct {args.image_size[0]}x{args.image_size[1]} images, "
+            f"--max-mixed-prefill-tokens {args.max_mixed_prefill_tokens}; ITL floor "
+            f"{floor_ms:.2f} ms (a decode step of all the streams)\n\n{table}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="qwen2-vl-7b-narrow",
+                        choices=[s for s in SHAPES if s.endswith("-narrow")])
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--output-tokens", type=int, default=128)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(644, 476))
+    parser.add_argument("--max-mixed-prefill-tokens", type=int, default=512)
+    for name, default in vars(StepCosts()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> List[Run]:
+    from benchmarks.offline.random_models import write_checkpoint_metadata
+
+    args = parse_args(argv)
+    images = distinct_images(args.num_requests, args.image_size)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="pyvlm-sim-") as scratch:
+        write_checkpoint_metadata(Path(scratch), config_for(args.model))
+        for policy in ("tokens only (before)", "pyvlm"):
+            runs.append(run_once(args, policy, scratch, images))
+    print(report(args, runs), flush=True)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
