@@ -3,8 +3,8 @@ less what no rank reads, pickled every step.
 
 A chunk carries its request's prompt and output ids for the penalties
 (the runner reads their values only for a request with a repetition,
-presence or frequency penalty; otherwise only their counts, e.g. where
-mllama's prompt ends). 256 requests of 3k-token prompts make 3.4 MB and
+presence or frequency penalty; otherwise only their counts, e.g. where a
+cross-attention family's prompt ends). 256 requests of 3k-token prompts make 3.4 MB and
 20 ms of pickling a step (50 ms to unpickle) where the rest of the batch
 takes 1 ms: unpenalized chunks send only the counts (IdsCount). Likewise
 a generated token of a cross-attention request reads its images' K/V
@@ -56,14 +56,9 @@ def lean_chunk(chunk: SequenceChunk) -> SequenceChunk:
     if not needs_penalties(chunk):
         changes["prompt_ids"] = IdsCount(len(chunk.prompt_ids))
         changes["output_ids"] = IdsCount(len(chunk.output_ids))
-    if chunk.cross_images and is_generated_token(chunk):
+    if chunk.cross_images and chunk.is_generated_token:
         changes["cross_images"] = tuple(without_pixels(image) for image in chunk.cross_images)
     return dataclasses.replace(chunk, **changes) if changes else chunk
-
-
-def is_generated_token(chunk: SequenceChunk) -> bool:
-    """A chunk of one token past the prompt (a decode)."""
-    return chunk.num_new_tokens == 1 and chunk.start_pos >= len(chunk.prompt_ids)
 
 
 def without_pixels(image: CrossImage) -> CrossImage:

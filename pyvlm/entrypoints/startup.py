@@ -513,14 +513,15 @@ def build_rank_runner(spec: CoreSpec, group: TensorParallelGroup = SINGLE_RANK,
     collectives meet): the same config gives every rank the same graph
     sizes, and build_runner agrees on one page count."""
     config, device = spec.config, spec.device
-    with building_with(group, shards_towers(config)):
+    sharded_tower = shards_towers(config)
+    with building_with(group, sharded_tower):
         model, runner = build_runner(config, spec.files, device, spec.dtype,
                                      spec.context_length, loaded_model)
         runner.capture_decode_graphs(decode_graph_batch_limit(config, device),
                                      spec.context_length)
         # (A sharded tower's graphs would capture its all-reduces: not yet
         # run on a GPU, so a sharded tower runs eagerly.)
-        tower_graphs = 0 if group.size > 1 and shards_towers(config) else \
+        tower_graphs = 0 if group.size > 1 and sharded_tower else \
             vision_graph_count(config, device)
         enable_shape_graphs(model, tower_graphs, VISION_GRAPH_MAX_ROWS)
     return model, runner

@@ -183,6 +183,7 @@ class TensorParallelRanks:
                              "does; the other nodes run serve_node (python -m pyvlm "
                              "--node-rank N)")
         self.size = parallel.tp_size
+        self.torchrun = parallel.torchrun
         self.init_method = rendezvous_method(parallel)
         self.device = rank_device(spec.device, 0)
         share_cpu_cores(self.device, parallel.ranks_per_node)
@@ -201,7 +202,7 @@ class TensorParallelRanks:
         # and end themselves with it (run_worker_rank).
         multiprocessing.current_process().daemon = False
         # torchrun starts and watches the ranks itself.
-        local_ranks = range(0) if parallel.torchrun else parallel.node_ranks()[1:]
+        local_ranks = range(0) if self.torchrun else parallel.node_ranks()[1:]
         self.workers = start_worker_ranks(spec, local_ranks, self.init_method, log_settings)
         if self.workers:  # (another node's ranks are watched by their node)
             threading.Thread(target=self._watch, name="pyvlm-tp-watcher", daemon=True).start()
@@ -218,8 +219,7 @@ class TensorParallelRanks:
                   for r, w in enumerate(self.workers, 1)]
         if len(self.workers) + 1 < self.size:
             ranks.append(f"ranks {len(self.workers) + 1}..{self.size - 1} "
-                         + ("started by torchrun" if self.init_method == "env://"
-                            else "on the other nodes"))
+                         + ("started by torchrun" if self.torchrun else "on the other nodes"))
         backend = self.groups.backend if self.groups else "?"
         return (f"tensor parallelism over {self.size} ranks ({backend}, rendezvous "
                 f"{self.init_method}): " + "; ".join(ranks))

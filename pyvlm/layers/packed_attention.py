@@ -114,7 +114,7 @@ def _cudnn_dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, se
                        query.dtype, query.shape[-1], str(exc).splitlines()[0][:200])
         return None
     _cudnn_runs[kind] = True
-    return out.transpose(1, 2).reshape(query.shape[0], *out.shape[1:2], out.shape[-1])
+    return out.transpose(1, 2).reshape(query.shape)
 
 
 def _flash(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,

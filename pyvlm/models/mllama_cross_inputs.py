@@ -174,7 +174,7 @@ def _plan_chunk(plan: _Plan, chunk: SequenceChunk, classes, base: int, pool, off
         plan.mlp_kept.append(0.0 if cls is None or cls == "pre" else 1.0)
         if cls is None:
             continue
-        if (is_decode or _is_generated_token(chunk)) and len(cls) == 1:
+        if (is_decode or chunk.is_generated_token) and len(cls) == 1:
             image = images[cls[0]]
             plan.paged_tokens.append(base + index)
             plan.paged_blocks.append(pool.image_blocks(image.pages))
@@ -184,12 +184,6 @@ def _plan_chunk(plan: _Plan, chunk: SequenceChunk, classes, base: int, pool, off
             plan.groups.append(([], _key_sources(images, cls, pool, offsets, rows_of)))
         plan.groups[-1][0].append(base + index)
         previous = cls
-
-
-def _is_generated_token(chunk: SequenceChunk) -> bool:
-    """A decode token mixed into a prefill step (its images are written):
-    it reads one image through the paged kernel as in a decode step."""
-    return chunk.num_new_tokens == 1 and chunk.start_pos >= len(chunk.prompt_ids)
 
 
 def _key_sources(images: Sequence[CrossImage], cls, pool, offsets, rows_of):

@@ -100,14 +100,17 @@ class VisionBatcher:
         else:
             embeddings = self.shares.encode(items, self._encode_here)
         for item, emb in zip(items, embeddings):
-            if emb.shape[0] != self.rows_of(item):
-                raise RuntimeError(f"image encoder gave {emb.shape[0]} rows for an image "
-                                   f"that needs {self.rows_of(item)}")
             self.cache.put(item.hash, emb)
         return {item.hash: emb for item, emb in zip(items, embeddings)}
 
     def _encode_here(self, items: Sequence[MultimodalItem]) -> List[torch.Tensor]:
-        """items' rows from this process's tower (deferred images prepared first)."""
+        """items' rows from this process's tower (deferred images prepared
+        first); RuntimeError if the tower gave an item other than its rows."""
         if self.prepare is not None:
             items = prepare_deferred(items, self.prepare, self.device)
-        return self.encode_fn(items)
+        embeddings = self.encode_fn(items)
+        for item, emb in zip(items, embeddings):
+            if emb.shape[0] != self.rows_of(item):
+                raise RuntimeError(f"image encoder gave {emb.shape[0]} rows for an image "
+                                   f"that needs {self.rows_of(item)}")
+        return embeddings

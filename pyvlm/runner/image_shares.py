@@ -69,15 +69,15 @@ class ImageShares:
 
     def _encode_share(self, mine: Sequence[MultimodalItem],
                       encode_items: EncodeItems) -> torch.Tensor:
-        """This rank's images' rows packed into one [rows, width] block."""
+        """This rank's images' rows packed into one [rows, width] block
+        (encode_items checks each image's row count)."""
         if not mine:
             return torch.empty(0, self.width, dtype=self.dtype, device=self.device)
-        encoded = encode_items(mine)
-        for item, rows in zip(mine, encoded):
-            if rows.shape != (self.rows_of(item), self.width):
-                raise RuntimeError(f"image encoder gave rows of shape {tuple(rows.shape)} for "
-                                   f"an image that needs ({self.rows_of(item)}, {self.width})")
-        return torch.cat(encoded).to(self.dtype)
+        encoded = torch.cat(encode_items(mine))
+        if encoded.shape[1] != self.width:
+            raise RuntimeError(f"image encoder gave rows of width {encoded.shape[1]}, "
+                               f"not {self.width}")
+        return encoded.to(self.dtype)
 
     def _gather(self, rows: Sequence[int], owners: Sequence[int],
                 encoded: torch.Tensor) -> List[torch.Tensor]:

@@ -141,6 +141,12 @@ class SequenceChunk:
     def num_new_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def is_generated_token(self) -> bool:
+        """One token past the prompt: a decode (in a decode step, or mixed
+        into a prefill step)."""
+        return self.num_new_tokens == 1 and self.start_pos >= len(self.prompt_ids)
+
 
 @dataclass
 class ForwardBatch:
