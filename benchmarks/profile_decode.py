@@ -38,6 +38,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batches", default="1,64", help="running requests, comma-separated")
     parser.add_argument("--context", type=int, default=1024, help="prompt tokens per request")
+    parser.add_argument("--image", action="store_true",
+                        help="decode requests of one photo each (the e2e benchmark's prompt) "
+                             "instead of --context text tokens")
     parser.add_argument("--steps", type=int, default=8, help="decode steps profiled per batch")
     parser.add_argument("--top", type=int, default=25, help="kernels listed per batch")
     parser.add_argument("--ttft", action="store_true",
@@ -114,24 +117,42 @@ def kernel_rows(prof, device: str):
     return sorted(((n, totals[n], calls[n]) for n in totals), key=lambda r: -r[1])
 
 
+def decode_requests(batch: int, args):
+    """generate() keyword arguments for batch requests: token prompts of
+    args.context tokens, or with --image one chat each with its own photo."""
+    if not args.image:
+        vocab = 1000
+        return {"prompt": [[(17 * i + 31 * j) % vocab + 10 for j in range(args.context)]
+                           for i in range(batch)]}
+    from benchmarks.load.images import distinct_pictures
+    from benchmarks.load.serving_phases import image_size_for
+
+    pictures = distinct_pictures(batch, image_size_for(args.model), args.photos)
+    return {"messages": [[{"role": "user", "content": [
+        {"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}]}]
+        for image in pictures]}
+
+
 def profile_batch(engine, runner, batch: int, args, roofline) -> None:
-    vocab = 1000
-    prompts = [[(17 * i + 31 * j) % vocab + 10 for j in range(args.context)] for i in range(batch)]
+    requests = decode_requests(batch, args)
     steps_needed = 4 + args.steps
     params = {"max_new_tokens": steps_needed + 4, "ignore_eos": True, "temperature": 0.0}
-    engine.generate(prompts, params)  # warm: same shapes, caches filled then flushed
-    engine.flush_cache()
+    outs = engine.generate(sampling_params=[params] * batch, **requests)  # warm: same shapes
+    engine.flush_cache()  # caches filled, then flushed
+    context = sum(o["meta_info"]["prompt_tokens"] for o in outs) // batch
     # Prefill takes ceil(batch * context / chunk) steps; start after them.
-    prefill_steps = -(-batch * args.context // 512) + 2
+    prefill_steps = -(-batch * context // 512) + 2
     profiler = StepProfiler(runner, prefill_steps + 2, args.steps, args.device)
     with profiler.prof:
-        engine.generate(prompts, {**params, "max_new_tokens": prefill_steps + steps_needed + 4})
+        engine.generate(sampling_params=[{**params, "max_new_tokens":
+                                          prefill_steps + steps_needed + 4}] * batch, **requests)
     marks = profiler.marks
     wall_us = (marks[-1] - marks[0]) / max(len(marks) - 1, 1) * 1e6
     rows = kernel_rows(profiler.prof, args.device)
     busy = sum(us for _, us, _ in rows) / args.steps
-    floor_us = roofline.decode_step_s(batch, args.context) * 1e6
-    print(f"\n### batch {batch}, context {args.context}: {wall_us:,.0f} us per step (wall), "
+    floor_us = roofline.decode_step_s(batch, context) * 1e6
+    shown = f"{context} (with its image)" if args.image else str(context)
+    print(f"\n### batch {batch}, context {shown}: {wall_us:,.0f} us per step (wall), "
           f"{busy:,.0f} us of kernels per step, floor {floor_us:,.0f} us "
           f"({floor_us / wall_us:.0%} of floor at the wall, {floor_us / max(busy, 1e-9):.0%} "
           f"on the device)\n")

@@ -8,6 +8,14 @@ GPU. It measures what scheduling decides: inter-token latency, TTFT and
 throughput at 64 concurrent streams with distinct images.
 
   python benchmarks/simulate_steps.py [--model qwen2-vl-7b-narrow] [--num-requests 256]
+  python benchmarks/simulate_steps.py --device cuda --model qwen2-vl-7b --policy pyvlm
+  python benchmarks/simulate_steps.py --device cuda --model qwen2-vl-7b --policy baseline
+
+With --device cuda the runner is the real one (random weights of the real
+shape, `--load-format dummy`, the engine on a thread of this process; one
+policy per process, as an engine's memory stays with the process), so the
+same workload and both policies measure what the card does; the
+slowest steps are listed with what they ran, to say what the p99 is made of.
 
 Step time = decode_ms + decode_ms_per_request x chunks + prefill_ms_per_token x
 prompt tokens + tower_ms_per_image_token x placeholder tokens of the images the
@@ -40,6 +48,8 @@ from benchmarks.load.serve_random import SHAPES, config_for  # noqa: E402
 from pyvlm.scheduling.types import ForwardBatch, SampleResult  # noqa: E402
 
 FIRST_TOKEN, NUM_TOKENS = 1000, 100  # ordinary words of every shape's vocabulary
+POLICIES = {"both": ("tokens only (before)", "pyvlm"), "baseline": ("tokens only (before)",),
+            "pyvlm": ("pyvlm",)}
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,28 @@ class StepCosts:
 
 
 @dataclass
+class StepTrace:
+    """Per step: when it was launched (perf_counter), its decodes, prefill
+    tokens and the tokens of the images it encodes first."""
+
+    steps: List[tuple] = field(default_factory=list)
+    encoded: set = field(default_factory=set)
+
+    def record(self, batch: ForwardBatch) -> None:
+        decodes = sum(1 for c in batch.chunks if c.num_new_tokens == 1 and c.step > 0)
+        prefill = sum(c.num_new_tokens for c in batch.chunks) - decodes
+        new_images = {item.hash: item.length for c in batch.chunks for item in c.mm_items
+                      if item.hash not in self.encoded}
+        self.encoded.update(new_images)
+        self.steps.append((time.perf_counter(), decodes, prefill, sum(new_images.values())))
+
+    def walls(self, end: float) -> List[tuple]:
+        """(wall ms to the next launch, decodes, prefill tokens, new image tokens) per step."""
+        launches = [s[0] for s in self.steps[1:]] + [end]
+        return [((until - start) * 1e3, *rest) for (start, *rest), until in zip(self.steps, launches)]
+
+
+@dataclass
 class ModeledDevice:
     """One device: steps run one after another, each for its modeled time."""
 
@@ -72,6 +104,7 @@ class ModeledDevice:
     encoded: set = field(default_factory=set)
     step_ms: List[float] = field(default_factory=list)
     mixed_ms: List[float] = field(default_factory=list)
+    trace: StepTrace = field(default_factory=StepTrace)
 
     def run(self, batch: ForwardBatch) -> float:
         """Queues the step; returns when (perf_counter) it ends."""
@@ -95,6 +128,7 @@ class ModeledRunner:
         return getattr(self.real, name)
 
     def launch(self, batch: ForwardBatch) -> "Launched":
+        self.device.trace.record(batch)
         done = self.device.run(batch)
         return Launched(done, [SampleResult(FIRST_TOKEN + c.step % NUM_TOKENS) if c.sample
                                else None for c in batch.chunks])
@@ -104,6 +138,23 @@ class ModeledRunner:
 
     def free_encoder_cache(self) -> None:
         pass
+
+
+class TracedRunner:
+    """The real runner, its steps recorded in a StepTrace."""
+
+    def __init__(self, real, trace: StepTrace):
+        self.real, self.trace = real, trace
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def launch(self, batch: ForwardBatch):
+        self.trace.record(batch)
+        return self.real.launch(batch)
+
+    def forward(self, batch: ForwardBatch):
+        return self.launch(batch).wait()
 
 
 class Launched:
@@ -118,19 +169,21 @@ class Launched:
 
 
 @contextlib.contextmanager
-def modeled_runners(device: ModeledDevice):
-    """Engines built inside get a ModeledRunner; images are prepared in the
-    step, as on a GPU (where the model makes them free)."""
+def wrapped_runners(wrap, prepare_in_step: bool):
+    """Engines built inside get wrap(their runner); prepare_in_step: images
+    are prepared in the step whatever the device (as on a GPU, where the
+    device model makes them free)."""
     from pyvlm.entrypoints import startup
 
     real_build = startup.build_runner
 
     def build_runner(*args, **kwargs):
         model, runner = real_build(*args, **kwargs)
-        return model, ModeledRunner(runner, device)
+        return model, wrap(runner)
 
-    with mock.patch.object(startup, "build_runner", build_runner), \
-            mock.patch.object(startup, "prepares_images_in_step", lambda device: True):
+    in_step = mock.patch.object(startup, "prepares_images_in_step", lambda device: True) \
+        if prepare_in_step else contextlib.nullcontext()
+    with mock.patch.object(startup, "build_runner", build_runner), in_step:
         yield
 
 
@@ -151,29 +204,47 @@ class Run:
     tok_s: float
     gaps: List[float]
     ttfts: List[float]
-    device: ModeledDevice
+    steps: List[tuple]  # StepTrace.walls
 
     def gap_ms(self, q: float) -> float:
         return self.gaps[min(len(self.gaps) - 1, int(q * len(self.gaps)))] * 1e3
+
+    @property
+    def mixed_ms(self) -> List[float]:
+        """Wall ms of the steps that ran prefill tokens with decodes."""
+        return [ms for ms, decodes, prefill, _ in self.steps if decodes and prefill]
 
 
 def run_once(args, policy: str, scratch: str, images) -> Run:
     import pyvlm
 
-    device = ModeledDevice(StepCosts(args.decode_ms, args.decode_ms_per_request,
-                                     args.prefill_ms_per_token, args.tower_ms_per_image_token))
+    trace = StepTrace()
+    if args.device == "model":
+        device = ModeledDevice(StepCosts(args.decode_ms, args.decode_ms_per_request,
+                                         args.prefill_ms_per_token, args.tower_ms_per_image_token),
+                               trace=trace)
+        runners = wrapped_runners(lambda real: ModeledRunner(real, device), prepare_in_step=True)
+        engine_args = {"device": "cpu", "max_total_tokens": args.concurrency * 8192}
+    else:
+        runners = wrapped_runners(lambda real: TracedRunner(real, trace), prepare_in_step=False)
+        engine_args = {"device": args.device, "dtype": "bfloat16"}
     baseline = tokens_only_charging() if policy != "pyvlm" else contextlib.nullcontext()
-    with modeled_runners(device), baseline:
-        engine = pyvlm.Engine(model=scratch, load_format="dummy", device="cpu",
-                              engine_process="thread", overlap_schedule=True,
-                              max_total_tokens=args.concurrency * 8192,
-                              max_mixed_prefill_tokens=args.max_mixed_prefill_tokens)
+    with runners, baseline:
+        engine = pyvlm.Engine(model=scratch, load_format="dummy", engine_process="thread",
+                              overlap_schedule=True,
+                              max_mixed_prefill_tokens=args.max_mixed_prefill_tokens,
+                              **engine_args)
         try:
-            gaps, ttfts, wall = asyncio.run(stream_all(engine, args, images))
+            if args.device != "model":  # CUDA graphs, kernels' first calls, on images of their own
+                asyncio.run(stream_all(engine, args, images[args.num_requests:]))
+                trace.steps.clear()
+            gaps, ttfts, wall, end = asyncio.run(stream_all(engine, args,
+                                                            images[:args.num_requests]))
         finally:
             engine.shutdown()
     gaps.sort()
-    return Run(policy, args.num_requests * args.output_tokens / wall, gaps, ttfts, device)
+    return Run(policy, args.num_requests * args.output_tokens / wall, gaps, ttfts,
+               trace.walls(end))
 
 
 async def stream_all(engine, args, images):
@@ -196,8 +267,9 @@ async def stream_all(engine, args, images):
                 last = now
 
     started = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(args.num_requests)))
-    return gaps, ttfts, time.perf_counter() - started
+    await asyncio.gather(*(one(i) for i in range(len(images))))
+    end = time.perf_counter()
+    return gaps, ttfts, end - started, end
 
 
 def distinct_images(count: int, size):
@@ -215,34 +287,78 @@ def distinct_images(count: int, size):
 
 
 def report(args, runs: List[Run]) -> str:
+    modeled = args.device == "model"
     floor_ms = args.decode_ms + args.decode_ms_per_request * args.concurrency
     rows = []
     for run in runs:
         p50, p99 = run.gap_ms(0.5), run.gap_ms(0.99)
         rows.append([run.policy, f"{run.tok_s:,.0f}", f"{p50:.1f}", f"{run.gap_ms(0.9):.1f}",
-                     f"{p99:.1f}", f"{p99 / p50:.2f}x", f"{floor_ms / p50:.0%}",
+                     f"{p99:.1f}", f"{p99 / p50:.2f}x",
+                     f"{floor_ms / p50:.0%}" if modeled else "n/a",
                      f"{statistics.median(run.ttfts) * 1e3:.0f}",
-                     f"{max(run.device.mixed_ms, default=0):.1f}", str(len(run.device.mixed_ms))])
+                     f"{max(run.mixed_ms, default=0):.1f}", str(len(run.mixed_ms))])
     table = markdown(["policy", "output tok/s", "ITL p50 ms", "p90", "p99", "p99 / p50",
                       "floor / p50", "TTFT p50 ms", "largest mixed step ms", "mixed steps"], rows)
-    return (f"**{args.model}**, modeled device: decode {args.decode_ms} ms + "
-            f"{args.decode_ms_per_request} ms/request, prefill {args.prefill_ms_per_token} "
-            f"ms/token, tower {args.tower_ms_per_image_token} ms/image token; "
-            f"{args.num_requests} requests x {args.output_tokens} tokens, {args.concurrency} "
-            f"concurrent, distinct {args.image_size[0]}x{args.image_size[1]} images, "
-            f"--max-mixed-prefill-tokens {args.max_mixed_prefill_tokens}; ITL floor "
-            f"{floor_ms:.2f} ms (a decode step of all the streams)\n\n{table}")
+    device = (f"modeled device: decode {args.decode_ms} ms + {args.decode_ms_per_request} "
+              f"ms/request, prefill {args.prefill_ms_per_token} ms/token, tower "
+              f"{args.tower_ms_per_image_token} ms/image token" if modeled
+              else f"the real runner on {args.device} (random weights, bfloat16)")
+    text = (f"**{args.model}**, {device}; {args.num_requests} requests x {args.output_tokens} "
+            f"tokens, {args.concurrency} concurrent, distinct {args.image_size[0]}x"
+            f"{args.image_size[1]} images, --max-mixed-prefill-tokens "
+            f"{args.max_mixed_prefill_tokens}"
+            + (f"; ITL floor {floor_ms:.2f} ms (a decode step of all the streams)" if modeled
+               else "; a step's wall time runs from its launch to the next one's")
+            + f"\n\n{table}")
+    for run in runs:
+        text += f"\n\n{run.policy}: steps by kind\n\n{steps_by_kind(run.steps)}"
+        text += f"\n\n{run.policy}: the {args.slowest} slowest steps\n\n"
+        text += slowest_steps(run.steps, args.slowest)
+    return text
+
+
+def step_kind(decodes: int, prefill: int, image_tokens: int) -> str:
+    if not prefill:
+        return "decode"
+    kind = "mixed" if decodes else "prefill only"
+    return kind + (", starts images" if image_tokens else "")
+
+
+def steps_by_kind(steps: List[tuple]) -> str:
+    kinds = {}
+    for ms, *composition in steps:
+        kinds.setdefault(step_kind(*composition), []).append(ms)
+    rows = []
+    for kind, walls in sorted(kinds.items()):
+        walls.sort()
+        rows.append([kind, str(len(walls)), f"{statistics.median(walls):.1f}",
+                     f"{walls[min(len(walls) - 1, int(0.99 * len(walls)))]:.1f}",
+                     f"{walls[-1]:.1f}", f"{sum(walls) / 1e3:.2f}"])
+    return markdown(["step kind", "steps", "wall ms p50", "p99", "max", "total s"], rows)
+
+
+def slowest_steps(steps: List[tuple], count: int) -> str:
+    rows = [[f"{ms:.1f}", str(decodes), str(prefill), str(image_tokens)]
+            for ms, decodes, prefill, image_tokens in sorted(steps, reverse=True)[:count]]
+    return markdown(["wall ms", "decodes", "prefill tokens", "new image tokens"], rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="qwen2-vl-7b-narrow",
-                        choices=[s for s in SHAPES if s.endswith("-narrow")])
+    parser.add_argument("--model", default="qwen2-vl-7b-narrow", choices=SHAPES,
+                        help="a -narrow shape for the modeled device, any for --device cuda")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--image-size", type=int, nargs=2, default=(644, 476))
     parser.add_argument("--max-mixed-prefill-tokens", type=int, default=512)
+    parser.add_argument("--device", default="model",
+                        help="model: the modeled device (the StepCosts flags); cuda: the real "
+                             "runner on a random-weight checkpoint of --model")
+    parser.add_argument("--policy", choices=POLICIES, default="both",
+                        help="both in one process (the modeled device), or one (a real device "
+                             "keeps the first engine's memory: run each in its own process)")
+    parser.add_argument("--slowest", type=int, default=8, help="slowest steps listed per policy")
     for name, default in vars(StepCosts()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
     return parser.parse_args(argv)
@@ -252,11 +368,12 @@ def main(argv=None) -> List[Run]:
     from benchmarks.offline.random_models import write_checkpoint_metadata
 
     args = parse_args(argv)
-    images = distinct_images(args.num_requests, args.image_size)
+    warmup = args.concurrency if args.device != "model" else 0
+    images = distinct_images(args.num_requests + warmup, args.image_size)
     runs = []
     with tempfile.TemporaryDirectory(prefix="pyvlm-sim-") as scratch:
         write_checkpoint_metadata(Path(scratch), config_for(args.model))
-        for policy in ("tokens only (before)", "pyvlm"):
+        for policy in POLICIES[args.policy]:
             runs.append(run_once(args, policy, scratch, images))
     print(report(args, runs), flush=True)
     return runs
