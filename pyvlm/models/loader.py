@@ -134,7 +134,8 @@ def load_model(files: CheckpointFiles, dtype: torch.dtype, device: Union[str, to
     Tensor parallel: called inside `building_with(group)`
     (pyvlm.layers.tensor_parallel), the model is built with this rank's
     slices, and each split parameter reads only its slice from the files;
-    dummy weights are drawn in the local shapes.
+    dummy weights are drawn in the local shapes. Last, every module's
+    after_weights_loaded() hook runs (after_weights_loaded).
     """
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not one of {', '.join(LOAD_FORMATS)}")
@@ -143,16 +144,28 @@ def load_model(files: CheckpointFiles, dtype: torch.dtype, device: Union[str, to
     model_class = model_class or _model_class_for(files.architectures)
     model = construct_model(model_class, hf_config, dtype, device)
     if load_format == "dummy":
-        return dummy_weights_(model).eval().requires_grad_(False)
-    try:
-        # Under several ranks each reads its slices only; one rank reads
-        # whole tensors (the same bytes, fewer calls).
-        unread = current_group().size > 1
-        model.load_weights(iter_safetensors(files.weight_files, str(torch.device(device)),
-                                            unread))
-    except WeightNamesError as error:
-        raise CheckpointError(f"{files.root.name}: {error}") from None
-    return model.eval().requires_grad_(False)
+        dummy_weights_(model)
+    else:
+        try:
+            # Under several ranks each reads its slices only; one rank reads
+            # whole tensors (the same bytes, fewer calls).
+            unread = current_group().size > 1
+            model.load_weights(iter_safetensors(files.weight_files, str(torch.device(device)),
+                                                unread))
+        except WeightNamesError as error:
+            raise CheckpointError(f"{files.root.name}: {error}") from None
+    return after_weights_loaded(model).eval().requires_grad_(False)
+
+
+def after_weights_loaded(model: torch.nn.Module) -> torch.nn.Module:
+    """Calls after_weights_loaded() of every module that has one: weights
+    derived from the loaded ones (constants folded into a matmul), made
+    once instead of every step."""
+    for module in model.modules():
+        hook = getattr(module, "after_weights_loaded", None)
+        if callable(hook):
+            hook()
+    return model
 
 
 @torch.no_grad()

@@ -75,9 +75,15 @@ class MllamaTextCrossAttention(nn.Module):
                 ops.reshape_and_cache(image_key.index_select(0, cross.write_rows),
                                       image_value.index_select(0, cross.write_rows),
                                       key_cache, value_cache, cross.write_slots)
+        paged = cross.paged
+        if paged is not None and paged.every_token:
+            # Every row reads one stored image (a decode step; in a graph,
+            # rows of length 0 too, which the kernel writes as zeros).
+            out = ops.paged_attention_decode(query, key_cache, value_cache, paged.block_tables,
+                                             paged.seq_lens, self.scale)
+            return self.o_proj(out.view(tokens, -1))
         out = query.new_zeros(query.shape)
-        if cross.paged is not None:
-            paged = cross.paged
+        if paged is not None:
             out.index_copy_(0, paged.tokens, ops.paged_attention_decode(
                 query.index_select(0, paged.tokens), key_cache, value_cache,
                 paged.block_tables, paged.seq_lens, self.scale))
@@ -106,6 +112,23 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         self.mlp = GatedMLP(hidden_size, intermediate_size)
         self.post_attention_layernorm = RMSNorm(hidden_size, rms_norm_eps)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+        self.gates_in_weights = False  # after_weights_loaded() folded the gates in
+
+    @torch.no_grad()
+    def after_weights_loaded(self) -> None:
+        """Folds the gates into the weights they scale: o_proj by tanh(attention
+        gate), down_proj by tanh(MLP gate), each a linear map without bias
+        (under tensor parallelism, this rank's slice: the all-reduce sums
+        scaled parts). A step then runs no tanh and no gate product, four
+        kernels per layer that a batch-1 decode step pays in launches."""
+        if self.gates_in_weights:
+            return
+        for linear, gate in ((self.cross_attn.o_proj, self.cross_attn_attn_gate),
+                             (self.mlp.down_proj, self.cross_attn_mlp_gate)):
+            if linear.bias is not None:
+                raise ValueError("a gate folds only into a linear map without bias")
+            linear.weight.mul_(gate.float().tanh().to(linear.weight.dtype))
+        self.gates_in_weights = True
 
     @classmethod
     def from_config(cls, text_config) -> "MllamaCrossAttentionDecoderLayer":
@@ -133,9 +156,12 @@ class MllamaCrossAttentionDecoderLayer(nn.Module):
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
         attended = self.cross_attn(hidden, kv_cache, cross)
-        hidden, residual = self.post_attention_layernorm(
-            self.cross_attn_attn_gate.tanh() * attended, residual)
+        if not self.gates_in_weights:
+            attended = self.cross_attn_attn_gate.tanh() * attended
+        hidden, residual = self.post_attention_layernorm(attended, residual)
         # transformers gates the MLP by the full-text-row mask (tokens that
         # attend to no image keep only the attention branch).
-        kept = cross.mlp_kept.to(hidden.dtype)[:, None]
-        return self.cross_attn_mlp_gate.tanh() * (kept * self.mlp(hidden)), residual
+        mlp_out = cross.mlp_kept.to(hidden.dtype)[:, None] * self.mlp(hidden)
+        if not self.gates_in_weights:
+            mlp_out = self.cross_attn_mlp_gate.tanh() * mlp_out
+        return mlp_out, residual

@@ -41,6 +41,9 @@ class PagedCrossAttention:
     tokens: torch.Tensor  # int64 [n]: rows of the step's tokens
     block_tables: torch.Tensor  # int32 [n, max_blocks] in the cross-layer cache view
     seq_lens: torch.Tensor  # int32 [n]: the image's rows
+    # tokens is every row of the step in order (0..n-1): the kernel's output
+    # is the layer's whole attention output, with no scatter into zeros
+    every_token: bool = False
 
 
 @dataclass
@@ -221,7 +224,8 @@ def _paged(plan: _Plan, staged: HostUpload) -> Callable[[], Optional[PagedCrossA
     table = [blocks + [0] * (width - len(blocks)) for blocks in plan.paged_blocks]
     pending = (staged.add(plan.paged_tokens, torch.int64), staged.add(table, torch.int32),
                staged.add(plan.paged_lens, torch.int32))
-    return lambda: PagedCrossAttention(*(p.tensor for p in pending))
+    every_token = plan.paged_tokens == list(range(len(plan.mlp_kept)))
+    return lambda: PagedCrossAttention(*(p.tensor for p in pending), every_token=every_token)
 
 
 def _gathered(plan: _Plan, staged: HostUpload) -> Callable[[], Optional[GatheredCrossAttention]]:
@@ -280,7 +284,7 @@ class GraphCrossInputs:
     def inputs(self, size: int) -> CrossAttentionInputs:
         """The captured step's inputs over the first `size` rows."""
         paged = PagedCrossAttention(self.tokens[:size], self.block_tables[:size],
-                                    self.seq_lens[:size])
+                                    self.seq_lens[:size], every_token=True)
         return CrossAttentionInputs(size, self.mlp_kept[:size], paged=paged)
 
     def reset_padding(self, size: int) -> None:

@@ -109,24 +109,30 @@ class Step:
 
 @pytest.mark.parametrize("name", PROMPTS)
 @pytest.mark.parametrize("chunk_size", [100, 3])
-def test_prefill_and_decode_match_transformers(name, chunk_size):
-    check_against_transformers(name, chunk_size, "cpu")
+@pytest.mark.parametrize("folded", [False, True], ids=["gates", "gates_in_weights"])
+def test_prefill_and_decode_match_transformers(name, chunk_size, folded):
+    check_against_transformers(name, chunk_size, "cpu", folded)
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", PROMPTS)
 @pytest.mark.parametrize("chunk_size", [100, 3])
-def test_cuda_prefill_and_decode_match_transformers(name, chunk_size):
+@pytest.mark.parametrize("folded", [False, True], ids=["gates", "gates_in_weights"])
+def test_cuda_prefill_and_decode_match_transformers(name, chunk_size, folded):
     """The CUDA kernels (paged decode, varlen, cache writes) on the same
     inputs, against transformers' float32 layer on the CPU."""
-    check_against_transformers(name, chunk_size, "cuda")
+    check_against_transformers(name, chunk_size, "cuda", folded)
 
 
-def check_against_transformers(name, chunk_size, device):
+def check_against_transformers(name, chunk_size, device, folded):
+    """folded: the gates folded into o_proj and down_proj, as the loader
+    leaves a model (after_weights_loaded), or applied in the forward."""
     prompt, num_tiles = PROMPTS[name]
     config, reference = _hf_layer()
     ours = MllamaCrossAttentionDecoderLayer.from_config(config).to(device)
     load_weights(ours, reference.state_dict().items(), rename=lambda name: name)
+    if folded:
+        ours.after_weights_loaded()
     hidden = torch.randn(len(prompt) + 1, HIDDEN)
     states = torch.randn(len(num_tiles) * MAX_TILES * PATCHES, HIDDEN)
     expected = _expected(reference, prompt, num_tiles, hidden, states)
@@ -145,6 +151,20 @@ def check_against_transformers(name, chunk_size, device):
     assert cross.image_states is None
     single = name != "run_of_two"
     assert (cross.paged is not None) == single and (cross.gathered is None) == single
+    # one token reading one image: the kernel's output is the whole output
+    assert not single or cross.paged.every_token
+
+
+def test_folding_the_gates_twice_folds_them_once():
+    config, reference = _hf_layer()
+    layer = MllamaCrossAttentionDecoderLayer.from_config(config)
+    load_weights(layer, reference.state_dict().items(), rename=lambda name: name)
+    layer.after_weights_loaded()
+    folded = layer.cross_attn.o_proj.weight.clone()
+    layer.after_weights_loaded()
+    assert torch.equal(layer.cross_attn.o_proj.weight, folded)
+    gate = reference.cross_attn_attn_gate.tanh()
+    torch.testing.assert_close(folded, gate * reference.cross_attn.o_proj.weight)
 
 
 def test_a_step_without_images_passes_the_layer_through():
@@ -156,12 +176,15 @@ def test_a_step_without_images_passes_the_layer_through():
     assert out is hidden and out_residual is residual
 
 
-def test_text_only_tokens_beside_image_tokens_are_left_unchanged():
+@pytest.mark.parametrize("folded", [False, True], ids=["gates", "gates_in_weights"])
+def test_text_only_tokens_beside_image_tokens_are_left_unchanged(folded):
     """A request without images in a step with images: the layer adds
     exactly nothing to its tokens (transformers skips the layer for it)."""
     config, reference = _hf_layer()
     ours = MllamaCrossAttentionDecoderLayer.from_config(config)
     load_weights(ours, reference.state_dict().items(), rename=lambda name: name)
+    if folded:
+        ours.after_weights_loaded()
     prompt, num_tiles = PROMPTS["separate"]
     step = Step(ours, prompt, num_tiles, torch.randn(2 * MAX_TILES * PATCHES, HIDDEN))
     images = [CrossImage(i.item, i.pages, True) for i in step.images]
