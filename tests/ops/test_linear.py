@@ -108,3 +108,58 @@ def test_cuda_misaligned_input_takes_the_scalar_path():
     out = poisoned(2, 64, dtype=torch.bfloat16, device="cuda")
     ops.skinny_gemm(x, weight, out=out)
     assert_close(out, reference.skinny_gemm(x.double(), weight.double()), torch.bfloat16)
+
+
+def _decode_chain(x, residual, params, bufs):
+    """A decode layer's kernels, each reading the one before: norm, up GEMM,
+    activation, down GEMM, fused add + norm, head GEMM."""
+    norm1, up, down, norm2, head = params
+    ops.rms_norm(x, norm1, 1e-5, out=bufs["normed"])
+    ops.skinny_gemm(bufs["normed"], up, out=bufs["up"])
+    ops.silu_and_mul(bufs["up"], out=bufs["act"])
+    ops.skinny_gemm(bufs["act"], down, out=bufs["down"])
+    ops.fused_add_rms_norm(bufs["down"], residual, norm2, 1e-5)
+    ops.skinny_gemm(bufs["down"], head, out=bufs["head"])
+    return bufs["head"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
+def test_cuda_gemm_after_a_kernel_reads_that_kernels_output(graph):
+    """The skinny GEMM starts before the kernel ahead of it ends (programmatic
+    dependent launch: it prefetches its weights, then waits): in a chain of
+    dependent kernels over buffers poisoned with NaN before every run, each
+    GEMM reads what the kernel ahead wrote, eagerly and replayed from a graph,
+    as the CPU ops computed one after another."""
+    hidden, inter, vocab = 2048, 4096, 8192
+    dtype = torch.bfloat16
+    params_cpu = (torch.rand(hidden) + 0.5, torch.randn(2 * inter, hidden) / hidden ** 0.5,
+                  torch.randn(hidden, inter) / inter ** 0.5, torch.rand(hidden) + 0.5,
+                  torch.randn(vocab, hidden) / hidden ** 0.5)
+    params_cpu = tuple(p.to(dtype) for p in params_cpu)
+    params = tuple(p.cuda() for p in params_cpu)
+    shapes = {"normed": hidden, "up": 2 * inter, "act": inter, "down": hidden, "head": vocab}
+
+    def buffers(device):
+        return {name: torch.empty(1, width, dtype=dtype, device=device)
+                for name, width in shapes.items()}
+
+    bufs, x, residual = buffers("cuda"), torch.empty(1, hidden, dtype=dtype, device="cuda"), \
+        torch.empty(1, hidden, dtype=dtype, device="cuda")
+    run = lambda: _decode_chain(x, residual, params, bufs)  # noqa: E731
+    if graph:
+        x.normal_(), residual.normal_()
+        run()  # warm-up outside the capture
+        torch.cuda.synchronize()
+        captured = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(captured):
+            run()
+        run = captured.replay
+    for _ in range(10):
+        x_cpu, residual_cpu = torch.randn(1, hidden).to(dtype), torch.randn(1, hidden).to(dtype)
+        expected = _decode_chain(x_cpu, residual_cpu.clone(), params_cpu, buffers("cpu")).clone()
+        x.copy_(x_cpu), residual.copy_(residual_cpu)
+        for buf in bufs.values():
+            buf.fill_(float("nan"))
+        run()
+        assert_close(bufs["head"], expected.double(), dtype)

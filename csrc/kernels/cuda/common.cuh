@@ -3,9 +3,87 @@
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
 
 namespace pyvlm {
 namespace cuda {
+
+// ---- Programmatic dependent launch (sm_90+) ---------------------------------
+// A kernel launched by launch_programmatic may start before the kernel ahead
+// of it in the stream has finished: what it does before
+// wait_for_prerequisite_grid() must not read or write anything an earlier
+// kernel touches (the skinny GEMM loads weights there), and everything after
+// sees the earlier kernels' writes. allow_dependent_launch() lets the next
+// such kernel be scheduled at once instead of when this grid exits. Both are
+// no-ops in a kernel launched without the attribute and before sm_90, so a
+// kernel may call them whoever launches it.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Starts bringing `bytes` (a multiple of 16, from a 16-byte aligned address)
+// into L2 without waiting or taking registers (sm_90's bulk prefetch; a no-op
+// before).
+__device__ __forceinline__ void prefetch_l2(const void* address, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(address), "r"(bytes)
+               : "memory");
+#endif
+}
+
+// Whether the current device takes programmatic dependent launches: sm_90
+// or newer, unless the environment sets PYVLM_PDL=0 (read once).
+inline bool programmatic_launch_enabled() {
+  static const bool allowed = [] {
+    const char* value = std::getenv("PYVLM_PDL");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  if (!allowed || cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= kMaxDevices)
+    return false;
+  int state = known[device].load(std::memory_order_relaxed);
+  if (state == 0) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    state = major >= 9 ? 1 : 2;
+    known[device].store(state, std::memory_order_relaxed);
+  }
+  return state == 1;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic
+// dependent of the stream's previous kernel where the device allows it.
+template <typename... Params, typename... Args>
+void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                         cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &overlap;
+  config.numAttrs = programmatic_launch_enabled() ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -275,21 +275,10 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-// Programmatic dependent launch (sm_90): a decode CTA lets the merge kernel
-// be scheduled as soon as it starts, so the merge's launch latency hides
+// A decode CTA lets the merge kernel be scheduled as soon as it starts
+// (allow_dependent_launch, common.cuh), so the merge's launch latency hides
 // behind the decode; the merge then waits for the decode grid to finish and
-// flush. Both are no-ops without the launch attribute or before sm_90.
-__device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wait_for_prerequisite_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+// flush.
 
 // What one CTA computes: (sequence, KV head, head chunk, context split) and
 // the token range [start, end) of its partition (empty when start >= end).
@@ -1062,6 +1051,7 @@ __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict
                                     int head_dim) {
   __shared__ float weight[kDecodeMaxSplits];
   __shared__ float scratch[32];
+  allow_dependent_launch();  // the output projection starts loading its weights
   wait_for_prerequisite_grid();
   const int64_t row = blockIdx.x;
   const float* lse = part_lse + row * num_splits;

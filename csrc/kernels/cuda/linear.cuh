@@ -114,7 +114,11 @@ __device__ __forceinline__ void skinny_accumulate(float (&acc)[kSkinnyRows][M],
 }
 
 // One CTA: output features [blockIdx.x * kSkinnyRows, + kSkinnyRows) for
-// num_tokens <= M token rows.
+// num_tokens <= M token rows. Launched as a programmatic dependent: the
+// weights never depend on the kernel ahead (a norm, an activation, the
+// attention), so the CTA's first pass over its rows is prefetched into L2
+// before waiting for that kernel, and the GEMM's ramp overlaps it and the
+// launch; the inputs are read after the wait.
 template <typename T, typename Out, int M, bool kVec>
 __global__ void __launch_bounds__(kSkinnyThreads)
     skinny_gemm_kernel(Out* __restrict__ out, const T* __restrict__ in,
@@ -127,6 +131,14 @@ __global__ void __launch_bounds__(kSkinnyThreads)
 #pragma unroll
   for (int r = 0; r < kSkinnyRows; ++r)  // past the last feature: re-read it, store nothing
     rows[r] = weight + std::min<int64_t>(row0 + r, out_features - 1) * in_features;
+
+  if (kVec && threadIdx.x < kSkinnyRows) {  // a vector path's rows are 16-byte aligned
+    const int64_t first_pass = std::min<int64_t>(in_features, 2 * kSkinnyThreads * E);
+    prefetch_l2(weight + std::min<int64_t>(row0 + threadIdx.x, out_features - 1) * in_features,
+                static_cast<uint32_t>(first_pass * sizeof(T)));
+  }
+  allow_dependent_launch();
+  wait_for_prerequisite_grid();
 
   float acc[kSkinnyRows][M] = {};
   const int64_t chunks = in_features / E;
@@ -161,8 +173,9 @@ void launch_skinny_gemm_as(Out* out, const T* in, const T* weight, const T* bias
                            int num_tokens, int64_t in_features, int64_t in_stride,
                            int64_t out_features, cudaStream_t stream) {
   const auto blocks = static_cast<unsigned>((out_features + kSkinnyRows - 1) / kSkinnyRows);
-  skinny_gemm_kernel<T, Out, M, kVec><<<blocks, kSkinnyThreads, 0, stream>>>(
-      out, in, weight, bias, num_tokens, in_features, in_stride, out_features);
+  launch_programmatic(skinny_gemm_kernel<T, Out, M, kVec>, dim3(blocks), dim3(kSkinnyThreads), 0,
+                      stream, out, in, weight, bias, num_tokens, in_features, in_stride,
+                      out_features);
 }
 
 // Whether 16-byte vectors cover every row: K and the input's row stride in
