@@ -52,7 +52,10 @@ __device__ __forceinline__ void act_and_mul_at(T* __restrict__ y, const T* __res
 // left a batch-1 step's 18,944-wide row to a single SM: 9.5 us on an H100).
 template <typename T, Activation A, int V>
 __global__ void act_and_mul_kernel(T* __restrict__ out, const T* __restrict__ in, int64_t d) {
-  allow_dependent_launch();  // the down projection starts loading its weights
+  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
+  // then let the next kernel launch (a projection starts loading its weights).
+  wait_for_prerequisite_grid();
+  allow_dependent_launch();
   const int64_t t = blockIdx.x;
   const int64_t i = (int64_t(blockIdx.y) * kActThreads + threadIdx.x) * V;
   if (i < d) act_and_mul_at<T, A, V>(out + t * d, in + t * 2 * d, d, i);
@@ -68,9 +71,11 @@ void launch_act_and_mul_as(T* out, const T* in, int64_t num_tokens, int64_t d,
   const dim3 grid(static_cast<unsigned>(num_tokens),
                   static_cast<unsigned>((d + per_block - 1) / per_block));
   if (vec) {
-    act_and_mul_kernel<T, A, kVec><<<grid, kActThreads, 0, stream>>>(out, in, d);
+    launch_programmatic(act_and_mul_kernel<T, A, kVec>, grid, dim3(kActThreads), 0, stream, out,
+                        in, d);
   } else {
-    act_and_mul_kernel<T, A, 1><<<grid, kActThreads, 0, stream>>>(out, in, d);
+    launch_programmatic(act_and_mul_kernel<T, A, 1>, grid, dim3(kActThreads), 0, stream, out, in,
+                        d);
   }
 }
 

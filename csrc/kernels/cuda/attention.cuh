@@ -26,6 +26,11 @@ namespace attention_impl {
 template <typename T, typename V>
 __global__ void reshape_and_cache_kernel(CacheWriteArgs<T> a) {
   constexpr int64_t kElems = sizeof(V) / sizeof(T);
+  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
+  // then let the next kernel launch.
+  wait_for_prerequisite_grid();
+  allow_dependent_launch();
+
   const int64_t t = blockIdx.x;
   const int64_t slot = a.slot_mapping[t];
   // Negative slots are padding; slots past the cache are skipped too, since
@@ -65,9 +70,9 @@ void launch_reshape_and_cache(const CacheWriteArgs<T>& a, int64_t num_tokens,
   const unsigned threads = static_cast<unsigned>(std::min<int64_t>(512, (per_token + 31) / 32 * 32));
   const dim3 grid(static_cast<unsigned>(num_tokens));
   if (vec) {
-    reshape_and_cache_kernel<T, uint4><<<grid, threads, 0, stream>>>(a);
+    launch_programmatic(reshape_and_cache_kernel<T, uint4>, grid, dim3(threads), 0, stream, a);
   } else {
-    reshape_and_cache_kernel<T, T><<<grid, threads, 0, stream>>>(a);
+    launch_programmatic(reshape_and_cache_kernel<T, T>, grid, dim3(threads), 0, stream, a);
   }
 }
 

@@ -570,7 +570,8 @@ __global__ void __launch_bounds__(kSimtMaxThreads, 1)
     paged_decode_kernel(PagedDecodeArgs<T> a, DecodePlan p, float* __restrict__ part_out,
                         float* __restrict__ part_lse) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  allow_dependent_launch();
+  wait_for_prerequisite_grid();  // launched as a programmatic dependent
+  allow_dependent_launch();      // the merge (or the output projection) may launch
   const DecodeWork w = decode_work(a, p);
   const int d = static_cast<int>(a.head_dim);
   const int group = static_cast<int>(a.num_heads / a.num_kv_heads);
@@ -1010,7 +1011,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, MmaDecodeSmem<DP, Cfg>::kHopper
                             float* __restrict__ part_lse) {
   using Smem = MmaDecodeSmem<DP, Cfg>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  allow_dependent_launch();
+  wait_for_prerequisite_grid();  // launched as a programmatic dependent
+  allow_dependent_launch();      // the merge (or the output projection) may launch
   const DecodeWork w = decode_work(a, p);
   const int d = static_cast<int>(a.head_dim);
   const int group = static_cast<int>(a.num_heads / a.num_kv_heads);
@@ -1099,7 +1101,8 @@ void launch_decode_kernel(Kernel kernel, const PagedDecodeArgs<T>& a, const Deco
                          static_cast<int>(p.smem_bytes));
   const dim3 grid(static_cast<unsigned>(a.num_seqs * a.num_kv_heads * p.num_head_chunks),
                   static_cast<unsigned>(p.num_splits));
-  kernel<<<grid, p.num_threads, p.smem_bytes, stream>>>(a, p, part_out, part_lse);
+  launch_programmatic(kernel, grid, dim3(p.num_threads), p.smem_bytes, stream, a, p, part_out,
+                      part_lse);
   if (p.num_splits > 1) launch_merge_splits(a, p, part_out, part_lse, stream);
 }
 

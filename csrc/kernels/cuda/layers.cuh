@@ -65,7 +65,10 @@ __global__ void rms_norm_kernel(T* out, const T* in, const T* __restrict__ weigh
                                 int64_t num_rows, int64_t hidden, float inv_hidden,
                                 float eps) {
   __shared__ float scratch[32];
-  allow_dependent_launch();  // the next projection starts loading its weights
+  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
+  // then let the next kernel launch (a projection starts loading its weights).
+  wait_for_prerequisite_grid();
+  allow_dependent_launch();
   using P = LayerPack<T, N>;
   const int64_t num_packs = hidden / N;
   const P* w = reinterpret_cast<const P*>(weight);
@@ -87,7 +90,10 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ input, T* __restrict__
                                           const T* __restrict__ weight, int64_t num_rows,
                                           int64_t hidden, float inv_hidden, float eps) {
   __shared__ float scratch[32];
-  allow_dependent_launch();  // the next projection starts loading its weights
+  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
+  // then let the next kernel launch (a projection starts loading its weights).
+  wait_for_prerequisite_grid();
+  allow_dependent_launch();
   using P = LayerPack<T, N>;
   const int64_t num_packs = hidden / N;
   const P* w = reinterpret_cast<const P*>(weight);
@@ -126,11 +132,13 @@ void launch_rms_norm(T* out, const T* in, const T* weight, int64_t num_rows, int
   constexpr int kWide = 16 / sizeof(T);
   const float inv_hidden = 1.f / static_cast<float>(hidden);
   if (layer_pack_width<T>(hidden, out, in, weight) == kWide) {
-    rms_norm_kernel<T, kWide><<<layer_blocks(num_rows), layer_threads(hidden / kWide, 1024), 0,
-                                stream>>>(out, in, weight, num_rows, hidden, inv_hidden, eps);
+    launch_programmatic(rms_norm_kernel<T, kWide>, dim3(layer_blocks(num_rows)),
+                        dim3(layer_threads(hidden / kWide, 1024)), 0, stream, out, in, weight,
+                        num_rows, hidden, inv_hidden, eps);
   } else {
-    rms_norm_kernel<T, 1><<<layer_blocks(num_rows), layer_threads(hidden, 1024), 0, stream>>>(
-        out, in, weight, num_rows, hidden, inv_hidden, eps);
+    launch_programmatic(rms_norm_kernel<T, 1>, dim3(layer_blocks(num_rows)),
+                        dim3(layer_threads(hidden, 1024)), 0, stream, out, in, weight, num_rows,
+                        hidden, inv_hidden, eps);
   }
 }
 
@@ -141,13 +149,13 @@ void launch_fused_add_rms_norm(T* input, T* residual, const T* weight, int64_t n
   constexpr int kWide = 16 / sizeof(T);
   const float inv_hidden = 1.f / static_cast<float>(hidden);
   if (layer_pack_width<T>(hidden, input, residual, weight) == kWide) {
-    fused_add_rms_norm_kernel<T, kWide>
-        <<<layer_blocks(num_rows), layer_threads(hidden / kWide, 1024), 0, stream>>>(
-            input, residual, weight, num_rows, hidden, inv_hidden, eps);
+    launch_programmatic(fused_add_rms_norm_kernel<T, kWide>, dim3(layer_blocks(num_rows)),
+                        dim3(layer_threads(hidden / kWide, 1024)), 0, stream, input, residual,
+                        weight, num_rows, hidden, inv_hidden, eps);
   } else {
-    fused_add_rms_norm_kernel<T, 1><<<layer_blocks(num_rows), layer_threads(hidden, 1024), 0,
-                                      stream>>>(input, residual, weight, num_rows, hidden,
-                                                inv_hidden, eps);
+    launch_programmatic(fused_add_rms_norm_kernel<T, 1>, dim3(layer_blocks(num_rows)),
+                        dim3(layer_threads(hidden, 1024)), 0, stream, input, residual, weight,
+                        num_rows, hidden, inv_hidden, eps);
   }
 }
 
@@ -215,6 +223,10 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restri
   const int num_pairs = static_cast<int>((l.num_q_heads + l.num_k_heads) * half);
   const int first = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
   const int stride = static_cast<int>(gridDim.y * blockDim.x);
+  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
+  // then let the next kernel launch (a projection starts loading its weights).
+  wait_for_prerequisite_grid();
+  allow_dependent_launch();
   for (int64_t t = blockIdx.x; t < num_tokens; t += gridDim.x) {
     if (!rotary_token_valid<kMrope>(positions, t, sections, l.max_position)) continue;
     for (int p = first; p < num_pairs; p += stride) {
@@ -241,8 +253,8 @@ void launch_rotary_impl(const int64_t* positions, T* query, T* key, const C* cac
   const int64_t pair_blocks = std::min<int64_t>((num_pairs + threads - 1) / threads,
                                                 kRotaryMaxPairBlocks);
   const dim3 grid(layer_blocks(num_tokens), static_cast<unsigned>(pair_blocks));
-  rotary_kernel<T, C, kMrope><<<grid, threads, 0, stream>>>(positions, query, key, cache, layout,
-                                                            sections, num_tokens);
+  launch_programmatic(rotary_kernel<T, C, kMrope>, grid, dim3(threads), 0, stream, positions,
+                      query, key, cache, layout, sections, num_tokens);
 }
 
 template <typename T, typename C>
