@@ -82,6 +82,8 @@ def parse_args(argv=None, defaults=None) -> argparse.Namespace:
                         help="folder of photos to crop the images from (default: the shared ones)")
     parser.add_argument("--num-ttft", type=int, default=8, help="sequential TTFT requests")
     parser.add_argument("--decode-tokens", type=int, default=128)
+    parser.add_argument("--decode-runs", type=int, default=Plan.decode_runs,
+                        help="batch-1 decode requests in turn; the median is reported")
     parser.add_argument("--step-concurrency", type=int, default=64,
                         help="requests decoding at once in the step phase")
     parser.add_argument("--step-context", type=int, default=3072,
@@ -115,7 +117,8 @@ def parse_args(argv=None, defaults=None) -> argparse.Namespace:
 def plan_of(args) -> Plan:
     """Every phase's plan (the client runs it without the skipped ones)."""
     return Plan(num_warmup=min(8, args.concurrency), num_ttft=args.num_ttft,
-                decode_tokens=args.decode_tokens, num_requests=args.num_requests,
+                decode_tokens=args.decode_tokens, decode_runs=args.decode_runs,
+                num_requests=args.num_requests,
                 concurrency=args.concurrency, output_tokens=args.output_tokens,
                 step_concurrency=args.step_concurrency, step_context=args.step_context,
                 step_output_tokens=args.step_output_tokens)

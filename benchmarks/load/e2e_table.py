@@ -94,7 +94,8 @@ def ttft_row(m: Measured) -> Row:
 
 
 def decode_row(m: Measured) -> Row:
-    row = Row(f"decode tok/s, batch 1 ({m.plan.decode_tokens} tokens)", False,
+    runs = f", median of {m.plan.decode_runs} runs" if m.plan.decode_runs > 1 else ""
+    row = Row(f"decode tok/s, batch 1 ({m.plan.decode_tokens} tokens{runs})", False,
               f">= {_pct(DECODE_MIN_OF_FLOOR)} of floor")
     if m.missing("decode"):
         return replace(row, pyvlm_text=m.missing("decode"))

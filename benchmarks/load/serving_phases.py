@@ -5,7 +5,8 @@ through benchmarks/bench_serving.py's client), in phases:
 1. warmup: a few concurrent short requests;
 2. ttft: TTFT on an idle server: sequential single requests, each a fresh
    image (one the server has never seen, so no encoder-cache hit), max_tokens 1;
-3. decode: batch-1 decode: one streamed request, tokens/s after its first token;
+3. decode: batch-1 decode: decode_runs streamed requests one after another,
+   tokens/s after each one's first token; the median run is reported;
 4. step: step_concurrency requests at once whose prompts are padded with
    words to ~step_context tokens, step_output_tokens each (ignore_eos): the
    mean time between tokens while all of them decode (full_batch_steps);
@@ -69,6 +70,17 @@ def parse_size(text: str) -> Tuple[int, int]:
     return width, height
 
 
+def decode_rate(run: Tuple[int, float]) -> float:
+    """Tokens/s of a decode run (tokens, seconds from its first token to its last)."""
+    tokens, seconds = run
+    return (tokens - 1) / seconds
+
+
+def median_run(runs: Sequence[Tuple[int, float]]) -> Tuple[int, float]:
+    """The run of median rate (the upper middle one of an even count)."""
+    return sorted(runs, key=decode_rate)[len(runs) // 2]
+
+
 @dataclass(frozen=True)
 class Plan:
     """How many requests and tokens each phase runs (0: the phase is skipped)."""
@@ -76,6 +88,10 @@ class Plan:
     num_warmup: int = 8
     num_ttft: int = 8
     decode_tokens: int = 128
+    # Batch-1 decode runs, one after another with fresh images; the phase
+    # reports the median run (one run of a 11B model read 55-82% of its
+    # floor on one machine).
+    decode_runs: int = 3
     num_requests: int = 256
     concurrency: int = 64
     output_tokens: int = 128
@@ -89,7 +105,8 @@ class Plan:
     @property
     def num_images(self) -> int:
         """Warm-up, TTFT, decode, the step phase's length probe and requests, throughput."""
-        return self.num_warmup + self.num_ttft + 2 + self.step_concurrency + self.num_requests
+        return (self.num_warmup + self.num_ttft + self.decode_runs + 1 + self.step_concurrency
+                + self.num_requests)
 
     def phases(self) -> List[str]:
         """The phases this plan runs (those asked for any requests or tokens)."""
@@ -108,8 +125,9 @@ class PhaseResults:
     phases: List[str] = field(default_factory=list)
     num_prompt_tokens: int = 0  # of a one-image prompt, the server's usage
     ttft_s: List[float] = field(default_factory=list)
-    decode_tokens: int = 0
-    decode_s: float = 0.0  # from the first streamed token to the last
+    decode_tokens: int = 0  # of the median run
+    decode_s: float = 0.0  # the median run's, from its first streamed token to its last
+    decode_runs_tokens_per_s: List[float] = field(default_factory=list)  # every run, in order
     step_num_requests: int = 0
     step_num_ok: int = 0
     step_prompt_tokens: float = 0.0  # mean of the step phase's prompts
@@ -126,7 +144,7 @@ class PhaseResults:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return (self.decode_tokens - 1) / self.decode_s
+        return decode_rate((self.decode_tokens, self.decode_s))
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -233,13 +251,15 @@ class Phases:
         return self._done("ttft")
 
     async def decode(self) -> PhaseResults:
-        uri, = self._take(1)
-        timing = _checked(await one_request(self.target, self.model, uri,
-                                            self.plan.decode_tokens, 0), "decode request")
+        runs = []
+        for i, uri in enumerate(self._take(max(self.plan.decode_runs, 1))):
+            timing = _checked(await one_request(self.target, self.model, uri,
+                                                self.plan.decode_tokens, i), "decode request")
+            runs.append((timing.num_output_tokens, timing.chunk_times[-1] - timing.chunk_times[0]))
+            self.results.num_prompt_tokens = timing.num_prompt_tokens
         r = self.results
-        r.num_prompt_tokens = timing.num_prompt_tokens
-        r.decode_tokens = timing.num_output_tokens
-        r.decode_s = timing.chunk_times[-1] - timing.chunk_times[0]
+        r.decode_runs_tokens_per_s = [decode_rate(run) for run in runs]
+        r.decode_tokens, r.decode_s = median_run(runs)
         return self._done("decode")
 
     async def step(self) -> PhaseResults:

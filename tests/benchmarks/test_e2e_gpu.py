@@ -8,7 +8,8 @@ import pytest
 
 from benchmarks import bench_e2e_gpu, bench_latency_vs_transformers
 from benchmarks.load import e2e_table as table
-from benchmarks.load.serving_phases import PhaseResults, Plan, full_batch_steps
+from benchmarks.load.serving_phases import (PhaseResults, Plan, decode_rate, full_batch_steps,
+                                            median_run)
 from benchmarks.offline.hf_baseline import PromptShape, TransformersResults
 from benchmarks.offline.roofline import DeviceRates, ModelCost, Roofline
 
@@ -154,3 +155,10 @@ def test_the_instant_runner_stands_in_for_the_model(tmp_path, engine_process):
     if engine_process == "thread":
         assert InstantRunner.forwards >= 5
     assert startup.build_runner is real_build
+
+
+def test_the_decode_phase_reports_its_median_run():
+    runs = [(128, 1.0), (128, 2.0), (128, 0.5)]  # 127, 63.5 and 254 tok/s
+    assert median_run(runs) == (128, 1.0)
+    assert decode_rate(median_run(runs)) == pytest.approx(127.0)
+    assert median_run([(16, 1.0), (16, 0.5)]) == (16, 0.5)  # upper middle of two
