@@ -17,6 +17,11 @@ policy per process, as an engine's memory stays with the process), so the
 same workload and both policies measure what the card does; the
 slowest steps are listed with what they ran, to say what the p99 is made of.
 
+With --http the modeled device also serves the same workload through
+`python -m pyvlm`'s server (HTTP, the engine in its own process, the client
+in a third: benchmarks/load/serving_phases.py's throughput phase), so the
+inter-token tail that the front adds shows beside the engine's own.
+
 Step time = decode_ms + decode_ms_per_request x chunks + prefill_ms_per_token x
 prompt tokens + tower_ms_per_image_token x placeholder tokens of the images the
 step encodes first (an encoder-cache hit costs nothing). The defaults are
@@ -31,13 +36,15 @@ the modeled decode step of all the streams.
 import argparse
 import asyncio
 import contextlib
+import json
+import os
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -175,15 +182,10 @@ def wrapped_runners(wrap, prepare_in_step: bool):
     device model makes them free)."""
     from pyvlm.entrypoints import startup
 
-    real_build = startup.build_runner
-
-    def build_runner(*args, **kwargs):
-        model, runner = real_build(*args, **kwargs)
-        return model, wrap(runner)
-
     in_step = mock.patch.object(startup, "prepares_images_in_step", lambda device: True) \
         if prepare_in_step else contextlib.nullcontext()
-    with mock.patch.object(startup, "build_runner", build_runner), in_step:
+    with mock.patch.object(startup, "build_runner", _wrapping(startup.build_runner, wrap)), \
+            in_step:
         yield
 
 
@@ -196,6 +198,64 @@ def tokens_only_charging():
     with mock.patch.object(scheduler, "fit_chunk", lambda items, start, n, left, can_cut: (n, 0)), \
             mock.patch.object(scheduler, "tokens_past_chunk", lambda items, start, end: 0):
         yield
+
+
+COSTS_ENV = "PYVLM_SIM_STEP_COSTS"  # the StepCosts of a modeled engine process, as JSON
+
+
+def run_modeled_engine_core(*args, **kwargs):
+    """The engine process's entry point with a ModeledRunner of the costs in
+    COSTS_ENV (spawn imports this module by name in the child, then calls this)."""
+    from pyvlm.entrypoints import startup
+    from pyvlm.entrypoints.engine_core import run_engine_core
+
+    device = ModeledDevice(StepCosts(**json.loads(os.environ[COSTS_ENV])))
+    startup.build_runner = _wrapping(startup.build_runner, lambda real: ModeledRunner(real, device))
+    startup.prepares_images_in_step = lambda device: True
+    return run_engine_core(*args, **kwargs)
+
+
+def _wrapping(build_runner, wrap):
+    def built(*args, **kwargs):
+        model, runner = build_runner(*args, **kwargs)
+        return model, wrap(runner)
+
+    return built
+
+
+def run_through_http(args, scratch: str) -> "Run":
+    """The pyvlm policy's workload through the server, the modeled device in
+    the engine process: tok/s and the client's inter-token gaps."""
+    from benchmarks.load.local_server import measure_server
+    from benchmarks.load.serving_phases import Plan
+    from pyvlm.entrypoints import core_client, startup
+
+    costs = StepCosts(args.decode_ms, args.decode_ms_per_request, args.prefill_ms_per_token,
+                      args.tower_ms_per_image_token)
+    plan = Plan(num_warmup=0, num_ttft=0, decode_tokens=0, decode_runs=0,
+                num_requests=args.num_requests, concurrency=args.concurrency,
+                output_tokens=args.output_tokens, step_concurrency=0)
+    flags = ["--model", scratch, "--load-format", "dummy", "--device", "cpu",
+             "--engine-process", "process", "--max-total-tokens",
+             str(args.concurrency * 8192), "--max-mixed-prefill-tokens",
+             str(args.max_mixed_prefill_tokens), "--log-level", "warning"]
+    with mock.patch.dict(os.environ, {COSTS_ENV: json.dumps(vars(costs))}), \
+            mock.patch.object(core_client, "run_engine_core", run_modeled_engine_core), \
+            mock.patch.object(startup, "prepares_images_in_step", lambda device: True):
+        results = measure_server(flags, plan, args.model, tuple(args.image_size))
+    if results.errors or results.num_ok != args.num_requests:
+        raise SystemExit(f"the HTTP run failed: {results.num_ok}/{args.num_requests} ok, "
+                         f"{'; '.join(results.errors)}")
+    return HttpRun("pyvlm through HTTP", results.output_tokens_per_s,
+                   results.itl_p50_s * 1e3, results.itl_p99_s * 1e3)
+
+
+@dataclass
+class HttpRun:
+    policy: str
+    tok_s: float
+    p50_ms: float
+    p99_ms: float
 
 
 @dataclass
@@ -286,7 +346,7 @@ def distinct_images(count: int, size):
     return images
 
 
-def report(args, runs: List[Run]) -> str:
+def report(args, runs: List[Run], http: Optional[HttpRun] = None) -> str:
     modeled = args.device == "model"
     floor_ms = args.decode_ms + args.decode_ms_per_request * args.concurrency
     rows = []
@@ -297,6 +357,10 @@ def report(args, runs: List[Run]) -> str:
                      f"{floor_ms / p50:.0%}" if modeled else "n/a",
                      f"{statistics.median(run.ttfts) * 1e3:.0f}",
                      f"{max(run.mixed_ms, default=0):.1f}", str(len(run.mixed_ms))])
+    if http is not None:
+        rows.append([http.policy, f"{http.tok_s:,.0f}", f"{http.p50_ms:.1f}", "n/a",
+                     f"{http.p99_ms:.1f}", f"{http.p99_ms / http.p50_ms:.2f}x",
+                     f"{floor_ms / http.p50_ms:.0%}", "n/a", "n/a", "n/a"])
     table = markdown(["policy", "output tok/s", "ITL p50 ms", "p90", "p99", "p99 / p50",
                       "floor / p50", "TTFT p50 ms", "largest mixed step ms", "mixed steps"], rows)
     device = (f"modeled device: decode {args.decode_ms} ms + {args.decode_ms_per_request} "
@@ -358,6 +422,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--policy", choices=POLICIES, default="both",
                         help="both in one process (the modeled device), or one (a real device "
                              "keeps the first engine's memory: run each in its own process)")
+    parser.add_argument("--http", action="store_true",
+                        help="also serve the pyvlm policy's workload through the HTTP server "
+                             "(modeled device only)")
     parser.add_argument("--slowest", type=int, default=8, help="slowest steps listed per policy")
     for name, default in vars(StepCosts()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
@@ -368,6 +435,8 @@ def main(argv=None) -> List[Run]:
     from benchmarks.offline.random_models import write_checkpoint_metadata
 
     args = parse_args(argv)
+    if args.http and args.device != "model":
+        raise SystemExit("--http runs the modeled device only")
     warmup = args.concurrency if args.device != "model" else 0
     images = distinct_images(args.num_requests + warmup, args.image_size)
     runs = []
@@ -375,7 +444,8 @@ def main(argv=None) -> List[Run]:
         write_checkpoint_metadata(Path(scratch), config_for(args.model))
         for policy in POLICIES[args.policy]:
             runs.append(run_once(args, policy, scratch, images))
-    print(report(args, runs), flush=True)
+        http = run_through_http(args, scratch) if args.http else None
+    print(report(args, runs, http), flush=True)
     return runs
 
 
