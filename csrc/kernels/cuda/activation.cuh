@@ -52,10 +52,7 @@ __device__ __forceinline__ void act_and_mul_at(T* __restrict__ y, const T* __res
 // left a batch-1 step's 18,944-wide row to a single SM: 9.5 us on an H100).
 template <typename T, Activation A, int V>
 __global__ void act_and_mul_kernel(T* __restrict__ out, const T* __restrict__ in, int64_t d) {
-  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
-  // then let the next kernel launch (a projection starts loading its weights).
-  wait_for_prerequisite_grid();
-  allow_dependent_launch();
+  start_after_prerequisite_grid();
   const int64_t t = blockIdx.x;
   const int64_t i = (int64_t(blockIdx.y) * kActThreads + threadIdx.x) * V;
   if (i < d) act_and_mul_at<T, A, V>(out + t * d, in + t * 2 * d, d, i);

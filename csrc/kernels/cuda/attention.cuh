@@ -26,11 +26,7 @@ namespace attention_impl {
 template <typename T, typename V>
 __global__ void reshape_and_cache_kernel(CacheWriteArgs<T> a) {
   constexpr int64_t kElems = sizeof(V) / sizeof(T);
-  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
-  // then let the next kernel launch.
-  wait_for_prerequisite_grid();
-  allow_dependent_launch();
-
+  start_after_prerequisite_grid();
   const int64_t t = blockIdx.x;
   const int64_t slot = a.slot_mapping[t];
   // Negative slots are padding; slots past the cache are skipped too, since

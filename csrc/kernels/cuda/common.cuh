@@ -35,6 +35,14 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 #endif
 }
 
+// The first statement of a kernel that launch_programmatic launches and that
+// reads what the kernel ahead wrote: waits for it, then lets the next
+// kernel launch (it waits in turn, or, a skinny GEMM, loads its weights).
+__device__ __forceinline__ void start_after_prerequisite_grid() {
+  wait_for_prerequisite_grid();
+  allow_dependent_launch();
+}
+
 // Starts bringing `bytes` (a multiple of 16, from a 16-byte aligned address)
 // into L2 without waiting or taking registers (sm_90's bulk prefetch; a no-op
 // before).

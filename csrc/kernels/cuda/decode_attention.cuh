@@ -570,8 +570,7 @@ __global__ void __launch_bounds__(kSimtMaxThreads, 1)
     paged_decode_kernel(PagedDecodeArgs<T> a, DecodePlan p, float* __restrict__ part_out,
                         float* __restrict__ part_lse) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  wait_for_prerequisite_grid();  // launched as a programmatic dependent
-  allow_dependent_launch();      // the merge (or the output projection) may launch
+  start_after_prerequisite_grid();  // then the merge or the projection may launch
   const DecodeWork w = decode_work(a, p);
   const int d = static_cast<int>(a.head_dim);
   const int group = static_cast<int>(a.num_heads / a.num_kv_heads);
@@ -1011,8 +1010,7 @@ __global__ void __launch_bounds__(Cfg::kThreads, MmaDecodeSmem<DP, Cfg>::kHopper
                             float* __restrict__ part_lse) {
   using Smem = MmaDecodeSmem<DP, Cfg>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  wait_for_prerequisite_grid();  // launched as a programmatic dependent
-  allow_dependent_launch();      // the merge (or the output projection) may launch
+  start_after_prerequisite_grid();  // then the merge or the projection may launch
   const DecodeWork w = decode_work(a, p);
   const int d = static_cast<int>(a.head_dim);
   const int group = static_cast<int>(a.num_heads / a.num_kv_heads);

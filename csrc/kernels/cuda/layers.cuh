@@ -65,10 +65,7 @@ __global__ void rms_norm_kernel(T* out, const T* in, const T* __restrict__ weigh
                                 int64_t num_rows, int64_t hidden, float inv_hidden,
                                 float eps) {
   __shared__ float scratch[32];
-  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
-  // then let the next kernel launch (a projection starts loading its weights).
-  wait_for_prerequisite_grid();
-  allow_dependent_launch();
+  start_after_prerequisite_grid();
   using P = LayerPack<T, N>;
   const int64_t num_packs = hidden / N;
   const P* w = reinterpret_cast<const P*>(weight);
@@ -90,10 +87,7 @@ __global__ void fused_add_rms_norm_kernel(T* __restrict__ input, T* __restrict__
                                           const T* __restrict__ weight, int64_t num_rows,
                                           int64_t hidden, float inv_hidden, float eps) {
   __shared__ float scratch[32];
-  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
-  // then let the next kernel launch (a projection starts loading its weights).
-  wait_for_prerequisite_grid();
-  allow_dependent_launch();
+  start_after_prerequisite_grid();
   using P = LayerPack<T, N>;
   const int64_t num_packs = hidden / N;
   const P* w = reinterpret_cast<const P*>(weight);
@@ -223,10 +217,7 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restri
   const int num_pairs = static_cast<int>((l.num_q_heads + l.num_k_heads) * half);
   const int first = static_cast<int>(blockIdx.y * blockDim.x + threadIdx.x);
   const int stride = static_cast<int>(gridDim.y * blockDim.x);
-  // A programmatic dependent (launch_programmatic): wait for the kernel ahead,
-  // then let the next kernel launch (a projection starts loading its weights).
-  wait_for_prerequisite_grid();
-  allow_dependent_launch();
+  start_after_prerequisite_grid();
   for (int64_t t = blockIdx.x; t < num_tokens; t += gridDim.x) {
     if (!rotary_token_valid<kMrope>(positions, t, sections, l.max_position)) continue;
     for (int p = first; p < num_pairs; p += stride) {
