@@ -17,10 +17,16 @@ policy per process, as an engine's memory stays with the process), so the
 same workload and both policies measure what the card does; the
 slowest steps are listed with what they ran, to say what the p99 is made of.
 
-With --http the modeled device also serves the same workload through
-`python -m pyvlm`'s server (HTTP, the engine in its own process, the client
-in a third: benchmarks/load/serving_phases.py's throughput phase), so the
-inter-token tail that the front adds shows beside the engine's own.
+With --http the device (modeled or real) also serves the pyvlm policy's
+workload through `python -m pyvlm`'s server (HTTP, the engine in its own
+process, the client in a third: benchmarks/load/serving_phases.py's
+throughput phase), so the inter-token tail that the front adds shows beside
+the engine's own; --engine-process process puts the engine API's engine in
+its own process too (the server's layout without HTTP). An engine process
+appends its steps to a file, read back for the tables.
+
+  python benchmarks/simulate_steps.py --device cuda --model qwen2-vl-7b --policy pyvlm \
+      --engine-process process --http
 
 Step time = decode_ms + decode_ms_per_request x chunks + prefill_ms_per_token x
 prompt tokens + tower_ms_per_image_token x placeholder tokens of the images the
@@ -87,6 +93,7 @@ class StepTrace:
 
     steps: List[tuple] = field(default_factory=list)
     encoded: set = field(default_factory=set)
+    path: Optional[str] = None  # each step also appended there, a line each (engine processes)
 
     def record(self, batch: ForwardBatch) -> None:
         decodes = sum(1 for c in batch.chunks if c.num_new_tokens == 1 and c.step > 0)
@@ -94,7 +101,21 @@ class StepTrace:
         new_images = {item.hash: item.length for c in batch.chunks for item in c.mm_items
                       if item.hash not in self.encoded}
         self.encoded.update(new_images)
-        self.steps.append((time.perf_counter(), decodes, prefill, sum(new_images.values())))
+        step = (time.perf_counter(), decodes, prefill, sum(new_images.values()))
+        self.steps.append(step)
+        if self.path is not None:
+            with open(self.path, "a") as sink:
+                sink.write(" ".join(map(str, step)) + "\n")
+
+    @staticmethod
+    def read(path: str) -> List[tuple]:
+        """The steps another process appended to path (perf_counter is
+        CLOCK_MONOTONIC: one clock for every process of the host)."""
+        if not os.path.exists(path):
+            return []
+        with open(path) as source:
+            return [(float(t), *map(int, rest)) for t, *rest in
+                    (line.split() for line in source if line.strip())]
 
     def walls(self, end: float) -> List[tuple]:
         """(wall ms to the next launch, decodes, prefill tokens, new image tokens) per step."""
@@ -200,19 +221,41 @@ def tokens_only_charging():
         yield
 
 
-COSTS_ENV = "PYVLM_SIM_STEP_COSTS"  # the StepCosts of a modeled engine process, as JSON
+COSTS_ENV = "PYVLM_SIM_STEP_COSTS"  # a modeled engine process's StepCosts, as JSON
+TRACE_ENV = "PYVLM_SIM_STEP_TRACE"  # where an engine process appends its steps
 
 
-def run_modeled_engine_core(*args, **kwargs):
-    """The engine process's entry point with a ModeledRunner of the costs in
-    COSTS_ENV (spawn imports this module by name in the child, then calls this)."""
+def run_wrapped_engine_core(*args, **kwargs):
+    """The engine process's entry point with its runner wrapped: a
+    ModeledRunner of the costs in COSTS_ENV, else a TracedRunner; either
+    appends its steps to TRACE_ENV's file (spawn imports this module by
+    name in the child, then calls this)."""
     from pyvlm.entrypoints import startup
     from pyvlm.entrypoints.engine_core import run_engine_core
 
-    device = ModeledDevice(StepCosts(**json.loads(os.environ[COSTS_ENV])))
-    startup.build_runner = _wrapping(startup.build_runner, lambda real: ModeledRunner(real, device))
-    startup.prepares_images_in_step = lambda device: True
+    trace = StepTrace(path=os.environ[TRACE_ENV])
+    if os.environ.get(COSTS_ENV):
+        device = ModeledDevice(StepCosts(**json.loads(os.environ[COSTS_ENV])), trace=trace)
+        wrap = lambda real: ModeledRunner(real, device)  # noqa: E731
+        startup.prepares_images_in_step = lambda device: True
+    else:
+        wrap = lambda real: TracedRunner(real, trace)  # noqa: E731
+    startup.build_runner = _wrapping(startup.build_runner, wrap)
     return run_engine_core(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def wrapped_engine_processes(trace_path: str, costs: Optional[StepCosts]):
+    """Engine processes started inside run run_wrapped_engine_core; with
+    costs (the modeled device) the front also leaves images to the step."""
+    from pyvlm.entrypoints import core_client, startup
+
+    env = {TRACE_ENV: trace_path, COSTS_ENV: json.dumps(vars(costs)) if costs else ""}
+    in_step = mock.patch.object(startup, "prepares_images_in_step", lambda device: True) \
+        if costs else contextlib.nullcontext()
+    with mock.patch.dict(os.environ, env), in_step, \
+            mock.patch.object(core_client, "run_engine_core", run_wrapped_engine_core):
+        yield
 
 
 def _wrapping(build_runner, wrap):
@@ -223,31 +266,49 @@ def _wrapping(build_runner, wrap):
     return built
 
 
-def run_through_http(args, scratch: str) -> "Run":
-    """The pyvlm policy's workload through the server, the modeled device in
-    the engine process: tok/s and the client's inter-token gaps."""
+def modeled_costs(args) -> Optional[StepCosts]:
+    """The device model's costs (None on a real device)."""
+    if args.device != "model":
+        return None
+    return StepCosts(args.decode_ms, args.decode_ms_per_request, args.prefill_ms_per_token,
+                     args.tower_ms_per_image_token)
+
+
+def device_flags(args) -> List[str]:
+    if args.device == "model":
+        return ["--device", "cpu", "--max-total-tokens", str(args.concurrency * 8192)]
+    return ["--device", args.device, "--dtype", "bfloat16"]
+
+
+def run_through_http(args, scratch: str) -> "HttpRun":
+    """The pyvlm policy's workload through the server, the runner (modeled
+    or real, traced) in the engine process: tok/s, the client's
+    inter-token gaps and the engine's steps."""
     from benchmarks.load.local_server import measure_server
     from benchmarks.load.serving_phases import Plan
-    from pyvlm.entrypoints import core_client, startup
 
-    costs = StepCosts(args.decode_ms, args.decode_ms_per_request, args.prefill_ms_per_token,
-                      args.tower_ms_per_image_token)
-    plan = Plan(num_warmup=0, num_ttft=0, decode_tokens=0, decode_runs=0,
-                num_requests=args.num_requests, concurrency=args.concurrency,
-                output_tokens=args.output_tokens, step_concurrency=0)
-    flags = ["--model", scratch, "--load-format", "dummy", "--device", "cpu",
-             "--engine-process", "process", "--max-total-tokens",
-             str(args.concurrency * 8192), "--max-mixed-prefill-tokens",
+    plan = Plan(num_warmup=0 if args.device == "model" else min(8, args.concurrency),
+                num_ttft=0, decode_tokens=0, decode_runs=0, num_requests=args.num_requests,
+                concurrency=args.concurrency, output_tokens=args.output_tokens,
+                step_concurrency=0)
+    flags = ["--model", scratch, "--load-format", "dummy", *device_flags(args),
+             "--engine-process", "process", "--max-mixed-prefill-tokens",
              str(args.max_mixed_prefill_tokens), "--log-level", "warning"]
-    with mock.patch.dict(os.environ, {COSTS_ENV: json.dumps(vars(costs))}), \
-            mock.patch.object(core_client, "run_engine_core", run_modeled_engine_core), \
-            mock.patch.object(startup, "prepares_images_in_step", lambda device: True):
+    trace_path = os.path.join(scratch, "http-steps.txt")
+    with wrapped_engine_processes(trace_path, modeled_costs(args)):
         results = measure_server(flags, plan, args.model, tuple(args.image_size))
     if results.errors or results.num_ok != args.num_requests:
         raise SystemExit(f"the HTTP run failed: {results.num_ok}/{args.num_requests} ok, "
                          f"{'; '.join(results.errors)}")
-    return HttpRun("pyvlm through HTTP", results.output_tokens_per_s,
-                   results.itl_p50_s * 1e3, results.itl_p99_s * 1e3)
+    steps = StepTrace.read(trace_path)
+    return HttpRun("pyvlm through HTTP", results.output_tokens_per_s, results.itl_p50_s * 1e3,
+                   results.itl_p99_s * 1e3,
+                   StepTrace(steps).walls(steps[-1][0] if steps else 0.0))
+
+
+def mixed_step_walls(steps: List[tuple]) -> List[float]:
+    """Wall ms of the steps (StepTrace.walls) that ran prefill tokens with decodes."""
+    return [ms for ms, decodes, prefill, _ in steps if decodes and prefill]
 
 
 @dataclass
@@ -256,6 +317,11 @@ class HttpRun:
     tok_s: float
     p50_ms: float
     p99_ms: float
+    steps: List[tuple]  # StepTrace.walls of the engine process (warm-up included)
+
+    @property
+    def mixed_ms(self) -> List[float]:
+        return mixed_step_walls(self.steps)
 
 
 @dataclass
@@ -271,40 +337,43 @@ class Run:
 
     @property
     def mixed_ms(self) -> List[float]:
-        """Wall ms of the steps that ran prefill tokens with decodes."""
-        return [ms for ms, decodes, prefill, _ in self.steps if decodes and prefill]
+        return mixed_step_walls(self.steps)
 
 
 def run_once(args, policy: str, scratch: str, images) -> Run:
+    """One policy's workload through the engine API (the engine on a thread
+    of this process or in its own, --engine-process)."""
     import pyvlm
 
+    baseline = tokens_only_charging() if policy != "pyvlm" else contextlib.nullcontext()
     trace = StepTrace()
-    if args.device == "model":
-        device = ModeledDevice(StepCosts(args.decode_ms, args.decode_ms_per_request,
-                                         args.prefill_ms_per_token, args.tower_ms_per_image_token),
-                               trace=trace)
+    trace_path = os.path.join(scratch, f"steps-{policy.split()[0]}.txt")
+    if args.engine_process == "process":
+        runners = wrapped_engine_processes(trace_path, modeled_costs(args))
+    elif args.device == "model":
+        device = ModeledDevice(modeled_costs(args), trace=trace)
         runners = wrapped_runners(lambda real: ModeledRunner(real, device), prepare_in_step=True)
-        engine_args = {"device": "cpu", "max_total_tokens": args.concurrency * 8192}
     else:
         runners = wrapped_runners(lambda real: TracedRunner(real, trace), prepare_in_step=False)
-        engine_args = {"device": args.device, "dtype": "bfloat16"}
-    baseline = tokens_only_charging() if policy != "pyvlm" else contextlib.nullcontext()
+    device_args = {"device": "cpu", "max_total_tokens": args.concurrency * 8192} \
+        if args.device == "model" else {"device": args.device, "dtype": "bfloat16"}
     with runners, baseline:
-        engine = pyvlm.Engine(model=scratch, load_format="dummy", engine_process="thread",
-                              overlap_schedule=True,
+        engine = pyvlm.Engine(model=scratch, load_format="dummy",
+                              engine_process=args.engine_process, overlap_schedule=True,
                               max_mixed_prefill_tokens=args.max_mixed_prefill_tokens,
-                              **engine_args)
+                              **device_args)
         try:
             if args.device != "model":  # CUDA graphs, kernels' first calls, on images of their own
                 asyncio.run(stream_all(engine, args, images[args.num_requests:]))
-                trace.steps.clear()
+            start = time.perf_counter()
             gaps, ttfts, wall, end = asyncio.run(stream_all(engine, args,
                                                             images[:args.num_requests]))
         finally:
             engine.shutdown()
+    steps = StepTrace.read(trace_path) if args.engine_process == "process" else trace.steps
     gaps.sort()
     return Run(policy, args.num_requests * args.output_tokens / wall, gaps, ttfts,
-               trace.walls(end))
+               StepTrace([step for step in steps if step[0] >= start]).walls(end))
 
 
 async def stream_all(engine, args, images):
@@ -360,7 +429,8 @@ def report(args, runs: List[Run], http: Optional[HttpRun] = None) -> str:
     if http is not None:
         rows.append([http.policy, f"{http.tok_s:,.0f}", f"{http.p50_ms:.1f}", "n/a",
                      f"{http.p99_ms:.1f}", f"{http.p99_ms / http.p50_ms:.2f}x",
-                     f"{floor_ms / http.p50_ms:.0%}", "n/a", "n/a", "n/a"])
+                     f"{floor_ms / http.p50_ms:.0%}" if modeled else "n/a",
+                     "n/a", f"{max(http.mixed_ms, default=0):.1f}", str(len(http.mixed_ms))])
     table = markdown(["policy", "output tok/s", "ITL p50 ms", "p90", "p99", "p99 / p50",
                       "floor / p50", "TTFT p50 ms", "largest mixed step ms", "mixed steps"], rows)
     device = (f"modeled device: decode {args.decode_ms} ms + {args.decode_ms_per_request} "
@@ -373,8 +443,9 @@ def report(args, runs: List[Run], http: Optional[HttpRun] = None) -> str:
             f"{args.max_mixed_prefill_tokens}"
             + (f"; ITL floor {floor_ms:.2f} ms (a decode step of all the streams)" if modeled
                else "; a step's wall time runs from its launch to the next one's")
+            + f"; the engine API's engine in a {args.engine_process}"
             + f"\n\n{table}")
-    for run in runs:
+    for run in runs + ([http] if http is not None else []):
         text += f"\n\n{run.policy}: steps by kind\n\n{steps_by_kind(run.steps)}"
         text += f"\n\n{run.policy}: the {args.slowest} slowest steps\n\n"
         text += slowest_steps(run.steps, args.slowest)
@@ -422,9 +493,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--policy", choices=POLICIES, default="both",
                         help="both in one process (the modeled device), or one (a real device "
                              "keeps the first engine's memory: run each in its own process)")
+    parser.add_argument("--engine-process", choices=["thread", "process"], default="thread",
+                        help="where the engine API's engine runs (the server's is a process)")
     parser.add_argument("--http", action="store_true",
-                        help="also serve the pyvlm policy's workload through the HTTP server "
-                             "(modeled device only)")
+                        help="also serve the pyvlm policy's workload through the HTTP server")
     parser.add_argument("--slowest", type=int, default=8, help="slowest steps listed per policy")
     for name, default in vars(StepCosts()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
@@ -435,8 +507,6 @@ def main(argv=None) -> List[Run]:
     from benchmarks.offline.random_models import write_checkpoint_metadata
 
     args = parse_args(argv)
-    if args.http and args.device != "model":
-        raise SystemExit("--http runs the modeled device only")
     warmup = args.concurrency if args.device != "model" else 0
     images = distinct_images(args.num_requests + warmup, args.image_size)
     runs = []
