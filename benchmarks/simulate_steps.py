@@ -50,7 +50,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, TextIO
 from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,16 +74,12 @@ class StepCosts:
     prefill_ms_per_token: float = 0.02
     tower_ms_per_image_token: float = 0.012
 
-    def of(self, batch: ForwardBatch, encoded: set) -> float:
-        """This step's time; encoded: image hashes already encoded (updated)."""
-        num_decodes = sum(1 for c in batch.chunks if c.num_new_tokens == 1 and c.step > 0)
-        num_prefill = sum(c.num_new_tokens for c in batch.chunks) - num_decodes
-        new_images = {item.hash: item.length for c in batch.chunks for item in c.mm_items
-                      if item.hash not in encoded}
-        encoded.update(new_images)
-        return (self.decode_ms + self.decode_ms_per_request * len(batch.chunks)
-                + self.prefill_ms_per_token * num_prefill
-                + self.tower_ms_per_image_token * sum(new_images.values()))
+    def of(self, num_chunks: int, prefill: int, image_tokens: int) -> float:
+        """The time of a step of num_chunks chunks, prefill prompt tokens
+        and image_tokens placeholder tokens of images it encodes first."""
+        return (self.decode_ms + self.decode_ms_per_request * num_chunks
+                + self.prefill_ms_per_token * prefill
+                + self.tower_ms_per_image_token * image_tokens)
 
 
 @dataclass
@@ -92,10 +88,13 @@ class StepTrace:
     tokens and the tokens of the images it encodes first."""
 
     steps: List[tuple] = field(default_factory=list)
-    encoded: set = field(default_factory=set)
+    encoded: set = field(default_factory=set)  # image hashes already encoded
     path: Optional[str] = None  # each step also appended there, a line each (engine processes)
+    _sink: Optional[TextIO] = field(default=None, repr=False)
 
-    def record(self, batch: ForwardBatch) -> None:
+    def record(self, batch: ForwardBatch) -> tuple:
+        """Adds the step; returns it: (launch time, decodes, prefill
+        tokens, new image tokens)."""
         decodes = sum(1 for c in batch.chunks if c.num_new_tokens == 1 and c.step > 0)
         prefill = sum(c.num_new_tokens for c in batch.chunks) - decodes
         new_images = {item.hash: item.length for c in batch.chunks for item in c.mm_items
@@ -104,8 +103,10 @@ class StepTrace:
         step = (time.perf_counter(), decodes, prefill, sum(new_images.values()))
         self.steps.append(step)
         if self.path is not None:
-            with open(self.path, "a") as sink:
-                sink.write(" ".join(map(str, step)) + "\n")
+            if self._sink is None:
+                self._sink = open(self.path, "a", buffering=1)  # a line reaches the file whole
+            self._sink.write(" ".join(map(str, step)) + "\n")
+        return step
 
     @staticmethod
     def read(path: str) -> List[tuple]:
@@ -125,22 +126,18 @@ class StepTrace:
 
 @dataclass
 class ModeledDevice:
-    """One device: steps run one after another, each for its modeled time."""
+    """One device: steps run one after another, each for its modeled time;
+    its trace records them (and which images are encoded already)."""
 
     costs: StepCosts
     free_at: float = 0.0
-    encoded: set = field(default_factory=set)
-    step_ms: List[float] = field(default_factory=list)
-    mixed_ms: List[float] = field(default_factory=list)
     trace: StepTrace = field(default_factory=StepTrace)
 
     def run(self, batch: ForwardBatch) -> float:
-        """Queues the step; returns when (perf_counter) it ends."""
-        cost = self.costs.of(batch, self.encoded)
+        """Records and queues the step; returns when (perf_counter) it ends."""
+        _, _, prefill, image_tokens = self.trace.record(batch)
+        cost = self.costs.of(len(batch.chunks), prefill, image_tokens)
         self.free_at = max(time.perf_counter(), self.free_at) + cost / 1e3
-        self.step_ms.append(cost)
-        if not batch.is_decode and any(c.step > 0 for c in batch.chunks):
-            self.mixed_ms.append(cost)
         return self.free_at
 
 
@@ -156,7 +153,6 @@ class ModeledRunner:
         return getattr(self.real, name)
 
     def launch(self, batch: ForwardBatch) -> "Launched":
-        self.device.trace.record(batch)
         done = self.device.run(batch)
         return Launched(done, [SampleResult(FIRST_TOKEN + c.step % NUM_TOKENS) if c.sample
                                else None for c in batch.chunks])
