@@ -76,10 +76,10 @@ inline bool programmatic_launch_enabled() {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), as a programmatic
-// dependent of the stream's previous kernel where the device allows it.
+// dependent of the stream's previous kernel when `programmatic`.
 template <typename... Params, typename... Args>
-void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
-                         cudaStream_t stream, Args&&... args) {
+void launch_maybe_programmatic(bool programmatic, void (*kernel)(Params...), dim3 grid,
+                               dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
   cudaLaunchAttribute overlap{};
   overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   overlap.val.programmaticStreamSerializationAllowed = 1;
@@ -89,8 +89,16 @@ void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_
   config.dynamicSmemBytes = smem;
   config.stream = stream;
   config.attrs = &overlap;
-  config.numAttrs = programmatic_launch_enabled() ? 1 : 0;
+  config.numAttrs = programmatic ? 1 : 0;
   cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
+
+// The same where the device allows it (programmatic_launch_enabled).
+template <typename... Params, typename... Args>
+void launch_programmatic(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                         cudaStream_t stream, Args&&... args) {
+  launch_maybe_programmatic(programmatic_launch_enabled(), kernel, grid, block, smem, stream,
+                            std::forward<Args>(args)...);
 }
 
 __device__ __forceinline__ float to_float(float x) { return x; }

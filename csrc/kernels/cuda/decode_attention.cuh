@@ -1078,17 +1078,12 @@ __global__ void merge_splits_kernel(T* __restrict__ out, const float* __restrict
 template <typename T>
 void launch_merge_splits(const PagedDecodeArgs<T>& a, const DecodePlan& p, const float* part_out,
                          const float* part_lse, cudaStream_t stream) {
-  cudaLaunchAttribute overlap{};
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(a.num_seqs * a.num_heads));
-  config.blockDim = dim3(128);
-  config.stream = stream;
-  config.attrs = &overlap;
-  config.numAttrs = p.overlap_merge_launch ? 1 : 0;
-  cudaLaunchKernelEx(&config, merge_splits_kernel<T>, a.out, part_out, part_lse, p.num_splits,
-                     static_cast<int>(a.head_dim));
+  // PYVLM_PDL=0 turns the overlap off here too (programmatic_launch_enabled).
+  launch_maybe_programmatic(p.overlap_merge_launch && programmatic_launch_enabled(),
+                            merge_splits_kernel<T>,
+                            dim3(static_cast<unsigned>(a.num_seqs * a.num_heads)), dim3(128), 0,
+                            stream, a.out, part_out, part_lse, p.num_splits,
+                            static_cast<int>(a.head_dim));
 }
 
 template <typename Kernel, typename T>
