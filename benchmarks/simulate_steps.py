@@ -44,6 +44,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -270,6 +271,21 @@ def modeled_costs(args) -> Optional[StepCosts]:
                      args.tower_ms_per_image_token)
 
 
+def extra_engine_args(server_args: str) -> dict:
+    """The engine keywords that --server-args' flags set (the server's own
+    parser reads them; only the flags given count)."""
+    from pyvlm.server.args import add_server_arguments, server_args_from
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    given = shlex.split(server_args)
+    if not given:
+        return {}
+    defaults = server_args_from(parser.parse_args([])).engine_kwargs()
+    chosen = server_args_from(parser.parse_args(given)).engine_kwargs()
+    return {name: value for name, value in chosen.items() if value != defaults[name]}
+
+
 def device_flags(args) -> List[str]:
     if args.device == "model":
         return ["--device", "cpu", "--max-total-tokens", str(args.concurrency * 8192)]
@@ -289,7 +305,8 @@ def run_through_http(args, scratch: str) -> "HttpRun":
                 step_concurrency=0)
     flags = ["--model", scratch, "--load-format", "dummy", *device_flags(args),
              "--engine-process", "process", "--max-mixed-prefill-tokens",
-             str(args.max_mixed_prefill_tokens), "--log-level", "warning"]
+             str(args.max_mixed_prefill_tokens), "--log-level", "warning",
+             *shlex.split(args.server_args)]
     trace_path = os.path.join(scratch, "http-steps.txt")
     with wrapped_engine_processes(trace_path, modeled_costs(args)):
         results = measure_server(flags, plan, args.model, tuple(args.image_size))
@@ -357,7 +374,7 @@ def run_once(args, policy: str, scratch: str, images) -> Run:
         engine = pyvlm.Engine(model=scratch, load_format="dummy",
                               engine_process=args.engine_process, overlap_schedule=True,
                               max_mixed_prefill_tokens=args.max_mixed_prefill_tokens,
-                              **device_args)
+                              **device_args, **extra_engine_args(args.server_args))
         try:
             if args.device != "model":  # CUDA graphs, kernels' first calls, on images of their own
                 asyncio.run(stream_all(engine, args, images[args.num_requests:]))
@@ -494,6 +511,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--http", action="store_true",
                         help="also serve the pyvlm policy's workload through the HTTP server")
     parser.add_argument("--slowest", type=int, default=8, help="slowest steps listed per policy")
+    parser.add_argument("--server-args", default="",
+                        help="more server flags, one string (--device cuda: the engine API's "
+                             "engine takes them too), e.g. '--piecewise-cuda-graph-max-tokens 0'")
     for name, default in vars(StepCosts()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
     return parser.parse_args(argv)

@@ -102,6 +102,10 @@ class RunnerConfig:
     # next captured size); larger decode batches run eagerly.
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    # Piecewise CUDA graphs of the decoder (pyvlm/runner/prefill_graphs.py)
+    # for steps of up to this many tokens that the decode graphs do not take:
+    # prefill, mixed prefill + decode; 0: those steps run eagerly.
+    piecewise_cuda_graph_max_tokens: int = 1024
     # CUDA graphs of the vision tower (pyvlm/layers/shape_graphs.py): how many
     # image-size combinations keep one; 0: the tower runs eagerly. Off by
     # default until its CUDA tests have run on a GPU (none was lent when it

@@ -284,7 +284,8 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
                     tuple(getattr(model, "cross_attention_layers", ())))
     step_memory = measure_step_memory(
         model, shape, config.cache.page_size, device, config.scheduler.max_prefill_tokens,
-        context_length, decode_graph_batch_limit(config, device), config.cache.encoder_cache_bytes)
+        context_length, decode_graph_batch_limit(config, device), config.cache.encoder_cache_bytes,
+        prefill_graph_token_limit(config, device))
     num_pages = least_over_ranks(pool_num_pages(
         shape, config.cache.page_size, device, config.cache.max_total_tokens,
         config.cache.mem_fraction_static, step_memory.total), device)
@@ -351,6 +352,14 @@ def decode_graph_batch_limit(config: EngineConfig, device: torch.device) -> int:
     if device.type != "cuda" or config.runner.disable_cuda_graph:
         return 0
     return min(config.runner.cuda_graph_max_bs, config.scheduler.max_running_requests)
+
+
+def prefill_graph_token_limit(config: EngineConfig, device: torch.device) -> int:
+    """The most tokens of a step run through the piecewise CUDA graphs; 0:
+    none (CPU, --disable-cuda-graph, --piecewise-cuda-graph-max-tokens 0)."""
+    if device.type != "cuda" or config.runner.disable_cuda_graph:
+        return 0
+    return config.runner.piecewise_cuda_graph_max_tokens
 
 
 # The largest vision-tower call (patch rows) kept as a CUDA graph: a graph's
@@ -519,6 +528,7 @@ def build_rank_runner(spec: CoreSpec, group: TensorParallelGroup = SINGLE_RANK,
                                      spec.context_length, loaded_model)
         runner.capture_decode_graphs(decode_graph_batch_limit(config, device),
                                      spec.context_length)
+        runner.capture_prefill_graphs(prefill_graph_token_limit(config, device))
         # (A sharded tower's graphs would capture its all-reduces: not yet
         # run on a GPU, so a sharded tower runs eagerly.)
         tower_graphs = 0 if group.size > 1 and sharded_tower else \

@@ -196,25 +196,28 @@ class PagedAttention(nn.Module):
         self.head_dim, self.scale = head_dim, scale
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: Tuple[torch.Tensor, torch.Tensor],
-                attn: AttentionMetadata) -> torch.Tensor:
+                kv_cache: Tuple[torch.Tensor, torch.Tensor], attn: AttentionMetadata,
+                out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """query [T, num_heads * head_dim], key/value [T, num_kv_heads * head_dim]
-        (views of a fused projection are fine); returns [T, num_heads * head_dim]."""
+        (views of a fused projection are fine); returns [T, num_heads * head_dim],
+        written into `out` (contiguous, that shape) when given."""
         num_tokens = query.shape[0]
         # A view: both kernels take the query's token and head strides, so the
         # fused projection's slice is read in place (no copy kernel per layer).
         query = query.view(num_tokens, self.num_heads, self.head_dim)
         key = key.view(num_tokens, self.num_kv_heads, self.head_dim)
         value = value.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if out is not None:
+            out = out.view(num_tokens, self.num_heads, self.head_dim)
         key_cache, value_cache = kv_cache
         ops.reshape_and_cache(key, value, key_cache, value_cache, attn.slot_mapping)
         if attn.is_decode:
             out = ops.paged_attention_decode(query, key_cache, value_cache, attn.block_tables,
-                                             attn.seq_lens, self.scale)
+                                             attn.seq_lens, self.scale, out=out)
         elif attn.num_prefill_tokens is None:
-            out = self._prefill(query, key, value, kv_cache, attn)
+            out = self._prefill(query, key, value, kv_cache, attn, out=out)
         else:
-            out = self._prefill_then_decodes(query, key, value, kv_cache, attn)
+            out = self._prefill_then_decodes(query, key, value, kv_cache, attn, out=out)
         return out.view(num_tokens, self.num_heads * self.head_dim)
 
     def _prefill(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -241,11 +244,12 @@ class PagedAttention(nn.Module):
 
     def _prefill_then_decodes(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               kv_cache: Tuple[torch.Tensor, torch.Tensor],
-                              attn: AttentionMetadata) -> torch.Tensor:
+                              attn: AttentionMetadata,
+                              out: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A mixed step: prefill attention over the first num_prefill_tokens
         rows, the decode kernel over the single tokens after them."""
         split = attn.num_prefill_tokens
-        out = query.new_empty(query.shape)
+        out = query.new_empty(query.shape) if out is None else out
         self._prefill(query[:split], key[:split], value[:split], kv_cache, attn, out=out[:split])
         key_cache, value_cache = kv_cache
         ops.paged_attention_decode(query[split:], key_cache, value_cache,

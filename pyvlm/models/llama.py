@@ -78,10 +78,24 @@ class LlamaAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, kv_cache: KVCache,
                 attn: AttentionMetadata) -> torch.Tensor:
-        query, key, value = self.qkv_proj(hidden).split(
-            [self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.o_proj(self.attend(self.project(positions, hidden), kv_cache, attn))
+
+    def project(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """The fused q/k/v rows [T, q_size + 2 * kv_size], q and k rotated."""
+        qkv = self.qkv_proj(hidden)
+        query, key, _ = self._split(qkv)
         self.rotary[0](positions, query, key)
-        return self.o_proj(self.attn(query, key, value, kv_cache, attn))
+        return qkv
+
+    def attend(self, qkv: torch.Tensor, kv_cache: KVCache, attn: AttentionMetadata,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Attention of project()'s rows over the paged cache (their K/V
+        written into it) [T, q_size], into `out` when given."""
+        query, key, value = self._split(qkv)
+        return self.attn(query, key, value, kv_cache, attn, out=out)
+
+    def _split(self, qkv: torch.Tensor):
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -94,6 +108,18 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, kv_cache, attn):
         """Returns (this layer's MLP output, the residual stream before it)."""
+        qkv, residual = self.before_attention(positions, hidden, residual)
+        return self.after_attention(self.self_attn.attend(qkv, kv_cache, attn), residual)
+
+    # The forward in three parts, so that a step can run the parts around
+    # attention as captured CUDA graphs (pyvlm.runner.prefill_graphs): only
+    # attend() depends on the step's sequences; these two are row by row.
+
+    def before_attention(self, positions: torch.Tensor, hidden: torch.Tensor,
+                         residual: Optional[torch.Tensor]
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(rotated q/k/v rows, the residual stream): the input norm (added
+        to the residual) and the projection."""
         if residual is None:
             # clone: the fused norms update the residual in place, and the
             # first residual is the caller's embeddings.
@@ -101,7 +127,12 @@ class LlamaDecoderLayer(nn.Module):
             hidden = self.input_layernorm(hidden)
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, attn)
+        return self.self_attn.project(positions, hidden), residual
+
+    def after_attention(self, attention: torch.Tensor, residual: torch.Tensor
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(the MLP output, the residual stream before it) from attend()'s rows."""
+        hidden = self.self_attn.o_proj(attention)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 

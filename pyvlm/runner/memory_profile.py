@@ -8,6 +8,9 @@ pool, the activations, the CUDA graphs and the encoder cache all fit in
   scratch pool;
 - the activations a decode step of the largest captured batch keeps in the
   graphs' memory pool for good;
+- likewise for the piecewise prefill graphs: at most the activations of an
+  eager forward of their largest token count (a piece holds one layer's
+  share of them), plus their static hand-off buffers;
 - the encoder cache's byte budget.
 
 The vision tower is not run: its inputs are a family's own; its rows count
@@ -34,30 +37,39 @@ class StepMemory:
     prefill_bytes: int
     decode_bytes: int
     encoder_cache_bytes: int
+    prefill_graph_bytes: int = 0
 
     @property
     def total(self) -> int:
-        return self.prefill_bytes + self.decode_bytes + self.encoder_cache_bytes
+        return (self.prefill_bytes + self.decode_bytes + self.encoder_cache_bytes
+                + self.prefill_graph_bytes)
 
     def describe(self) -> str:
         return (f"{self.total / GIB:.2f} GiB reserved for steps (prefill activations "
                 f"{self.prefill_bytes / GIB:.2f}, decode graphs {self.decode_bytes / GIB:.2f}, "
+                f"prefill graphs {self.prefill_graph_bytes / GIB:.2f}, "
                 f"encoder cache {self.encoder_cache_bytes / GIB:.2f})")
 
 
 @torch.inference_mode()
 def measure_step_memory(model: torch.nn.Module, shape: KVShape, page_size: int,
                         device: torch.device, num_prefill_tokens: int, max_seq_len: int,
-                        max_decode_batch: int, encoder_cache_bytes: int) -> StepMemory:
-    """Peak bytes of a prefill of num_prefill_tokens and of a decode of
-    max_decode_batch sequences (0 on the CPU, where nothing is reserved)."""
+                        max_decode_batch: int, encoder_cache_bytes: int,
+                        max_graph_tokens: int = 0) -> StepMemory:
+    """Peak bytes of a prefill of num_prefill_tokens, of a decode of
+    max_decode_batch sequences and of the prefill graphs of up to
+    max_graph_tokens tokens (0 on the CPU, where nothing is reserved)."""
     if device.type != "cuda":
         return StepMemory(0, 0, 0)
     lengths = _split(num_prefill_tokens, max(max_seq_len, 1))
     prefill = _peak_bytes(model, shape, page_size, device, lengths, is_decode=False)
     decode = (_peak_bytes(model, shape, page_size, device, [1] * max_decode_batch, True)
               if max_decode_batch > 0 else 0)
-    memory = StepMemory(prefill, decode, encoder_cache_bytes)
+    graphs = 0
+    if max_graph_tokens > 0:
+        graphs = _peak_bytes(model, shape, page_size, device,
+                             _split(max_graph_tokens, max(max_seq_len, 1)), is_decode=False)
+    memory = StepMemory(prefill, decode, encoder_cache_bytes, graphs)
     logger.info("%s", memory.describe())
     return memory
 

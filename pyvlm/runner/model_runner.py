@@ -18,10 +18,11 @@ from pyvlm.scheduling.types import ForwardBatch, SampleResult, SequenceChunk
 from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.runner import sampler
 from pyvlm.ops.host_upload import HostUpload
-from pyvlm.runner.cuda_graphs import DecodeGraphs, graph_batch_sizes
+from pyvlm.runner.cuda_graphs import DecodeGraphs, graph_batch_sizes, position_rows_of
 from pyvlm.runner.encoder_cache import VisionBatcher
 from pyvlm.runner.kv_pool import KVPool
 from pyvlm.runner.penalty_state import PenaltyState
+from pyvlm.runner.prefill_graphs import PrefillGraphs
 from pyvlm.runner.sampler import DrawnSamples
 
 
@@ -51,6 +52,7 @@ class ModelRunner:
         self.check_indices = check_indices
         self.fault_hook: Optional[FaultHook] = None
         self.graphs: Optional[DecodeGraphs] = None  # capture_decode_graphs
+        self.prefill_graphs: Optional[PrefillGraphs] = None  # capture_prefill_graphs
         self.step_memory = None  # what start-up reserved beside the pool (memory_profile)
         self.penalties = PenaltyState()  # penalized requests' token counts, on the device
         # The last launched step's sampled tokens (device) and each request's row.
@@ -162,6 +164,18 @@ class ModelRunner:
                                    max_pages, self.device, emulate, cross)
         self.graphs.capture()
 
+    def capture_prefill_graphs(self, max_tokens: int, emulate: bool = False) -> None:
+        """Captures piecewise CUDA graphs of the decoder for steps of up to
+        max_tokens tokens that the decode graphs do not take (prefill,
+        mixed, larger decode batches); 0: none (pyvlm.runner.prefill_graphs)."""
+        decoder = getattr(self.model, "language_model", None)
+        if max_tokens <= 0 or decoder is None:
+            return
+        self.prefill_graphs = PrefillGraphs(decoder, self.pool.caches,
+                                            max_tokens, position_rows_of(self.model),
+                                            self.device, emulate)
+        self.prefill_graphs.capture()
+
     def _graph_runs(self, batch: ForwardBatch, sampled: List[int]) -> bool:
         return (self.graphs is not None and batch.is_decode and len(sampled) == len(batch.chunks)
                 and self.graphs.can_run(batch.chunks))
@@ -203,8 +217,12 @@ class ModelRunner:
                 embeds = None
                 attn.cross_attention = self._cross_images(chunks, batch.is_decode)
             self._at("decode" if batch.is_decode else "prefill", chunks)
-            return self.model.forward(input_ids, rows[0] if len(rows) == 1 else rows, attn,
-                                      self.pool.caches, embeds)
+            rows = rows[0] if len(rows) == 1 else rows
+            if self.prefill_graphs is not None and self.prefill_graphs.can_run(len(input_ids)):
+                if embeds is None:
+                    embeds = self.model.embed_tokens(input_ids)
+                return self.prefill_graphs.forward(embeds, rows, attn)
+            return self.model.forward(input_ids, rows, attn, self.pool.caches, embeds)
 
         return run
 

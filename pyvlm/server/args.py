@@ -64,6 +64,7 @@ class ServerArgs:
     shutdown_grace_s: float = 10.0
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
+    piecewise_cuda_graph_max_tokens: int = 1024
     vision_cuda_graphs: int = 0
     engine_process: str = "auto"
     tp_size: int = 1
@@ -100,7 +101,8 @@ class ServerArgs:
                  "decode_log_interval", "chat_template", "served_model_name",
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
-                 "disable_cuda_graph", "vision_cuda_graphs", "engine_process",
+                 "disable_cuda_graph", "piecewise_cuda_graph_max_tokens", "vision_cuda_graphs",
+                 "engine_process",
                  "max_mixed_prefill_tokens", "tp_size", "dp_size", "dist_port", "nnodes",
                  "node_rank", "dist_init_addr", "mm_encoder_tp_mode", "torchrun")
         kwargs = {name: getattr(self, name) for name in names}
@@ -190,6 +192,9 @@ _FLAGS = [
     (("--cuda-graph-max-bs",), int,
      "CUDA: largest decode batch run through a captured CUDA graph (default 256)"),
     (("--disable-cuda-graph",), "store_true", "CUDA: run every step eagerly (no CUDA graphs)"),
+    (("--piecewise-cuda-graph-max-tokens",), int,
+     "CUDA: prefill and mixed steps of up to this many tokens run the decoder between its "
+     "attentions as captured CUDA graphs (default 1024; 0: eagerly)"),
     (("--vision-cuda-graphs",), int,
      "CUDA: Qwen2-VL/Qwen2.5-VL vision-tower CUDA graphs kept, one per combination of image "
      "sizes in a step, captured the second time it is seen (default 0: the tower runs "
@@ -269,6 +274,8 @@ def _check(args: ServerArgs) -> None:
         (args.load_format in ("auto", "dummy"), "--load-format must be auto or dummy"),
         (args.cuda_graph_max_bs >= 0, "--cuda-graph-max-bs must be >= 0"),
         (args.vision_cuda_graphs >= 0, "--vision-cuda-graphs must be >= 0"),
+        (args.piecewise_cuda_graph_max_tokens >= 0,
+         "--piecewise-cuda-graph-max-tokens must be >= 0"),
         (args.tp_size >= 1, "--tp-size must be >= 1"),
         (args.dp_size >= 1, "--dp-size must be >= 1"),
         (args.dist_port is None or 0 < args.dist_port < 65536, "--dist-port must be in 1..65535"),
