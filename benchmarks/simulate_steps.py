@@ -210,11 +210,11 @@ def wrapped_runners(wrap, prepare_in_step: bool):
 @contextlib.contextmanager
 def tokens_only_charging():
     """The baseline policy: a chunk that starts an image pays only its own
-    tokens (no charge for the rest of the image, never cut before it)."""
+    tokens (no charge for the tower's work, never cut for it)."""
     from pyvlm.scheduling import scheduler
 
-    with mock.patch.object(scheduler, "fit_chunk", lambda items, start, n, left, can_cut: (n, 0)), \
-            mock.patch.object(scheduler, "tokens_past_chunk", lambda items, start, end: 0):
+    with mock.patch.object(scheduler, "fit_chunk",
+                           lambda items, start, n, left, can_cut, must_run: (n, 0)):
         yield
 
 

@@ -2,17 +2,22 @@
 budget, in the prefill budget's tokens).
 
 The step that reaches an image's first placeholder token runs the vision
-tower on the whole image, however few of its tokens the chunk holds: a
-chunk of 50 tokens that starts a 391-token image costs the tower work of
-all 391. Counting only the chunk's tokens let a mixed step of 512 prompt
-tokens start two or three images (the tail of one prompt, the starts of
-the next), a step of three to four decode steps' time: the streams'
-inter-token p99. So the tokens of an image past the chunk's end are
-charged too, and a chunk that cannot pay for an image it would start ends
-before that image instead (its text still runs; the image waits for the
-next step). A step's first chunk always runs, charged alike, so every
-prompt progresses. Images that enter through cross-attention are charged
-by their K/V rows instead (the scheduler's admission).
+tower on the whole image, however few of its tokens the chunk holds, and
+that tower work comes on top of the decoder's work on the chunk's tokens.
+So a chunk is charged its own tokens plus, for every image it starts, the
+image's placeholder count (the tower's work, counted as one prompt token
+per placeholder: Qwen2-VL-7B's tower takes ~5 ms for a 391-token image, its
+decoder ~8 ms for those 391 tokens). With a step budget of 512 tokens, a
+411-token prompt whose image starts near its top then runs in two mixed
+steps, the tower and ~120 tokens, then the rest, instead of one step of
+both (three decode steps' time: the streams' inter-token p99). A chunk
+that cannot pay is cut where it can (before an image it cannot pay for,
+or within the text or the image's tokens after the last image it pays
+for); the images' rows of a later chunk come from the encoder cache. A
+step's first chunk must make progress: when not even its first token fits
+(an image larger than the budget) it runs as granted, charged alike.
+Images that enter through cross-attention are charged by their K/V rows
+instead (the scheduler's admission).
 """
 
 from typing import Iterable, List, Sequence, Tuple
@@ -28,27 +33,34 @@ def images_started(items: Iterable[MultimodalItem], start: int, end: int) -> Lis
                   key=lambda item: item.offset)
 
 
-def tokens_past_chunk(items: Iterable[MultimodalItem], start: int, end: int) -> int:
-    """Placeholder tokens past `end` of the images the chunk [start, end) starts."""
-    return sum(max(0, item.offset + item.length - end)
-               for item in images_started(items, start, end))
+def tower_charge(items: Iterable[MultimodalItem], start: int, end: int) -> int:
+    """The tower work of the images the chunk [start, end) starts: their
+    placeholder tokens, all of them."""
+    return sum(item.length for item in images_started(items, start, end))
 
 
 def fit_chunk(items: Sequence[MultimodalItem], start: int, num_tokens: int, budget_left: int,
-              can_cut: bool) -> Tuple[int, int]:
-    """(tokens, extra): the chunk of up to num_tokens from position start
-    that pays for the images it starts within budget_left (its tokens plus
-    extra, the started images' tokens past its end), cut before the first
-    image it cannot pay for; (0, 0) when not even the text before it fits.
-    can_cut False (a chunk that must run as it is: the step's first, or
-    chunking off): the whole chunk and its extra, whatever the budget."""
+              can_cut: bool, must_run: bool) -> Tuple[int, int]:
+    """(tokens, tower): the longest chunk of up to num_tokens from position
+    start whose tokens plus tower_charge fit budget_left; (0, 0) when none
+    does. can_cut False (chunking off): the whole chunk, whatever the
+    budget. must_run (the step's first chunk): the whole chunk when not
+    even one token fits."""
     end = start + num_tokens
-    extra = tokens_past_chunk(items, start, end)
-    if not can_cut or num_tokens + extra <= budget_left:
-        return num_tokens, extra
-    for image in reversed(images_started(items, start, end)):
-        end = image.offset  # the chunk stops before this image
-        extra = tokens_past_chunk(items, start, end)
-        if end - start + extra <= budget_left:
-            return end - start, extra
+    if not can_cut or num_tokens + tower_charge(items, start, end) <= budget_left:
+        return num_tokens, tower_charge(items, start, end)
+    images = images_started(items, start, end)
+    paid = sum(image.length for image in images)
+    # Ends past the k-th image's first token pay for images 1..k; from the
+    # last image down, the first stretch with room holds the longest cut.
+    for k in range(len(images), -1, -1):
+        lowest = images[k - 1].offset + 1 if k else start + 1
+        highest = images[k].offset if k < len(images) else end
+        longest = min(highest, start + budget_left - paid)
+        if longest >= lowest:
+            return longest - start, paid
+        if k:
+            paid -= images[k - 1].length
+    if must_run:
+        return num_tokens, tower_charge(items, start, end)
     return 0, 0

@@ -42,12 +42,6 @@ class PrefillBudget:
         prompt must run somehow)."""
         return self._num_granted(num_wanted, is_first)
 
-    def take(self, num_wanted: int, is_first: bool) -> int:
-        """grant(num_wanted, is_first), taken from the budget."""
-        num_tokens = self._num_granted(num_wanted, is_first)
-        self.spend(num_tokens)
-        return num_tokens
-
     def spend(self, num_tokens: int) -> None:
         """Takes num_tokens (granted) from the batch's and the chunk's budget."""
         self.num_tokens_left -= num_tokens
@@ -55,8 +49,8 @@ class PrefillBudget:
             self.num_chunk_tokens_left -= num_tokens
 
     def charge(self, num_tokens: int) -> None:
-        """Counts work that is not chunked (an image's K/V rows, an image's
-        tokens past its chunk: encoder_budget) against the batch's budget;
+        """Counts work that is not chunked (an image's K/V rows, the tower
+        work of the images a chunk starts: encoder_budget) against the batch's budget;
         it may go below zero, and then nothing else joins."""
         self.num_tokens_left -= num_tokens
 

@@ -24,7 +24,7 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Tuple
 from pyvlm.config import CacheConfig, SchedulerConfig
 from pyvlm.scheduling.decode_reserve import DecodeReserve
 from pyvlm.scheduling.detokenizer import detokenizer_factory as default_detokenizer_factory
-from pyvlm.scheduling.encoder_budget import fit_chunk, tokens_past_chunk
+from pyvlm.scheduling.encoder_budget import fit_chunk
 from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.scheduling.future_tokens import FUTURE_TOKEN
 from pyvlm.scheduling.isolation import ChunkFailure, forward_isolated
@@ -323,11 +323,13 @@ class Scheduler:
     def _continue_chunk(self, request: Request, start: int, budget: PrefillBudget,
                         plan: PrefillPlan) -> bool:
         """The next chunk of the request mid-prompt, from position start."""
-        num_tokens = budget.take(request.num_tokens - start, is_first=True)
+        num_tokens, tower = fit_chunk(request.mm_items, start,
+                                      budget.grant(request.num_tokens - start, is_first=True),
+                                      budget.num_tokens_left, budget.can_chunk, must_run=True)
         if num_tokens == 0 or not self.kv.reserve(request, start + num_tokens):
             return False
-        # (the step's first chunk: it runs whole, and pays for the images it starts)
-        budget.charge(tokens_past_chunk(request.mm_items, start, start + num_tokens))
+        budget.spend(num_tokens)
+        budget.charge(tower)  # the tower work of the images it starts (encoder_budget)
         plan.items.append((request, num_tokens))
         plan.has_partial = start + num_tokens < request.num_tokens
         return True
@@ -343,12 +345,12 @@ class Scheduler:
         num_image_rows = self.kv.num_unwritten_image_rows(request)
         if plan.items and num_image_rows > budget.num_tokens_left:
             return False
-        # Embedded images are charged whole by the chunk that starts them, or
-        # wait for the next step (encoder_budget).
+        # A chunk pays for the tower work of the images it starts, or is cut
+        # to what it can pay for (encoder_budget).
         num_tokens, num_image_tokens = fit_chunk(
             request.mm_items, match.num_tokens,
             budget.grant(request.num_tokens - match.num_tokens, is_first=not plan.items),
-            budget.num_tokens_left, can_cut=bool(plan.items) and budget.can_chunk)
+            budget.num_tokens_left, budget.can_chunk, must_run=not plan.items)
         if num_tokens == 0 or not self.kv.admit(request, match, num_tokens):
             return False
         budget.spend(num_tokens)

@@ -1,11 +1,11 @@
-"""encoder_budget: a chunk pays for the images it starts (their tokens past
-its end) and, when it cannot, ends before the first image it cannot pay
-for; checked against a brute force over every cut, on fresh random
-layouts."""
+"""encoder_budget: a chunk pays for its tokens plus the tower work of the
+images it starts (all of their placeholder tokens) and, when it cannot, is
+cut to the longest chunk it can pay for; checked against a brute force over
+every cut, on fresh random layouts."""
 
 import random
 
-from pyvlm.scheduling.encoder_budget import fit_chunk, images_started, tokens_past_chunk
+from pyvlm.scheduling.encoder_budget import fit_chunk, tower_charge
 from pyvlm.scheduling.types import MultimodalItem
 
 
@@ -20,14 +20,11 @@ def random_layout(rng: random.Random):
     return items, position + rng.randint(0, 10)
 
 
-def cost(items, start, end) -> int:
-    """Brute force: the chunk's tokens plus, for every embedded image whose
-    first token it holds, that image's tokens past its end."""
-    extra = 0
-    for item in items:
-        if not item.num_cross_rows and start <= item.offset < end:
-            extra += max(0, item.offset + item.length - end)
-    return end - start + extra
+def tower(items, start, end) -> int:
+    """Brute force: the placeholder tokens of every embedded image whose
+    first token the chunk [start, end) holds."""
+    return sum(item.length for item in items
+               if not item.num_cross_rows and start <= item.offset < end)
 
 
 def test_fit_chunk_takes_the_longest_cut_it_can_pay_for():
@@ -38,21 +35,24 @@ def test_fit_chunk_takes_the_longest_cut_it_can_pay_for():
         num_tokens = rng.randint(1, max(1, length - start))
         budget = rng.randint(0, 80)
         end = start + num_tokens
-        assert tokens_past_chunk(items, start, end) == cost(items, start, end) - num_tokens
-        got, extra = fit_chunk(items, start, num_tokens, budget, can_cut=True)
-        cuts = [end] + [item.offset for item in images_started(items, start, end)]
-        fitting = [cut for cut in cuts if cost(items, start, cut) <= budget]
-        best = max(fitting, default=start)
-        assert got == best - start, (items, start, num_tokens, budget)
-        assert got + extra == (cost(items, start, best) if got else 0)
-        # A chunk that must run runs whole and is charged in full.
-        assert fit_chunk(items, start, num_tokens, budget, can_cut=False) == (
-            num_tokens, cost(items, start, end) - num_tokens)
+        assert tower_charge(items, start, end) == tower(items, start, end)
+        fitting = [cut for cut in range(start + 1, end + 1)
+                   if cut - start + tower(items, start, cut) <= budget]
+        best = max(fitting, default=None)
+        paid = (best - start, tower(items, start, best)) if best else (0, 0)
+        assert fit_chunk(items, start, num_tokens, budget, True, must_run=False) == paid
+        # The step's first chunk runs as granted only when no cut fits.
+        whole = (num_tokens, tower(items, start, end))
+        assert fit_chunk(items, start, num_tokens, budget, True, must_run=True) == (
+            paid if best else whole)
+        # Without chunking a chunk runs whole and is charged in full.
+        assert fit_chunk(items, start, num_tokens, budget, False, must_run=False) == whole
 
 
 def test_an_image_already_started_costs_nothing_more():
     image = MultimodalItem(7, offset=10, length=40)
-    assert tokens_past_chunk([image], 10, 20) == 30  # this chunk starts it
-    assert tokens_past_chunk([image], 20, 30) == 0  # an earlier one did (encoder cache)
-    assert fit_chunk([image], 0, 30, budget_left=20, can_cut=True) == (10, 0)  # text only
-    assert fit_chunk([image], 0, 30, budget_left=50, can_cut=True) == (30, 20)
+    assert tower_charge([image], 10, 20) == 40  # this chunk starts it
+    assert tower_charge([image], 20, 30) == 0  # an earlier one did (encoder cache)
+    assert fit_chunk([image], 0, 30, 20, True, must_run=False) == (10, 0)  # text only
+    assert fit_chunk([image], 0, 30, 55, True, must_run=False) == (15, 40)  # 5 of its tokens
+    assert fit_chunk([image], 0, 30, 70, True, must_run=False) == (30, 40)

@@ -9,7 +9,7 @@ from collections import defaultdict
 import pytest
 
 from pyvlm.config import CacheConfig, SchedulerConfig
-from pyvlm.scheduling.encoder_budget import tokens_past_chunk
+from pyvlm.scheduling.encoder_budget import tower_charge
 from pyvlm.scheduling.request import Request
 from pyvlm.scheduling.scheduler import Scheduler
 from pyvlm.scheduling.types import MultimodalItem, SamplingParams
@@ -258,10 +258,10 @@ def test_the_server_flag_turns_mixing_off():
 
 @pytest.mark.parametrize("chunked_prefill_size", [5, 7])
 def test_a_mixed_step_pays_for_the_images_it_starts(rng, chunked_prefill_size):
-    """While requests decode, a step's prefill chunks plus the tokens past
-    their ends of the images they start stay within the mixed cap, unless
-    the step holds one prefill chunk (it must progress); images still get
-    started (the cap delays them, never forever) and outputs stay exact."""
+    """While requests decode, a step's prefill chunks plus the tower work
+    of the images they start stay within the mixed cap, unless the step
+    holds one prefill chunk (it must progress); images still get started
+    (the cap delays them, never forever) and outputs stay exact."""
     specs = random_specs(rng, 24, max_new_tokens=30)
     cap = 12
     checks = MixChecks()
@@ -274,8 +274,8 @@ def test_a_mixed_step_pays_for_the_images_it_starts(rng, chunked_prefill_size):
         prefills = [c for c in batch.chunks if c.rid not in before.computed]
         if len(prefills) == len(batch.chunks):
             return  # no decode in this step: the cap is not its budget
-        charge = sum(c.num_new_tokens + tokens_past_chunk(c.mm_items, c.start_pos,
-                                                          c.start_pos + c.num_new_tokens)
+        charge = sum(c.num_new_tokens + tower_charge(c.mm_items, c.start_pos,
+                                                     c.start_pos + c.num_new_tokens)
                      for c in prefills)
         assert charge <= cap or len(prefills) == 1, (charge, prefills)
         charged_steps.append(charge > sum(c.num_new_tokens for c in prefills))
@@ -288,9 +288,10 @@ def test_a_mixed_step_pays_for_the_images_it_starts(rng, chunked_prefill_size):
 
 def test_a_mixed_step_does_not_start_an_image_it_cannot_pay_for():
     """A decoding request, then two arrivals that start with images of 12
-    tokens: a step of 19 prefill tokens takes the first whole (17 tokens)
-    and does not start the second's image for its 2 tokens left (that
-    would encode all 12 in this step); the next step does."""
+    tokens, a mixed cap of 20: a's first chunk holds its 3 text tokens and
+    5 of its image's (8, plus the tower's 12); the next step a's other 9
+    and nothing of b (b's tower alone is more than the 11 left); then b's
+    first 8 tokens with its tower, then its last 6."""
     runner = FakeRunner(PAGE, 512)
     config = SchedulerConfig(chunked_prefill_size=64, max_mixed_prefill_tokens=20)
     scheduler = Scheduler(config, CacheConfig(page_size=PAGE), 512, 100000)
@@ -304,13 +305,12 @@ def test_a_mixed_step_does_not_start_an_image_it_cannot_pay_for():
         images[rid] = image
         scheduler.add_request(runner.register(Request(
             rid, prompt, SamplingParams(max_new_tokens=3), [image], seed=len(rid))))
-    scheduler.step(runner)
-    prefills = {c.rid: c.num_new_tokens for c in runner.batches[-1].chunks if c.rid != "chat"}
-    assert prefills == {"a": 17}
-    scheduler.step(runner)
-    # b's whole prompt, beside the decodes of chat and a
-    assert {c.rid: c.num_new_tokens for c in runner.batches[-1].chunks} == {
-        "chat": 1, "a": 1, "b": 14}
+    steps = []
+    for _ in range(4):
+        scheduler.step(runner)
+        steps.append({c.rid: c.num_new_tokens for c in runner.batches[-1].chunks})
+    assert steps == [{"chat": 1, "a": 8}, {"chat": 1, "a": 9},
+                     {"chat": 1, "a": 1, "b": 8}, {"chat": 1, "a": 1, "b": 6}]
     while scheduler.has_work():
         scheduler.step(runner)
     check_invariants(scheduler)
