@@ -3,14 +3,16 @@ piecewise cudagraphs, SGLang's piecewise CUDA graph): prefill, mixed
 prefill + decode, and decode batches the decode graphs do not take.
 
 A prefill or mixed step's kernels are as short as a decode step's where
-its tokens are few (a 400-token chunk and 60 decodes: ~10-70 us each), so
-launching them one by one from Python leaves the GPU idle between them:
-on an H100 such a Qwen2-VL-7B step took 23 ms for ~14 ms of kernels. Only
-attention depends on the step's sequences (their lengths, cached prefixes
-and pages); every other op of a decoder layer works row by row. So the
-parts between attentions (o_proj, norms, MLP, the next layer's norm, q/k/v
-projection and rotary) are captured once per padded token count and
-replayed, and attention runs eagerly in between over the real rows.
+its tokens are few (a chunk of a few hundred tokens and the decodes: tens
+of microseconds each), so launching them one by one from Python can leave
+the GPU idle between them. Only attention depends on the step's sequences
+(their lengths, cached prefixes and pages); every other op of a decoder
+layer works row by row. So the parts between attentions (o_proj, norms,
+MLP, the next layer's norm, q/k/v projection and rotary) are captured once
+per padded token count and replayed, and attention runs eagerly in between
+over the real rows. (On an H100, Qwen2-VL-7B's mixed steps of a 411-token
+image prompt and ~40 decodes: 21.5 -> 20.2 ms, 256 @ 64 over HTTP +6%
+tokens/s; benchmarks/RESULTS.md.)
 
 Per bucket of B tokens (prefill_graph_sizes), one graph per stretch
 between eager steps: 29 graphs for a 28-layer decoder. A step of T <= B
