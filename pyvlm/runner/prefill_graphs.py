@@ -54,11 +54,12 @@ Piece = Callable[[State], State]
 
 
 def prefill_graph_sizes(max_tokens: int) -> List[int]:
-    """Captured token counts: every 16 to 256, every 32 to 512, every 64
-    to 1,024, every 128 beyond (at most ~1/8 of a step's rows padding
-    above 128 tokens), up to max_tokens."""
-    sizes = (list(range(16, 257, 16)) + list(range(288, 513, 32)) + list(range(576, 1025, 64))
-             + list(range(1152, max(max_tokens, 1) + 128, 128)))
+    """Captured token counts: every 16 to 512, every 32 to 1,024, every 64
+    beyond (at most 15 padding rows, or 1/16 of a step's rows above 512;
+    padding rows cost the pieces their FLOPs, and a single image prompt's
+    prefill of a few hundred tokens is device bound), up to max_tokens."""
+    sizes = (list(range(16, 513, 16)) + list(range(544, 1025, 32))
+             + list(range(1088, max(max_tokens, 1) + 64, 64)))
     sizes = [s for s in sizes if s < max_tokens] + [max_tokens]
     return sorted(set(s for s in sizes if s >= 1))
 
