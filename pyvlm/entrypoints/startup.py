@@ -364,7 +364,8 @@ def prefill_graph_token_limit(config: EngineConfig, device: torch.device) -> int
 
 # The largest vision-tower call (patch rows) kept as a CUDA graph: a graph's
 # activations stay in the graphs' shared memory pool, about 25 MB per 1,000
-# rows for the Qwen2-VL tower's widest layer, outside the KV pool's budget.
+# rows for the Qwen2-VL tower's widest layer (~0.2 GB at most), outside the
+# KV pool's budget: in what --mem-fraction-static leaves of the card.
 VISION_GRAPH_MAX_ROWS = 8192
 
 

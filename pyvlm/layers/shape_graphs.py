@@ -9,7 +9,7 @@ a client's resize), so a graph captured for a key (the grids) replays every
 later call with that key in one launch.
 
 ShapeGraphs.run(key, inputs, prepare, body) computes body(inputs, prepare()):
-- eagerly while graphs are off (CPU, --disable-cuda-graph, and by default:
+- eagerly while graphs are off (CPU, --disable-cuda-graph,
   --vision-cuda-graphs 0), for inputs
   above max_rows, and the first time a key is seen (a size seen once is
   not worth a capture);

@@ -65,7 +65,7 @@ class ServerArgs:
     cuda_graph_max_bs: int = 256
     disable_cuda_graph: bool = False
     piecewise_cuda_graph_max_tokens: int = 1024
-    vision_cuda_graphs: int = 0
+    vision_cuda_graphs: int = 8
     engine_process: str = "auto"
     tp_size: int = 1
     dp_size: int = 1
@@ -197,8 +197,8 @@ _FLAGS = [
      "attentions as captured CUDA graphs (default 1024; 0: eagerly)"),
     (("--vision-cuda-graphs",), int,
      "CUDA: Qwen2-VL/Qwen2.5-VL vision-tower CUDA graphs kept, one per combination of image "
-     "sizes in a step, captured the second time it is seen (default 0: the tower runs "
-     "eagerly; e.g. 8)"),
+     "sizes in a step, captured the second time it is seen (default 8; 0: the tower runs "
+     "eagerly)"),
     (("--max-mixed-prefill-tokens",), int,
      "most prefill tokens in a step that also decodes the running requests (default 512; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "

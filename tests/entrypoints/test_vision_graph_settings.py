@@ -10,7 +10,7 @@ from pyvlm.entrypoints.startup import vision_graph_count
 
 
 @pytest.mark.parametrize("settings, device, expected", [
-    ({}, "cuda", 0),  # off by default (pyvlm/config.py says why)
+    ({}, "cuda", 8),  # the default (pyvlm/config.py)
     ({"vision_cuda_graphs": 8}, "cuda", 8),
     ({"vision_cuda_graphs": 3}, "cuda", 3),
     ({"vision_cuda_graphs": 0}, "cuda", 0),
