@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pyvlm.scheduling.encoder_budget import tower_charge
 from pyvlm.scheduling.types import SamplingParams
 from tests.hf_reference import greedy_tokens, reference_inputs_for
 
@@ -109,6 +110,37 @@ def test_eight_concurrent_requests_match_transformers(checkpoint, prompts, refer
 def test_chunked_prefill_gives_the_same_tokens(checkpoint, prompts, reference):
     with engine_for(checkpoint, chunked_prefill_size=16) as engine:
         assert_same_tokens(generate_all(engine, prompts), prompts, reference)
+
+
+def test_mixed_steps_that_cut_image_prompts_give_the_same_tokens(checkpoint, prompts, reference):
+    """Two requests run at a time and finish at different steps, so the
+    others are admitted beside decodes, under a mixed cap of 24 that their
+    images' tower charge cuts: some chunks that start an image hold only
+    the cap less the image's tokens (pyvlm/scheduling/encoder_budget.py)."""
+    budgets = [NUM_NEW_TOKENS - k for k in (0, 5, 2, 7, 4, 1, 6, 3)]  # staggered finishes
+    params = [{**GREEDY, "max_new_tokens": n} for n in budgets]
+    with engine_for(checkpoint, max_running_requests=2, max_mixed_prefill_tokens=24) as engine:
+        chunks = record_prefill_chunks(engine.state.runner)
+        results = engine.generate([p for p, _ in prompts], params,
+                                  image_data=[ims for _, ims in prompts])
+    for (prompt, images), result, budget in zip(prompts, results, budgets):
+        assert result["output_ids"] == reference.tokens(prompt, images)[:budget], prompt
+    charged = [(c.num_new_tokens, tower_charge(c.mm_items, c.start_pos,
+                                               c.start_pos + c.num_new_tokens)) for c in chunks]
+    assert any(tower and tokens + tower == 24 for tokens, tower in charged), charged
+
+
+def record_prefill_chunks(runner) -> list:
+    """Wraps runner.launch: the prefill chunks of every mixed step."""
+    chunks, launch = [], runner.launch
+
+    def recording(batch):
+        if not batch.is_decode and any(c.num_new_tokens == 1 for c in batch.chunks):
+            chunks.extend(c for c in batch.chunks if c.num_new_tokens > 1)
+        return launch(batch)
+
+    runner.launch = recording
+    return chunks
 
 
 def test_prefix_cache_hits_give_the_same_tokens(checkpoint, prompts, reference):
