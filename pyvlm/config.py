@@ -70,9 +70,11 @@ class SchedulerConfig:
     # prefill budget. False: a step is all prefill or all decode.
     enable_mixed_chunk: bool = True
     # The most prefill tokens in a step that also decodes (None or <= 0: only
-    # the limits above): a mixed step of 8k new tokens would stall every
-    # stream for the time of a long prefill; a few hundred keep the streams'
-    # inter-token time within a small multiple of a decode step's.
+    # the limits above), the tower's work on the images a chunk starts
+    # counted too (pyvlm/scheduling/encoder_budget.py): a mixed step of 8k new
+    # tokens would stall every stream for the time of a long prefill; a few
+    # hundred keep the streams' inter-token time within a small multiple of
+    # a decode step's.
     max_mixed_prefill_tokens: Optional[int] = 512
     # Launch step N+1 (decode, prefill or mixed) before reading step N's tokens
     # (SGLang's overlap scheduler; pyvlm.scheduling.overlap). None: on with CUDA (the host's
