@@ -30,7 +30,11 @@ appends its steps to a file, read back for the tables.
 
 Step time = decode_ms + decode_ms_per_request x chunks + prefill_ms_per_token x
 prompt tokens + tower_ms_per_image_token x placeholder tokens of the images the
-step encodes first (an encoder-cache hit costs nothing). The defaults are
+step encodes first (an encoder-cache hit costs nothing); with --cost-model
+roofline the first and third terms become max(decode_ms, prefill_ms_per_token
+x the step's rows): a prompt chunk of a few hundred rows then rides along the
+decode step's weight reads, as on a GPU, where a linear layer reads its
+weights once for every row of the step. The defaults are
 Qwen2-VL-7B on an H100 (benchmarks/RESULTS.md: a 64-request decode step of
 ~6.3 ms, prefill at ~700 TFLOP/s, the tower's 1,564 rows of a 644x476 photo
 in ~4.7 ms). The baseline, run in the same process, charges a chunk only
@@ -75,12 +79,23 @@ class StepCosts:
     decode_ms_per_request: float = 0.02
     prefill_ms_per_token: float = 0.02
     tower_ms_per_image_token: float = 0.012
+    # "additive": a step's prompt tokens cost on top of its weight reads;
+    # "roofline": its linear layers take the longer of reading the weights
+    # (decode_ms) and computing every row (prefill_ms_per_token x rows), so
+    # a small chunk rides along a decode step's weight reads (Sarathi-Serve).
+    model: str = "additive"
 
-    def of(self, num_chunks: int, prefill: int, image_tokens: int) -> float:
-        """The time of a step of num_chunks chunks, prefill prompt tokens
-        and image_tokens placeholder tokens of images it encodes first."""
-        return (self.decode_ms + self.decode_ms_per_request * num_chunks
-                + self.prefill_ms_per_token * prefill
+    def of(self, num_chunks: int, decodes: int, prefill: int, image_tokens: int) -> float:
+        """The time of a step of num_chunks chunks (decodes of them decode
+        tokens), prefill prompt tokens and image_tokens placeholder tokens
+        of images it encodes first."""
+        if self.model == "roofline":
+            linear = max(self.decode_ms, self.prefill_ms_per_token * (prefill + decodes))
+        elif self.model == "additive":
+            linear = self.decode_ms + self.prefill_ms_per_token * prefill
+        else:
+            raise ValueError(f"unknown cost model {self.model!r}")
+        return (linear + self.decode_ms_per_request * num_chunks
                 + self.tower_ms_per_image_token * image_tokens)
 
 
@@ -137,8 +152,8 @@ class ModeledDevice:
 
     def run(self, batch: ForwardBatch) -> float:
         """Records and queues the step; returns when (perf_counter) it ends."""
-        _, _, prefill, image_tokens = self.trace.record(batch)
-        cost = self.costs.of(len(batch.chunks), prefill, image_tokens)
+        _, decodes, prefill, image_tokens = self.trace.record(batch)
+        cost = self.costs.of(len(batch.chunks), decodes, prefill, image_tokens)
         self.free_at = max(time.perf_counter(), self.free_at) + cost / 1e3
         return self.free_at
 
@@ -269,7 +284,7 @@ def modeled_costs(args) -> Optional[StepCosts]:
     if args.device != "model":
         return None
     return StepCosts(args.decode_ms, args.decode_ms_per_request, args.prefill_ms_per_token,
-                     args.tower_ms_per_image_token)
+                     args.tower_ms_per_image_token, args.cost_model)
 
 
 def extra_engine_args(server_args: str) -> dict:
@@ -453,7 +468,7 @@ def report(args, runs: List[Run], http: Optional[HttpRun] = None) -> str:
                       "floor / p50", "TTFT p50 ms", "largest mixed step ms", "mixed steps"], rows)
     device = (f"modeled device: decode {args.decode_ms} ms + {args.decode_ms_per_request} "
               f"ms/request, prefill {args.prefill_ms_per_token} ms/token, tower "
-              f"{args.tower_ms_per_image_token} ms/image token" if modeled
+              f"{args.tower_ms_per_image_token} ms/image token, {args.cost_model}" if modeled
               else f"the real runner on {args.device} (random weights, bfloat16)")
     text = (f"**{args.model}**, {device}; {args.num_requests} requests x {args.output_tokens} "
             f"tokens, {args.concurrency} concurrent, distinct {args.image_size[0]}x"
@@ -520,7 +535,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="more server flags, one string (--device cuda: the engine API's "
                              "engine takes them too), e.g. '--piecewise-cuda-graph-max-tokens 0'")
     for name, default in vars(StepCosts()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
+        if isinstance(default, float):
+            parser.add_argument(f"--{name.replace('_', '-')}", type=float, default=default)
+    parser.add_argument("--cost-model", choices=["additive", "roofline"], default="additive",
+                        help="how a modeled step's prompt rows add to its weight reads (StepCosts)")
     return parser.parse_args(argv)
 
 

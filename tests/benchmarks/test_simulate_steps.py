@@ -1,11 +1,26 @@
 """benchmarks/simulate_steps.py's --server-args: the engine API's engine
 takes the same flags the HTTP server is given."""
 
+import pytest
+
 from benchmarks.simulate_steps import extra_engine_args
 
 
 def test_server_args_become_the_engine_keywords_they_change():
     assert extra_engine_args("") == {}
-    assert extra_engine_args("--piecewise-cuda-graph-max-tokens 0 --vision-cuda-graphs 8") == {
-        "piecewise_cuda_graph_max_tokens": 0, "vision_cuda_graphs": 8}
+    assert extra_engine_args("--piecewise-cuda-graph-max-tokens 0 --vision-cuda-graphs 0") == {
+        "piecewise_cuda_graph_max_tokens": 0, "vision_cuda_graphs": 0}
     assert extra_engine_args("--max-running-requests 32") == {"max_running_requests": 32}
+
+
+def test_the_roofline_cost_model_lets_a_small_chunk_ride_along_the_weight_reads():
+    from benchmarks.simulate_steps import StepCosts
+
+    additive, roofline = StepCosts(), StepCosts(model="roofline")
+    # 64 decodes and 100 prompt rows: 164 rows x 0.02 ms < the 5 ms weight read
+    assert roofline.of(65, 64, 100, 0) == pytest.approx(5.0 + 0.02 * 65)
+    assert additive.of(65, 64, 100, 0) == pytest.approx(5.0 + 0.02 * 100 + 0.02 * 65)
+    # 64 decodes and 400 rows: compute bound, each row costs
+    assert roofline.of(65, 64, 400, 391) == pytest.approx(0.02 * 464 + 0.02 * 65 + 0.012 * 391)
+    with pytest.raises(ValueError, match="unknown cost model"):
+        StepCosts(model="linear").of(1, 1, 0, 0)
