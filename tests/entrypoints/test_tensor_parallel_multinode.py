@@ -145,7 +145,10 @@ def test_a_killed_node_1_fails_node_0s_requests_quickly(two_nodes):
     started = time.monotonic()
     with pytest.raises(EngineDeadError):
         engine.generate("too late", GREEDY)
-    assert time.monotonic() - started < 1  # refused at once
+    # Refused at once, not after a wait for the dead rank: a bound well under
+    # any wait, with room for a loaded 2-core CI machine (it once read 2.0 s
+    # there, 14 minutes into the suite; alone it takes milliseconds).
+    assert time.monotonic() - started < 5
 
 
 def test_a_killed_node_0_ends_node_1_with_a_failure(two_nodes):
