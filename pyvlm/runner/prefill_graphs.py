@@ -10,7 +10,7 @@ the GPU idle between them. Only attention depends on the step's sequences
 layer works row by row. So the parts between attentions (o_proj, norms,
 MLP, the next layer's norm, q/k/v projection and rotary) are captured once
 per padded token count and replayed, and attention runs eagerly in between
-over the real rows. (On an H100, Qwen2-VL-7B's mixed steps of a 411-token
+over the real rows. (On an H100, a 7B model's mixed steps of a 411-token
 image prompt and ~40 decodes: 21.5 -> 20.2 ms, 256 @ 64 over HTTP +6%
 tokens/s; benchmarks/RESULTS.md.)
 

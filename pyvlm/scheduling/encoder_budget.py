@@ -6,9 +6,10 @@ tower on the whole image, however few of its tokens the chunk holds, and
 that tower work comes on top of the decoder's work on the chunk's tokens.
 So a chunk is charged its own tokens plus, for every image it starts, the
 image's placeholder count (the tower's work, counted as one prompt token
-per placeholder: Qwen2-VL-7B's tower takes ~5 ms for a 391-token image, its
-decoder ~8 ms for those 391 tokens). With a step budget of 512 tokens, a
-411-token prompt whose image starts near its top then runs in two mixed
+per placeholder: on an H100 a 7B model's tower took ~5 ms for a 391-token
+image, its decoder ~8 ms for those tokens; benchmarks/RESULTS.md). With a
+step budget of 512 tokens, a 411-token prompt whose image starts near its
+top then runs in two mixed
 steps, the tower and ~120 tokens, then the rest, instead of one step of
 both (three decode steps' time: the streams' inter-token p99). A chunk
 that cannot pay is cut where it can (before an image it cannot pay for,
@@ -47,10 +48,11 @@ def fit_chunk(items: Sequence[MultimodalItem], start: int, num_tokens: int, budg
     budget. must_run (the step's first chunk): the whole chunk when not
     even one token fits."""
     end = start + num_tokens
-    if not can_cut or num_tokens + tower_charge(items, start, end) <= budget_left:
-        return num_tokens, tower_charge(items, start, end)
     images = images_started(items, start, end)
-    paid = sum(image.length for image in images)
+    whole = sum(image.length for image in images)
+    if not can_cut or num_tokens + whole <= budget_left:
+        return num_tokens, whole
+    paid = whole
     # Ends past the k-th image's first token pay for images 1..k; from the
     # last image down, the first stretch with room holds the longest cut.
     for k in range(len(images), -1, -1):
@@ -61,6 +63,4 @@ def fit_chunk(items: Sequence[MultimodalItem], start: int, num_tokens: int, budg
             return longest - start, paid
         if k:
             paid -= images[k - 1].length
-    if must_run:
-        return num_tokens, tower_charge(items, start, end)
-    return 0, 0
+    return (num_tokens, whole) if must_run else (0, 0)

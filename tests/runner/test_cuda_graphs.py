@@ -28,13 +28,6 @@ def checkpoint(request):
     return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
 
 
-@pytest.fixture(scope="module")
-def hf_model(checkpoint):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
-
-
 def count_replays(graphs) -> list:
     """Wraps graphs.stage to record each staged batch size."""
     sizes, stage = [], graphs.stage

@@ -30,13 +30,6 @@ def checkpoint(request):
     return request.getfixturevalue(f"tiny_checkpoint_{request.param}")
 
 
-@pytest.fixture(scope="module")
-def hf_model(checkpoint):
-    from transformers import AutoModelForImageTextToText
-
-    return AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
-
-
 def count_bucketed_steps(graphs) -> list:
     """Wraps graphs.forward to record each step's token count."""
     counts, forward = [], graphs.forward
