@@ -10,16 +10,22 @@ run's copy rate.
     python benchmarks/profile_decode.py --model qwen2-vl-7b-narrow --device cpu --batches 1,4 \\
         --context 128 --steps 4
     python benchmarks/profile_decode.py --model qwen2-vl-7b --batches "" --throughput 128
+    python benchmarks/profile_decode.py --model qwen2-vl-7b --batches "" --throughput 128 \
+        --sync-debug --server-args max_mixed_prefill_tokens=1024
 
 Graph replays show as their kernels when the profiler's CUPTI sees them
 (CUDA 12+); a row named "cudaGraphLaunch" is the host side only.
 """
 
 import argparse
+import bisect
+import contextlib
 import os
 import sys
 import tempfile
 import time
+import traceback
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,6 +57,9 @@ def parse_args(argv=None):
                              "each, submitted at once to an engine that runs --max-running of "
                              "them at a time (the serving benchmark's throughput phase without "
                              "HTTP): device busy time, kernels, and the steps by kind")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="with --throughput: also list where the host waited for the device "
+                             "(torch's synchronizing operations, by pyvlm call site)")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--max-running", type=int, default=64)
     parser.add_argument("--photos", type=Path, default=None, help="photos for the images")
@@ -100,20 +109,32 @@ class StepProfiler:
         runner.launch = counted
 
 
+STEP_RANGE = "pyvlm step "  # record_function ranges StepLog puts around each launch
+
+
+def is_range(name: str) -> bool:
+    """Whether a profiler event is a named range, not an operator or kernel
+    (ranges also show on the device's timeline, spanning their kernels)."""
+    return name.startswith("ProfilerStep") or name.startswith(STEP_RANGE)
+
+
+def device_kernels(events):
+    """The device's kernel events (no ranges)."""
+    return [e for e in events
+            if e.device_type == torch.autograd.DeviceType.CUDA and not is_range(e.name)]
+
+
 def kernel_rows(prof, device: str):
     """(name, total us, calls) of device kernels; on a CPU, of operators by
     their self time."""
     if not device.startswith("cuda"):
         rows = [(e.key, e.self_cpu_time_total, e.count) for e in prof.key_averages()
-                if not e.key.startswith("ProfilerStep")]
+                if not is_range(e.key)]
         return sorted(rows, key=lambda r: -r[1])
     totals, calls = defaultdict(float), defaultdict(int)
-    for event in prof.events():
-        # ProfilerStep ranges also show on the device's timeline: not kernels.
-        if (event.device_type == torch.autograd.DeviceType.CUDA
-                and not event.name.startswith("ProfilerStep")):
-            totals[event.name] += event.device_time
-            calls[event.name] += 1
+    for event in device_kernels(prof.events()):
+        totals[event.name] += event.device_time
+        calls[event.name] += 1
     return sorted(((n, totals[n], calls[n]) for n in totals), key=lambda r: -r[1])
 
 
@@ -227,9 +248,7 @@ def print_device_timeline(events, min_gap_us: float = 20.0, top: int = 8) -> Non
     kernel, device idle gaps between its kernels (with the host calls made
     during each of the largest), and time after its last kernel."""
     request = next((e for e in events if e.name == "ttft_request"), None)
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in events
-                     if e.device_type == torch.autograd.DeviceType.CUDA
-                     and not e.name.startswith("ProfilerStep"))
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in device_kernels(events))
     if request is None or not kernels:
         return
     t0, t1 = request.time_range.start, request.time_range.end
@@ -258,9 +277,16 @@ def print_device_timeline(events, min_gap_us: float = 20.0, top: int = 8) -> Non
     print()
 
 
+def step_kind(is_decode: bool, decodes: int) -> str:
+    return "decode path" if is_decode else ("prefill + decodes" if decodes else "prefill only")
+
+
 class StepLog:
-    """Wraps runner.launch: per step, when it was launched, whether it was
-    the decode path, its prefill tokens and its decodes (1-token chunks)."""
+    """Wraps runner.launch: per step, when it was launched, its kind (the
+    decode path, prefill + decodes, prefill only), its prefill tokens and
+    its decodes (1-token chunks). Each launch runs inside a profiler range
+    named STEP_RANGE + index + kind, which the device's timeline shows as
+    the span of the step's kernels."""
 
     def __init__(self, runner):
         self.steps = []
@@ -269,8 +295,10 @@ class StepLog:
         def logged(batch):
             prefill = sum(len(c.token_ids) for c in batch.chunks if len(c.token_ids) > 1)
             decodes = sum(1 for c in batch.chunks if len(c.token_ids) == 1)
-            self.steps.append((time.perf_counter(), batch.is_decode, prefill, decodes))
-            return inner(batch)
+            kind = step_kind(batch.is_decode, decodes)
+            self.steps.append((time.perf_counter(), kind, prefill, decodes))
+            with torch.profiler.record_function(f"{STEP_RANGE}{len(self.steps) - 1} {kind}"):
+                return inner(batch)
 
         runner.launch = logged
 
@@ -278,15 +306,79 @@ class StepLog:
         """{kind: (steps, wall seconds, prefill tokens, decodes)}; a step's
         wall time runs to the next launch (the last one's to `end`)."""
         kinds = defaultdict(lambda: [0, 0.0, 0, 0])
-        for i, (start, is_decode, prefill, decodes) in enumerate(self.steps):
+        for i, (start, kind, prefill, decodes) in enumerate(self.steps):
             until = self.steps[i + 1][0] if i + 1 < len(self.steps) else end
-            kind = "decode path" if is_decode else ("prefill + decodes" if decodes else "prefill only")
             row = kinds[kind]
             row[0] += 1
             row[1] += until - start
             row[2] += prefill
             row[3] += decodes
         return dict(kinds)
+
+
+def device_time_by_kind(events):
+    """Per step kind: (device spans, their total us, kernel us inside them,
+    {kernel name: [us, calls]}) from the steps' ranges on the device's timeline. A
+    span runs from a step's first kernel to its last: span minus kernels is
+    the device idle inside the step, waiting for the host's launches. {}
+    when the profiler shows no device-side ranges."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name.split(" ", 3)[3])
+                   for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and e.name.startswith(STEP_RANGE))
+    if not spans:
+        return {}
+    kernels = sorted((e.time_range.start, e.device_time, e.name) for e in device_kernels(events))
+    starts = [start for start, _, _ in spans]
+    kinds = {}
+    for start, duration, name in kernels:
+        i = bisect.bisect_right(starts, start) - 1
+        if i < 0 or start >= spans[i][1]:
+            continue  # outside every step's span
+        row = kinds.setdefault(spans[i][2], [0, 0.0, 0.0, defaultdict(lambda: [0.0, 0])])
+        row[2] += duration
+        row[3][name][0] += duration
+        row[3][name][1] += 1
+    for start, end, kind in spans:
+        row = kinds.setdefault(kind, [0, 0.0, 0.0, defaultdict(lambda: [0.0, 0])])
+        row[0] += 1
+        row[1] += end - start
+    return kinds
+
+
+class SyncSites:
+    """Counts torch's synchronizing CUDA operations (sync debug mode "warn")
+    by their innermost pyvlm call sites while active."""
+
+    def __init__(self):
+        self.sites = defaultdict(int)
+
+    def __enter__(self):
+        self._warnings = warnings.catch_warnings()
+        self._warnings.__enter__()
+        warnings.simplefilter("always")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.set_sync_debug_mode("default")
+        self._warnings.__exit__(*exc)
+
+    def _record(self, message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/pyvlm/" in f.filename]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                           for f in reversed(frames[-3:]))
+        self.sites[where or f"{Path(filename).name}:{lineno}"] += 1
+
+    def print(self) -> None:
+        total = sum(self.sites.values())
+        print(f"synchronizing operations (torch's sync debug mode): {total}\n")
+        if total:
+            print("| calls | where (innermost pyvlm frames first) |")
+            print("|---|---|")
+            for where, calls in sorted(self.sites.items(), key=lambda kv: -kv[1]):
+                print(f"| {calls} | {where} |")
+            print()
 
 
 def profile_throughput(engine, runner, args, roofline) -> None:
@@ -311,10 +403,12 @@ def profile_throughput(engine, runner, args, roofline) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    syncs = SyncSites() if args.sync_debug and args.device.startswith("cuda") else None
     with torch.profiler.profile(activities=activities) as prof:
-        start = time.perf_counter()
-        outs = engine.generate(messages=chats(images[n:]), sampling_params=[params] * n)
-        wall = time.perf_counter() - start
+        with syncs or contextlib.nullcontext():
+            start = time.perf_counter()
+            outs = engine.generate(messages=chats(images[n:]), sampling_params=[params] * n)
+            wall = time.perf_counter() - start
     prompt_tokens = sum(o["meta_info"]["prompt_tokens"] for o in outs) / n
     output_tokens = sum(len(o["output_ids"]) for o in outs)
     rows = kernel_rows(prof, args.device)
@@ -329,7 +423,25 @@ def profile_throughput(engine, runner, args, roofline) -> None:
         print(f"| {kind} | {count} | {seconds:.2f} | {seconds / count * 1e3:.1f} | {prefill:,} | "
               f"{decodes:,} |")
     print()
+    by_kind = device_time_by_kind(prof.events()) if args.device.startswith("cuda") else {}
+    if by_kind:
+        print("| step kind | device spans | span ms per step | kernels ms per step | "
+              "device idle inside the steps |")
+        print("|---|---|---|---|---|")
+        for kind, (count, span, busy, _) in sorted(by_kind.items()):
+            print(f"| {kind} | {count} | {span / max(count, 1) / 1e3:.2f} | "
+                  f"{busy / max(count, 1) / 1e3:.2f} | {1 - busy / max(span, 1e-9):.0%} |")
+        print()
     print_rows(rows, args.top, 1, "kernel (whole run)")
+    for kind, (count, _, _, kernels) in sorted(by_kind.items()):
+        if kind != "decode path" and count:
+            print(f"\n{kind}:\n")
+            rows = sorted(((name, us, calls) for name, (us, calls) in kernels.items()),
+                          key=lambda r: -r[1])
+            print_rows(rows, args.top, count, f"kernel (per {kind} step)")
+    if syncs is not None:
+        print()
+        syncs.print()
 
 
 def main(argv=None):

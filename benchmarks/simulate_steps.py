@@ -519,7 +519,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--image-size", type=int, nargs=2, default=(644, 476))
-    parser.add_argument("--max-mixed-prefill-tokens", type=int, default=512)
+    parser.add_argument("--max-mixed-prefill-tokens", type=int, default=1024)
     parser.add_argument("--device", default="model",
                         help="model: the modeled device (the StepCosts flags); cuda: the real "
                              "runner on a random-weight checkpoint of --model")

@@ -200,7 +200,7 @@ _FLAGS = [
      "sizes in a step, captured the second time it is seen (default 8; 0: the tower runs "
      "eagerly)"),
     (("--max-mixed-prefill-tokens",), int,
-     "most prefill tokens in a step that also decodes the running requests (default 512; "
+     "most prefill tokens in a step that also decodes the running requests (default 1024; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "
      "requests are prefilled"),
     (("--disable-overlap-schedule",), "store_true",
