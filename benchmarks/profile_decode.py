@@ -18,7 +18,6 @@ Graph replays show as their kernels when the profiler's CUPTI sees them
 """
 
 import argparse
-import bisect
 import contextlib
 import os
 import sys
@@ -109,13 +108,10 @@ class StepProfiler:
         runner.launch = counted
 
 
-STEP_RANGE = "pyvlm step "  # record_function ranges StepLog puts around each launch
-
-
 def is_range(name: str) -> bool:
-    """Whether a profiler event is a named range, not an operator or kernel
-    (ranges also show on the device's timeline, spanning their kernels)."""
-    return name.startswith("ProfilerStep") or name.startswith(STEP_RANGE)
+    """Whether a profiler event is the profiler's step range, not an
+    operator or kernel (it also shows on the device's timeline)."""
+    return name.startswith("ProfilerStep")
 
 
 def device_kernels(events):
@@ -284,65 +280,51 @@ def step_kind(is_decode: bool, decodes: int) -> str:
 class StepLog:
     """Wraps runner.launch: per step, when it was launched, its kind (the
     decode path, prefill + decodes, prefill only), its prefill tokens and
-    its decodes (1-token chunks). Each launch runs inside a profiler range
-    named STEP_RANGE + index + kind, which the device's timeline shows as
-    the span of the step's kernels."""
+    its decodes (1-token chunks). On CUDA each launch also sits between two
+    timing events on the launching stream: the second minus the first is
+    the device time from the end of the work queued before the step to the
+    end of the step's own, i.e. the step's kernels plus the device's idle
+    time waiting for them to be launched."""
 
-    def __init__(self, runner):
-        self.steps = []
+    def __init__(self, runner, device: str):
+        self.steps, self.events = [], []
+        timed = device.startswith("cuda")
         inner = runner.launch
 
         def logged(batch):
             prefill = sum(len(c.token_ids) for c in batch.chunks if len(c.token_ids) > 1)
             decodes = sum(1 for c in batch.chunks if len(c.token_ids) == 1)
-            kind = step_kind(batch.is_decode, decodes)
-            self.steps.append((time.perf_counter(), kind, prefill, decodes))
-            with torch.profiler.record_function(f"{STEP_RANGE}{len(self.steps) - 1} {kind}"):
+            self.steps.append((time.perf_counter(), step_kind(batch.is_decode, decodes),
+                               prefill, decodes))
+            if not timed:
                 return inner(batch)
+            before, after = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            before.record()
+            launched = inner(batch)
+            after.record()
+            self.events.append((before, after))
+            return launched
 
         runner.launch = logged
 
     def summary(self, end: float):
-        """{kind: (steps, wall seconds, prefill tokens, decodes)}; a step's
-        wall time runs to the next launch (the last one's to `end`)."""
-        kinds = defaultdict(lambda: [0, 0.0, 0, 0])
+        """{kind: (steps, wall seconds, device seconds, prefill tokens,
+        decodes)}; a step's wall time runs to the next launch (the last
+        one's to `end`); device seconds are 0 without timing events."""
+        if self.events:
+            torch.cuda.synchronize()
+        kinds = defaultdict(lambda: [0, 0.0, 0.0, 0, 0])
         for i, (start, kind, prefill, decodes) in enumerate(self.steps):
             until = self.steps[i + 1][0] if i + 1 < len(self.steps) else end
             row = kinds[kind]
             row[0] += 1
             row[1] += until - start
-            row[2] += prefill
-            row[3] += decodes
+            if self.events:
+                before, after = self.events[i]
+                row[2] += before.elapsed_time(after) / 1e3
+            row[3] += prefill
+            row[4] += decodes
         return dict(kinds)
-
-
-def device_time_by_kind(events):
-    """Per step kind: (device spans, their total us, kernel us inside them,
-    {kernel name: [us, calls]}) from the steps' ranges on the device's timeline. A
-    span runs from a step's first kernel to its last: span minus kernels is
-    the device idle inside the step, waiting for the host's launches. {}
-    when the profiler shows no device-side ranges."""
-    spans = sorted((e.time_range.start, e.time_range.end, e.name.split(" ", 3)[3])
-                   for e in events if e.device_type == torch.autograd.DeviceType.CUDA
-                   and e.name.startswith(STEP_RANGE))
-    if not spans:
-        return {}
-    kernels = sorted((e.time_range.start, e.device_time, e.name) for e in device_kernels(events))
-    starts = [start for start, _, _ in spans]
-    kinds = {}
-    for start, duration, name in kernels:
-        i = bisect.bisect_right(starts, start) - 1
-        if i < 0 or start >= spans[i][1]:
-            continue  # outside every step's span
-        row = kinds.setdefault(spans[i][2], [0, 0.0, 0.0, defaultdict(lambda: [0.0, 0])])
-        row[2] += duration
-        row[3][name][0] += duration
-        row[3][name][1] += 1
-    for start, end, kind in spans:
-        row = kinds.setdefault(kind, [0, 0.0, 0.0, defaultdict(lambda: [0.0, 0])])
-        row[0] += 1
-        row[1] += end - start
-    return kinds
 
 
 class SyncSites:
@@ -399,7 +381,7 @@ def profile_throughput(engine, runner, args, roofline) -> None:
 
     engine.generate(messages=chats(images[:n]), sampling_params=[params] * n)  # warm-up
     engine.flush_cache()
-    log = StepLog(runner)
+    log = StepLog(runner, args.device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device.startswith("cuda"):
         activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -417,28 +399,16 @@ def profile_throughput(engine, runner, args, roofline) -> None:
           f"{args.max_running} running at most ({prompt_tokens:.0f} prompt tokens each)\n")
     print(f"wall {wall:.2f} s under the profiler = {output_tokens / wall:,.0f} output tok/s; "
           f"device kernels {busy:.2f} s ({busy / wall:.0%} of the wall)\n")
-    print("| step kind | steps | wall s | wall ms per step | prefill tokens | decodes |")
-    print("|---|---|---|---|---|---|")
-    for kind, (count, seconds, prefill, decodes) in sorted(log.summary(start + wall).items()):
-        print(f"| {kind} | {count} | {seconds:.2f} | {seconds / count * 1e3:.1f} | {prefill:,} | "
-              f"{decodes:,} |")
-    print()
-    by_kind = device_time_by_kind(prof.events()) if args.device.startswith("cuda") else {}
-    if by_kind:
-        print("| step kind | device spans | span ms per step | kernels ms per step | "
-              "device idle inside the steps |")
-        print("|---|---|---|---|---|")
-        for kind, (count, span, busy, _) in sorted(by_kind.items()):
-            print(f"| {kind} | {count} | {span / max(count, 1) / 1e3:.2f} | "
-                  f"{busy / max(count, 1) / 1e3:.2f} | {1 - busy / max(span, 1e-9):.0%} |")
-        print()
+    print("| step kind | steps | wall s | wall ms per step | device ms per step | prefill tokens "
+          "| decodes |")
+    print("|---|---|---|---|---|---|---|")
+    for kind, (count, seconds, on_device, prefill, decodes) in sorted(
+            log.summary(start + wall).items()):
+        device_ms = f"{on_device / count * 1e3:.1f}" if on_device else "n/a"
+        print(f"| {kind} | {count} | {seconds:.2f} | {seconds / count * 1e3:.1f} | {device_ms} | "
+              f"{prefill:,} | {decodes:,} |")
+    print("\n(device ms: from the end of the work queued before the step to the end of its own)\n")
     print_rows(rows, args.top, 1, "kernel (whole run)")
-    for kind, (count, _, _, kernels) in sorted(by_kind.items()):
-        if kind != "decode path" and count:
-            print(f"\n{kind}:\n")
-            rows = sorted(((name, us, calls) for name, (us, calls) in kernels.items()),
-                          key=lambda r: -r[1])
-            print_rows(rows, args.top, count, f"kernel (per {kind} step)")
     if syncs is not None:
         print()
         syncs.print()

@@ -138,7 +138,10 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
         max_bs tokens, each reading one stored image of up to max_num_tiles
         tiles (pyvlm.runner.cuda_graphs)."""
         weight = self.multi_modal_projector.weight
-        max_blocks = -(-self.max_num_tiles * self.num_patches // pool.page_size)
+        # Whole pages: a page holds several blocks per cross-attention layer,
+        # so an image's blocks are not its rows / page_size (for
+        # Llama-3.2-11B-Vision's 4 tiles, 404 blocks where that gives 401).
+        max_blocks = pool.num_image_blocks(self.max_num_tiles * self.num_patches)
         return GraphCrossInputs(max_bs, max_blocks, pool, weight.dtype, weight.device)
 
     def cross_attention_inputs(self, chunks: Sequence[SequenceChunk], pool, encode: EncodeFn,

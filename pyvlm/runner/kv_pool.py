@@ -136,6 +136,14 @@ class KVPool:
         """Image K/V rows one page holds (0: no cross-attention layers)."""
         return self.shape.slices_per_cross_layer * self.page_size
 
+    def num_image_blocks(self, num_rows: int) -> int:
+        """How many blocks image_blocks gives for an image of num_rows rows:
+        its whole pages, each slices_per_cross_layer blocks (more than
+        num_rows / page_size when the last page is part empty)."""
+        if not self.shape.cross_layers:
+            return 0
+        return -(-num_rows // self.image_rows_per_page) * self.shape.slices_per_cross_layer
+
     def image_blocks(self, pages) -> List[int]:
         """The page_size-row blocks of an image's pages in a cross-attention
         layer's cache view, in row order (row r lives in block r // page_size)."""

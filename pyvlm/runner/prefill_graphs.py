@@ -54,11 +54,14 @@ Piece = Callable[[State], State]
 
 
 def prefill_graph_sizes(max_tokens: int) -> List[int]:
-    """Captured token counts: every 16 to 512, every 32 to 1,024, every 64
-    beyond (at most 15 padding rows, or 1/16 of a step's rows above 512;
-    padding rows cost the pieces their FLOPs, and a single image prompt's
-    prefill of a few hundred tokens is device bound), up to max_tokens."""
-    sizes = (list(range(16, 513, 16)) + list(range(544, 1025, 32))
+    """Captured token counts: 1, 2, 4, 8, then every 16 to 512, every 32 to
+    1,024, every 64 beyond (at most 15 padding rows, or 1/16 of a step's rows
+    above 512; padding rows cost the pieces their FLOPs, and a single image
+    prompt's prefill of a few hundred tokens is device bound), up to
+    max_tokens. The small ones keep a decode batch the decode graphs do not
+    take at its own rows: one or two rows run the skinny GEMM, sixteen
+    cuBLAS's GEMMs (pyvlm.layers.linear)."""
+    sizes = ([1, 2, 4, 8] + list(range(16, 513, 16)) + list(range(544, 1025, 32))
              + list(range(1088, max(max_tokens, 1) + 64, 64)))
     sizes = [s for s in sizes if s < max_tokens] + [max_tokens]
     return sorted(set(s for s in sizes if s >= 1))

@@ -76,7 +76,7 @@ class ServerArgs:
     mm_encoder_tp_mode: str = "data"
     torchrun: bool = False  # no flag: set from torchrun's environment (pyvlm.entrypoints.torchrun)
     disable_overlap_schedule: bool = False
-    max_mixed_prefill_tokens: Optional[int] = 512
+    max_mixed_prefill_tokens: Optional[int] = 1024  # pyvlm.config.SchedulerConfig says why
 
     @property
     def enable_mixed_chunk(self) -> bool:

@@ -202,6 +202,43 @@ def test_a_batch_reading_two_images_at_once_runs_eagerly(tiny_checkpoint_mllama)
     assert one_image and all(one_image)
 
 
+def test_an_image_of_the_most_tiles_decodes_in_the_graphs_when_pages_hold_several_blocks(
+        tiny_checkpoint_mllama_one_cross):
+    """With 3 self-attention layers to 1 cross-attention layer a page holds 3
+    blocks of an image's rows, so a 4-tile image (68 rows, 12 to a page of
+    4 tokens) takes 6 pages = 18 blocks, not ceil(68 / 4) = 17: the graphs'
+    static block tables must hold the whole pages (else every decode of such
+    an image runs eagerly, as Llama-3.2-11B-Vision's 4-tile images did:
+    404 blocks against 401). Every decode step of the request then fits the
+    graphs, and its tokens are transformers'."""
+    from transformers import AutoModelForImageTextToText
+
+    from tests.entrypoints.test_engine_parity_mllama import make_prompts as mllama_prompts
+
+    prompt, images = mllama_prompts(seed=4)[7]  # one 120 x 120 image: 4 tiles
+    hf_model = AutoModelForImageTextToText.from_pretrained(
+        tiny_checkpoint_mllama_one_cross, dtype=torch.float32).eval()
+    with engine_for(tiny_checkpoint_mllama_one_cross, page_size=4) as engine:
+        runner = engine.state.runner
+        pool = runner.pool
+        assert pool.shape.slices_per_cross_layer == 3
+        runner.capture_decode_graphs(2, engine.state.context_length, emulate=True)
+        fits, can_run = [], runner.graphs.can_run
+
+        def recording(chunks):
+            fits.append(can_run(chunks))
+            return fits[-1]
+
+        runner.graphs.can_run = recording
+        params = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
+        result = engine.generate(prompt, params, image_data=images)
+        (entry,) = engine.state.scheduler.kv.images.entries.values()
+        assert len(pool.image_blocks(entry.pages)) == 18 == pool.num_image_blocks(68)
+        reference = Reference(hf_model, engine).tokens(prompt, images)
+    assert fits and all(fits), fits
+    assert result["output_ids"] == reference[:6]
+
+
 @pytest.mark.cuda
 def test_cuda_graph_steps_of_a_cross_attention_model_match_eager_steps(tiny_checkpoint_mllama):
     """Real graphs for mllama give --disable-cuda-graph's tokens."""
