@@ -273,6 +273,10 @@ def notes(run: E2ERun) -> str:
     if "throughput" in ours.phases:
         parts.append(f"Throughput phase: {ours.num_ok}/{ours.num_requests} requests ok in "
                      f"{ours.wall_s:.2f} s.")
+    if ours.steps_by_path:
+        parts.append("Model steps by path (decode graph / piecewise graphs / eager): " + "; ".join(
+            f"{phase} {paths.get('decode_graph', 0)} / {paths.get('piecewise_graphs', 0)} / "
+            f"{paths.get('eager', 0)}" for phase, paths in ours.steps_by_path.items()) + ".")
     if ours.errors:
         parts.append(f"Errors: {'; '.join(ours.errors)}.")
     parts.append("Random weights: transformers' own init for it, `--load-format dummy` for "

@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -141,6 +141,9 @@ class PhaseResults:
     itl_p50_s: Optional[float] = None  # inter-token latency over every stream
     itl_p99_s: Optional[float] = None
     errors: List[str] = field(default_factory=list)
+    # per phase, the server's model steps by path (decode_graph, piecewise_graphs,
+    # eager: its engine stats num_steps_<path>); empty when the server has none
+    steps_by_path: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -304,11 +307,31 @@ async def run_phases(base_url: str, model: str, plan: Plan, photos=None,
     uris = [image_data_uri(p) for p in distinct_pictures(plan.num_images, image_size, photos)]
     phases = Phases(base_url, model, plan, uris)
     await phases.warmup()
+    before = await step_paths(base_url)
     for name in plan.phases():
         results = await getattr(phases, name)()
+        after = await step_paths(base_url)
+        if after:
+            results.steps_by_path[name] = {path: count - before.get(path, 0)
+                                           for path, count in after.items()}
+        before = after
         if on_phase is not None:
             on_phase(results)
     return phases.results
+
+
+async def step_paths(base_url: str) -> Dict[str, int]:
+    """The server's model steps so far by path (its engine stats'
+    num_steps_<path>, a pyvlm server's); {} when it reports none."""
+    try:
+        reply = await client.request(client.Server.from_url(base_url), "GET",
+                                     "/get_server_info", timeout=30)
+        stats = reply.json().get("engine_stats", {}) if reply.status == 200 else {}
+    except (OSError, ValueError, asyncio.TimeoutError):
+        return {}
+    prefix = "num_steps_"
+    return {key[len(prefix):]: int(value) for key, value in stats.items()
+            if key.startswith(prefix)}
 
 
 def print_results(results: PhaseResults) -> None:

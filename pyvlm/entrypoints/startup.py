@@ -54,7 +54,7 @@ class CoreState:
         return True
 
     def stats(self) -> Dict[str, float]:
-        return dict(self.scheduler.stats())
+        return {**self.scheduler.stats(), **self.runner.step_path_stats()}
 
 
 CORE_COMMANDS = ("flush_cache", "stats")

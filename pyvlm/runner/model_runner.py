@@ -28,6 +28,12 @@ from pyvlm.runner.sampler import DrawnSamples
 
 logger = logging.getLogger("pyvlm.runner")
 
+# The ways a step's model forward runs, counted per step (ModelRunner.step_paths):
+# the decode graph of its padded batch, the piecewise graphs around eager
+# attention, or wholly eager. A fast path that silently stops taking the steps
+# it was built for shows here (the stats and /metrics), not only as a slower run.
+STEP_PATHS = ("decode_graph", "piecewise_graphs", "eager")
+
 FaultHook = Callable[[str, Sequence[SequenceChunk]], None]
 """Test hook: called with a stage ("vision", "prefill", "decode", "sampling")
 and the chunks it is about to process; raising there injects a fault."""
@@ -55,6 +61,7 @@ class ModelRunner:
         self.prefill_graphs: Optional[PrefillGraphs] = None  # capture_prefill_graphs
         self.step_memory = None  # what start-up reserved beside the pool (memory_profile)
         self.penalties = PenaltyState()  # penalized requests' token counts, on the device
+        self.step_paths: Dict[str, int] = dict.fromkeys(STEP_PATHS, 0)  # steps run each way
         # The last launched step's sampled tokens (device) and each request's row.
         self._previous: Optional[Tuple[torch.Tensor, Dict[str, int]]] = None
 
@@ -104,6 +111,7 @@ class ModelRunner:
         future = self._stage_future_tokens(chunks, upload)
         if self._graph_runs(batch, sampled):
             replay = self.graphs.stage(chunks, upload)
+            self.step_paths["decode_graph"] += 1
             upload.to(self.device)
             self._at("decode", chunks)
             logits = replay(future)
@@ -219,12 +227,18 @@ class ModelRunner:
             self._at("decode" if batch.is_decode else "prefill", chunks)
             rows = rows[0] if len(rows) == 1 else rows
             if self.prefill_graphs is not None and self.prefill_graphs.can_run(len(input_ids)):
+                self.step_paths["piecewise_graphs"] += 1
                 if embeds is None:
                     embeds = self.model.embed_tokens(input_ids)
                 return self.prefill_graphs.forward(embeds, rows, attn)
+            self.step_paths["eager"] += 1
             return self.model.forward(input_ids, rows, attn, self.pool.caches, embeds)
 
         return run
+
+    def step_path_stats(self) -> Dict[str, int]:
+        """Steps run so far by path (STEP_PATHS), as num_steps_<path>."""
+        return {f"num_steps_{path}": count for path, count in self.step_paths.items()}
 
     def _at(self, stage: str, chunks: Sequence[SequenceChunk]) -> None:
         if self.fault_hook is not None:

@@ -162,3 +162,47 @@ def test_the_decode_phase_reports_its_median_run():
     assert median_run(runs) == (128, 1.0)
     assert decode_rate(median_run(runs)) == pytest.approx(127.0)
     assert median_run([(16, 1.0), (16, 0.5)]) == (16, 0.5)  # upper middle of two
+
+
+def test_each_phase_records_the_servers_steps_by_path(monkeypatch):
+    """run_phases keeps, per phase, the steps the server ran each way during
+    it (the counters' differences), and the notes print them."""
+    import asyncio
+
+    from benchmarks.load import serving_phases
+
+    counters = iter([{"decode_graph": 5, "piecewise_graphs": 1, "eager": 0},
+                     {"decode_graph": 5, "piecewise_graphs": 9, "eager": 0},
+                     {"decode_graph": 385, "piecewise_graphs": 12, "eager": 2}])
+
+    async def step_paths(base_url):
+        return next(counters)
+
+    class Phases:
+        def __init__(self, *args):
+            self.results = PhaseResults()
+
+        async def warmup(self):
+            pass
+
+        async def ttft(self):
+            self.results.phases.append("ttft")
+            return self.results
+
+        async def decode(self):
+            self.results.phases.append("decode")
+            return self.results
+
+    monkeypatch.setattr(serving_phases, "step_paths", step_paths)
+    monkeypatch.setattr(serving_phases, "Phases", Phases)
+    monkeypatch.setattr(serving_phases, "distinct_pictures", lambda *args: [])
+    plan = Plan(num_ttft=1, decode_tokens=8, num_requests=0, step_concurrency=0)
+    assert plan.phases() == ["ttft", "decode"]
+    results = asyncio.run(serving_phases.run_phases("http://127.0.0.1:1", "m", plan))
+    assert results.steps_by_path == {
+        "ttft": {"decode_graph": 0, "piecewise_graphs": 8, "eager": 0},
+        "decode": {"decode_graph": 380, "piecewise_graphs": 3, "eager": 2}}
+    run = bench_e2e_gpu.E2ERun(bench_e2e_gpu.parse_args(["--model", "qwen2-vl-7b-narrow"]), None,
+                               table.Measured(PLAN, ROOFLINE, SHAPE, None, results, ()))
+    assert ("Model steps by path (decode graph / piecewise graphs / eager): ttft 0 / 8 / 0; "
+            "decode 380 / 3 / 2.") in bench_e2e_gpu.notes(run)

@@ -234,6 +234,7 @@ def test_an_image_of_the_most_tiles_decodes_in_the_graphs_when_pages_hold_severa
         result = engine.generate(prompt, params, image_data=images)
         (entry,) = engine.state.scheduler.kv.images.entries.values()
         assert len(pool.image_blocks(entry.pages)) == 18 == pool.num_image_blocks(68)
+        assert engine.get_stats()["num_steps_decode_graph"] == len(fits)  # counted as replays
         reference = Reference(hf_model, engine).tokens(prompt, images)
     assert fits and all(fits), fits
     assert result["output_ids"] == reference[:6]
@@ -255,3 +256,23 @@ def test_cuda_graph_steps_of_a_cross_attention_model_match_eager_steps(tiny_chec
         eager = generate_mllama_staggered(engine, prompts)
     assert {1, 2, 3, 4} <= set(staged), staged
     assert [r["output_ids"] for r in graphed] == [r["output_ids"] for r in eager]
+
+
+@pytest.mark.cuda
+def test_cuda_graphs_decode_a_4_tile_image_when_pages_hold_several_blocks(
+        tiny_checkpoint_mllama_one_cross):
+    """Real graphs take the decodes of a 4-tile image whose pages hold 3
+    blocks each (see the emulated test above) and give the eager tokens."""
+    from tests.entrypoints.test_engine_parity_mllama import make_prompts as mllama_prompts
+
+    prompt, images = mllama_prompts(seed=4)[7]
+    args = dict(device="cuda", max_total_tokens=8192, cuda_graph_max_bs=2,
+                engine_process="thread")
+    params = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
+    with engine_for(tiny_checkpoint_mllama_one_cross, **args) as engine:
+        staged = count_replays(engine.state.runner.graphs)
+        graphed = engine.generate(prompt, params, image_data=images)
+    with engine_for(tiny_checkpoint_mllama_one_cross, disable_cuda_graph=True, **args) as engine:
+        eager = engine.generate(prompt, params, image_data=images)
+    assert len(staged) >= 4, staged  # the decode steps after the prompt's (5, one may overlap)
+    assert graphed["output_ids"] == eager["output_ids"]

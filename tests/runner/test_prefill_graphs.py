@@ -51,11 +51,12 @@ def prompts_for(engine, checkpoint):
     return make_prompts(seed=6, image=engine.builder.image_token)
 
 
-@pytest.mark.parametrize("max_tokens", [40, 96])
+@pytest.mark.parametrize("max_tokens", [24, 96])
 def test_emulated_piecewise_steps_match_transformers(checkpoint, hf_model, max_tokens):
     """8 requests in chunks of at most 32 prompt tokens: prefill, mixed and
-    decode steps run through the padded pieces (40: the larger steps run
-    eagerly beside them); every token equals transformers'."""
+    decode steps (at most 40 tokens) run through the padded pieces (24: the
+    larger steps run eagerly beside them); every token equals
+    transformers'."""
     with engine_for(checkpoint, chunked_prefill_size=32, max_prefill_tokens=64) as engine:
         runner = engine.state.runner
         runner.capture_prefill_graphs(max_tokens, emulate=True)
@@ -63,9 +64,14 @@ def test_emulated_piecewise_steps_match_transformers(checkpoint, hf_model, max_t
         reference = Reference(hf_model, engine)
         prompts = prompts_for(engine, checkpoint)
         results = generate_all(engine, prompts)
+        stats = engine.get_stats()
     sizes = runner.prefill_graphs.sizes
     padded = {next(s for s in sizes if s >= n) - n for n in counts}
     assert len(counts) > 10 and max(padded) > 0, counts  # real padding, many steps
+    # The engine's stats count the steps each way (no decode graphs captured here).
+    assert stats["num_steps_piecewise_graphs"] == len(counts)
+    assert stats["num_steps_decode_graph"] == 0
+    assert (stats["num_steps_eager"] > 0) == (max_tokens == 24), stats
     assert_same_tokens(results, prompts, reference)
 
 

@@ -111,6 +111,12 @@ def test_metrics_count_tokens_and_running_returns_to_zero_after_disconnect(app_w
                  if line.startswith("pyvlm:generation_tokens_total")][0]
     assert float(generated.split()[-1]) >= 6
     assert 'pyvlm:e2e_request_latency_seconds_bucket{model_name="tiny",le="+Inf"}' in after
+    # Steps by path: a CPU engine captures no graphs, so every step ran eagerly.
+    assert "# TYPE pyvlm:model_steps_total counter" in after
+    assert 'pyvlm:model_steps_total{model_name="tiny",path="decode_graph"} 0' in after
+    eager = [line for line in after.splitlines()
+             if line.startswith('pyvlm:model_steps_total{model_name="tiny",path="eager"}')]
+    assert eager and float(eager[0].split()[-1]) >= 6, eager
 
 
 def test_every_flag_is_parsed_and_documented():

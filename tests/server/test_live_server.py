@@ -185,6 +185,23 @@ def test_64_streaming_clients_with_a_quarter_disconnecting(server):
     assert usage and float(usage[0].split()[-1]) == 0, usage
 
 
+def test_the_benchmarks_read_the_engines_steps_by_path(server):
+    """benchmarks.load.serving_phases.step_paths reads the engine's step
+    counters through /get_server_info: a CPU server captures no graphs, so
+    its steps all ran eagerly, and a request adds to them."""
+    import asyncio
+
+    from benchmarks.load.serving_phases import step_paths
+
+    base, _ = server
+    before = asyncio.run(step_paths(base))
+    assert chat(base, [{"role": "user", "content": "count the steps"}]).status_code == 200
+    after = asyncio.run(step_paths(base))
+    assert set(after) == {"decode_graph", "piecewise_graphs", "eager"}, after
+    assert after["decode_graph"] == after["piecewise_graphs"] == 0
+    assert after["eager"] >= before["eager"] + 16  # a prefill and 15 decode steps at least
+
+
 def test_sigterm_shuts_down_cleanly(tiny_checkpoint_qwen2):
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "pyvlm", "--model", str(tiny_checkpoint_qwen2),
