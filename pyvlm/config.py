@@ -115,6 +115,9 @@ class RunnerConfig:
     # tests passed on an H100 (37c9851); the TTFT of one image read 24.2 ms
     # with them against 25.3 without, and 256 @ 64 +2% (benchmarks/RESULTS.md).
     vision_cuda_graphs: int = 8
+    # Run the vision tower on a second CUDA stream (pyvlm/runner/encoder_cache.py),
+    # beside the step in flight instead of after it; off until measured on a GPU.
+    vision_side_stream: bool = False
     # Where the scheduler and the model run: "process" (their own process,
     # as vLLM's EngineCore and SGLang's scheduler process), "thread" (a
     # thread of the caller's process), or "auto" (process on CUDA, thread

@@ -285,7 +285,7 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
     step_memory = measure_step_memory(
         model, shape, config.cache.page_size, device, config.scheduler.max_prefill_tokens,
         context_length, decode_graph_batch_limit(config, device), config.cache.encoder_cache_bytes,
-        prefill_graph_token_limit(config, device))
+        prefill_graph_token_limit(config, device), takes_vision_side_stream(config, device))
     num_pages = least_over_ranks(pool_num_pages(
         shape, config.cache.page_size, device, config.cache.max_total_tokens,
         config.cache.mem_fraction_static, step_memory.total), device)
@@ -295,9 +295,12 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
     vision = None
     if getattr(model, "image_token_id", None) is not None:
         rows_of = getattr(model, "encoder_rows_of", None)
+        side_stream = (torch.cuda.Stream(device) if takes_vision_side_stream(config, device)
+                       else None)
         vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes),
                                rows_of, model.prepare_images, device,
-                               image_shares_for(config, model, rows_of, dtype, device))
+                               image_shares_for(config, model, rows_of, dtype, device),
+                               side_stream)
     runner = ModelRunner(model, pool, device, vision, index_checks_for(config, device))
     runner.step_memory = step_memory
     return model, runner
@@ -313,6 +316,14 @@ def image_shares_for(config: EngineConfig, model, rows_of, dtype,
         return None
     return ImageShares(group, rows_of or (lambda item: item.length),
                        model.language_model.shape.hidden_size, dtype, device)
+
+
+def takes_vision_side_stream(config: EngineConfig, device: torch.device) -> bool:
+    """Whether the tower runs on a stream of its own (--vision-side-stream):
+    on CUDA with one rank (tensor-parallel ranks exchange a tower's rows or
+    partial sums on the step's stream)."""
+    return (config.runner.vision_side_stream and device.type == "cuda"
+            and current_group().size == 1)
 
 
 def shards_towers(config: EngineConfig) -> bool:

@@ -1,6 +1,14 @@
 """Vision-tower batching with an LRU cache of encoder outputs keyed by the
 image's content hash: the images of one step that miss the cache go through
-the tower in one batched call; a hit skips the tower."""
+the tower in one batched call; a hit skips the tower.
+
+On CUDA the tower may run on a side stream (--vision-side-stream). With
+overlap scheduling a step that starts images is launched while the step
+before it still runs; on the step's stream its tower would queue behind
+that step, on a side stream it starts at once, beside it. The tower reads
+nothing the steps write (its pixels come from the host, its weights do not
+change), so only the step that merges its rows waits for it.
+"""
 
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence
@@ -68,16 +76,18 @@ class VisionBatcher:
     def __init__(self, encode_fn: EncodeFn, cache: EncoderCache,
                  rows_of: Optional[Callable[[MultimodalItem], int]] = None,
                  prepare: Optional[PrepareFn] = None, device: Optional[torch.device] = None,
-                 shares: Optional[ImageShares] = None):
+                 shares: Optional[ImageShares] = None, side_stream=None):
         """prepare/device: the family's prepare_images and where it runs for
         items whose images the front left to the step (DeferredImage);
         shares: the tensor-parallel ranks' split of the misses (each rank
         encodes its share, pyvlm.runner.image_shares); None: this process
-        encodes them all."""
+        encodes them all. side_stream: a torch.cuda.Stream the tower runs
+        on (module docstring); None: the caller's stream."""
         self.encode_fn, self.cache = encode_fn, cache
         self.rows_of = rows_of or (lambda item: item.length)
         self.prepare, self.device = prepare, device
         self.shares = shares
+        self.side_stream = side_stream
 
     def embed(self, items: Sequence[MultimodalItem]) -> Dict[int, torch.Tensor]:
         found: Dict[int, torch.Tensor] = {}
@@ -96,12 +106,27 @@ class VisionBatcher:
 
     def _encode(self, items: List[MultimodalItem]) -> Dict[int, torch.Tensor]:
         if self.shares is None:
-            embeddings = self._encode_here(items)
+            embeddings = self._on_side_stream(self._encode_here, items)
         else:
             embeddings = self.shares.encode(items, self._encode_here)
         for item, emb in zip(items, embeddings):
             self.cache.put(item.hash, emb)
         return {item.hash: emb for item, emb in zip(items, embeddings)}
+
+    def _on_side_stream(self, encode: EncodeFn,
+                        items: Sequence[MultimodalItem]) -> List[torch.Tensor]:
+        """encode(items) on the side stream, if any; the caller's stream then
+        waits for it before its next work, and owns the rows it reads (the
+        allocator reuses their memory only once that stream is past them)."""
+        if self.side_stream is None:
+            return encode(items)
+        step_stream = torch.cuda.current_stream(self.side_stream.device)
+        with torch.cuda.stream(self.side_stream):
+            embeddings = encode(items)
+        step_stream.wait_stream(self.side_stream)
+        for emb in embeddings:
+            emb.record_stream(step_stream)
+        return embeddings
 
     def _encode_here(self, items: Sequence[MultimodalItem]) -> List[torch.Tensor]:
         """items' rows from this process's tower (deferred images prepared

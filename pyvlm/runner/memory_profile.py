@@ -15,7 +15,10 @@ pool, the activations, the CUDA graphs and the encoder cache all fit in
 
 The vision tower is not run: its inputs are a family's own; its rows count
 against the same prefill token budget, and its activations are freed
-before the decoder's prefill of them starts.
+before the decoder's prefill of them starts. On a side stream
+(--vision-side-stream) the allocator keeps its freed memory for that
+stream, so the largest prefill's activations are reserved once more for
+it (a bound: a tower row's activations are narrower than a decoder row's).
 """
 
 import logging
@@ -38,27 +41,32 @@ class StepMemory:
     decode_bytes: int
     encoder_cache_bytes: int
     prefill_graph_bytes: int = 0
+    vision_stream_bytes: int = 0  # the tower's activations on its own stream
 
     @property
     def total(self) -> int:
         return (self.prefill_bytes + self.decode_bytes + self.encoder_cache_bytes
-                + self.prefill_graph_bytes)
+                + self.prefill_graph_bytes + self.vision_stream_bytes)
 
     def describe(self) -> str:
+        side = (f", vision side stream {self.vision_stream_bytes / GIB:.2f}"
+                if self.vision_stream_bytes else "")
         return (f"{self.total / GIB:.2f} GiB reserved for steps (prefill activations "
                 f"{self.prefill_bytes / GIB:.2f}, decode graphs {self.decode_bytes / GIB:.2f}, "
                 f"prefill graphs {self.prefill_graph_bytes / GIB:.2f}, "
-                f"encoder cache {self.encoder_cache_bytes / GIB:.2f})")
+                f"encoder cache {self.encoder_cache_bytes / GIB:.2f}{side})")
 
 
 @torch.inference_mode()
 def measure_step_memory(model: torch.nn.Module, shape: KVShape, page_size: int,
                         device: torch.device, num_prefill_tokens: int, max_seq_len: int,
                         max_decode_batch: int, encoder_cache_bytes: int,
-                        max_graph_tokens: int = 0) -> StepMemory:
+                        max_graph_tokens: int = 0,
+                        vision_side_stream: bool = False) -> StepMemory:
     """Peak bytes of a prefill of num_prefill_tokens, of a decode of
-    max_decode_batch sequences and of the prefill graphs of up to
-    max_graph_tokens tokens (0 on the CPU, where nothing is reserved)."""
+    max_decode_batch sequences, of the prefill graphs of up to
+    max_graph_tokens tokens and, with vision_side_stream, of the tower's
+    own stream (0 on the CPU, where nothing is reserved)."""
     if device.type != "cuda":
         return StepMemory(0, 0, 0)
     lengths = _split(num_prefill_tokens, max(max_seq_len, 1))
@@ -69,7 +77,8 @@ def measure_step_memory(model: torch.nn.Module, shape: KVShape, page_size: int,
     if max_graph_tokens > 0:
         graphs = _peak_bytes(model, shape, page_size, device,
                              _split(max_graph_tokens, max(max_seq_len, 1)), is_decode=False)
-    memory = StepMemory(prefill, decode, encoder_cache_bytes, graphs)
+    memory = StepMemory(prefill, decode, encoder_cache_bytes, graphs,
+                        prefill if vision_side_stream else 0)
     logger.info("%s", memory.describe())
     return memory
 

@@ -66,6 +66,7 @@ class ServerArgs:
     disable_cuda_graph: bool = False
     piecewise_cuda_graph_max_tokens: int = 1024
     vision_cuda_graphs: int = 8
+    vision_side_stream: bool = False
     engine_process: str = "auto"
     tp_size: int = 1
     dp_size: int = 1
@@ -102,7 +103,7 @@ class ServerArgs:
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
                  "disable_cuda_graph", "piecewise_cuda_graph_max_tokens", "vision_cuda_graphs",
-                 "engine_process",
+                 "vision_side_stream", "engine_process",
                  "max_mixed_prefill_tokens", "tp_size", "dp_size", "dist_port", "nnodes",
                  "node_rank", "dist_init_addr", "mm_encoder_tp_mode", "torchrun")
         kwargs = {name: getattr(self, name) for name in names}
@@ -199,6 +200,11 @@ _FLAGS = [
      "CUDA: Qwen2-VL/Qwen2.5-VL vision-tower CUDA graphs kept, one per combination of image "
      "sizes in a step, captured the second time it is seen (default 8; 0: the tower runs "
      "eagerly)"),
+    (("--vision-side-stream",), "store_true",
+     "CUDA, one GPU per replica: run the vision tower on a second stream, beside the step in "
+     "flight (overlap scheduling launches a step that starts images while the one before it "
+     "runs) instead of after it; reserves its activations apart (off by default: not yet "
+     "measured)"),
     (("--max-mixed-prefill-tokens",), int,
      "most prefill tokens in a step that also decodes the running requests (default 1024; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "

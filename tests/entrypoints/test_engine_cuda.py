@@ -61,7 +61,9 @@ def hf_model_cuda(checkpoint):
     return hf_float32(checkpoint, "cuda")
 
 
-@pytest.mark.parametrize("server_args", [{}, {"chunked_prefill_size": 16}])
+@pytest.mark.parametrize("server_args", [
+    {}, {"chunked_prefill_size": 16},
+    {"chunked_prefill_size": 16, "vision_side_stream": True}])  # the tower beside the steps
 def test_cuda_engine_matches_transformers(checkpoint, hf_model_cuda, server_args):
     with engine_for(checkpoint, device="cuda", max_total_tokens=8192,
                     **server_args) as engine:

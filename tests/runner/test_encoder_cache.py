@@ -67,3 +67,52 @@ def test_row_count_mismatch_is_an_error():
     batcher = VisionBatcher(lambda items: [torch.zeros(2, 4) for _ in items], EncoderCache(1 << 20))
     with pytest.raises(RuntimeError, match="2 rows for an image that needs 3"):
         batcher.embed([_item(1, 3)])
+
+
+def test_on_a_side_stream_the_tower_runs_there_and_the_step_stream_waits_for_it(monkeypatch):
+    """--vision-side-stream, with torch.cuda's stream calls replaced by
+    recorders (this machine has no GPU; tests/entrypoints/test_engine_cuda.py
+    checks the tokens on one): the misses are encoded inside the side
+    stream, then the step's stream waits for it, then owns each row; a
+    cache hit touches no stream."""
+    import contextlib
+
+    events = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.device = name, torch.device("cuda", 0)
+
+        def wait_stream(self, other):
+            events.append((self.name, "waits for", other.name))
+
+    side, step = Stream("side"), Stream("step")
+    current = [step]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        events.append(("enter", stream.name))
+        try:
+            yield
+        finally:
+            current.pop()
+            events.append(("exit", stream.name))
+
+    def encoder(items):
+        events.append(("encode on", current[-1].name, [it.hash for it in items]))
+        return [torch.full((it.length, 4), float(it.hash)) for it in items]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: events.append(
+        ("rows of", float(self[0, 0]), "owned by", stream.name)), raising=False)
+    batcher = VisionBatcher(encoder, EncoderCache(1 << 20), side_stream=side)
+    rows = batcher.embed([_item(1), _item(2)])
+    assert events == [("enter", "side"), ("encode on", "side", [1, 2]), ("exit", "side"),
+                      ("step", "waits for", "side"),
+                      ("rows of", 1.0, "owned by", "step"), ("rows of", 2.0, "owned by", "step")]
+    assert torch.equal(rows[2], torch.full((3, 4), 2.0))
+    events.clear()
+    assert torch.equal(batcher.embed([_item(1)])[1], torch.full((3, 4), 1.0))
+    assert events == []  # a hit: no tower, no stream
