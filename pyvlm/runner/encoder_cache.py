@@ -76,7 +76,8 @@ class VisionBatcher:
     def __init__(self, encode_fn: EncodeFn, cache: EncoderCache,
                  rows_of: Optional[Callable[[MultimodalItem], int]] = None,
                  prepare: Optional[PrepareFn] = None, device: Optional[torch.device] = None,
-                 shares: Optional[ImageShares] = None, side_stream=None):
+                 shares: Optional[ImageShares] = None,
+                 side_stream: Optional["torch.cuda.Stream"] = None):
         """prepare/device: the family's prepare_images and where it runs for
         items whose images the front left to the step (DeferredImage);
         shares: the tensor-parallel ranks' split of the misses (each rank
