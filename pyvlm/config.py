@@ -73,8 +73,8 @@ class SchedulerConfig:
     # the limits above), the tower's work on the images a chunk starts
     # counted too (pyvlm/scheduling/encoder_budget.py): a mixed step of 8k new
     # tokens would stall every stream for the time of a long prefill. 1024
-    # takes one typical image prompt whole (a 411-token Qwen2-VL prompt pays
-    # 802 with its tower) but not two; 512 cut it in two steps, which on an
+    # takes one typical image prompt whole (411 tokens, 802 with its tower's
+    # charge) but not two; 512 cut it in two steps, which on an
     # H200 cost 25% of the 256 @ 64 throughput and tripled the inter-token
     # p50 for a 13% lower p99 (benchmarks/RESULTS.md, 2026-12-07 H200).
     max_mixed_prefill_tokens: Optional[int] = 1024

@@ -30,8 +30,8 @@ never concurrently, so a piece may reuse what an earlier piece's outputs
 held once the piece after it has read them (torch.cuda.graph's rule for
 shared pools).
 
-A layer without before_attention/after_attention (Llama-3.2-Vision's
-cross-attention layers) runs eagerly whole between pieces.
+A layer without before_attention/after_attention (e.g. a cross-attention
+family's image layers) runs eagerly whole between pieces.
 
 `emulate=True` runs the same pieces and buffers eagerly (CPU tests of the
 padding and hand-off logic; never faster).
@@ -117,7 +117,7 @@ class _EagerLayerStep:
 
 
 class PrefillGraphs:
-    """Piecewise graphs of `decoder` (a LlamaModel: layers, norm) over
+    """Piecewise graphs of `decoder` (a decoder with `layers` and `norm`) over
     `kv_caches`, one set per size of prefill_graph_sizes(max_tokens)."""
 
     def __init__(self, decoder: torch.nn.Module, kv_caches, max_tokens: int,
