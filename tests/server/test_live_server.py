@@ -195,7 +195,8 @@ def test_the_benchmarks_read_the_engines_steps_by_path(server):
 
     base, _ = server
     before = asyncio.run(step_paths(base))
-    assert chat(base, [{"role": "user", "content": "count the steps"}]).status_code == 200
+    reply = chat(base, [{"role": "user", "content": "count the steps"}], ignore_eos=True)
+    assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 16
     after = asyncio.run(step_paths(base))
     assert set(after) == {"decode_graph", "piecewise_graphs", "eager"}, after
     assert after["decode_graph"] == after["piecewise_graphs"] == 0
