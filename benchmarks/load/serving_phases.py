@@ -44,7 +44,9 @@ from benchmarks.bench_serving import (RequestTiming, chat_target, image_data_uri
 from benchmarks.load import client  # noqa: E402
 from benchmarks.load.images import distinct_pictures  # noqa: E402
 from benchmarks.load.report import percentile  # noqa: E402
+from benchmarks.load.server import engine_stats  # noqa: E402
 from benchmarks.load.workload import WORDS  # noqa: E402
+from pyvlm.scheduling.types import step_paths_of  # noqa: E402
 
 IMAGE_SIZE = (644, 476)  # width, height: 17 x 23 Qwen2-VL merged blocks, no resize
 # Per model (by name, "-narrow" or not) where the default is a poor probe:
@@ -142,7 +144,7 @@ class PhaseResults:
     itl_p99_s: Optional[float] = None
     errors: List[str] = field(default_factory=list)
     # per phase, the server's model steps by path (decode_graph, piecewise_graphs,
-    # eager: its engine stats num_steps_<path>); empty when the server has none
+    # eager: pyvlm.scheduling.types.step_paths_of); empty when the server has none
     steps_by_path: Dict[str, Dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -321,17 +323,13 @@ async def run_phases(base_url: str, model: str, plan: Plan, photos=None,
 
 
 async def step_paths(base_url: str) -> Dict[str, int]:
-    """The server's model steps so far by path (its engine stats'
-    num_steps_<path>, a pyvlm server's); {} when it reports none."""
+    """The server's model steps so far by path (a pyvlm server's engine
+    stats, step_paths_of); {} when it reports none."""
     try:
-        reply = await client.request(client.Server.from_url(base_url), "GET",
-                                     "/get_server_info", timeout=30)
-        stats = reply.json().get("engine_stats", {}) if reply.status == 200 else {}
-    except (OSError, ValueError, asyncio.TimeoutError):
+        stats = await engine_stats(client.Server.from_url(base_url))
+    except (OSError, ValueError, KeyError, RuntimeError, asyncio.TimeoutError):
         return {}
-    prefix = "num_steps_"
-    return {key[len(prefix):]: int(value) for key, value in stats.items()
-            if key.startswith(prefix)}
+    return step_paths_of(stats)
 
 
 def print_results(results: PhaseResults) -> None:

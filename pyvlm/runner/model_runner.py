@@ -14,7 +14,7 @@ import torch
 from pyvlm import ops
 from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.scheduling.future_tokens import FUTURE_TOKEN
-from pyvlm.scheduling.types import ForwardBatch, SampleResult, SequenceChunk
+from pyvlm.scheduling.types import STEP_PATH_STAT, ForwardBatch, SampleResult, SequenceChunk
 from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.runner import sampler
 from pyvlm.ops.host_upload import HostUpload
@@ -237,8 +237,9 @@ class ModelRunner:
         return run
 
     def step_path_stats(self) -> Dict[str, int]:
-        """Steps run so far by path (STEP_PATHS), as num_steps_<path>."""
-        return {f"num_steps_{path}": count for path, count in self.step_paths.items()}
+        """Steps run so far by path (STEP_PATHS), as engine stats
+        (pyvlm.scheduling.types.STEP_PATH_STAT)."""
+        return {STEP_PATH_STAT + path: count for path, count in self.step_paths.items()}
 
     def _at(self, stage: str, chunks: Sequence[SequenceChunk]) -> None:
         if self.fault_hook is not None:

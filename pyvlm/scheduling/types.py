@@ -11,7 +11,7 @@ in slot page_table[i // page_size] * page_size + i % page_size.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -204,3 +204,14 @@ class Tokenizer(Protocol):
 
 
 SchedulerStats = Dict[str, float]
+
+# The engine's stats also count its model steps by the way each ran (decode
+# graph, piecewise graphs, eager: pyvlm.runner.model_runner.STEP_PATHS), one
+# entry per path named STEP_PATH_STAT + path.
+STEP_PATH_STAT = "num_steps_"
+
+
+def step_paths_of(stats: Mapping[str, Any]) -> Dict[str, int]:
+    """{path: steps} from engine stats ({} when they count none)."""
+    return {key[len(STEP_PATH_STAT):]: int(value) for key, value in stats.items()
+            if key.startswith(STEP_PATH_STAT)}

@@ -5,10 +5,10 @@ engine's stats when /metrics is scraped."""
 import bisect
 from typing import Dict, List, Mapping, Optional, Sequence
 
+from pyvlm.scheduling.types import step_paths_of
 from pyvlm.server.generation import Timing
 
 PREFIX = "pyvlm"
-STEP_STATS = "num_steps_"  # the engine's steps by path: num_steps_<path>
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.1, 0.25, 0.5, 1.0, 2.5)
 E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -104,16 +104,16 @@ class ServerMetrics:
             for r in replicas]
 
     def _step_path_lines(self, stats: Mapping) -> List[str]:
-        """The engine's model steps by the way they ran (its num_steps_<path>
-        stats: decode graph, piecewise graphs, eager), one counter labelled
-        by path (summed over data-parallel replicas)."""
-        paths = sorted(key[len(STEP_STATS):] for key in stats if key.startswith(STEP_STATS))
+        """The engine's model steps by the way they ran (step_paths_of: decode
+        graph, piecewise graphs, eager), one counter labelled by path (summed
+        over data-parallel replicas)."""
+        paths = step_paths_of(stats)
         if not paths:
             return []
         name = f"{PREFIX}:model_steps_total"
         return [f"# HELP {name} Model steps run, by path (CUDA graph or eager).",
                 f"# TYPE {name} counter"] + [
-            f'{name}{{{self.labels},path="{path}"}} {stats[STEP_STATS + path]}' for path in paths]
+            f'{name}{{{self.labels},path="{path}"}} {count}' for path, count in sorted(paths.items())]
 
     def _request_lines(self) -> List[str]:
         name = f"{PREFIX}:http_requests_total"
