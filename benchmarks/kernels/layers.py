@@ -52,7 +52,10 @@ def norm_rows(device, tokens, hidden, dtype):
     return rows
 
 
-def rotary_rows(device, tokens, dtype, heads=28, kv_heads=4, head_size=128):
+def rotary_rows(device, tokens, dtype, heads=28, kv_heads=4, head_size=128, section=(16, 24, 24)):
+    """rotary_embedding and mrope over q/k views of one fused qkv projection;
+    section: mrope's (Qwen2-VL's decoder: 16/24/24; its vision tower's 2-D
+    rotary: two sections of head_size / 4)."""
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_size, device=device, dtype=dtype)
     q, k, _ = qkv.split([heads * head_size, kv_heads * head_size, kv_heads * head_size], dim=-1)
     cache = cos_sin_cache(default_inv_freq(head_size, 1e6, device), 32768)
@@ -67,14 +70,30 @@ def rotary_rows(device, tokens, dtype, heads=28, kv_heads=4, head_size=128):
                 qk_bytes + tokens * (8 + head_size * 4))]
 
     def eager_mrope():
-        cos, sin = mrope_cos_sin(mpos, cache, [16, 24, 24])
+        cos, sin = mrope_cos_sin(mpos, cache, list(section))
         return eager_rotary(q, k, cos, sin, head_size)
 
-    ours = time_us(lambda: ops.mrope(mpos, q, k, head_size, cache, [16, 24, 24]), device)
+    ours = time_us(lambda: ops.mrope(mpos, q, k, head_size, cache, list(section)), device)
     base = time_us(eager_mrope, device)
-    rows.append(Row("mrope", case, device, ours, "HF mrope recompose + rotate_half", base,
+    rows.append(Row("mrope", f"{case} sections {'/'.join(map(str, section))}", device, ours,
+                    "HF mrope recompose + rotate_half", base,
                     qk_bytes + tokens * 3 * (8 + head_size * 4)))
     return rows
+
+
+# (tokens, heads, kv_heads, head_size, mrope sections) on the GPU: a decode
+# batch below and at the rows kernel's threshold (64), a Qwen2-VL-7B image
+# prompt's prefill, its tower's patches (16 heads of 80, q and k alike), and
+# long prefills.
+CUDA_ROTARY_CASES = [
+    (32, 28, 4, 128, (16, 24, 24)),
+    (64, 28, 4, 128, (16, 24, 24)),
+    (411, 28, 4, 128, (16, 24, 24)),
+    (1564, 16, 16, 80, (20, 20)),
+    (6256, 16, 16, 80, (20, 20)),
+    (4096, 28, 4, 128, (16, 24, 24)),
+    (8192, 28, 4, 128, (16, 24, 24)),
+]
 
 
 def run(device: str):
@@ -82,8 +101,8 @@ def run(device: str):
         rows = []
         for tokens, hidden in [(4096, 3584), (8192, 4096)]:
             rows += norm_rows(device, tokens, hidden, torch.bfloat16)
-        for tokens in [4096, 8192]:
-            rows += rotary_rows(device, tokens, torch.bfloat16)
+        for tokens, heads, kv_heads, head_size, section in CUDA_ROTARY_CASES:
+            rows += rotary_rows(device, tokens, torch.bfloat16, heads, kv_heads, head_size, section)
         return rows
     return (norm_rows(device, 256, 3584, torch.float32) + norm_rows(device, 256, 3584, torch.bfloat16)
             + rotary_rows(device, 256, torch.float32) + rotary_rows(device, 256, torch.bfloat16))

@@ -105,6 +105,10 @@ ROTARY_SHAPES = [
     (17, 16, 16, 80, 80),
     (6, 8, 2, 128, 64),  # partial rotary: the last 64 of each head stay
     (5, 3, 1, 96, 32),
+    # 64 tokens or more take the CUDA rows kernel (vectors of several pairs):
+    (100, 16, 16, 80, 80),  # Qwen2-VL's vision heads
+    (70, 8, 2, 128, 64),
+    (65, 3, 1, 10, 6),  # 3 pairs a head: no vector fits, the pair kernel runs
 ]
 
 
@@ -183,6 +187,9 @@ MROPE_CASES = [  # (num_tokens, heads, kv_heads, head_size, mrope_section)
     (23, 28, 4, 128, [16, 24, 24]),
     (11, 3, 1, 16, [2, 3, 3]),
     (8, 2, 2, 64, [8, 0, 12, 4, 4, 4]),  # longer lists cycle through t, h, w
+    (150, 16, 16, 80, [20, 20]),  # the vision towers' 2-D rotary (CUDA rows kernel)
+    (96, 28, 4, 128, [16, 24, 24]),
+    (80, 4, 2, 64, [5, 9, 18]),  # sections that split a vector of frequencies
 ]
 
 
@@ -418,6 +425,25 @@ def test_cuda_norm_unaligned_rows_use_the_scalar_path():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("offset", [1, 2, 4])
+@pytest.mark.parametrize("is_neox", [True, False])
+def test_cuda_rotary_of_many_tokens_on_misaligned_heads(offset, is_neox):
+    """Heads that start off a 16-byte boundary take narrower vectors (or
+    single pairs) in the rows kernel, never a misaligned access."""
+    tokens, heads, head_size = 96, 4, 64
+    buffer = torch.randn(tokens * heads * head_size + offset, device="cuda").to(torch.bfloat16)
+    q = buffer[offset:].view(tokens, heads * head_size)
+    k = torch.randn(tokens, heads * head_size, device="cuda").to(torch.bfloat16)
+    cache = make_cache(512, head_size, torch.float32, "cuda")
+    pos = torch.randint(0, 512, (tokens,), device="cuda")
+    ref_q, ref_k = reference.rotary_embedding(pos, q.double(), k.double(), head_size,
+                                              cache.double(), is_neox)
+    ops.rotary_embedding(pos, q, k, head_size, cache, is_neox)
+    assert_close(q, ref_q, torch.bfloat16)
+    assert_close(k, ref_k, torch.bfloat16)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("is_neox", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_rotary_and_mrope_match_cpu(is_neox, dtype):
@@ -453,6 +479,11 @@ with ops.index_checks(False):
     ops.merge_multimodal_embeddings(x, ones, rows)
     torch.cuda.synchronize()
     assert x.sum().item() == 8
+    many = torch.randn(100, 64, device="cuda"); many0 = many.clone()  # the rows kernel
+    bad = torch.arange(100, device="cuda") % 8; bad[50] = 99
+    ops.rotary_embedding(bad, many, many.clone(), 64, cache)
+    torch.cuda.synchronize()
+    assert torch.equal(many[50], many0[50]) and not torch.equal(many[51], many0[51])
 # Out of the scope this thread checks again, before any launch.
 assert_checked_again((lambda: ops.rotary_embedding(positions, q, k, 64, cache),
                       lambda: ops.merge_multimodal_embeddings(x, ones, rows)),

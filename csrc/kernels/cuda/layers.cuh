@@ -231,8 +231,150 @@ __global__ void rotary_kernel(const int64_t* __restrict__ positions, T* __restri
   }
 }
 
+// ---- rotary over many tokens (prefill rows, vision-tower patches) ----------
+//
+// The kernel above gives each thread one pair: for a prefill or a tower call
+// (Qwen2-VL's tower: 1,564 patches x 32 heads x 40 pairs per layer) that is
+// millions of threads, each a chain of dependent loads (positions, then the
+// cos/sin row, then the pair) for 4 bytes of work: 20 us a layer on an H100,
+// 4x its bandwidth floor. Here a thread takes N consecutive frequencies of
+// one token (vector loads of the head's elements) and rotates them in every
+// kRotaryHeadsPerThread-th head, so the token's positions and its cos/sin
+// values are loaded once for several heads and the heads' loads are
+// independent. Lanes of a token: chunk (fastest), then head; consecutive
+// lanes touch consecutive memory.
+
 constexpr int64_t kRotaryThreads = 256;
 constexpr int64_t kRotaryMaxPairBlocks = 16;
+// Heads one thread rotates (enough independent vector loads to hide latency,
+// enough threads to fill the GPU at a few hundred tokens).
+constexpr int64_t kRotaryHeadsPerThread = 4;
+// Below this many tokens the one-pair-per-thread kernel's latency wins.
+constexpr int64_t kRotaryRowsMinTokens = 64;
+
+// The N elements rotated by one thread in one head: neox reads N of the first
+// half and the N partners half further; interleaved reads N pairs (2N values).
+template <typename T, int N, bool kNeox>
+__device__ __forceinline__ void rotary_rotate_chunk(T* x, int64_t j0, int64_t half,
+                                                    const float (&c)[N], const float (&s)[N]) {
+  if constexpr (kNeox) {
+    auto* lo = reinterpret_cast<LayerPack<T, N>*>(x + j0);
+    auto* hi = reinterpret_cast<LayerPack<T, N>*>(x + j0 + half);
+    const LayerPack<T, N> a = *lo, b = *hi;
+    LayerPack<T, N> ra, rb;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float fa = to_float(a.v[k]), fb = to_float(b.v[k]);
+      ra.v[k] = from_float<T>(fa * c[k] - fb * s[k]);
+      rb.v[k] = from_float<T>(fb * c[k] + fa * s[k]);
+    }
+    *lo = ra;
+    *hi = rb;
+  } else {
+    auto* p = reinterpret_cast<LayerPack<T, 2 * N>*>(x + 2 * j0);
+    const LayerPack<T, 2 * N> v = *p;
+    LayerPack<T, 2 * N> r;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float fa = to_float(v.v[2 * k]), fb = to_float(v.v[2 * k + 1]);
+      r.v[2 * k] = from_float<T>(fa * c[k] - fb * s[k]);
+      r.v[2 * k + 1] = from_float<T>(fb * c[k] + fa * s[k]);
+    }
+    *p = r;
+  }
+}
+
+template <typename T, typename C, bool kMrope, int N, bool kNeox>
+__global__ void rotary_rows_kernel(const int64_t* __restrict__ positions, T* __restrict__ query,
+                                   T* __restrict__ key, const C* __restrict__ cache,
+                                   RotaryLayout l, MropeSections sections, int64_t num_tokens,
+                                   int64_t heads_in_parallel) {
+  const int64_t half = l.rotary_dim / 2;
+  const int64_t num_chunks = half / N;
+  const int64_t lanes = num_chunks * heads_in_parallel;
+  const int64_t num_heads = l.num_q_heads + l.num_k_heads;
+  start_after_prerequisite_grid();
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+       i < num_tokens * lanes; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / lanes, lane = i % lanes;
+    if (!rotary_token_valid<kMrope>(positions, t, sections, l.max_position)) continue;
+    const int64_t j0 = (lane % num_chunks) * N;
+    float c[N], s[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const C* row =
+          cache + rotary_position_of<kMrope>(positions, t, j0 + k, sections) * l.rotary_dim;
+      c[k] = to_float(row[j0 + k]);
+      s[k] = to_float(row[half + j0 + k]);
+    }
+    for (int64_t head = lane / num_chunks; head < num_heads; head += heads_in_parallel) {
+      T* x = head < l.num_q_heads
+                 ? query + t * l.q_token_stride + head * l.q_head_stride
+                 : key + t * l.k_token_stride + (head - l.num_q_heads) * l.k_head_stride;
+      rotary_rotate_chunk<T, N, kNeox>(x, j0, half, c, s);
+    }
+  }
+}
+
+// Whether every head of query and key starts on a multiple of `elements`
+// elements, so vectors of that many elements (a power of two) stay aligned.
+template <typename T>
+bool rotary_heads_aligned(const T* query, const T* key, const RotaryLayout& l,
+                          int64_t elements) {
+  const auto aligned = [&](const T* p) {
+    return reinterpret_cast<uintptr_t>(p) % (elements * sizeof(T)) == 0;
+  };
+  return aligned(query) && aligned(key) && l.q_token_stride % elements == 0 &&
+         l.q_head_stride % elements == 0 && l.k_token_stride % elements == 0 &&
+         l.k_head_stride % elements == 0;
+}
+
+template <typename T, typename C, bool kMrope, int N, bool kNeox>
+void launch_rotary_rows_n(const int64_t* positions, T* query, T* key, const C* cache,
+                          const RotaryLayout& layout, const MropeSections& sections,
+                          int64_t num_tokens, cudaStream_t stream) {
+  const int64_t num_heads = layout.num_q_heads + layout.num_k_heads;
+  const int64_t heads_in_parallel =
+      (num_heads + kRotaryHeadsPerThread - 1) / kRotaryHeadsPerThread;
+  const int64_t threads = num_tokens * (layout.rotary_dim / 2 / N) * heads_in_parallel;
+  const int64_t blocks = std::min<int64_t>((threads + kRotaryThreads - 1) / kRotaryThreads,
+                                           kLayerMaxBlocks);
+  launch_programmatic(rotary_rows_kernel<T, C, kMrope, N, kNeox>,
+                      dim3(static_cast<unsigned>(blocks)), dim3(kRotaryThreads), 0, stream,
+                      positions, query, key, cache, layout, sections, num_tokens,
+                      heads_in_parallel);
+}
+
+// The widest vector (at most 16 bytes) that the half and the heads' alignment
+// allow; false when not even pairs of values line up (the caller then runs
+// the one-pair-per-thread kernel).
+template <typename T, typename C, bool kMrope, bool kNeox>
+bool launch_rotary_rows(const int64_t* positions, T* query, T* key, const C* cache,
+                        const RotaryLayout& layout, const MropeSections& sections,
+                        int64_t num_tokens, cudaStream_t stream) {
+  constexpr int kMaxValues = static_cast<int>(16 / sizeof(T));
+  constexpr int kMaxN = kNeox ? kMaxValues : kMaxValues / 2;
+  const int64_t half = layout.rotary_dim / 2;
+  const auto fits = [&](int n) {
+    return n <= kMaxN && half % n == 0 &&
+           rotary_heads_aligned(query, key, layout, kNeox ? n : 2 * n);
+  };
+  if (fits(8)) {
+    if constexpr (kMaxN >= 8)
+      launch_rotary_rows_n<T, C, kMrope, 8, kNeox>(positions, query, key, cache, layout,
+                                                   sections, num_tokens, stream);
+  } else if (fits(4)) {
+    if constexpr (kMaxN >= 4)
+      launch_rotary_rows_n<T, C, kMrope, 4, kNeox>(positions, query, key, cache, layout,
+                                                   sections, num_tokens, stream);
+  } else if (fits(2)) {
+    launch_rotary_rows_n<T, C, kMrope, 2, kNeox>(positions, query, key, cache, layout,
+                                                 sections, num_tokens, stream);
+  } else {
+    return false;
+  }
+  return true;
+}
 
 template <typename T, typename C, bool kMrope>
 void launch_rotary_impl(const int64_t* positions, T* query, T* key, const C* cache,
@@ -240,6 +382,15 @@ void launch_rotary_impl(const int64_t* positions, T* query, T* key, const C* cac
                         int64_t num_tokens, cudaStream_t stream) {
   const int64_t num_pairs = (layout.num_q_heads + layout.num_k_heads) * (layout.rotary_dim / 2);
   if (num_tokens == 0 || num_pairs == 0) return;
+  if (num_tokens >= kRotaryRowsMinTokens) {
+    const bool launched =
+        layout.is_neox
+            ? launch_rotary_rows<T, C, kMrope, true>(positions, query, key, cache, layout,
+                                                     sections, num_tokens, stream)
+            : launch_rotary_rows<T, C, kMrope, false>(positions, query, key, cache, layout,
+                                                      sections, num_tokens, stream);
+    if (launched) return;
+  }
   const unsigned threads = layer_threads(num_pairs, kRotaryThreads);
   const int64_t pair_blocks = std::min<int64_t>((num_pairs + threads - 1) / threads,
                                                 kRotaryMaxPairBlocks);
