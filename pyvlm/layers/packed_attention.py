@@ -123,6 +123,21 @@ def _flash(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
                           max_seqlen_k, 0.0, causal, False, scale=scale)[0]
 
 
+def flash_attention_with_lse(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                             max_seqlen_q: int, max_seqlen_k: int, scale: float
+                             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal packed attention by torch's FlashAttention (inputs that
+    takes_torch_flash accepts) and its float32 log-sum-exp per head and
+    query row, [heads, total_q] (FlashAttention-2's varlen layout)."""
+    out, lse = _FLASH_FORWARD(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                              max_seqlen_k, 0.0, False, False, scale=scale)[:2]
+    if tuple(lse.shape) != (query.shape[1], query.shape[0]):
+        raise RuntimeError(f"FlashAttention's log-sum-exp has shape {tuple(lse.shape)}, "
+                           f"not [heads, rows] = {(query.shape[1], query.shape[0])}")
+    return out, lse
+
+
 def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int,
                      max_seqlen_k: int, scale: float, equal_lengths: bool = False

@@ -10,8 +10,9 @@ Transformers' attention mask masks only the pairs in which *both* tokens
 are padding (a padded patch or a tile of a padded tile), so real tokens
 still attend to padding. That is two varlen attentions without a mask
 (PaddedTileAttention): every query over all of its image's keys, then the
-padding queries again over their image's real keys alone, written over
-their rows. On CUDA with 16-bit weights both run on FlashAttention
+padding queries again over their image's real keys alone (those keys cut
+in chunks: pyvlm/layers/split_key_attention.py), written over their rows.
+On CUDA with 16-bit weights both run on FlashAttention
 (pyvlm/layers/packed_attention.py): a dense masked attention over an
 image's 6,432 rows (4 tiles of 1,601 patches, padded to 1,608) was most of
 Llama-3.2-Vision's time to first token. An image without a real tile
@@ -33,7 +34,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyvlm.layers.linear import ColumnParallelLinear, RowParallelLinear
-from pyvlm.layers.packed_attention import packed_attention
+from pyvlm.layers.packed_attention import packed_attention, takes_torch_flash
+from pyvlm.layers.split_key_attention import KeySplits, plan_key_splits, split_key_attention
 from pyvlm.layers.tensor_parallel import current_group, divide
 
 PAD_MULTIPLE = 8
@@ -86,6 +88,7 @@ class PaddedTileAttention:
     real_rows: torch.Tensor
     cu_real: torch.Tensor
     max_real: int
+    pad_splits: Optional[KeySplits] = None  # the padding queries' keys in chunks (split_key_attention)
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  scale: float) -> torch.Tensor:
@@ -95,11 +98,19 @@ class PaddedTileAttention:
         out = packed_attention(query, key, value, self.cu_images, self.cu_images, length, length,
                                scale, equal_lengths=True)  # every image padded to max tiles
         if self.max_pad:
-            pad = packed_attention(query[self.pad_rows], key[self.real_rows],
-                                   value[self.real_rows], self.cu_pad, self.cu_real,
-                                   self.max_pad, self.max_real, scale)
-            out.index_copy_(0, self.pad_rows, pad)
+            out.index_copy_(0, self.pad_rows, self._padding_queries(query, key, value, scale))
         return out.view(images, length, *out.shape[1:])
+
+    def _padding_queries(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+        """The padding rows' attention over their image's real rows: a few
+        dozen queries over thousands of keys when the image fills its
+        tiles, split along the keys where FlashAttention runs it."""
+        pad_query = query[self.pad_rows]
+        if self.pad_splits is not None and takes_torch_flash(pad_query, key, value):
+            return split_key_attention(pad_query, key, value, self.pad_splits, scale)
+        return packed_attention(pad_query, key[self.real_rows], value[self.real_rows],
+                                self.cu_pad, self.cu_real, self.max_pad, self.max_real, scale)
 
 
 def padded_tile_attention(tile_is_real: torch.Tensor, num_patches: int, padded_len: int,
@@ -121,9 +132,11 @@ def padded_tile_attention(tile_is_real: torch.Tensor, num_patches: int, padded_l
         return mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
 
     images, length = is_real.shape
+    real_rows_of_images = [i * length + is_real[i].nonzero().squeeze(1) for i in range(images)]
+    pad_splits = plan_key_splits(num_pad.tolist(), real_rows_of_images, device)
     return PaddedTileAttention(cu(torch.full((images,), length)), rows(~is_real), cu(num_pad),
                                int(num_pad.max()), rows(is_real), cu(num_real),
-                               int(num_real.max()))
+                               int(num_real.max()), pad_splits)
 
 
 Attention = Union[MaskedAttention, PaddedTileAttention]

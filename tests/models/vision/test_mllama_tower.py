@@ -103,6 +103,34 @@ def test_unmasked_varlen_plan_equals_the_dense_mask(layout, monkeypatch):
     torch.testing.assert_close(from_ints, dense, rtol=1e-5, atol=1e-5)
 
 
+def test_padding_queries_split_along_their_keys_give_the_dense_masks_output(monkeypatch):
+    """With the padding queries' keys cut in chunks (as on CUDA, where
+    FlashAttention runs them; here a float64 attention that returns its
+    log-sum-exp stands in), the tower still gives transformers' output."""
+    from pyvlm.layers import split_key_attention as split
+    from tests.layers.test_split_key_attention import reference_attention_with_lse
+
+    hf_model = tiny_hf_vision_model()
+    model = MllamaVisionModel(hf_model.config).eval()
+    model.load_state_dict(hf_model.state_dict(), strict=True)
+    pixel_values, ids, mask = random_inputs(hf_model.config, LAYOUTS["one_and_four"])
+    monkeypatch.setattr(split, "MIN_KEYS_PER_SPLIT", 8)  # 17 real patches a tile: 2-8 chunks
+    monkeypatch.setattr(mllama_tower, "takes_torch_flash", lambda *args: True)
+    calls = []
+
+    def split_attention(*args):
+        calls.append(args[3].num_splits)
+        return split.split_key_attention(*args, attend=reference_attention_with_lse)
+
+    monkeypatch.setattr(mllama_tower, "split_key_attention", split_attention)
+    with torch.no_grad():
+        expected = hf_model(pixel_values=pixel_values, aspect_ratio_ids=ids,
+                            aspect_ratio_mask=mask).last_hidden_state
+        got = model(pixel_values, ids, mask, tile_counts("one_and_four"))
+    assert calls and all(n == 2 for n in calls)  # the 1-tile images have 17 real keys
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_an_image_without_a_real_tile_keeps_the_dense_mask():
     tile_is_real = torch.tensor([[True, True, False, False], [False, False, False, False]])
     assert mllama_tower.padded_tile_attention(tile_is_real, 17, 24, torch.device("cpu")) is None
@@ -124,13 +152,20 @@ def test_padding_tiles_change_the_output_as_in_transformers():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("split_keys", [False, True])
 @pytest.mark.parametrize("layout", ["one_and_four", "two_and_two"])
-def test_cuda_tower_matches_transformers(layout):
+def test_cuda_tower_matches_transformers(layout, split_keys, monkeypatch):
     """The tower on the GPU in float32 (TF32 off) against transformers' on
     the CPU; in bfloat16 within bfloat16 rounding of it. (Not the padding
     image: every row of it is masked, which CUDA's attention kernels resolve
     differently from the CPU's (0.02 relative on the H100); pyvlm never
-    builds one: a request's images are all real.)"""
+    builds one: a request's images are all real.) split_keys: the padding
+    queries' keys in chunks even for this tiny tower's few keys, so
+    FlashAttention's log-sum-exp merge runs in bfloat16."""
+    if split_keys:
+        from pyvlm.layers import split_key_attention as split
+
+        monkeypatch.setattr(split, "MIN_KEYS_PER_SPLIT", 8)
     hf_model = tiny_hf_vision_model()
     pixel_values, ids, mask = random_inputs(hf_model.config, LAYOUTS[layout])
     with torch.no_grad():
