@@ -82,6 +82,11 @@ class SchedulerConfig:
     # (SGLang's overlap scheduler; pyvlm.scheduling.overlap). None: on with CUDA (the host's
     # work hides behind the device's), off on the CPU (nothing to hide).
     overlap_schedule: Optional[bool] = None
+    # Encode the images of the next waiting requests a step before their
+    # prefill (pyvlm/scheduling/encode_ahead.py): with --vision-side-stream
+    # the tower then runs beside decode steps, which leave the tensor cores
+    # idle, instead of inside the mixed step that admits the request.
+    vision_encode_ahead: bool = False
 
 
 @dataclass(frozen=True)

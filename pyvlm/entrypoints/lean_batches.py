@@ -48,7 +48,7 @@ class IdsCount(Sequence[int]):
 
 def lean_batch(batch: ForwardBatch) -> ForwardBatch:
     """batch as the other ranks need it (module docstring)."""
-    return ForwardBatch(batch.is_decode, [lean_chunk(chunk) for chunk in batch.chunks])
+    return dataclasses.replace(batch, chunks=[lean_chunk(chunk) for chunk in batch.chunks])
 
 
 def lean_chunk(chunk: SequenceChunk) -> SequenceChunk:

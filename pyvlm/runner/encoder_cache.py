@@ -8,6 +8,11 @@ before it still runs; on the step's stream its tower would queue behind
 that step, on a side stream it starts at once, beside it. The tower reads
 nothing the steps write (its pixels come from the host, its weights do not
 change), so only the step that merges its rows waits for it.
+
+Images encoded ahead (ForwardBatch.encode_ahead, pyvlm/scheduling/
+encode_ahead.py) are a later step's: on the side stream nothing of this
+step waits for them; an event recorded after their tower call is what
+the step that reads them waits for.
 """
 
 from collections import OrderedDict
@@ -62,6 +67,10 @@ class EncoderCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, key: int) -> bool:
+        """Whether key is cached (a look: the LRU order is left as it is)."""
+        return key in self._entries
+
 
 def _num_bytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
@@ -89,6 +98,10 @@ class VisionBatcher:
         self.prepare, self.device = prepare, device
         self.shares = shares
         self.side_stream = side_stream
+        # image hash -> the side-stream event after which its rows (encoded
+        # ahead, not yet read by a step) are complete
+        self._ready: Dict[int, "torch.cuda.Event"] = {}
+        self.num_encoded_ahead = 0
 
     def embed(self, items: Sequence[MultimodalItem]) -> Dict[int, torch.Tensor]:
         found: Dict[int, torch.Tensor] = {}
@@ -96,7 +109,7 @@ class VisionBatcher:
         for item in items:
             cached = self.cache.get(item.hash)
             if cached is not None:
-                found[item.hash] = cached
+                found[item.hash] = self._once_ready(item.hash, cached)
             else:
                 missing.setdefault(item.hash, item)
         self.cache.num_hits += len(found)
@@ -104,6 +117,36 @@ class VisionBatcher:
         if missing:
             found.update(self._encode(list(missing.values())))
         return found
+
+    def encode_ahead(self, items: Sequence[MultimodalItem]) -> None:
+        """Encodes the items missing from the cache into it, for a later
+        step (module docstring): on the side stream without making this
+        step's stream wait, else as a step's own images."""
+        missing = list({item.hash: item for item in items if item.hash not in self.cache}.values())
+        if not missing:
+            return
+        self.num_encoded_ahead += len(missing)
+        if self.side_stream is None or self.shares is not None:
+            self._encode(missing)
+            return
+        with torch.cuda.stream(self.side_stream):
+            embeddings = self._encode_here(missing)
+        ready = torch.cuda.Event()
+        ready.record(self.side_stream)
+        self._ready = {key: event for key, event in self._ready.items() if key in self.cache}
+        for item, emb in zip(missing, embeddings):
+            self.cache.put(item.hash, emb)
+            self._ready[item.hash] = ready
+
+    def _once_ready(self, key: int, rows: torch.Tensor) -> torch.Tensor:
+        """rows, with the step's stream made to wait for the side stream's
+        tower call that encoded them ahead, and owning them from here on."""
+        ready = self._ready.pop(key, None)
+        if ready is not None:
+            step_stream = torch.cuda.current_stream(self.side_stream.device)
+            step_stream.wait_event(ready)
+            rows.record_stream(step_stream)
+        return rows
 
     def _encode(self, items: List[MultimodalItem]) -> Dict[int, torch.Tensor]:
         if self.shares is None:

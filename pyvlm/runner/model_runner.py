@@ -14,7 +14,8 @@ import torch
 from pyvlm import ops
 from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.scheduling.future_tokens import FUTURE_TOKEN
-from pyvlm.scheduling.types import STEP_PATH_STAT, ForwardBatch, SampleResult, SequenceChunk
+from pyvlm.scheduling.types import (STEP_PATH_STAT, ForwardBatch, MultimodalItem, SampleResult,
+                                    SequenceChunk)
 from pyvlm.layers.attention import AttentionMetadata
 from pyvlm.runner import sampler
 from pyvlm.ops.host_upload import HostUpload
@@ -102,6 +103,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _launch(self, batch: ForwardBatch) -> Optional[DrawnSamples]:
         """Queues the step's work; the drawn samples (None: nothing sampled)."""
+        self._encode_ahead(batch.encode_ahead)
         chunks = batch.chunks
         if not chunks:
             return None
@@ -128,6 +130,21 @@ class ModelRunner:
         drawn = draw(logits)
         self._previous = (drawn.tokens, {chunks[i].rid: row for row, i in enumerate(sampled)})
         return drawn
+
+    def _encode_ahead(self, items: Sequence[MultimodalItem]) -> None:
+        """Encodes waiting requests' images into the encoder cache before this
+        step's own work (pyvlm/scheduling/encode_ahead.py). Their requests
+        are not in this step: a failure is logged and left to the step that
+        admits them, which encodes the images again and fails alone."""
+        if not items or self.vision is None:
+            return
+        try:
+            self.vision.encode_ahead(items)
+        except Exception:  # noqa: BLE001 - see the docstring
+            if not self.device_is_usable():
+                raise
+            logger.warning("encoding %d images ahead failed; their requests' own steps "
+                           "encode them", len(items), exc_info=True)
 
     def _stage_future_tokens(self, chunks: Sequence[SequenceChunk],
                              upload: HostUpload) -> Callable[[torch.Tensor], None]:

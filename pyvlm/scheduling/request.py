@@ -67,6 +67,7 @@ class Request:
     num_streamed_tokens: int = 0
     pending_logprobs: List[Logprob] = field(default_factory=list)
     num_preemptions: int = 0
+    encoded_ahead: bool = False  # its images went to the runner ahead of its prefill (encode_ahead)
     error: Optional[str] = None  # why the engine failed it (finish_reason "error")
     image_kv: List[Any] = field(default_factory=list)  # its images' K/V page references
     # The last look at the prefix cache (KVManager.match): (cache version,

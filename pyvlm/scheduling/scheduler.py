@@ -24,6 +24,7 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Tuple
 from pyvlm.config import CacheConfig, SchedulerConfig
 from pyvlm.scheduling.decode_reserve import DecodeReserve
 from pyvlm.scheduling.detokenizer import detokenizer_factory as default_detokenizer_factory
+from pyvlm.scheduling.encode_ahead import charged_images, pick_encode_ahead
 from pyvlm.scheduling.encoder_budget import fit_chunk
 from pyvlm.scheduling.errors import DeviceFailure
 from pyvlm.scheduling.future_tokens import FUTURE_TOKEN
@@ -35,8 +36,8 @@ from pyvlm.scheduling.prefill_planner import PrefillBudget, order_waiting
 from pyvlm.scheduling.radix_cache import PrefixMatch
 from pyvlm.scheduling.request import Request, RequestOutput, RequestStatus
 from pyvlm.scheduling.scheduler_metrics import SchedulerMetrics
-from pyvlm.scheduling.types import (CrossImage, ForwardBatch, ModelRunner, SchedulerStats,
-                                    SequenceChunk)
+from pyvlm.scheduling.types import (CrossImage, ForwardBatch, ModelRunner, MultimodalItem,
+                                    SchedulerStats, SequenceChunk)
 
 Planned = Tuple[Request, int]  # a request and how many of its tokens run this step
 NOTHING_UNREAD: Mapping[Request, int] = MappingProxyType({})  # no step in flight
@@ -67,6 +68,7 @@ class StepPlan:
     prefill: PrefillPlan
     decodes: List[Request]
     num_running: int  # requests running when it was planned (the log's #running-req)
+    encode_ahead: List[MultimodalItem] = field(default_factory=list)  # (encode_ahead.py)
 
     @property
     def is_decode(self) -> bool:
@@ -236,7 +238,7 @@ class Scheduler:
         items = step.items
         live = self._live_indices(items)
         is_decode = not live or live[0] >= len(step.prefill.items)  # (live ascends)
-        batch = ForwardBatch(is_decode, [self._chunk(*items[i]) for i in live])
+        batch = ForwardBatch(is_decode, [self._chunk(*items[i]) for i in live], step.encode_ahead)
         results = forward_isolated(runner, batch) if live else []
         return self._finish(step, live, results)
 
@@ -289,10 +291,14 @@ class Scheduler:
         num_running = len(frontier.running)
         if self._can_mix(frontier) and self._reserve_decode_pages(frontier):
             plan = self._schedule_prefill(frontier, num_running)
-            return StepPlan(plan, list(frontier.running), num_running)
-        plan = self._schedule_prefill(frontier)
-        decodes = [] if plan.items else schedule_decode(frontier)
-        return StepPlan(plan, decodes, num_running)
+            step = StepPlan(plan, list(frontier.running), num_running)
+        else:
+            plan = self._schedule_prefill(frontier)
+            decodes = [] if plan.items else schedule_decode(frontier)
+            step = StepPlan(plan, decodes, num_running)
+        if self.config.vision_encode_ahead and step.items:
+            step.encode_ahead = pick_encode_ahead(self.waiting, self._images_to_encode)
+        return step
 
     def _can_mix(self, frontier: Frontier) -> bool:
         """Mixing is on, something runs, and its decode tokens leave room in
@@ -323,7 +329,7 @@ class Scheduler:
     def _continue_chunk(self, request: Request, start: int, budget: PrefillBudget,
                         plan: PrefillPlan) -> bool:
         """The next chunk of the request mid-prompt, from position start."""
-        num_tokens, tower = fit_chunk(request.mm_items, start,
+        num_tokens, tower = fit_chunk(charged_images(request), start,
                                       budget.grant(request.num_tokens - start, is_first=True),
                                       budget.num_tokens_left, budget.can_chunk, must_run=True)
         if num_tokens == 0 or not self.kv.reserve(request, start + num_tokens):
@@ -348,7 +354,7 @@ class Scheduler:
         # A chunk pays for the tower work of the images it starts, or is cut
         # to what it can pay for (encoder_budget).
         num_tokens, num_image_tokens = fit_chunk(
-            request.mm_items, match.num_tokens,
+            charged_images(request), match.num_tokens,
             budget.grant(request.num_tokens - match.num_tokens, is_first=not plan.items),
             budget.num_tokens_left, budget.can_chunk, must_run=not plan.items)
         if num_tokens == 0 or not self.kv.admit(request, match, num_tokens):
@@ -418,6 +424,16 @@ class Scheduler:
         # A continuing chunked request is already among plan.items.
         return len(plan.frontier.running) + len(plan.items) < self.config.max_running_requests
 
+    def _images_to_encode(self, request: Request) -> List[MultimodalItem]:
+        """The images admitting request would send through the tower: those
+        its cached prefix does not cover, and cross-attention images whose
+        K/V rows are not in the pool."""
+        num_matched = self._num_matched(request)
+        has_cross_rows_to_write = self.kv.num_unwritten_image_rows(request) > 0
+        return [item for item in request.mm_items
+                if (has_cross_rows_to_write if item.num_cross_rows
+                    else item.offset + item.length > num_matched)]
+
     def _num_matched(self, request: Request) -> int:
         # a look (kv.match never touches the LRU order; admission does)
         return self.kv.match(request).num_tokens
@@ -481,7 +497,7 @@ class Scheduler:
         """The step's chunks, each after its request's tokens in a launched
         step not read yet (num_unread: overlap.InFlight.num_tokens)."""
         return ForwardBatch(step.is_decode, [self._chunk(request, n, num_unread.get(request, 0))
-                                             for request, n in step.items])
+                                             for request, n in step.items], step.encode_ahead)
 
     def _chunk(self, request: Request, num_tokens: int, num_unread: int = 0) -> SequenceChunk:
         """The chunk of the request's next num_tokens after its computed and

@@ -157,6 +157,10 @@ class ForwardBatch:
 
     is_decode: bool
     chunks: List[SequenceChunk] = field(default_factory=list)
+    # Images of requests still waiting, to encode into the runner's encoder
+    # cache during this step for a later step's prefill
+    # (pyvlm/scheduling/encode_ahead.py); none of this step's chunks reads them.
+    encode_ahead: List[MultimodalItem] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

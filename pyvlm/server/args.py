@@ -67,6 +67,7 @@ class ServerArgs:
     piecewise_cuda_graph_max_tokens: int = 1024
     vision_cuda_graphs: int = 8
     vision_side_stream: bool = False
+    vision_encode_ahead: bool = False
     engine_process: str = "auto"
     tp_size: int = 1
     dp_size: int = 1
@@ -103,7 +104,7 @@ class ServerArgs:
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
                  "disable_cuda_graph", "piecewise_cuda_graph_max_tokens", "vision_cuda_graphs",
-                 "vision_side_stream", "engine_process",
+                 "vision_side_stream", "vision_encode_ahead", "engine_process",
                  "max_mixed_prefill_tokens", "tp_size", "dp_size", "dist_port", "nnodes",
                  "node_rank", "dist_init_addr", "mm_encoder_tp_mode", "torchrun")
         kwargs = {name: getattr(self, name) for name in names}
@@ -205,6 +206,10 @@ _FLAGS = [
      "flight (overlap scheduling launches a step that starts images while the one before it "
      "runs) instead of after it; reserves its activations apart (off by default: not yet "
      "measured)"),
+    (("--vision-encode-ahead",), "store_true",
+     "encode the images of the next waiting requests a step before their prefill (with "
+     "--vision-side-stream beside the decode steps, which leave the tensor cores idle) "
+     "instead of inside the mixed step that admits them (off by default: not yet measured)"),
     (("--max-mixed-prefill-tokens",), int,
      "most prefill tokens in a step that also decodes the running requests (default 1024; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "

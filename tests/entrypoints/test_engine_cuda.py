@@ -63,7 +63,9 @@ def hf_model_cuda(checkpoint):
 
 @pytest.mark.parametrize("server_args", [
     {}, {"chunked_prefill_size": 16},
-    {"chunked_prefill_size": 16, "vision_side_stream": True}])  # the tower beside the steps
+    {"chunked_prefill_size": 16, "vision_side_stream": True},  # the tower beside the steps
+    # waiting requests' images encoded ahead on the side stream, read by a later step
+    {"max_running_requests": 2, "vision_side_stream": True, "vision_encode_ahead": True}])
 def test_cuda_engine_matches_transformers(checkpoint, hf_model_cuda, server_args):
     with engine_for(checkpoint, device="cuda", max_total_tokens=8192,
                     **server_args) as engine:

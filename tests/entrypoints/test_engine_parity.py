@@ -130,6 +130,22 @@ def test_mixed_steps_that_cut_image_prompts_give_the_same_tokens(checkpoint, pro
     assert any(tower and tokens + tower == 24 for tokens, tower in charged), charged
 
 
+def test_images_encoded_ahead_give_the_same_tokens(checkpoint, prompts, reference):
+    """Two requests run at a time, so the others wait while steps encode
+    their images ahead (pyvlm/scheduling/encode_ahead.py); their prefills
+    read the cached rows and give transformers' tokens."""
+    budgets = [NUM_NEW_TOKENS - k for k in (0, 5, 2, 7, 4, 1, 6, 3)]
+    params = [{**GREEDY, "max_new_tokens": n} for n in budgets]
+    with engine_for(checkpoint, max_running_requests=2, vision_encode_ahead=True,
+                    engine_process="thread") as engine:  # it reads the runner
+        results = engine.generate([p for p, _ in prompts], params,
+                                  image_data=[ims for _, ims in prompts])
+        num_encoded_ahead = engine.state.runner.vision.num_encoded_ahead
+    for (prompt, images), result, budget in zip(prompts, results, budgets):
+        assert result["output_ids"] == reference.tokens(prompt, images)[:budget], prompt
+    assert num_encoded_ahead > 0
+
+
 def record_prefill_chunks(runner) -> list:
     """Wraps runner.launch: the prefill chunks of every mixed step."""
     chunks, launch = [], runner.launch

@@ -116,3 +116,81 @@ def test_on_a_side_stream_the_tower_runs_there_and_the_step_stream_waits_for_it(
     events.clear()
     assert torch.equal(batcher.embed([_item(1)])[1], torch.full((3, 4), 1.0))
     assert events == []  # a hit: no tower, no stream
+
+
+def test_images_encoded_ahead_are_hits_for_the_step_that_reads_them():
+    """Without a side stream encode_ahead is the tower call a step would
+    make, earlier: the images land in the cache, once each, and the step
+    that admits their request finds them there."""
+    encoder = RecordingEncoder()
+    batcher = VisionBatcher(encoder, EncoderCache(1 << 20))
+    batcher.embed([_item(1)])
+    batcher.encode_ahead([_item(1), _item(2), _item(3), _item(2)])
+    assert encoder.calls == [[1], [2, 3]]  # cached and repeated images are not encoded again
+    assert batcher.num_encoded_ahead == 2
+    rows = batcher.embed([_item(3), _item(2)])
+    assert encoder.calls == [[1], [2, 3]] and batcher.cache.num_hits == 2
+    assert torch.equal(rows[3], torch.full((3, 4), 3.0))
+    batcher.encode_ahead([_item(2)])
+    assert batcher.num_encoded_ahead == 2
+
+
+def test_on_a_side_stream_images_encoded_ahead_make_only_their_reader_wait(monkeypatch):
+    """With recorded stream and event calls: the tower runs on the side
+    stream and an event is recorded after it; the step that encodes ahead
+    does not wait for it; the later step that reads the rows waits for that
+    event (not the whole side stream) and owns the rows, once."""
+    import contextlib
+
+    calls = []
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.device = name, torch.device("cuda", 0)
+
+        def wait_stream(self, other):
+            calls.append((self.name, "waits for stream", other.name))
+
+        def wait_event(self, event):
+            calls.append((self.name, "waits for", event.name))
+
+    class Event:
+        count = 0
+
+        def __init__(self):
+            Event.count += 1
+            self.name = f"event {Event.count}"
+
+        def record(self, stream):
+            calls.append(("record", self.name, "on", stream.name))
+
+    side, step = Stream("side"), Stream("step")
+    current = [step]
+
+    @contextlib.contextmanager
+    def on(stream):
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    def encoder(items):
+        calls.append(("encode on", current[-1].name, [it.hash for it in items]))
+        return [torch.full((it.length, 4), float(it.hash)) for it in items]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: calls.append(
+        ("rows of", float(self[0, 0]), "owned by", stream.name)), raising=False)
+    batcher = VisionBatcher(encoder, EncoderCache(1 << 20), side_stream=side)
+    batcher.encode_ahead([_item(5), _item(6)])
+    assert calls == [("encode on", "side", [5, 6]), ("record", "event 1", "on", "side")]
+    calls.clear()
+    rows = batcher.embed([_item(6)])
+    assert calls == [("step", "waits for", "event 1"), ("rows of", 6.0, "owned by", "step")]
+    assert torch.equal(rows[6], torch.full((3, 4), 6.0))
+    calls.clear()
+    batcher.embed([_item(6)])
+    assert calls == []  # read once before: nothing left to wait for
