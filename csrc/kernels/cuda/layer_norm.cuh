@@ -2,10 +2,10 @@
 // row, 16-byte vectors where the rows and parameters allow, float32 two-pass
 // statistics. Framework-free: plain pointers, sizes and a stream.
 //
-// A row of up to kLnMaxCachedPacks packs per thread is held in registers
-// between the passes (Qwen2-VL's 1280-wide bf16 rows: one 16-byte pack per
-// thread), so it is read once and written once; wider rows re-read it from
-// L1/L2 between the passes.
+// A row of up to kLnMaxCachedPacks packs per thread (32768 16-bit or 16384
+// float32 elements) is held in registers between the passes (Qwen2-VL's
+// 1280-wide bf16 rows: one 16-byte pack per thread), so it is read once and
+// written once; wider rows re-read it from L1/L2 between the passes.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -23,7 +23,7 @@ namespace cuda {
 // unity translation unit with other groups' kernels.
 
 constexpr int kLnMaxThreads = 1024;
-constexpr int kLnMaxCachedPacks = 8;
+constexpr int kLnMaxCachedPacks = 4;
 
 template <typename T, int N>
 __device__ __forceinline__ float ln_pack_sum(const LayerPack<T, N>& x) {
@@ -105,10 +105,11 @@ __device__ __forceinline__ LnRow<T, N> ln_row(T* out, T* residual, const T* in, 
 }
 
 // The row held in registers: thread t owns packs t, t + blockDim.x, ... (at
-// most kPacks). `out` may alias `in` (the fused op writes the input): each
+// most kPacks). The launch bounds keep a 1024-thread block within the
+// register file (64 a thread). `out` may alias `in` (the fused op writes the input): each
 // thread reads its packs before writing them.
 template <typename T, int N, int kPacks, bool kAdd>
-__global__ void ln_cached_kernel(T* out, T* residual, const T* in, const T* __restrict__ weight,
+__global__ void __launch_bounds__(kLnMaxThreads) ln_cached_kernel(T* out, T* residual, const T* in, const T* __restrict__ weight,
                                  const T* __restrict__ bias, int64_t num_rows, int64_t hidden,
                                  float inv_hidden, float eps) {
   __shared__ float scratch[32];
@@ -147,7 +148,7 @@ __global__ void ln_cached_kernel(T* out, T* residual, const T* in, const T* __re
 // Rows too wide for registers: the passes re-read the row (the residual with
 // kAdd, which each thread wrote itself in the first pass).
 template <typename T, int N, bool kAdd>
-__global__ void ln_streamed_kernel(T* out, T* residual, const T* in,
+__global__ void __launch_bounds__(kLnMaxThreads) ln_streamed_kernel(T* out, T* residual, const T* in,
                                    const T* __restrict__ weight, const T* __restrict__ bias,
                                    int64_t num_rows, int64_t hidden, float inv_hidden, float eps) {
   __shared__ float scratch[32];
@@ -172,8 +173,9 @@ __global__ void ln_streamed_kernel(T* out, T* residual, const T* in,
   }
 }
 
-// Packs per thread for a row of num_packs: the fewest of 1, 2, 4, 8 that fit
-// kLnMaxThreads threads; 0 when even 8 do not (the streamed kernel).
+// Packs per thread for a row of num_packs: the fewest of 1, 2, 4 that fit
+// kLnMaxThreads threads; 0 when even 4 do not (the streamed kernel: 8 packs
+// a thread spill registers).
 inline int ln_packs_per_thread(int64_t num_packs) {
   for (int k = 1; k <= kLnMaxCachedPacks; k *= 2)
     if (num_packs <= int64_t(k) * kLnMaxThreads) return k;
@@ -197,7 +199,6 @@ void ln_launch_width(T* out, T* residual, const T* in, const T* weight, const T*
     case 1: return go(ln_cached_kernel<T, N, 1, kAdd>, 1);
     case 2: return go(ln_cached_kernel<T, N, 2, kAdd>, 2);
     case 4: return go(ln_cached_kernel<T, N, 4, kAdd>, 4);
-    case 8: return go(ln_cached_kernel<T, N, 8, kAdd>, 8);
     default: return go(ln_streamed_kernel<T, N, kAdd>, kLnMaxCachedPacks);
   }
 }
