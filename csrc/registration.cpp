@@ -89,6 +89,15 @@ TORCH_LIBRARY(pyvlm, m) {
   m.def(
       "fused_add_rms_norm(Tensor(a!) input, Tensor(b!) residual, "
       "Tensor weight, float epsilon) -> ()");
+  // nn.LayerNorm over the last dimension (float32 mean and biased variance
+  // of each row), scaled by weight and shifted by bias (None: no bias).
+  m.def(
+      "layer_norm(Tensor(a!) out, Tensor input, Tensor weight, Tensor? bias, "
+      "float epsilon) -> ()");
+  // residual += input (rounded to the dtype); input = layer_norm(residual).
+  m.def(
+      "fused_add_layer_norm(Tensor(a!) input, Tensor(b!) residual, "
+      "Tensor weight, Tensor? bias, float epsilon) -> ()");
   // query: [num_tokens, num_heads * head_size] or [num_tokens, num_heads,
   // head_size]; key likewise; cos_sin_cache: [max_position, rotary_dim]
   // (cos half, then sin half); positions int64 [num_tokens].

@@ -1,7 +1,8 @@
-"""RMS norms and rotary embeddings against the eager torch code a user would
-write (Hugging Face's module formulas)."""
+"""RMS norms, LayerNorms and rotary embeddings against the eager torch code a
+user would write (Hugging Face's module formulas, torch's F.layer_norm)."""
 
 import torch
+from torch.nn import functional as F
 
 from pyvlm import ops
 from pyvlm.layers.rotary import cos_sin_cache, default_inv_freq
@@ -49,6 +50,29 @@ def norm_rows(device, tokens, hidden, dtype):
     ours = time_us(lambda: ops.fused_add_rms_norm(x, residual, w, 1e-6), device)
     base = time_us(eager_fused, device)
     rows.append(Row("fused_add_rms_norm", case, device, ours, "x + r, HF RMSNorm", base, 4 * nbytes))
+    return rows
+
+
+def layer_norm_rows(device, tokens, hidden, dtype):
+    """The vision towers' norms (Qwen2-VL: 1280 wide, a row per patch)."""
+    x = torch.randn(tokens, hidden, device=device, dtype=dtype)
+    residual = torch.randn_like(x)
+    w, b = torch.randn(hidden, device=device, dtype=dtype), torch.randn(hidden, device=device, dtype=dtype)
+    out = torch.empty_like(x)
+    case = f"t={tokens} h={hidden} {str(dtype)[6:]}"
+    nbytes = x.numel() * x.element_size()
+    ours = time_us(lambda: ops.layer_norm(x, w, b, 1e-6, out=out), device)
+    base = time_us(lambda: F.layer_norm(x, (hidden,), w, b, 1e-6), device)
+    rows = [Row("layer_norm", case, device, ours, "F.layer_norm", base, 2 * nbytes)]
+
+    def eager_fused():
+        r = residual + x
+        return F.layer_norm(r, (hidden,), w, b, 1e-6), r
+
+    ours = time_us(lambda: ops.fused_add_layer_norm(x, residual, w, b, 1e-6), device)
+    base = time_us(eager_fused, device)
+    rows.append(Row("fused_add_layer_norm", case, device, ours, "r + x, F.layer_norm", base,
+                    4 * nbytes))
     return rows
 
 
@@ -101,8 +125,12 @@ def run(device: str):
         rows = []
         for tokens, hidden in [(4096, 3584), (8192, 4096)]:
             rows += norm_rows(device, tokens, hidden, torch.bfloat16)
+        for tokens, hidden in [(1564, 1280), (6256, 1280), (4096, 1152)]:
+            rows += layer_norm_rows(device, tokens, hidden, torch.bfloat16)
         for tokens, heads, kv_heads, head_size, section in CUDA_ROTARY_CASES:
             rows += rotary_rows(device, tokens, torch.bfloat16, heads, kv_heads, head_size, section)
         return rows
     return (norm_rows(device, 256, 3584, torch.float32) + norm_rows(device, 256, 3584, torch.bfloat16)
+            + layer_norm_rows(device, 256, 1280, torch.float32)
+            + layer_norm_rows(device, 256, 1280, torch.bfloat16)
             + rotary_rows(device, 256, torch.float32) + rotary_rows(device, 256, torch.bfloat16))

@@ -1,9 +1,10 @@
-"""Transformer layer ops: RMS norms, rotary embeddings (plain and Qwen2-VL
+"""Transformer layer ops: RMS norms, LayerNorms, rotary embeddings (plain and Qwen2-VL
 mrope) and the merge of multimodal embeddings into the token embeddings.
 
 The norms follow Hugging Face's LlamaRMSNorm / Qwen2RMSNorm rounding order
 (x * rsqrt(mean(x^2) + eps) in float32, rounded to the model dtype, then
 multiplied by the weight and rounded again) so that logits match transformers.
+The LayerNorms follow torch's nn.LayerNorm (float32 statistics, one rounding).
 The rotary ops use vLLM's layout: a cos_sin_cache [max_position, rotary_dim]
 whose first half of columns holds cos and second half sin (built by
 pyvlm.layers.rotary.cos_sin_cache).
@@ -34,6 +35,37 @@ def fused_add_rms_norm(
     Returns (x, residual), the two updated tensors.
     """
     ops.fused_add_rms_norm(x, residual, weight, epsilon)
+    return x, residual
+
+
+def layer_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    epsilon: float,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """nn.LayerNorm over the last dimension of a contiguous x (float32 mean
+    and biased variance), scaled by weight and shifted by bias (None: none)."""
+    if out is None:
+        out = torch.empty_like(x)
+    ops.layer_norm(out, x, weight, bias, epsilon)
+    return out
+
+
+def fused_add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    epsilon: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: residual = x + residual (rounded), x = layer_norm(residual).
+
+    The statistics are those of the rounded sum, as torch's `r = x + r;
+    F.layer_norm(r, ...)`. Returns (x, residual), the two updated tensors.
+    """
+    ops.fused_add_layer_norm(x, residual, weight, bias, epsilon)
     return x, residual
 
 
@@ -120,6 +152,16 @@ def _rms_norm_fake(out, input, weight, epsilon):
 
 @torch.library.register_fake("pyvlm::fused_add_rms_norm")
 def _fused_add_rms_norm_fake(input, residual, weight, epsilon):
+    return None
+
+
+@torch.library.register_fake("pyvlm::layer_norm")
+def _layer_norm_fake(out, input, weight, bias, epsilon):
+    return None
+
+
+@torch.library.register_fake("pyvlm::fused_add_layer_norm")
+def _fused_add_layer_norm_fake(input, residual, weight, bias, epsilon):
     return None
 
 

@@ -1,10 +1,11 @@
-"""RMS norms, rotary embeddings (plain and mrope) and the multimodal merge
+"""RMS norms, LayerNorms, rotary embeddings (plain and mrope) and the multimodal merge
 against float64 references, transformers' own modules, and CUDA vs CPU."""
 
 import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from pyvlm import ops
 from pyvlm.layers.rotary import cos_sin_cache, default_inv_freq
@@ -92,6 +93,89 @@ def test_rms_norm_out_may_alias_input():
     w = random_weight(256, torch.bfloat16, "cpu")
     expected = ops.rms_norm(x, w, 1e-6)
     ops.rms_norm(x, w, 1e-6, out=x)
+    assert torch.equal(x, expected)
+
+
+# ---- layer_norm / fused_add_layer_norm ------------------------------------------
+
+# 1280: Qwen2-VL's tower; 1281 and 9001: odd widths (the CUDA scalar path,
+# 9001 past its registers); 70000: past the registers of the 16-byte path.
+LAYER_NORM_SHAPES = [(0, 64), (1, 64), (7, 1280), (5, 1281), (33, 3584), (2, 3, 128),
+                     (3, 16384), (2, 9001), (1, 70000)]
+
+
+def layer_norm_inputs(shape, dtype, device, has_bias):
+    """x off-centre (a mean to subtract), weight and an optional bias."""
+    x = (3 * torch.randn(*shape, device=device) + 2).to(dtype)
+    w = random_weight(shape[-1], dtype, device)
+    bias = torch.randn(shape[-1], device=device).to(dtype) if has_bias else None
+    return x, w, bias
+
+
+def as_double(t):
+    return None if t is None else t.double()
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("shape", LAYER_NORM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm_matches_reference(device, shape, dtype, has_bias):
+    x, w, bias = layer_norm_inputs(shape, dtype, device, has_bias)
+    out = poisoned(*shape, dtype=dtype, device=device)
+    ops.layer_norm(x, w, bias, 1e-6, out=out)
+    assert_close(out, reference.layer_norm(x.double(), w.double(), as_double(bias), 1e-6), dtype)
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("shape", LAYER_NORM_SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_add_layer_norm_matches_reference(device, shape, dtype, has_bias):
+    x, w, bias = layer_norm_inputs(shape, dtype, device, has_bias)
+    residual = torch.randn(*shape, device=device).to(dtype)
+    torch_sum = x + residual  # torch's add in the dtype: the residual the op must leave
+    ref_out, ref_residual = reference.fused_add_layer_norm(
+        x.double(), residual.double(), w.double(), as_double(bias), 1e-5)
+    ops.fused_add_layer_norm(x, residual, w, bias, 1e-5)
+    assert torch.equal(residual, torch_sum)
+    assert_close(residual, ref_residual, dtype)
+    assert_close(x, ref_out, dtype)
+    # The statistics are those of the rounded sum.
+    assert_close(x, reference.layer_norm(torch_sum.double(), w.double(), as_double(bias), 1e-5),
+                 dtype)
+
+
+def assert_matches_torch_layer_norm(out, ref, bias):
+    """float32 within a few ulps; 16-bit: equal bits but for rare 1-ulp flips
+    where torch's float32 intermediates (another summation order, x * rstd -
+    mean * rstd) land a value on the other side of a rounding boundary
+    (measured on the CPU: ~5e-4 of the elements in float16, ~7e-5 in
+    bfloat16). An ulp is counted at the scale of the bias too: an output
+    near zero is a difference of two larger terms."""
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=2e-6, atol=2e-6)
+        return
+    differ = out != ref
+    assert differ.float().mean().item() <= 2e-3, f"{differ.sum().item()} of {out.numel()} differ"
+    one_ulp = torch.finfo(out.dtype).eps * (ref.abs().float() + bias.abs().float())
+    assert ((out.float() - ref.float()).abs() <= one_ulp)[differ].all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [1280, 1281, 4096])
+def test_layer_norm_rounds_like_torch(device, dtype, hidden):
+    x, w, bias = layer_norm_inputs((256, hidden), dtype, device, True)
+    residual = (3 * torch.randn(256, hidden, device=device)).to(dtype)
+    assert_matches_torch_layer_norm(ops.layer_norm(x, w, bias, 1e-6),
+                                    F.layer_norm(x, (hidden,), w, bias, 1e-6), bias)
+    torch_sum = x + residual
+    ops.fused_add_layer_norm(x, residual, w, bias, 1e-6)
+    assert_matches_torch_layer_norm(x, F.layer_norm(torch_sum, (hidden,), w, bias, 1e-6), bias)
+
+
+def test_layer_norm_out_may_alias_input():
+    x, w, bias = layer_norm_inputs((5, 256), torch.bfloat16, "cpu", True)
+    expected = ops.layer_norm(x, w, bias, 1e-6)
+    ops.layer_norm(x, w, bias, 1e-6, out=x)
     assert torch.equal(x, expected)
 
 
@@ -308,6 +392,10 @@ def test_opcheck(device):
     w = torch.randn(64, device=device)
     torch.library.opcheck(torch.ops.pyvlm.rms_norm.default, (torch.empty_like(x), x, w, 1e-6))
     torch.library.opcheck(torch.ops.pyvlm.fused_add_rms_norm.default, (x.clone(), x.clone(), w, 1e-6))
+    for bias in (torch.randn(64, device=device), None):
+        torch.library.opcheck(torch.ops.pyvlm.layer_norm.default, (torch.empty_like(x), x, w, bias, 1e-6))
+        torch.library.opcheck(torch.ops.pyvlm.fused_add_layer_norm.default,
+                              (x.clone(), x.clone(), w, bias, 1e-6))
     cache = make_cache(32, 64, torch.float32, device)
     q, k = torch.randn(5, 2 * 64, device=device), torch.randn(5, 64, device=device)
     pos = torch.randint(0, 32, (5,), device=device)
@@ -338,6 +426,30 @@ def test_norm_bad_inputs_raise_naming_argument():
         ops.fused_add_rms_norm(x, torch.randn(4, 8).half(), w, 1e-6)
     with pytest.raises(ValueError, match="residual must not be the same tensor"):
         ops.fused_add_rms_norm(x, x, w, 1e-6)
+
+
+def test_layer_norm_bad_inputs_raise_naming_argument():
+    x, w, b = torch.randn(4, 8), torch.randn(8), torch.randn(8)
+    with pytest.raises(ValueError, match="bias must have shape \\[8\\]"):
+        ops.layer_norm(x, w, torch.randn(7), 1e-6)
+    with pytest.raises(ValueError, match="bias must have dtype"):
+        ops.layer_norm(x, w, b.half(), 1e-6)
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        ops.layer_norm(x, w, torch.randn(16)[::2], 1e-6)
+    with pytest.raises(ValueError, match="weight must have shape \\[8\\]"):
+        ops.layer_norm(x, torch.randn(7), b, 1e-6)
+    with pytest.raises(ValueError, match="out must have shape"):
+        ops.layer_norm(x, w, b, 1e-6, out=torch.empty(4, 9))
+    with pytest.raises(ValueError, match="input must be contiguous"):
+        ops.layer_norm(torch.randn(8, 4).t(), torch.randn(4), None, 1e-6)
+    with pytest.raises(ValueError, match="epsilon must be"):
+        ops.layer_norm(x, w, b, float("nan"))
+    with pytest.raises(ValueError, match="residual must have shape"):
+        ops.fused_add_layer_norm(x, torch.randn(4, 9), w, b, 1e-6)
+    with pytest.raises(ValueError, match="residual must not be the same tensor"):
+        ops.fused_add_layer_norm(x, x, w, b, 1e-6)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ops.fused_add_layer_norm(x, x.clone(), w, torch.randn(9), 1e-6)
 
 
 def test_rotary_bad_inputs_raise_naming_argument():
@@ -441,6 +553,38 @@ def test_cuda_rotary_of_many_tokens_on_misaligned_heads(offset, is_neox):
     ops.rotary_embedding(pos, q, k, head_size, cache, is_neox)
     assert_close(q, ref_q, torch.bfloat16)
     assert_close(k, ref_k, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("has_bias", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [100, 1280, 1281, 8192, 9001, 70000])
+def test_cuda_layer_norms_match_cpu(dtype, hidden, has_bias):
+    x, w, bias = layer_norm_inputs((300, hidden), dtype, "cpu", has_bias)
+    residual = torch.randn(300, hidden).to(dtype)
+    gbias = None if bias is None else bias.cuda()
+    out = poisoned(300, hidden, dtype=dtype, device="cuda")
+    ops.layer_norm(x.cuda(), w.cuda(), gbias, 1e-6, out=out)
+    assert_close(out, ops.layer_norm(x, w, bias, 1e-6).double(), dtype)
+    gx, gr = x.cuda(), residual.cuda()
+    ops.fused_add_layer_norm(gx, gr, w.cuda(), gbias, 1e-6)
+    ops.fused_add_layer_norm(x, residual, w, bias, 1e-6)
+    assert torch.equal(gr.cpu(), residual)  # one rounded add: identical on both devices
+    assert_close(gx, x.double(), dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_layer_norm_unaligned_rows_use_the_scalar_path():
+    x = torch.randn(3 * 1280 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(3, 1280)
+    r = torch.randn(3 * 1280 + 1, dtype=torch.bfloat16, device="cuda")[1:].view(3, 1280)
+    w, bias = random_weight(1280, torch.bfloat16, "cuda"), torch.randn(1280, device="cuda").bfloat16()
+    assert_close(ops.layer_norm(x, w, bias, 1e-6),
+                 reference.layer_norm(x.double(), w.double(), bias.double(), 1e-6), torch.bfloat16)
+    torch_sum = x + r
+    ops.fused_add_layer_norm(x, r, w, bias, 1e-6)
+    assert torch.equal(r, torch_sum)
+    assert_close(x, reference.layer_norm(torch_sum.double(), w.double(), bias.double(), 1e-6),
+                 torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -12,6 +12,8 @@ are built; post_layernorm (it only feeds the pooled CLS output) is not.
 import torch
 from torch import nn
 
+from pyvlm.layers.norm import LayerNorm
+
 from .vit import FeatureLayers, VitTower
 
 
@@ -53,7 +55,7 @@ class CLIPVisionTower(VitTower):
     def __init__(self, config, feature_layer: FeatureLayers = -1):
         super().__init__(config, feature_layer)
         self.embeddings = CLIPVisionEmbeddings(config)
-        self.pre_layrnorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.pre_layrnorm = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.build_encoder(config)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:

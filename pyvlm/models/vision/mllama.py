@@ -27,13 +27,14 @@ position and tile embeddings, the layer norms and the gates stay whole.
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from pyvlm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pyvlm.layers.norm import LayerNorm, norm_with_residual
 from pyvlm.layers.packed_attention import packed_attention, takes_torch_flash
 from pyvlm.layers.split_key_attention import KeySplits, plan_key_splits, split_key_attention
 from pyvlm.layers.tensor_parallel import current_group, divide
@@ -233,28 +234,33 @@ class MllamaVisionAttention(nn.Module):
 
 class MllamaVisionEncoderLayer(nn.Module):
     """Pre-norm attention + MLP; gated layers scale both residual branches
-    by tanh of a learnt scalar."""
+    by tanh of a learnt scalar. The residual stream is carried unsummed
+    between layers (as qwen_layers.VisionBlock): a layer takes the previous
+    layer's (gated) MLP output and the residual (None in the first layer)
+    and returns its own and the residual, whose sum is the layer's output;
+    input_layernorm fuses the previous MLP add, post_attention_layernorm
+    the attention add, each after its gate's multiply."""
 
     def __init__(self, config, is_gated: bool = False):
         super().__init__()
         self.is_gated = is_gated
         self.self_attn = MllamaVisionAttention(config)
         self.mlp = MllamaVisionMLP(config)
-        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.input_layernorm = LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_attention_layernorm = LayerNorm(config.hidden_size, eps=config.norm_eps)
         if is_gated:
             self.gate_attn = nn.Parameter(torch.ones(1) * math.pi / 4)
             self.gate_ffn = nn.Parameter(torch.ones(1) * math.pi / 4)
 
-    def forward(self, hidden: torch.Tensor, attention: Attention) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(hidden), attention)
-        if self.is_gated:
-            attn = self.gate_attn.tanh() * attn
-        hidden = hidden + attn
-        ffn = self.mlp(self.post_attention_layernorm(hidden))
-        if self.is_gated:
-            ffn = self.gate_ffn.tanh() * ffn
-        return hidden + ffn
+    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                attention: Attention) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = norm_with_residual(self.input_layernorm, hidden, residual)
+        attn = self._gated(self.self_attn(hidden, attention), "gate_attn")
+        hidden, residual = self.post_attention_layernorm(attn, residual)
+        return self._gated(self.mlp(hidden), "gate_ffn"), residual
+
+    def _gated(self, branch: torch.Tensor, gate: str) -> torch.Tensor:
+        return getattr(self, gate).tanh() * branch if self.is_gated else branch
 
 
 class MllamaVisionEncoder(nn.Module):
@@ -263,13 +269,18 @@ class MllamaVisionEncoder(nn.Module):
         self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, is_gated)
                                     for _ in range(num_layers))
 
-    def forward(self, hidden: torch.Tensor, attention: Attention):
-        """Returns the final hidden states and the output of every layer."""
-        layer_outputs: List[torch.Tensor] = []
-        for layer in self.layers:
-            hidden = layer(hidden, attention)
-            layer_outputs.append(hidden)
-        return hidden, layer_outputs
+    def forward(self, hidden: torch.Tensor, attention: Attention, keep: Sequence[int] = ()
+                ) -> Tuple[torch.Tensor, Optional[torch.Tensor], List[torch.Tensor]]:
+        """hidden: the input states (taken in place). Returns the last
+        layer's branch output and the residual stream (None without layers),
+        whose sum is the encoder's output (left to the caller, to fuse into
+        its next norm), and the outputs of the layers listed in keep."""
+        residual, kept = None, {}
+        for index, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, attention)
+            if index in keep:
+                kept[index] = hidden + residual
+        return hidden, residual, [kept[index] for index in keep]
 
 
 class MllamaVisionModel(nn.Module):
@@ -290,8 +301,8 @@ class MllamaVisionModel(nn.Module):
         self.pre_tile_positional_embedding = MllamaPrecomputedAspectRatioEmbedding(config)
         self.post_tile_positional_embedding = MllamaPrecomputedAspectRatioEmbedding(config)
         # transformers builds these with nn.LayerNorm's default eps, not norm_eps
-        self.layernorm_pre = nn.LayerNorm(config.hidden_size)
-        self.layernorm_post = nn.LayerNorm(config.hidden_size)
+        self.layernorm_pre = LayerNorm(config.hidden_size)
+        self.layernorm_post = LayerNorm(config.hidden_size)
         self.transformer = MllamaVisionEncoder(config, config.num_hidden_layers)
         self.global_transformer = MllamaVisionEncoder(config, config.num_global_layers,
                                                       is_gated=True)
@@ -332,15 +343,18 @@ class MllamaVisionModel(nn.Module):
         attention = self._attention(aspect_ratio_mask.reshape(num_images, num_tiles),
                                     tiles_per_image, padded_len, hidden.dtype)
 
-        hidden, local_outputs = self.transformer(hidden.view(num_images, -1, self.hidden_size),
-                                                 attention)
-        hidden = self.layernorm_post(hidden).view(num_images, num_tiles, padded_len, -1)
-        hidden = self.post_tile_positional_embedding(hidden, aspect_ratio_ids)
-        hidden, _ = self.global_transformer(hidden.view(num_images, -1, self.hidden_size),
-                                            attention)
+        hidden, residual, local_outputs = self.transformer(
+            hidden.view(num_images, -1, self.hidden_size), attention,
+            self.intermediate_layers_indices)
+        hidden, _ = norm_with_residual(self.layernorm_post, hidden, residual)
+        hidden = self.post_tile_positional_embedding(
+            hidden.view(num_images, num_tiles, padded_len, -1), aspect_ratio_ids)
+        hidden, residual, _ = self.global_transformer(
+            hidden.view(num_images, -1, self.hidden_size), attention)
+        if residual is not None:
+            hidden = hidden + residual
 
-        intermediate = torch.stack([local_outputs[i] for i in self.intermediate_layers_indices],
-                                   dim=-1)
+        intermediate = torch.stack(local_outputs, dim=-1)
         out_shape = (batch, max_images, num_tiles, self.num_patches, -1)
         hidden = hidden.view(num_images, num_tiles, padded_len, -1)[:, :, :self.num_patches]
         intermediate = intermediate.reshape(num_images, num_tiles, padded_len, -1)

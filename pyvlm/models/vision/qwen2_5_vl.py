@@ -25,7 +25,7 @@ from .qwen_grid import (AttentionSpans, GridTHW, check_grids, expand_units, fram
                         num_patches, rotary_positions, window_order)
 from .qwen_layers import (PatchMerger, VisionAttention, VisionBlock, VisionPatchEmbed,
                           VisionRotary, VisionRotaryEmbedding, check_pixel_rows, rope_theta_of,
-                          vision_activation)
+                          run_blocks, vision_activation)
 
 
 class Qwen2_5_VisionMLP(nn.Module):
@@ -109,11 +109,13 @@ class Qwen2_5_VisionTransformer(nn.Module):
             image_order=torch.argsort(window_index).to(device, non_blocking=True))
 
     def _encode(self, pixel_values: torch.Tensor, meta: "WindowedMetadata") -> torch.Tensor:
-        hidden = self.patch_embed(pixel_values)[meta.patch_order]
-        for index, block in enumerate(self.blocks):
-            hidden = block(hidden, meta.rotary, meta.frames if index in self.fullatt_block_indexes
-                           else meta.windows)
-        return self.merger(hidden)[meta.image_order]
+        hidden, residual = run_blocks(self.blocks, self.patch_embed(pixel_values)[meta.patch_order],
+                                      lambda index: (meta.rotary, self._spans(meta, index)))
+        return self.merger(hidden, residual)[meta.image_order]
+
+    def _spans(self, meta: "WindowedMetadata", index: int) -> AttentionSpans:
+        """Block index attends within whole frames or within windows."""
+        return meta.frames if index in self.fullatt_block_indexes else meta.windows
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,14 @@ import torch
 from torch import nn
 
 from pyvlm.layers.linear import ColumnParallelLinear, RowParallelLinear
+from pyvlm.layers.norm import LayerNorm
 from pyvlm.layers.shape_graphs import ShapeGraphs
 
 from .qwen_grid import (AttentionSpans, GridTHW, check_grids, frame_lengths, num_patches,
                         rotary_positions)
 from .qwen_layers import (PatchMerger, VisionAttention, VisionBlock, VisionPatchEmbed,
                           VisionRotary, VisionRotaryEmbedding, check_pixel_rows, rope_theta_of,
-                          vision_activation)
+                          run_blocks, vision_activation)
 
 
 class Qwen2VisionMLP(nn.Module):
@@ -40,7 +41,7 @@ class Qwen2VisionMLP(nn.Module):
 
 def qwen2_vision_block(config) -> VisionBlock:
     dim = config.embed_dim
-    return VisionBlock(nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6),
+    return VisionBlock(LayerNorm(dim, eps=1e-6), LayerNorm(dim, eps=1e-6),
                        VisionAttention(dim, config.num_heads),
                        Qwen2VisionMLP(dim, int(dim * config.mlp_ratio), config.hidden_act))
 
@@ -61,7 +62,7 @@ class Qwen2VisionTransformer(nn.Module):
                                                     rope_theta_of(config))
         self.blocks = nn.ModuleList(qwen2_vision_block(config) for _ in range(config.depth))
         self.merger = PatchMerger(config.embed_dim, config.hidden_size, config.spatial_merge_size,
-                                  nn.LayerNorm(config.embed_dim, eps=1e-6))
+                                  LayerNorm(config.embed_dim, eps=1e-6))
         self.shape_graphs = ShapeGraphs()  # off until the runner enables it (CUDA graphs)
 
     def forward(self, pixel_values: torch.Tensor,
@@ -82,10 +83,9 @@ class Qwen2VisionTransformer(nn.Module):
         return TowerMetadata(rotary, AttentionSpans.of(frame_lengths(grids), device))
 
     def _encode(self, pixel_values: torch.Tensor, meta: "TowerMetadata") -> torch.Tensor:
-        hidden = self.patch_embed(pixel_values)
-        for block in self.blocks:
-            hidden = block(hidden, meta.rotary, meta.spans)
-        return self.merger(hidden)
+        hidden, residual = run_blocks(self.blocks, self.patch_embed(pixel_values),
+                                      lambda index: (meta.rotary, meta.spans))
+        return self.merger(hidden, residual)
 
 
 @dataclass(frozen=True)

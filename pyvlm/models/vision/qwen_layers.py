@@ -13,7 +13,7 @@ the merger stay whole on every rank.
 """
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from pyvlm import ops
 from pyvlm.layers.linear import FusedQKVParallelLinear, RowParallelLinear
+from pyvlm.layers.norm import norm_with_residual
 from pyvlm.layers.packed_attention import packed_attention
 
 from .qwen_grid import AttentionSpans
@@ -161,17 +162,28 @@ class VisionAttention(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+    """Pre-norm residual block: x + attn(norm1(x)), then + mlp(norm2(x)).
+
+    The residual stream is carried between blocks unsummed, as vLLM's
+    decoder layers: a block takes the previous block's MLP output and the
+    residual (None in the first block, whose input is the patch embeddings)
+    and returns its own MLP output and residual, whose sum is the block's
+    output. norm1 fuses the previous block's MLP add and norm2 the attention
+    add (fused_add_layer_norm / fused_add_rms_norm: one kernel instead of an
+    add and a norm, 32 times a block stack). The norms take the residual in
+    place, so the first block's input must be a tensor nothing else reads."""
 
     def __init__(self, norm1: nn.Module, norm2: nn.Module, attn: VisionAttention,
                  mlp: nn.Module):
         super().__init__()
         self.norm1, self.norm2, self.attn, self.mlp = norm1, norm2, attn, mlp
 
-    def forward(self, hidden: torch.Tensor, rotary: VisionRotary,
-                spans: AttentionSpans) -> torch.Tensor:
-        hidden = hidden + self.attn(self.norm1(hidden), rotary, spans)
-        return hidden + self.mlp(self.norm2(hidden))
+    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                rotary: VisionRotary, spans: AttentionSpans
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = norm_with_residual(self.norm1, hidden, residual)
+        hidden, residual = self.norm2(self.attn(hidden, rotary, spans), residual)
+        return self.mlp(hidden), residual
 
 
 class PatchMerger(nn.Module):
@@ -186,8 +198,23 @@ class PatchMerger(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.merged_dim, self.merged_dim), nn.GELU(),
                                  nn.Linear(self.merged_dim, out_dim))
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.ln_q(hidden).view(-1, self.merged_dim))
+    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """hidden: the last hidden state, or with residual the last block's
+        MLP output (VisionBlock), whose add ln_q then fuses."""
+        normed = self.ln_q(hidden) if residual is None else self.ln_q(hidden, residual)[0]
+        return self.mlp(normed.view(-1, self.merged_dim))
+
+
+def run_blocks(blocks: Iterable[VisionBlock], hidden: torch.Tensor,
+               block_args: Callable[[int], tuple]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Runs the blocks over the patch embeddings `hidden` (taken in place);
+    block_args(i) gives block i's (rotary, spans). Returns the last MLP
+    output and the residual (None without blocks) for PatchMerger."""
+    residual = None
+    for index, block in enumerate(blocks):
+        hidden, residual = block(hidden, residual, *block_args(index))
+    return hidden, residual
 
 
 def rope_theta_of(vision_config) -> float:

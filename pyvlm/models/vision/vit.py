@@ -15,12 +15,13 @@ MLP by fc1 columns and fc2 rows, as the decoder's; embeddings and layer
 norms stay whole on every rank.
 """
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from pyvlm.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from pyvlm.layers.norm import LayerNorm, norm_with_residual
 from pyvlm.layers.packed_attention import packed_attention
 
 from .qwen_layers import vision_activation
@@ -86,16 +87,24 @@ class VitMLP(nn.Module):
 
 
 class VitEncoderLayer(nn.Module):
+    """Pre-norm attention + MLP over a residual stream carried unsummed
+    between layers (as qwen_layers.VisionBlock): takes the previous layer's
+    MLP output and the residual (None in the first layer), returns its own
+    MLP output and residual, whose sum is the layer's output. layer_norm1
+    fuses the previous layer's MLP add, layer_norm2 the attention add."""
+
     def __init__(self, config):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm1 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.self_attn = VitAttention(config)
-        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm2 = LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = VitMLP(config)
 
-    def forward(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.layer_norm1(hidden), cu_seqlens)
-        return hidden + self.mlp(self.layer_norm2(hidden))
+    def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor],
+                cu_seqlens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = norm_with_residual(self.layer_norm1, hidden, residual)
+        hidden, residual = self.layer_norm2(self.self_attn(hidden, cu_seqlens), residual)
+        return self.mlp(hidden), residual
 
 
 class VitEncoder(nn.Module):
@@ -104,15 +113,18 @@ class VitEncoder(nn.Module):
         self.layers = nn.ModuleList(VitEncoderLayer(config) for _ in range(num_layers))
 
     def forward(self, hidden: torch.Tensor, feature_layers: Sequence[int]) -> torch.Tensor:
-        """hidden: the embeddings [num_tiles, num_patches, hidden] (state 0);
-        the states at feature_layers, concatenated along the features."""
+        """hidden: the embeddings [num_tiles, num_patches, hidden] (state 0,
+        taken in place by the first layer); the states at feature_layers,
+        concatenated along the features. A selected state is the sum of its
+        layer's two outputs (the last layer's add is plain)."""
         num_tiles, num_patches, _ = hidden.shape
         cu_seqlens = tile_cu_seqlens(num_tiles, num_patches, hidden.device)
-        states = {0: hidden}
+        states = {0: hidden.clone()} if 0 in feature_layers else {}
+        residual = None
         for index, layer in enumerate(self.layers, start=1):
-            hidden = layer(hidden, cu_seqlens)
+            hidden, residual = layer(hidden, residual, cu_seqlens)
             if index in feature_layers:
-                states[index] = hidden
+                states[index] = hidden + residual
         return torch.cat([states[index] for index in feature_layers], dim=-1)
 
 

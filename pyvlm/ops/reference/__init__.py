@@ -11,7 +11,9 @@ from .linear import skinny_gemm  # noqa: F401
 from .prefill import paged_attention_prefill, varlen_attention  # noqa: F401
 from .preprocess import preprocess_images, preprocess_images_patchify  # noqa: F401
 from .layers import (  # noqa: F401
+    fused_add_layer_norm,
     fused_add_rms_norm,
+    layer_norm,
     merge_multimodal_embeddings,
     mrope,
     rms_norm,

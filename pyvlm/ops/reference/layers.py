@@ -1,4 +1,4 @@
-"""Pure-torch references for the layer ops (HF formulas, no intermediate rounding)."""
+"""Pure-torch references for the layer ops (HF and torch formulas, no intermediate rounding)."""
 
 import math
 from typing import Sequence
@@ -14,6 +14,20 @@ def fused_add_rms_norm(x, residual, weight, epsilon):
     """Returns (normalised, new residual)."""
     residual = x + residual
     return rms_norm(residual, weight, epsilon), residual
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias, epsilon: float) -> torch.Tensor:
+    """nn.LayerNorm's formula: biased variance, eps inside the root."""
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).pow(2).mean(-1, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + epsilon) * weight
+    return out if bias is None else out + bias
+
+
+def fused_add_layer_norm(x, residual, weight, bias, epsilon):
+    """Returns (normalised, new residual)."""
+    residual = x + residual
+    return layer_norm(residual, weight, bias, epsilon), residual
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
