@@ -8,8 +8,12 @@ weight reads, leave the tensor cores idle. So each step may carry the
 images of a request still waiting (ForwardBatch.encode_ahead): the runner
 encodes them into its encoder cache, on the tower's side stream when it
 has one (beside the step), and the step that admits the request finds
-them there and runs its prefill alone. Such a request is not charged the
-tower's work in its mixed step's budget (encoder_budget) any more.
+them there and runs its prefill alone. The tower's work is charged to the
+step that encodes ahead, in what its budget leaves after its own chunks
+(encoder_budget's measure: an image's placeholder tokens), and no longer
+to the request's chunks: every step's work stays within the budget, as
+without encoding ahead. (Images that enter through cross-attention are
+not charged ahead: their admission pays for their K/V rows.)
 
 One request's images a step, for at most MAX_REQUESTS_AHEAD waiting
 requests at a time: enough to keep ahead of admissions (one a step at the
@@ -27,12 +31,14 @@ MAX_REQUESTS_AHEAD = 2
 
 
 def pick_encode_ahead(waiting: Iterable[Request],
-                      images_to_encode: Callable[[Request], List[MultimodalItem]]
-                      ) -> List[MultimodalItem]:
+                      images_to_encode: Callable[[Request], List[MultimodalItem]],
+                      num_tokens_left: int) -> List[MultimodalItem]:
     """The images to encode this step: those of the first request with images
     among the first MAX_REQUESTS_AHEAD of the waiting queue (in admission
-    order) that was not encoded ahead yet; the request is marked.
-    images_to_encode(request): its images a prefill would still encode."""
+    order) that was not encoded ahead yet, when their charge fits in
+    num_tokens_left (the step's budget after its chunks); the request is
+    then marked. images_to_encode(request): its images a prefill would
+    still encode."""
     num_ahead = 0
     for request in waiting:
         if not request.mm_items:
@@ -41,9 +47,18 @@ def pick_encode_ahead(waiting: Iterable[Request],
             break
         num_ahead += 1
         if not request.encoded_ahead:
+            images = images_to_encode(request)
+            if ahead_charge(images) > num_tokens_left:
+                return []
             request.encoded_ahead = True
-            return images_to_encode(request)
+            return images
     return []
+
+
+def ahead_charge(images: Iterable[MultimodalItem]) -> int:
+    """The tower work of encoding images ahead, in the prefill budget's
+    tokens (encoder_budget.tower_charge's measure, for every image)."""
+    return sum(item.length for item in images if not item.num_cross_rows)
 
 
 def charged_images(request: Request) -> List[MultimodalItem]:

@@ -58,6 +58,7 @@ class PrefillPlan:
     has_partial: bool = False  # the last request stops mid-prompt (then nothing may follow)
     # the running requests' reserved pages, summed once per plan (_has_room)
     num_running_reserved: Optional[int] = None
+    num_tokens_left: int = 0  # what the step's budget leaves (encode_ahead may use it)
 
 
 @dataclass
@@ -297,7 +298,8 @@ class Scheduler:
             decodes = [] if plan.items else schedule_decode(frontier)
             step = StepPlan(plan, decodes, num_running)
         if self.config.vision_encode_ahead and step.items:
-            step.encode_ahead = pick_encode_ahead(self.waiting, self._images_to_encode)
+            step.encode_ahead = pick_encode_ahead(self.waiting, self._images_to_encode,
+                                                  step.prefill.num_tokens_left)
         return step
 
     def _can_mix(self, frontier: Frontier) -> bool:
@@ -318,12 +320,14 @@ class Scheduler:
         budget = PrefillBudget(self.config.max_prefill_tokens, self.config.chunked_prefill_size,
                                num_decode_tokens, self.config.max_mixed_prefill_tokens)
         chunked = frontier.chunked
-        if chunked is not None and not self._continue_chunk(chunked, frontier.start_of(chunked),
-                                                            budget, plan):
-            return plan
-        for request in order_waiting(self.waiting, self.config.schedule_policy, self._num_matched):
-            if plan.has_partial or not self._has_running_slot(plan) or not self._admit(request, budget, plan):
-                break
+        if chunked is None or self._continue_chunk(chunked, frontier.start_of(chunked), budget,
+                                                   plan):
+            for request in order_waiting(self.waiting, self.config.schedule_policy,
+                                         self._num_matched):
+                if (plan.has_partial or not self._has_running_slot(plan)
+                        or not self._admit(request, budget, plan)):
+                    break
+        plan.num_tokens_left = budget.num_tokens_left
         return plan
 
     def _continue_chunk(self, request: Request, start: int, budget: PrefillBudget,

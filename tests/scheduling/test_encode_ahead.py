@@ -1,10 +1,12 @@
 """Images encoded a step ahead of their prefill (vision_encode_ahead): which
-waiting request's images a step carries, that its later chunks are not
-charged the tower's work, that cached prefixes are not encoded again, and
-that the tokens stay the reference's (fake runner)."""
+waiting request's images a step carries, in what its budget leaves; that
+the request's chunks are then not charged the tower's work; that cached
+prefixes are not encoded again; and that the tokens stay the reference's
+(fake runner)."""
 
 from pyvlm.config import CacheConfig, SchedulerConfig
 from pyvlm.scheduling import encode_ahead
+from pyvlm.scheduling.encoder_budget import tower_charge
 from pyvlm.scheduling.request import Request
 from pyvlm.scheduling.scheduler import Scheduler
 from pyvlm.scheduling.types import MultimodalItem, SamplingParams
@@ -22,9 +24,9 @@ def image_request(rid: str, text_before: int, image_tokens: int = 12, seed: int 
     return Request(rid, prompt, SamplingParams(max_new_tokens=3), [image], seed=seed)
 
 
-def scheduler_with_a_stream(ahead: bool, runner: FakeRunner) -> Scheduler:
+def scheduler_with_a_stream(ahead: bool, runner: FakeRunner, **config) -> Scheduler:
     config = SchedulerConfig(chunked_prefill_size=64, max_mixed_prefill_tokens=20,
-                             vision_encode_ahead=ahead)
+                             vision_encode_ahead=ahead, **config)
     scheduler = Scheduler(config, CacheConfig(page_size=PAGE), 512, 100000)
     chat = Request("chat", [11, 12, 13], SamplingParams(max_new_tokens=40), seed=1)
     scheduler.add_request(runner.register(chat))
@@ -32,26 +34,33 @@ def scheduler_with_a_stream(ahead: bool, runner: FakeRunner) -> Scheduler:
     return scheduler
 
 
-def test_a_step_encodes_the_next_waiting_requests_images_and_their_chunks_are_not_charged():
-    """A decoding request, then a, b and c with 12-token images, a mixed cap
-    of 20 (as test_mixed_steps' test without encode-ahead, where b's first
-    chunk waits until the third step). Step 1 admits a, charged its tower,
-    and encodes b's image; step 2 runs a's rest and 11 tokens of b, not
-    charged, and encodes c's; step 3 b's last 3 and all 16 of c."""
+def test_a_step_encodes_the_next_waiting_requests_images_in_what_its_budget_leaves():
+    """A decoding request, then a, b, c and d with 5-token images, a mixed
+    cap of 20. Step 1 admits a whole (10 tokens, 5 charged for its tower)
+    and spends the 5 left on encoding b's image; step 2 runs b's 7 tokens,
+    no longer charged, and 8 of c's with its tower (without encoding ahead
+    only 3 of c's fit); step 3 the rest. No step's work exceeds the cap."""
     runner = FakeRunner(PAGE, 512)
     scheduler = scheduler_with_a_stream(True, runner)
-    requests = [image_request("a", 3), image_request("b", 0, seed=2), image_request("c", 2, seed=3)]
+    requests = [image_request(rid, before, 5, seed)
+                for seed, (rid, before) in enumerate(zip("abcd", (3, 0, 2, 1)))]
     for request in requests:
         scheduler.add_request(runner.register(request))
     steps, ahead = [], []
     for _ in range(3):
+        charged = {r.rid for r in requests if not r.encoded_ahead}
         scheduler.step(runner)
         batch = runner.batches[-1]
-        steps.append({c.rid: c.num_new_tokens for c in batch.chunks if c.rid != "chat"})
+        prefills = [c for c in batch.chunks if c.rid != "chat" and not c.is_generated_token]
+        work = sum(c.num_new_tokens for c in prefills)
+        work += sum(tower_charge(c.mm_items, c.start_pos, c.start_pos + c.num_new_tokens)
+                    for c in prefills if c.rid in charged)
+        assert work + encode_ahead.ahead_charge(batch.encode_ahead) <= 20
+        steps.append({c.rid: c.num_new_tokens for c in prefills})
         ahead.append(batch.encode_ahead)
-    assert steps == [{"a": 8}, {"a": 9, "b": 11}, {"a": 1, "b": 3, "c": 16}]
-    assert ahead == [requests[1].mm_items, requests[2].mm_items, []]
-    assert all(r.encoded_ahead for r in requests[1:]) and not requests[0].encoded_ahead
+    assert steps == [{"a": 10}, {"b": 7, "c": 8}, {"c": 1, "d": 8}]
+    assert ahead == [requests[1].mm_items, [], []]
+    assert [r.encoded_ahead for r in requests] == [False, True, False, False]
     run_until_idle(scheduler, runner)
     check_invariants(scheduler)
 
@@ -67,30 +76,38 @@ def test_no_step_carries_images_unless_asked():
 
 def test_at_most_two_waiting_requests_are_encoded_ahead_and_text_prompts_are_skipped():
     waiting = [Request("text", [1, 2, 3])] + [image_request(rid, 1) for rid in "abc"]
-    picks = [encode_ahead.pick_encode_ahead(waiting, lambda r: r.mm_items) for _ in range(4)]
+    picks = [encode_ahead.pick_encode_ahead(waiting, lambda r: r.mm_items, 100)
+             for _ in range(4)]
     assert picks == [waiting[1].mm_items, waiting[2].mm_items, [], []]
     assert not waiting[3].encoded_ahead
     waiting.pop(1)  # a is admitted: c is now among the first two
-    assert encode_ahead.pick_encode_ahead(waiting, lambda r: r.mm_items) == waiting[2].mm_items
+    assert encode_ahead.pick_encode_ahead(waiting, lambda r: r.mm_items, 12) == waiting[2].mm_items
+
+
+def test_images_whose_charge_does_not_fit_wait_for_a_later_step():
+    waiting = [image_request("a", 1)]  # 12 image tokens
+    assert encode_ahead.pick_encode_ahead(waiting, lambda r: r.mm_items, 11) == []
+    assert not waiting[0].encoded_ahead
+    assert encode_ahead.pick_encode_ahead(waiting, lambda r: r.mm_items, 12) == waiting[0].mm_items
 
 
 def test_an_image_under_a_cached_prefix_is_not_encoded_ahead():
     """The same image prompt twice: once the first has run, the second's
-    image lies in its cached prefix, so when it waits behind a request that
-    fills the step, the step carries no image for it."""
+    image lies in its cached prefix; while it waits for a running slot, the
+    steps carry no image for it."""
     runner = FakeRunner(PAGE, 512)
-    scheduler = scheduler_with_a_stream(True, runner)
+    scheduler = scheduler_with_a_stream(True, runner, max_running_requests=2)
     first = image_request("first", 4)
     scheduler.add_request(runner.register(first))
     while first.finish_reason is None:
         scheduler.step(runner)
     again = image_request("first", 4)
     again.rid = "again"
-    blocker = image_request("blocker", 0, image_tokens=40)  # a step of its own
-    for request in (blocker, again):
+    talker = Request("talker", [11, 12], SamplingParams(max_new_tokens=6), seed=5)
+    for request in (talker, again):
         scheduler.add_request(runner.register(request))
     scheduler.step(runner)
-    assert {c.rid for c in runner.batches[-1].chunks} == {"chat", "blocker"}
+    assert {c.rid for c in runner.batches[-1].chunks} == {"chat", "talker"}  # no slot for again
     assert again.encoded_ahead and runner.batches[-1].encode_ahead == []
     run_until_idle(scheduler, runner)
     check_invariants(scheduler)
