@@ -29,12 +29,15 @@ class Row:
 
 
 def time_us(fn: Callable[[], object], device: str, warmup: int = 3, repeat: int = 20,
-            min_seconds: float = 0.0) -> float:
-    """Median wall time of fn() in microseconds (CUDA events on GPU)."""
+            min_seconds: float = 0.0, calls_per_sample: int = 1) -> float:
+    """Median wall time of fn() in microseconds (CUDA events on GPU).
+    calls_per_sample (CUDA): back-to-back calls between one pair of events,
+    the time divided among them, so a kernel shorter than its host launch
+    is timed on the device (one call between events times the launch)."""
     for _ in range(warmup):
         fn()
     if device.startswith("cuda"):
-        return _time_cuda_us(fn, repeat)
+        return _time_cuda_us(fn, repeat, calls_per_sample)
     samples = []
     start_all = time.perf_counter()
     while len(samples) < repeat or time.perf_counter() - start_all < min_seconds:
@@ -46,16 +49,17 @@ def time_us(fn: Callable[[], object], device: str, warmup: int = 3, repeat: int 
     return statistics.median(samples)
 
 
-def _time_cuda_us(fn, repeat: int) -> float:
+def _time_cuda_us(fn, repeat: int, calls_per_sample: int = 1) -> float:
     torch.cuda.synchronize()
     samples = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls_per_sample):
+            fn()
         end.record()
         end.synchronize()
-        samples.append(start.elapsed_time(end) * 1e3)
+        samples.append(start.elapsed_time(end) * 1e3 / calls_per_sample)
     return statistics.median(samples)
 
 
