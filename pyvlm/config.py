@@ -83,9 +83,10 @@ class SchedulerConfig:
     # work hides behind the device's), off on the CPU (nothing to hide).
     overlap_schedule: Optional[bool] = None
     # Encode the images of the next waiting requests a step before their
-    # prefill (pyvlm/scheduling/encode_ahead.py): with --vision-side-stream
-    # the tower then runs beside decode steps, which leave the tensor cores
-    # idle, instead of inside the mixed step that admits the request.
+    # prefill, in what that step's budget leaves (pyvlm/scheduling/
+    # encode_ahead.py). Off until the budgeted form is measured: the first,
+    # unbudgeted form gained 7-11% at 256 @ 64 on an H100 but let two image
+    # prompts share a mixed step (ITL p99 +25%; benchmarks/RESULTS.md).
     vision_encode_ahead: bool = False
 
 

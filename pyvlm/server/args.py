@@ -207,9 +207,9 @@ _FLAGS = [
      "runs) instead of after it; reserves its activations apart (off by default: not yet "
      "measured)"),
     (("--vision-encode-ahead",), "store_true",
-     "encode the images of the next waiting requests a step before their prefill (with "
-     "--vision-side-stream beside the decode steps, which leave the tensor cores idle) "
-     "instead of inside the mixed step that admits them (off by default: not yet measured)"),
+     "encode the images of the next waiting requests a step before their prefill, in what "
+     "that step's budget leaves (with --vision-side-stream on the side stream), instead of "
+     "inside the mixed step that admits them (off by default: not yet measured in this form)"),
     (("--max-mixed-prefill-tokens",), int,
      "most prefill tokens in a step that also decodes the running requests (default 1024; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "
