@@ -9,43 +9,22 @@
 #include <cmath>
 
 #include "dtypes.h"
+#include "lane_sums.h"
 
 namespace pyvlm {
 namespace {
 
-// Independent partial sums let the compiler vectorise the reductions without
-// reassociating float additions itself.
-constexpr int kLanes = 16;
-
-float sum_lanes(const float* acc) {
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
 template <typename T>
 float row_sum(const T* x, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += to_float(x[i + l]);
-  float tail = 0.f;
-  for (; i < n; ++i) tail += to_float(x[i]);
-  return sum_lanes(acc) + tail;
+  return lane_sum(n, [x](int64_t i) { return to_float(x[i]); });
 }
 
 template <typename T>
 float centered_sum_squares(const T* x, int64_t n, float mean) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float d = to_float(x[i + l]) - mean;
-      acc[l] += d * d;
-    }
-  float tail = 0.f;
-  for (; i < n; ++i) tail += (to_float(x[i]) - mean) * (to_float(x[i]) - mean);
-  return sum_lanes(acc) + tail;
+  return lane_sum(n, [x, mean](int64_t i) {
+    const float d = to_float(x[i]) - mean;
+    return d * d;
+  });
 }
 
 struct RowMoments {

@@ -12,32 +12,17 @@
 #include <vector>
 
 #include "dtypes.h"
+#include "lane_sums.h"
 
 namespace pyvlm {
 namespace {
 
-// Independent partial sums let the compiler vectorise the reduction without
-// reassociating float additions itself.
-constexpr int kLanes = 16;
-
-float sum_lanes(const float* acc) {
-  float s = 0.f;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
-
 template <typename T>
 float sum_squares(const T* x, int64_t n) {
-  float acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int l = 0; l < kLanes; ++l) {
-      const float v = to_float(x[i + l]);
-      acc[l] += v * v;
-    }
-  float tail = 0.f;
-  for (; i < n; ++i) tail += to_float(x[i]) * to_float(x[i]);
-  return sum_lanes(acc) + tail;
+  return lane_sum(n, [x](int64_t i) {
+    const float v = to_float(x[i]);
+    return v * v;
+  });
 }
 
 // residual = round(x + residual). Kept apart from the sum of squares (which
