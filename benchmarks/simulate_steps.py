@@ -102,7 +102,8 @@ class StepCosts:
 @dataclass
 class StepTrace:
     """Per step: when it was launched (perf_counter), its decodes, prefill
-    tokens and the tokens of the images it encodes first."""
+    tokens and the tokens of the images it encodes first (its chunks' and
+    those it encodes ahead for waiting requests)."""
 
     steps: List[tuple] = field(default_factory=list)
     encoded: set = field(default_factory=set)  # image hashes already encoded
@@ -114,8 +115,8 @@ class StepTrace:
         tokens, new image tokens)."""
         decodes = sum(1 for c in batch.chunks if c.num_new_tokens == 1 and c.step > 0)
         prefill = sum(c.num_new_tokens for c in batch.chunks) - decodes
-        new_images = {item.hash: item.length for c in batch.chunks for item in c.mm_items
-                      if item.hash not in self.encoded}
+        items = [item for c in batch.chunks for item in c.mm_items] + list(batch.encode_ahead)
+        new_images = {item.hash: item.length for item in items if item.hash not in self.encoded}
         self.encoded.update(new_images)
         step = (time.perf_counter(), decodes, prefill, sum(new_images.values()))
         self.steps.append(step)

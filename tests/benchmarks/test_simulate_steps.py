@@ -1,5 +1,6 @@
-"""benchmarks/simulate_steps.py's --server-args: the engine API's engine
-takes the same flags the HTTP server is given."""
+"""benchmarks/simulate_steps.py: the engine API's engine takes the same
+flags the HTTP server is given (--server-args); the cost models; the trace's
+charge for the images a step encodes."""
 
 import pytest
 
@@ -24,3 +25,20 @@ def test_the_roofline_cost_model_lets_a_small_chunk_ride_along_the_weight_reads(
     assert roofline.of(65, 64, 400, 391) == pytest.approx(0.02 * 464 + 0.02 * 65 + 0.012 * 391)
     with pytest.raises(ValueError, match="unknown cost model"):
         StepCosts(model="linear").of(1, 1, 0, 0)
+
+
+def test_the_trace_charges_images_encoded_ahead_to_the_step_that_carries_them():
+    """A step's new images are its chunks' and those it encodes ahead for
+    waiting requests; an image is charged once, where it is first encoded."""
+    from benchmarks.simulate_steps import StepTrace
+    from pyvlm.scheduling.types import ForwardBatch, MultimodalItem, SamplingParams, SequenceChunk
+
+    ahead, other = MultimodalItem(1, 0, 7), MultimodalItem(2, 0, 5)
+
+    def chunk(items, num_tokens):
+        return SequenceChunk("r", [9] * num_tokens, 0, [list(range(num_tokens))], [0], list(items),
+                             True, SamplingParams(), 0, 0)
+
+    trace = StepTrace()
+    assert trace.record(ForwardBatch(False, [chunk([other], 9)], [ahead]))[1:] == (0, 9, 12)
+    assert trace.record(ForwardBatch(False, [chunk([ahead], 8)]))[1:] == (0, 8, 0)
