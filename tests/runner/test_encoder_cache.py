@@ -69,53 +69,76 @@ def test_row_count_mismatch_is_an_error():
         batcher.embed([_item(1, 3)])
 
 
-def test_on_a_side_stream_the_tower_runs_there_and_the_step_stream_waits_for_it(monkeypatch):
-    """--vision-side-stream, with torch.cuda's stream calls replaced by
-    recorders (this machine has no GPU; tests/entrypoints/test_engine_cuda.py
-    checks the tokens on one): the misses are encoded inside the side
-    stream, then the step's stream waits for it, then owns each row; a
-    cache hit touches no stream."""
-    import contextlib
+class RecordedCuda:
+    """torch.cuda's stream, event and record_stream calls replaced by
+    recorders (this machine has no GPU): `calls` lists what happened, in
+    order; `current` is the stream stack (the step's stream at the bottom)."""
 
-    events = []
+    def __init__(self, monkeypatch):
+        import contextlib
 
-    class Stream:
-        def __init__(self, name):
-            self.name, self.device = name, torch.device("cuda", 0)
+        calls = self.calls = []
+        current = self.current = []
 
-        def wait_stream(self, other):
-            events.append((self.name, "waits for", other.name))
+        class Stream:
+            def __init__(self, name):
+                self.name, self.device = name, torch.device("cuda", 0)
 
-    side, step = Stream("side"), Stream("step")
-    current = [step]
+            def wait_stream(self, other):
+                calls.append((self.name, "waits for stream", other.name))
 
-    @contextlib.contextmanager
-    def on(stream):
-        current.append(stream)
-        events.append(("enter", stream.name))
-        try:
-            yield
-        finally:
-            current.pop()
-            events.append(("exit", stream.name))
+            def wait_event(self, event):
+                calls.append((self.name, "waits for", event.name))
 
-    def encoder(items):
-        events.append(("encode on", current[-1].name, [it.hash for it in items]))
+        class Event:
+            count = 0
+
+            def __init__(self):
+                Event.count += 1
+                self.name = f"event {Event.count}"
+
+            def record(self, stream):
+                calls.append(("record", self.name, "on", stream.name))
+
+        @contextlib.contextmanager
+        def on(stream):
+            current.append(stream)
+            calls.append(("enter", stream.name))
+            try:
+                yield
+            finally:
+                current.pop()
+                calls.append(("exit", stream.name))
+
+        self.side, self.step = Stream("side"), Stream("step")
+        current.append(self.step)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+        monkeypatch.setattr(torch.cuda, "stream", on)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: calls.append(
+            ("rows of", float(self[0, 0]), "owned by", stream.name)), raising=False)
+
+    def encoder(self, items):
+        self.calls.append(("encode on", self.current[-1].name, [it.hash for it in items]))
         return [torch.full((it.length, 4), float(it.hash)) for it in items]
 
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: events.append(
-        ("rows of", float(self[0, 0]), "owned by", stream.name)), raising=False)
-    batcher = VisionBatcher(encoder, EncoderCache(1 << 20), side_stream=side)
+
+def test_on_a_side_stream_the_tower_runs_there_and_the_step_stream_waits_for_it(monkeypatch):
+    """--vision-side-stream (tests/entrypoints/test_engine_cuda.py checks
+    the tokens on a GPU): the misses are encoded inside the side stream,
+    then the step's stream waits for it, then owns each row; a cache hit
+    touches no stream."""
+    cuda = RecordedCuda(monkeypatch)
+    batcher = VisionBatcher(cuda.encoder, EncoderCache(1 << 20), side_stream=cuda.side)
     rows = batcher.embed([_item(1), _item(2)])
-    assert events == [("enter", "side"), ("encode on", "side", [1, 2]), ("exit", "side"),
-                      ("step", "waits for", "side"),
-                      ("rows of", 1.0, "owned by", "step"), ("rows of", 2.0, "owned by", "step")]
+    assert cuda.calls == [("enter", "side"), ("encode on", "side", [1, 2]), ("exit", "side"),
+                          ("step", "waits for stream", "side"),
+                          ("rows of", 1.0, "owned by", "step"),
+                          ("rows of", 2.0, "owned by", "step")]
     assert torch.equal(rows[2], torch.full((3, 4), 2.0))
-    events.clear()
+    cuda.calls.clear()
     assert torch.equal(batcher.embed([_item(1)])[1], torch.full((3, 4), 1.0))
-    assert events == []  # a hit: no tower, no stream
+    assert cuda.calls == []  # a hit: no tower, no stream
 
 
 def test_images_encoded_ahead_are_hits_for_the_step_that_reads_them():
@@ -136,61 +159,19 @@ def test_images_encoded_ahead_are_hits_for_the_step_that_reads_them():
 
 
 def test_on_a_side_stream_images_encoded_ahead_make_only_their_reader_wait(monkeypatch):
-    """With recorded stream and event calls: the tower runs on the side
-    stream and an event is recorded after it; the step that encodes ahead
-    does not wait for it; the later step that reads the rows waits for that
-    event (not the whole side stream) and owns the rows, once."""
-    import contextlib
-
-    calls = []
-
-    class Stream:
-        def __init__(self, name):
-            self.name, self.device = name, torch.device("cuda", 0)
-
-        def wait_stream(self, other):
-            calls.append((self.name, "waits for stream", other.name))
-
-        def wait_event(self, event):
-            calls.append((self.name, "waits for", event.name))
-
-    class Event:
-        count = 0
-
-        def __init__(self):
-            Event.count += 1
-            self.name = f"event {Event.count}"
-
-        def record(self, stream):
-            calls.append(("record", self.name, "on", stream.name))
-
-    side, step = Stream("side"), Stream("step")
-    current = [step]
-
-    @contextlib.contextmanager
-    def on(stream):
-        current.append(stream)
-        try:
-            yield
-        finally:
-            current.pop()
-
-    def encoder(items):
-        calls.append(("encode on", current[-1].name, [it.hash for it in items]))
-        return [torch.full((it.length, 4), float(it.hash)) for it in items]
-
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
-    monkeypatch.setattr(torch.cuda, "stream", on)
-    monkeypatch.setattr(torch.cuda, "Event", Event)
-    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, stream: calls.append(
-        ("rows of", float(self[0, 0]), "owned by", stream.name)), raising=False)
-    batcher = VisionBatcher(encoder, EncoderCache(1 << 20), side_stream=side)
+    """The tower runs on the side stream and an event is recorded after it;
+    the step that encodes ahead does not wait for it; the later step that
+    reads the rows waits for that event (not the whole side stream) and owns
+    the rows, once."""
+    cuda = RecordedCuda(monkeypatch)
+    batcher = VisionBatcher(cuda.encoder, EncoderCache(1 << 20), side_stream=cuda.side)
     batcher.encode_ahead([_item(5), _item(6)])
-    assert calls == [("encode on", "side", [5, 6]), ("record", "event 1", "on", "side")]
-    calls.clear()
+    assert cuda.calls == [("enter", "side"), ("encode on", "side", [5, 6]), ("exit", "side"),
+                          ("record", "event 1", "on", "side")]
+    cuda.calls.clear()
     rows = batcher.embed([_item(6)])
-    assert calls == [("step", "waits for", "event 1"), ("rows of", 6.0, "owned by", "step")]
+    assert cuda.calls == [("step", "waits for", "event 1"), ("rows of", 6.0, "owned by", "step")]
     assert torch.equal(rows[6], torch.full((3, 4), 6.0))
-    calls.clear()
+    cuda.calls.clear()
     batcher.embed([_item(6)])
-    assert calls == []  # read once before: nothing left to wait for
+    assert cuda.calls == []  # read once before: nothing left to wait for

@@ -130,14 +130,15 @@ def padded_tile_attention(tile_is_real: torch.Tensor, num_patches: int, padded_l
         return bounds.to(torch.int32).to(device, non_blocking=True)
 
     def rows(mask: torch.Tensor) -> torch.Tensor:
-        return mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
+        return mask.flatten().nonzero().squeeze(1)
 
     images, length = is_real.shape
-    real_rows_of_images = [i * length + is_real[i].nonzero().squeeze(1) for i in range(images)]
-    pad_splits = plan_key_splits(num_pad.tolist(), real_rows_of_images, device)
-    return PaddedTileAttention(cu(torch.full((images,), length)), rows(~is_real), cu(num_pad),
-                               int(num_pad.max()), rows(is_real), cu(num_real),
-                               int(num_real.max()), pad_splits)
+    real_rows = rows(is_real)  # image after image, so split by image below
+    pad_splits = plan_key_splits(num_pad.tolist(), real_rows.split(num_real.tolist()), device)
+    return PaddedTileAttention(cu(torch.full((images,), length)),
+                               rows(~is_real).to(device, non_blocking=True), cu(num_pad),
+                               int(num_pad.max()), real_rows.to(device, non_blocking=True),
+                               cu(num_real), int(num_real.max()), pad_splits)
 
 
 Attention = Union[MaskedAttention, PaddedTileAttention]
