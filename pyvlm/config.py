@@ -82,9 +82,10 @@ class SchedulerConfig:
     # (SGLang's overlap scheduler; pyvlm.scheduling.overlap). None: on with CUDA (the host's
     # work hides behind the device's), off on the CPU (nothing to hide).
     overlap_schedule: Optional[bool] = None
-    # Encode the images of the next waiting requests a step before their
-    # prefill, in what that step's budget leaves (pyvlm/scheduling/
-    # encode_ahead.py). Off until the budgeted form is measured: the first,
+    # Encode the images of the next waiting requests before their prefill: a
+    # step ahead, in what that step's budget leaves, or with
+    # vision_side_stream beside the steps, the request admitted once they
+    # are done (pyvlm/scheduling/encode_ahead.py). Off until measured: the first,
     # unbudgeted form gained 7-11% at 256 @ 64 on an H100 but let two image
     # prompts share a mixed step (ITL p99 +25%; benchmarks/RESULTS.md).
     vision_encode_ahead: bool = False
@@ -122,7 +123,8 @@ class RunnerConfig:
     # with them against 25.3 without, and 256 @ 64 +2% (benchmarks/RESULTS.md).
     vision_cuda_graphs: int = 8
     # Run the vision tower on a second CUDA stream (pyvlm/runner/encoder_cache.py),
-    # beside the step in flight instead of after it; off until measured on a GPU.
+    # beside the step in flight instead of after it, the steps on a stream of
+    # higher priority (pyvlm/runner/model_runner.py); off until measured on a GPU.
     vision_side_stream: bool = False
     # Where the scheduler and the model run: "process" (their own process,
     # as vLLM's EngineCore and SGLang's scheduler process), "thread" (a

@@ -31,7 +31,7 @@ from pyvlm.runner.encoder_cache import EncoderCache, VisionBatcher
 from pyvlm.runner.image_shares import ImageShares
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
 from pyvlm.runner.memory_profile import measure_step_memory
-from pyvlm.runner.model_runner import ModelRunner
+from pyvlm.runner.model_runner import ModelRunner, step_stream_for
 
 logger = logging.getLogger("pyvlm.engine")
 
@@ -301,7 +301,8 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
                                rows_of, model.prepare_images, device,
                                image_shares_for(config, model, rows_of, dtype, device),
                                side_stream)
-    runner = ModelRunner(model, pool, device, vision, index_checks_for(config, device))
+    runner = ModelRunner(model, pool, device, vision, index_checks_for(config, device),
+                         step_stream_for(vision))
     runner.step_memory = step_memory
     return model, runner
 
@@ -518,7 +519,9 @@ def start_core(spec: CoreSpec, loaded_model=None, log_settings=None) -> CoreStat
         logger.info("Engine ranks: %s", ranks.describe())
     scheduler = Scheduler(scheduler_config_for(config, spec.device), config.cache,
                           runner.num_pages, spec.context_length,
-                          detokenizer_factory(spec.tokenizer), runner.image_rows_per_page)
+                          detokenizer_factory(spec.tokenizer), runner.image_rows_per_page,
+                          runner.images_ready if getattr(runner, "encodes_asynchronously", False)
+                          else None)
     logger.info("Engine loaded: %s on %s (%s), context length %d, KV pool %d tokens%s",
                 spec.files.root.name, spec.device, str(spec.dtype).replace("torch.", ""),
                 spec.context_length, runner.num_pages * runner.page_size,

@@ -138,6 +138,22 @@ class VisionBatcher:
             self.cache.put(item.hash, emb)
             self._ready[item.hash] = ready
 
+    @property
+    def encodes_beside_steps(self) -> bool:
+        """Whether encode_ahead runs the tower on the side stream, beside
+        the steps, rather than in the step that carries it."""
+        return self.side_stream is not None and self.shares is None
+
+    def is_ready(self, items: Sequence[MultimodalItem]) -> bool:
+        """Whether every item encoded ahead on the side stream is complete
+        there (Event.query: no wait). Items not encoded ahead, or no longer
+        cached, count as ready: the step that reads them encodes them."""
+        for item in items:
+            ready = self._ready.get(item.hash)
+            if ready is not None and item.hash in self.cache and not ready.query():
+                return False
+        return True
+
     def _once_ready(self, key: int, rows: torch.Tensor) -> torch.Tensor:
         """rows, with the step's stream made to wait for the side stream's
         tower call that encoded them ahead, and owning them from here on."""

@@ -6,6 +6,7 @@ Implements pyvlm.scheduling.types.ModelRunner. A failing step raises its error
 the device itself no longer works afterwards (a CUDA sticky error).
 """
 
+import contextlib
 import logging
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -46,11 +47,20 @@ class ModelRunner:
     check_indices: whether the ops range-check index tensors during a step, on
     the thread running it (pyvlm.ops.index_checks; the engine turns them off
     on CUDA). Other threads keep their own setting.
+
+    step_stream: a CUDA stream the steps run on instead of the caller's.
+    Beside a vision side stream it is one of higher priority
+    (step_stream_for): the block scheduler then starts a step's kernels
+    before the queued blocks of a tower encoding ahead, so a tower that
+    runs for several steps (Llama-3.2-Vision's 4 tiles) fills what the
+    decode steps leave of the SMs instead of holding every stream.
     """
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,
-                 vision: Optional[VisionBatcher] = None, check_indices: bool = True):
+                 vision: Optional[VisionBatcher] = None, check_indices: bool = True,
+                 step_stream: Optional["torch.cuda.Stream"] = None):
         self.model, self.pool, self.device, self.vision = model, pool, device, vision
+        self.step_stream = step_stream
         self.page_size, self.num_pages = pool.page_size, pool.num_pages
         self.image_rows_per_page = pool.image_rows_per_page
         # Families whose images enter through cross-attention build their
@@ -75,7 +85,7 @@ class ModelRunner:
         sampled in the previous launched step, read on the device (overlap
         scheduling launches step N+1 before reading step N's tokens)."""
         try:
-            with ops.index_checks(self.check_indices):
+            with ops.index_checks(self.check_indices), self._on_step_stream():
                 return LaunchedStep(self, batch, self._launch(batch))
         except Exception as exc:
             failure = self._as_device_failure(exc)
@@ -210,11 +220,33 @@ class ModelRunner:
         """Runs the batch (its KV goes into the pool as in forward) and
         returns float32 logits of every new token [T, vocab], chunk after
         chunk: prompt logprobs, and the parity tests' view of a step."""
-        with ops.index_checks(self.check_indices):
+        with ops.index_checks(self.check_indices), self._on_step_stream():
             upload = HostUpload()
             forward = self._stage_forward(batch, upload)
             upload.to(self.device)
             return self.model.compute_logits(forward()).float()
+
+    def _on_step_stream(self):
+        """The step's work on step_stream, ordered after what the caller's
+        stream queued before it; the caller's stream then waits for the
+        step's work (what it reads of the step, e.g. token_logits, is
+        complete for it). No host wait either way."""
+        if self.step_stream is None:
+            return contextlib.nullcontext()
+        return _ordered_on(self.step_stream)
+
+    def images_ready(self, items: Sequence[MultimodalItem]) -> bool:
+        """Whether the tower work of items encoded ahead is done (a look at
+        its events, no wait); items not encoded ahead count as ready (the
+        step that admits them encodes them)."""
+        return self.vision is None or self.vision.is_ready(items)
+
+    @property
+    def encodes_asynchronously(self) -> bool:
+        """Whether images encoded ahead run beside the steps (a side stream
+        that steps outrank) rather than in the step that carries them."""
+        return (self.step_stream is not None and self.vision is not None
+                and self.vision.encodes_beside_steps)
 
     def _stage_forward(self, batch: ForwardBatch,
                        upload: HostUpload) -> Callable[..., torch.Tensor]:
@@ -334,6 +366,28 @@ def _image_spans(chunks: Sequence[SequenceChunk]):
 def _image_targets(chunks: Sequence[SequenceChunk]) -> List[int]:
     return [position for _, lo, hi, start in _image_spans(chunks)
             for position in range(start, start + hi - lo)]
+
+
+@contextlib.contextmanager
+def _ordered_on(stream: "torch.cuda.Stream"):
+    caller = torch.cuda.current_stream(stream.device)
+    stream.wait_stream(caller)
+    try:
+        with torch.cuda.stream(stream):
+            yield
+    finally:
+        caller.wait_stream(stream)
+
+
+def step_stream_for(vision: Optional[VisionBatcher]) -> Optional["torch.cuda.Stream"]:
+    """The steps' own stream where the tower has a side stream: one of
+    higher priority than the side stream (ModelRunner's docstring); None
+    (the caller's stream) otherwise."""
+    if vision is None or vision.side_stream is None:
+        return None
+    # CUDA's priorities run from 0 (the default, lowest) down to a negative
+    # greatest; -1 is higher than the default on every card with priorities.
+    return torch.cuda.Stream(vision.side_stream.device, priority=-1)
 
 
 class LaunchedStep:

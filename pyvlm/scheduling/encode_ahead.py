@@ -15,6 +15,17 @@ to the request's chunks: every step's work stays within the budget, as
 without encoding ahead. (Images that enter through cross-attention are
 not charged ahead: their admission pays for their K/V rows.)
 
+Beside the steps (a runner whose tower runs on a side stream that its
+steps outrank: the scheduler's images_ready hook) the tower is not a
+step's work at all: it is not charged, and while other requests run a
+request with images to encode waits until they are encoded ahead and
+done (a look at the runner's events each step), then is admitted. A tower
+longer than a step (Llama-3.2-Vision's 4 tiles, ~60 ms on an H100 against
+~13 ms decode steps) then no longer holds every stream for its length:
+the decode steps go on and the tower fills what they leave of the SMs.
+With nothing else running the request is admitted at once and its own
+step encodes it.
+
 One request's images a step, for at most MAX_REQUESTS_AHEAD waiting
 requests at a time: enough to keep ahead of admissions (one a step at the
 mixed-step cap), little tower work wasted when a waiting request is aborted,

@@ -41,6 +41,7 @@ from pyvlm.scheduling.types import (CrossImage, ForwardBatch, ModelRunner, Multi
 
 Planned = Tuple[Request, int]  # a request and how many of its tokens run this step
 NOTHING_UNREAD: Mapping[Request, int] = MappingProxyType({})  # no step in flight
+UNBOUNDED = 1 << 62  # a budget nothing exceeds
 
 
 @dataclass
@@ -87,12 +88,17 @@ class Scheduler:
 
     detokenizer_factory(request) makes each request's detokenizer (see
     pyvlm.scheduling.detokenizer.detokenizer_factory); None streams ids only.
+    images_ready(items): given where the runner encodes images ahead beside
+    its steps (ModelRunner.images_ready); with vision_encode_ahead, a
+    request then waits for its images while others run (encode_ahead.py).
     """
 
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int,
                  context_length: int, detokenizer_factory: Optional[Callable] = None,
-                 image_rows_per_page: int = 0):
+                 image_rows_per_page: int = 0,
+                 images_ready: Optional[Callable[[List[MultimodalItem]], bool]] = None):
         self.config = sched
+        self.images_ready = images_ready if sched.vision_encode_ahead else None
         self.page_size = cache.page_size
         self.context_length = context_length
         self.kv = KVManager(num_pages, cache.page_size, not cache.disable_radix_cache,
@@ -298,8 +304,9 @@ class Scheduler:
             decodes = [] if plan.items else schedule_decode(frontier)
             step = StepPlan(plan, decodes, num_running)
         if self.config.vision_encode_ahead and step.items:
-            step.encode_ahead = pick_encode_ahead(self.waiting, self._images_to_encode,
-                                                  step.prefill.num_tokens_left)
+            # A tower beside the steps is not the step's work (encode_ahead.py).
+            budget = step.prefill.num_tokens_left if self.images_ready is None else UNBOUNDED
+            step.encode_ahead = pick_encode_ahead(self.waiting, self._images_to_encode, budget)
         return step
 
     def _can_mix(self, frontier: Frontier) -> bool:
@@ -324,8 +331,11 @@ class Scheduler:
                                                    plan):
             for request in order_waiting(self.waiting, self.config.schedule_policy,
                                          self._num_matched):
-                if (plan.has_partial or not self._has_running_slot(plan)
-                        or not self._admit(request, budget, plan)):
+                if plan.has_partial or not self._has_running_slot(plan):
+                    break
+                if self._waits_for_tower(request, plan):
+                    continue
+                if not self._admit(request, budget, plan):
                     break
         plan.num_tokens_left = budget.num_tokens_left
         return plan
@@ -343,6 +353,19 @@ class Scheduler:
         plan.items.append((request, num_tokens))
         plan.has_partial = start + num_tokens < request.num_tokens
         return True
+
+    def _waits_for_tower(self, request: Request, plan: PrefillPlan) -> bool:
+        """Whether request's images still run through the tower beside the
+        steps (or are yet to start there) while other work fills this step:
+        it is admitted once they are ready. With nothing else to run, its
+        own step encodes them (an idle server's first token waits for
+        nothing else)."""
+        if self.images_ready is None or not request.mm_items:
+            return False
+        if not (plan.frontier.running or plan.items):
+            return False
+        images = self._images_to_encode(request)
+        return bool(images) and not (request.encoded_ahead and self.images_ready(images))
 
     def _admit(self, request: Request, budget: PrefillBudget, plan: PrefillPlan) -> bool:
         """Matches the prefix cache, takes budget and pages; False to stop."""

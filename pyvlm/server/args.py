@@ -202,14 +202,14 @@ _FLAGS = [
      "sizes in a step, captured the second time it is seen (default 8; 0: the tower runs "
      "eagerly)"),
     (("--vision-side-stream",), "store_true",
-     "CUDA, one GPU per replica: run the vision tower on a second stream, beside the step in "
-     "flight (overlap scheduling launches a step that starts images while the one before it "
-     "runs) instead of after it; reserves its activations apart (off by default: not yet "
-     "measured)"),
+     "CUDA, one GPU per replica: run the vision tower on a second stream, of lower priority "
+     "than the steps' own, beside the step in flight instead of after it; reserves its "
+     "activations apart (off by default: not yet measured in this form)"),
     (("--vision-encode-ahead",), "store_true",
-     "encode the images of the next waiting requests a step before their prefill, in what "
-     "that step's budget leaves (with --vision-side-stream on the side stream), instead of "
-     "inside the mixed step that admits them (off by default: not yet measured in this form)"),
+     "encode the images of the next waiting requests before their prefill, instead of inside "
+     "the mixed step that admits them: a step ahead, in what its budget leaves; with "
+     "--vision-side-stream beside the steps, the request admitted once they are done (off by "
+     "default: not yet measured in this form)"),
     (("--max-mixed-prefill-tokens",), int,
      "most prefill tokens in a step that also decodes the running requests (default 1024; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "

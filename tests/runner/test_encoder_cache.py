@@ -72,13 +72,16 @@ def test_row_count_mismatch_is_an_error():
 class RecordedCuda:
     """torch.cuda's stream, event and record_stream calls replaced by
     recorders (this machine has no GPU): `calls` lists what happened, in
-    order; `current` is the stream stack (the step's stream at the bottom)."""
+    order; `current` is the stream stack (the step's stream at the bottom);
+    an event's query() is whether its name is in `done`; new_stream(name)
+    makes another stream."""
 
     def __init__(self, monkeypatch):
         import contextlib
 
         calls = self.calls = []
         current = self.current = []
+        done = self.done = set()
 
         class Stream:
             def __init__(self, name):
@@ -100,6 +103,9 @@ class RecordedCuda:
             def record(self, stream):
                 calls.append(("record", self.name, "on", stream.name))
 
+            def query(self):
+                return self.name in done
+
         @contextlib.contextmanager
         def on(stream):
             current.append(stream)
@@ -110,6 +116,7 @@ class RecordedCuda:
                 current.pop()
                 calls.append(("exit", stream.name))
 
+        self.new_stream = Stream
         self.side, self.step = Stream("side"), Stream("step")
         current.append(self.step)
         monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
@@ -175,3 +182,27 @@ def test_on_a_side_stream_images_encoded_ahead_make_only_their_reader_wait(monke
     cuda.calls.clear()
     batcher.embed([_item(6)])
     assert cuda.calls == []  # read once before: nothing left to wait for
+
+
+def test_images_encoded_ahead_beside_the_steps_are_ready_once_their_event_is(monkeypatch):
+    """is_ready looks at the event recorded after the tower call (no wait):
+    not ready until it has passed; images not encoded ahead, already read,
+    or no longer cached count as ready (their step encodes them)."""
+    cuda = RecordedCuda(monkeypatch)
+    batcher = VisionBatcher(cuda.encoder, EncoderCache(1 << 20), side_stream=cuda.side)
+    assert batcher.encodes_beside_steps
+    batcher.encode_ahead([_item(5), _item(6)])
+    assert not batcher.is_ready([_item(5)]) and not batcher.is_ready([_item(7), _item(6)])
+    assert batcher.is_ready([_item(7)])  # never encoded ahead
+    cuda.done.add("event 1")
+    assert batcher.is_ready([_item(5), _item(6)])
+    batcher.encode_ahead([_item(8)])
+    batcher.cache.clear()  # evicted before its step: that step encodes it again
+    assert batcher.is_ready([_item(8)])
+
+
+def test_without_a_side_stream_images_encoded_ahead_are_ready_at_once():
+    batcher = VisionBatcher(RecordingEncoder(), EncoderCache(1 << 20))
+    assert not batcher.encodes_beside_steps
+    batcher.encode_ahead([_item(1)])
+    assert batcher.is_ready([_item(1)])

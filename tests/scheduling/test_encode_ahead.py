@@ -1,8 +1,10 @@
 """Images encoded a step ahead of their prefill (vision_encode_ahead): which
 waiting request's images a step carries, in what its budget leaves; that
 the request's chunks are then not charged the tower's work; that cached
-prefixes are not encoded again; and that the tokens stay the reference's
-(fake runner)."""
+prefixes are not encoded again; that with a tower beside the steps (the
+images_ready hook) a request waits for its images while others run, and
+is admitted at once when nothing else does; and that the tokens stay the
+reference's (fake runner)."""
 
 from pyvlm.config import CacheConfig, SchedulerConfig
 from pyvlm.scheduling import encode_ahead
@@ -24,10 +26,12 @@ def image_request(rid: str, text_before: int, image_tokens: int = 12, seed: int 
     return Request(rid, prompt, SamplingParams(max_new_tokens=3), [image], seed=seed)
 
 
-def scheduler_with_a_stream(ahead: bool, runner: FakeRunner, **config) -> Scheduler:
+def scheduler_with_a_stream(ahead: bool, runner: FakeRunner, images_ready=None,
+                            **config) -> Scheduler:
     config = SchedulerConfig(chunked_prefill_size=64, max_mixed_prefill_tokens=20,
                              vision_encode_ahead=ahead, **config)
-    scheduler = Scheduler(config, CacheConfig(page_size=PAGE), 512, 100000)
+    scheduler = Scheduler(config, CacheConfig(page_size=PAGE), 512, 100000,
+                          images_ready=images_ready)
     chat = Request("chat", [11, 12, 13], SamplingParams(max_new_tokens=40), seed=1)
     scheduler.add_request(runner.register(chat))
     scheduler.step(runner)  # chat decodes from now on
@@ -119,4 +123,97 @@ def test_random_workloads_keep_the_reference_tokens(rng):
                             max_prefill_tokens=64, max_mixed_prefill_tokens=24,
                             vision_encode_ahead=True)
     assert any(batch.encode_ahead for batch in runner.batches)
+    assert_reference(specs, outputs)
+
+
+class Tower:
+    """The images_ready hook of a fake tower beside the steps: the images
+    whose encoding is done are those in `done`; `asked` records each look."""
+
+    def __init__(self):
+        self.done, self.asked = set(), []
+
+    def __call__(self, items):
+        self.asked.append([item.hash for item in items])
+        return all(item.hash in self.done for item in items)
+
+
+def prefill_rids(batch):
+    return {c.rid for c in batch.chunks if not c.is_generated_token}
+
+
+def test_beside_the_steps_a_request_is_admitted_once_its_images_are_done():
+    """A decoding request, then an image prompt. Step 1 starts its tower
+    (encode_ahead) and does not admit it; steps go on decoding while the
+    tower runs; the first step planned after it is done admits the
+    prompt, its chunk charged no tower work."""
+    runner, tower = FakeRunner(PAGE, 512), Tower()
+    scheduler = scheduler_with_a_stream(True, runner, tower)
+    request = image_request("a", 3)
+    scheduler.add_request(runner.register(request))
+    scheduler.step(runner)
+    assert runner.batches[-1].encode_ahead == request.mm_items
+    assert prefill_rids(runner.batches[-1]) == set() and request.encoded_ahead
+    for _ in range(3):
+        scheduler.step(runner)
+        assert prefill_rids(runner.batches[-1]) == set()
+        assert runner.batches[-1].encode_ahead == []  # started once
+    assert tower.asked[-1] == [request.mm_items[0].hash]
+    tower.done.add(request.mm_items[0].hash)
+    scheduler.step(runner)
+    chunk, = [c for c in runner.batches[-1].chunks if c.rid == "a"]
+    assert chunk.num_new_tokens == len(request.prompt_ids)  # 17 of a cap of 20: no tower charged
+    run_until_idle(scheduler, runner)
+    check_invariants(scheduler)
+
+
+def test_beside_the_steps_an_idle_scheduler_admits_an_image_prompt_at_once():
+    """Nothing else to run: the request's own step encodes its images (the
+    idle server's time to first token waits for nothing)."""
+    runner, tower = FakeRunner(PAGE, 512), Tower()
+    config = SchedulerConfig(chunked_prefill_size=64, vision_encode_ahead=True)
+    scheduler = Scheduler(config, CacheConfig(page_size=PAGE), 512, 100000, images_ready=tower)
+    first, second = image_request("a", 2), image_request("b", 1)
+    for request in (first, second):
+        scheduler.add_request(runner.register(request))
+    scheduler.step(runner)
+    assert prefill_rids(runner.batches[-1]) == {"a"}  # b waits: a now runs beside it
+    assert runner.batches[-1].encode_ahead == second.mm_items
+    assert not first.encoded_ahead
+
+
+def test_beside_the_steps_the_tower_is_not_charged_to_the_step():
+    """An image larger than the mixed-step cap (30 tokens, cap 20) is still
+    encoded ahead: its tower is not the step's work."""
+    runner = FakeRunner(PAGE, 512)
+    scheduler = scheduler_with_a_stream(True, runner, Tower())
+    request = image_request("big", 1, image_tokens=30)
+    scheduler.add_request(runner.register(request))
+    scheduler.step(runner)
+    assert runner.batches[-1].encode_ahead == request.mm_items
+
+
+def test_without_encoding_ahead_the_hook_is_never_asked():
+    runner, tower = FakeRunner(PAGE, 512), Tower()
+    scheduler = scheduler_with_a_stream(False, runner, tower)
+    scheduler.add_request(runner.register(image_request("a", 2)))
+    run_until_idle(scheduler, runner)
+    assert tower.asked == [] and all(b.encode_ahead == [] for b in runner.batches)
+
+
+def test_beside_the_steps_random_workloads_keep_the_reference_tokens(rng):
+    """Towers that finish after a random number of looks: every request is
+    admitted in the end and the tokens are the reference's."""
+    specs = random_specs(rng, 24)
+    answers = []
+
+    def images_ready(items):
+        answers.append(rng.random() < 0.4)
+        return answers[-1]
+
+    outputs, runner = drive(specs, lambda before, batch, config: None, chunked_prefill_size=16,
+                            max_prefill_tokens=64, max_mixed_prefill_tokens=24,
+                            vision_encode_ahead=True, images_ready=images_ready)
+    assert any(batch.encode_ahead for batch in runner.batches)
+    assert True in answers and False in answers  # requests waited, and were then admitted
     assert_reference(specs, outputs)

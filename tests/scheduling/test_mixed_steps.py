@@ -34,13 +34,15 @@ class Before:
         self.has_decode_pages = num_needy <= kv.allocator.num_free + kv.num_evictable_pages
 
 
-def drive(specs, check_step, num_pages=4096, **sched_args):
+def drive(specs, check_step, num_pages=4096, images_ready=None, **sched_args):
     """Runs the specs (each added at its arrival step), calling
     check_step(before, batch or None, config) after every step; returns
-    each rid's output ids and the runner."""
+    each rid's output ids and the runner. images_ready: the scheduler's hook
+    (a tower beside the steps), if any."""
     config = SchedulerConfig(**sched_args)
     runner = FakeRunner(PAGE, num_pages)
-    scheduler = Scheduler(config, CacheConfig(page_size=PAGE), num_pages, 100000)
+    scheduler = Scheduler(config, CacheConfig(page_size=PAGE), num_pages, 100000,
+                          images_ready=images_ready)
     pending = sorted(specs, key=lambda spec: spec.arrival_step)
     outputs, step = defaultdict(list), 0
     while pending or scheduler.has_work():
