@@ -9,8 +9,9 @@ chunk its own blocks; the chunks' outputs then merge by their
 log-sum-exps, as flash-decoding's split-K does, here on packed varlen rows.
 """
 
+import itertools
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,20 +46,50 @@ def _cu(lengths: Sequence[int], device: torch.device) -> torch.Tensor:
     return bounds.to(torch.int32).to(device, non_blocking=True)
 
 
+def key_split_count(query_lengths: Sequence[int], key_lengths: Sequence[int]) -> int:
+    """How many chunks each segment's keys are cut into; 1 where splitting
+    does not pay: a segment of many queries, or too few keys (in any
+    segment) for two chunks."""
+    num_splits = min(MAX_SPLITS, min(key_lengths) // MIN_KEYS_PER_SPLIT)
+    return 1 if max(query_lengths) > MAX_QUERIES or num_splits < 2 else num_splits
+
+
+def _chunk(length: int, num_splits: int, index: int) -> Tuple[int, int]:
+    return length * index // num_splits, length * (index + 1) // num_splits
+
+
 def plan_key_splits(query_lengths: Sequence[int], key_rows: Sequence[torch.Tensor],
                     device: torch.device) -> Optional[KeySplits]:
     """The plan for segments of query_lengths[i] queries over the key rows
-    key_rows[i] (CPU int64); None where splitting does not pay: a segment
-    of many queries, or too few keys for two chunks."""
-    num_splits = min(MAX_SPLITS, min(len(rows) for rows in key_rows) // MIN_KEYS_PER_SPLIT)
-    if max(query_lengths) > MAX_QUERIES or num_splits < 2:
+    key_rows[i] (CPU int64); None where splitting does not pay
+    (key_split_count)."""
+    num_splits = key_split_count(query_lengths, [len(rows) for rows in key_rows])
+    if num_splits == 1:
         return None
-    chunks = [rows[len(rows) * s // num_splits:len(rows) * (s + 1) // num_splits]
+    chunks = [rows[slice(*_chunk(len(rows), num_splits, s))]
               for s in range(num_splits) for rows in key_rows]
     key_lengths = [len(chunk) for chunk in chunks]
     return KeySplits(num_splits, torch.cat(chunks).to(device, non_blocking=True),
                      _cu(list(query_lengths) * num_splits, device), _cu(key_lengths, device),
                      max(query_lengths), max(key_lengths))
+
+
+def packed_split_lists(query_lengths: Sequence[int], key_lengths: Sequence[int],
+                       num_splits: int) -> Tuple[torch.Tensor, List[int], List[int]]:
+    """A plan's key_rows (a CPU int64 tensor), cu_q and cu_k (lists) on
+    the host, for segments whose keys lie packed in order (segment i's
+    key_lengths[i] rows right after segment i-1's): for callers that move
+    them to the device with the rest of a step's lists (KeySplits of
+    their tensors)."""
+    starts = list(itertools.accumulate(key_lengths, initial=0))
+    rows, chunk_lengths = [], []
+    for s in range(num_splits):
+        for start, length in zip(starts, key_lengths):
+            begin, end = _chunk(length, num_splits, s)
+            rows.append(torch.arange(start + begin, start + end))
+            chunk_lengths.append(end - begin)
+    cu_q = list(itertools.accumulate(list(query_lengths) * num_splits, initial=0))
+    return torch.cat(rows), cu_q, list(itertools.accumulate(chunk_lengths, initial=0))
 
 
 def merge_splits(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

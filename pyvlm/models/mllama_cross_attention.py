@@ -89,11 +89,9 @@ class MllamaTextCrossAttention(nn.Module):
                 paged.block_tables, paged.seq_lens, self.scale))
         if cross.gathered is not None:
             gathered = cross.gathered
-            out.index_copy_(0, gathered.tokens, ops.varlen_attention(
+            out.index_copy_(0, gathered.tokens, gathered.attend(
                 query.index_select(0, gathered.tokens), gathered.keys(key_cache, image_key),
-                gathered.keys(value_cache, image_value), gathered.cu_seqlens_q,
-                gathered.cu_seqlens_k, gathered.max_seqlen_q, gathered.max_seqlen_k,
-                self.scale))
+                gathered.keys(value_cache, image_value), self.scale))
         return self.o_proj(out.view(tokens, -1))
 
 

@@ -16,7 +16,8 @@ is one of:
   last token), read from the pool: through the paged decode kernel when
   one image covers it in a decode step, else gathered into a packed key
   list for varlen attention (runs of several images; prefill, where
-  varlen tiles the queries).
+  varlen tiles the queries; on CUDA FlashAttention, a few queries' keys
+  split in chunks so that more than one block per head walks them).
 Images the scheduler marks needs_write are encoded this step and their real
 rows written into their pages by every cross-attention layer before it
 attends.
@@ -27,6 +28,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from pyvlm.layers.packed_attention import packed_attention, takes_torch_flash
+from pyvlm.layers.split_key_attention import (KeySplits, key_split_count, packed_split_lists,
+                                              split_key_attention)
 from pyvlm.ops.host_upload import HostUpload
 from pyvlm.scheduling.types import CrossImage, MultimodalItem, SequenceChunk
 
@@ -61,6 +65,19 @@ class GatheredCrossAttention:
     cache_slots: torch.Tensor  # int64: ... at these slots of the cache view
     state_positions: torch.Tensor  # int64: key rows taken from image_states ...
     state_rows: torch.Tensor  # int64: ... rows
+    # the groups' keys cut in chunks, where that pays (a prompt's few dozen
+    # tokens after an image over its 6,404 rows: pyvlm/layers/split_key_attention.py)
+    splits: Optional[KeySplits] = None
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """Each group's queries [m, heads, head_dim] over its packed keys and
+        values (keys()): split along the keys where FlashAttention runs it
+        and the plan has splits, else one varlen attention."""
+        if self.splits is not None and takes_torch_flash(query, key, value):
+            return split_key_attention(query, key, value, self.splits, scale)
+        return packed_attention(query, key, value, self.cu_seqlens_q, self.cu_seqlens_k,
+                                self.max_seqlen_q, self.max_seqlen_k, scale)
 
     def keys(self, cache: torch.Tensor, state_rows: Optional[torch.Tensor]) -> torch.Tensor:
         """The packed keys (or values) [total_k, kv_heads, head_dim]."""
@@ -99,11 +116,19 @@ class _Plan:
         self.groups: List[Tuple[list, list]] = []  # (token rows, key sources)
 
 
-def _image_slots(pool, image: CrossImage) -> List[int]:
-    """Cache-view slots of the image's rows, in row order."""
+def _image_slots(pool, image: CrossImage) -> torch.Tensor:
+    """Cache-view slots of the image's rows, in row order (CPU int64: an
+    image has thousands of rows, too many to list number by number)."""
     size = pool.page_size
-    blocks = pool.image_blocks(image.pages)
-    return [blocks[row // size] * size + row % size for row in range(image.item.num_cross_rows)]
+    blocks = torch.tensor(pool.image_blocks(image.pages), dtype=torch.int64)
+    rows = torch.arange(image.item.num_cross_rows)
+    return blocks[rows // size] * size + rows % size
+
+
+def _ranges(starts_and_lengths) -> torch.Tensor:
+    """The rows start .. start + length - 1 of each pair, one after another."""
+    parts = [torch.arange(start, start + length) for start, length in starts_and_lengths]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
 
 def _attended(images: Sequence[CrossImage], position: int) -> Tuple[int, ...]:
@@ -193,27 +218,27 @@ def _key_sources(images: Sequence[CrossImage], cls, pool, offsets, rows_of):
     """("state", rows) for every row of every image (a "pre" token), or
     ("cache", slots) of the attended images' stored rows."""
     if cls == "pre":
-        rows = [offsets[image.item.hash] + row for image in images
-                for row in range(rows_of(image.item))]
-        return ("state", rows)
-    return ("cache", [slot for i in cls for slot in _image_slots(pool, images[i])])
+        return ("state", _ranges((offsets[image.item.hash], rows_of(image.item))
+                                 for image in images))
+    slots = [_image_slots(pool, images[i]) for i in cls]
+    return ("cache", torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64))
 
 
 def _writes(chunks, pool, offsets, staged: HostUpload):
     """Stages the (rows of image_states, cache-view slots) of the images to
     store; returns what gives them once staged.to() has run."""
-    rows, slots, done = [], [], set()
+    spans, slots, done = [], [], set()
     for chunk in chunks:
         for image in chunk.cross_images:
             key = image.item.hash
             if not image.needs_write or key in done:
                 continue
             done.add(key)
-            rows.extend(range(offsets[key], offsets[key] + image.item.num_cross_rows))
-            slots.extend(_image_slots(pool, image))
-    if not rows:
+            spans.append((offsets[key], image.item.num_cross_rows))
+            slots.append(_image_slots(pool, image))
+    if not spans:
         return lambda: (None, None)
-    pending = staged.add(rows, torch.int64), staged.add(slots, torch.int64)
+    pending = staged.add(_ranges(spans), torch.int64), staged.add(torch.cat(slots), torch.int64)
     return lambda: tuple(p.tensor for p in pending)
 
 
@@ -232,31 +257,49 @@ def _gathered(plan: _Plan, staged: HostUpload) -> Callable[[], Optional[Gathered
     if not plan.groups:
         return lambda: None
     tokens, cu_q, cu_k = [], [0], [0]
-    cache_positions, cache_slots, state_positions, state_rows = [], [], [], []
+    # per source: (start, length) of its key positions, and its index tensors
+    spans: Dict[str, list] = {"cache": [], "state": []}
+    indices_of: Dict[str, list] = {"cache": [], "state": []}
     for group_tokens, (source, indices) in plan.groups:
         tokens.extend(group_tokens)
         start = cu_k[-1]
-        positions = range(start, start + len(indices))
-        if source == "cache":
-            cache_positions.extend(positions)
-            cache_slots.extend(indices)
-        else:
-            state_positions.extend(positions)
-            state_rows.extend(indices)
+        spans[source].append((start, len(indices)))
+        indices_of[source].append(indices)
         cu_q.append(cu_q[-1] + len(group_tokens))
         cu_k.append(start + len(indices))
-    longs = [staged.add(v, torch.int64)
-             for v in (tokens, cache_positions, cache_slots, state_positions, state_rows)]
+    by_source = [(_ranges(spans[source]), _joined(indices_of[source]))
+                 for source in ("cache", "state")]
+    longs = [staged.add(v, torch.int64) for v in (tokens, *by_source[0], *by_source[1])]
     ints = [staged.add(v, torch.int32) for v in (cu_q, cu_k)]
     max_q = max(len(t) for t, _ in plan.groups)
     max_k = max(len(i) for _, (_, i) in plan.groups)
+    splits = _key_splits(plan, staged)
 
     def make() -> GatheredCrossAttention:
         tokens_t, *positions = (p.tensor for p in longs)
         return GatheredCrossAttention(tokens_t, ints[0].tensor, ints[1].tensor, max_q, max_k,
-                                      *positions)
+                                      *positions, splits=splits())
 
     return make
+
+
+def _joined(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.int64)
+
+
+def _key_splits(plan: _Plan, staged: HostUpload) -> Callable[[], Optional[KeySplits]]:
+    """Stages the groups' split plan over their packed keys, where one pays."""
+    query_lengths = [len(t) for t, _ in plan.groups]
+    key_lengths = [len(i) for _, (_, i) in plan.groups]
+    num_splits = key_split_count(query_lengths, key_lengths)
+    if num_splits == 1:
+        return lambda: None
+    rows, cu_q, cu_k = packed_split_lists(query_lengths, key_lengths, num_splits)
+    pending = (staged.add(rows, torch.int64), staged.add(cu_q, torch.int32),
+               staged.add(cu_k, torch.int32))
+    max_q = max(query_lengths)
+    max_k = max(end - begin for begin, end in zip(cu_k, cu_k[1:]))
+    return lambda: KeySplits(num_splits, *(p.tensor for p in pending), max_q, max_k)
 
 
 class GraphCrossInputs:

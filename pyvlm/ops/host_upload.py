@@ -16,7 +16,7 @@ block alive until its copy has run, so nothing waits.
     ids.tensor, table.tensor                              # device tensors
 """
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -32,34 +32,56 @@ class Pending:
 
 
 class HostUpload:
-    """Collects lists (flat, or rows of equal length) per dtype; to(device)
-    uploads each dtype's values with one copy and resolves every Pending."""
+    """Collects lists (flat, or rows of equal length) and CPU tensors per
+    dtype; to(device) uploads each dtype's values with one copy and
+    resolves every Pending."""
 
     def __init__(self):
-        self._values: Dict[torch.dtype, List] = {}
+        # per dtype: the values as parts, CPU tensors and Python lists (the
+        # last part, while it is a list, takes the next list's numbers)
+        self._parts: Dict[torch.dtype, List] = {}
+        self._sizes: Dict[torch.dtype, int] = {}
         self._pending: Dict[torch.dtype, List[Pending]] = {}
 
-    def add(self, values: Sequence, dtype: torch.dtype) -> Pending:
-        """values: numbers, or a list of equal-length lists (a 2-D tensor)."""
-        flat = self._values.setdefault(dtype, [])
-        if values and isinstance(values[0], (list, tuple)):
-            shape = (len(values), len(values[0]))
-            for row in values:
-                if len(row) != shape[1]:
-                    raise ValueError("the rows of a 2-D upload must have equal lengths")
-                flat.extend(row)
+    def add(self, values: Union[Sequence, torch.Tensor], dtype: torch.dtype) -> Pending:
+        """values: numbers, a list of equal-length lists (a 2-D tensor), or a
+        CPU tensor (index lists built with torch ops rather than number by
+        number: a step's thousands of image rows)."""
+        if isinstance(values, torch.Tensor):
+            shape = tuple(values.shape)
+            self._parts.setdefault(dtype, []).append(values.reshape(-1))
         else:
-            shape = (len(values),)
-            flat.extend(values)
-        pending = Pending(shape, len(flat) - _numel(shape))
+            flat = self._list_part(dtype)
+            if values and isinstance(values[0], (list, tuple)):
+                shape = (len(values), len(values[0]))
+                for row in values:
+                    if len(row) != shape[1]:
+                        raise ValueError("the rows of a 2-D upload must have equal lengths")
+                    flat.extend(row)
+            else:
+                shape = (len(values),)
+                flat.extend(values)
+        offset = self._sizes.get(dtype, 0)
+        self._sizes[dtype] = offset + _numel(shape)
+        pending = Pending(shape, offset)
         self._pending.setdefault(dtype, []).append(pending)
         return pending
+
+    def _list_part(self, dtype: torch.dtype) -> List:
+        parts = self._parts.setdefault(dtype, [])
+        if not parts or isinstance(parts[-1], torch.Tensor):
+            parts.append([])
+        return parts[-1]
 
     def to(self, device: torch.device) -> None:
         """One host-to-device copy per dtype, asynchronous on CUDA."""
         device = torch.device(device)
-        for dtype, values in self._values.items():
-            flat = _to_device(torch.tensor(values, dtype=dtype), device)
+        for dtype, parts in self._parts.items():
+            host = [part.to(dtype) if isinstance(part, torch.Tensor)
+                    else torch.tensor(part, dtype=dtype) for part in parts]
+            # (cat copies: the device tensors never alias a caller's tensor)
+            alone = len(host) == 1 and isinstance(parts[0], list)
+            flat = _to_device(host[0] if alone else torch.cat(host), device)
             for pending in self._pending[dtype]:
                 n = _numel(pending.shape)
                 pending.tensor = flat[pending.offset:pending.offset + n].view(pending.shape)

@@ -99,3 +99,39 @@ def test_cuda_split_flash_attention_equals_flash_over_all_keys(dtype):
     tolerance = 2 * float(torch.finfo(dtype).eps)
     assert (got.double().cpu() - exact).abs().max() <= tolerance * exact.abs().max() + 1e-3
     assert (whole.double().cpu() - exact).abs().max() <= tolerance * exact.abs().max() + 1e-3
+
+
+@pytest.mark.parametrize("num_queries,num_keys", [([5], [600]), ([3, 9, 1], [700, 1300, 520])])
+def test_packed_split_lists_are_the_plan_over_packed_keys(num_queries, num_keys):
+    """Keys packed segment after segment: the host lists are the plan's
+    tensors over those rows."""
+    starts = torch.tensor([0, *num_keys]).cumsum(0).tolist()
+    key_rows = [torch.arange(start, start + n) for start, n in zip(starts, num_keys)]
+    plan = split.plan_key_splits(num_queries, key_rows, torch.device("cpu"))
+    assert split.key_split_count(num_queries, num_keys) == plan.num_splits
+    rows, cu_q, cu_k = split.packed_split_lists(num_queries, num_keys, plan.num_splits)
+    assert rows.tolist() == plan.key_rows.tolist()
+    assert cu_q == plan.cu_q.tolist() and cu_k == plan.cu_k.tolist()
+
+
+@pytest.mark.cuda
+def test_cuda_split_flash_attention_with_fewer_key_heads():
+    """mllama's cross-attention prefill: 40 prompt tokens after an image
+    over its 6,404 rows, 32 query heads over 8 key/value heads of 128."""
+    num_queries, num_keys = [40], [6404]
+    query = torch.randn(40, 32, 128, device="cuda", dtype=torch.bfloat16)
+    key, value = (torch.randn(6404, 8, 128, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(2))
+    num_splits = split.key_split_count(num_queries, num_keys)
+    assert num_splits == split.MAX_SPLITS
+    rows, cu_q, cu_k = split.packed_split_lists(num_queries, num_keys, num_splits)
+    lengths = [b - a for a, b in zip(cu_k, cu_k[1:])]
+    plan = split.KeySplits(num_splits, rows.cuda(),
+                           torch.tensor(cu_q, dtype=torch.int32, device="cuda"),
+                           torch.tensor(cu_k, dtype=torch.int32, device="cuda"), 40, max(lengths))
+    got = split.split_key_attention(query, key, value, plan, 0.1)
+    grouped = [t.cpu().double().repeat_interleave(4, dim=1) for t in (key, value)]
+    exact, _ = reference_attention_with_lse(query.cpu(), *grouped, [0, 40], [0, 6404], 40, 6404,
+                                            0.1)
+    tolerance = 2 * float(torch.finfo(torch.bfloat16).eps)
+    assert (got.double().cpu() - exact).abs().max() <= tolerance * exact.abs().max() + 1e-3

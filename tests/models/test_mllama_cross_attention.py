@@ -114,6 +114,38 @@ def test_prefill_and_decode_match_transformers(name, chunk_size, folded):
     check_against_transformers(name, chunk_size, "cpu", folded)
 
 
+@pytest.mark.parametrize("name", PROMPTS)
+def test_gathered_keys_split_in_chunks_match_transformers(name, monkeypatch):
+    """The gathered path with its keys cut in chunks (as on CUDA, where
+    FlashAttention runs it; here a float64 attention that returns its
+    log-sum-exp stands in): still transformers' output."""
+    from pyvlm.layers import split_key_attention as split
+    from pyvlm.models import mllama_cross_inputs
+
+    monkeypatch.setattr(split, "MIN_KEYS_PER_SPLIT", 3)  # 6-24 image rows: 2-8 chunks
+    monkeypatch.setattr(mllama_cross_inputs, "takes_torch_flash", lambda *args: True)
+    calls = []
+
+    def split_attention(query, key, value, splits, scale):
+        calls.append(splits.num_splits)
+        return split.split_key_attention(query, key, value, splits, scale,
+                                         attend=grouped_reference)
+
+    monkeypatch.setattr(mllama_cross_inputs, "split_key_attention", split_attention)
+    check_against_transformers(name, 100, "cpu", folded=True)
+    assert calls and all(n >= 2 for n in calls)
+
+
+def grouped_reference(query, key, value, *args):
+    """reference_attention_with_lse with each key/value head serving its
+    group of query heads."""
+    from tests.layers.test_split_key_attention import reference_attention_with_lse
+
+    group = query.shape[1] // key.shape[1]
+    key, value = (t.repeat_interleave(group, dim=1) for t in (key, value))
+    return reference_attention_with_lse(query, key, value, *args)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", PROMPTS)
 @pytest.mark.parametrize("chunk_size", [100, 3])

@@ -25,3 +25,20 @@ def test_host_upload_floats_and_one_row(device):
     assert floats.tensor.device.type == device
     assert torch.equal(floats.tensor.cpu(), torch.tensor(values))
     assert row.tensor.tolist() == [[1, 2, 3]]
+
+
+def test_host_upload_takes_cpu_tensors_between_lists(device):
+    """Tensors (any integer dtype, any shape) and lists of one dtype share
+    its copy, each resolved to its own values."""
+    rows = torch.randint(0, 1000, (2, 5), dtype=torch.int32)
+    staged = HostUpload()
+    first = staged.add([7, 8], torch.int64)
+    table = staged.add(rows, torch.int64)
+    middle = staged.add([9], torch.int64)
+    span = staged.add(torch.arange(3, 6), torch.int64)
+    last = staged.add([[1, 2]], torch.int64)
+    staged.to(device)
+    assert first.tensor.tolist() == [7, 8] and middle.tensor.tolist() == [9]
+    assert table.tensor.dtype == torch.int64 and table.tensor.tolist() == rows.tolist()
+    assert span.tensor.tolist() == [3, 4, 5] and last.tensor.tolist() == [[1, 2]]
+    assert table.tensor.device.type == device
