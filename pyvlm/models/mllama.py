@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pyvlm.layers.tensor_parallel import building_tower, replicated
+from pyvlm.ops.host_upload import to_device_async
 from pyvlm.scheduling.types import MultimodalItem, SequenceChunk
 from .llama import LlamaDecoderLayer
 from .mllama_cross_attention import MllamaCrossAttentionDecoderLayer
@@ -131,7 +132,7 @@ class MllamaForConditionalGeneration(VisionLanguageModel):
                                                                        non_blocking=True)
             mask[0, index, :image.num_tiles] = 1
         ids = torch.tensor([[image.aspect_ratio_id for image in prepared]], dtype=torch.long)
-        return pixels, ids.to(device), mask.to(device)
+        return pixels, to_device_async(ids, device), to_device_async(mask, device)
 
     def graph_cross_attention_inputs(self, max_bs: int, pool) -> GraphCrossInputs:
         """Static cross-attention inputs for captured decode graphs of up to

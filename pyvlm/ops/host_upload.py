@@ -81,7 +81,7 @@ class HostUpload:
                     else torch.tensor(part, dtype=dtype) for part in parts]
             # (cat copies: the device tensors never alias a caller's tensor)
             alone = len(host) == 1 and isinstance(parts[0], list)
-            flat = _to_device(host[0] if alone else torch.cat(host), device)
+            flat = to_device_async(host[0] if alone else torch.cat(host), device)
             for pending in self._pending[dtype]:
                 n = _numel(pending.shape)
                 pending.tensor = flat[pending.offset:pending.offset + n].view(pending.shape)
@@ -94,7 +94,12 @@ def _numel(shape: Tuple[int, ...]) -> int:
     return n
 
 
-def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on device without a host wait: on CUDA through pinned
+    memory, copied asynchronously (a pageable copy that is not
+    non_blocking waits for the stream's queued work: the step in flight,
+    or the towers queued on the vision side stream)."""
+    device = torch.device(device)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)

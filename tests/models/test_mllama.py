@@ -203,3 +203,27 @@ def test_pyvlm_tiles_stand_in_equals_transformers_processor(engine, hf):
     for key in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
         assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])), key
     assert got["num_tiles"] == [list(n) for n in expected["num_tiles"]]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("tiles", [[4], [1, 3]])
+def test_cuda_tower_inputs_make_no_host_sync(tiles):
+    """The tower's inputs reach the GPU without a host wait: a pageable
+    copy that is not non_blocking waits for the stream's queued work (the
+    step in flight; on the vision side stream, the towers encoded ahead),
+    which held every stream for a 4-tile tower."""
+    from types import SimpleNamespace
+
+    from pyvlm.models.mllama import MllamaForConditionalGeneration, PreparedTiles
+
+    prepared = [PreparedTiles(torch.randn(n, 3, 8, 8, device="cuda"), 5 + n) for n in tiles]
+    owner = SimpleNamespace(max_num_tiles=4)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pixels, ids, mask = MllamaForConditionalGeneration._tower_inputs(
+            owner, prepared, torch.device("cuda"), torch.bfloat16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ids.tolist() == [[5 + n for n in tiles]]
+    assert mask.tolist() == [[[1] * n + [0] * (4 - n) for n in tiles]]
+    assert pixels.shape == (1, len(tiles), 4, 3, 8, 8) and pixels.dtype == torch.bfloat16
