@@ -85,9 +85,9 @@ class SchedulerConfig:
     # Encode the images of the next waiting requests before their prefill: a
     # step ahead, in what that step's budget leaves, or with
     # vision_side_stream beside the steps, the request admitted once they
-    # are done (pyvlm/scheduling/encode_ahead.py). Off until measured: the first,
-    # unbudgeted form gained 7-11% at 256 @ 64 on an H100 but let two image
-    # prompts share a mixed step (ITL p99 +25%; benchmarks/RESULTS.md).
+    # are done (pyvlm/scheduling/encode_ahead.py). Off: both forms read within
+    # the machine's spread at 256 @ 64 on an H100 (benchmarks/RESULTS.md); the
+    # first, unbudgeted form let two image prompts share a mixed step.
     vision_encode_ahead: bool = False
 
 
@@ -124,7 +124,7 @@ class RunnerConfig:
     vision_cuda_graphs: int = 8
     # Run the vision tower on a second CUDA stream (pyvlm/runner/encoder_cache.py),
     # beside the step in flight instead of after it, the steps on a stream of
-    # higher priority (pyvlm/runner/model_runner.py); off until measured on a GPU.
+    # higher priority (pyvlm/runner/model_runner.py); off: within noise on an H100.
     vision_side_stream: bool = False
     # Where the scheduler and the model run: "process" (their own process,
     # as vLLM's EngineCore and SGLang's scheduler process), "thread" (a
