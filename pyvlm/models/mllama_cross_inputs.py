@@ -127,8 +127,12 @@ def _image_slots(pool, image: CrossImage) -> torch.Tensor:
 
 def _ranges(starts_and_lengths) -> torch.Tensor:
     """The rows start .. start + length - 1 of each pair, one after another."""
-    parts = [torch.arange(start, start + length) for start, length in starts_and_lengths]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+    return _joined([torch.arange(start, start + length) for start, length in starts_and_lengths])
+
+
+def _joined(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """The int64 tensors one after another (empty for none)."""
+    return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.int64)
 
 
 def _attended(images: Sequence[CrossImage], position: int) -> Tuple[int, ...]:
@@ -220,8 +224,7 @@ def _key_sources(images: Sequence[CrossImage], cls, pool, offsets, rows_of):
     if cls == "pre":
         return ("state", _ranges((offsets[image.item.hash], rows_of(image.item))
                                  for image in images))
-    slots = [_image_slots(pool, images[i]) for i in cls]
-    return ("cache", torch.cat(slots) if slots else torch.zeros(0, dtype=torch.int64))
+    return ("cache", _joined([_image_slots(pool, images[i]) for i in cls]))
 
 
 def _writes(chunks, pool, offsets, staged: HostUpload):
@@ -281,10 +284,6 @@ def _gathered(plan: _Plan, staged: HostUpload) -> Callable[[], Optional[Gathered
                                       *positions, splits=splits())
 
     return make
-
-
-def _joined(tensors: List[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(tensors) if tensors else torch.zeros(0, dtype=torch.int64)
 
 
 def _key_splits(plan: _Plan, staged: HostUpload) -> Callable[[], Optional[KeySplits]]:

@@ -35,6 +35,7 @@ are not encoded (the prefix cache holds what they would give).
 
 from typing import Callable, Iterable, List
 
+from pyvlm.scheduling.encoder_budget import tower_work
 from pyvlm.scheduling.request import Request
 from pyvlm.scheduling.types import MultimodalItem
 
@@ -59,17 +60,11 @@ def pick_encode_ahead(waiting: Iterable[Request],
         num_ahead += 1
         if not request.encoded_ahead:
             images = images_to_encode(request)
-            if ahead_charge(images) > num_tokens_left:
+            if tower_work(images) > num_tokens_left:
                 return []
             request.encoded_ahead = True
             return images
     return []
-
-
-def ahead_charge(images: Iterable[MultimodalItem]) -> int:
-    """The tower work of encoding images ahead, in the prefill budget's
-    tokens (encoder_budget.tower_charge's measure, for every image)."""
-    return sum(item.length for item in images if not item.num_cross_rows)
 
 
 def charged_images(request: Request) -> List[MultimodalItem]:

@@ -34,10 +34,16 @@ def images_started(items: Iterable[MultimodalItem], start: int, end: int) -> Lis
                   key=lambda item: item.offset)
 
 
+def tower_work(items: Iterable[MultimodalItem]) -> int:
+    """The tower work of the embedded images among items (cross-attention
+    images are charged by their K/V rows): their placeholder tokens."""
+    return sum(item.length for item in items if not item.num_cross_rows)
+
+
 def tower_charge(items: Iterable[MultimodalItem], start: int, end: int) -> int:
     """The tower work of the images the chunk [start, end) starts: their
     placeholder tokens, all of them."""
-    return sum(item.length for item in images_started(items, start, end))
+    return tower_work(images_started(items, start, end))
 
 
 def fit_chunk(items: Sequence[MultimodalItem], start: int, num_tokens: int, budget_left: int,
@@ -49,7 +55,7 @@ def fit_chunk(items: Sequence[MultimodalItem], start: int, num_tokens: int, budg
     even one token fits."""
     end = start + num_tokens
     images = images_started(items, start, end)
-    whole = sum(image.length for image in images)
+    whole = tower_work(images)
     if not can_cut or num_tokens + whole <= budget_left:
         return num_tokens, whole
     paid = whole

@@ -8,7 +8,7 @@ reference's (fake runner)."""
 
 from pyvlm.config import CacheConfig, SchedulerConfig
 from pyvlm.scheduling import encode_ahead
-from pyvlm.scheduling.encoder_budget import tower_charge
+from pyvlm.scheduling.encoder_budget import tower_charge, tower_work
 from pyvlm.scheduling.request import Request
 from pyvlm.scheduling.scheduler import Scheduler
 from pyvlm.scheduling.types import MultimodalItem, SamplingParams
@@ -59,7 +59,7 @@ def test_a_step_encodes_the_next_waiting_requests_images_in_what_its_budget_leav
         work = sum(c.num_new_tokens for c in prefills)
         work += sum(tower_charge(c.mm_items, c.start_pos, c.start_pos + c.num_new_tokens)
                     for c in prefills if c.rid in charged)
-        assert work + encode_ahead.ahead_charge(batch.encode_ahead) <= 20
+        assert work + tower_work(batch.encode_ahead) <= 20
         steps.append({c.rid: c.num_new_tokens for c in prefills})
         ahead.append(batch.encode_ahead)
     assert steps == [{"a": 10}, {"b": 7, "c": 8}, {"c": 1, "d": 8}]
