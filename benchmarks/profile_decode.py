@@ -287,7 +287,7 @@ class StepLog:
     time waiting for them to be launched."""
 
     def __init__(self, runner, device: str):
-        self.steps, self.events = [], []
+        self.steps, self.events, self.images = [], [], []
         timed = device.startswith("cuda")
         inner = runner.launch
 
@@ -296,6 +296,7 @@ class StepLog:
             decodes = sum(1 for c in batch.chunks if len(c.token_ids) == 1)
             self.steps.append((time.perf_counter(), step_kind(batch.is_decode, decodes),
                                prefill, decodes))
+            self.images.append((images_started(batch), len(batch.encode_ahead)))
             if not timed:
                 return inner(batch)
             before, after = (torch.cuda.Event(enable_timing=True) for _ in range(2))
@@ -325,6 +326,49 @@ class StepLog:
             row[3] += prefill
             row[4] += decodes
         return dict(kinds)
+
+    def device_ms(self):
+        """Each step's device milliseconds (as in summary), in launch order."""
+        torch.cuda.synchronize()
+        return [before.elapsed_time(after) for before, after in self.events]
+
+    def print_distribution(self, slowest: int = 10) -> None:
+        """Per step kind, the device time's percentiles (what an inter-token
+        latency p99 is made of), then the slowest steps with what they held:
+        prefill tokens, decodes, images whose tower ran in the step, images
+        encoded ahead in it."""
+        if not self.events:
+            return
+        times = self.device_ms()
+        by_kind = defaultdict(list)
+        for (_, kind, _, _), ms in zip(self.steps, times):
+            by_kind[kind].append(ms)
+        print("| step kind | steps | device ms p50 | p90 | p99 | max |")
+        print("|---|---|---|---|---|---|")
+        for kind, values in sorted(by_kind.items()):
+            p50, p90, p99 = (percentile(values, q) for q in (50, 90, 99))
+            print(f"| {kind} | {len(values)} | {p50:.1f} | {p90:.1f} | {p99:.1f} | {max(values):.1f} |")
+        print("\n| step | kind | device ms | prefill tokens | decodes | towers run | encoded ahead |")
+        print("|---|---|---|---|---|---|---|")
+        order = sorted(range(len(times)), key=lambda i: -times[i])[:slowest]
+        for i in order:
+            _, kind, prefill, decodes = self.steps[i]
+            towers, ahead = self.images[i]
+            print(f"| {i} | {kind} | {times[i]:.1f} | {prefill} | {decodes} | {towers} | {ahead} |")
+        print()
+
+
+def images_started(batch) -> int:
+    """Images whose first placeholder token is in one of the batch's chunks
+    (their tower runs in the step unless the encoder cache holds them)."""
+    return sum(1 for c in batch.chunks for item in c.mm_items
+               if c.start_pos <= item.offset < c.start_pos + len(c.token_ids))
+
+
+def percentile(values, q: float) -> float:
+    """The q-th percentile by the nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
 
 
 class SyncSites:
@@ -408,6 +452,7 @@ def profile_throughput(engine, runner, args, roofline) -> None:
         print(f"| {kind} | {count} | {seconds:.2f} | {seconds / count * 1e3:.1f} | {device_ms} | "
               f"{prefill:,} | {decodes:,} |")
     print("\n(device ms: from the end of the work queued before the step to the end of its own)\n")
+    log.print_distribution()
     print_rows(rows, args.top, 1, "kernel (whole run)")
     if syncs is not None:
         print()
