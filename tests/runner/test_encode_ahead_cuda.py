@@ -8,6 +8,7 @@ steps read, once its event has passed."""
 import pytest
 import torch
 
+from pyvlm import ops
 from pyvlm.scheduling.types import SamplingParams
 from tests.entrypoints.test_engine_parity import engine_for, random_image
 
@@ -34,16 +35,20 @@ def test_encoding_ahead_on_the_side_stream_makes_no_host_sync(checkpoint):
     with engine_for(checkpoint, device="cuda", dtype="bfloat16", engine_process="thread",
                     max_total_tokens=4096, vision_side_stream=True,
                     vision_encode_ahead=True) as engine:
-        vision = engine.state.runner.vision
+        runner = engine.state.runner
+        vision = runner.vision
         assert vision.encodes_beside_steps
         # The first tower call allocates (pinned buffers, cuBLAS workspaces):
         # the steady state is what runs beside the steps.
         vision.encode_ahead(image_items(engine, gen, 2))
         torch.cuda.synchronize()
         items = image_items(engine, gen, 2)
+        # As the engine's thread launches it: without the ops' index checks,
+        # each a device read (pyvlm.ops.index_checks).
         torch.cuda.set_sync_debug_mode("error")
         try:
-            vision.encode_ahead(items)
+            with ops.index_checks(runner.check_indices):
+                vision.encode_ahead(items)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
