@@ -124,7 +124,9 @@ class RunnerConfig:
     vision_cuda_graphs: int = 8
     # Run the vision tower on a second CUDA stream (pyvlm/runner/encoder_cache.py),
     # beside the step in flight instead of after it, the steps on a stream of
-    # higher priority (pyvlm/runner/model_runner.py); off: within noise on an H100.
+    # higher priority (pyvlm/runner/model_runner.py). Off: within noise on an
+    # H100 end to end, and a decode step beside a tower took 29-31 ms against
+    # 6.9 alone (the tower's running blocks keep their SMs; benchmarks/RESULTS.md).
     vision_side_stream: bool = False
     # Where the scheduler and the model run: "process" (their own process,
     # as vLLM's EngineCore and SGLang's scheduler process), "thread" (a

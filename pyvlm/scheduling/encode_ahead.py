@@ -19,12 +19,14 @@ Beside the steps (a runner whose tower runs on a side stream that its
 steps outrank: the scheduler's images_ready hook) the tower is not a
 step's work at all: it is not charged, and while other requests run a
 request with images to encode waits until they are encoded ahead and
-done (a look at the runner's events each step), then is admitted. A tower
-longer than a step (Llama-3.2-Vision's 4 tiles, ~60 ms on an H100 against
-~13 ms decode steps) then no longer holds every stream for its length:
-the decode steps go on and the tower fills what they leave of the SMs.
-With nothing else running the request is admitted at once and its own
-step encodes it.
+done (a look at the runner's events each step), then is admitted. With
+nothing else running the request is admitted at once and its own step
+encodes it. The aim was a tower longer than a step (Llama-3.2-Vision's 4
+tiles, ~50 ms on an H100 against ~13 ms decode steps) that no longer holds
+every stream for its length; measured, the steps beside a tower slow down
+instead (Qwen2-VL-7B's decode step 29-31 ms against 6.9 alone: a priority
+stream orders blocks waiting to start, but the tower's running blocks keep
+their SMs; benchmarks/RESULTS.md), so neither form is on by default.
 
 One request's images a step, for at most MAX_REQUESTS_AHEAD waiting
 requests at a time: enough to keep ahead of admissions (one a step at the

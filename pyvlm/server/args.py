@@ -204,12 +204,13 @@ _FLAGS = [
     (("--vision-side-stream",), "store_true",
      "CUDA, one GPU per replica: run the vision tower on a second stream, of lower priority "
      "than the steps' own, beside the step in flight instead of after it; reserves its "
-     "activations apart (off by default: within noise on an H100 so far)"),
+     "activations apart (off by default: within noise on an H100, and a decode step "
+     "beside a tower ran slower than after it)"),
     (("--vision-encode-ahead",), "store_true",
      "encode the images of the next waiting requests before their prefill, instead of inside "
      "the mixed step that admits them: a step ahead, in what its budget leaves; with "
      "--vision-side-stream beside the steps, the request admitted once they are done (off by "
-     "default: within noise on an H100 so far)"),
+     "default: within noise on an H100)"),
     (("--max-mixed-prefill-tokens",), int,
      "most prefill tokens in a step that also decodes the running requests (default 1024; "
      "<= 0: only --chunked-prefill-size): bounds the streams' inter-token time while new "
