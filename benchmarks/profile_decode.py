@@ -19,6 +19,7 @@ Graph replays show as their kernels when the profiler's CUPTI sees them
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
@@ -366,9 +367,10 @@ def images_started(batch) -> int:
 
 
 def percentile(values, q: float) -> float:
-    """The q-th percentile by the nearest rank."""
+    """The q-th percentile by the nearest rank: the smallest value that at
+    least q% of the values do not exceed."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 class SyncSites:

@@ -507,9 +507,12 @@ def steps_by_kind(steps: List[tuple]) -> str:
 
 
 def slowest_steps(steps: List[tuple], count: int) -> str:
-    rows = [[f"{ms:.1f}", str(decodes), str(prefill), str(image_tokens)]
-            for ms, decodes, prefill, image_tokens in sorted(steps, reverse=True)[:count]]
-    return markdown(["wall ms", "decodes", "prefill tokens", "new image tokens"], rows)
+    """The count slowest steps with what they ran and their place in the
+    run (the first steps meet captures and cold caches)."""
+    order = sorted(range(len(steps)), key=lambda i: steps[i], reverse=True)[:count]
+    rows = [[f"{steps[i][0]:.1f}", f"{i + 1} of {len(steps)}", *map(str, steps[i][1:])]
+            for i in order]
+    return markdown(["wall ms", "step", "decodes", "prefill tokens", "new image tokens"], rows)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -42,3 +42,20 @@ def test_the_trace_charges_images_encoded_ahead_to_the_step_that_carries_them():
     trace = StepTrace()
     assert trace.record(ForwardBatch(False, [chunk([other], 9)], [ahead]))[1:] == (0, 9, 12)
     assert trace.record(ForwardBatch(False, [chunk([ahead], 8)]))[1:] == (0, 8, 0)
+
+
+def test_the_slowest_steps_are_listed_slowest_first_with_their_place_in_the_run():
+    import random
+
+    from benchmarks.simulate_steps import slowest_steps
+
+    rng = random.Random()
+    steps = [(rng.uniform(1, 50), rng.randrange(64), rng.randrange(1024), rng.randrange(400))
+             for _ in range(rng.randint(5, 40))]
+    rows = slowest_steps(steps, 3).splitlines()[2:]
+    expected = sorted(range(len(steps)), key=lambda i: -steps[i][0])[:3]
+    assert len(rows) == 3
+    for row, i in zip(rows, expected):
+        ms, decodes, prefill, images = steps[i]
+        assert row == (f"| {ms:.1f} | {i + 1} of {len(steps)} | {decodes} | {prefill} "
+                       f"| {images} |")
