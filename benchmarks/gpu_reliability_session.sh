@@ -27,6 +27,10 @@
 # e2e_MODEL.md keeps those done; $E2E_FLAGS adds flags, e.g. "--skip transformers" or
 # "--hf-batch-sizes 32"). Then, when the e2e JSON was written and $HOST_OVERHEAD is not 0,
 # benchmarks/bench_host_overhead.py on MODEL-narrow (CPU, instant runner, ~40 s) against its rates.
+# steps: what the slowest steps hold (simulate_steps.py on the real runner, a closed loop of 64,
+# the slowest 16 with their place in the run; $STEPS_FLAGS adds server flags), then
+# profile_decode.py --throughput 128 (kernels by time; per step kind the device time's
+# p50/p90/p99/max and the slowest steps by device time), one MODEL each, ~1.5 min for a 7B.
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -99,7 +103,20 @@ case "${1:-}" in
       fi
     done
     ;;
+  steps)
+    shift
+    for model in "${@:-qwen2-vl-7b}"; do
+      timeout ${STEPS_TIMEOUT:-200} python3 benchmarks/simulate_steps.py --device cuda \
+        --model "$model" --policy pyvlm --slowest 16 --server-args="${STEPS_FLAGS:-}" \
+        > "$OUT/steps_$model.md" 2> "$OUT/steps_$model.log"
+      grep -v "^\[" "$OUT/steps_$model.md" | tail -40
+      timeout ${STEPS_TIMEOUT:-200} python3 benchmarks/profile_decode.py --model "$model" \
+        --batches "" --throughput 128 --photos .device_photos --top 30 \
+        > "$OUT/profile_$model.md" 2> "$OUT/profile_$model.log"
+      grep -v "^\[" "$OUT/profile_$model.md" | tail -70
+    done
+    ;;
   *) echo "usage: $0 build|build-test|bench|soak|build-soak [seconds]" \
-       "| latency|build-latency|e2e [MODEL...]"
+       "| latency|build-latency|e2e|steps [MODEL...]"
      exit 2 ;;
 esac
