@@ -31,6 +31,8 @@
 # the slowest 16 with their place in the run; $STEPS_FLAGS adds server flags), then
 # profile_decode.py --throughput 128 (kernels by time; per step kind the device time's
 # p50/p90/p99/max and the slowest steps by device time), one MODEL each, ~1.5 min for a 7B.
+# beside: bench_tower_beside_steps.py (no build needed): a decode-like step while a tower-like
+# call runs after it, beside it on a lower-priority stream, or on a green context of N SMs.
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -116,7 +118,11 @@ case "${1:-}" in
       grep -v "^\[" "$OUT/profile_$model.md" | tail -70
     done
     ;;
+  beside)
+    timeout ${BESIDE_TIMEOUT:-120} python3 benchmarks/bench_tower_beside_steps.py \
+      2>&1 | tee "$OUT/tower_beside_steps.md" | tail -12
+    ;;
   *) echo "usage: $0 build|build-test|bench|soak|build-soak [seconds]" \
-       "| latency|build-latency|e2e|steps [MODEL...]"
+       "| latency|build-latency|e2e|steps [MODEL...] | beside"
      exit 2 ;;
 esac
