@@ -9,8 +9,8 @@ attention at head_dim 80) alone, and the step while the tower runs
     `--vision-side-stream`: on an H100 a Qwen2-VL decode step beside a
     tower took 29-31 ms against 6.9 alone, benchmarks/RESULTS.md),
   - beside it on a CUDA green context's stream of N SMs, the step keeping
-    the rest (torch.cuda.green_contexts, where this torch has streams of
-    green contexts; the rows say so when it has not).
+    the rest (pyvlm's --vision-tower-sms N: pyvlm/runner/tower_stream.py;
+    the rows say why where this torch or driver cannot).
 Each row gives the step's mean time while the tower runs, the tower's
 time, and both against their times alone.
 
@@ -18,11 +18,17 @@ time, and both against their times alone.
 """
 
 import argparse
+import os
 import statistics
-from typing import Callable, List, Optional
+import sys
+from typing import Callable, List
 
 import torch
 from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pyvlm.runner.tower_stream import tower_side_stream  # noqa: E402
 
 ROWS, WIDTH, MLP, HEADS, LAYERS = 6432, 1280, 5120, 16, 8  # the tower: 8 of mllama's 40 layers
 
@@ -86,24 +92,6 @@ def beside(step: Callable[[], None], step_stream: torch.cuda.Stream, tower: Call
     return statistics.mean(steps), tower_done(), len(steps)
 
 
-def green_stream(num_sms: int, device) -> Optional[torch.cuda.Stream]:
-    """A stream confined to num_sms SMs, or None where this torch gives no
-    stream of a green context (its older form runs on the context's default
-    stream, ordered after the caller's: nothing would run beside)."""
-    try:
-        from torch.cuda import green_contexts
-    except ImportError:
-        return None
-    if not getattr(green_contexts, "SUPPORTED", False):
-        return None
-    context = green_contexts.GreenContext.create(num_sms=num_sms, device_id=device.index or 0)
-    if not hasattr(context, "Stream"):
-        return None
-    stream = context.Stream()
-    stream.green_context = context  # the context must outlive its stream
-    return stream
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sms", default="16,32,48,66", help="green contexts' SM counts")
@@ -130,19 +118,11 @@ def main(argv=None) -> None:
     print(f"| in the step that carries it, one stream (pyvlm's default) | {carrying:.2f} "
           f"({carrying / step_alone:.2f}x, that one step) | {tower_alone:.2f} (1.00x) | 0 |")
     rows_out = [("beside, priority streams (step -1, tower 0)", high, low)]
-    for num_sms in (int(s) for s in args.sms.split(",") if s):
-        if not 0 < num_sms < props.multi_processor_count:
-            print(f"| green context of {num_sms} SMs | n/a: not in 1..{props.multi_processor_count - 1}"
-                  " | | |")
-            continue
+    for num_sms in (int(s) for s in args.sms.split(",") if s and int(s) > 0):
         try:
-            stream = green_stream(num_sms, device)
-        except RuntimeError as exc:  # e.g. a driver older than green contexts
-            print(f"| green context of {num_sms} SMs | n/a: {str(exc)[:120]} | | |")
-            continue
-        if stream is None:
-            print(f"| green context of {num_sms} SMs | n/a: this torch gives no green-context "
-                  "stream | | |")
+            stream = tower_side_stream(device, num_sms)  # pyvlm's --vision-tower-sms
+        except (RuntimeError, ValueError) as exc:  # no green-context streams, an old driver
+            print(f"| green context of {num_sms} SMs | n/a: {str(exc)[:160]} | | |")
             continue
         rows_out.append((f"beside, green context of {num_sms} SMs (step on the rest)", high, stream))
     for label, step_stream, tower_stream in rows_out:

@@ -128,6 +128,12 @@ class RunnerConfig:
     # H100 end to end, and a decode step beside a tower took 29-31 ms against
     # 6.9 alone (the tower's running blocks keep their SMs; benchmarks/RESULTS.md).
     vision_side_stream: bool = False
+    # With vision_side_stream: the side stream is a CUDA green context's, of
+    # this many SMs (pyvlm/runner/tower_stream.py), so the tower can never hold
+    # more and the steps always keep the rest; 0: the tower may take every SM.
+    # Not yet measured on a GPU (benchmarks/bench_tower_beside_steps.py is
+    # the device's answer, per SM count).
+    vision_tower_sms: int = 0
     # Where the scheduler and the model run: "process" (their own process,
     # as vLLM's EngineCore and SGLang's scheduler process), "thread" (a
     # thread of the caller's process), or "auto" (process on CUDA, thread

@@ -32,6 +32,7 @@ from pyvlm.runner.image_shares import ImageShares
 from pyvlm.runner.kv_pool import KVPool, KVShape, pool_num_pages
 from pyvlm.runner.memory_profile import measure_step_memory
 from pyvlm.runner.model_runner import ModelRunner, step_stream_for
+from pyvlm.runner.tower_stream import tower_side_stream
 
 logger = logging.getLogger("pyvlm.engine")
 
@@ -295,8 +296,8 @@ def build_runner(config: EngineConfig, files: CheckpointFiles, device, dtype,
     vision = None
     if getattr(model, "image_token_id", None) is not None:
         rows_of = getattr(model, "encoder_rows_of", None)
-        side_stream = (torch.cuda.Stream(device) if takes_vision_side_stream(config, device)
-                       else None)
+        side_stream = (tower_side_stream(device, config.runner.vision_tower_sms)
+                       if takes_vision_side_stream(config, device) else None)
         vision = VisionBatcher(model.encode_prepared, EncoderCache(config.cache.encoder_cache_bytes),
                                rows_of, model.prepare_images, device,
                                image_shares_for(config, model, rows_of, dtype, device),
@@ -383,9 +384,12 @@ VISION_GRAPH_MAX_ROWS = 8192
 
 def vision_graph_count(config: EngineConfig, device: torch.device) -> int:
     """How many vision-tower CUDA graphs to keep; 0: none (CPU,
-    --disable-cuda-graph, --vision-cuda-graphs 0)."""
+    --disable-cuda-graph, --vision-cuda-graphs 0, or the tower on a green
+    context's stream: --vision-tower-sms)."""
     if device.type != "cuda" or config.runner.disable_cuda_graph:
         return 0
+    if takes_vision_side_stream(config, device) and config.runner.vision_tower_sms:
+        return 0  # graphs replayed on a green context's stream: not yet run on a GPU
     return config.runner.vision_cuda_graphs
 
 

@@ -67,6 +67,7 @@ class ServerArgs:
     piecewise_cuda_graph_max_tokens: int = 1024
     vision_cuda_graphs: int = 8
     vision_side_stream: bool = False
+    vision_tower_sms: int = 0
     vision_encode_ahead: bool = False
     engine_process: str = "auto"
     tp_size: int = 1
@@ -104,7 +105,8 @@ class ServerArgs:
                  "allowed_local_media_path", "allow_private_media_urls", "max_image_pixels",
                  "max_pending_image_bytes", "mm_processor_kwargs", "cuda_graph_max_bs",
                  "disable_cuda_graph", "piecewise_cuda_graph_max_tokens", "vision_cuda_graphs",
-                 "vision_side_stream", "vision_encode_ahead", "engine_process",
+                 "vision_side_stream", "vision_tower_sms", "vision_encode_ahead",
+                 "engine_process",
                  "max_mixed_prefill_tokens", "tp_size", "dp_size", "dist_port", "nnodes",
                  "node_rank", "dist_init_addr", "mm_encoder_tp_mode", "torchrun")
         kwargs = {name: getattr(self, name) for name in names}
@@ -206,6 +208,11 @@ _FLAGS = [
      "than the steps' own, beside the step in flight instead of after it; reserves its "
      "activations apart (off by default: within noise on an H100, and a decode step "
      "beside a tower ran slower than after it)"),
+    (("--vision-tower-sms",), int,
+     "CUDA, with --vision-side-stream: the side stream is a CUDA green context's of this many "
+     "SMs, so the tower never holds more and the steps keep the rest; needs a torch whose "
+     "green contexts give streams; the tower then runs without its CUDA graphs (default 0: "
+     "the tower may take every SM; not yet measured)"),
     (("--vision-encode-ahead",), "store_true",
      "encode the images of the next waiting requests before their prefill, instead of inside "
      "the mixed step that admits them: a step ahead, in what its budget leaves; with "
@@ -286,6 +293,9 @@ def _check(args: ServerArgs) -> None:
         (args.load_format in ("auto", "dummy"), "--load-format must be auto or dummy"),
         (args.cuda_graph_max_bs >= 0, "--cuda-graph-max-bs must be >= 0"),
         (args.vision_cuda_graphs >= 0, "--vision-cuda-graphs must be >= 0"),
+        (args.vision_tower_sms >= 0, "--vision-tower-sms must be >= 0"),
+        (not args.vision_tower_sms or args.vision_side_stream,
+         "--vision-tower-sms needs --vision-side-stream"),
         (args.piecewise_cuda_graph_max_tokens >= 0,
          "--piecewise-cuda-graph-max-tokens must be >= 0"),
         (args.tp_size >= 1, "--tp-size must be >= 1"),

@@ -3,7 +3,8 @@ for every family: a host sync there (a blocking copy, a device value read
 back) waits for every tower queued before it on the side stream, and the
 scheduler's step loop with it, so the steps no longer run beside the tower
 (pyvlm/runner/encoder_cache.py). The rows it gives are then the rows the
-steps read, once its event has passed."""
+steps read, once its event has passed; on a green context's stream of 16
+SMs (--vision-tower-sms) as well."""
 
 import pytest
 import torch
@@ -30,10 +31,15 @@ def image_items(engine, gen: torch.Generator, count: int):
     return request.mm_items
 
 
-def test_encoding_ahead_on_the_side_stream_makes_no_host_sync(checkpoint):
+@pytest.mark.parametrize("tower_sms", [0, 16])  # 16: a green context's stream
+def test_encoding_ahead_on_the_side_stream_makes_no_host_sync(checkpoint, tower_sms):
+    from pyvlm.runner.tower_stream import _green_contexts
+
+    if tower_sms and _green_contexts() is None:
+        pytest.skip(f"torch {torch.__version__} gives green contexts no stream of their own")
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
     with engine_for(checkpoint, device="cuda", dtype="bfloat16", engine_process="thread",
-                    max_total_tokens=4096, vision_side_stream=True,
+                    max_total_tokens=4096, vision_side_stream=True, vision_tower_sms=tower_sms,
                     vision_encode_ahead=True) as engine:
         runner = engine.state.runner
         vision = runner.vision
