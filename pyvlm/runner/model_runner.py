@@ -51,9 +51,10 @@ class ModelRunner:
     step_stream: a CUDA stream the steps run on instead of the caller's.
     Beside a vision side stream it is one of higher priority
     (step_stream_for): the block scheduler then starts a step's kernels
-    before the queued blocks of a tower encoding ahead, so a tower that
-    runs for several steps (Llama-3.2-Vision's 4 tiles) fills what the
-    decode steps leave of the SMs instead of holding every stream.
+    before the queued blocks of a tower encoding ahead. Blocks already
+    running keep their SMs, so a step beside a tower still waits on them
+    (measured slower than after it); a tower stream of fewer SMs
+    (pyvlm/runner/tower_stream.py) leaves the steps the rest.
     """
 
     def __init__(self, model: torch.nn.Module, pool: KVPool, device: torch.device,

@@ -4,8 +4,8 @@
 A side stream of lower priority than the steps' does not keep the tower off
 the steps' way: the GPU starts waiting blocks by priority, but a tower block
 already running keeps its SM until it is done, and every one of a decode
-step's short kernels waits for some to drain (on an H100, Qwen2-VL-7B's
-decode step took 29-31 ms beside its tower against 6.9 alone;
+step's short kernels waits for some to drain (on an H100, a 7B model's
+decode step took 29-31 ms beside a tower against 6.9 alone;
 benchmarks/RESULTS.md). A CUDA green context of N SMs bounds the tower to
 those N, so the steps always have the rest: a decode step, bound by memory
 bandwidth, needs only part of the SMs to read its weights at full speed.

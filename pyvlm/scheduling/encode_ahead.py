@@ -1,7 +1,7 @@
 """Vision-tower work a step ahead of the prefill that needs it.
 
 A request's images go through the tower in the step that admits it, a
-mixed step whose prefill already keeps the tensor cores busy (Qwen2-VL-7B
+mixed step whose prefill already keeps the tensor cores busy (a 7B model
 on an H100: 19.7 ms for one image prompt and 64 decodes, against 6.9 ms
 for the decodes alone; the tower is ~6 ms of it). Decode steps, bound by
 weight reads, leave the tensor cores idle. So each step may carry the
@@ -21,10 +21,10 @@ step's work at all: it is not charged, and while other requests run a
 request with images to encode waits until they are encoded ahead and
 done (a look at the runner's events each step), then is admitted. With
 nothing else running the request is admitted at once and its own step
-encodes it. The aim was a tower longer than a step (Llama-3.2-Vision's 4
-tiles, ~50 ms on an H100 against ~13 ms decode steps) that no longer holds
-every stream for its length; measured, the steps beside a tower slow down
-instead (Qwen2-VL-7B's decode step 29-31 ms against 6.9 alone: a priority
+encodes it. The aim was a tower longer than a step (a 4-tile image, ~50
+ms on an H100 against ~13 ms decode steps) that no longer holds every
+stream for its length; measured, the steps beside a tower slow down
+instead (a 7B model's decode step 29-31 ms against 6.9 alone: a priority
 stream orders blocks waiting to start, but the tower's running blocks keep
 their SMs; benchmarks/RESULTS.md), so neither form is on by default.
 

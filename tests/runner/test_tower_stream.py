@@ -19,7 +19,6 @@ class FakeCuda:
     module to offer (None: this torch has none)."""
 
     def __init__(self, monkeypatch, num_sms: int, green=None):
-        self.made = []
         monkeypatch.setattr(torch.cuda, "Stream", lambda device: ("stream on", device))
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda device: types.SimpleNamespace(multi_processor_count=num_sms))
