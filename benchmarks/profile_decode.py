@@ -297,7 +297,7 @@ class StepLog:
             decodes = sum(1 for c in batch.chunks if len(c.token_ids) == 1)
             self.steps.append((time.perf_counter(), step_kind(batch.is_decode, decodes),
                                prefill, decodes))
-            self.images.append((images_started(batch), len(batch.encode_ahead)))
+            self.images.append((towers_started(batch), len(batch.encode_ahead)))
             if not timed:
                 return inner(batch)
             before, after = (torch.cuda.Event(enable_timing=True) for _ in range(2))
@@ -359,7 +359,7 @@ class StepLog:
         print()
 
 
-def images_started(batch) -> int:
+def towers_started(batch) -> int:
     """Images whose first placeholder token is in one of the batch's chunks
     (their tower runs in the step unless the encoder cache holds them)."""
     return sum(1 for c in batch.chunks for item in c.mm_items

@@ -5,7 +5,7 @@ import random
 
 import numpy as np
 
-from benchmarks.profile_decode import images_started, percentile
+from benchmarks.profile_decode import percentile, towers_started
 from pyvlm.scheduling.types import MultimodalItem
 
 
@@ -33,5 +33,5 @@ def test_a_step_starts_the_images_whose_first_token_is_in_one_of_its_chunks():
         chunk(25, 30, images),  # the one at 40 (20 began in the chunk before)
         chunk(100, 1, [item(3)]),  # a decode of a request whose image is long done
     ])
-    assert images_started(batch) == 3
-    assert images_started(SimpleNamespace(chunks=[chunk(41, 5, images)])) == 0
+    assert towers_started(batch) == 3
+    assert towers_started(SimpleNamespace(chunks=[chunk(41, 5, images)])) == 0
