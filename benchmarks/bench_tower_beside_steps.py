@@ -10,7 +10,7 @@ attention at head_dim 80) alone, and the step while the tower runs
     tower took 29-31 ms against 6.9 alone, benchmarks/RESULTS.md),
   - beside it on a CUDA green context's stream of N SMs, the step keeping
     the rest (pyvlm's --vision-tower-sms N: pyvlm/runner/tower_stream.py;
-    the rows say why where this torch or driver cannot).
+    the rows say why where the build or driver cannot).
 Each row gives the step's mean time while the tower runs, the tower's
 time, and both against their times alone.
 

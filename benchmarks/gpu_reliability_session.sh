@@ -31,7 +31,7 @@
 # the slowest 16 with their place in the run; $STEPS_FLAGS adds server flags), then
 # profile_decode.py --throughput 128 (kernels by time; per step kind the device time's
 # p50/p90/p99/max and the slowest steps by device time), one MODEL each, ~1.5 min for a 7B.
-# beside: bench_tower_beside_steps.py (no build needed): a decode-like step while a tower-like
+# beside: bench_tower_beside_steps.py (after `build`: the extension makes the green contexts): a decode-like step while a tower-like
 # call runs after it, beside it on a lower-priority stream, or on a green context of N SMs.
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail

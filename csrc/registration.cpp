@@ -133,6 +133,13 @@ TORCH_LIBRARY(pyvlm, m) {
   // set_index_checks returns the thread's previous value.
   m.def("set_index_checks(bool enabled) -> bool");
   m.def("index_checks_enabled() -> bool");
+
+  // ---- Streams ------------------------------------------------------------------
+  // A new stream of CUDA device `device` confined to at least num_sms of its
+  // SMs (a green context; CUDA builds only), at the given stream priority.
+  // Returns [the cudaStream_t as an integer, the SMs granted]; the stream and
+  // its context live as long as the process.
+  m.def("green_context_stream(int device, int num_sms, int priority) -> int[]");
 }
 
 // `import pyvlm._C` loads this library, which runs the registrations above.

@@ -9,54 +9,43 @@ decode step took 29-31 ms beside a tower against 6.9 alone;
 benchmarks/RESULTS.md). A CUDA green context of N SMs bounds the tower to
 those N, so the steps always have the rest: a decode step, bound by memory
 bandwidth, needs only part of the SMs to read its weights at full speed.
-Recent torch gives a green context a stream of its own (GreenContext.Stream;
-torch 2.13 has it); earlier forms only run work on the context's default
-stream, ordered after the caller's, so nothing would run beside: where this
-torch has no such stream, start-up says so. Not yet measured on a GPU.
+The green context and its stream come from pyvlm's extension
+(torch.ops.pyvlm.green_context_stream, the driver's green-context API, CUDA
+12.5+ drivers): only some torch releases give a green context a stream of its
+own. Not yet measured on a GPU.
 """
 
-from typing import List
+import logging
 
 import torch
 
-# A green context must outlive its stream: the streams made here live as long
-# as the process, and so do their contexts.
-_CONTEXTS: List[object] = []
+from pyvlm import ops
+
+logger = logging.getLogger(__name__)
+
+# The extension's stream priority for the tower: 0, the lowest, below the
+# steps' stream (startup.py gives the steps -1).
+TOWER_PRIORITY = 0
 
 
 def tower_side_stream(device: torch.device, num_sms: int = 0) -> "torch.cuda.Stream":
     """A stream for the tower on device: an ordinary one (priority 0) for
     num_sms 0, else a green context's of num_sms SMs (the driver may round it
     up to its SM granularity). ValueError when num_sms is not below the
-    device's SM count or this torch has no green-context streams."""
+    device's SM count or green contexts are not available (a CPU-only build
+    of the extension, a driver older than CUDA 12.5)."""
     if num_sms <= 0:
         return torch.cuda.Stream(device)
     total = torch.cuda.get_device_properties(device).multi_processor_count
     if num_sms >= total:
         raise ValueError(f"--vision-tower-sms {num_sms}: the device has {total} SMs; give the "
                          f"tower fewer, so the steps keep some")
-    green = _green_contexts()
-    if green is None:
-        raise ValueError(f"--vision-tower-sms needs green contexts with streams of their own "
-                         f"(torch.cuda.green_contexts, CUDA 12.8+); torch {torch.__version__} "
-                         f"has none")
-    context = green.GreenContext.create(num_sms=num_sms, device_id=_index(device))
-    _CONTEXTS.append(context)
-    return context.Stream()
-
-
-def _green_contexts():
-    """torch.cuda.green_contexts where it can give streams, else None."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
     try:
-        from torch.cuda import green_contexts
-    except ImportError:
-        return None
-    if not getattr(green_contexts, "SUPPORTED", False):
-        return None
-    if not hasattr(green_contexts.GreenContext, "Stream"):
-        return None
-    return green_contexts
-
-
-def _index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
+        handle, granted = ops.green_context_stream(index, num_sms, TOWER_PRIORITY)
+    except RuntimeError as exc:
+        raise ValueError(f"--vision-tower-sms needs CUDA green contexts, which this build "
+                         f"or driver cannot make: {str(exc).splitlines()[0]}") from exc
+    logger.info("vision tower stream: a green context of %d SMs (%d asked for) of %d",
+                granted, num_sms, total)
+    return torch.cuda.ExternalStream(handle, device=torch.device("cuda", index))

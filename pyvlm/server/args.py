@@ -210,8 +210,8 @@ _FLAGS = [
      "beside a tower ran slower than after it)"),
     (("--vision-tower-sms",), int,
      "CUDA, with --vision-side-stream: the side stream is a CUDA green context's of this many "
-     "SMs, so the tower never holds more and the steps keep the rest; needs a torch whose "
-     "green contexts give streams; the tower then runs without its CUDA graphs (default 0: "
+     "SMs, so the tower never holds more and the steps keep the rest; needs a CUDA 12.5+ "
+     "driver; the tower then runs without its CUDA graphs (default 0: "
      "the tower may take every SM; not yet measured)"),
     (("--vision-encode-ahead",), "store_true",
      "encode the images of the next waiting requests before their prefill, instead of inside "

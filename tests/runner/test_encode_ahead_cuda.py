@@ -33,10 +33,6 @@ def image_items(engine, gen: torch.Generator, count: int):
 
 @pytest.mark.parametrize("tower_sms", [0, 16])  # 16: a green context's stream
 def test_encoding_ahead_on_the_side_stream_makes_no_host_sync(checkpoint, tower_sms):
-    from pyvlm.runner.tower_stream import _green_contexts
-
-    if tower_sms and _green_contexts() is None:
-        pytest.skip(f"torch {torch.__version__} gives green contexts no stream of their own")
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2 ** 31, ())))
     with engine_for(checkpoint, device="cuda", dtype="bfloat16", engine_process="thread",
                     max_total_tokens=4096, vision_side_stream=True, vision_tower_sms=tower_sms,

@@ -1,87 +1,78 @@
 """The tower's side stream (pyvlm/runner/tower_stream.py): an ordinary
-stream by default; with --vision-tower-sms N a green context's stream of N
-SMs, the context kept alive; clear errors for an SM count the device lacks
-room for and for a torch without green-context streams. torch.cuda is
-replaced by recorders (this machine has no GPU); the device's answer is
-benchmarks/bench_tower_beside_steps.py."""
+stream by default; with --vision-tower-sms N the extension's green-context
+stream of N SMs on the right device, wrapped for torch; clear errors for an
+SM count the device lacks room for and for a build without green contexts.
+torch.cuda and the extension's op are replaced by recorders (this machine
+has no GPU); tests/ops/test_streams.py runs the op on one, and
+benchmarks/bench_tower_beside_steps.py measures what it does."""
 
-import re
 import types
 
 import pytest
 import torch
 
+from pyvlm import ops
 from pyvlm.runner import tower_stream
 
 
 class FakeCuda:
-    """torch.cuda's calls used here, recorded; green: the green_contexts
-    module to offer (None: this torch has none)."""
+    """torch.cuda's calls used here and the extension's stream op, recorded."""
 
-    def __init__(self, monkeypatch, num_sms: int, green=None):
+    def __init__(self, monkeypatch, num_sms: int, current: int = 0):
+        self.made = []
         monkeypatch.setattr(torch.cuda, "Stream", lambda device: ("stream on", device))
+        monkeypatch.setattr(torch.cuda, "ExternalStream",
+                            lambda handle, device: ("external stream", handle, device))
         monkeypatch.setattr(torch.cuda, "get_device_properties",
                             lambda device: types.SimpleNamespace(multi_processor_count=num_sms))
-        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-        monkeypatch.setattr(tower_stream, "_green_contexts", lambda: green)
-        monkeypatch.setattr(tower_stream, "_CONTEXTS", [])
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+        monkeypatch.setattr(tower_stream.ops, "green_context_stream", self.green_context_stream)
 
-
-def fake_green_contexts(made: list):
-    class GreenContext:
-        def __init__(self, num_sms, device_id):
-            self.num_sms, self.device_id = num_sms, device_id
-
-        @staticmethod
-        def create(*, num_sms, device_id):
-            context = GreenContext(num_sms, device_id)
-            made.append(context)
-            return context
-
-        def Stream(self):  # noqa: N802 - torch's name
-            return ("green stream of", self.num_sms, "SMs on", self.device_id)
-
-    return types.SimpleNamespace(GreenContext=GreenContext)
+    def green_context_stream(self, device_index, num_sms, priority):
+        self.made.append((device_index, num_sms, priority))
+        return 1000 + len(self.made), num_sms + num_sms % 8  # rounded up, as a driver may
 
 
 def test_without_a_count_the_tower_gets_an_ordinary_stream(monkeypatch):
-    FakeCuda(monkeypatch, num_sms=132)
+    fake = FakeCuda(monkeypatch, num_sms=132)
     device = torch.device("cuda", 1)
     assert tower_stream.tower_side_stream(device) == ("stream on", device)
     assert tower_stream.tower_side_stream(device, 0) == ("stream on", device)
+    assert fake.made == []
 
 
-def test_a_count_makes_a_green_context_stream_and_keeps_its_context(monkeypatch):
-    made = []
-    FakeCuda(monkeypatch, num_sms=132, green=fake_green_contexts(made))
+def test_a_count_wraps_a_green_context_stream_of_that_device(monkeypatch):
+    fake = FakeCuda(monkeypatch, num_sms=132, current=3)
     count = int(torch.randint(1, 132, ()))
     stream = tower_stream.tower_side_stream(torch.device("cuda", 1), count)
-    assert stream == ("green stream of", count, "SMs on", 1)
-    assert tower_stream._CONTEXTS == made and len(made) == 1  # outlives its stream
-    tower_stream.tower_side_stream(torch.device("cuda"), 8)  # no index: the current device
-    assert made[-1].device_id == 0
+    assert fake.made == [(1, count, tower_stream.TOWER_PRIORITY)]
+    assert stream == ("external stream", 1001, torch.device("cuda", 1))
+    stream = tower_stream.tower_side_stream(torch.device("cuda"), 8)  # no index: the current one
+    assert fake.made[-1][0] == 3 and stream[2] == torch.device("cuda", 3)
 
 
 @pytest.mark.parametrize("count", [132, 200])
 def test_the_tower_cannot_take_every_sm(monkeypatch, count):
-    made = []
-    FakeCuda(monkeypatch, num_sms=132, green=fake_green_contexts(made))
+    fake = FakeCuda(monkeypatch, num_sms=132)
     with pytest.raises(ValueError, match=f"--vision-tower-sms {count}: the device has 132 SMs"):
         tower_stream.tower_side_stream(torch.device("cuda", 0), count)
-    assert made == []
+    assert fake.made == []
 
 
-def test_a_torch_without_green_context_streams_is_named(monkeypatch):
-    FakeCuda(monkeypatch, num_sms=132, green=None)
-    with pytest.raises(ValueError, match=re.escape(f"torch {torch.__version__} has none")):
+def test_a_build_without_green_contexts_is_named(monkeypatch):
+    FakeCuda(monkeypatch, num_sms=132)
+
+    def refuse(device_index, num_sms, priority):
+        raise RuntimeError("cuGreenCtxStreamCreate is not available\nmore lines")
+
+    monkeypatch.setattr(tower_stream.ops, "green_context_stream", refuse)
+    with pytest.raises(ValueError, match="needs CUDA green contexts.*cuGreenCtxStreamCreate "
+                                         "is not available$"):
         tower_stream.tower_side_stream(torch.device("cuda", 0), 32)
 
 
-def test_green_contexts_count_only_where_they_give_streams(monkeypatch):
-    from torch.cuda import green_contexts
-
-    found = tower_stream._green_contexts()
-    expected = green_contexts.SUPPORTED and hasattr(green_contexts.GreenContext, "Stream")
-    assert (found is green_contexts) if expected else found is None
-    monkeypatch.delattr(green_contexts.GreenContext, "Stream", raising=False)
-    assert tower_stream._green_contexts() is None
+def test_the_extension_makes_green_streams_only_with_cuda():
+    assert ops.has_green_context_streams() == ops.has_cuda_kernels()
+    if not ops.has_cuda_kernels():
+        with pytest.raises(RuntimeError, match="has no CUDA"):
+            ops.green_context_stream(0, 16)
