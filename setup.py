@@ -43,7 +43,10 @@ def extension():
         return cpp_extension.CppExtension(
             "pyvlm._C", cpp, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
         )
+    # PYVLM_WITH_CUDA: the C++ sources leave CUDA-only ops to the .cu adapters.
+    cxx_flags.append("-DPYVLM_WITH_CUDA")
     nvcc_flags = [
+        "-DPYVLM_WITH_CUDA",
         "-O3",
         "-std=c++20",
         "--use_fast_math",

@@ -21,4 +21,4 @@ from .layers import (  # noqa: F401
     rotary_embedding,
 )
 from .attention import paged_attention_decode, reshape_and_cache  # noqa: F401
-from .streams import green_context_stream, has_green_context_streams  # noqa: F401
+from .streams import green_context_stream  # noqa: F401

@@ -3,16 +3,7 @@ the GPU's SMs (csrc/cuda/green_context.cu)."""
 
 from typing import Tuple
 
-import torch
-
 from ._library import ops
-
-
-def has_green_context_streams() -> bool:
-    """True when the extension was built with CUDA, which makes them (the
-    driver must still be CUDA 12.5 or newer)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "pyvlm::green_context_stream", "CompositeExplicitAutograd")
 
 
 def green_context_stream(device_index: int, num_sms: int, priority: int = 0) -> Tuple[int, int]:
@@ -20,8 +11,6 @@ def green_context_stream(device_index: int, num_sms: int, priority: int = 0) -> 
     SMs, at priority (CUDA's: lower runs first). Returns the stream handle
     (for torch.cuda.ExternalStream) and the SMs the driver granted; stream
     and context live as long as the process. RuntimeError where the
-    extension has no CUDA or the driver no green contexts."""
-    if not has_green_context_streams():
-        raise RuntimeError("this build of pyvlm's extension has no CUDA, so no green contexts")
+    extension was built without CUDA or the driver has no green contexts."""
     handle, granted = ops.green_context_stream(int(device_index), int(num_sms), int(priority))
     return handle, granted
