@@ -4,7 +4,12 @@
 // (tensor-core configs x split policies, the SIMT kernel, and the default
 // plan that the extension launches) is checked against a plain fp32
 // reference kernel and timed with CUDA events: warm-up, then the median of
-// kTimedRuns launches, each after a 256 MB write that flushes the L2. The
+// kTimedRuns launches, each after a 256 MB read that flushes the L2. A read,
+// not a write (cudaMemset, as before 2026-12-08): a write leaves the L2 full
+// of dirty lines, which the timed kernel must write back while it reads, up
+// to the L2's size more DRAM traffic (50 MB on an H100: +37% on the 134 MB
+// of b=1 / ctx 32k), where a decode step's L2 holds mostly the clean
+// weights just read. SWEEP_DIRTY_FLUSH=1 flushes with the write. The
 // rate is K + V bytes read once over that time, as a share of the device's
 // copy bandwidth (cudaMemcpy D2D of 1 GiB, bytes read + written).
 //
@@ -298,15 +303,31 @@ double copy_bandwidth() {
   return 2.0 * kCopyBytes / (median(ms) * 1e-3);
 }
 
+// Reads n 16-byte words: the L2 ends up holding clean lines of them. The
+// sink is written only for one unlikely value, which keeps the loads.
+__global__ void read_flush_kernel(const uint4* p, size_t n, unsigned* sink) {
+  unsigned acc = 0;
+  for (size_t i = blockIdx.x * size_t(blockDim.x) + threadIdx.x; i < n;
+       i += size_t(gridDim.x) * blockDim.x) {
+    const uint4 v = p[i];
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9e3779b9u) *sink = acc;
+}
+
 // Times launches on one non-blocking stream (programmatic dependent launch
 // is for created streams).
 struct Timer {
   cudaStream_t stream;
   DeviceBuffer<char> flush{kFlushBytes};
+  DeviceBuffer<unsigned> sink{1};
+  const bool dirty_flush = std::getenv("SWEEP_DIRTY_FLUSH") != nullptr &&
+                           std::string(std::getenv("SWEEP_DIRTY_FLUSH")) == "1";
   std::vector<cudaEvent_t> starts, stops;
 
   Timer() : starts(kTimedRuns), stops(kTimedRuns) {
     CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CHECK_CUDA(cudaMemset(flush.ptr, 0x5a, kFlushBytes));
     for (int i = 0; i < kTimedRuns; ++i) {
       CHECK_CUDA(cudaEventCreate(&starts[i]));
       CHECK_CUDA(cudaEventCreate(&stops[i]));
@@ -321,7 +342,12 @@ struct Timer {
   float median_us(const std::function<void()>& launch) {
     for (int i = 0; i < kWarmupRuns; ++i) launch();
     for (int i = 0; i < kTimedRuns; ++i) {
-      CHECK_CUDA(cudaMemsetAsync(flush.ptr, i & 0xff, kFlushBytes, stream));
+      if (dirty_flush) {
+        CHECK_CUDA(cudaMemsetAsync(flush.ptr, i & 0xff, kFlushBytes, stream));
+      } else {
+        read_flush_kernel<<<1024, 256, 0, stream>>>(reinterpret_cast<const uint4*>(flush.ptr),
+                                                    kFlushBytes / sizeof(uint4), sink.ptr);
+      }
       CHECK_CUDA(cudaEventRecord(starts[i], stream));
       launch();
       CHECK_CUDA(cudaEventRecord(stops[i], stream));
@@ -392,8 +418,12 @@ int main() {
   const double copy_rate = copy_bandwidth();
   std::printf("device: %s, %d SMs, %d MB L2, %d KB shared memory per SM\n", prop.name, dev.num_sms,
               prop.l2CacheSize >> 20, dev.smem_per_sm >> 10);
-  std::printf("copy bandwidth (cudaMemcpy D2D of 1 GiB, read + written): %.2f TB/s\n\n",
+  std::printf("copy bandwidth (cudaMemcpy D2D of 1 GiB, read + written): %.2f TB/s\n",
               copy_rate * 1e-12);
+  const char* dirty = std::getenv("SWEEP_DIRTY_FLUSH");
+  std::printf("L2 flushed before each timed run by a 256 MB %s\n\n",
+              dirty != nullptr && std::string(dirty) == "1" ? "write (dirty lines)"
+                                                            : "read (clean lines)");
   std::printf("| case | variant | splits | us | %% of copy bw | max abs err | check |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
   const std::vector<Variant> variants = sweep_variants();

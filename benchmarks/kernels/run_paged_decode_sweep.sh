@@ -8,6 +8,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bin=${SWEEP_BIN:-$(mktemp -t paged_decode_sweep.XXXXXX)}
-nvcc -O3 -std=c++20 --use_fast_math -arch=sm_90a -I csrc "$@" \
+nvcc -O3 -std=c++20 --use_fast_math -gencode=arch=compute_90a,code=sm_90a -I csrc "$@" \
   -o "$bin" benchmarks/kernels/paged_decode_sweep.cu
 "$bin"
