@@ -33,6 +33,9 @@
 # p50/p90/p99/max and the slowest steps by device time), one MODEL each, ~1.5 min for a 7B.
 # beside: bench_tower_beside_steps.py (after `build`: the extension makes the green contexts): a decode-like step while a tower-like
 # call runs after it, beside it on a lower-priority stream, or on a green context of N SMs.
+# sweep: benchmarks/kernels/run_paged_decode_sweep.sh (no build needed, ~40 s to compile, well
+# under a minute a run) twice: the L2 flushed by a read (the sweep's way since 2026-12-08), then by
+# a write (SWEEP_DIRTY_FLUSH=1, the way of the earlier tables), for the A/B of the flush itself.
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -122,7 +125,15 @@ case "${1:-}" in
     timeout ${BESIDE_TIMEOUT:-120} python3 benchmarks/bench_tower_beside_steps.py \
       2>&1 | tee "$OUT/tower_beside_steps.md" | tail -12
     ;;
+  sweep)
+    SWEEP_BIN=/tmp/paged_decode_sweep timeout ${SWEEP_TIMEOUT:-150} \
+      bash benchmarks/kernels/run_paged_decode_sweep.sh > "$OUT/sweep_read.md" 2>&1
+    grep -E "device|flushed|default plan" "$OUT/sweep_read.md"
+    SWEEP_DIRTY_FLUSH=1 timeout ${SWEEP_TIMEOUT:-150} /tmp/paged_decode_sweep \
+      > "$OUT/sweep_dirty.md" 2>&1
+    grep -E "flushed|default plan" "$OUT/sweep_dirty.md"
+    ;;
   *) echo "usage: $0 build|build-test|bench|soak|build-soak [seconds]" \
-       "| latency|build-latency|e2e|steps [MODEL...] | beside"
+       "| latency|build-latency|e2e|steps [MODEL...] | beside | sweep"
      exit 2 ;;
 esac
