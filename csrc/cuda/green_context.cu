@@ -16,6 +16,8 @@
 namespace pyvlm {
 namespace {
 
+#if CUDART_VERSION >= 12050  // the toolkit declares green contexts and the versioned lookup
+
 // The first driver release with every call below (cuGreenCtxStreamCreate).
 constexpr unsigned int kDriverVersion = 12050;
 
@@ -94,6 +96,15 @@ std::vector<int64_t> green_context_stream(int64_t device, int64_t num_sms, int64
   }
   return {reinterpret_cast<int64_t>(made.stream), static_cast<int64_t>(group.sm.smCount)};
 }
+
+#else  // an older toolkit: the extension builds, and the op says why it cannot
+
+std::vector<int64_t> green_context_stream(int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "green_context_stream: pyvlm's extension was built with CUDA ", CUDART_VERSION,
+              "; green-context streams need a CUDA 12.5+ toolkit");
+}
+
+#endif
 
 }  // namespace
 }  // namespace pyvlm
