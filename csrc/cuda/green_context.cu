@@ -110,7 +110,7 @@ std::vector<int64_t> green_context_stream(int64_t, int64_t, int64_t) {
 }  // namespace pyvlm
 
 // No tensor arguments, so no device to dispatch on: one kernel for all keys
-// (the CPU build has none, and the Python wrapper says so).
+// (a build without CUDA registers csrc/streams.cpp's instead).
 TORCH_LIBRARY_IMPL(pyvlm, CompositeExplicitAutograd, m) {
   m.impl("green_context_stream", &pyvlm::green_context_stream);
 }

@@ -32,8 +32,9 @@ def tower_side_stream(device: torch.device, num_sms: int = 0) -> "torch.cuda.Str
     """A stream for the tower on device: an ordinary one (priority 0) for
     num_sms 0, else a green context's of num_sms SMs (the driver may round it
     up to its SM granularity). ValueError when num_sms is not below the
-    device's SM count or green contexts are not available (a CPU-only build
-    of the extension, a driver older than CUDA 12.5)."""
+    device's SM count or green contexts are not available (an extension
+    built without CUDA or with a toolkit older than 12.5, a driver older
+    than CUDA 12.5)."""
     if num_sms <= 0:
         return torch.cuda.Stream(device)
     total = torch.cuda.get_device_properties(device).multi_processor_count
