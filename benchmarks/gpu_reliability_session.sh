@@ -31,8 +31,9 @@
 # the slowest 16 with their place in the run; $STEPS_FLAGS adds server flags), then
 # profile_decode.py --throughput 128 (kernels by time; per step kind the device time's
 # p50/p90/p99/max and the slowest steps by device time), one MODEL each, ~1.5 min for a 7B.
-# beside: bench_tower_beside_steps.py (after `build`: the extension makes the green contexts): a decode-like step while a tower-like
-# call runs after it, beside it on a lower-priority stream, or on a green context of N SMs.
+# beside: bench_tower_beside_steps.py, after `build` (the extension makes the green contexts): a
+# decode-like step while a tower-like call runs after it, beside it on a lower-priority stream, or
+# on a green context of N SMs.
 # sweep: benchmarks/kernels/run_paged_decode_sweep.sh (no build needed, ~40 s to compile, well
 # under a minute a run) twice: the L2 flushed by a read (the sweep's way since 2026-12-08), then by
 # a write (SWEEP_DIRTY_FLUSH=1, the way of the earlier tables), for the A/B of the flush itself.
