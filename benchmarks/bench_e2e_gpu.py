@@ -6,7 +6,8 @@ model (benchmarks/load/e2e_table.py): pyvlm, transformers, the floor of this
 run, pyvlm's % of it, pyvlm against transformers, and the issue's target
 with its verdict, for
 
-- TTFT of one fresh image on an idle server (floor: tower + prefill FLOPs);
+- TTFT of one fresh image on an idle server (floor: tower + prefill FLOPs,
+  linear layers and attention);
 - batch-1 decode tokens/s (floor: weights + KV bytes per step);
 - the decode step while 64 requests of ~3k-token prompts decode (floor:
   weights + 64 x 3k KV bytes per step);
@@ -282,7 +283,9 @@ def notes(run: E2ERun) -> str:
     parts.append("Random weights: transformers' own init for it, `--load-format dummy` for "
                  "pyvlm (uniform in +-1e-3). Floors: benchmarks/offline/roofline.py at this "
                  "run's rates (decode: weight and KV bytes at the copy bandwidth; prefill: "
-                 "linear-layer FLOPs, vision tower included, at the matmul rate).")
+                 "FLOPs of the linear layers and of attention (the vision tower's within its "
+                 "segments, the prompt's causal self-attention, mllama's cross-attention; "
+                 "no padding rows), vision tower included, at the matmul rate).")
     return " ".join(parts)
 
 

@@ -87,7 +87,8 @@ def ttft_row(m: Measured) -> Row:
     if m.missing("ttft"):
         return replace(row, pyvlm_text=m.missing("ttft"))
     s = m.shape
-    floor = m.roofline.ttft_s(s.num_prompt_tokens, s.num_tower_tokens, s.num_image_rows) * 1e3
+    floor = m.roofline.ttft_s(s.num_prompt_tokens, s.num_tower_tokens, s.num_image_rows,
+                              tower_attention=s.tower_attention) * 1e3
     ours = _median_ms(m.ours.ttft_s)
     return replace(row, pyvlm=ours, transformers=_median_ms(m.theirs.ttft_s) if m.theirs else None,
                    floor=floor, is_met=ours <= TTFT_MAX_OVER_FLOOR * floor)
@@ -138,7 +139,8 @@ def throughput_row(m: Measured) -> Row:
         return replace(row, pyvlm_text=m.missing("throughput"))
     floor = m.roofline.throughput_tokens_per_s(p.num_requests, p.concurrency,
                                                s.num_prompt_tokens, s.num_tower_tokens,
-                                               p.output_tokens, s.num_image_rows)
+                                               p.output_tokens, s.num_image_rows,
+                                               tower_attention=s.tower_attention)
     theirs = m.theirs.batched_tokens_per_s[best] if best else None
     rate = ours.output_tokens_per_s
     met = rate >= THROUGHPUT_MIN_OF_FLOOR * floor and (

@@ -19,6 +19,8 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from benchmarks.bench_serving import PROMPT
+from benchmarks.offline.roofline import (QWEN_VL_TYPES, TowerAttention, qwen_tower_attention,
+                                         tiled_tower_attention)
 
 
 def chat_messages(index: int) -> List[dict]:
@@ -139,18 +141,20 @@ def llava_processor(preprocessor: dict, tokenizer, config):
 @dataclass(frozen=True)
 class PromptShape:
     """What prompts cost the model: tokens (of the longest row), the patch
-    rows the vision tower runs over and the cross-attention K/V rows of the
-    images (mllama; 0 for the others), all rows together."""
+    rows the vision tower runs over, the segments its attention runs within
+    (tower_attention) and the cross-attention K/V rows of the images
+    (mllama; 0 for the others), all rows together."""
 
     num_prompt_tokens: int
     num_tower_tokens: int
+    tower_attention: TowerAttention
     num_image_rows: int = 0
 
 
 def shape_of(features, config) -> PromptShape:
     """The PromptShape of a processor's output."""
     return PromptShape(features["input_ids"].shape[1], tower_tokens(features, config),
-                       image_rows(features, config))
+                       tower_attention(features, config), image_rows(features, config))
 
 
 def prompt_shape(folder: Path, config, image) -> PromptShape:
@@ -194,7 +198,7 @@ def tower_tokens(features, config) -> int:
     LLaVA-1.5 / NeXT: each real tile's CLIP patches + the class token (577
     rows of a 336-pixel tile)."""
     pixels = features["pixel_values"]
-    if config.model_type == "qwen2_vl":
+    if config.model_type in QWEN_VL_TYPES:
         return pixels.shape[0]
     vision = config.vision_config
     num_patches = (vision.image_size // vision.patch_size) ** 2
@@ -203,6 +207,22 @@ def tower_tokens(features, config) -> int:
     if config.model_type in LLAVA_PROCESSORS:
         return llava_num_tiles(features, config) * (num_patches + 1)
     return pixels.shape[0] * pixels.shape[1] * num_patches
+
+
+def tower_attention(features, config) -> TowerAttention:
+    """The segments the tower's attention runs within over the features'
+    images (benchmarks/offline/roofline.py): Qwen2-VL / Qwen2.5-VL by each
+    image's patch grid, Llama-3.2-Vision by each image's real tiles, LLaVA
+    by the tiles the tower runs (as tower_tokens counts them)."""
+    if config.model_type in QWEN_VL_TYPES:
+        return qwen_tower_attention(config, features["image_grid_thw"].tolist())
+    if config.model_type == "mllama":
+        tiles = features["aspect_ratio_mask"].flatten(0, 1).sum(-1).tolist()
+        return tiled_tower_attention(config, [n for n in tiles if n])
+    if config.model_type in LLAVA_PROCESSORS:
+        return tiled_tower_attention(config, [llava_num_tiles(features, config)])
+    pixels = features["pixel_values"]
+    return tiled_tower_attention(config, [pixels.shape[1]] * pixels.shape[0])
 
 
 def llava_num_tiles(features, config) -> int:

@@ -11,14 +11,18 @@ from benchmarks.load import e2e_table as table
 from benchmarks.load.serving_phases import (PhaseResults, Plan, decode_rate, full_batch_steps,
                                             median_run)
 from benchmarks.offline.hf_baseline import PromptShape, TransformersResults
-from benchmarks.offline.roofline import DeviceRates, ModelCost, Roofline
+from benchmarks.offline.roofline import AttentionSegments, DeviceRates, ModelCost, Roofline
 
 # A 7B-like model: 14 GB of decoder weights, 57,344 KV bytes per token
-# (Qwen2-7B's 2 x 28 layers x 4 heads x 128 x 2 bytes), on 3 TB/s and 800 TFLOP/s.
+# (Qwen2-7B's 2 x 28 layers x 4 heads x 128 x 2 bytes), Qwen2-VL's attention
+# widths (a 1280-wide tower; 28 layers x 3584 in the decoder), on 3 TB/s and
+# 800 TFLOP/s; its tower's 1564 rows attend together in 32 layers.
 COST = ModelCost(decoder_bytes=14e9, decoder_matmul_params=6.5e9, lm_head_params=0.5e9,
-                 vision_bytes=1.3e9, vision_matmul_params=0.6e9, kv_bytes_per_token=57344)
+                 vision_bytes=1.3e9, vision_matmul_params=0.6e9, kv_bytes_per_token=57344,
+                 tower_attention_width=1280, prompt_attention_width=28 * 3584)
 ROOFLINE = Roofline(COST, DeviceRates(copy_bytes_per_s=3e12, matmul_flops_per_s=8e14))
-SHAPE = PromptShape(num_prompt_tokens=411, num_tower_tokens=1564)
+TOWER = (AttentionSegments(num_layers=32, rows=(1564,)),)
+SHAPE = PromptShape(num_prompt_tokens=411, num_tower_tokens=1564, tower_attention=TOWER)
 PLAN = Plan(num_ttft=8, decode_tokens=128, num_requests=256, concurrency=64, output_tokens=128,
             step_concurrency=64, step_context=3072, step_output_tokens=256)
 
@@ -29,16 +33,19 @@ def test_the_floors_by_hand():
     assert ROOFLINE.decode_step_s(64, 3000) == pytest.approx(8.337e-3, rel=1e-3)
     # batch 1 at 475 tokens of context
     assert ROOFLINE.decode_tokens_per_s(475) == pytest.approx(3e12 / (14e9 + 475 * 57344))
-    # TTFT: FLOPs bound, 2 x (6.5e9 x 411 + 0.5e9 + 0.6e9 x 1564) / 8e14 = 9.026 ms
-    # (the weights, 15.3 GB, take 5.1 ms)
-    assert ROOFLINE.ttft_s(411, 1564) == pytest.approx(9.026e-3, rel=1e-3)
-    # 256 requests @ 64: 256 prefills (2.311 s of FLOPs) + 4 waves x 127 steps of
-    # 64 x (411 + 64) context (5.248 ms each) = 4.977 s for 256 x 128 tokens
-    assert ROOFLINE.throughput_tokens_per_s(256, 64, 411, 1564, 128) == pytest.approx(
-        256 * 128 / (256 * 7.2208e12 / 8e14 + 4 * 127 * (14e9 + 64 * 475 * 57344) / 3e12),
-        rel=1e-4)
-    assert ROOFLINE.throughput_tokens_per_s(256, 64, 411, 1564, 128) == pytest.approx(
-        6584, rel=1e-3)
+    # TTFT: FLOPs bound (the weights, 15.3 GB, take 5.1 ms): linear layers
+    # 2 x (6.5e9 x 411 + 0.5e9 + 0.6e9 x 1564) = 7.2208e12, the tower's attention
+    # 4 x 1564^2 x 1280 x 32 = 4.0077e11, the prompt's causal half square
+    # 2 x 411^2 x 28 x 3584 = 3.390e10: 7.6555e12 / 8e14 = 9.569 ms
+    flops = 7.2208e12 + 4 * 1564 ** 2 * 1280 * 32 + 2 * 411 ** 2 * 28 * 3584
+    assert ROOFLINE.prefill_flops(411, 1564, tower_attention=TOWER) == pytest.approx(flops)
+    assert ROOFLINE.ttft_s(411, 1564, tower_attention=TOWER) == pytest.approx(9.569e-3, rel=1e-3)
+    # 256 requests @ 64: 256 prefills (2.450 s of FLOPs) + 4 waves x 127 steps of
+    # 64 x (411 + 64) context (5.248 ms each) = 5.116 s for 256 x 128 tokens
+    throughput = ROOFLINE.throughput_tokens_per_s(256, 64, 411, 1564, 128, tower_attention=TOWER)
+    assert throughput == pytest.approx(
+        256 * 128 / (256 * flops / 8e14 + 4 * 127 * (14e9 + 64 * 475 * 57344) / 3e12), rel=1e-4)
+    assert throughput == pytest.approx(6405, rel=1e-3)
 
 
 def measured(batch_32_tokens_per_s: float = 250.0, **ours) -> table.Measured:
@@ -62,7 +69,7 @@ def test_batch_1_decode_needs_85_percent_of_its_floor(fraction, met):
 
 @pytest.mark.parametrize("over_floor, met", [(1.49, True), (1.51, False)])
 def test_ttft_within_one_and_a_half_floors(over_floor, met):
-    floor = ROOFLINE.ttft_s(411, 1564)
+    floor = ROOFLINE.ttft_s(411, 1564, tower_attention=TOWER)
     row = table.ttft_row(measured(ttft_s=[over_floor * floor] * 3))
     assert row.is_met is met and row.of_floor == pytest.approx(1 / over_floor)
     assert row.vs_transformers == pytest.approx(0.05 / (over_floor * floor))
@@ -82,7 +89,8 @@ def test_the_64_x_3k_step_needs_70_percent_of_its_floor(fraction, met):
     (0.76, 12.5, True), (0.76, 11.0, False), (0.74, 20.0, False)])
 def test_256_at_64_needs_75_percent_and_12x_transformers(fraction, vs_theirs, met):
     """Against transformers' best batch: 32 here (64 ran out of memory)."""
-    rate = fraction * ROOFLINE.throughput_tokens_per_s(256, 64, 411, 1564, 128)
+    rate = fraction * ROOFLINE.throughput_tokens_per_s(256, 64, 411, 1564, 128,
+                                                       tower_attention=TOWER)
     row = table.throughput_row(measured(rate / vs_theirs, num_requests=256, num_ok=256,
                                         output_tokens=256 * 128, wall_s=256 * 128 / rate))
     assert row.is_met is met and "best batch 32" in row.metric
