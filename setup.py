@@ -53,6 +53,8 @@ def extension():
         "-lineinfo",
         "--expt-relaxed-constexpr",
     ] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs()]
+    if "90a" in cuda_archs():  # the wgmma kernels exist (csrc/kernels/cuda/wgmma.cuh)
+        nvcc_flags.append("-DPYVLM_HAS_SM90A")
     return cpp_extension.CUDAExtension(
         "pyvlm._C",
         cpp + sources("csrc/cuda/*.cu"),

@@ -4,7 +4,11 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
 
+#include "../kernels/cuda/attention_sm90.cuh"
 #include "../kernels/cuda/prefill.cuh"
 #include "../validate/prefill.h"
 #include "dispatch.cuh"
@@ -90,6 +94,42 @@ void paged_attention_prefill_cuda(at::Tensor& out, const at::Tensor& query,
   PYVLM_CHECK_LAUNCH("paged_attention_prefill");
 }
 
+// Whether varlen_attention may run the wgmma kernel (attention_sm90.cuh) on
+// an sm_90 device: the build has sm_90a code (PYVLM_HAS_SM90A, set by
+// setup.py) and PYVLM_SM90_ATTENTION is not 0 (read once; 0 keeps the
+// mma.sync kernel, for A/B runs).
+bool sm90_attention_allowed() {
+#ifdef PYVLM_HAS_SM90A
+  static const bool allowed = [] {
+    const char* value = std::getenv("PYVLM_SM90_ATTENTION");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+  }();
+  return allowed;
+#else
+  return false;
+#endif
+}
+
+// Launches the wgmma kernel when it takes the call; false leaves it to the
+// mma.sync kernel.
+template <typename T>
+bool launch_sm90_varlen(const cuda::AttentionParams<T>& p, int64_t max_seqlen_q,
+                        cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, float>) {
+    return false;
+  } else {
+    if (!sm90_attention_allowed()) return false;
+    int device = 0, major = 0, minor = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+      return false;
+    if (!cuda::sm90::takes(p, major, minor)) return false;
+    cuda::sm90::launch_varlen_attention<T>(p, max_seqlen_q, stream);
+    return true;
+  }
+}
+
 void varlen_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::Tensor& key,
                            const at::Tensor& value, const at::Tensor& cu_seqlens_q,
                            const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
@@ -111,7 +151,8 @@ void varlen_attention_cuda(at::Tensor& out, const at::Tensor& query, const at::T
     p.total_k = key.size(0);
     p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
     p.vec_ok = rows_aligned16(query) && rows_aligned16(key) && rows_aligned16(value);
-    cuda::launch_attention<scalar_t, false>(p, max_seqlen_q, stream);
+    if (!launch_sm90_varlen(p, max_seqlen_q, stream))
+      cuda::launch_attention<scalar_t, false>(p, max_seqlen_q, stream);
   });
   PYVLM_CHECK_LAUNCH("varlen_attention");
 }

@@ -21,7 +21,11 @@ backends"), where a caller says equal_lengths. cuDNN may refuse a shape
 finds out, and a refusal sends that kind back to FlashAttention for good.
 
 PYVLM_PACKED_ATTENTION=pyvlm forces pyvlm's kernels, =flash FlashAttention
-without cuDNN (for A/B runs).
+without cuDNN (for A/B runs), =wgmma the towers' non-causal attention on
+pyvlm's op where it runs its Hopper kernel (an sm_90 device: wgmma from
+shared memory, csrc/kernels/cuda/attention_sm90.cuh) and everything else
+as by default. wgmma is opt-in until the device benchmarks put it ahead of
+cuDNN at the towers' head size of 80.
 """
 
 import importlib.util
@@ -74,6 +78,33 @@ def takes_torch_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
             and value.shape[1] == num_kv_heads and num_heads % num_kv_heads == 0
             and query.shape[0] > 0 and key.shape[0] > 0
             and all(t.stride(-1) == 1 for t in (query, key, value)))
+
+
+_WGMMA_MAX_HEAD_DIM = 128
+_capabilities: Dict[int, Tuple[int, int]] = {}
+
+
+def takes_pyvlm_wgmma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether PYVLM_PACKED_ATTENTION=wgmma sends these inputs to pyvlm's
+    op, and the op runs them on its sm_90 wgmma kernel: CUDA on an sm_90
+    device, 16-bit, a head size that is a multiple of 8 up to 128, unit-stride
+    rows that start 16-byte aligned (the op's other conditions)."""
+    if _FORCED != "wgmma" or not query.is_cuda:
+        return False
+    head_dim = query.shape[-1]
+    if not (query.dtype in _FLASH_DTYPES and key.dtype == value.dtype == query.dtype
+            and head_dim % 8 == 0 and head_dim <= _WGMMA_MAX_HEAD_DIM
+            and key.shape[-1] == value.shape[-1] == head_dim
+            and query.shape[1] % key.shape[1] == 0 and key.shape[1] == value.shape[1]):
+        return False
+    vec = 16 // query.element_size()
+    if not all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % vec == 0
+               and t.stride(1) % vec == 0 for t in (query, key, value)):
+        return False
+    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index] == (9, 0)
 
 
 # The ATen op under scaled_dot_product_attention's cuDNN backend, called
@@ -147,6 +178,9 @@ def packed_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     [total_q, heads, head_dim]), by cuDNN or torch's FlashAttention where
     they apply. equal_lengths: the caller knows every segment is
     max_seqlen_q == max_seqlen_k rows long (a dense batch for cuDNN)."""
+    if takes_pyvlm_wgmma(query, key, value):
+        return ops.varlen_attention(query, key, value, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                    max_seqlen_k, scale)
     if (equal_lengths and max_seqlen_q == max_seqlen_k and query.shape[0] == key.shape[0]
             and query.shape[0] % max(max_seqlen_q, 1) == 0 and takes_cudnn(query, key, value)):
         out = _cudnn_dense(query, key, value, max_seqlen_q, scale)

@@ -80,6 +80,31 @@ def test_cpu_never_takes_cudnn_and_unequal_lengths_stay_varlen():
                                packed.packed_attention(*case), rtol=0, atol=0)
 
 
+def test_wgmma_mode_is_opt_in_and_needs_cuda(monkeypatch):
+    case = fused_case([5, 40], 4, 80, torch.bfloat16, "cpu")
+    assert not packed.takes_pyvlm_wgmma(*case[:3])  # not asked for
+    monkeypatch.setattr(packed, "_FORCED", "wgmma")
+    assert not packed.takes_pyvlm_wgmma(*case[:3])  # asked for, but CPU tensors
+    check(case, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("rows", [IMAGE_ROWS, [6432], [577] * 4])
+@pytest.mark.parametrize("head_dim", [64, 72, 80])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_wgmma_mode_matches_reference(monkeypatch, rows, head_dim, dtype):
+    """PYVLM_PACKED_ATTENTION=wgmma: the towers' calls go to pyvlm's op on an
+    sm_90 card (its wgmma kernel), unequal and equal lengths alike."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("pyvlm's wgmma kernel needs an sm_90 card (H100, H200)")
+    monkeypatch.setattr(packed, "_FORCED", "wgmma")
+    case = fused_case(rows, 16, head_dim, dtype, "cuda")
+    assert packed.takes_pyvlm_wgmma(*case[:3])
+    check(case, dtype)
+    out = packed.packed_attention(*case, equal_lengths=len(set(rows)) == 1)
+    assert_close(out, reference.varlen_attention(*as_double(case)), dtype)
+
+
 @pytest.mark.cuda
 def test_cuda_float32_runs_pyvlm_kernel():
     case = fused_case(IMAGE_ROWS, 16, 80, torch.float32, "cuda")

@@ -58,15 +58,17 @@ def assert_checked_again(calls, error, *texts):
 '''
 
 
-def run_cuda_child(script: str) -> subprocess.CompletedProcess:
+def run_cuda_child(script: str, **env_vars: str) -> subprocess.CompletedProcess:
     """Runs script in a fresh Python that imports this checkout's pyvlm, for
     kernels fed bad indices on purpose: a fault there cannot poison this
     process's CUDA context, and CUDA_LAUNCH_BLOCKING reports it at its launch.
     The child starts with index checks on (PYVLM_CHECK_INDICES unset), and
-    CHILD_PRELUDE's assert_checked_again defined."""
+    CHILD_PRELUDE's assert_checked_again defined; env_vars are set in its
+    environment (e.g. a kernel choice read when the extension loads)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(pyvlm.__file__)))
     env = {k: v for k, v in os.environ.items() if k != "PYVLM_CHECK_INDICES"}
     env["CUDA_LAUNCH_BLOCKING"] = "1"
+    env.update(env_vars)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return subprocess.run([sys.executable, "-c", CHILD_PRELUDE + script], env=env,
                           capture_output=True,

@@ -332,6 +332,40 @@ def test_cuda_vision_varlen_matches_cpu_and_reference(dtype):
     assert_close(gpu, cpu.double(), dtype)
 
 
+# Both CUDA kernels of varlen_attention on a Hopper card: the wgmma one the
+# op runs there by default (csrc/kernels/cuda/attention_sm90.cuh) and the
+# mma.sync one PYVLM_SM90_ATTENTION=0 keeps; each child checks against the
+# float64 reference. Elsewhere both children run the mma.sync kernel.
+KERNEL_CHOICE_SCRIPT = """
+import torch
+from pyvlm import ops
+from pyvlm.ops import reference
+from tests.ops.test_prefill import as_double, varlen_case
+from tests.ops.conftest import assert_close, poisoned
+cases = [
+    ([6432], [6432], (16, 16), 80, True),              # one Llama-3.2-Vision image, 4 tiles
+    ([577] * 5, [577] * 5, (16, 16), 64, True),        # CLIP tiles
+    ([729, 729], [729, 729], (16, 16), 72, False),     # SigLIP crops (head size padded to 80)
+    ([1, 17, 130, 255, 300], [3, 140, 17, 0, 300], (8, 2), 128, False),  # ragged, GQA, no keys
+    ([300, 64], [300, 64], (4, 4), 40, False),         # a head size under 64
+]
+for dtype in (torch.bfloat16, torch.float16):
+    for q_lens, k_lens, heads, head_dim, fused in cases:
+        case = varlen_case(q_lens, k_lens, heads, head_dim, dtype, "cuda", fused=fused)
+        out = poisoned(*case["query"].shape, dtype=dtype, device="cuda")
+        ops.varlen_attention(**case, out=out)
+        assert_close(out, reference.varlen_attention(**as_double(case)), dtype)
+print("ok")
+"""
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("sm90_attention", ["1", "0"])
+def test_cuda_varlen_kernels_match_reference(sm90_attention):
+    result = run_cuda_child(KERNEL_CHOICE_SCRIPT, PYVLM_SM90_ATTENTION=sm90_attention)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
 @pytest.mark.cuda
 def test_cuda_unaligned_views_use_scalar_loads():
     # A query view starting 8 bytes into its storage: no 16-byte cp.async.
