@@ -31,6 +31,11 @@
 # the slowest 16 with their place in the run; $STEPS_FLAGS adds server flags), then
 # profile_decode.py --throughput 128 (kernels by time; per step kind the device time's
 # p50/p90/p99/max and the slowest steps by device time), one MODEL each, ~1.5 min for a 7B.
+# tower: benchmarks/kernels/run_tower_attention_sweep.sh (no build needed, ~10 s to compile): the
+# wgmma probes, then the sm_90a varlen attention kernel against an fp32 reference and timed next to
+# the mma.sync kernel on the towers' shapes. tower-test, after `build`: the varlen and packed
+# attention CUDA tests (both kernels against float64), then bench_kernels' prefill group (the op,
+# on sm_90 the wgmma kernel, against FlashAttention and cuDNN in the same run).
 # beside: bench_tower_beside_steps.py, after `build` (the extension makes the green contexts): a
 # decode-like step while a tower-like call runs after it, beside it on a lower-priority stream, or
 # on a green context of N SMs.
@@ -134,7 +139,19 @@ case "${1:-}" in
       > "$OUT/sweep_dirty.md" 2>&1
     grep -E "flushed|default plan" "$OUT/sweep_dirty.md"
     ;;
+  tower)
+    SWEEP_BIN=/tmp/tower_attention_sweep timeout ${SWEEP_TIMEOUT:-150} \
+      bash benchmarks/kernels/run_tower_attention_sweep.sh > "$OUT/tower_sweep.md" 2>&1
+    grep -E "^\||device|probes|checks" "$OUT/tower_sweep.md" | grep -v "^|---"
+    ;;
+  tower-test)
+    timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rf \
+      tests/ops/test_prefill.py tests/layers/test_packed_attention.py 2>&1 \
+      | tee "$OUT/pytest_tower.log" | tail -15
+    timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kernels.py --device cuda --only prefill \
+      2>&1 | tee "$OUT/bench_prefill.md" | grep -E "varlen|TFLOP" | tail -20
+    ;;
   *) echo "usage: $0 build|build-test|bench|soak|build-soak [seconds]" \
-       "| latency|build-latency|e2e|steps [MODEL...] | beside | sweep"
+       "| latency|build-latency|e2e|steps [MODEL...] | beside | sweep | tower | tower-test"
      exit 2 ;;
 esac
