@@ -356,6 +356,10 @@ bool run_case(const Case& c, std::mt19937& rng) {
       [&] { pc::launch_attention<bf16, false>(p, max_len, nullptr); });
   row("sm90 BN=64", [&] { sm90::launch_varlen_attention<bf16, 64>(p, max_len, nullptr); });
   row("sm90 BN=128", [&] { sm90::launch_varlen_attention<bf16, 128>(p, max_len, nullptr); });
+  row("sm90 BN=64 overlap",
+      [&] { sm90::launch_varlen_attention<bf16, 64, true>(p, max_len, nullptr); });
+  row("sm90 BN=128 overlap",
+      [&] { sm90::launch_varlen_attention<bf16, 128, true>(p, max_len, nullptr); });
   cudaFree(dq), cudaFree(dcu), cudaFree(dout), cudaFree(dref);
   if (!c.packed_qkv) cudaFree(dk), cudaFree(dv);
   return all_ok;
