@@ -42,6 +42,10 @@
 # sweep: benchmarks/kernels/run_paged_decode_sweep.sh (no build needed, ~40 s to compile, well
 # under a minute a run) twice: the L2 flushed by a read (the sweep's way since 2026-12-08), then by
 # a write (SWEEP_DIRTY_FLUSH=1, the way of the earlier tables), for the A/B of the flush itself.
+# first: the next session's first call under one deadline: tower, build, tower-test, beside, the
+# decode sweep (read flush), the green-context stream tests. ab, after `build`: 256 @ 64 and TTFT
+# through the server for Llama-3.2-Vision (towers on cuDNN, then on the wgmma kernel) and
+# Qwen2-VL-7B (defaults, then the tower on a green context of $SMS SMs, default 32).
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -151,7 +155,50 @@ case "${1:-}" in
     timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kernels.py --device cuda --only prefill \
       2>&1 | tee "$OUT/bench_prefill.md" | grep -E "varlen|TFLOP" | tail -20
     ;;
+  first)
+    # The next device session's first call, phase by phase under one deadline ($DEADLINE s,
+    # default 570): each phase runs only while the time left covers it.
+    start=$(date +%s)
+    left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - start) )); }
+    SWEEP_TIMEOUT=90 bash "$0" tower
+    echo "tower sweep done at $(( $(date +%s) - start )) s"
+    ls pyvlm/_C.cpython-*.so > /dev/null 2>&1 || bash "$0" build || exit 1
+    echo "build done at $(( $(date +%s) - start )) s"
+    t=$(left); [ "$t" -gt 100 ] && TEST_TIMEOUT=$(( t < 200 ? t - 60 : 140 )) BENCH_TIMEOUT=80 \
+      bash "$0" tower-test
+    t=$(left); [ "$t" -gt 90 ] && BESIDE_TIMEOUT=80 bash "$0" beside
+    t=$(left); [ "$t" -gt 80 ] && SWEEP_BIN=/tmp/paged_decode_sweep timeout $(( t - 5 )) \
+      bash benchmarks/kernels/run_paged_decode_sweep.sh > "$OUT/sweep_read.md" 2>&1
+    grep -E "device|flushed|default plan" "$OUT/sweep_read.md" 2>/dev/null
+    t=$(left); [ "$t" -gt 60 ] && timeout $(( t - 5 )) python3 -m pytest -m cuda -q \
+      -p no:cacheprovider -rfs tests/ops/test_streams.py tests/runner/test_encode_ahead_cuda.py \
+      2>&1 | tail -8
+    echo "first: done at $(( $(date +%s) - start )) s"
+    ;;
+  ab)
+    # The A/Bs through the server, after `build` (256 @ 64 and TTFT, pyvlm only): Llama-3.2-Vision's
+    # towers on cuDNN (default) and on pyvlm's wgmma kernel (PYVLM_PACKED_ATTENTION=wgmma), then
+    # Qwen2-VL-7B by default and with its tower on a green context of $SMS SMs beside the steps.
+    start=$(date +%s)
+    left() { echo $(( ${DEADLINE:-570} - ($(date +%s) - start) )); }
+    run_ab() {  # NAME MODEL PACKED_ATTENTION SERVER_ARGS
+      local t; t=$(left)
+      [ "$t" -lt 100 ] && { echo "skip $1: $t s left"; return; }
+      PYVLM_PACKED_ATTENTION=$3 timeout $(( t < 200 ? t - 5 : 195 )) python3 \
+        benchmarks/bench_e2e_gpu.py --model "$2" --device cuda --photos .device_photos \
+        --skip transformers,step,decode --num-ttft 8 --server-args="$4" \
+        --json-out "$OUT/ab_$1.json" > "$OUT/ab_$1.log" 2>&1
+      echo "== $1 ($2, PYVLM_PACKED_ATTENTION=$3, args: $4) rc=$?"
+      grep "^|" "$OUT/ab_$1.log" | grep -v -- "---" | tail -6
+    }
+    run_ab llama_cudnn llama-3.2-11b-vision "" ""
+    run_ab llama_wgmma llama-3.2-11b-vision wgmma ""
+    run_ab qwen_defaults qwen2-vl-7b "" ""
+    run_ab qwen_sms qwen2-vl-7b "" \
+      "--vision-side-stream --vision-encode-ahead --vision-tower-sms ${SMS:-32}"
+    ;;
   *) echo "usage: $0 build|build-test|bench|soak|build-soak [seconds]" \
-       "| latency|build-latency|e2e|steps [MODEL...] | beside | sweep | tower | tower-test"
+       "| latency|build-latency|e2e|steps [MODEL...] | beside | sweep | tower | tower-test" \
+       "| first | ab"
      exit 2 ;;
 esac
