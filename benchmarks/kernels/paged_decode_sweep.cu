@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "check_cuda.h"
 #include "kernels/cuda/attention.cuh"
 
 namespace {
@@ -41,16 +42,6 @@ constexpr int kTimedRuns = 30;
 constexpr size_t kFlushBytes = size_t(256) << 20;  // several times the L2 of an H100/H200
 constexpr size_t kCopyBytes = size_t(1) << 30;
 constexpr float kMaxAbsError = 2e-2f;  // bf16 output and bf16 probabilities against fp32
-
-#define CHECK_CUDA(call)                                                              \
-  do {                                                                                \
-    const cudaError_t err = (call);                                                   \
-    if (err != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,              \
-                   cudaGetErrorString(err));                                          \
-      std::exit(2);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 struct Case {
   std::string name;

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "check_cuda.h"
 #include "kernels/cuda/attention_sm90.cuh"
 
 namespace {
@@ -31,16 +32,6 @@ namespace wg = pyvlm::cuda::wgmma;
 constexpr int kWarmupRuns = 3;
 constexpr int kTimedRuns = 20;
 constexpr float kMaxAbsError = 2e-2f;  // bf16 output and probabilities against fp32
-
-#define CHECK_CUDA(call)                                                              \
-  do {                                                                                \
-    const cudaError_t err = (call);                                                   \
-    if (err != cudaSuccess) {                                                         \
-      std::fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call,              \
-                   cudaGetErrorString(err));                                          \
-      std::exit(2);                                                                   \
-    }                                                                                 \
-  } while (0)
 
 float bf16_round(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
@@ -65,6 +56,10 @@ T* to_device(const std::vector<T>& host) {
 
 // ---- probes -----------------------------------------------------------------
 
+// Row and column of a thread's accumulator value i (wgmma.cuh's layout).
+__device__ int fragment_row(int i) { return threadIdx.x / 32 * 16 + threadIdx.x % 32 / 4 + 8 * ((i / 2) % 2); }
+__device__ int fragment_col(int i) { return 8 * (i / 4) + 2 * (threadIdx.x % 4) + i % 2; }
+
 // One warpgroup: s (64 x BN) = q (64 x DK) . k (BN x DK)^T through tile_scores,
 // written out by the accumulator layout.
 template <int DK, int BN>
@@ -80,18 +75,16 @@ __global__ void probe_scores_kernel(const bf16* q, const bf16* k, float* s) {
   float acc[BN / 2];
   sm90::tile_scores<bf16, DK, BN>(acc, wg::shared_address(tiles), 0,
                                   wg::shared_address(tiles + 64 * DK * 2));
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int i = 0; i < BN / 2; ++i) {
-    const int row = warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
-    const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-    s[row * BN + col] = acc[i];
-  }
+  for (int i = 0; i < BN / 2; ++i) s[fragment_row(i) * BN + fragment_col(i)] = acc[i];
 #endif
 }
 
 // One warpgroup: o (64 x DK) = p (64 x BN, given in fp32, rounded to bf16 in
-// registers) . v (BN x DK) through add_tile_values.
-template <int DK, int BN>
+// registers) . v (BN x DK) through add_tile_values; kSwappedOffsets reads V
+// with its descriptor's leading and stride offsets swapped instead: if the
+// probe fails and this form passes, wgmma::n_major has them the wrong way
+// round for this device.
+template <int DK, int BN, bool kSwappedOffsets>
 __global__ void probe_values_kernel(const float* p, const bf16* v, float* o) {
 #if PYVLM_WGMMA
   __shared__ __align__(128) unsigned char tile[BN * DK * 2];
@@ -100,58 +93,24 @@ __global__ void probe_values_kernel(const float* p, const bf16* v, float* o) {
   pc::cp_async_wait<0>();
   wg::fence_shared_for_async();
   __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float probs[BN / 2], acc[DK / 2];
-  for (int i = 0; i < BN / 2; ++i) {
-    const int row = warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
-    const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-    probs[i] = p[row * BN + col];
-  }
+  for (int i = 0; i < BN / 2; ++i) probs[i] = p[fragment_row(i) * BN + fragment_col(i)];
   for (int i = 0; i < DK / 2; ++i) acc[i] = 0.f;
-  sm90::add_tile_values<bf16, DK, BN>(acc, probs, wg::shared_address(tile));
-  for (int i = 0; i < DK / 2; ++i) {
-    const int row = warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
-    const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-    o[row * DK + col] = acc[i];
+  const uint32_t address = wg::shared_address(tile);
+  if constexpr (!kSwappedOffsets) {
+    sm90::add_tile_values<bf16, DK, BN>(acc, probs, address);
+  } else {
+    uint32_t a[BN / 16][4];
+    sm90::probabilities_as_a<bf16, BN>(probs, a);
+    wg::fence();
+    for (int kk = 0; kk < BN / 16; ++kk)
+      wg::wgmma_rs_bt<DK, bf16>(
+          acc, a[kk], wg::descriptor(address + 2 * kk * (DK / 8) * 128, 128, (DK / 8) * 128), 1);
+    wg::commit();
+    wg::wait<0>();
+    wg::pin(acc);
   }
-#endif
-}
-
-// probe_values with V's descriptor offsets swapped (leading <-> stride): if
-// the probe fails and this passes, wgmma::n_major has them the wrong way
-// round for this device.
-template <int DK, int BN>
-__global__ void probe_values_swapped_kernel(const float* p, const bf16* v, float* o) {
-#if PYVLM_WGMMA
-  __shared__ __align__(128) unsigned char tile[BN * DK * 2];
-  sm90::load_tile<bf16, BN, DK, 128>(tile, v, 0, DK, 0, BN, DK / 8);
-  pc::cp_async_commit();
-  pc::cp_async_wait<0>();
-  wg::fence_shared_for_async();
-  __syncthreads();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float probs[BN / 2], acc[DK / 2];
-  for (int i = 0; i < BN / 2; ++i) {
-    const int row = warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
-    const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-    probs[i] = p[row * BN + col];
-  }
-  for (int i = 0; i < DK / 2; ++i) acc[i] = 0.f;
-  uint32_t a[BN / 16][4];
-  for (int kk = 0; kk < BN / 16; ++kk) wg::accumulator_as_a<bf16>(probs, kk, a[kk]);
-  wg::fence();
-  for (int kk = 0; kk < BN / 16; ++kk)
-    wg::wgmma_rs_bt<DK, bf16>(
-        acc, a[kk], wg::descriptor(wg::shared_address(tile) + 2 * kk * (DK / 8) * 128, 128,
-                                   (DK / 8) * 128), 1);
-  wg::commit();
-  wg::wait<0>();
-  wg::pin(acc);
-  for (int i = 0; i < DK / 2; ++i) {
-    const int row = warp * 16 + lane / 4 + 8 * ((i / 2) % 2);
-    const int col = 8 * (i / 4) + 2 * (lane % 4) + i % 2;
-    o[row * DK + col] = acc[i];
-  }
+  for (int i = 0; i < DK / 2; ++i) o[fragment_row(i) * DK + fragment_col(i)] = acc[i];
 #endif
 }
 
@@ -193,14 +152,14 @@ bool probe(std::mt19937& rng) {
   CHECK_CUDA(cudaMemset(ds, 0xff, s_want.size() * 4));  // NaN until written
   CHECK_CUDA(cudaMemset(dout, 0xff, o_want.size() * 4));
   probe_scores_kernel<DK, BN><<<1, 128>>>(dq, dk, ds);
-  probe_values_kernel<DK, BN><<<1, 128>>>(dp, dv, dout);
+  probe_values_kernel<DK, BN, false><<<1, 128>>>(dp, dv, dout);
   CHECK_CUDA(cudaDeviceSynchronize());
   std::vector<float> s_got(s_want.size()), o_got(o_want.size());
   CHECK_CUDA(cudaMemcpy(s_got.data(), ds, s_got.size() * 4, cudaMemcpyDeviceToHost));
   CHECK_CUDA(cudaMemcpy(o_got.data(), dout, o_got.size() * 4, cudaMemcpyDeviceToHost));
   const float es = max_error(s_got, s_want), eo = max_error(o_got, o_want);
   CHECK_CUDA(cudaMemset(dout, 0xff, o_want.size() * 4));
-  probe_values_swapped_kernel<DK, BN><<<1, 128>>>(dp, dv, dout);
+  probe_values_kernel<DK, BN, true><<<1, 128>>>(dp, dv, dout);
   CHECK_CUDA(cudaDeviceSynchronize());
   CHECK_CUDA(cudaMemcpy(o_got.data(), dout, o_got.size() * 4, cudaMemcpyDeviceToHost));
   const float eo_swapped = max_error(o_got, o_want);

@@ -314,7 +314,7 @@ __global__ void __launch_bounds__(kThreads, 1) varlen_attention_kernel(const Att
         const int col = 8 * i + col0;
         if (col < p.head_dim)
           *reinterpret_cast<uint32_t*>(out + col) =
-              wgmma::pack2<T>(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
+              pack2<T>(o[4 * i + 2 * r] * inv, o[4 * i + 2 * r + 1] * inv);
       }
     }
   }

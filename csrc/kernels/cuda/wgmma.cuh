@@ -30,6 +30,8 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace pyvlm {
 namespace cuda {
 namespace wgmma {
@@ -115,19 +117,6 @@ template <int M>
 __device__ __forceinline__ void pin(float (&d)[M]) {
 #pragma unroll
   for (int i = 0; i < M; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <>
-__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-template <>
-__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 v = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // The A operand of k-step kk from an m64nN accumulator (see the header).
