@@ -44,8 +44,9 @@
 # a write (SWEEP_DIRTY_FLUSH=1, the way of the earlier tables), for the A/B of the flush itself.
 # first: the next session's first call under one deadline: tower, build, tower-test, beside, the
 # decode sweep (read flush), the green-context stream tests. ab, after `build`: 256 @ 64 and TTFT
-# through the server for Llama-3.2-Vision (towers on cuDNN, then on the wgmma kernel) and
-# Qwen2-VL-7B (defaults, then the tower on a green context of $SMS SMs, default 32).
+# through the server for Llama-3.2-Vision (towers on cuDNN, then on the wgmma kernel in the form
+# $SM90_FORM names: bn128 by default, or what the tower sweep found fastest) and Qwen2-VL-7B
+# (defaults, then the tower on a green context of $SMS SMs, default 32).
 # .whl/ holds the orjson wheel (the device image lacks it); .device_photos/ the shared photos.
 set -uo pipefail
 OUT=${OUT:-/tmp/pyvlm_gpu_out}
@@ -184,7 +185,8 @@ case "${1:-}" in
     run_ab() {  # NAME MODEL PACKED_ATTENTION SERVER_ARGS
       local t; t=$(left)
       [ "$t" -lt 100 ] && { echo "skip $1: $t s left"; return; }
-      PYVLM_PACKED_ATTENTION=$3 timeout $(( t < 200 ? t - 5 : 195 )) python3 \
+      PYVLM_PACKED_ATTENTION=$3 PYVLM_SM90_ATTENTION=${SM90_FORM:-1} \
+        timeout $(( t < 200 ? t - 5 : 195 )) python3 \
         benchmarks/bench_e2e_gpu.py --model "$2" --device cuda --photos .device_photos \
         --skip transformers,step,decode --num-ttft 8 --server-args="$4" \
         --json-out "$OUT/ab_$1.json" > "$OUT/ab_$1.log" 2>&1

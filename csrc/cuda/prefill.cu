@@ -94,19 +94,32 @@ void paged_attention_prefill_cuda(at::Tensor& out, const at::Tensor& query,
   PYVLM_CHECK_LAUNCH("paged_attention_prefill");
 }
 
-// Whether varlen_attention may run the wgmma kernel (attention_sm90.cuh) on
-// an sm_90 device: the build has sm_90a code (PYVLM_HAS_SM90A, set by
-// setup.py) and PYVLM_SM90_ATTENTION is not 0 (read once; 0 keeps the
-// mma.sync kernel, for A/B runs).
-bool sm90_attention_allowed() {
+// Which form of the wgmma kernel (attention_sm90.cuh) varlen_attention
+// runs on an sm_90 device, from PYVLM_SM90_ATTENTION (read at the first
+// 16-bit call on such a device): unset or 1 the default (key tiles of 128,
+// no overlap), bn64 / bn128 / bn64-overlap / bn128-overlap a form by name
+// (for A/B runs without a rebuild), 0 none (the mma.sync kernel); anything
+// else is an error. A build without sm_90a code (PYVLM_HAS_SM90A, set by
+// setup.py) runs none.
+enum class Sm90Form { kNone, kBn64, kBn128, kBn64Overlap, kBn128Overlap };
+
+Sm90Form sm90_form_from(const char* value) {
+  if (value == nullptr || std::strcmp(value, "1") == 0 || std::strcmp(value, "bn128") == 0)
+    return Sm90Form::kBn128;
+  if (std::strcmp(value, "bn64") == 0) return Sm90Form::kBn64;
+  if (std::strcmp(value, "bn64-overlap") == 0) return Sm90Form::kBn64Overlap;
+  if (std::strcmp(value, "bn128-overlap") == 0) return Sm90Form::kBn128Overlap;
+  TORCH_CHECK_VALUE(std::strcmp(value, "0") == 0, "PYVLM_SM90_ATTENTION must be 0, 1, bn64, ",
+                    "bn128, bn64-overlap or bn128-overlap, got '", value, "'");
+  return Sm90Form::kNone;
+}
+
+Sm90Form sm90_form() {
+  static const Sm90Form form = sm90_form_from(std::getenv("PYVLM_SM90_ATTENTION"));
 #ifdef PYVLM_HAS_SM90A
-  static const bool allowed = [] {
-    const char* value = std::getenv("PYVLM_SM90_ATTENTION");
-    return value == nullptr || std::strcmp(value, "0") != 0;
-  }();
-  return allowed;
+  return form;
 #else
-  return false;
+  return Sm90Form::kNone;
 #endif
 }
 
@@ -118,14 +131,27 @@ bool launch_sm90_varlen(const cuda::AttentionParams<T>& p, int64_t max_seqlen_q,
   if constexpr (std::is_same_v<T, float>) {
     return false;
   } else {
-    if (!sm90_attention_allowed()) return false;
     int device = 0, major = 0, minor = 0;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
-        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
+        major != 9 || minor != 0)
       return false;
-    if (!cuda::sm90::takes(p, major, minor)) return false;
-    cuda::sm90::launch_varlen_attention<T>(p, max_seqlen_q, stream);
+    const Sm90Form form = sm90_form();
+    if (form == Sm90Form::kNone || !cuda::sm90::takes(p, major, minor)) return false;
+    switch (form) {
+      case Sm90Form::kBn64:
+        cuda::sm90::launch_varlen_attention<T, 64, false>(p, max_seqlen_q, stream);
+        break;
+      case Sm90Form::kBn64Overlap:
+        cuda::sm90::launch_varlen_attention<T, 64, true>(p, max_seqlen_q, stream);
+        break;
+      case Sm90Form::kBn128Overlap:
+        cuda::sm90::launch_varlen_attention<T, 128, true>(p, max_seqlen_q, stream);
+        break;
+      default:
+        cuda::sm90::launch_varlen_attention<T, 128, false>(p, max_seqlen_q, stream);
+    }
     return true;
   }
 }

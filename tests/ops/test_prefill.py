@@ -333,9 +333,10 @@ def test_cuda_vision_varlen_matches_cpu_and_reference(dtype):
 
 
 # Both CUDA kernels of varlen_attention on a Hopper card: the wgmma one the
-# op runs there by default (csrc/kernels/cuda/attention_sm90.cuh) and the
-# mma.sync one PYVLM_SM90_ATTENTION=0 keeps; each child checks against the
-# float64 reference. Elsewhere both children run the mma.sync kernel.
+# op runs there by default (csrc/kernels/cuda/attention_sm90.cuh), in each of
+# the forms PYVLM_SM90_ATTENTION names, and the mma.sync one
+# PYVLM_SM90_ATTENTION=0 keeps; each child checks against the float64
+# reference. Elsewhere every child runs the mma.sync kernel.
 KERNEL_CHOICE_SCRIPT = """
 import torch
 from pyvlm import ops
@@ -360,10 +361,20 @@ print("ok")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("sm90_attention", ["1", "0"])
+@pytest.mark.parametrize("sm90_attention", ["1", "bn64", "bn64-overlap", "bn128-overlap", "0"])
 def test_cuda_varlen_kernels_match_reference(sm90_attention):
     result = run_cuda_child(KERNEL_CHOICE_SCRIPT, PYVLM_SM90_ATTENTION=sm90_attention)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.cuda
+def test_cuda_unknown_sm90_form_is_a_clear_error():
+    """Read at the first 16-bit call on an sm_90 device; elsewhere unused."""
+    result = run_cuda_child(KERNEL_CHOICE_SCRIPT, PYVLM_SM90_ATTENTION="bn32")
+    if torch.cuda.get_device_capability() != (9, 0):
+        assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+        return
+    assert result.returncode != 0 and "PYVLM_SM90_ATTENTION must be" in result.stderr
 
 
 @pytest.mark.cuda
