@@ -34,8 +34,8 @@
 # tower: benchmarks/kernels/run_tower_attention_sweep.sh (no build needed, ~10 s to compile): the
 # wgmma probes, then the sm_90a varlen attention kernel against an fp32 reference and timed next to
 # the mma.sync kernel on the towers' shapes. tower-test, after `build`: the varlen and packed
-# attention CUDA tests (both kernels against float64), then bench_kernels' prefill group (the op,
-# on sm_90 the wgmma kernel, against FlashAttention and cuDNN in the same run).
+# attention CUDA tests (both kernels, every wgmma form, against float64), then bench_kernels'
+# prefill group (the op on the wgmma kernel, form $SM90_FORM, against FlashAttention and cuDNN).
 # beside: bench_tower_beside_steps.py, after `build` (the extension makes the green contexts): a
 # decode-like step while a tower-like call runs after it, beside it on a lower-priority stream, or
 # on a green context of N SMs.
@@ -153,7 +153,8 @@ case "${1:-}" in
     timeout ${TEST_TIMEOUT:-300} python3 -m pytest -m cuda -q -p no:cacheprovider -rf \
       tests/ops/test_prefill.py tests/layers/test_packed_attention.py 2>&1 \
       | tee "$OUT/pytest_tower.log" | tail -15
-    timeout ${BENCH_TIMEOUT:-150} python3 benchmarks/bench_kernels.py --device cuda --only prefill \
+    PYVLM_SM90_ATTENTION=${SM90_FORM:-1} timeout ${BENCH_TIMEOUT:-150} \
+      python3 benchmarks/bench_kernels.py --device cuda --only prefill \
       2>&1 | tee "$OUT/bench_prefill.md" | grep -E "varlen|TFLOP" | tail -20
     ;;
   first)

@@ -168,7 +168,8 @@ def _varlen_case(images, tokens, heads, head_dim, device, dtype):
                 q, k, v, cu, cu, tokens, tokens, scale, equal_lengths=True), device)
             rows.append(Row("packed_attention equal lengths (cuDNN)", case, device, dense,
                             "torch varlen_attn (flash)", flash, nbytes))
-            # pyvlm's op (on sm_90 its wgmma kernel) against the towers' default.
+            # pyvlm's op (its wgmma kernel where PYVLM_SM90_ATTENTION turns it on) against
+            # the towers' default.
             rows.append(Row("varlen_attention", case, device, ours,
                             "packed_attention equal lengths (cuDNN)", dense, nbytes))
     flops = 4 * images * tokens * tokens * heads * head_dim

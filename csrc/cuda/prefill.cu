@@ -96,22 +96,23 @@ void paged_attention_prefill_cuda(at::Tensor& out, const at::Tensor& query,
 
 // Which form of the wgmma kernel (attention_sm90.cuh) varlen_attention
 // runs on an sm_90 device, from PYVLM_SM90_ATTENTION (read at the first
-// 16-bit call on such a device): unset or 1 the default (key tiles of 128,
-// no overlap), bn64 / bn128 / bn64-overlap / bn128-overlap a form by name
-// (for A/B runs without a rebuild), 0 none (the mma.sync kernel); anything
-// else is an error. A build without sm_90a code (PYVLM_HAS_SM90A, set by
-// setup.py) runs none.
+// 16-bit call on such a device): unset or 0 none (the mma.sync kernel: the
+// wgmma one is opt-in until it has run on a GPU), 1 the default form (key
+// tiles of 128, no overlap), bn64 / bn128 / bn64-overlap / bn128-overlap a
+// form by name (for A/B runs without a rebuild); anything else is an
+// error. A build without sm_90a code (PYVLM_HAS_SM90A, set by setup.py)
+// runs none.
 enum class Sm90Form { kNone, kBn64, kBn128, kBn64Overlap, kBn128Overlap };
 
 Sm90Form sm90_form_from(const char* value) {
-  if (value == nullptr || std::strcmp(value, "1") == 0 || std::strcmp(value, "bn128") == 0)
-    return Sm90Form::kBn128;
+  if (value == nullptr || std::strcmp(value, "0") == 0) return Sm90Form::kNone;
+  if (std::strcmp(value, "1") == 0 || std::strcmp(value, "bn128") == 0) return Sm90Form::kBn128;
   if (std::strcmp(value, "bn64") == 0) return Sm90Form::kBn64;
   if (std::strcmp(value, "bn64-overlap") == 0) return Sm90Form::kBn64Overlap;
   if (std::strcmp(value, "bn128-overlap") == 0) return Sm90Form::kBn128Overlap;
-  TORCH_CHECK_VALUE(std::strcmp(value, "0") == 0, "PYVLM_SM90_ATTENTION must be 0, 1, bn64, ",
-                    "bn128, bn64-overlap or bn128-overlap, got '", value, "'");
-  return Sm90Form::kNone;
+  TORCH_CHECK_VALUE(false, "PYVLM_SM90_ATTENTION must be 0, 1, bn64, bn128, bn64-overlap or ",
+                    "bn128-overlap, got '", value, "'");
+  return Sm90Form::kNone;  // not reached: the check throws
 }
 
 Sm90Form sm90_form() {

@@ -24,8 +24,11 @@ PYVLM_PACKED_ATTENTION=pyvlm forces pyvlm's kernels, =flash FlashAttention
 without cuDNN (for A/B runs), =wgmma the towers' non-causal attention on
 pyvlm's op where it runs its Hopper kernel (an sm_90 device: wgmma from
 shared memory, csrc/kernels/cuda/attention_sm90.cuh) and everything else
-as by default. wgmma is opt-in until the device benchmarks put it ahead of
-cuDNN at the towers' head size of 80.
+as by default. =wgmma also turns that kernel on in the op, in the form
+PYVLM_SM90_ATTENTION names (its default form when unset; the op reads the
+variable at its first such call, csrc/README.md). Both are opt-in until the
+device benchmarks put the kernel ahead of cuDNN at the towers' head size
+of 80.
 """
 
 import importlib.util
@@ -37,6 +40,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 _FORCED = os.environ.get("PYVLM_PACKED_ATTENTION", "")
+if _FORCED == "wgmma":  # before the op's first call reads it (this process and its children)
+    os.environ.setdefault("PYVLM_SM90_ATTENTION", "1")
 
 from .. import ops
 

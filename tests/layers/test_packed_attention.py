@@ -3,12 +3,16 @@ reference: pyvlm's kernel on the CPU and for float32, torch's FlashAttention
 for 16-bit CUDA inputs where this torch has it, cuDNN for segments of one
 length, on views into a fused QKV projection as the towers pass them."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from pyvlm.layers import packed_attention as packed
 from pyvlm.ops import reference
-from tests.ops.conftest import assert_close
+from tests.ops.conftest import assert_close, run_cuda_child
 
 # Two small images and one of Qwen2-VL's 644x476 photo (1,564 patch rows).
 IMAGE_ROWS = [37, 256, 1564]
@@ -88,21 +92,56 @@ def test_wgmma_mode_is_opt_in_and_needs_cuda(monkeypatch):
     check(case, torch.bfloat16)
 
 
+SM90_FORM_SCRIPT = (
+    "import os, pyvlm.layers.packed_attention\n"
+    "print(os.environ.get('PYVLM_SM90_ATTENTION'))\n")
+
+
+@pytest.mark.parametrize("env, form", [
+    ({"PYVLM_PACKED_ATTENTION": "wgmma"}, "1"),  # the mode turns the op's kernel on
+    ({"PYVLM_PACKED_ATTENTION": "wgmma", "PYVLM_SM90_ATTENTION": "bn64-overlap"}, "bn64-overlap"),
+    ({}, "None"),  # neither asked for: the op keeps its mma.sync kernel
+])
+def test_wgmma_mode_turns_the_ops_kernel_on(env, form):
+    """PYVLM_PACKED_ATTENTION=wgmma sets the op's PYVLM_SM90_ATTENTION when
+    unset, at import, for this process and the engine processes it starts."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("PYVLM_PACKED_ATTENTION", "PYVLM_SM90_ATTENTION")}
+    result = subprocess.run([sys.executable, "-c", SM90_FORM_SCRIPT], env={**base, **env},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [form]
+
+
+WGMMA_MODE_SCRIPT = """
+import torch
+from pyvlm.layers import packed_attention as packed
+from pyvlm.ops import reference
+from tests.layers.test_packed_attention import as_double, fused_case
+from tests.ops.conftest import assert_close
+for rows in ([37, 256, 1564], [6432], [577] * 4):
+    for head_dim in (64, 72, 80):
+        for dtype in (torch.float16, torch.bfloat16):
+            case = fused_case(rows, 16, head_dim, dtype, "cuda")
+            assert packed.takes_pyvlm_wgmma(*case[:3])
+            expected = reference.varlen_attention(*as_double(case))
+            for equal_lengths in {False, len(set(rows)) == 1}:
+                out = packed.packed_attention(*case, equal_lengths=equal_lengths)
+                assert out.shape == case[0].shape and out.dtype == dtype
+                assert_close(out, expected, dtype)
+print("ok")
+"""
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("rows", [IMAGE_ROWS, [6432], [577] * 4])
-@pytest.mark.parametrize("head_dim", [64, 72, 80])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_wgmma_mode_matches_reference(monkeypatch, rows, head_dim, dtype):
-    """PYVLM_PACKED_ATTENTION=wgmma: the towers' calls go to pyvlm's op on an
-    sm_90 card (its wgmma kernel), unequal and equal lengths alike."""
+def test_cuda_wgmma_mode_matches_reference():
+    """PYVLM_PACKED_ATTENTION=wgmma (in a child: the op reads its kernel
+    choice once): the towers' calls go to pyvlm's op and its wgmma kernel
+    on an sm_90 card, unequal and equal lengths alike."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("pyvlm's wgmma kernel needs an sm_90 card (H100, H200)")
-    monkeypatch.setattr(packed, "_FORCED", "wgmma")
-    case = fused_case(rows, 16, head_dim, dtype, "cuda")
-    assert packed.takes_pyvlm_wgmma(*case[:3])
-    check(case, dtype)
-    out = packed.packed_attention(*case, equal_lengths=len(set(rows)) == 1)
-    assert_close(out, reference.varlen_attention(*as_double(case)), dtype)
+    result = run_cuda_child(WGMMA_MODE_SCRIPT, PYVLM_PACKED_ATTENTION="wgmma")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
 
 @pytest.mark.cuda

@@ -332,10 +332,10 @@ def test_cuda_vision_varlen_matches_cpu_and_reference(dtype):
     assert_close(gpu, cpu.double(), dtype)
 
 
-# Both CUDA kernels of varlen_attention on a Hopper card: the wgmma one the
-# op runs there by default (csrc/kernels/cuda/attention_sm90.cuh), in each of
-# the forms PYVLM_SM90_ATTENTION names, and the mma.sync one
-# PYVLM_SM90_ATTENTION=0 keeps; each child checks against the float64
+# Both CUDA kernels of varlen_attention on a Hopper card: the wgmma one
+# (csrc/kernels/cuda/attention_sm90.cuh) in each of the forms
+# PYVLM_SM90_ATTENTION names, and the mma.sync one it keeps when 0 (or
+# unset, as in this process); each child checks against the float64
 # reference. Elsewhere every child runs the mma.sync kernel.
 KERNEL_CHOICE_SCRIPT = """
 import torch
