@@ -166,7 +166,7 @@ case "${1:-}" in
     echo "tower sweep done at $(( $(date +%s) - start )) s"
     ls pyvlm/_C.cpython-*.so > /dev/null 2>&1 || bash "$0" build || exit 1
     echo "build done at $(( $(date +%s) - start )) s"
-    t=$(left); [ "$t" -gt 100 ] && TEST_TIMEOUT=$(( t < 200 ? t - 60 : 140 )) BENCH_TIMEOUT=80 \
+    t=$(left); [ "$t" -gt 100 ] && TEST_TIMEOUT=$(( t < 260 ? t - 60 : 200 )) BENCH_TIMEOUT=80 \
       bash "$0" tower-test
     t=$(left); [ "$t" -gt 90 ] && BESIDE_TIMEOUT=80 bash "$0" beside
     t=$(left); [ "$t" -gt 80 ] && SWEEP_BIN=/tmp/paged_decode_sweep timeout $(( t - 5 )) \
