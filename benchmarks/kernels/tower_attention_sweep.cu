@@ -4,7 +4,8 @@
 // warpgroup from shared-memory tiles; P V with P from the accumulator's
 // registers and V read N-major), so a wrong layout names itself; then every
 // case against a plain fp32 reference kernel, and the time of each form
-// (key tiles of 64 or 128, with or without the overlap) next to pyvlm's
+// (key tiles of 64 or 128, with or without the overlap; key tiles of 64 at
+// two blocks an SM) next to pyvlm's
 // mma.sync kernel (prefill.cuh) on the same inputs: median of kTimedRuns
 // launches, TFLOP/s counting 4 * len^2 * head_dim * heads per segment (QK^T
 // and PV). When a probe fails, the probes run last once more with the
@@ -334,6 +335,8 @@ bool run_case(const Case& c, std::mt19937& rng) {
       [&] { sm90::launch_varlen_attention<bf16, 64, true>(p, max_len, nullptr); });
   row("sm90 BN=128 overlap",
       [&] { sm90::launch_varlen_attention<bf16, 128, true>(p, max_len, nullptr); });
+  row("sm90 BN=64, 2 blocks an SM",
+      [&] { sm90::launch_varlen_attention<bf16, 64, false, 2>(p, max_len, nullptr); });
   cudaFree(dq), cudaFree(dcu), cudaFree(dout), cudaFree(dref);
   if (!c.packed_qkv) cudaFree(dk), cudaFree(dv);
   return all_ok;

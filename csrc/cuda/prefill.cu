@@ -98,11 +98,12 @@ void paged_attention_prefill_cuda(at::Tensor& out, const at::Tensor& query,
 // runs on an sm_90 device, from PYVLM_SM90_ATTENTION (read at the first
 // 16-bit call on such a device): unset or 0 none (the mma.sync kernel: the
 // wgmma one is opt-in until it has run on a GPU), 1 the default form (key
-// tiles of 128, no overlap), bn64 / bn128 / bn64-overlap / bn128-overlap a
-// form by name (for A/B runs without a rebuild); anything else is an
+// tiles of 128, no overlap), bn64 / bn128 / bn64-overlap / bn128-overlap /
+// bn64-x2 (two blocks an SM) a form by name (for A/B runs without a
+// rebuild); anything else is an
 // error. A build without sm_90a code (PYVLM_HAS_SM90A, set by setup.py)
 // runs none.
-enum class Sm90Form { kNone, kBn64, kBn128, kBn64Overlap, kBn128Overlap };
+enum class Sm90Form { kNone, kBn64, kBn128, kBn64Overlap, kBn128Overlap, kBn64TwoBlocks };
 
 Sm90Form sm90_form_from(const char* value) {
   if (value == nullptr || std::strcmp(value, "0") == 0) return Sm90Form::kNone;
@@ -110,8 +111,9 @@ Sm90Form sm90_form_from(const char* value) {
   if (std::strcmp(value, "bn64") == 0) return Sm90Form::kBn64;
   if (std::strcmp(value, "bn64-overlap") == 0) return Sm90Form::kBn64Overlap;
   if (std::strcmp(value, "bn128-overlap") == 0) return Sm90Form::kBn128Overlap;
-  TORCH_CHECK_VALUE(false, "PYVLM_SM90_ATTENTION must be 0, 1, bn64, bn128, bn64-overlap or ",
-                    "bn128-overlap, got '", value, "'");
+  if (std::strcmp(value, "bn64-x2") == 0) return Sm90Form::kBn64TwoBlocks;
+  TORCH_CHECK_VALUE(false, "PYVLM_SM90_ATTENTION must be 0, 1, bn64, bn128, bn64-overlap, ",
+                    "bn128-overlap or bn64-x2, got '", value, "'");
   return Sm90Form::kNone;  // not reached: the check throws
 }
 
@@ -149,6 +151,9 @@ bool launch_sm90_varlen(const cuda::AttentionParams<T>& p, int64_t max_seqlen_q,
         break;
       case Sm90Form::kBn128Overlap:
         cuda::sm90::launch_varlen_attention<T, 128, true>(p, max_seqlen_q, stream);
+        break;
+      case Sm90Form::kBn64TwoBlocks:
+        cuda::sm90::launch_varlen_attention<T, 64, false, 2>(p, max_seqlen_q, stream);
         break;
       default:
         cuda::sm90::launch_varlen_attention<T, 128, false>(p, max_seqlen_q, stream);

@@ -361,7 +361,8 @@ print("ok")
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("sm90_attention", ["1", "bn64", "bn64-overlap", "bn128-overlap", "0"])
+@pytest.mark.parametrize("sm90_attention",
+                         ["1", "bn64", "bn64-overlap", "bn128-overlap", "bn64-x2", "0"])
 def test_cuda_varlen_kernels_match_reference(sm90_attention):
     result = run_cuda_child(KERNEL_CHOICE_SCRIPT, PYVLM_SM90_ATTENTION=sm90_attention)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]

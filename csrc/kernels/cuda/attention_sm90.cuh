@@ -273,8 +273,12 @@ __device__ __forceinline__ void attend_key_tiles(const AttentionParams<T>& p, co
 }
 
 // Grid: (query blocks of kRows, num_heads, sequences); kThreads threads.
-template <typename T, int DK, int BN, bool kOverlap>
-__global__ void __launch_bounds__(kThreads, 1) varlen_attention_kernel(const AttentionParams<T> p) {
+// kBlocksPerSM 2 holds a thread to 128 registers so that two blocks share
+// an SM (with key tiles of 64: 61 KB of shared memory a block at head size
+// 80), one's softmax beside the other's MMAs; 1 leaves ptxas up to 255.
+template <typename T, int DK, int BN, bool kOverlap, int kBlocksPerSM>
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM)
+    varlen_attention_kernel(const AttentionParams<T> p) {
 #if PYVLM_WGMMA
   extern __shared__ __align__(128) unsigned char smem[];
   unsigned char* q_tile = smem;
@@ -333,34 +337,34 @@ bool takes(const AttentionParams<T>& p, int device_major, int device_minor) {
          p.num_heads % p.num_kv_heads == 0;
 }
 
-template <typename T, int DK, int BN, bool kOverlap>
+template <typename T, int DK, int BN, bool kOverlap, int kBlocksPerSM>
 void launch_dk(const AttentionParams<T>& p, int64_t max_seqlen_q, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((max_seqlen_q + kRows - 1) / kRows),
                   static_cast<unsigned>(p.num_heads),
                   static_cast<unsigned>(std::min<int64_t>(p.num_seqs, 65535)));
   constexpr size_t smem = smem_bytes<DK, BN, kOverlap>();
-  auto kernel = varlen_attention_kernel<T, DK, BN, kOverlap>;
+  auto kernel = varlen_attention_kernel<T, DK, BN, kOverlap, kBlocksPerSM>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                        static_cast<int>(smem));
   kernel<<<grid, kThreads, smem, stream>>>(p);
 }
 
 // Launches the kernel for a call that takes() accepts: key tiles of BN,
-// P V overlapped with the next scores or not.
-template <typename T, int BN = 128, bool kOverlap = false>
+// P V overlapped with the next scores or not, kBlocksPerSM blocks an SM.
+template <typename T, int BN = 128, bool kOverlap = false, int kBlocksPerSM = 1>
 void launch_varlen_attention(const AttentionParams<T>& p, int64_t max_seqlen_q,
                              cudaStream_t stream) {
   if (p.num_seqs == 0 || p.total_q == 0 || max_seqlen_q == 0 || p.num_heads == 0) return;
   if constexpr (!std::is_same_v<T, float>) {
     switch (padded_head_dim(p.head_dim)) {
       case 16: case 32: case 48: case 64:
-        return launch_dk<T, 64, BN, kOverlap>(p, max_seqlen_q, stream);
+        return launch_dk<T, 64, BN, kOverlap, kBlocksPerSM>(p, max_seqlen_q, stream);
       case 80:
-        return launch_dk<T, 80, BN, kOverlap>(p, max_seqlen_q, stream);
+        return launch_dk<T, 80, BN, kOverlap, kBlocksPerSM>(p, max_seqlen_q, stream);
       case 96:
-        return launch_dk<T, 96, BN, kOverlap>(p, max_seqlen_q, stream);
+        return launch_dk<T, 96, BN, kOverlap, kBlocksPerSM>(p, max_seqlen_q, stream);
       default:
-        return launch_dk<T, 128, BN, kOverlap>(p, max_seqlen_q, stream);
+        return launch_dk<T, 128, BN, kOverlap, kBlocksPerSM>(p, max_seqlen_q, stream);
     }
   }
 }
