@@ -7,7 +7,8 @@
 // 16-bit values) is stored as 8-row x 8-column core matrices of 128
 // contiguous bytes, core matrix (row / 8, column / 8) at byte
 // ((row / 8) * DK / 8 + column / 8) * 128, each of its rows 16 bytes
-// (tile_byte_offset). In PTX's canonical terms, with T = 8 elements:
+// (attention_sm90.cuh's load_tile fills it in that order). In PTX's
+// canonical terms, with T = 8 elements:
 //   read K-major (as A, or as B not transposed; K = the columns):
 //     ((8,m),(T,2k)):((1T,SBO),(1,LBO)), LBO = 128 B, SBO = DK / 8 * 128 B;
 //   read MN-major (B transposed; K = the rows, N = the columns):
@@ -35,13 +36,6 @@
 namespace pyvlm {
 namespace cuda {
 namespace wgmma {
-
-// Byte offset of the 16-byte chunk `chunk` (columns 8 * chunk ..) of row
-// `row` in a tile of kChunks 16-byte chunks a row.
-template <int kChunks>
-__device__ __forceinline__ int tile_byte_offset(int row, int chunk) {
-  return ((row >> 3) * kChunks + chunk) * 128 + (row & 7) * 16;
-}
 
 // A shared-memory matrix descriptor: start address, leading and stride
 // byte offsets, no swizzle.
