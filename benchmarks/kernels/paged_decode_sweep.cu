@@ -294,6 +294,12 @@ double copy_bandwidth() {
   return 2.0 * kCopyBytes / (median(ms) * 1e-3);
 }
 
+// Whether SWEEP_DIRTY_FLUSH=1 asks for the write flush of the earlier tables.
+bool dirty_flush_requested() {
+  const char* value = std::getenv("SWEEP_DIRTY_FLUSH");
+  return value != nullptr && std::string(value) == "1";
+}
+
 // Reads n 16-byte words: the L2 ends up holding clean lines of them. The
 // sink is written only for one unlikely value, which keeps the loads.
 __global__ void read_flush_kernel(const uint4* p, size_t n, unsigned* sink) {
@@ -312,8 +318,7 @@ struct Timer {
   cudaStream_t stream;
   DeviceBuffer<char> flush{kFlushBytes};
   DeviceBuffer<unsigned> sink{1};
-  const bool dirty_flush = std::getenv("SWEEP_DIRTY_FLUSH") != nullptr &&
-                           std::string(std::getenv("SWEEP_DIRTY_FLUSH")) == "1";
+  const bool dirty_flush = dirty_flush_requested();
   std::vector<cudaEvent_t> starts, stops;
 
   Timer() : starts(kTimedRuns), stops(kTimedRuns) {
@@ -411,10 +416,8 @@ int main() {
               prop.l2CacheSize >> 20, dev.smem_per_sm >> 10);
   std::printf("copy bandwidth (cudaMemcpy D2D of 1 GiB, read + written): %.2f TB/s\n",
               copy_rate * 1e-12);
-  const char* dirty = std::getenv("SWEEP_DIRTY_FLUSH");
   std::printf("L2 flushed before each timed run by a 256 MB %s\n\n",
-              dirty != nullptr && std::string(dirty) == "1" ? "write (dirty lines)"
-                                                            : "read (clean lines)");
+              dirty_flush_requested() ? "write (dirty lines)" : "read (clean lines)");
   std::printf("| case | variant | splits | us | %% of copy bw | max abs err | check |\n");
   std::printf("|---|---|---|---|---|---|---|\n");
   const std::vector<Variant> variants = sweep_variants();

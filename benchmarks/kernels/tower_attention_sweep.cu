@@ -303,7 +303,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
   double flops = 0;
   for (int len : c.seg_lens) flops += 4.0 * len * double(len) * D * H;
 
-  auto check = [&](const char* name) {
+  auto check = [&]() {
     std::vector<bf16> got(out_n);
     CHECK_CUDA(cudaMemcpy(got.data(), dout, out_n * 2, cudaMemcpyDeviceToHost));
     std::vector<float> gotf(out_n);
@@ -321,7 +321,7 @@ bool run_case(const Case& c, std::mt19937& rng) {
                   cudaGetErrorString(err));
       std::exit(3);
     }
-    const auto [max_err, ok] = check(name);
+    const auto [max_err, ok] = check();
     const float ms = median_ms(launch);
     all_ok = all_ok && ok;
     std::printf("| %s | %s | %.1f | %.1f | %.2e | %s |\n", c.name.c_str(), name, ms * 1e3f,

@@ -72,17 +72,26 @@ _FLASH_FORWARD = getattr(torch.ops.aten, "_flash_attention_forward", None)
 _FLASH_AVAILABLE = _torch_ships_flash_varlen()
 
 
+def _tensor_core_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       max_head_dim: int) -> bool:
+    """What the 16-bit CUDA attention kernels ask of [rows, heads, head_dim]
+    inputs: CUDA, one 16-bit dtype, a head size that is a multiple of 8 up
+    to max_head_dim, as many key as value heads dividing the query heads,
+    rows on both sides, unit-stride rows."""
+    head_dim, num_heads, num_kv_heads = query.shape[-1], query.shape[1], key.shape[1]
+    return (query.is_cuda and query.dtype in _FLASH_DTYPES
+            and key.dtype == value.dtype == query.dtype and head_dim % 8 == 0
+            and head_dim <= max_head_dim and key.shape[-1] == value.shape[-1] == head_dim
+            and value.shape[1] == num_kv_heads and num_heads % num_kv_heads == 0
+            and query.shape[0] > 0 and key.shape[0] > 0
+            and all(t.stride(-1) == 1 for t in (query, key, value)))
+
+
 def takes_torch_flash(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether torch's FlashAttention takes these inputs ([rows, heads,
     head_dim] each; causal or not, fewer key/value heads or not): CUDA,
     16-bit, a head size it supports, unit-stride rows."""
-    head_dim, num_heads, num_kv_heads = query.shape[-1], query.shape[1], key.shape[1]
-    return (_FLASH_AVAILABLE and query.is_cuda and query.dtype in _FLASH_DTYPES
-            and key.dtype == value.dtype == query.dtype and head_dim % 8 == 0
-            and head_dim <= _FLASH_MAX_HEAD_DIM and key.shape[-1] == value.shape[-1] == head_dim
-            and value.shape[1] == num_kv_heads and num_heads % num_kv_heads == 0
-            and query.shape[0] > 0 and key.shape[0] > 0
-            and all(t.stride(-1) == 1 for t in (query, key, value)))
+    return _FLASH_AVAILABLE and _tensor_core_heads(query, key, value, _FLASH_MAX_HEAD_DIM)
 
 
 _WGMMA_MAX_HEAD_DIM = 128
@@ -91,22 +100,16 @@ _capabilities: Dict[int, Tuple[int, int]] = {}
 
 def takes_pyvlm_wgmma(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether PYVLM_PACKED_ATTENTION=wgmma sends these inputs to pyvlm's
-    op, and the op runs them on its sm_90 wgmma kernel: CUDA on an sm_90
-    device, 16-bit, a head size that is a multiple of 8 up to 128, unit-stride
-    rows that start 16-byte aligned (the op's other conditions)."""
-    if _FORCED != "wgmma" or not query.is_cuda:
-        return False
-    head_dim = query.shape[-1]
-    if not (query.dtype in _FLASH_DTYPES and key.dtype == value.dtype == query.dtype
-            and head_dim % 8 == 0 and head_dim <= _WGMMA_MAX_HEAD_DIM
-            and key.shape[-1] == value.shape[-1] == head_dim
-            and query.shape[1] % key.shape[1] == 0 and key.shape[1] == value.shape[1]):
+    op, and the op runs them on its sm_90 wgmma kernel: the tensor-core
+    conditions with head sizes up to 128, rows that start 16-byte aligned
+    (the op's cp.async tiles), an sm_90 device."""
+    if _FORCED != "wgmma" or not _tensor_core_heads(query, key, value, _WGMMA_MAX_HEAD_DIM):
         return False
     vec = 16 // query.element_size()
-    if not all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) % vec == 0
-               and t.stride(1) % vec == 0 for t in (query, key, value)):
+    if not all(t.data_ptr() % 16 == 0 and t.stride(0) % vec == 0 and t.stride(1) % vec == 0
+               for t in (query, key, value)):
         return False
-    index = query.device.index if query.device.index is not None else torch.cuda.current_device()
+    index = query.device.index  # a CUDA tensor's device always names its index
     if index not in _capabilities:
         _capabilities[index] = torch.cuda.get_device_capability(index)
     return _capabilities[index] == (9, 0)
